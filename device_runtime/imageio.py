@@ -1,0 +1,73 @@
+"""Reading frames and masks from disk: TIFF (8/16 bit, multi-page) through tifffile, PNG/JPG through OpenCV.
+
+Colour comes back in OpenCV's BGR order whatever the format, so one grey conversion serves all.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+import tifffile
+
+from .errors import InputError
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+def _rgb_to_bgr(array: np.ndarray) -> np.ndarray:
+    if array.ndim == 3 and array.shape[-1] in (3, 4):
+        return array[..., [2, 1, 0] + ([3] if array.shape[-1] == 4 else [])]
+    return array
+
+
+def _check_frame(array: np.ndarray, path: Path) -> np.ndarray:
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise InputError(f"{path}: expected a grey or colour image, got an array of shape {array.shape}")
+    if array.shape[0] < 2 or array.shape[1] < 2:
+        raise InputError(f"{path}: image is too small ({array.shape[1]}x{array.shape[0]})")
+    return array
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read one frame (the first page of a TIFF).
+
+    Returns:
+        (H, W) or (H, W, 3|4) array in its stored dtype (uint8, uint16, ...), colour in BGR order.
+
+    Raises:
+        InputError: the file is missing, not an image, or cannot be decoded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            with tifffile.TiffFile(path) as tif:
+                array = _rgb_to_bgr(tif.pages[0].asarray())
+        else:
+            array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    except Exception as err:  # tifffile raises many types for corrupt files; all mean "unreadable"
+        raise InputError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from None
+    if array is None:
+        raise InputError(f"{path}: cannot decode image (not a valid {path.suffix or 'image'} file)")
+    return _check_frame(np.asarray(array), path)
+
+
+def iter_tiff_pages(path: str | os.PathLike) -> Iterator[np.ndarray]:
+    """Yield each page of a (multi-page) TIFF as a frame, colour in BGR order."""
+    path = Path(path)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            for page in tif.pages:
+                yield _check_frame(_rgb_to_bgr(page.asarray()), path)
+    except InputError:
+        raise
+    except Exception as err:
+        raise InputError(f"{path}: cannot decode TIFF ({type(err).__name__}: {err})") from None

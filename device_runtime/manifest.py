@@ -1,0 +1,158 @@
+"""The bundle contract: manifest.json, written by `export`, verified and read by the device.
+
+A bundle is a folder holding manifest.json and the model files it lists. The device refuses a bundle
+whose format version it does not know, whose files are missing or do not match their sha256, or whose
+model input is not what this runtime feeds (float32, 1 channel, N x 1 x H x W, values in [0, 1]).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import InputError
+from .fileio import sha256_file, write_json
+from .postprocess import Morphology
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+INPUT_NAME = "input"  # fixed ONNX names: export writes them, the runtime binds them
+OUTPUT_NAME = "logits"
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass
+class ModelFile:
+    """One model file of the bundle: an ONNX graph or a TensorRT engine."""
+
+    path: str  # relative to the bundle folder
+    sha256: str
+    precision: str  # one of PRECISIONS
+    format: str  # "onnx" or "tensorrt"
+    bytes: int = 0
+
+
+@dataclass
+class Manifest:
+    architecture: str
+    input_size: tuple[int, int]  # (height, width)
+    threshold: float
+    morphology: Morphology
+    files: list[ModelFile]
+    input_name: str = INPUT_NAME
+    output_name: str = OUTPUT_NAME
+    output_kind: str = "logits"  # the network emits logits; the runtime applies the sigmoid
+    preprocessing: dict = field(
+        default_factory=lambda: {
+            "grey": "OpenCV BGR->grey weights for colour frames",
+            "scale": "divide by the dtype maximum (255 for 8 bit, 65535 for 16 bit) to [0, 1]",
+            "resize": "bilinear (cv2.INTER_LINEAR) to input_size",
+        }
+    )
+    quantization: dict = field(default_factory=lambda: {"scheme": "none"})
+    metrics: dict = field(default_factory=dict)  # {"validation": {...}, "test": {...}, "parity": {...}}
+    training_config: dict = field(default_factory=dict)
+    dataset: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def input_shape(self) -> list:
+        """ONNX input shape with a dynamic batch dimension."""
+        return ["batch", 1, int(self.input_size[0]), int(self.input_size[1])]
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["input_size"] = list(self.input_size)
+        data["model"] = {
+            "input": {"name": self.input_name, "shape": self.input_shape, "dtype": "float32", "range": [0.0, 1.0]},
+            "output": {"name": self.output_name, "kind": self.output_kind},
+        }
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = MANIFEST_NAME) -> "Manifest":
+        try:
+            return cls(
+                architecture=str(data["architecture"]),
+                input_size=(int(data["input_size"][0]), int(data["input_size"][1])),
+                threshold=float(data["threshold"]),
+                morphology=Morphology.from_dict(data["morphology"]),
+                files=[ModelFile(**entry) for entry in data["files"]],
+                input_name=data.get("input_name", INPUT_NAME),
+                output_name=data.get("output_name", OUTPUT_NAME),
+                output_kind=data.get("output_kind", "logits"),
+                preprocessing=data.get("preprocessing", {}),
+                quantization=data.get("quantization", {"scheme": "none"}),
+                metrics=data.get("metrics", {}),
+                training_config=data.get("training_config", {}),
+                dataset=data.get("dataset", {}),
+                format_version=int(data["format_version"]),
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise InputError(f"{where}: malformed manifest ({type(err).__name__}: {err})") from None
+
+    def file(self, precision: str, fmt: str = "onnx") -> ModelFile | None:
+        """The listed file of this precision and format, or None."""
+        return next((f for f in self.files if f.precision == precision and f.format == fmt), None)
+
+
+def describe_file(bundle_dir: str | os.PathLike, relative_path: str, precision: str, fmt: str) -> ModelFile:
+    """A ModelFile entry for a file already written inside the bundle."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    full = Path(bundle_dir) / relative_path
+    return ModelFile(relative_path, sha256_file(full), precision, fmt, full.stat().st_size)
+
+
+def write_manifest(bundle_dir: str | os.PathLike, manifest: Manifest) -> Path:
+    path = Path(bundle_dir) / MANIFEST_NAME
+    write_json(path, manifest.to_dict())
+    return path
+
+
+def load_manifest(bundle_dir: str | os.PathLike, verify: bool = True) -> Manifest:
+    """Read a bundle's manifest; with verify, refuse it unless every check of this module passes."""
+    bundle_dir = Path(bundle_dir)
+    path = bundle_dir / MANIFEST_NAME
+    if not bundle_dir.is_dir():
+        raise InputError(f"{bundle_dir}: bundle folder not found")
+    if not path.is_file():
+        raise InputError(f"{path}: not found; a bundle folder holds manifest.json (written by 'nerveseg export')")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: cannot read manifest ({err})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: malformed manifest (expected a JSON object)")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise InputError(
+            f"{path}: bundle format version {version!r}, this runtime reads version {FORMAT_VERSION}; "
+            "re-export the bundle with a matching nerveseg"
+        )
+    manifest = Manifest.from_dict(data, str(path))
+    if verify:
+        verify_bundle(bundle_dir, manifest)
+    return manifest
+
+
+def verify_bundle(bundle_dir: str | os.PathLike, manifest: Manifest) -> None:
+    """Check the input contract and the sha256 of every listed file; raise InputError on any mismatch."""
+    bundle_dir = Path(bundle_dir)
+    height, width = manifest.input_size
+    if height < 8 or width < 8:
+        raise InputError(f"{bundle_dir / MANIFEST_NAME}: input size {manifest.input_size} is too small")
+    if manifest.output_kind not in ("logits", "probabilities"):
+        raise InputError(f"{bundle_dir / MANIFEST_NAME}: unknown output kind {manifest.output_kind!r}")
+    if not manifest.files:
+        raise InputError(f"{bundle_dir / MANIFEST_NAME}: lists no model file")
+    for entry in manifest.files:
+        full = (bundle_dir / entry.path).resolve()
+        if bundle_dir.resolve() not in full.parents:
+            raise InputError(f"{bundle_dir / MANIFEST_NAME}: file {entry.path!r} lies outside the bundle")
+        if not full.is_file():
+            raise InputError(f"{full}: listed in the manifest but missing")
+        if sha256_file(full) != entry.sha256:
+            raise InputError(f"{full}: sha256 does not match the manifest; the file was changed or corrupted")

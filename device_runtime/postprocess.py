@@ -1,0 +1,149 @@
+"""Probability map -> binary mask (threshold T*, then morphology) and per-frame statistics.
+
+The threshold and morphology tuned on the validation set (`nerveseg tune`) are applied here, by both the
+desktop evaluation and the device, so what was tuned is exactly what runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class Morphology:
+    """Clean-up after thresholding, in this order, at the model's resolution.
+
+    Attributes:
+        open_radius: opening with an elliptical kernel of this radius removes specks (0 = off).
+        close_radius: closing bridges small gaps inside a nerve (0 = off).
+        min_area: connected components smaller than this many pixels are dropped (0 = off).
+        fill_holes: fill background regions that do not touch the image border.
+    """
+
+    open_radius: int = 0
+    close_radius: int = 0
+    min_area: int = 0
+    fill_holes: bool = False
+
+    def __post_init__(self):
+        for name in ("open_radius", "close_radius", "min_area"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value < 0:
+                raise InputError(f"morphology {name} must be a non-negative integer, got {value!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Morphology":
+        unknown = set(data) - {"open_radius", "close_radius", "min_area", "fill_holes"}
+        if unknown:
+            raise InputError(f"unknown morphology parameters {sorted(unknown)}")
+        return cls(**data)
+
+
+def _kernel(radius: int) -> np.ndarray:
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Numerically stable logistic function, float32."""
+    logits = np.asarray(logits, dtype=np.float32)
+    return (0.5 * (1.0 + np.tanh(0.5 * logits))).astype(np.float32, copy=False)
+
+
+def binarize(prob: np.ndarray, threshold: float) -> np.ndarray:
+    """prob > threshold as a uint8 0/1 mask."""
+    if not 0.0 <= threshold <= 1.0:
+        raise InputError(f"threshold must lie in [0, 1], got {threshold}")
+    return (np.asarray(prob) > threshold).astype(np.uint8)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Set to 1 every background pixel that cannot be reached from the border."""
+    padded = np.pad(mask.astype(np.uint8), 1)
+    reached = padded.copy()
+    flood_mask = np.zeros((padded.shape[0] + 2, padded.shape[1] + 2), np.uint8)
+    cv2.floodFill(reached, flood_mask, (0, 0), 1)  # the padding connects the whole border
+    holes = reached[1:-1, 1:-1] == 0
+    return (mask.astype(bool) | holes).astype(np.uint8)
+
+
+def remove_small_components(mask: np.ndarray, min_area: int) -> np.ndarray:
+    """Drop 8-connected components smaller than min_area pixels."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_area
+    keep[0] = False  # label 0 is the background
+    return keep[labels].astype(np.uint8)
+
+
+def apply_morphology(mask: np.ndarray, morphology: Morphology) -> np.ndarray:
+    """(H, W) 0/1 mask -> cleaned (H, W) uint8 0/1 mask."""
+    out = mask.astype(np.uint8)
+    if morphology.open_radius:
+        out = cv2.morphologyEx(out, cv2.MORPH_OPEN, _kernel(morphology.open_radius))
+    if morphology.close_radius:
+        out = cv2.morphologyEx(out, cv2.MORPH_CLOSE, _kernel(morphology.close_radius))
+    if morphology.min_area:
+        out = remove_small_components(out, morphology.min_area)
+    if morphology.fill_holes:
+        out = fill_holes(out)
+    return out
+
+
+def postprocess(prob: np.ndarray, threshold: float, morphology: Morphology) -> np.ndarray:
+    """(H, W) probabilities -> (H, W) uint8 0/1 mask: threshold, then morphology."""
+    return apply_morphology(binarize(prob, threshold), morphology)
+
+
+def postprocess_batch(prob: np.ndarray, threshold: float, morphology: Morphology) -> np.ndarray:
+    """(N, H, W) probabilities -> (N, H, W) uint8 masks."""
+    return np.stack([postprocess(p, threshold, morphology) for p in prob]) if len(prob) else prob.astype(np.uint8)
+
+
+def binary_entropy(prob: np.ndarray) -> np.ndarray:
+    """Per-pixel entropy of a Bernoulli(prob) in bits: 0 when certain, 1 at prob = 0.5."""
+    p = np.clip(np.asarray(prob, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
+
+
+def frame_stats(mask: np.ndarray, prob: np.ndarray, pixel_spacing_mm: float | None = None) -> dict:
+    """Statistics of one frame's mask.
+
+    Args:
+        mask: (H, W) 0/1 mask, at the frame's own size.
+        prob: (H, W) probabilities at the same size.
+        pixel_spacing_mm: size of one pixel in mm (square pixels); area_mm2 is None without it.
+
+    Returns:
+        area_px, area_mm2, centroid [x, y] (None when empty), bbox [x, y, w, h] (None when empty),
+        components (8-connected), mean_prob (mean probability inside the mask, None when empty), and
+        uncertainty: the mean binary entropy of the probability map in bits (0 = every pixel certain,
+        1 = every pixel at 0.5), a frame-level confidence score.
+    """
+    if mask.shape != prob.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from probability shape {prob.shape}")
+    fg = mask.astype(bool)
+    area = int(fg.sum())
+    components = cv2.connectedComponents(fg.astype(np.uint8), connectivity=8)[0] - 1
+    stats = {
+        "area_px": area,
+        "area_mm2": None if pixel_spacing_mm is None else area * float(pixel_spacing_mm) ** 2,
+        "centroid": None,
+        "bbox": None,
+        "components": int(components),
+        "mean_prob": None,
+        "uncertainty": float(binary_entropy(prob).mean()),
+    }
+    if area:
+        ys, xs = np.nonzero(fg)
+        stats["centroid"] = [float(xs.mean()), float(ys.mean())]
+        x0, y0 = int(xs.min()), int(ys.min())
+        stats["bbox"] = [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1]
+        stats["mean_prob"] = float(np.asarray(prob)[fg].mean())
+    return stats
