@@ -8,3 +8,21 @@ file or value and say what is wrong with it.
 
 class InputError(ValueError):
     """Bad user input: a file that cannot be read, a bundle that does not verify, a bad flag value."""
+
+
+def exit_code_of(action) -> int:
+    """Run `action()`; on InputError print its message as one line on stderr and return 2, else 0.
+
+    The command lines wrap their work in this so that bad input never shows a traceback.
+    """
+    import sys
+
+    try:
+        action()
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

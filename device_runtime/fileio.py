@@ -24,6 +24,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; a run or bundle must stay readable by other users (a service)
     try:
         yield tmp
         os.replace(tmp, path)  # atomic on POSIX when both sit on one file system, as here

@@ -59,8 +59,12 @@ def confusion_counts_over_thresholds(prob: np.ndarray, target: np.ndarray, thres
     if np.any(np.diff(thresholds) <= 0):
         raise ValueError("thresholds must be strictly increasing")
     n_images, n_thresholds = prob.shape[0], thresholds.size
+    # Compare in the map's own float type, as `binarize` (prob > float(t)) does: a float32 probability equal to
+    # float32(0.14) is not > 0.14 there, but would be > 0.14 here if the search ran in float64.
+    dtype = prob.dtype if np.issubdtype(prob.dtype, np.floating) else np.float64
     # bins[i] = number of thresholds strictly below p: the pixel counts as foreground for thresholds[:bins[i]]
-    bins = np.searchsorted(thresholds, prob.reshape(n_images, -1).astype(np.float64), side="left")
+    # (casting may merge neighbouring thresholds; searchsorted on a non-decreasing array keeps that rule)
+    bins = np.searchsorted(thresholds.astype(dtype), prob.reshape(n_images, -1), side="left")
     flat_target = target.reshape(n_images, -1)
     offsets = (np.arange(n_images) * (n_thresholds + 1))[:, None]
     size = n_images * (n_thresholds + 1)

@@ -51,14 +51,28 @@ def _kernel(radius: int) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
 
 
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-    """Numerically stable logistic function, float32."""
+def sigmoid(logits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Numerically stable logistic function, float32; written into `out` (float32, same shape) when given.
+
+    The two forms compute the same float32 operations in the same order, so they agree bit for bit.
+    """
     logits = np.asarray(logits, dtype=np.float32)
-    return (0.5 * (1.0 + np.tanh(0.5 * logits))).astype(np.float32, copy=False)
+    if out is None:
+        return (0.5 * (1.0 + np.tanh(0.5 * logits))).astype(np.float32, copy=False)
+    np.multiply(logits, np.float32(0.5), out=out)
+    np.tanh(out, out=out)
+    out += np.float32(1.0)
+    out *= np.float32(0.5)
+    return out
 
 
 def binarize(prob: np.ndarray, threshold: float) -> np.ndarray:
-    """prob > threshold as a uint8 0/1 mask."""
+    """prob > threshold as a uint8 0/1 mask, compared in prob's own float type.
+
+    A Python float takes the array's dtype in the comparison, a NumPy float64 scalar does not; converting
+    makes T* from the sweep grid (np.float64) and T* read from JSON (float) give the same mask.
+    """
+    threshold = float(threshold)
     if not 0.0 <= threshold <= 1.0:
         raise InputError(f"threshold must lie in [0, 1], got {threshold}")
     return (np.asarray(prob) > threshold).astype(np.uint8)
@@ -88,7 +102,11 @@ def apply_morphology(mask: np.ndarray, morphology: Morphology) -> np.ndarray:
     if morphology.open_radius:
         out = cv2.morphologyEx(out, cv2.MORPH_OPEN, _kernel(morphology.open_radius))
     if morphology.close_radius:
-        out = cv2.morphologyEx(out, cv2.MORPH_CLOSE, _kernel(morphology.close_radius))
+        # Pad with background first: cv2's default border counts as foreground in the erosion step, so
+        # closing would glue a nerve lying within close_radius of the frame edge onto the edge.
+        r = morphology.close_radius
+        padded = cv2.copyMakeBorder(out, r, r, r, r, cv2.BORDER_CONSTANT, value=0)
+        out = np.ascontiguousarray(cv2.morphologyEx(padded, cv2.MORPH_CLOSE, _kernel(r))[r:-r, r:-r])
     if morphology.min_area:
         out = remove_small_components(out, morphology.min_area)
     if morphology.fill_holes:
@@ -128,6 +146,11 @@ def frame_stats(mask: np.ndarray, prob: np.ndarray, pixel_spacing_mm: float | No
     """
     if mask.shape != prob.shape:
         raise ValueError(f"mask shape {mask.shape} differs from probability shape {prob.shape}")
+    return {**mask_geometry(mask, pixel_spacing_mm), **probability_stats(mask, prob)}
+
+
+def mask_geometry(mask: np.ndarray, pixel_spacing_mm: float | None = None) -> dict:
+    """The geometric half of `frame_stats`: area_px, area_mm2, centroid, bbox, components of a (H, W) mask."""
     fg = mask.astype(bool)
     area = int(fg.sum())
     components = cv2.connectedComponents(fg.astype(np.uint8), connectivity=8)[0] - 1
@@ -137,13 +160,25 @@ def frame_stats(mask: np.ndarray, prob: np.ndarray, pixel_spacing_mm: float | No
         "centroid": None,
         "bbox": None,
         "components": int(components),
-        "mean_prob": None,
-        "uncertainty": float(binary_entropy(prob).mean()),
     }
     if area:
         ys, xs = np.nonzero(fg)
         stats["centroid"] = [float(xs.mean()), float(ys.mean())]
         x0, y0 = int(xs.min()), int(ys.min())
         stats["bbox"] = [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1]
-        stats["mean_prob"] = float(np.asarray(prob)[fg].mean())
     return stats
+
+
+def probability_stats(mask: np.ndarray, prob: np.ndarray) -> dict:
+    """The probabilistic half of `frame_stats`: mean_prob inside the (H, W) mask (None when empty), uncertainty.
+
+    The device computes these at the model's resolution, where the probabilities live (at the frame's size
+    they would only be interpolated), and the geometry at the frame's size.
+    """
+    if mask.shape != prob.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from probability shape {prob.shape}")
+    fg = mask.astype(bool)
+    return {
+        "mean_prob": float(np.asarray(prob)[fg].mean()) if fg.any() else None,
+        "uncertainty": float(binary_entropy(prob).mean()),
+    }

@@ -1,0 +1,105 @@
+"""`nerveseg export`: a tuned checkpoint -> bundle/ with model.fp32.onnx and manifest.json.
+
+The bundle is written in a temporary folder and swapped into place only when the graph has been checked
+against PyTorch, so a failed export never leaves a half-written bundle or destroys the previous one.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from device_runtime.errors import InputError
+from device_runtime.fileio import write_json
+from device_runtime.manifest import Manifest, describe_file, write_manifest
+from device_runtime.postprocess import Morphology
+from training.checkpoint import load_model
+from training.data import load_split
+from training.evaluate import evaluate_arrays
+from training.predict import predict_probabilities, resolve_device
+from training.stages import split_arrays
+
+from .onnx_export import export_onnx, tensorrt_problems
+from .parity import compare, onnx_probabilities, parity_failures
+
+FP32_NAME = "model.fp32.onnx"
+
+
+class ParityError(InputError):
+    """The exported graph does not reproduce the PyTorch model within tolerance; no bundle is written."""
+
+
+def run_dir_of(checkpoint_path: Path) -> Path:
+    """runs/NAME/checkpoints/best.pt -> runs/NAME."""
+    return checkpoint_path.resolve().parent.parent
+
+
+def dataset_description(run_dir: Path, cfg) -> dict:
+    splits = load_split(run_dir / "split.json")
+    return {
+        "source": cfg.data or "synthetic phantom (nerveseg synth)",
+        "mask_label": cfg.mask_label,
+        "frames": {name: len(samples) for name, samples in splits.items()},
+    }
+
+
+def swap_into_place(staging: Path, out_dir: Path) -> None:
+    """Replace out_dir by staging with renames only, so out_dir is always either the old or the new bundle."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+    staging.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_bundle(checkpoint_path: str | Path, out_dir: str | Path | None = None, device: str = "auto") -> tuple[Path, Manifest]:
+    """Export a tuned checkpoint; returns the bundle folder and its manifest.
+
+    Parity is checked on the validation frames (ONNX Runtime against PyTorch, eval mode) and the test split
+    is scored through the ONNX graph, as the device will run it.
+    """
+    checkpoint_path = Path(checkpoint_path)
+    model, checkpoint, cfg = load_model(checkpoint_path)
+    if checkpoint.get("threshold") is None:
+        raise InputError(f"{checkpoint_path}: has no tuned threshold; run 'nerveseg tune' on its run first")
+    run_dir = run_dir_of(checkpoint_path)
+    out_dir = Path(out_dir) if out_dir else run_dir / "bundle"
+    threshold, morphology = float(checkpoint["threshold"]), Morphology.from_dict(checkpoint["morphology"])
+    torch_device = resolve_device(device)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        onnx_path = export_onnx(model, staging / FP32_NAME, cfg.input_size)
+        val_images, _, _ = split_arrays(run_dir, "val", cfg)
+        torch_prob = predict_probabilities(model.to(torch_device), val_images, torch_device, cfg.val_batch_size, amp=False)
+        parity = compare(torch_prob, onnx_probabilities(onnx_path, val_images), threshold, morphology)
+        failures = parity_failures(parity, "fp32")
+        if failures:
+            raise ParityError(f"{onnx_path.name}: ONNX Runtime disagrees with PyTorch on {parity['frames']} "
+                              f"validation frames: {'; '.join(failures)}")
+        test_images, test_masks, _ = split_arrays(run_dir, "test", cfg)
+        test_onnx, _, _ = evaluate_arrays(onnx_probabilities(onnx_path, test_images), test_masks, threshold, morphology)
+        problems = tensorrt_problems(onnx_path)
+        manifest = Manifest(
+            architecture=cfg.arch,
+            input_size=tuple(cfg.input_size),
+            threshold=threshold,
+            morphology=morphology,
+            files=[describe_file(staging, FP32_NAME, "fp32", "onnx")],
+            quantization={"scheme": "none", "mean_bits": 32},
+            metrics={"validation": checkpoint.get("validation", {}), "test_onnx": test_onnx,
+                     "parity": {"fp32": parity}, "tensorrt_problems": problems},
+            training_config=cfg.to_dict(),
+            dataset=dataset_description(run_dir, cfg),
+        )
+        write_manifest(staging, manifest)
+        swap_into_place(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    write_json(run_dir / "test_metrics_onnx.json", test_onnx)
+    return out_dir, manifest

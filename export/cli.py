@@ -1,0 +1,107 @@
+"""The desktop command line, `nerveseg`: synth, train, tune, evaluate, export, pipeline.
+
+Every subcommand turns its flags into one config and calls one function. Bad input is reported on one
+line with a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from device_runtime.errors import exit_code_of
+
+
+def _synth(args) -> None:
+    from training.synth import write_phantom
+
+    out = write_phantom(args.out, args.count, args.seed, tuple(args.size))
+    print(f"wrote {args.count} phantom frames with masks to {out} (Kaggle layout: <subject>_<frame>[_mask].tif)")
+
+
+def _train(args) -> None:
+    from training import train
+
+    train.main(train.config_from_args(args), args.resume)
+
+
+def _tune(args) -> None:
+    from training.stages import tune_run
+
+    result = tune_run(args.run_dir, args.device)
+    v = result["validation"]
+    print(f"T* = {result['threshold']:.2f}  morphology {result['morphology']}  validation Dice {v['dice']:.4f} "
+          f"IoU {v['iou']:.4f} PA {v['pixel_accuracy']:.4f}  -> {Path(args.run_dir) / 'threshold.json'}")
+
+
+def _evaluate(args) -> None:
+    from training.stages import evaluate_run
+
+    m = evaluate_run(args.run_dir, args.device)
+    print(f"test: Dice {m['dice']:.4f}  IoU {m['iou']:.4f}  PA {m['pixel_accuracy']:.4f}  pooled Dice "
+          f"{m['pooled_dice']:.4f}  ({m['images']} frames) -> {Path(args.run_dir) / 'test_metrics.json'}")
+
+
+def _export(args) -> None:
+    from .bundle import export_bundle
+
+    if not args.checkpoint and not args.run_dir:
+        raise SystemExit("nerveseg export: give --checkpoint PATH or --run-dir RUN")
+    checkpoint = Path(args.checkpoint) if args.checkpoint else Path(args.run_dir) / "checkpoints" / "best.pt"
+    bundle, manifest = export_bundle(checkpoint, args.out, args.device)
+    parity, test = manifest.metrics["parity"]["fp32"], manifest.metrics["test_onnx"]
+    print(f"bundle {bundle}: ONNX parity max |dp| {parity['max_prob_diff']:.1e}, mask Dice {parity['mask_dice']:.4f}; "
+          f"test through ONNX: Dice {test['dice']:.4f} IoU {test['iou']:.4f} PA {test['pixel_accuracy']:.4f}")
+    for problem in manifest.metrics["tensorrt_problems"]:
+        print(f"warning: TensorRT would refuse: {problem}", file=sys.stderr)
+
+
+def _pipeline(args) -> None:
+    from training import train
+
+    from .pipeline import run_pipeline
+
+    run_pipeline(train.config_from_args(args), args.resume)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    from training.train import get_args_parser as train_flags
+
+    parser = argparse.ArgumentParser(prog="nerveseg", description="Ultrasound nerve segmentation, desktop side.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    synth = commands.add_parser("synth", help="write the synthetic ultrasound phantom (frames + masks)")
+    synth.add_argument("--out", required=True, help="folder to write")
+    synth.add_argument("--count", type=int, default=240)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"))
+    synth.set_defaults(func=_synth)
+
+    train_flags(commands.add_parser("train", help="train DeepLabV3 (recipes: paper, edge, quick)")).set_defaults(func=_train)
+    pipeline = commands.add_parser("pipeline", help="train, tune, evaluate and export in one go")
+    train_flags(pipeline).set_defaults(func=_pipeline)
+
+    for name, func, text in (("tune", _tune, "choose T* and morphology on the validation split"),
+                             ("evaluate", _evaluate, "score the test split at T* with morphology")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--run-dir", required=True)
+        sub.add_argument("--device", default="auto")
+        sub.set_defaults(func=func)
+
+    export = commands.add_parser("export", help="write the bundle: FP32 ONNX + manifest, checked against PyTorch")
+    export.add_argument("--checkpoint", help="a tuned checkpoint (default RUN/checkpoints/best.pt)")
+    export.add_argument("--run-dir", help="the run whose best checkpoint to export")
+    export.add_argument("--out", help="bundle folder (default RUN/bundle)")
+    export.add_argument("--device", default="auto")
+    export.set_defaults(func=_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    return exit_code_of(lambda: args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Does the exported graph compute what the PyTorch model computes? Checked on real frames."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from device_runtime import metrics
+from device_runtime.manifest import INPUT_NAME
+from device_runtime.postprocess import Morphology, postprocess_batch, sigmoid
+
+# Largest probability difference allowed between ONNX Runtime and PyTorch, per precision, and the least
+# mean Dice between the two sets of masks after threshold and morphology.
+TOLERANCE = {"fp32": {"max_prob_diff": 1e-4, "mask_dice": 0.999}}
+
+
+def onnx_probabilities(onnx_path: str | Path, images: np.ndarray, batch_size: int = 8) -> np.ndarray:
+    """(N, H, W) float32 frames in [0, 1] -> (N, H, W) probabilities from ONNX Runtime on the CPU."""
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    out = np.empty(images.shape, np.float32)
+    for start in range(0, len(images), batch_size):
+        batch = np.ascontiguousarray(images[start:start + batch_size, None], dtype=np.float32)
+        out[start:start + len(batch)] = sigmoid(session.run(None, {INPUT_NAME: batch})[0][:, 0])
+    return out
+
+
+def compare(reference_prob: np.ndarray, onnx_prob: np.ndarray, threshold: float, morphology: Morphology) -> dict:
+    """Largest and mean probability difference, and the mean Dice between the two sets of final masks."""
+    reference_masks = postprocess_batch(reference_prob, threshold, morphology)
+    onnx_masks = postprocess_batch(onnx_prob, threshold, morphology)
+    difference = np.abs(reference_prob.astype(np.float64) - onnx_prob)
+    return {
+        "frames": int(len(reference_prob)),
+        "max_prob_diff": float(difference.max()),
+        "mean_prob_diff": float(difference.mean()),
+        "mask_dice": float(metrics.dice(metrics.confusion_counts(onnx_masks, reference_masks))),
+    }
+
+
+def parity_failures(result: dict, precision: str) -> list[str]:
+    limits = TOLERANCE[precision]
+    failures = []
+    if result["max_prob_diff"] > limits["max_prob_diff"]:
+        failures.append(f"largest probability difference {result['max_prob_diff']:.2e} > {limits['max_prob_diff']:.0e}")
+    if result["mask_dice"] < limits["mask_dice"]:
+        failures.append(f"mask Dice agreement {result['mask_dice']:.4f} < {limits['mask_dice']}")
+    return failures

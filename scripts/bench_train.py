@@ -1,0 +1,103 @@
+"""Training throughput in images/s: the data pipeline alone, and full training steps, per recipe.
+
+    python scripts/bench_train.py                       # paper and edge recipes, CPU (and CUDA+AMP if present)
+    python scripts/bench_train.py --recipes edge --steps 10 --workers 2
+
+Frames come from the synthetic phantom at the recipe's input size, through the same cached dataset,
+augmentation and DataLoader as `nerveseg train`. A benchmark, not a test: it prints figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from training.config import build_config
+from training.data import SegmentationDataset
+from training.losses import BCEDiceLoss
+from training.model import build_model
+from training.predict import autocast
+from training.synth import generate_phantom
+from training.transforms import AugmentConfig, build_train_transform
+
+
+def make_loader(cfg, frames: int, workers: int) -> DataLoader:
+    images, masks, _ = generate_phantom(frames, seed=0, size=tuple(cfg.input_size))
+    dataset = SegmentationDataset(images.astype(np.float32) / 255.0, masks,
+                                  build_train_transform(AugmentConfig(cfg.rotation, cfg.hflip, cfg.vflip,
+                                                                      cfg.intensity_shift, cfg.contrast)))
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+
+
+def loader_rate(loader: DataLoader, batches: int) -> float:
+    seen, start, it = 0, None, iter(loader)
+    for index in range(batches + 1):
+        image, _ = next(it)
+        if index == 0:
+            start = time.perf_counter()  # the first batch pays for worker start-up
+        else:
+            seen += len(image)
+    return seen / (time.perf_counter() - start)
+
+
+def step_rate(cfg, loader: DataLoader, device: torch.device, steps: int, amp: bool) -> float:
+    model = build_model(cfg.arch).to(device).train()
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    criterion = BCEDiceLoss()
+    seen, start = 0, None
+    batches = iter(loader)
+    for step in range(steps + 2):
+        try:
+            image, mask = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            image, mask = next(batches)
+        if step == 2:  # two warm-up steps (cuDNN autotuning, allocator)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start, seen = time.perf_counter(), 0
+        image = image.to(device, non_blocking=True).to(memory_format=memory_format)
+        mask = mask.to(device, non_blocking=True)
+        with autocast(device, amp):
+            logits = model(image)["out"]
+        loss = criterion(logits, mask)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seen += len(image)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", nargs="+", default=["paper", "edge"])
+    parser.add_argument("--steps", type=int, default=8, help="timed training steps per case")
+    parser.add_argument("--frames", type=int, default=160, help="phantom frames in the benchmark dataset")
+    parser.add_argument("--workers", type=int, default=min(8, max(0, (os.cpu_count() or 1) - 1)))
+    args = parser.parse_args()
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.workers} loader workers"
+          + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"))
+    for recipe in args.recipes:
+        cfg = build_config(recipe)
+        loader = make_loader(cfg, args.frames, args.workers)
+        print(f"{recipe:>6} {cfg.arch} {cfg.input_size[0]}x{cfg.input_size[1]} batch {cfg.batch_size}: "
+              f"data pipeline {loader_rate(loader, min(6, len(loader) - 1)):.0f} img/s")
+        for device in devices:
+            for amp in ([False, True] if device.type == "cuda" else [False]):
+                rate = step_rate(cfg, loader, device, args.steps, amp)
+                print(f"{recipe:>6} {device.type}{' AMP' if amp else ''}: training {rate:.1f} img/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Shared fixtures: paths, a tiny synthetic dataset and one tiny trained run that the stage tests share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_DATA = REPO.parent / "shared" / "data" / "usgra-seg"
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    if not (REAL_DATA / "images").is_dir():
+        pytest.skip(f"real data not present at {REAL_DATA}")
+    return REAL_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tmp_path_factory):
+    """The quick recipe shrunk to seconds: 64x64 frames, 2 epochs on 30 phantom frames."""
+    from training.config import build_config
+
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    return build_config("quick", run_dir=str(run_dir), input_size=(64, 64), epochs=2, batch_size=4,
+                        synth_count=30, device="cpu", val_batch_size=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_config) -> Path:
+    """A trained, tuned and evaluated run folder (train -> tune -> evaluate), shared by the stage tests."""
+    from training import stages, train
+
+    run_dir = train.main(tiny_config)
+    stages.tune_run(run_dir, "cpu")
+    stages.evaluate_run(run_dir, "cpu")
+    return run_dir

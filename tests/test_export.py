@@ -1,0 +1,94 @@
+"""FP32 export: the ONNX graph matches PyTorch, TensorRT could parse it, the bundle verifies."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper
+
+from device_runtime.errors import InputError
+from device_runtime.manifest import load_manifest
+from export.bundle import FP32_NAME, export_bundle
+from export.onnx_export import export_onnx, tensorrt_problems
+from export.parity import compare, onnx_probabilities, parity_failures
+from device_runtime.postprocess import Morphology
+from training.model import build_model
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_run):
+    return export_bundle(tiny_run / "checkpoints" / "best.pt", device="cpu")
+
+
+def test_onnx_matches_pytorch_with_dynamic_batch(tmp_path):
+    model = build_model("mobilenet_v3_large").eval()
+    path = export_onnx(model, tmp_path / "m.onnx", (64, 64))
+    images = np.random.default_rng(0).random((3, 64, 64), dtype=np.float32)  # batch 3 though exported with 1
+    with torch.no_grad():
+        reference = torch.sigmoid(model(torch.from_numpy(images)[:, None])["out"][:, 0]).numpy()
+    result = compare(reference, onnx_probabilities(path, images), 0.5, Morphology())
+    assert result["max_prob_diff"] < 1e-5 and result["mask_dice"] == 1.0
+    assert parity_failures(result, "fp32") == []
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_large", "resnet50"])
+def test_exported_graph_uses_only_what_tensorrt_accepts(arch, tmp_path):
+    path = export_onnx(build_model(arch), tmp_path / "m.onnx", (64, 64))
+    assert tensorrt_problems(path) == []
+    assert "HardSwish" not in {n.op_type for n in onnx.load(str(path)).graph.node}  # see OPSET
+
+
+def test_tensorrt_check_names_what_it_refuses(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("NonZero", ["x"], ["y"], name="nz"),
+         helper.make_node("Resize", ["x", "", "s"], ["z"], name="rs", mode="cubic")],
+        "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1, 4, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.INT64, None),
+         helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None)],
+        [helper.make_tensor("s", onnx.TensorProto.FLOAT, [4], [1, 1, 2, 2])])
+    path = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    problems = tensorrt_problems(path)
+    assert any("NonZero" in p for p in problems) and any("cubic" in p for p in problems)
+
+
+def test_parity_failures_are_reported():
+    assert parity_failures({"max_prob_diff": 0.2, "mask_dice": 0.5}, "fp32") != []
+
+
+def test_bundle_verifies_and_records_parity_and_metrics(bundle, tiny_run):
+    bundle_dir, manifest = bundle
+    loaded = load_manifest(bundle_dir)  # checks sha256 of every file
+    assert loaded.file("fp32").path == FP32_NAME
+    assert loaded.input_shape == ["batch", 1, 64, 64]
+    threshold = json.loads((tiny_run / "threshold.json").read_text())
+    assert loaded.threshold == pytest.approx(threshold["threshold"])
+    assert loaded.morphology.to_dict() == threshold["morphology"]
+    parity = loaded.metrics["parity"]["fp32"]
+    assert parity["max_prob_diff"] < 1e-4 and parity["mask_dice"] >= 0.999
+    assert set(loaded.metrics["test_onnx"]) >= {"dice", "iou", "pixel_accuracy", "pooled_dice"}
+    assert loaded.metrics["tensorrt_problems"] == []
+    assert loaded.training_config["arch"] == "mobilenet_v3_large"
+
+
+def test_failed_export_keeps_the_previous_bundle(bundle, monkeypatch):
+    bundle_dir, _ = bundle
+    before = {p.name: p.read_bytes() for p in bundle_dir.iterdir()}
+    import export.bundle as module
+
+    monkeypatch.setattr(module, "parity_failures", lambda result, precision: ["forced failure"])
+    with pytest.raises(InputError, match="forced failure"):
+        module.export_bundle(bundle_dir.parent / "checkpoints" / "best.pt", device="cpu")
+    assert {p.name: p.read_bytes() for p in bundle_dir.iterdir()} == before
+    assert [p.name for p in bundle_dir.parent.iterdir() if p.name.startswith(".bundle")] == []
+
+
+def test_export_of_an_untuned_checkpoint_is_refused(tmp_path, tiny_config):
+    from training.checkpoint import make_checkpoint, save_checkpoint
+
+    path = tmp_path / "run" / "checkpoints" / "best.pt"
+    save_checkpoint(make_checkpoint(tiny_config, build_model("mobilenet_v3_large")), path)
+    with pytest.raises(InputError, match="no tuned threshold"):
+        export_bundle(path)

@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from device_runtime.errors import InputError
+from training.losses import BCEDiceLoss, soft_dice_loss
+from training.model import LogitsOnly, build_model
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_large", "resnet50"])
+def test_one_grey_channel_in_one_logit_channel_out(arch):
+    model = build_model(arch).eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 1, 64, 96))["out"]
+    assert out.shape == (2, 1, 64, 96)
+    assert LogitsOnly(model)(torch.rand(1, 1, 32, 32)).shape == (1, 1, 32, 32)
+
+
+def test_resnet50_runs_at_output_stride_8():
+    # the paper's DeepLabV3: dilated layer3 and layer4 keep 1/8 resolution
+    model = build_model("resnet50")
+    features = model.backbone(torch.rand(1, 1, 64, 64))["out"]
+    assert features.shape[-2:] == (8, 8)
+
+
+def test_conv_bn_relu_stay_modules_for_qat_fusion():
+    model = build_model("mobilenet_v3_large")
+    first = model.backbone["0"]
+    assert isinstance(first[0], torch.nn.Conv2d) and first[0].in_channels == 1
+    assert isinstance(first[1], torch.nn.BatchNorm2d)
+
+
+def test_local_backbone_weights_are_loaded_and_the_rgb_stem_summed(tmp_path):
+    from torchvision.models import mobilenet_v3_large
+
+    classifier = mobilenet_v3_large(weights=None)
+    path = tmp_path / "backbone.pth"
+    torch.save(classifier.state_dict(), path)
+    model = build_model("mobilenet_v3_large", pretrained=str(path))
+    stem = model.backbone["0"][0].weight
+    assert torch.allclose(stem, classifier.features[0][0].weight.sum(dim=1, keepdim=True))
+    assert torch.equal(model.backbone["5"].block[0][0].weight, classifier.features[5].block[0][0].weight)
+
+
+def test_pretrained_file_errors_are_one_line(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        build_model("resnet50", pretrained=str(tmp_path / "missing.pth"))
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"x": torch.zeros(3)}, wrong)
+    with pytest.raises(InputError, match="does not fit"):
+        build_model("resnet50", pretrained=str(wrong))
+
+
+@pytest.mark.parametrize("logit, target, expected", [(20.0, 1.0, 0.0), (-20.0, 0.0, 0.0)])
+def test_loss_is_zero_for_confident_correct_predictions(logit, target, expected):
+    loss = BCEDiceLoss()(torch.full((1, 1, 2, 2), logit), torch.full((1, 1, 2, 2), target))
+    assert float(loss) == pytest.approx(expected, abs=1e-6)
+
+
+def test_soft_dice_of_half_overlap():
+    # prob 1 on two of four pixels, target on one of those and one other: 2*1 / (2 + 2) = 1/2 -> loss 1/2
+    logits = torch.tensor([[[[50.0, 50.0], [-50.0, -50.0]]]])
+    target = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])
+    assert float(soft_dice_loss(logits, target, smooth=1e-9)) == pytest.approx(0.5, abs=1e-6)
+
+
+def test_loss_checks_its_arguments():
+    with pytest.raises(ValueError):
+        BCEDiceLoss(bce_weight=0, dice_weight=0)
+    with pytest.raises(ValueError, match="shape"):
+        BCEDiceLoss()(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 3, 3))

@@ -1,0 +1,39 @@
+"""The command line end to end on a tiny synthetic set, and its one-line errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from export.cli import main
+
+from conftest import REPO
+
+
+@pytest.mark.slow
+def test_pipeline_on_a_tiny_synthetic_set(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = main(["pipeline", "--input-size", "64", "64", "--epochs", "1", "--synth-count", "30",
+                 "--batch-size", "4", "--device", "cpu", "--run-dir", str(run_dir)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "test (ONNX, as deployed)" in out and "bundle:" in out
+    for name in ("threshold.json", "threshold_curve.png", "test_metrics.json", "examples.png",
+                 "bundle/manifest.json", "bundle/model.fp32.onnx"):
+        assert (run_dir / name).is_file(), name
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--data", "/nonexistent/data", "--run-dir", "{tmp}/r"], "/nonexistent/data"),
+    (["train", "--recipe", "fast"], "unknown recipe"),
+    (["tune", "--run-dir", "{tmp}/missing"], "best.pt"),
+    (["export", "--checkpoint", "{tmp}/nope.pt"], "nope.pt"),
+])
+def test_bad_input_is_one_line_without_traceback(argv, message, tmp_path):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    result = subprocess.run([sys.executable, "-m", "export.cli", *argv], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr

@@ -1,0 +1,1 @@
+"""nerveseg's desktop side: data, model, loss, training loop, threshold tuning, evaluation and figures."""

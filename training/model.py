@@ -1,0 +1,133 @@
+"""torchvision DeepLabV3 with one grey input channel and one output channel (nerve logits).
+
+`resnet50` is the paper's network (output stride 8); `mobilenet_v3_large` is the edge network. The
+torchvision blocks keep Conv-BN-ReLU as separate modules, which is what QAT fusion needs.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights
+from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large, deeplabv3_resnet50
+
+from device_runtime.errors import InputError
+
+_BUILDERS = {"resnet50": deeplabv3_resnet50, "mobilenet_v3_large": deeplabv3_mobilenet_v3_large}
+_IMAGENET = {"resnet50": ResNet50_Weights.IMAGENET1K_V1, "mobilenet_v3_large": MobileNet_V3_Large_Weights.IMAGENET1K_V1}
+DOWNLOAD_TIMEOUT_S = 20
+
+
+def _stem_path(arch: str) -> tuple[str, ...]:
+    """Attribute path, inside the segmentation model, of the backbone's first convolution."""
+    return ("backbone", "conv1") if arch == "resnet50" else ("backbone", "0", "0")
+
+
+def _get(module: nn.Module, path: tuple[str, ...]) -> nn.Module:
+    for name in path:
+        module = getattr(module, name)
+    return module
+
+
+def _set(module: nn.Module, path: tuple[str, ...], value: nn.Module) -> None:
+    setattr(_get(module, path[:-1]), path[-1], value)
+
+
+def _grey_stem(conv: nn.Conv2d) -> nn.Conv2d:
+    """A copy of a 3-channel convolution taking 1 channel; its weights summed over the input channels, so a
+    grey image gives the pretrained filter the same response as that grey image repeated in RGB."""
+    grey = nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                     conv.groups, conv.bias is not None)
+    with torch.no_grad():
+        grey.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
+        if conv.bias is not None:
+            grey.bias.copy_(conv.bias)
+    return grey
+
+
+def _imagenet_state(arch: str) -> dict:
+    """torchvision's ImageNet classification weights, from the local cache or the network; never hangs."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        return _IMAGENET[arch].get_state_dict(progress=False)
+    except Exception as err:  # URLError, timeouts, HTTP errors: all mean "not reachable from here"
+        raise InputError(
+            f"cannot fetch torchvision's ImageNet weights for {arch} ({type(err).__name__}: {err}); "
+            "offline, pass --pretrained PATH to a local backbone state dict, or --pretrained none"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _file_state(path: Path) -> dict:
+    if not path.is_file():
+        raise InputError(f"{path}: pretrained weights file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise InputError(f"{path}: cannot load weights ({type(err).__name__}: {err})") from None
+    state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise InputError(f"{path}: expected a state dict of tensors")
+    return state
+
+
+def _load_backbone(model: nn.Module, arch: str, state: dict, source: str) -> None:
+    """Load a classification network's weights into the segmentation backbone (its head is skipped)."""
+    backbone = model.backbone
+    own = backbone.state_dict()
+    mapped = {}
+    for key, value in state.items():
+        for prefix in ("backbone.", "features.", ""):  # segmentation, mobilenet classification, resnet
+            name = key[len(prefix):] if key.startswith(prefix) else None
+            if name is not None and name in own:
+                mapped[name] = value
+                break
+    stem_key = "conv1.weight" if arch == "resnet50" else "0.0.weight"
+    if stem_key in mapped and mapped[stem_key].shape[1] == 3:  # an RGB stem: see _grey_stem for why a sum
+        mapped[stem_key] = mapped[stem_key].sum(dim=1, keepdim=True)
+    shape_mismatch = [k for k, v in mapped.items() if v.shape != own[k].shape]
+    if shape_mismatch or len(mapped) < 0.9 * len(own):
+        raise InputError(
+            f"{source}: does not fit the {arch} backbone ({len(mapped)} of {len(own)} tensors matched, "
+            f"{len(shape_mismatch)} with other shapes)"
+        )
+    backbone.load_state_dict(mapped, strict=False)
+
+
+def build_model(arch: str, *, pretrained: str = "none", num_classes: int = 1) -> nn.Module:
+    """DeepLabV3 for one grey input channel.
+
+    Args:
+        arch: "resnet50" or "mobilenet_v3_large".
+        pretrained: "none", "imagenet" (torchvision's enum; cache or network) or a path to a state dict.
+        num_classes: output channels; 1 for nerve logits.
+
+    Shape:
+        input (N, 1, H, W) float in [0, 1] -> model(x)["out"] (N, num_classes, H, W) logits.
+    """
+    if arch not in _BUILDERS:
+        raise InputError(f"arch must be one of {sorted(_BUILDERS)}, got {arch!r}")
+    model = _BUILDERS[arch](weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
+    stem = _stem_path(arch)
+    _set(model, stem, _grey_stem(_get(model, stem)))
+    if pretrained == "imagenet":
+        _load_backbone(model, arch, _imagenet_state(arch), f"torchvision {arch} ImageNet weights")
+    elif pretrained not in ("none", ""):
+        _load_backbone(model, arch, _file_state(Path(pretrained)), pretrained)
+    return model
+
+
+class LogitsOnly(nn.Module):
+    """Wraps a DeepLabV3 so its forward returns the logits tensor: the ONNX graph has one named output."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)["out"]

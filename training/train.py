@@ -1,0 +1,266 @@
+"""`nerveseg train`: DeepLabV3 on grey ultrasound frames with Adam and BCE + Dice.
+
+Reads top to bottom: prepare the data, build the loaders, train one epoch, validate as deployed (eval
+mode), save checkpoints, repeat. Several GPUs: `torchrun --nproc_per_node=N -m training.train ...`
+(DistributedDataParallel; the recipe's batch size is the global batch, split over the processes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from tqdm import tqdm
+
+from device_runtime import metrics
+from device_runtime.errors import InputError
+from device_runtime.fileio import write_text
+
+from .checkpoint import make_checkpoint, read_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig, to_toml
+from .data import SegmentationDataset, discover, load_pairs, load_split, save_split, split_samples
+from .losses import BCEDiceLoss
+from .model import build_model
+from .predict import autocast, predict_probabilities, resolve_device
+from .synth import write_phantom
+from .transforms import AugmentConfig, build_train_transform
+
+
+@dataclass
+class Dist:
+    """Where this process stands in a torchrun job (world 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(), resolve_device(device_name)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    use_cuda = torch.cuda.is_available() and device_name != "cpu"
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    return Dist(dist.get_rank(), world, local_rank), device
+
+
+def prepare_split(cfg: TrainConfig, run_dir: Path, resume: bool) -> dict:
+    """The run's split: read back on resume, else made from the dataset (or the phantom) and saved."""
+    split_path = run_dir / "split.json"
+    if resume:
+        return load_split(split_path)
+    root = Path(cfg.data) if cfg.data else write_phantom(run_dir / "synthetic", cfg.synth_count, cfg.seed)
+    splits = split_samples(discover(root), cfg.seed)
+    save_split(split_path, splits, root, seed=cfg.seed)
+    return splits
+
+
+def build_loader(dataset: SegmentationDataset, cfg: TrainConfig, ddp: Dist, epoch: int) -> DataLoader:
+    """A loader whose order depends only on (seed, epoch), so a resumed run sees the same batches."""
+    batch = max(1, cfg.batch_size // ddp.world)
+    # a last batch of one frame would break BatchNorm in DeepLabV3's image-pooling branch: drop remainders
+    drop_last = len(dataset) // ddp.world > batch
+    if ddp.world > 1:
+        sampler = DistributedSampler(dataset, ddp.world, ddp.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+    else:
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+    return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=cfg.workers, drop_last=drop_last,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
+
+
+def build_scheduler(optimizer, cfg: TrainConfig):
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def train_one_epoch(model, loader, criterion, optimizer, scaler, device, cfg: TrainConfig, epoch: int,
+                    show: bool) -> dict:
+    model.train()
+    total_loss, seen, start = 0.0, 0, time.perf_counter()
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    for image, mask in tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None if show else True):
+        image = image.to(device, non_blocking=True).to(memory_format=memory_format)
+        mask = mask.to(device, non_blocking=True)
+        with autocast(device, cfg.amp):
+            logits = model(image)["out"]
+        loss = criterion(logits, mask)  # in float32: the loss casts its inputs
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        total_loss += loss.item() * len(image)  # note: a CPU-GPU sync point, once per batch
+        seen += len(image)
+    elapsed = time.perf_counter() - start
+    return {"train_loss": total_loss / max(seen, 1), "train_images_per_s": seen / max(elapsed, 1e-9),
+            "train_seconds": elapsed}
+
+
+def validate(model, images: np.ndarray, masks: np.ndarray, device, cfg: TrainConfig) -> dict:
+    """Eval-mode (as deployed) Dice at 0.5 and at the best threshold of the grid.
+
+    Judging in eval mode matters: a network trained from scratch can look good with batch statistics and
+    predict nothing with its running statistics.
+    """
+    prob = predict_probabilities(model, images, device, cfg.val_batch_size, cfg.amp)
+    sweep = metrics.dice(metrics.confusion_counts_over_thresholds(prob, masks, metrics.THRESHOLD_GRID))
+    best = int(np.argmax(sweep))
+    at_half = metrics.summary(metrics.confusion_counts(prob > 0.5, masks))
+    return {"val_dice": at_half["dice"], "val_iou": at_half["iou"], "val_best_dice": float(sweep[best]),
+            "val_best_threshold": float(metrics.THRESHOLD_GRID[best])}
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    last = run_dir / "checkpoints" / "last.pt"
+    if resume and not last.is_file():
+        raise InputError(f"{last}: nothing to resume (no last checkpoint in {run_dir})")
+    if not resume and last.is_file():
+        raise InputError(f"{run_dir}: already holds a trained run; pass --resume to continue it or pick another --run-dir")
+
+
+def rewrite_log(log_path: Path, upto_epoch: int) -> None:
+    """On resume, drop log lines of epochs after the checkpoint (they will be trained again)."""
+    if log_path.is_file():
+        lines = [l for l in log_path.read_text().splitlines() if l and json.loads(l)["epoch"] <= upto_epoch]
+        write_text(log_path, "".join(line + "\n" for line in lines))
+
+
+def main(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Train; return the run folder. Writes config.toml, split.json, metrics.jsonl, checkpoints/{last,best}.pt."""
+    ddp, device = setup_distributed(cfg.device)
+    run_dir = Path(cfg.run_dir)
+    if ddp.main:
+        check_run_dir(run_dir, resume)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(run_dir / "config.toml", to_toml(cfg))
+        prepare_split(cfg, run_dir, resume)
+    ddp.barrier()
+    splits = load_split(run_dir / "split.json")
+    torch.manual_seed(cfg.seed)
+    train_images, train_masks = load_pairs(splits["train"], cfg.input_size, cfg.mask_label, "decode train" if ddp.main else "")
+    val_images, val_masks = load_pairs(splits["val"], cfg.input_size, cfg.mask_label, "decode val" if ddp.main else "")
+    augment = AugmentConfig(cfg.rotation, cfg.hflip, cfg.vflip, cfg.intensity_shift, cfg.contrast)
+    train_set = SegmentationDataset(train_images, train_masks, build_train_transform(augment))
+    if len(train_set) < 2:
+        raise InputError(f"{run_dir / 'split.json'}: the training split holds {len(train_set)} frame(s); need at least 2")
+
+    model = build_model(cfg.arch, pretrained=cfg.pretrained).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg)
+    use_scaler = device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    criterion = BCEDiceLoss(cfg.bce_weight, cfg.dice_weight)
+    start_epoch, best_dice = 0, -1.0
+    if resume:
+        state = read_checkpoint(run_dir / "checkpoints" / "last.pt")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, best_dice = state["epoch"], state["best_val_dice"]
+        set_rng_state(state["rng"])
+        if ddp.main:
+            rewrite_log(run_dir / "metrics.jsonl", start_epoch)
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp.world > 1 else model
+
+    for epoch in range(start_epoch, cfg.epochs):
+        loader = build_loader(train_set, cfg, ddp, epoch)
+        stats = train_one_epoch(net, loader, criterion, optimizer, scaler, device, cfg, epoch, ddp.main)
+        scheduler.step()
+        if ddp.main:
+            stats.update(validate(model, val_images, val_masks, device, cfg))
+            record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **stats}
+            is_best = stats["val_best_dice"] > best_dice
+            best_dice = max(best_dice, stats["val_best_dice"])
+            checkpoint = make_checkpoint(cfg, model, epoch=epoch + 1, best_val_dice=best_dice,
+                                         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                                         scaler=scaler.state_dict(), rng=rng_state(), val=stats)
+            save_checkpoint(checkpoint, run_dir / "checkpoints" / "last.pt")
+            if is_best:
+                save_checkpoint(checkpoint, run_dir / "checkpoints" / "best.pt")
+            with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as log:
+                log.write(json.dumps(record) + "\n")
+            print(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {stats['train_loss']:.4f}  "
+                  f"val Dice@0.5 {stats['val_dice']:.4f}  best-T Dice {stats['val_best_dice']:.4f}  "
+                  f"{stats['train_images_per_s']:.1f} img/s", flush=True)
+        ddp.barrier()
+    if ddp.world > 1:
+        dist.destroy_process_group()
+    return run_dir
+
+
+def get_args_parser(parser=None):
+    """Flags of `nerveseg train` (also used by `nerveseg pipeline`). None means "the recipe's value"."""
+    import argparse
+
+    parser = parser or argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="quick", help="paper, edge, quick, or a .toml file (default quick)")
+    parser.add_argument("--data", help="dataset root (paired images/ + masks/, or Kaggle layout); default: synthetic phantom")
+    parser.add_argument("--mask-label", type=int, help="label value of the nerve in multi-label masks (default: mask > 0)")
+    parser.add_argument("--run-dir", help="run folder (default runs/<recipe>-<time>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from checkpoints/last.pt")
+    parser.add_argument("--arch", choices=["resnet50", "mobilenet_v3_large"])
+    parser.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"))
+    parser.add_argument("--pretrained", help="none, imagenet, or a path to a backbone state dict")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--synth-count", type=int, help="frames of the synthetic phantom")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--workers", type=int, help="data loader worker processes")
+    parser.add_argument("--no-amp", dest="amp", action="store_const", const=False, help="no mixed precision on CUDA")
+    return parser
+
+
+def config_from_args(args) -> TrainConfig:
+    """The recipe plus the flags; with --resume, the run's own config.toml (only --epochs, --device and
+    --workers may change, so the continued run is the same run)."""
+    from .config import build_config, load_run_config
+
+    if args.resume:
+        if not args.run_dir:
+            raise InputError("--resume needs --run-dir, the run folder to continue")
+        cfg = load_run_config(args.run_dir)
+        changes = {k: getattr(args, k) for k in ("epochs", "device", "workers") if getattr(args, k) is not None}
+        return cfg.replace(run_dir=args.run_dir, **changes)
+    overrides = {name: getattr(args, name, None) for name in (
+        "data", "mask_label", "run_dir", "arch", "input_size", "pretrained", "epochs", "batch_size", "lr",
+        "seed", "synth_count", "device", "workers", "amp")}
+    if overrides["input_size"] is not None:
+        overrides["input_size"] = tuple(overrides["input_size"])
+    cfg = build_config(args.recipe, **overrides)
+    if not cfg.run_dir:
+        cfg = cfg.replace(run_dir=str(Path("runs") / f"{Path(args.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    return cfg
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node=N -m training.train --recipe paper --data DIR
+    import sys
+
+    from device_runtime.errors import exit_code_of
+
+    arguments = get_args_parser().parse_args()
+    sys.exit(exit_code_of(lambda: main(config_from_args(arguments), arguments.resume)))
