@@ -41,6 +41,7 @@ class TrainConfig:
     scheduler: str = "cosine"
     bce_weight: float = 1.0
     dice_weight: float = 1.0
+    recalibrate_bn: bool = True  # re-estimate BatchNorm statistics before validation (see training/batchnorm.py)
     # augmentation (training split only)
     rotation: float = 15.0
     hflip: bool = True

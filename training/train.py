@@ -27,6 +27,7 @@ from .checkpoint import make_checkpoint, read_checkpoint, rng_state, save_checkp
 from .config import TrainConfig, to_toml
 from .data import SegmentationDataset, discover, load_pairs, load_split, save_split, split_samples
 from .losses import BCEDiceLoss
+from .batchnorm import recalibrate_batchnorm
 from .model import build_model
 from .predict import autocast, predict_probabilities, resolve_device
 from .synth import write_phantom
@@ -190,6 +191,8 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
         stats = train_one_epoch(net, loader, criterion, optimizer, scaler, device, cfg, epoch, ddp.main)
         scheduler.step()
         if ddp.main:
+            if cfg.recalibrate_bn:  # rank 0's statistics reach the other ranks: DDP broadcasts buffers
+                recalibrate_batchnorm(model, train_images, device, cfg.batch_size)
             stats.update(validate(model, val_images, val_masks, device, cfg))
             record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **stats}
             is_best = stats["val_best_dice"] > best_dice
