@@ -29,7 +29,7 @@ RECIPE = str(Path(__file__).with_name("baseline.toml"))
 
 def run(args) -> None:
     cfg = build_config(RECIPE, data=args.data, mask_label=args.mask_label, run_dir=args.run_dir, seed=args.seed,
-                       epochs=args.epochs, device=args.device)
+                       epochs=args.epochs, device=args.device, recalibrate_bn=args.recalibrate_bn)
     run_dir = train.main(cfg)
     model, _, cfg = load_model(run_dir / "checkpoints" / "last.pt")
     onnx_path = export_onnx(model, run_dir / "baseline.fp32.onnx", cfg.input_size)
@@ -47,4 +47,6 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--recalibrate-bn", action="store_true",
+                        help="ablation: the baseline plus re-estimated BatchNorm statistics (training/batchnorm.py)")
     sys.exit(exit_code_of(lambda: run(parser.parse_args())))

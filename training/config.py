@@ -52,7 +52,7 @@ class TrainConfig:
     objective_weights: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
     # machinery
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"
-    workers: int = 0
+    workers: int = -1  # data loader processes; -1 = automatic (several on CUDA, none on a CPU-only run)
     amp: bool = True  # used on CUDA only
     val_batch_size: int = 32
 
@@ -68,8 +68,8 @@ class TrainConfig:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise InputError(f"lr must be positive, got {self.lr}")
-        if self.workers < 0:
-            raise InputError(f"workers must be >= 0, got {self.workers}")
+        if self.workers < -1:
+            raise InputError(f"workers must be >= 0, or -1 for automatic, got {self.workers}")
         if len(self.objective_weights) != 3 or min(self.objective_weights) < 0 or sum(self.objective_weights) <= 0:
             raise InputError(f"objective_weights must be three non-negative numbers, got {self.objective_weights}")
 

@@ -75,7 +75,17 @@ def prepare_split(cfg: TrainConfig, run_dir: Path, resume: bool) -> dict:
     return splits
 
 
-def build_loader(dataset: SegmentationDataset, cfg: TrainConfig, ddp: Dist, epoch: int) -> DataLoader:
+def loader_workers(cfg: TrainConfig, device: torch.device, ddp: Dist) -> int:
+    """On CUDA, augmentation must keep the GPU fed: several worker processes. On a CPU-only run the
+    cores are busy with the network itself, and workers would only compete with it."""
+    if cfg.workers >= 0:
+        return cfg.workers
+    if device.type != "cuda":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) // ddp.world - 1))
+
+
+def build_loader(dataset: SegmentationDataset, cfg: TrainConfig, ddp: Dist, epoch: int, workers: int) -> DataLoader:
     """A loader whose order depends only on (seed, epoch), so a resumed run sees the same batches."""
     batch = max(1, cfg.batch_size // ddp.world)
     # a last batch of one frame would break BatchNorm in DeepLabV3's image-pooling branch: drop remainders
@@ -85,7 +95,7 @@ def build_loader(dataset: SegmentationDataset, cfg: TrainConfig, ddp: Dist, epoc
         sampler.set_epoch(epoch)
     else:
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-    return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=cfg.workers, drop_last=drop_last,
+    return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=drop_last,
                       pin_memory=torch.cuda.is_available(), persistent_workers=False)
 
 
@@ -146,6 +156,58 @@ def rewrite_log(log_path: Path, upto_epoch: int) -> None:
         write_text(log_path, "".join(line + "\n" for line in lines))
 
 
+@dataclass
+class Trainer:
+    """What one training run holds: the model and everything that steps it."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    criterion: BCEDiceLoss
+    start_epoch: int = 0
+    best_dice: float = -1.0
+
+
+def build_trainer(cfg: TrainConfig, device: torch.device) -> Trainer:
+    model = build_model(cfg.arch, pretrained=cfg.pretrained).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # bf16 autocast needs no loss scaling; fp16 (older GPUs) does
+    use_scaler = device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
+    return Trainer(model, optimizer, build_scheduler(optimizer, cfg), torch.amp.GradScaler("cuda", enabled=use_scaler),
+                   BCEDiceLoss(cfg.bce_weight, cfg.dice_weight))
+
+
+def restore(trainer: Trainer, path: Path) -> None:
+    """Continue exactly where last.pt stopped: weights, optimiser, schedule, scaler, epoch and RNG."""
+    state = read_checkpoint(path)
+    trainer.model.load_state_dict(state["model"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.scaler.load_state_dict(state["scaler"])
+    trainer.start_epoch, trainer.best_dice = state["epoch"], state["best_val_dice"]
+    set_rng_state(state["rng"])
+
+
+def finish_epoch(trainer: Trainer, cfg: TrainConfig, run_dir: Path, epoch: int, stats: dict) -> None:
+    """Checkpoints (last always, best when validation improved) and one line of metrics.jsonl."""
+    is_best = stats["val_best_dice"] > trainer.best_dice
+    trainer.best_dice = max(trainer.best_dice, stats["val_best_dice"])
+    checkpoint = make_checkpoint(cfg, trainer.model, epoch=epoch + 1, best_val_dice=trainer.best_dice,
+                                 optimizer=trainer.optimizer.state_dict(), scheduler=trainer.scheduler.state_dict(),
+                                 scaler=trainer.scaler.state_dict(), rng=rng_state(), val=stats)
+    save_checkpoint(checkpoint, run_dir / "checkpoints" / "last.pt")
+    if is_best:
+        save_checkpoint(checkpoint, run_dir / "checkpoints" / "best.pt")
+    record = {"epoch": epoch + 1, "lr": trainer.optimizer.param_groups[0]["lr"], **stats}
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as log:
+        log.write(json.dumps(record) + "\n")
+    print(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {stats['train_loss']:.4f}  val Dice@0.5 {stats['val_dice']:.4f}  "
+          f"best-T Dice {stats['val_best_dice']:.4f}  {stats['train_images_per_s']:.1f} img/s", flush=True)
+
+
 def main(cfg: TrainConfig, resume: bool = False) -> Path:
     """Train; return the run folder. Writes config.toml, split.json, metrics.jsonl, checkpoints/{last,best}.pt."""
     ddp, device = setup_distributed(cfg.device)
@@ -157,57 +219,33 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
         prepare_split(cfg, run_dir, resume)
     ddp.barrier()
     splits = load_split(run_dir / "split.json")
-    torch.manual_seed(cfg.seed)
-    train_images, train_masks = load_pairs(splits["train"], cfg.input_size, cfg.mask_label, "decode train" if ddp.main else "")
-    val_images, val_masks = load_pairs(splits["val"], cfg.input_size, cfg.mask_label, "decode val" if ddp.main else "")
+    train_images, train_masks = load_pairs(splits["train"], cfg.input_size, cfg.mask_label, "decode train" * ddp.main)
+    val_images, val_masks = load_pairs(splits["val"], cfg.input_size, cfg.mask_label, "decode val" * ddp.main)
     augment = AugmentConfig(cfg.rotation, cfg.hflip, cfg.vflip, cfg.intensity_shift, cfg.contrast)
     train_set = SegmentationDataset(train_images, train_masks, build_train_transform(augment))
     if len(train_set) < 2:
         raise InputError(f"{run_dir / 'split.json'}: the training split holds {len(train_set)} frame(s); need at least 2")
 
-    model = build_model(cfg.arch, pretrained=cfg.pretrained).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, cfg)
-    use_scaler = device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    criterion = BCEDiceLoss(cfg.bce_weight, cfg.dice_weight)
-    start_epoch, best_dice = 0, -1.0
+    torch.manual_seed(cfg.seed)
+    trainer = build_trainer(cfg, device)
     if resume:
-        state = read_checkpoint(run_dir / "checkpoints" / "last.pt")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, best_dice = state["epoch"], state["best_val_dice"]
-        set_rng_state(state["rng"])
+        restore(trainer, run_dir / "checkpoints" / "last.pt")
         if ddp.main:
-            rewrite_log(run_dir / "metrics.jsonl", start_epoch)
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp.world > 1 else model
+            rewrite_log(run_dir / "metrics.jsonl", trainer.start_epoch)
+    model = trainer.model
+    net = model if ddp.world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    for epoch in range(start_epoch, cfg.epochs):
-        loader = build_loader(train_set, cfg, ddp, epoch)
-        stats = train_one_epoch(net, loader, criterion, optimizer, scaler, device, cfg, epoch, ddp.main)
-        scheduler.step()
+    for epoch in range(trainer.start_epoch, cfg.epochs):
+        loader = build_loader(train_set, cfg, ddp, epoch, loader_workers(cfg, device, ddp))
+        stats = train_one_epoch(net, loader, trainer.criterion, trainer.optimizer, trainer.scaler, device, cfg,
+                                epoch, ddp.main)
+        trainer.scheduler.step()
         if ddp.main:
             if cfg.recalibrate_bn:  # rank 0's statistics reach the other ranks: DDP broadcasts buffers
                 recalibrate_batchnorm(model, train_images, device, cfg.batch_size)
             stats.update(validate(model, val_images, val_masks, device, cfg))
-            record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **stats}
-            is_best = stats["val_best_dice"] > best_dice
-            best_dice = max(best_dice, stats["val_best_dice"])
-            checkpoint = make_checkpoint(cfg, model, epoch=epoch + 1, best_val_dice=best_dice,
-                                         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                                         scaler=scaler.state_dict(), rng=rng_state(), val=stats)
-            save_checkpoint(checkpoint, run_dir / "checkpoints" / "last.pt")
-            if is_best:
-                save_checkpoint(checkpoint, run_dir / "checkpoints" / "best.pt")
-            with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as log:
-                log.write(json.dumps(record) + "\n")
-            print(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {stats['train_loss']:.4f}  "
-                  f"val Dice@0.5 {stats['val_dice']:.4f}  best-T Dice {stats['val_best_dice']:.4f}  "
-                  f"{stats['train_images_per_s']:.1f} img/s", flush=True)
+            finish_epoch(trainer, cfg, run_dir, epoch, stats)
         ddp.barrier()
     if ddp.world > 1:
         dist.destroy_process_group()
@@ -233,7 +271,7 @@ def get_args_parser(parser=None):
     parser.add_argument("--seed", type=int)
     parser.add_argument("--synth-count", type=int, help="frames of the synthetic phantom")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--workers", type=int, help="data loader worker processes")
+    parser.add_argument("--workers", type=int, help="data loader worker processes (default: automatic)")
     parser.add_argument("--no-amp", dest="amp", action="store_const", const=False, help="no mixed precision on CUDA")
     return parser
 
