@@ -10,19 +10,20 @@ class InputError(ValueError):
     """Bad user input: a file that cannot be read, a bundle that does not verify, a bad flag value."""
 
 
-def exit_code_of(action) -> int:
-    """Run `action()`; on InputError print its message as one line on stderr and return 2, else 0.
+def exit_code_of(action, prog: str) -> int:
+    """Run `action()` and return its exit code (0 when it returns none).
 
+    On InputError print "PROG: error: message" as one line on stderr and return 2; on Ctrl-C return 130.
     The command lines wrap their work in this so that bad input never shows a traceback.
     """
     import sys
 
     try:
-        action()
+        code = action()
     except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code if isinstance(code, int) else 0

@@ -61,13 +61,36 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def iter_tiff_pages(path: str | os.PathLike) -> Iterator[np.ndarray]:
-    """Yield each page of a (multi-page) TIFF as a frame, colour in BGR order."""
+    """Yield each page of a (multi-page) TIFF as a frame, colour in BGR order; any bad page raises InputError."""
+    for page in iter_tiff_page_results(path):
+        if isinstance(page, InputError):
+            raise page
+        yield page
+
+
+def iter_tiff_page_results(path: str | os.PathLike) -> Iterator[np.ndarray | InputError]:
+    """Each page of a TIFF, or an InputError for a page that cannot be decoded, then the next page.
+
+    A stream of frames (the device runtime) skips a bad page instead of ending. The file is opened here, not on
+    the first `next`, so a file that cannot be opened at all, or holds no page, raises InputError at the call.
+    """
     path = Path(path)
     try:
-        with tifffile.TiffFile(path) as tif:
-            for page in tif.pages:
-                yield _check_frame(_rgb_to_bgr(page.asarray()), path)
-    except InputError:
-        raise
-    except Exception as err:
-        raise InputError(f"{path}: cannot decode TIFF ({type(err).__name__}: {err})") from None
+        tif = tifffile.TiffFile(path)
+    except Exception as err:  # tifffile raises many types for a file that is not a TIFF
+        raise InputError(f"{path}: cannot open TIFF ({type(err).__name__}: {err})") from None
+    if len(tif.pages) == 0:  # tifffile only logs a warning for a header whose first page offset is bad
+        tif.close()
+        raise InputError(f"{path}: TIFF holds no readable page")
+
+    def pages() -> Iterator[np.ndarray | InputError]:
+        with tif:
+            for index in range(len(tif.pages)):
+                try:
+                    yield _check_frame(_rgb_to_bgr(tif.pages[index].asarray()), path)
+                except InputError as err:
+                    yield InputError(f"{err} (page {index})")
+                except Exception as err:  # a corrupt page, whatever tifffile raises for it
+                    yield InputError(f"{path}: cannot decode page {index} ({type(err).__name__}: {err})")
+
+    return pages()

@@ -80,18 +80,20 @@ def binarize(prob: np.ndarray, threshold: float) -> np.ndarray:
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
     """Set to 1 every background pixel that cannot be reached from the border."""
-    padded = np.pad(mask.astype(np.uint8), 1)
-    reached = padded.copy()
-    flood_mask = np.zeros((padded.shape[0] + 2, padded.shape[1] + 2), np.uint8)
-    cv2.floodFill(reached, flood_mask, (0, 0), 1)  # the padding connects the whole border
+    # a one-pixel frame of background connects the whole border, so one flood fill from a corner reaches it all
+    reached = cv2.copyMakeBorder(mask.astype(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    cv2.floodFill(reached, None, (0, 0), 1)
     holes = reached[1:-1, 1:-1] == 0
-    return (mask.astype(bool) | holes).astype(np.uint8)
+    return ((mask != 0) | holes).astype(np.uint8)
 
 
 def remove_small_components(mask: np.ndarray, min_area: int) -> np.ndarray:
     """Drop 8-connected components smaller than min_area pixels."""
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    keep = stats[:, cv2.CC_STAT_AREA] >= min_area
+    mask = (np.asarray(mask) != 0).astype(np.uint8)
+    count, labels = cv2.connectedComponents(mask, connectivity=8)
+    if count <= 2:  # none or one component (the common case): its area is the mask's, no relabelling needed
+        return mask if count == 1 or cv2.countNonZero(mask) >= min_area else np.zeros_like(mask)
+    keep = np.bincount(labels.ravel(), minlength=count) >= min_area
     keep[0] = False  # label 0 is the background
     return keep[labels].astype(np.uint8)
 
@@ -125,9 +127,21 @@ def postprocess_batch(prob: np.ndarray, threshold: float, morphology: Morphology
 
 
 def binary_entropy(prob: np.ndarray) -> np.ndarray:
-    """Per-pixel entropy of a Bernoulli(prob) in bits: 0 when certain, 1 at prob = 0.5."""
-    p = np.clip(np.asarray(prob, dtype=np.float64), 1e-7, 1 - 1e-7)
-    return -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
+    """Per-pixel entropy of a Bernoulli(prob) in bits: 0 when certain, 1 at prob = 0.5.
+
+    Computed in float32 for a float32 map (the network's output; several times faster per frame on the
+    device), else in float64. The clip keeps log2 finite at 0 and 1; 1 - 1e-7 is representable in float32.
+    """
+    prob = np.asarray(prob)
+    dtype = np.float32 if prob.dtype == np.float32 else np.float64
+    p = np.clip(prob.astype(dtype, copy=False), dtype(1e-7), dtype(1 - 1e-7))
+    q = dtype(1) - p
+    entropy = np.log2(p)
+    entropy *= p
+    log_q = np.log2(q)
+    log_q *= q
+    entropy += log_q  # in place: a frame-sized temporary fewer per step
+    return np.negative(entropy, out=entropy)
 
 
 def frame_stats(mask: np.ndarray, prob: np.ndarray, pixel_spacing_mm: float | None = None) -> dict:
@@ -149,11 +163,21 @@ def frame_stats(mask: np.ndarray, prob: np.ndarray, pixel_spacing_mm: float | No
     return {**mask_geometry(mask, pixel_spacing_mm), **probability_stats(mask, prob)}
 
 
-def mask_geometry(mask: np.ndarray, pixel_spacing_mm: float | None = None) -> dict:
-    """The geometric half of `frame_stats`: area_px, area_mm2, centroid, bbox, components of a (H, W) mask."""
-    fg = mask.astype(bool)
-    area = int(fg.sum())
-    components = cv2.connectedComponents(fg.astype(np.uint8), connectivity=8)[0] - 1
+def mask_geometry(mask: np.ndarray, pixel_spacing_mm: float | None = None, components: int | None = None) -> dict:
+    """The geometric half of `frame_stats`: area_px, area_mm2, centroid, bbox, components of a (H, W) mask.
+
+    `components` may be given when the caller knows it (see `pipeline.Segmenter`); otherwise it is counted.
+
+    OpenCV's counting, row/column sums and bounding box give the same numbers as numpy's nonzero-based ones
+    (integer sums, exact in float64) without listing every foreground pixel: on a large frame that is most of
+    the cost.
+    """
+    fg = mask.view(np.uint8) if mask.dtype == np.bool_ else mask
+    if fg.dtype != np.uint8:
+        fg = (fg != 0).astype(np.uint8)
+    area = int(cv2.countNonZero(fg))
+    if components is None:
+        components = cv2.connectedComponents(fg, connectivity=8)[0] - 1
     stats = {
         "area_px": area,
         "area_mm2": None if pixel_spacing_mm is None else area * float(pixel_spacing_mm) ** 2,
@@ -162,10 +186,12 @@ def mask_geometry(mask: np.ndarray, pixel_spacing_mm: float | None = None) -> di
         "components": int(components),
     }
     if area:
-        ys, xs = np.nonzero(fg)
-        stats["centroid"] = [float(xs.mean()), float(ys.mean())]
-        x0, y0 = int(xs.min()), int(ys.min())
-        stats["bbox"] = [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1]
+        # column and row counts of the foreground: the centroid is their first moment (exact integer sums)
+        unit = np.minimum(fg, 1)
+        cols = cv2.reduce(unit, 0, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel()
+        rows = cv2.reduce(unit, 1, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel()
+        stats["centroid"] = [float(cols @ np.arange(cols.size)) / area, float(rows @ np.arange(rows.size)) / area]
+        stats["bbox"] = [int(v) for v in cv2.boundingRect(fg)]
     return stats
 
 
@@ -177,8 +203,11 @@ def probability_stats(mask: np.ndarray, prob: np.ndarray) -> dict:
     """
     if mask.shape != prob.shape:
         raise ValueError(f"mask shape {mask.shape} differs from probability shape {prob.shape}")
-    fg = mask.astype(bool)
-    return {
-        "mean_prob": float(np.asarray(prob)[fg].mean()) if fg.any() else None,
-        "uncertainty": float(binary_entropy(prob).mean()),
-    }
+    prob = np.asarray(prob)
+    if mask.dtype == np.uint8 and prob.dtype in (np.float32, np.float64):
+        # OpenCV averages under a mask without copying the selected pixels out (and sums in float64)
+        mean_prob = cv2.mean(prob, mask=mask)[0] if cv2.countNonZero(mask) else None
+    else:
+        fg = mask.astype(bool)
+        mean_prob = float(prob[fg].mean()) if fg.any() else None
+    return {"mean_prob": mean_prob, "uncertainty": float(binary_entropy(prob).mean(dtype=np.float64))}

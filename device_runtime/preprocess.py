@@ -29,7 +29,8 @@ def to_unit_float(gray: np.ndarray) -> np.ndarray:
     if gray.dtype == np.bool_:
         return gray.astype(np.float32)
     if np.issubdtype(gray.dtype, np.integer):
-        return gray.astype(np.float32) * np.float32(1.0 / np.iinfo(gray.dtype).max)
+        # one pass (convert and scale together): the same float32 operations as astype-then-multiply
+        return np.multiply(gray, np.float32(1.0 / np.iinfo(gray.dtype).max), dtype=np.float32)
     if np.issubdtype(gray.dtype, np.floating):
         return np.clip(gray, 0.0, 1.0).astype(np.float32, copy=False)
     raise InputError(f"unsupported pixel type {gray.dtype}; expected 8/16-bit integers or floats")
@@ -63,8 +64,15 @@ def preprocess(frame: np.ndarray, size: tuple[int, int], out: np.ndarray | None 
         >>> preprocess(np.full((4, 6), 255, np.uint8), (2, 2)).tolist()
         [[[[1.0, 1.0], [1.0, 1.0]]]]
     """
-    image = frame_to_image(frame, size)
     if out is None:
-        return image[None, None].copy()
-    out[0, 0] = image
+        return frame_to_image(frame, size)[None, None].copy()
+    unit = to_unit_float(to_gray(frame))
+    height, width = size
+    target = out[0, 0]
+    if target.dtype == np.float32 and target.flags.c_contiguous and unit.shape[:2] != (height, width):
+        # the same bilinear resize as resize_image, written straight into the caller's buffer (OpenCV would
+        # silently allocate a new array for a buffer of another type, hence the check)
+        cv2.resize(unit, (width, height), dst=target, interpolation=cv2.INTER_LINEAR)
+    else:
+        target[...] = resize_image(unit, size)
     return out

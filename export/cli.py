@@ -100,7 +100,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    return exit_code_of(lambda: args.func(args))
+    return exit_code_of(lambda: args.func(args), "nerveseg")
 
 
 if __name__ == "__main__":

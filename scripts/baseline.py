@@ -49,4 +49,4 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="auto")
     parser.add_argument("--recalibrate-bn", action="store_true",
                         help="ablation: the baseline plus re-estimated BatchNorm statistics (training/batchnorm.py)")
-    sys.exit(exit_code_of(lambda: run(parser.parse_args())))
+    sys.exit(exit_code_of(lambda: run(parser.parse_args()), "baseline"))

@@ -304,4 +304,4 @@ if __name__ == "__main__":  # torchrun --nproc_per_node=N -m training.train --re
     from device_runtime.errors import exit_code_of
 
     arguments = get_args_parser().parse_args()
-    sys.exit(exit_code_of(lambda: main(config_from_args(arguments), arguments.resume)))
+    sys.exit(exit_code_of(lambda: main(config_from_args(arguments), arguments.resume), "training.train"))

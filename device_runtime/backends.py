@@ -1,0 +1,219 @@
+"""The network behind one interface: `infer(batch) -> logits`, whatever runs it.
+
+Order for `--backend auto`: a TensorRT engine (tensorrt + cuda-python + a GPU), then ONNX Runtime with the
+TensorRT, CUDA or CPU execution provider, the first present. Which ONNX file of the bundle runs follows
+`--precision` (see `select_model`). Nothing here downloads anything: the model is the bundle's file.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from . import tensorrt_backend
+from .errors import InputError
+from .manifest import Manifest, ModelFile
+
+BACKEND_ORDER = ("tensorrt", "ort-tensorrt", "ort-cuda", "ort-cpu")
+ORT_PROVIDERS = {
+    "ort-tensorrt": "TensorrtExecutionProvider",
+    "ort-cuda": "CUDAExecutionProvider",
+    "ort-cpu": "CPUExecutionProvider",
+}
+_TENSORRT_KINDS = ("tensorrt", "ort-tensorrt")
+
+
+class Backend(Protocol):
+    name: str  # e.g. "onnxruntime CPUExecutionProvider", for messages and the summary
+    model_file: str
+    input_buffer: np.ndarray  # (1, 1, H, W) float32: preprocess writes here, so infer copies nothing
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """(1, 1, H, W) float32 -> (1, 1, H', W') logits, in a buffer reused by the next call."""
+
+    def close(self) -> None: ...
+
+
+def backend_availability() -> dict[str, str]:
+    """Each backend -> "" when it can run here, else the reason it cannot."""
+    ok, detail = tensorrt_backend.tensorrt_status()
+    status = {"tensorrt": "" if ok else detail}
+    try:
+        import onnxruntime as ort
+
+        providers = ort.get_available_providers()
+    except ImportError as err:
+        providers, why = [], f"onnxruntime not installed ({err})"
+    else:
+        why = f"ONNX Runtime {ort.__version__} has no {{}} (providers: {', '.join(providers)})"
+    for name, provider in ORT_PROVIDERS.items():
+        status[name] = "" if provider in providers else why.format(provider)
+    return status
+
+
+def resolve_backend(requested: str, availability: dict[str, str] | None = None) -> str:
+    """`auto` -> the first backend that can run here; a named one -> itself if it can, else InputError."""
+    availability = backend_availability() if availability is None else availability
+    if requested == "auto":
+        for name in BACKEND_ORDER:
+            if not availability[name]:
+                return name
+        raise InputError("no backend can run here: " + "; ".join(f"{k}: {v}" for k, v in availability.items()))
+    if requested not in availability:
+        raise InputError(f"--backend {requested!r} is not one of auto, {', '.join(BACKEND_ORDER)}")
+    if availability[requested]:
+        usable = [name for name in BACKEND_ORDER if not availability[name]]
+        raise InputError(f"--backend {requested} cannot run here: {availability[requested]}; "
+                         f"available: {', '.join(usable) or 'none'}")
+    return requested
+
+
+def select_model(manifest: Manifest, backend: str, precision: str) -> tuple[ModelFile, str]:
+    """Which ONNX file of the bundle runs, and at which precision.
+
+    auto: on TensorRT the INT8 (QDQ) ONNX when the bundle has one, else FP16 from the FP32 ONNX; on the CUDA and
+    CPU providers the FP32 ONNX when present, else the INT8 one. fp16 needs TensorRT: ONNX Runtime's CUDA and
+    CPU providers would run an FP32 graph in FP32 and report it as FP16.
+    """
+    fp32, int8 = manifest.file("fp32", "onnx"), manifest.file("int8", "onnx")
+    if precision == "auto":
+        if backend in _TENSORRT_KINDS:
+            precision = "int8" if int8 else "fp16"
+        else:
+            precision = "fp32" if fp32 else "int8"
+    if precision == "fp16" and backend not in _TENSORRT_KINDS:
+        raise InputError(f"--precision fp16 needs TensorRT (--backend tensorrt or ort-tensorrt), not {backend}")
+    if precision in ("fp32", "fp16"):
+        if not fp32:
+            raise InputError(f"--precision {precision}: the bundle lists no FP32 ONNX file; try --precision int8")
+        return fp32, precision
+    if precision == "int8":
+        if not int8:
+            raise InputError("--precision int8: the bundle lists no INT8 (QDQ) ONNX file; export one, or use "
+                             "--precision fp16 (TensorRT) or fp32")
+        return int8, precision
+    raise InputError(f"--precision {precision!r} is not one of auto, fp32, fp16, int8")
+
+
+class ProviderFellBack(InputError):
+    """ONNX Runtime started another provider than the one asked for (its GPU libraries are missing, say)."""
+
+
+def open_backend(bundle: Path, manifest: Manifest, backend: str = "auto", precision: str = "auto",
+                 threads: int = 0, engine_cache: Path | None = None, workspace_mib: int = 1024) -> Backend:
+    """The named backend, or for `auto` the first that starts (a provider that is listed but cannot start,
+    as when ONNX Runtime's GPU build finds no CUDA libraries, hands over to the next with a warning)."""
+    args = (Path(bundle), manifest, precision, threads, engine_cache, workspace_mib)
+    if backend != "auto":
+        return _open(resolve_backend(backend), *args)
+    availability = backend_availability()
+    candidates = [name for name in BACKEND_ORDER if not availability[name]] or [resolve_backend("auto", availability)]
+    for name in candidates[:-1]:
+        try:
+            return _open(name, *args)
+        except ProviderFellBack as err:
+            print(f"warning: {err}; trying the next backend", file=sys.stderr)
+    return _open(candidates[-1], *args)
+
+
+def _open(backend: str, bundle: Path, manifest: Manifest, precision: str, threads: int,
+          engine_cache: Path | None, workspace_mib: int) -> Backend:
+    model, precision = select_model(manifest, backend, precision)
+    cache_dir = Path(engine_cache) if engine_cache else bundle
+    if backend == "tensorrt":
+        engine, path = tensorrt_backend.load_or_build_engine(bundle, manifest, model, precision, cache_dir,
+                                                             workspace_mib)
+        return tensorrt_backend.TensorRTBackend(engine, manifest, path.name)
+    options = _provider_options(backend, precision, cache_dir, workspace_mib)
+    return OnnxRuntimeBackend(bundle / model.path, manifest, backend, options, threads)
+
+
+def _provider_options(backend: str, precision: str, cache_dir: Path, workspace_mib: int) -> list:
+    """Providers in order of preference, each with its options; the CPU provider always closes the list."""
+    providers = []
+    if backend == "ort-tensorrt":
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        providers.append(("TensorrtExecutionProvider", {
+            "trt_fp16_enable": precision in ("fp16", "int8"),
+            "trt_int8_enable": precision == "int8",  # a QDQ graph: explicit quantization, no calibration table
+            "trt_engine_cache_enable": True,  # ONNX Runtime keys its cache by graph and GPU itself
+            "trt_engine_cache_path": str(cache_dir),
+            "trt_max_workspace_size": workspace_mib << 20,
+        }))
+    if backend in ("ort-tensorrt", "ort-cuda"):
+        providers.append(("CUDAExecutionProvider", {}))
+    providers.append(("CPUExecutionProvider", {}))
+    return providers
+
+
+class OnnxRuntimeBackend:
+    """An ONNX Runtime session with its input and output bound once to numpy buffers (no per-frame allocation)."""
+
+    def __init__(self, model_path: Path, manifest: Manifest, backend: str, providers: list, threads: int = 0):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3  # errors only: the provider fallback is reported by us below
+        # ONNX Runtime's idle worker threads spin-wait for the next run by default; between runs this loop
+        # decodes, post-processes and writes, and on a small device the spinning threads take those cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(str(model_path), sess_options=options,
+                                                providers=[p for p, _ in providers],
+                                                provider_options=[o for _, o in providers])
+        except Exception as err:  # ONNX Runtime's own error types for a graph it cannot load
+            raise InputError(f"{model_path}: ONNX Runtime cannot load it ({type(err).__name__}: {err})") from None
+        active = self.session.get_providers()[0]
+        if active != providers[0][0]:
+            raise ProviderFellBack(f"--backend {backend}: ONNX Runtime could not start {providers[0][0]} and fell back "
+                             f"to {active}; check the GPU libraries, or use --backend ort-cpu")
+        self.name, self.model_file = f"onnxruntime {active}", model_path.name
+        self._input_name, self._output_name = _check_io(self.session, manifest, model_path)
+        self.input_buffer = np.zeros((1, 1, *manifest.input_size), np.float32)
+        # one plain run learns the output's shape (its dimensions may be symbolic) and takes the first-run cost
+        first = self.session.run([self._output_name], {self._input_name: self.input_buffer})[0]
+        self.output_buffer = np.empty(first.shape, first.dtype)
+        self._binding = self.session.io_binding()
+        # OrtValues over our numpy memory: ONNX Runtime reads and writes them in place
+        self._binding.bind_ortvalue_input(self._input_name, ort.OrtValue.ortvalue_from_numpy(self.input_buffer))
+        self._binding.bind_ortvalue_output(self._output_name, ort.OrtValue.ortvalue_from_numpy(self.output_buffer))
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        if batch is not self.input_buffer:
+            np.copyto(self.input_buffer, batch)
+        self.session.run_with_iobinding(self._binding)
+        return self.output_buffer
+
+    def close(self) -> None:
+        self._binding = None
+        self.session = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _check_io(session, manifest: Manifest, model_path: Path) -> tuple[str, str]:
+    """The graph must take what preprocess makes and give what the manifest promises; InputError otherwise."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+    expected = ["batch", 1, *manifest.input_size]
+    spec = inputs.get(manifest.input_name)
+    if spec is None or len(inputs) != 1:
+        raise InputError(f"{model_path}: expected one input named {manifest.input_name!r}, found {sorted(inputs)}")
+    shape = list(spec.shape)
+    if len(shape) != 4 or shape[1:] != expected[1:] or spec.type != "tensor(float)":
+        raise InputError(f"{model_path}: input {spec.name!r} is {spec.type} {shape}; the manifest and this "
+                         f"runtime feed float32 {expected}")
+    if not isinstance(shape[0], str) and shape[0] != 1:
+        raise InputError(f"{model_path}: input batch dimension is {shape[0]}; the runtime feeds 1 frame at a time")
+    if manifest.output_name not in outputs:
+        raise InputError(f"{model_path}: no output named {manifest.output_name!r} (found {sorted(outputs)})")
+    return spec.name, manifest.output_name

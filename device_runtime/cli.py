@@ -1,0 +1,161 @@
+"""`nerveseg-device`: run, bench, build-engine, info, build-pyz. The only module that reads the command line.
+
+Bad input (a missing or tampered bundle, a source that does not open, a bad flag value) ends with one line
+on stderr naming the file or value and the problem, and exit status 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import BACKENDS, MASK_FORMATS, OVERLAY_FORMATS, PRECISIONS, RunConfig
+from .errors import InputError, exit_code_of
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints the whole usage first; one line says more here
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 420x580, got {text!r}") from None
+    return height, width
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", type=Path, required=True, help="bundle folder (manifest.json and model files)")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help="auto: TensorRT engine, else ONNX Runtime with TensorRT, CUDA or CPU (default: auto)")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="auto: INT8 ONNX on TensorRT when the bundle has it, else FP16; FP32 elsewhere")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = one per core)")
+    parser.add_argument("--engine-cache", type=Path, help="folder for TensorRT engines (default: the bundle)")
+    parser.add_argument("--workspace", dest="workspace_mib", type=int, default=1024,
+                        help="TensorRT builder workspace in MiB (default 1024)")
+
+
+def _add_run_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--warmup", type=int, default=0, help="frames left out of the timing statistics")
+    parser.add_argument("--pixel-spacing", dest="pixel_spacing_mm", type=float, help="mm per pixel: areas in mm²")
+    parser.add_argument("--report-every", type=int, default=0, help="print timings every N frames")
+    parser.add_argument("--quiet", action="store_true", help="do not print the summary")
+    out = parser.add_argument_group("outputs (any combination)")
+    out.add_argument("--masks", dest="masks_dir", type=Path, help="folder for one mask per frame")
+    out.add_argument("--mask-format", default="png", choices=MASK_FORMATS)
+    out.add_argument("--video", dest="overlay_video", type=Path, help="overlay video (.mp4)")
+    out.add_argument("--video-fps", type=float, help="frame rate of --video (default: the source's, else 25)")
+    out.add_argument("--overlays", dest="overlay_dir", type=Path, help="folder for one overlay image per frame")
+    out.add_argument("--overlay-format", default="jpg", choices=OVERLAY_FORMATS)
+    out.add_argument("--jsonl", type=Path, help="JSON Lines: stats and timings of each frame")
+    out.add_argument("--summary-json", type=Path, help="the final timing summary as JSON")
+    out.add_argument("--show", action="store_true", help="a live window (needs a display)")
+    out.add_argument("--mjpeg-port", type=int, help="serve an MJPEG preview on this port (0 = any free port)")
+    out.add_argument("--host", default="127.0.0.1", help="address of the MJPEG preview (default 127.0.0.1)")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="nerveseg-device", description="Torch-free nerve segmentation runtime for the device.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = commands.add_parser("run", help="segment frames from a source")
+    _add_model_args(run)
+    run.add_argument("--source", required=True,
+                     help="folder, glob, image, multi-page TIFF, video file, device index or /dev/videoN, "
+                          "rtsp:// URL, GStreamer pipeline, or synthetic[:HxW]")
+    run.add_argument("--loop", action="store_true", help="start a file source again at its end")
+    run.add_argument("--max-frames", type=int, help="stop after this many frames")
+    run.add_argument("--queue", dest="queue_size", type=int, default=2, help="live frames held (default 2)")
+    run.add_argument("--capture-timeout", dest="capture_timeout_s", type=float, default=0.5)
+    _add_run_args(run)
+
+    bench = commands.add_parser("bench", help="time every stage on synthetic frames, no camera needed")
+    _add_model_args(bench)
+    bench.add_argument("--frames", type=int, default=200, help="timed frames (default 200)")
+    bench.add_argument("--size", type=_size, default=(420, 580), help="frame HEIGHTxWIDTH (default 420x580)")
+    _add_run_args(bench)
+    bench.set_defaults(warmup=10)
+
+    engine = commands.add_parser("build-engine", help="build (or rebuild) the TensorRT engine of a bundle")
+    engine.add_argument("--bundle", type=Path, required=True)
+    engine.add_argument("--precision", default="fp16", help="fp16 (default), int8 (needs the INT8 QDQ ONNX), fp32")
+    engine.add_argument("--engine-cache", type=Path, help="folder for the engine (default: the bundle)")
+    engine.add_argument("--workspace", dest="workspace_mib", type=int, default=1024)
+
+    info = commands.add_parser("info", help="what this machine has, and which backend would run")
+    info.add_argument("--bundle", type=Path, help="also verify this bundle and show which model file would run")
+    info.add_argument("--backend", default="auto", choices=BACKENDS)
+    info.add_argument("--precision", default="auto", choices=PRECISIONS)
+    info.add_argument("--engine-cache", type=Path)
+
+    pyz = commands.add_parser("build-pyz", help="write the runtime as one file: python3 nerveseg-device.pyz ...")
+    pyz.add_argument("--out", type=Path, default=Path("nerveseg-device.pyz"))
+    return parser
+
+
+_CONFIG_FIELDS = set(RunConfig.__dataclass_fields__)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    values = {k: v for k, v in vars(args).items() if k in _CONFIG_FIELDS}
+    if args.command == "bench":
+        height, width = args.size
+        if args.frames < 1:
+            raise InputError(f"--frames must be at least 1, got {args.frames}")
+        values.update(source=f"synthetic:{height}x{width}", loop=True, max_frames=args.warmup + args.frames)
+    return RunConfig(**values)
+
+
+def _run(args) -> int:
+    from .runner import run
+
+    run(config_from_args(args))
+    return 0
+
+
+def _build_engine(args) -> int:
+    from . import tensorrt_backend
+    from .manifest import load_manifest
+
+    manifest = load_manifest(args.bundle)
+    model = tensorrt_backend.check_engine_precision(manifest, args.precision)  # before importing TensorRT
+    if args.workspace_mib < 16:
+        raise InputError(f"--workspace must be at least 16 MiB, got {args.workspace_mib}")
+    ok, detail = tensorrt_backend.tensorrt_status()
+    if not ok:
+        raise InputError(f"build-engine needs TensorRT, cuda-python and a GPU: {detail}")
+    _, path = tensorrt_backend.load_or_build_engine(args.bundle, manifest, model, args.precision,
+                                                    args.engine_cache or args.bundle, args.workspace_mib, rebuild=True)
+    print(path)
+    return 0
+
+
+def _info(args) -> int:
+    from .info import report
+
+    print(report(args.bundle, args.backend, args.precision, args.engine_cache))
+    return 0
+
+
+def _build_pyz(args) -> int:
+    from .pyz import build_pyz
+
+    print(build_pyz(args.out))
+    return 0
+
+
+_COMMANDS = {"run": _run, "bench": _run, "build-engine": _build_engine, "info": _info, "build-pyz": _build_pyz}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    # a second Ctrl-C, or one before the run installed its handler, ends with 130 and no traceback
+    return exit_code_of(lambda: _COMMANDS[args.command](args), "nerveseg-device")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

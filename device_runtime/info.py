@@ -1,0 +1,105 @@
+"""`nerveseg-device info`: what this machine has (cv2 and its video back-ends, ONNX Runtime providers, TensorRT,
+cuda-python, GPU, display) and which backend a run would use. On a Jetson it answers "did pip's cv2 shadow
+the system's GStreamer build?" and "will this use the GPU?" before anything is run."""
+
+from __future__ import annotations
+
+import importlib
+import platform
+import sys
+from pathlib import Path
+
+from . import tensorrt_backend
+from .backends import BACKEND_ORDER, backend_availability, resolve_backend, select_model
+from .errors import InputError
+from .live import cv2_video_backends
+from .manifest import load_manifest
+from .outputs import display_unavailable
+
+
+def _version(module_name: str) -> str:
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        return f"not installed ({err})"
+    return f"{getattr(module, '__version__', '?')} at {Path(getattr(module, '__file__', '?') or '?').parent}"
+
+
+def _cuda_python() -> str:
+    try:
+        cudart = tensorrt_backend.import_cudart()
+    except InputError as err:
+        return str(err)
+    try:
+        version = tensorrt_backend.cuda_check(cudart.cudaRuntimeGetVersion())
+        return f"{cudart.__name__} (CUDA runtime {version // 1000}.{version % 1000 // 10})"
+    except RuntimeError as err:
+        return f"{cudart.__name__} ({err})"
+
+
+def _gpu() -> str:
+    try:
+        return tensorrt_backend.gpu_identity()
+    except (InputError, RuntimeError) as err:
+        return f"none usable ({err})"
+
+
+def machine_lines() -> list[str]:
+    import cv2
+
+    video = cv2_video_backends()
+    yes_no = {True: "yes", False: "NO"}
+    display = display_unavailable() or "available"
+    lines = [
+        f"python       {platform.python_version()} ({sys.executable})",
+        f"numpy        {_version('numpy')}",
+        f"cv2          {cv2.__version__} at {Path(cv2.__file__).parent}",
+        f"  GStreamer  {yes_no[video['gstreamer']]}   FFmpeg {yes_no[video['ffmpeg']]}   "
+        f"V4L2 {yes_no[video['v4l2']]}",
+        f"onnxruntime  {_version('onnxruntime')}",
+    ]
+    try:
+        import onnxruntime as ort
+
+        lines.append(f"  providers  {', '.join(ort.get_available_providers())}")
+    except ImportError:
+        pass
+    tensorrt_ok, tensorrt_detail = tensorrt_backend.tensorrt_status()
+    lines += [
+        f"tensorrt     {_version('tensorrt') if tensorrt_ok else tensorrt_detail}",
+        f"cuda-python  {_cuda_python()}",
+        f"gpu          {_gpu()}",
+        f"display      {display}",
+    ]
+    return lines
+
+
+def backend_lines(bundle: Path | None, backend: str = "auto", precision: str = "auto",
+                  engine_cache: Path | None = None) -> list[str]:
+    availability = backend_availability()
+    lines = ["backends"] + [f"  {name:<13}{'available' if not availability[name] else availability[name]}"
+                            for name in BACKEND_ORDER]
+    try:
+        chosen = resolve_backend(backend, availability)
+    except InputError as err:
+        return lines + [f"would run    nothing: {err}"]
+    lines.append(f"would run    {chosen}")
+    if bundle is None:
+        return lines
+    manifest = load_manifest(bundle)  # verifies: a tampered bundle is reported here as it would be by run
+    model, effective = select_model(manifest, chosen, precision)
+    lines.append(f"bundle       {bundle}: {manifest.architecture}, input {manifest.input_size}, T* {manifest.threshold}"
+                 f" (verified)")
+    lines.append(f"model        {model.path} at {effective}")
+    if chosen == "tensorrt":
+        key = tensorrt_backend.EngineKey(tensorrt_backend.gpu_identity(),
+                                         tensorrt_backend.import_tensorrt().__version__, model.sha256, effective)
+        path = tensorrt_backend.engine_path(Path(engine_cache or bundle), key)
+        state = "cached" if tensorrt_backend.cached_engine(path, key) is not None else "built on first run"
+        lines.append(f"engine       {path} ({state})")
+    return lines
+
+
+def report(bundle: Path | None = None, backend: str = "auto", precision: str = "auto",
+           engine_cache: Path | None = None) -> str:
+    return "\n".join(machine_lines() + backend_lines(bundle, backend, precision, engine_cache))
