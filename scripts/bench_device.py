@@ -3,6 +3,7 @@
     python scripts/bench_device.py prepare            # bundle (untrained DeepLabV3-MobileNetV3, 256x256) + frames
     python scripts/bench_device.py fps [--repeat 3]   # 500 frames through `nerveseg-device run`, ONNX Runtime CPU
     python scripts/bench_device.py soak --frames 10000  # resident memory at the start and end of a long run
+    python scripts/bench_device.py fps --bundle runs/edge-real/bundle   # a trained bundle of your own instead
 
 The bundle holds torchvision's deeplabv3_mobilenet_v3_large (num_classes=1, a 1-channel first convolution,
 weights=None, aux_loss=False) exported untrained to ONNX (opset 17, dynamic batch, "input" -> "logits").
@@ -89,9 +90,9 @@ def device(*args: str, log: Path | None = None) -> subprocess.CompletedProcess:
                               check=True)
 
 
-def fps(work: Path, repeat: int = 1) -> None:
+def fps(work: Path, bundle: Path, repeat: int = 1) -> None:
     """500 frames per configuration of outputs; with --repeat, each several times (this machine is shared)."""
-    bundle, frames = work / "bundle", work / "frames"
+    frames = work / "frames"
     configurations = {
         "jsonl": ["--jsonl", str(work / "out" / "frames.jsonl")],
         "jsonl+masks": ["--jsonl", str(work / "out" / "frames.jsonl"), "--masks", str(work / "out" / "masks")],
@@ -114,8 +115,8 @@ def fps(work: Path, repeat: int = 1) -> None:
         print(f"{name:<12}{attempt:>4}{rate:>8.2f}{p50:>9.2f}{p99:>9.2f}{inference:>9.2f}{outside:>10.1f}")
 
 
-def soak(work: Path, frames: int, every: int) -> None:
-    bundle, source = work / "bundle", work / "frames"
+def soak(work: Path, bundle: Path, frames: int, every: int) -> None:
+    source = work / "frames"
     log = work / "soak.log"
     started = time.time()
     result = device("run", "--bundle", str(bundle), "--source", str(source), "--loop", "--max-frames", str(frames),
@@ -143,14 +144,17 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=10_000, help="soak length")
     parser.add_argument("--report-every", type=int, default=500)
     parser.add_argument("--repeat", type=int, default=1, help="runs of each fps configuration")
+    parser.add_argument("--bundle", type=Path, help="measure this bundle (e.g. runs/edge-real/bundle) instead of "
+                        "the untrained one that prepare writes")
     args = parser.parse_args()
+    bundle = args.bundle or args.work / "bundle"
     if args.part in ("prepare", "all"):
         make_bundle(args.work / "bundle")
         make_frames(args.work / "frames")
     if args.part in ("fps", "all"):
-        fps(args.work, args.repeat)
+        fps(args.work, bundle, args.repeat)
     if args.part in ("soak", "all"):
-        soak(args.work, args.frames, args.report_every)
+        soak(args.work, bundle, args.frames, args.report_every)
 
 
 if __name__ == "__main__":
