@@ -6,6 +6,7 @@ against PyTorch, so a failed export never leaves a half-written bundle or destro
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -42,6 +43,14 @@ def dataset_description(run_dir: Path, cfg) -> dict:
         "mask_label": cfg.mask_label,
         "frames": {name: len(samples) for name, samples in splits.items()},
     }
+
+
+def test_metrics_of(run_dir: Path) -> dict:
+    """The run's PyTorch test metrics (`nerveseg evaluate`) without the per-frame list, or {} before evaluation."""
+    path = run_dir / "test_metrics.json"
+    if not path.is_file():
+        return {}
+    return {k: v for k, v in json.loads(path.read_text()).items() if k != "per_image"}
 
 
 def swap_into_place(staging: Path, out_dir: Path) -> None:
@@ -92,7 +101,8 @@ def export_bundle(checkpoint_path: str | Path, out_dir: str | Path | None = None
             morphology=morphology,
             files=[describe_file(staging, FP32_NAME, "fp32", "onnx")],
             quantization={"scheme": "none", "mean_bits": 32},
-            metrics={"validation": checkpoint.get("validation", {}), "test_onnx": test_onnx,
+            metrics={"validation": checkpoint.get("validation", {}), "test": test_metrics_of(run_dir),
+                     "test_onnx": test_onnx,
                      "parity": {"fp32": parity}, "tensorrt_problems": problems},
             training_config=cfg.to_dict(),
             dataset=dataset_description(run_dir, cfg),

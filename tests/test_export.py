@@ -69,6 +69,7 @@ def test_bundle_verifies_and_records_parity_and_metrics(bundle, tiny_run):
     parity = loaded.metrics["parity"]["fp32"]
     assert parity["max_prob_diff"] < 1e-4 and parity["mask_dice"] >= 0.999
     assert set(loaded.metrics["test_onnx"]) >= {"dice", "iou", "pixel_accuracy", "pooled_dice"}
+    assert loaded.metrics["test"]["dice"] == pytest.approx(loaded.metrics["test_onnx"]["dice"], abs=1e-3)
     assert loaded.metrics["tensorrt_problems"] == []
     assert loaded.training_config["arch"] == "mobilenet_v3_large"
 
