@@ -12,7 +12,7 @@ from device_runtime.errors import InputError
 from device_runtime.fileio import write_json
 from device_runtime.postprocess import Morphology
 
-from .checkpoint import load_model, read_checkpoint, save_checkpoint
+from .checkpoint import load_model, save_checkpoint
 from .config import TrainConfig
 from .data import load_pairs, load_split
 from .evaluate import evaluate_arrays, plot_examples
@@ -48,7 +48,7 @@ def tune_run(run_dir: str | Path, device: str = "auto") -> dict:
     result = tune(prob, masks, cfg.objective_weights)
     write_json(run_dir / "threshold.json", result)
     plot_threshold_curve(result["sweep"], run_dir / "threshold_curve.png", title=f"{run_dir.name}: validation")
-    checkpoint = read_checkpoint(path)
+    # the checkpoint as read: its weights are those saved, untouched by the model that loaded them
     checkpoint.update(threshold=result["threshold"], morphology=result["morphology"], validation=result["validation"])
     save_checkpoint(checkpoint, path)
     return result
