@@ -7,12 +7,10 @@ against PyTorch, so a failed export never leaves a half-written bundle or destro
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 from device_runtime.errors import InputError
-from device_runtime.fileio import write_json
+from device_runtime.fileio import atomic_dir, write_json
 from device_runtime.manifest import Manifest, describe_file, write_manifest
 from device_runtime.postprocess import Morphology
 from training.checkpoint import load_model
@@ -53,18 +51,6 @@ def test_metrics_of(run_dir: Path) -> dict:
     return {k: v for k, v in json.loads(path.read_text()).items() if k != "per_image"}
 
 
-def swap_into_place(staging: Path, out_dir: Path) -> None:
-    """Replace out_dir by staging with renames only, so out_dir is always either the old or the new bundle."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out_dir.rename(old)
-    staging.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def export_bundle(checkpoint_path: str | Path, out_dir: str | Path | None = None, device: str = "auto") -> tuple[Path, Manifest]:
     """Export a tuned checkpoint; returns the bundle folder and its manifest.
 
@@ -80,9 +66,7 @@ def export_bundle(checkpoint_path: str | Path, out_dir: str | Path | None = None
     threshold, morphology = float(checkpoint["threshold"]), Morphology.from_dict(checkpoint["morphology"])
     torch_device = resolve_device(device)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir, replace=True) as staging:
         onnx_path = export_onnx(model, staging / FP32_NAME, cfg.input_size)
         val_images, _, _ = split_arrays(run_dir, "val", cfg)
         torch_prob = predict_probabilities(model.to(torch_device), val_images, torch_device, cfg.val_batch_size, amp=False)
@@ -108,8 +92,5 @@ def export_bundle(checkpoint_path: str | Path, out_dir: str | Path | None = None
             dataset=dataset_description(run_dir, cfg),
         )
         write_manifest(staging, manifest)
-        swap_into_place(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     write_json(run_dir / "test_metrics_onnx.json", test_onnx)
     return out_dir, manifest

@@ -27,8 +27,8 @@ import numpy as np
 import tifffile
 
 from device_runtime.errors import InputError
+from device_runtime.fileio import atomic_dir
 
-from .fsutil import atomic_dir
 
 TWO_NERVES = 0.2  # share of subjects with two nerves; the rest have one, so any subject can be trained on
 NERVE_DROPOUT = 0.12  # chance that a nerve is out of plane in one frame: frames without a nerve

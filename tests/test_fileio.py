@@ -1,0 +1,38 @@
+import stat
+
+import pytest
+
+from device_runtime.errors import InputError
+from device_runtime.fileio import atomic_dir
+
+
+def test_a_new_folder_appears_whole_and_readable(tmp_path):
+    with atomic_dir(tmp_path / "data") as tmp:
+        assert not (tmp_path / "data").exists()  # nothing under the real name while writing
+        (tmp / "a.txt").write_text("a")
+    assert (tmp_path / "data" / "a.txt").read_text() == "a"
+    assert stat.S_IMODE((tmp_path / "data").stat().st_mode) == 0o755
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]
+
+
+def test_without_replace_a_filled_folder_is_refused(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "keep.txt").write_text("old")
+    with pytest.raises(InputError, match="not empty"):
+        with atomic_dir(tmp_path / "data"):
+            pass
+    assert (tmp_path / "data" / "keep.txt").read_text() == "old"
+
+
+def test_replace_swaps_the_old_folder_out_on_success_only(tmp_path):
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(tmp_path / "bundle", replace=True) as tmp:
+            (tmp / "new.txt").write_text("half")
+            raise RuntimeError("export failed")
+    assert [p.name for p in (tmp_path / "bundle").iterdir()] == ["old.txt"]
+    with atomic_dir(tmp_path / "bundle", replace=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in (tmp_path / "bundle").iterdir()] == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no staging or .old folder left behind
