@@ -219,8 +219,10 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
         prepare_split(cfg, run_dir, resume)
     ddp.barrier()
     splits = load_split(run_dir / "split.json")
-    train_images, train_masks = load_pairs(splits["train"], cfg.input_size, cfg.mask_label, "decode train" * ddp.main)
-    val_images, val_masks = load_pairs(splits["val"], cfg.input_size, cfg.mask_label, "decode val" * ddp.main)
+    progress = ddp.main  # one progress bar, not one per process
+    train_images, train_masks = load_pairs(splits["train"], cfg.input_size, cfg.mask_label,
+                                           "decode train" if progress else "")
+    val_images, val_masks = load_pairs(splits["val"], cfg.input_size, cfg.mask_label, "decode val" if progress else "")
     augment = AugmentConfig(cfg.rotation, cfg.hflip, cfg.vflip, cfg.intensity_shift, cfg.contrast)
     train_set = SegmentationDataset(train_images, train_masks, build_train_transform(augment))
     if len(train_set) < 2:
