@@ -20,7 +20,9 @@ from training.predict import predict_probabilities, resolve_device
 from training.stages import split_arrays
 
 from .onnx_export import export_onnx, tensorrt_problems
+from .out_guard import check_bundle_out
 from .parity import compare, onnx_probabilities, parity_failures
+from .portable import dataset_description as portable_dataset, portable_config
 
 FP32_NAME = "model.fp32.onnx"
 
@@ -35,12 +37,19 @@ def run_dir_of(checkpoint_path: Path) -> Path:
 
 
 def dataset_description(run_dir: Path, cfg) -> dict:
+    """Frame counts and a content hash of the split; no path (bundles travel, see export/portable.py)."""
     splits = load_split(run_dir / "split.json")
-    return {
-        "source": cfg.data or "synthetic phantom (nerveseg synth)",
-        "mask_label": cfg.mask_label,
-        "frames": {name: len(samples) for name, samples in splits.items()},
-    }
+    return portable_dataset(run_dir, cfg, {name: len(samples) for name, samples in splits.items()})
+
+
+def protected_paths(run_dir: Path, checkpoint_path: Path) -> dict:
+    """What `--out` must never be or hold: the run, the checkpoint, the dataset (from split.json)."""
+    protected = {"run folder": run_dir, "checkpoint": checkpoint_path}
+    try:
+        protected["dataset"] = Path(json.loads((run_dir / "split.json").read_text(encoding="utf-8"))["root"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no split yet: split_arrays below reports that with its own message
+    return protected
 
 
 def test_metrics_of(run_dir: Path) -> dict:
@@ -51,8 +60,11 @@ def test_metrics_of(run_dir: Path) -> dict:
     return {k: v for k, v in json.loads(path.read_text()).items() if k != "per_image"}
 
 
-def export_bundle(checkpoint_path: str | Path, out_dir: str | Path | None = None, device: str = "auto") -> tuple[Path, Manifest]:
+def export_bundle(checkpoint_path: str | Path, out_dir: str | Path | None = None, device: str = "auto",
+                  replace: bool = False) -> tuple[Path, Manifest]:
     """Export a tuned checkpoint; returns the bundle folder and its manifest.
+
+    `out_dir` must be a new or empty folder, or (with `replace`) an existing bundle, see export/out_guard.py.
 
     Parity is checked on the validation frames (ONNX Runtime against PyTorch, eval mode) and the test split
     is scored through the ONNX graph, as the device will run it.
@@ -63,6 +75,8 @@ def export_bundle(checkpoint_path: str | Path, out_dir: str | Path | None = None
         raise InputError(f"{checkpoint_path}: has no tuned threshold; run 'nerveseg tune' on its run first")
     run_dir = run_dir_of(checkpoint_path)
     out_dir = Path(out_dir) if out_dir else run_dir / "bundle"
+    if check_bundle_out(out_dir, protected_paths(run_dir, checkpoint_path), replace):
+        print(f"replacing the bundle {out_dir} (atomically, once the new one is complete)", flush=True)
     threshold, morphology = float(checkpoint["threshold"]), Morphology.from_dict(checkpoint["morphology"])
     torch_device = resolve_device(device)
 
@@ -88,7 +102,7 @@ def export_bundle(checkpoint_path: str | Path, out_dir: str | Path | None = None
             metrics={"validation": checkpoint.get("validation", {}), "test": test_metrics_of(run_dir),
                      "test_onnx": test_onnx,
                      "parity": {"fp32": parity}, "tensorrt_problems": problems},
-            training_config=cfg.to_dict(),
+            training_config=portable_config(cfg.to_dict()),
             dataset=dataset_description(run_dir, cfg),
         )
         write_manifest(staging, manifest)

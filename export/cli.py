@@ -49,7 +49,7 @@ def _export(args) -> None:
     if not args.checkpoint and not args.run_dir:
         raise SystemExit("nerveseg export: give --checkpoint PATH or --run-dir RUN")
     checkpoint = Path(args.checkpoint) if args.checkpoint else Path(args.run_dir) / "checkpoints" / "best.pt"
-    bundle, manifest = export_bundle(checkpoint, args.out, args.device)
+    bundle, manifest = export_bundle(checkpoint, args.out, args.device, replace=args.replace)
     parity, test = manifest.metrics["parity"]["fp32"], manifest.metrics["test_onnx"]
     print(f"bundle {bundle}: ONNX parity max |dp| {parity['max_prob_diff']:.1e}, mask Dice {parity['mask_dice']:.4f}; "
           f"test through ONNX: Dice {test['dice']:.4f} IoU {test['iou']:.4f} PA {test['pixel_accuracy']:.4f}")
@@ -94,6 +94,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     export.add_argument("--run-dir", help="the run whose best checkpoint to export")
     export.add_argument("--out", help="bundle folder (default RUN/bundle)")
     export.add_argument("--device", default="auto")
+    export.add_argument("--replace", action="store_true",
+                        help="replace an existing bundle at --out (atomically); without it an existing bundle is kept")
     export.set_defaults(func=_export)
     return parser
 

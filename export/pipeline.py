@@ -25,7 +25,8 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False) -> Path:
     run_dir = train.main(cfg, resume)
     threshold = stages.tune_run(run_dir, cfg.device)
     test = stages.evaluate_run(run_dir, cfg.device)
-    bundle_dir, manifest = export_bundle(run_dir / "checkpoints" / "best.pt", device=cfg.device)
+    # a resumed pipeline may replace the bundle it wrote itself (RUN/bundle); a fresh one finds none there
+    bundle_dir, manifest = export_bundle(run_dir / "checkpoints" / "best.pt", device=cfg.device, replace=resume)
     parity = manifest.metrics["parity"]["fp32"]
     print()
     print(format_table(threshold, test, manifest.metrics["test_onnx"]))

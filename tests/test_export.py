@@ -81,7 +81,7 @@ def test_failed_export_keeps_the_previous_bundle(bundle, monkeypatch):
 
     monkeypatch.setattr(module, "parity_failures", lambda result, precision: ["forced failure"])
     with pytest.raises(InputError, match="forced failure"):
-        module.export_bundle(bundle_dir.parent / "checkpoints" / "best.pt", device="cpu")
+        module.export_bundle(bundle_dir.parent / "checkpoints" / "best.pt", device="cpu", replace=True)
     assert {p.name: p.read_bytes() for p in bundle_dir.iterdir()} == before
     assert [p.name for p in bundle_dir.parent.iterdir() if p.name.startswith(".bundle")] == []
 
