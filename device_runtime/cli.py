@@ -47,12 +47,15 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("outputs (any combination)")
     out.add_argument("--masks", dest="masks_dir", type=Path, help="folder for one mask per frame")
     out.add_argument("--mask-format", default="png", choices=MASK_FORMATS)
-    out.add_argument("--video", dest="overlay_video", type=Path, help="overlay video (.mp4)")
+    out.add_argument("--video", dest="overlay_video", type=Path,
+                     help="overlay video (.mkv: Matroska stays playable if the recording is cut short)")
     out.add_argument("--video-fps", type=float, help="frame rate of --video (default: the source's, else 25)")
     out.add_argument("--overlays", dest="overlay_dir", type=Path, help="folder for one overlay image per frame")
     out.add_argument("--overlay-format", default="jpg", choices=OVERLAY_FORMATS)
     out.add_argument("--jsonl", type=Path, help="JSON Lines: stats and timings of each frame")
     out.add_argument("--summary-json", type=Path, help="the final timing summary as JSON")
+    out.add_argument("--overwrite", action="store_true",
+                     help="replace existing output files and write into non-empty output folders (default: refuse)")
     out.add_argument("--show", action="store_true", help="a live window (needs a display)")
     out.add_argument("--mjpeg-port", type=int, help="serve an MJPEG preview on this port (0 = any free port)")
     out.add_argument("--host", default="127.0.0.1", help="address of the MJPEG preview (default 127.0.0.1)")

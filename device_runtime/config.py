@@ -61,6 +61,7 @@ class RunConfig:
     engine_cache: Path | None = None
     workspace_mib: int = 1024
     quiet: bool = False
+    overwrite: bool = False  # replace existing output files / write into non-empty output folders (output_guard)
 
     def __post_init__(self):
         _check_choice("--backend", self.backend, BACKENDS)

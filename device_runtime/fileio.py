@@ -232,6 +232,8 @@ def strict_json(obj):
         return [strict_json(v) for v in obj]
     if hasattr(obj, "item") and hasattr(obj, "dtype") and getattr(obj, "shape", None) == ():  # numpy scalar
         return strict_json(obj.item())
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
     return obj
 
 

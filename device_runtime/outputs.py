@@ -9,7 +9,6 @@ and the JSONL its last line.
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import sys
@@ -25,7 +24,9 @@ import tifffile
 from .buffers import BufferPool
 from .config import RunConfig
 from .errors import InputError
+from .fileio import describe_os_error, dumps_strict
 from .mjpeg import MjpegServer
+from .output_guard import check_outputs
 from .overlay import OverlayRenderer
 from .pipeline import Result
 from .sources import Frame
@@ -65,45 +66,93 @@ class OverlayImageSink:
         pass
 
 
+class VideoWriteError(OSError):
+    """A frame could not be added to the overlay video (full disk, file size limit, I/O error)."""
+
+
 class OverlayVideoSink:
-    """An MP4 (mp4v) of the overlays. Opened at the first frame, whose size it keeps: others are resized to it."""
+    """A Matroska (.mkv, mp4v) video of the overlays. Opened at the first frame, whose size it keeps.
+
+    Matroska, because a recording cut short (kill -9, power loss) still plays up to its last complete cluster;
+    an MP4 plays nothing until its index is written at the end. A failed write (OpenCV >= 5 reports it) ends
+    the recording at once: it is reported once, the writer is closed so the frames before stay playable, and the
+    run fails. OpenCV 4 does not report failures, so there the free space is checked every `_CHECK_EVERY` frames.
+    """
+
+    _CHECK_EVERY = 25
 
     def __init__(self, path: Path, fps: float):
         self.path, self.fps = Path(path), fps
         _make_folder(self.path.parent, "--video")
         self._writer = None
         self._size = None
+        self._failed = False
+        self.frames = 0
 
     def write(self, frame: Frame, result: Result, overlay, timing) -> None:
         picture = overlay()
+        if self._failed:
+            return  # the recording ended at a failure; reopening would truncate what it holds
         if self._writer is None:
             self._size = (picture.shape[1], picture.shape[0])
+            _quiet_opencv_warnings()  # a failed write is reported by us, once; not by OpenCV, per frame
             self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, self._size)
             if not self._writer.isOpened():
-                raise InputError(f"{self.path}: cannot write an MP4 here (OpenCV's video writer refused it)")
+                raise InputError(f"--video {self.path}: cannot write a video here (OpenCV's video writer refused it)")
         if (picture.shape[1], picture.shape[0]) != self._size:
             picture = cv2.resize(picture, self._size, interpolation=cv2.INTER_AREA)
-        self._writer.write(picture)
+        ok = self._writer.write(picture)  # OpenCV >= 5: a bool; OpenCV 4: None (no report)
+        if ok is False or (ok is None and self.frames % self._CHECK_EVERY == 0 and _disk_full(self.path)):
+            self.close()  # what was recorded stays playable
+            self._failed = True
+            raise VideoWriteError(f"--video {self.path}: writing frame {self.frames + 1} failed "
+                                  f"({_write_failure_reason(self.path)}); the {self.frames} frames before it are "
+                                  "kept and playable")
+        self.frames += 1
 
     def close(self) -> None:
         if self._writer is not None:
-            self._writer.release()  # writes the MP4's index: without it the file does not play
+            self._writer.release()  # writes Matroska's cues and duration; without them the file still plays
             self._writer = None
+
+
+def _quiet_opencv_warnings() -> None:
+    try:
+        from cv2.utils import logging as cv_logging
+
+        cv_logging.setLogLevel(min(cv_logging.getLogLevel(), cv_logging.LOG_LEVEL_ERROR))
+    except (ImportError, AttributeError):  # an OpenCV without the logging module: its warnings stay
+        pass
+
+
+def _disk_full(path: Path) -> bool:
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
+
+
+def _write_failure_reason(path: Path) -> str:
+    return "no space left on the device" if _disk_full(path) else "file size limit, quota or I/O error"
 
 
 class JsonlSink:
     """One JSON object per frame: its name, size, stats and stage timings; flushed line by line."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, overwrite: bool = False):
         path = Path(path)
         _make_folder(path.parent, "--jsonl")
         self.path = path
-        self._file = open(path, "w", encoding="utf-8", buffering=1)  # line-buffered: a crash loses no line
+        try:  # "x": an existing file is never truncated unless the user said --overwrite (checked before, too)
+            self._file = open(path, "w" if overwrite else "x", encoding="utf-8", buffering=1)  # a crash loses no line
+        except OSError as err:
+            raise InputError(f"--jsonl {path}: cannot write ({describe_os_error(err)})") from None
 
     def write(self, frame: Frame, result: Result, overlay, timing) -> None:
         record = {"frame": frame.index, "name": frame.name, "height": int(frame.image.shape[0]),
                   "width": int(frame.image.shape[1]), **result.stats, "timings_ms": timing()}
-        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._file.write(dumps_strict(record, separators=(",", ":")) + "\n")  # NaN -> null: strict JSON
 
     def close(self) -> None:
         self._file.flush()
@@ -183,6 +232,7 @@ class BackgroundWriter:
         self.group = group
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
+        self._failed = False  # stays set once a write failed: frames still queued are dropped, never written
         self._thread = threading.Thread(target=self._drain, name="outputs", daemon=True)
         self._thread.start()
 
@@ -195,12 +245,12 @@ class BackgroundWriter:
 
     def _drain(self) -> None:
         while (item := self._queue.get()) is not None:
-            if self._error is None:
+            if not self._failed:
                 frame, result, times = item
                 try:
                     self.group.write(frame, result, lambda: times)
                 except Exception as err:  # handed to the loop's thread, which raises it
-                    self._error = err
+                    self._error, self._failed = err, True
 
     def raise_failure(self) -> None:
         err, self._error = self._error, None
@@ -255,7 +305,7 @@ class Outputs:
 def open_outputs(cfg: RunConfig, source_fps: float | None, stop: threading.Event) -> Outputs:
     """The sinks `cfg` asks for, opened now (a bad path fails before the first frame); JSONL last among the
     files, so that a frame's line is written after its mask and overlay."""
-    _refuse_the_source_folder(cfg)
+    check_outputs(cfg)  # nothing the run reads or the user keeps is overwritten; paths writable (output_guard)
     live, files = [], []
     try:
         if cfg.show:
@@ -269,21 +319,11 @@ def open_outputs(cfg: RunConfig, source_fps: float | None, stop: threading.Event
         if cfg.overlay_video:
             files.append(OverlayVideoSink(cfg.overlay_video, cfg.video_fps or source_fps or 25.0))
         if cfg.jsonl:
-            files.append(JsonlSink(cfg.jsonl))
+            files.append(JsonlSink(cfg.jsonl, cfg.overwrite))
     except BaseException:
         SinkGroup(live + files).close()  # a later sink failed to open: close the ones already open
         raise
     return Outputs(live, files)
-
-
-def _refuse_the_source_folder(cfg: RunConfig) -> None:
-    """Masks or overlays named like the frames, written into the frames' own folder, would replace them."""
-    source = Path(cfg.source)
-    if not source.is_dir():
-        return
-    for flag, folder in (("--masks", cfg.masks_dir), ("--overlays", cfg.overlay_dir)):
-        if folder is not None and Path(folder).resolve() == source.resolve():
-            raise InputError(f"{flag} {folder}: this is the source folder; its images would be overwritten")
 
 
 def display_unavailable() -> str:

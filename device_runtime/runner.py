@@ -8,13 +8,15 @@ is 0. A second signal acts as usual (SIGINT raises KeyboardInterrupt; outputs ar
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import sys
 import threading
 
 from .backends import open_backend
+import numpy as np
+
 from .config import RunConfig
+from .errors import InputError
 from .fileio import write_json
 from .manifest import load_manifest
 from .outputs import open_outputs
@@ -44,6 +46,9 @@ def run(cfg: RunConfig, source=None) -> dict:
                 if source.finished:
                     break
                 continue
+            if not is_finite_frame(frame.image):  # NaN/Inf would reach the mask and the JSON as NaN
+                source.counters.skip_nonfinite(frame.name)
+                continue
             result = segment(frame.image, timings)
             with timings.stage("output"):
                 outputs.write(frame, result, timings)
@@ -51,7 +56,17 @@ def run(cfg: RunConfig, source=None) -> dict:
             report.tick(timings)
         # summarised before the outputs close, so the end RSS is that of the running pipeline
         reason = "signal" if stop.is_set() else "max-frames" if timings.frames == cfg.max_frames else "end of source"
-        return report.finish(timings, reason)
+        summary = report.finish(timings, reason)
+        if timings.frames == 0 and reason != "signal":
+            counters = source.counters
+            raise InputError(f"source {cfg.source}: no frame was processed ({counters.read} read, "
+                             f"{counters.undecodable} undecodable, {counters.nonfinite} with NaN/Inf pixels)")
+        return summary
+
+
+def is_finite_frame(image: np.ndarray) -> bool:
+    """Integer frames always are; a float frame (a float TIFF) only without NaN or Inf pixels."""
+    return not np.issubdtype(image.dtype, np.floating) or bool(np.isfinite(image).all())
 
 
 @contextlib.contextmanager
@@ -114,8 +129,8 @@ class Report:
                         "last_frame": rss_bytes() / _MIB},
         }
         if self.cfg.summary_json:
-            write_json(self.cfg.summary_json, json.loads(json.dumps(summary, default=str)))
-        if not self.cfg.quiet:
+            write_json(self.cfg.summary_json, summary)  # strict JSON: NaN (no frame timed) becomes null
+        if not self.cfg.quiet and timings.frames:
             print(format_summary(summary))
         return summary
 

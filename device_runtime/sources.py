@@ -54,6 +54,13 @@ class Counters:
     dropped: int = 0  # live only: replaced in the queue by a newer frame before the loop took it
     failures: int = 0  # live only: the stream broke
     reconnects: int = 0  # live only: reopened after a failure
+    nonfinite: int = 0  # float frames with NaN or Inf pixels: skipped, never segmented (see runner)
+
+    def skip_nonfinite(self, name: str) -> None:
+        self.nonfinite += 1
+        if self.nonfinite <= _WARN_LIMIT:
+            suffix = " (further ones are counted, not shown)" if self.nonfinite == _WARN_LIMIT else ""
+            print(f"warning: skipped frame {name}: it holds NaN or Inf pixels{suffix}", file=sys.stderr)
 
     def skip(self, err: Exception) -> None:
         self.undecodable += 1

@@ -41,7 +41,7 @@ def test_the_blocker_blocks_torch(tmp_path):
 def test_run_never_imports_torch(bundle, frames, tmp_path):
     out = tmp_path / "out"
     result = run_device(tmp_path, "run", "--bundle", str(bundle), "--source", str(frames), "--masks",
-                        str(out / "masks"), "--video", str(out / "o.mp4"), "--overlays", str(out / "ov"), "--jsonl",
+                        str(out / "masks"), "--video", str(out / "o.mkv"), "--overlays", str(out / "ov"), "--jsonl",
                         str(out / "f.jsonl"), "--mjpeg-port", "0", "--report-every", "5", "--pixel-spacing", "0.1")
     assert result.returncode == 0, result.stderr
     assert "BLOCKED IMPORT" not in result.stderr
@@ -95,7 +95,7 @@ def test_tampered_bundle_refused_by_the_real_command(tmp_path, frames):
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_finishes_the_frame_and_closes_every_output(bundle, frames, tmp_path, signum):
-    jsonl, video = tmp_path / "frames.jsonl", tmp_path / "overlay.mp4"
+    jsonl, video = tmp_path / "frames.jsonl", tmp_path / "overlay.mkv"
     process = subprocess.Popen(
         device_cmd("run", "--bundle", str(bundle), "--source", str(frames), "--loop", "--jsonl", str(jsonl),
                    "--video", str(video)),

@@ -43,7 +43,7 @@ def source():
 def outputs_run(bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
     cfg = RunConfig(bundle=bundle, backend="ort-cpu", masks_dir=out / "masks", overlay_dir=out / "overlays",
-                    overlay_video=out / "video" / "overlay.mp4", jsonl=out / "frames.jsonl",
+                    overlay_video=out / "video" / "overlay.mkv", jsonl=out / "frames.jsonl",
                     summary_json=out / "summary.json", mjpeg_port=0, pixel_spacing_mm=0.2, quiet=True)
     return out, run(cfg, source=source())
 
@@ -71,7 +71,7 @@ def test_overlay_images(outputs_run):
 
 def test_overlay_video_plays_back(outputs_run):
     out, _ = outputs_run
-    capture = cv2.VideoCapture(str(out / "video" / "overlay.mp4"))
+    capture = cv2.VideoCapture(str(out / "video" / "overlay.mkv"))
     assert capture.isOpened() and capture.get(cv2.CAP_PROP_FPS) == pytest.approx(12.0)
     read = []
     while True:
@@ -182,7 +182,7 @@ def test_overlay_of_16_bit_and_colour_frames():
 
 def test_outputs_never_overwrite_the_source_folder(bundle, tmp_path):
     cv2.imwrite(str(tmp_path / "a.png"), disc_frame())
-    with pytest.raises(InputError, match="this is the source folder"):
+    with pytest.raises(InputError, match="holds the source file a.png"):
         run(RunConfig(bundle=bundle, source=str(tmp_path), masks_dir=tmp_path, quiet=True))
     assert cv2.imread(str(tmp_path / "a.png"), cv2.IMREAD_UNCHANGED).max() == 255  # untouched
 
