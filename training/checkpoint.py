@@ -17,14 +17,18 @@ from device_runtime.errors import InputError
 from device_runtime.fileio import atomic_path
 
 from .config import TrainConfig, config_from_dict
+from .finite import check_finite_state, non_finite_tensors
 from .model import build_model
+from .trust import numpy_state_from_plain, numpy_state_to_plain, safe_load
 
 FORMAT = "nerveseg-checkpoint-1"
 NORMALIZATION = {"range": [0.0, 1.0], "mean": None, "std": None}  # frames are only scaled, see preprocess
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # numpy's state as a tensor and plain values: loadable with weights_only=True (training/trust.py)
+    state = {"python": random.getstate(), "numpy": numpy_state_to_plain(np.random.get_state()),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -32,7 +36,7 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(numpy_state_from_plain(state["numpy"]))  # both the old (ndarray) and the plain form
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -54,8 +58,15 @@ def make_checkpoint(cfg: TrainConfig, model: torch.nn.Module, **extra) -> dict:
 
 
 def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
+    """Write atomically; never a checkpoint with NaN/Inf weights; a full disk ends in one line, old file kept."""
+    check_finite_state(checkpoint["model"], path)
     with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
+        try:
+            torch.save(checkpoint, tmp)
+        except (OSError, RuntimeError) as err:  # torch's zip writer says "unexpected pos ..." on a full disk
+            reason = getattr(err, "strerror", None) or str(err).strip().splitlines()[0][:120]
+            raise InputError(f"{path}: cannot write the checkpoint ({reason}; is the disk full?); "
+                             "the previous file is kept") from None
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -63,9 +74,7 @@ def read_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise InputError(f"{path}: checkpoint not found")
     try:
-        # our checkpoints hold numpy RNG state and config dicts besides tensors, so not weights_only;
-        # only load checkpoints you made yourself
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = safe_load(path)  # weights_only=True: a checkpoint cannot run code (training/trust.py)
     except Exception as err:
         raise InputError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
@@ -77,6 +86,10 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict, TrainConfig]:
     """The model of a checkpoint in eval mode on the CPU, with the checkpoint and its config."""
     checkpoint = read_checkpoint(path)
     cfg = config_from_dict(checkpoint["config"], f"{path} (config)")
+    bad = non_finite_tensors(checkpoint["model"])
+    if bad:
+        raise InputError(f"{path}: the model holds NaN or Inf in {bad[0]}; it was written by a diverged run "
+                         "(an older nerveseg); retrain from a finite checkpoint")
     model = build_model(checkpoint["arch"], num_classes=checkpoint["num_classes"])
     model.load_state_dict(checkpoint["model"])
     return model.eval(), checkpoint, cfg

@@ -26,6 +26,9 @@ from device_runtime.fileio import write_json
 from device_runtime.imageio import IMAGE_SUFFIXES, TIFF_SUFFIXES, read_image
 from device_runtime.preprocess import frame_to_image, resize_mask, to_gray
 
+from .finite import check_finite_array
+from .mask_colour import labels_of
+
 SPLITS = ("train", "val", "test")
 LAYOUTS = ("images/NAME.ext + masks/NAME.ext", "Kaggle NAME.tif + NAME_mask.tif in one folder")
 KAGGLE_MASK_SUFFIX = "_mask"
@@ -221,7 +224,8 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     """Read a mask as its label values.
 
     Palette PNGs (LabelMe, usgra-seg) give their palette indices (0 bg, 1 nerve, 2 vessel...), not the
-    colours that OpenCV would expand them to; colour masks otherwise become grey.
+    colours that OpenCV would expand them to; other colour masks are read only when grey (equal channels),
+    and refused otherwise (training/mask_colour.py), never turned into luminance.
 
     Returns:
         (H, W) array in the stored dtype.
@@ -235,7 +239,7 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
                 return np.asarray(im)
         except Exception as err:  # Pillow raises many types for corrupt files; all mean "unreadable"
             raise DataError(f"{path}: cannot decode palette mask ({type(err).__name__}: {err})") from None
-    return to_gray(read_image(path))
+    return labels_of(read_image(path), path)
 
 
 def _is_palette_png(path: Path) -> bool:
@@ -276,6 +280,8 @@ def load_pairs(samples: list[Sample], size: tuple[int, int], mask_label: int | N
     positives = 0
     for i, s in enumerate(tqdm(samples, desc=desc, leave=False, disable=None if desc else True)):
         frame, labels = read_image(s.image), read_mask(s.mask)
+        check_finite_array(frame, s.image, "image")  # NaN pixels would make the loss NaN (training/finite.py)
+        check_finite_array(labels, s.mask, "mask")
         if labels.shape[:2] != frame.shape[:2]:
             raise DataError(f"{s.mask}: mask is {labels.shape[1]}x{labels.shape[0]} but its image {s.image.name}"
                             f" is {frame.shape[1]}x{frame.shape[0]} (width x height); they must match")

@@ -21,10 +21,11 @@ from tqdm import tqdm
 
 from device_runtime import metrics
 from device_runtime.errors import InputError
-from device_runtime.fileio import write_text
+from device_runtime.fileio import dumps_strict, write_text
 
 from .checkpoint import make_checkpoint, read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, to_toml
+from .finite import check_finite_loss
 from .data import SegmentationDataset, discover, load_pairs, load_split, save_split, split_samples
 from .losses import BCEDiceLoss
 from .batchnorm import recalibrate_batchnorm
@@ -110,17 +111,19 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, device, cfg: Tr
     model.train()
     total_loss, seen, start = 0.0, 0, time.perf_counter()
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    for image, mask in tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None if show else True):
+    for batch, (image, mask) in enumerate(tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                                               disable=None if show else True)):
         image = image.to(device, non_blocking=True).to(memory_format=memory_format)
         mask = mask.to(device, non_blocking=True)
         with autocast(device, cfg.amp):
             logits = model(image)["out"]
         loss = criterion(logits, mask)  # in float32: the loss casts its inputs
+        value = check_finite_loss(loss, epoch, batch)  # stops on NaN/Inf before the step (training/finite.py)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        total_loss += loss.item() * len(image)  # note: a CPU-GPU sync point, once per batch
+        total_loss += value * len(image)  # the loss was read once above: one CPU-GPU sync per batch
         seen += len(image)
     elapsed = time.perf_counter() - start
     return {"train_loss": total_loss / max(seen, 1), "train_images_per_s": seen / max(elapsed, 1e-9),
@@ -141,19 +144,34 @@ def validate(model, images: np.ndarray, masks: np.ndarray, device, cfg: TrainCon
             "val_best_threshold": float(metrics.THRESHOLD_GRID[best])}
 
 
-def check_run_dir(run_dir: Path, resume: bool) -> None:
+def check_run_dir(run_dir: Path, resume: bool) -> bool:
+    """Whether to continue from last.pt. A run killed before its first checkpoint (config.toml, no last.pt)
+    resumes by starting again, so `--resume` after any kill finishes the run."""
     last = run_dir / "checkpoints" / "last.pt"
     if resume and not last.is_file():
+        if (run_dir / "config.toml").is_file():
+            print(f"note: {last} does not exist yet (stopped before the first epoch ended); starting the run again",
+                  flush=True)
+            return False
         raise InputError(f"{last}: nothing to resume (no last checkpoint in {run_dir})")
     if not resume and last.is_file():
         raise InputError(f"{run_dir}: already holds a trained run; pass --resume to continue it or pick another --run-dir")
+    return resume
 
 
 def rewrite_log(log_path: Path, upto_epoch: int) -> None:
     """On resume, drop log lines of epochs after the checkpoint (they will be trained again)."""
     if log_path.is_file():
-        lines = [l for l in log_path.read_text().splitlines() if l and json.loads(l)["epoch"] <= upto_epoch]
+        lines = [l for l in log_path.read_text().splitlines() if _epoch_of(l) <= upto_epoch]
         write_text(log_path, "".join(line + "\n" for line in lines))
+
+
+def _epoch_of(line: str) -> float:
+    """The epoch of a metrics.jsonl line; a torn line (a kill or full disk mid-write) sorts last: dropped."""
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 @dataclass
@@ -198,12 +216,14 @@ def finish_epoch(trainer: Trainer, cfg: TrainConfig, run_dir: Path, epoch: int, 
     checkpoint = make_checkpoint(cfg, trainer.model, epoch=epoch + 1, best_val_dice=trainer.best_dice,
                                  optimizer=trainer.optimizer.state_dict(), scheduler=trainer.scheduler.state_dict(),
                                  scaler=trainer.scaler.state_dict(), rng=rng_state(), val=stats)
+    # the log line first: a kill between the two leaves a line that resume drops and writes again, whereas a
+    # checkpoint without its line would leave a gap in metrics.jsonl
+    record = {"epoch": epoch + 1, "lr": trainer.optimizer.param_groups[0]["lr"], **stats}
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as log:
+        log.write(dumps_strict(record) + "\n")  # strict JSON: a NaN metric becomes null
     save_checkpoint(checkpoint, run_dir / "checkpoints" / "last.pt")
     if is_best:
         save_checkpoint(checkpoint, run_dir / "checkpoints" / "best.pt")
-    record = {"epoch": epoch + 1, "lr": trainer.optimizer.param_groups[0]["lr"], **stats}
-    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as log:
-        log.write(json.dumps(record) + "\n")
     print(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {stats['train_loss']:.4f}  val Dice@0.5 {stats['val_dice']:.4f}  "
           f"best-T Dice {stats['val_best_dice']:.4f}  {stats['train_images_per_s']:.1f} img/s", flush=True)
 
@@ -213,10 +233,12 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     ddp, device = setup_distributed(cfg.device)
     run_dir = Path(cfg.run_dir)
     if ddp.main:
-        check_run_dir(run_dir, resume)
+        resume = check_run_dir(run_dir, resume)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "config.toml", to_toml(cfg))
         prepare_split(cfg, run_dir, resume)
+    else:  # the same answer as rank 0's, without its message
+        resume = resume and (run_dir / "checkpoints" / "last.pt").is_file()
     ddp.barrier()
     splits = load_split(run_dir / "split.json")
     progress = ddp.main  # one progress bar, not one per process
@@ -232,8 +254,8 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     trainer = build_trainer(cfg, device)
     if resume:
         restore(trainer, run_dir / "checkpoints" / "last.pt")
-        if ddp.main:
-            rewrite_log(run_dir / "metrics.jsonl", trainer.start_epoch)
+    if ddp.main:  # lines of epochs after the checkpoint (or of a start killed before it) are trained again
+        rewrite_log(run_dir / "metrics.jsonl", trainer.start_epoch)
     model = trainer.model
     net = model if ddp.world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
