@@ -307,3 +307,50 @@ def test_a_full_disk_during_recording_ends_in_one_line_and_a_playable_file(bundl
     assert result.returncode == 2 and len(errors) == 1, result.stderr
     assert "--video" in errors[0] and "kept and playable" in errors[0]
     assert 0 < _count_frames(video)
+
+
+# ------------------------------------------------------------------------------------------------ MJPEG preview
+
+
+def _get(port: int, host_header: str, path: str = "/", timeout: float = 5.0) -> bytes:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: {host_header}\r\nConnection: close\r\n\r\n".encode())
+        return conn.recv(200)
+
+
+@pytest.mark.parametrize("host,allowed", [("127.0.0.1:8080", True), ("localhost", True), ("[::1]:9", True),
+                                          ("evil.example:8080", False), ("127.0.0.1.evil.example", False)])
+def test_preview_on_localhost_checks_the_host_header(host, allowed):
+    from device_runtime.mjpeg import MjpegServer
+
+    server = MjpegServer(port=0)
+    try:
+        reply = _get(server._server.server_address[1], host)
+        assert reply.startswith(b"HTTP/1.0 200") == allowed and reply.startswith(b"HTTP/1.0 403") == (not allowed)
+    finally:
+        server.close()
+
+
+def test_preview_bounds_its_clients_and_drops_idle_ones():
+    import socket
+
+    from device_runtime.mjpeg import MjpegServer
+
+    server = MjpegServer(port=0, max_clients=2, idle_timeout_s=0.5)
+    port = server._server.server_address[1]
+    try:
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]  # say nothing
+        time.sleep(0.2)
+        extra = socket.create_connection(("127.0.0.1", port), timeout=5)
+        extra.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert extra.recv(100) == b""  # over the bound: closed at once, no thread for it
+        extra.close()
+        time.sleep(1.5)  # the idle ones time out and free their places
+        assert _get(port, "localhost").startswith(b"HTTP/1.0 200")
+        for conn in idle:
+            assert conn.recv(100) == b""  # dropped by the server
+            conn.close()
+    finally:
+        server.close()
