@@ -216,14 +216,15 @@ def finish_epoch(trainer: Trainer, cfg: TrainConfig, run_dir: Path, epoch: int, 
     checkpoint = make_checkpoint(cfg, trainer.model, epoch=epoch + 1, best_val_dice=trainer.best_dice,
                                  optimizer=trainer.optimizer.state_dict(), scheduler=trainer.scheduler.state_dict(),
                                  scaler=trainer.scaler.state_dict(), rng=rng_state(), val=stats)
-    # the log line first: a kill between the two leaves a line that resume drops and writes again, whereas a
-    # checkpoint without its line would leave a gap in metrics.jsonl
+    # order matters under kill -9: last.pt is written last, so whatever came before it (the log line, best.pt)
+    # is redone by a resume from the previous last.pt; the other way round, a resumed run would miss the line,
+    # or keep an older best.pt while believing this epoch's score was saved
     record = {"epoch": epoch + 1, "lr": trainer.optimizer.param_groups[0]["lr"], **stats}
     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as log:
         log.write(dumps_strict(record) + "\n")  # strict JSON: a NaN metric becomes null
-    save_checkpoint(checkpoint, run_dir / "checkpoints" / "last.pt")
     if is_best:
         save_checkpoint(checkpoint, run_dir / "checkpoints" / "best.pt")
+    save_checkpoint(checkpoint, run_dir / "checkpoints" / "last.pt")
     print(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {stats['train_loss']:.4f}  val Dice@0.5 {stats['val_dice']:.4f}  "
           f"best-T Dice {stats['val_best_dice']:.4f}  {stats['train_images_per_s']:.1f} img/s", flush=True)
 
