@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .errors import InputError
+from .errors import InputError, os_error_line
 
 _LEGACY_STALE_S = 3600.0  # temporaries of the old naming (no pid): stale when an hour old
 
@@ -49,7 +49,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     os.chmod(tmp, 0o644)  # mkstemp makes 0600; a run or bundle must stay readable by other users (a service)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as err:  # name the file being written, whatever the writer's own message says
+            raise InputError(f"{path}: writing failed ({os_error_line(err)}); the previous file, if any, is kept") from None
         os.replace(tmp, path)  # atomic on POSIX when both sit on one file system, as here
     finally:
         if tmp.exists():
@@ -81,7 +84,10 @@ def atomic_dir(path: str | os.PathLike, replace: bool = False) -> Iterator[Path]
         raise InputError(f"{path}: cannot write here ({describe_os_error(err)})") from None
     os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the finished folder should be as readable as any other
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as err:  # a full disk inside a library (ONNX, torch) often names no file: name ours
+            raise InputError(f"{path}: writing failed ({os_error_line(err)}); nothing was changed there") from None
         if replace and path.exists():
             if _exchange(tmp, path):  # tmp now holds the old folder; removed below
                 return
@@ -175,6 +181,8 @@ def _alive(pid: int) -> bool:
 def _make_parent(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as err:  # a file sits where a folder of the path should be
+        raise InputError(f"{err.filename or path.parent}: is a file, not a folder") from None
     except OSError as err:
         raise InputError(f"{err.filename or path.parent}: cannot create the folder ({describe_os_error(err)})") from None
     if not path.parent.is_dir():

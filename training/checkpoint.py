@@ -63,10 +63,9 @@ def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         try:
             torch.save(checkpoint, tmp)
-        except (OSError, RuntimeError) as err:  # torch's zip writer says "unexpected pos ..." on a full disk
-            reason = getattr(err, "strerror", None) or str(err).strip().splitlines()[0][:120]
-            raise InputError(f"{path}: cannot write the checkpoint ({reason}; is the disk full?); "
-                             "the previous file is kept") from None
+        except (OSError, RuntimeError) as err:  # torch's zip writer says only "unexpected pos ..." on a full disk
+            reason = getattr(err, "strerror", None) or "the write stopped short: no space left or a file size limit"
+            raise InputError(f"{path}: cannot write the checkpoint ({reason}); the previous file is kept") from None
 
 
 def read_checkpoint(path: str | Path) -> dict:
