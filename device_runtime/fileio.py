@@ -87,7 +87,12 @@ def atomic_dir(path: str | os.PathLike, replace: bool = False) -> Iterator[Path]
         try:
             yield tmp
         except OSError as err:  # a full disk inside a library (ONNX, torch) often names no file: name ours
-            raise InputError(f"{path}: writing failed ({os_error_line(err)}); nothing was changed there") from None
+            reason = os_error_line(err).replace(str(tmp), str(path))
+            raise InputError(f"{path}: writing failed ({reason}); nothing was changed there") from None
+        except InputError as err:  # messages name the staging folder's files by the folder's real name
+            if str(tmp) not in str(err):
+                raise
+            raise type(err)(str(err).replace(str(tmp), str(path))) from None
         if replace and path.exists():
             if _exchange(tmp, path):  # tmp now holds the old folder; removed below
                 return

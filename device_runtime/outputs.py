@@ -106,8 +106,8 @@ class OverlayVideoSink:
             self.close()  # what was recorded stays playable
             self._failed = True
             raise VideoWriteError(f"--video {self.path}: writing frame {self.frames + 1} failed "
-                                  f"({_write_failure_reason(self.path)}); the {self.frames} frames before it are "
-                                  "kept and playable")
+                                  f"({_write_failure_reason(self.path)}); the recording stops there and what "
+                                  "reached the disk stays playable")
         self.frames += 1
 
     def close(self) -> None:

@@ -250,7 +250,7 @@ def test_a_video_write_error_is_reported_once_and_fails_the_run(bundle, tmp_path
     code = main(["run", "--bundle", str(bundle), "--source", "synthetic:48x64", "--loop", "--max-frames", "40",
                  "--video", str(video), "--quiet"])
     line = _one_line(capsys)
-    assert code == 2 and "writing frame 4 failed" in line and "3 frames before it are kept" in line
+    assert code == 2 and "writing frame 4 failed" in line and "stays playable" in line
     monkeypatch.undo()
     assert _count_frames(video) == 3  # frames still queued at the failure never reopen (truncate) it
 
@@ -305,7 +305,7 @@ def test_a_full_disk_during_recording_ends_in_one_line_and_a_playable_file(bundl
                             preexec_fn=limit_files)
     errors = [l for l in result.stderr.splitlines() if "error" in l.lower() or "failed" in l.lower()]
     assert result.returncode == 2 and len(errors) == 1, result.stderr
-    assert "--video" in errors[0] and "kept and playable" in errors[0]
+    assert "--video" in errors[0] and "stays playable" in errors[0]
     assert 0 < _count_frames(video)
 
 
