@@ -70,7 +70,7 @@ def test_step_budget_schedule_and_sparse_validation(step_config):
     assert validated == sorted({e for e in range(1, epochs + 1) if e % 2 == 0} | {epochs})  # every 2nd and the last
     last = read_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert last["scheduler"]["last_epoch"] == 7  # stepped once per optimiser step
-    lr = step_config.lr * train.warmup_cosine(7, 2, 7, step_config.min_lr_ratio)
+    lr = step_config.lr * train.warmup_cosine(7, 7 // 4, 7, step_config.min_lr_ratio)  # warm-up capped at a quarter
     assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(lr)
     assert (run_dir / "checkpoints" / "best.pt").is_file()
 

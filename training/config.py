@@ -147,6 +147,8 @@ def build_config(recipe: str, **overrides) -> TrainConfig:
     path = recipe_path(recipe)
     values = _coerce(load_toml(path), str(path))
     values.update(_coerce({k: v for k, v in overrides.items() if v is not None}, "command line"))
+    if overrides.get("epochs") is not None and overrides.get("steps") is None:
+        values["steps"] = 0  # an epoch budget given explicitly replaces the recipe's step budget
     values["recipe"] = recipe
     try:
         return TrainConfig(**values)

@@ -145,8 +145,10 @@ def build_scheduler(optimizer, cfg: TrainConfig, budget: Budget):
     if cfg.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=budget.epochs)
     if cfg.scheduler == "warmup_cosine":
+        # a short run (tests, a quick --epochs 2) must not spend itself warming up: at most a quarter of it
+        warmup = min(cfg.warmup_steps, budget.total_steps // 4)
         return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, budget.total_steps, cfg.min_lr_ratio))
+            optimizer, lambda step: warmup_cosine(step, warmup, budget.total_steps, cfg.min_lr_ratio))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
@@ -377,6 +379,8 @@ def config_from_args(args) -> TrainConfig:
             raise InputError("--resume needs --run-dir, the run folder to continue")
         cfg = load_run_config(args.run_dir)
         changes = {k: getattr(args, k) for k in ("epochs", "steps", "device", "workers") if getattr(args, k) is not None}
+        if args.epochs is not None and args.steps is None:
+            changes["steps"] = 0  # as in build_config: an explicit --epochs replaces a step budget
         return cfg.replace(run_dir=args.run_dir, **changes)
     overrides = {name: getattr(args, name, None) for name in (
         "data", "mask_label", "run_dir", "arch", "input_size", "pretrained", "epochs", "batch_size", "lr",
