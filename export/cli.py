@@ -72,7 +72,7 @@ def _cv(args) -> None:
 
     if not args.run_dir:
         raise SystemExit("nerveseg cv: give --run-dir RUN (the folds go to RUN/fold-N/)")
-    run_cv(train.config_from_args(args), args.folds)
+    run_cv(train.config_from_args(args), args.folds, args.max_new_folds)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -95,6 +95,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     cv = commands.add_parser("cv", help="K-fold cross-validation of a recipe, each held-out fold scored through ONNX "
                                          "(resumable: run the same command again)")
     cv.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    cv.add_argument("--max-new-folds", type=int, help="train at most N unfinished folds in this call (a long CV in "
+                                                       "sessions; finished folds always count)")
     train_flags(cv, resumable=False).set_defaults(func=_cv, resume=False)
 
     for name, func, text in (("tune", _tune, "choose T* and morphology on the validation split"),

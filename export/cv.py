@@ -227,8 +227,9 @@ def _check_same_config(run_dir: Path, cfg: TrainConfig) -> None:
                          "re-run it with the same flags, or use another --run-dir")
 
 
-def run_cv(cfg: TrainConfig, folds: int) -> dict:
-    """Every fold (finished ones read back), then cv.json, cv.md and cv.png in cfg.run_dir; returns cv.json."""
+def run_cv(cfg: TrainConfig, folds: int, max_new: int | None = None) -> dict:
+    """Every fold (finished ones read back); cv.json, cv.md and cv.png in cfg.run_dir, rewritten after each
+    fold; returns cv.json's content."""
     if not cfg.data:
         raise InputError("nerveseg cv needs --data DIR (cross-validation of the phantom says nothing)")
     run_dir = Path(cfg.run_dir)
@@ -245,7 +246,11 @@ def run_cv(cfg: TrainConfig, folds: int) -> dict:
         if done.is_file():
             result = json.loads(done.read_text())
             print(f"fold {index}/{folds}: finished before, read back", flush=True)
+        elif max_new is not None and max_new <= 0:
+            print(f"fold {index}/{folds}: left for a later call (--max-new-folds)", flush=True)
+            continue
         else:
+            max_new = None if max_new is None else max_new - 1
             print(f"fold {index}/{folds}: train {len(splits['train'])}, val {len(splits['val'])}, "
                   f"test {len(splits['test'])} frames -> {fold_dir}", flush=True)
             result = run_fold(cfg, fold_dir, splits, index)
@@ -254,16 +259,28 @@ def run_cv(cfg: TrainConfig, folds: int) -> dict:
               f"pooled {t['pooled_dice']:.4f}  T* {result['threshold']:.2f}  CPU {result['cpu_s'] / 60:.1f} min",
               flush=True)
         results.append(result)
-    summary = summarise(results)
-    report = {"recipe": cfg.recipe, "folds": folds, "config": cfg.to_dict(), "per_fold": results, "summary": summary}
-    write_json(run_dir / "cv.json", report)
-    markdown = format_markdown(cfg, results, summary, folds)
-    write_text(run_dir / "cv.md", markdown)
-    plot_cv(results, summary, run_dir / "cv.png", f"{cfg.recipe}: {folds}-fold CV, {Path(cfg.data).name}")
+        # after every fold, so that a long cross-validation stopped part-way still reports what it measured
+        report, markdown = write_report(cfg, folds, results)
+    if not results:
+        print(f"no fold of {run_dir} is finished yet; nothing to report")
+        return {"folds": folds, "finished": 0}
     print()
     print(markdown)
     print(f"-> {run_dir / 'cv.json'}, {run_dir / 'cv.md'}, {run_dir / 'cv.png'}")
     return report
+
+
+def write_report(cfg: TrainConfig, folds: int, results: list[dict]) -> tuple[dict, str]:
+    """cv.json, cv.md and cv.png over the folds finished so far ("finished" says how many)."""
+    run_dir = Path(cfg.run_dir)
+    summary = summarise(results)
+    report = {"recipe": cfg.recipe, "folds": folds, "finished": len(results), "config": cfg.to_dict(),
+              "per_fold": results, "summary": summary}
+    write_json(run_dir / "cv.json", report)
+    markdown = format_markdown(cfg, results, summary, folds)
+    write_text(run_dir / "cv.md", markdown)
+    plot_cv(results, summary, run_dir / "cv.png", f"{cfg.recipe}: {folds}-fold CV ({len(results)} done), {Path(cfg.data).name}")
+    return report, markdown
 
 
 def sd_text(summary: dict, metric: str) -> str:

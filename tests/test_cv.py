@@ -69,6 +69,8 @@ def test_cv_runs_every_fold_resumes_and_refuses_another_config(tmp_path, capsys)
     run = tmp_path / "cv"
     args = ["cv", "--data", str(data), "--folds", "2", "--recipe", "quick", "--group-by", "prefix", "--run-dir",
             str(run), "--input-size", "64", "64", "--steps", "1", "--batch-size", "2", "--device", "cpu"]
+    assert cli_main([*args, "--max-new-folds", "1"]) == 0  # one fold now, the other later
+    assert json.loads((run / "cv.json").read_text())["finished"] == 1 and not (run / "fold-2").exists()
     assert cli_main(args) == 0
     report = json.loads((run / "cv.json").read_text())
     assert len(report["per_fold"]) == 2 and report["summary"]["folds"] == 2
@@ -93,6 +95,8 @@ def test_cv_runs_every_fold_resumes_and_refuses_another_config(tmp_path, capsys)
     capsys.readouterr()
     assert cli_main(args) == 0
     assert capsys.readouterr().out.count("finished before") == 2
+    # nothing new allowed and nothing left: still a full report
+    assert cli_main([*args, "--max-new-folds", "0"]) == 0
     assert (run / "fold-1" / "checkpoints" / "best.pt").stat().st_mtime_ns == before
 
     # an interrupted fold (no fold.json) is resumed from its checkpoint, not retrained
