@@ -8,6 +8,7 @@ mode; every `val_every` epochs and after the last), save checkpoints, repeat. Th
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -171,11 +172,9 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, device, cfg: Tr
     total_loss, seen, start = 0.0, 0, time.perf_counter()
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     steps = len(loader) if max_steps is None else min(max_steps, len(loader))
-    batches = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs or cfg.epochs}", total=steps, leave=False,
-                   disable=None if show else True)
-    for step, (image, mask) in enumerate(batches):
-        if step >= steps:
-            break
+    batches = tqdm(itertools.islice(loader, steps), desc=f"epoch {epoch + 1}/{epochs or cfg.epochs}", total=steps,
+                   leave=False, disable=None if show else True)
+    for image, mask in batches:
         image = image.to(device, non_blocking=True).to(memory_format=memory_format)
         mask = mask.to(device, non_blocking=True)
         with autocast(device, cfg.amp):
