@@ -1,6 +1,12 @@
 """Reading frames and masks from disk: TIFF (8/16 bit, multi-page) through tifffile, PNG/JPG through OpenCV.
 
 Colour comes back in OpenCV's BGR order whatever the format, so one grey conversion serves all.
+
+Compressed TIFFs: tifffile decodes Deflate and PackBits with the standard library, but LZW (how copies of the
+Kaggle 2016 frames circulate) and the rarer codecs need `imagecodecs` (the `tiff` extra; 80 MB installed, more
+than ONNX Runtime, so the device install does not require it). Without it, such a TIFF is decoded by OpenCV's
+libtiff, which every OpenCV build (pip's and JetPack's) carries with LZW and Deflate; so the device reads
+them either way.
 """
 
 from __future__ import annotations
@@ -35,6 +41,24 @@ def _check_frame(array: np.ndarray, path: Path) -> np.ndarray:
     return array
 
 
+def _needs_codec(err: Exception) -> bool:
+    """tifffile's way of saying that a codec it lacks (imagecodecs not installed) is needed."""
+    return isinstance(err, ValueError) and "imagecodecs" in str(err)
+
+
+def _opencv_tiff_pages(path: Path, err: Exception) -> list[np.ndarray]:
+    """Every page of a TIFF through OpenCV's libtiff, for codecs tifffile cannot decode here.
+
+    Raises:
+        InputError: OpenCV cannot decode it either; the message names tifffile's reason and the fix.
+    """
+    ok, pages = cv2.imreadmulti(str(path), flags=cv2.IMREAD_UNCHANGED)
+    if not ok or not pages:
+        raise InputError(f"{path}: cannot decode compressed TIFF ({err}; OpenCV could not read it either); "
+                         "install imagecodecs: pip install 'nerveseg[tiff]'")
+    return list(pages)  # OpenCV already gives colour in BGR order
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read one frame (the first page of a TIFF).
 
@@ -50,9 +74,16 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     try:
         if path.suffix.lower() in TIFF_SUFFIXES:
             with tifffile.TiffFile(path) as tif:
-                array = _rgb_to_bgr(tif.pages[0].asarray())
+                try:
+                    array = _rgb_to_bgr(tif.pages[0].asarray())
+                except ValueError as err:
+                    if not _needs_codec(err):
+                        raise
+                    array = _opencv_tiff_pages(path, err)[0]
         else:
             array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    except InputError:
+        raise
     except Exception as err:  # tifffile raises many types for corrupt files; all mean "unreadable"
         raise InputError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from None
     if array is None:
@@ -84,10 +115,22 @@ def iter_tiff_page_results(path: str | os.PathLike) -> Iterator[np.ndarray | Inp
         raise InputError(f"{path}: TIFF holds no readable page")
 
     def pages() -> Iterator[np.ndarray | InputError]:
+        fallback: list[np.ndarray] | None = None  # every page through OpenCV, once tifffile lacked a codec
         with tif:
             for index in range(len(tif.pages)):
                 try:
-                    yield _check_frame(_rgb_to_bgr(tif.pages[index].asarray()), path)
+                    if fallback is None:
+                        try:
+                            array = _rgb_to_bgr(tif.pages[index].asarray())
+                        except ValueError as err:
+                            if not _needs_codec(err):
+                                raise
+                            fallback = _opencv_tiff_pages(path, err)
+                    if fallback is not None:
+                        if index >= len(fallback):
+                            raise InputError(f"{path}: OpenCV decoded only {len(fallback)} of {len(tif.pages)} pages")
+                        array = fallback[index]
+                    yield _check_frame(array, path)
                 except InputError as err:
                     yield InputError(f"{err} (page {index})")
                 except Exception as err:  # a corrupt page, whatever tifffile raises for it

@@ -65,6 +65,16 @@ def _pipeline(args) -> None:
     run_pipeline(train.config_from_args(args), args.resume)
 
 
+def _cv(args) -> None:
+    from training import train
+
+    from .cv import run_cv
+
+    if not args.run_dir:
+        raise SystemExit("nerveseg cv: give --run-dir RUN (the folds go to RUN/fold-N/)")
+    run_cv(train.config_from_args(args), args.folds, args.max_new_folds)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     from training.train import get_args_parser as train_flags
 
@@ -78,9 +88,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"))
     synth.set_defaults(func=_synth)
 
-    train_flags(commands.add_parser("train", help="train DeepLabV3 (recipes: paper, edge, quick)")).set_defaults(func=_train)
+    train_flags(commands.add_parser("train", help="train DeepLabV3 (recipes: paper, edge, small, quick)")).set_defaults(func=_train)
     pipeline = commands.add_parser("pipeline", help="train, tune, evaluate and export in one go")
     train_flags(pipeline).set_defaults(func=_pipeline)
+
+    cv = commands.add_parser("cv", help="K-fold cross-validation of a recipe, each held-out fold scored through ONNX "
+                                         "(resumable: run the same command again)")
+    cv.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    cv.add_argument("--max-new-folds", type=int, help="train at most N unfinished folds in this call (a long CV in "
+                                                       "sessions; finished folds always count)")
+    train_flags(cv, resumable=False).set_defaults(func=_cv, resume=False)
 
     for name, func, text in (("tune", _tune, "choose T* and morphology on the validation split"),
                              ("evaluate", _evaluate, "score the test split at T* with morphology")):

@@ -2,6 +2,18 @@
 
     python scripts/bench_train.py                       # paper and edge recipes, CPU (and CUDA+AMP if present)
     python scripts/bench_train.py --recipes edge --steps 10 --workers 2
+    python scripts/bench_train.py --variants --recipes small --rounds 3   # input size x memory format, CPU
+
+    python scripts/bench_train.py --run-cost quick old_quick.toml --train-frames 190 --val-frames 24
+
+Run cost (CPU): for each recipe, the CPU seconds of one training step (its batch and input size, its
+augmentation) and of one validation (BatchNorm re-estimation over the training frames + the validation
+frames), in interleaved rounds; then the training stage of a whole run = steps x step + validations x
+validation, from the recipe's budget and `val_every`. Used to compare the phantom demo's recipes.
+
+Variants (CPU): the recipe at 256x256 and 192x192, each in contiguous and channels-last memory, timed in
+interleaved rounds (so a machine whose load changes treats every variant alike); images/s of wall time and
+of CPU time of this process (its threads), median over the rounds.
 
 Frames come from the synthetic phantom at the recipe's input size, through the same cached dataset,
 augmentation and DataLoader as `nerveseg train`. A benchmark, not a test: it prints figures.
@@ -29,8 +41,7 @@ from training.transforms import AugmentConfig, build_train_transform
 def make_loader(cfg, frames: int, workers: int) -> DataLoader:
     images, masks, _ = generate_phantom(frames, seed=0, size=tuple(cfg.input_size))
     dataset = SegmentationDataset(images.astype(np.float32) / 255.0, masks,
-                                  build_train_transform(AugmentConfig(cfg.rotation, cfg.hflip, cfg.vflip,
-                                                                      cfg.intensity_shift, cfg.contrast)))
+                                  build_train_transform(AugmentConfig.from_config(cfg)))
     return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=workers,
                       pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
 
@@ -46,9 +57,13 @@ def loader_rate(loader: DataLoader, batches: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def step_rate(cfg, loader: DataLoader, device: torch.device, steps: int, amp: bool) -> float:
+def step_rate(cfg, loader: DataLoader, device: torch.device, steps: int, amp: bool,
+              channels_last: bool | None = None, cpu_rate: list | None = None) -> float:
+    """Training images/s of wall time; with `cpu_rate`, images/s of this process's CPU time is appended to it."""
     model = build_model(cfg.arch).to(device).train()
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    if channels_last is None:
+        channels_last = device.type == "cuda"
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     criterion = BCEDiceLoss()
@@ -63,7 +78,7 @@ def step_rate(cfg, loader: DataLoader, device: torch.device, steps: int, amp: bo
         if step == 2:  # two warm-up steps (cuDNN autotuning, allocator)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            start, seen = time.perf_counter(), 0
+            start, seen, cpu_start = time.perf_counter(), 0, time.process_time()
         image = image.to(device, non_blocking=True).to(memory_format=memory_format)
         mask = mask.to(device, non_blocking=True)
         with autocast(device, amp):
@@ -75,7 +90,64 @@ def step_rate(cfg, loader: DataLoader, device: torch.device, steps: int, amp: bo
         seen += len(image)
     if device.type == "cuda":
         torch.cuda.synchronize()
+    if cpu_rate is not None:
+        cpu_rate.append(seen / (time.process_time() - cpu_start))
     return seen / (time.perf_counter() - start)
+
+
+def validation_cpu_seconds(cfg, train_frames: int, val_frames: int) -> float:
+    """CPU seconds of one validation as `nerveseg train` does it: re-estimate BatchNorm, then predict."""
+    from training.batchnorm import recalibrate_batchnorm
+    from training.predict import predict_probabilities
+
+    model = build_model(cfg.arch)
+    images = np.random.default_rng(0).random((train_frames + val_frames, *cfg.input_size), dtype=np.float32)
+    start = time.process_time()
+    recalibrate_batchnorm(model, images[:train_frames], torch.device("cpu"), cfg.batch_size)
+    predict_probabilities(model, images[train_frames:], torch.device("cpu"), cfg.val_batch_size)
+    return time.process_time() - start
+
+
+def run_cost(recipes: list[str], train_frames: int, val_frames: int, steps: int, rounds: int) -> None:
+    import math
+
+    from training.train import plan_budget
+
+    configs = {r: build_config(r) for r in recipes}
+    loaders = {r: make_loader(c, max(train_frames, 2 * c.batch_size), 0) for r, c in configs.items()}
+    step_s: dict = {r: [] for r in recipes}
+    val_s: dict = {r: [] for r in recipes}
+    for _ in range(rounds):
+        for r, cfg in configs.items():
+            rate: list = []
+            step_rate(cfg, loaders[r], torch.device("cpu"), steps, False, False, rate)
+            step_s[r].append(cfg.batch_size / rate[0])
+            val_s[r].append(validation_cpu_seconds(cfg, train_frames, val_frames))
+    for r, cfg in configs.items():
+        budget = plan_budget(cfg, train_frames // cfg.batch_size)
+        validations = len({e for e in range(1, budget.epochs + 1) if e % cfg.val_every == 0} | {budget.epochs})
+        t_step, t_val = float(np.median(step_s[r])), float(np.median(val_s[r]))
+        total = budget.total_steps * t_step + validations * t_val
+        print(f"{r}: {cfg.input_size[0]}x{cfg.input_size[1]} batch {cfg.batch_size}: {budget.total_steps} steps x "
+              f"{t_step:.2f} CPU-s + {validations} validations x {t_val:.2f} CPU-s = {total:.0f} CPU-s "
+              f"({total / 60:.1f} CPU-min) training stage", flush=True)
+
+
+def variants(recipe: str, frames: int, steps: int, rounds: int) -> None:
+    """Input size x memory format on the CPU, interleaved rounds, medians."""
+    cases = [(size, cl) for size in (256, 192) for cl in (False, True)]
+    loaders = {size: make_loader(build_config(recipe, input_size=(size, size)), frames, 0) for size in (256, 192)}
+    wall: dict = {c: [] for c in cases}
+    cpu: dict = {c: [] for c in cases}
+    for r in range(rounds):
+        for size, cl in cases:
+            cfg = build_config(recipe, input_size=(size, size))
+            wall[(size, cl)].append(step_rate(cfg, loaders[size], torch.device("cpu"), steps, False, cl, cpu[(size, cl)]))
+        print(f"round {r + 1}/{rounds} done", flush=True)
+    for size, cl in cases:
+        print(f"{recipe} cpu {size}x{size} {'channels_last' if cl else 'contiguous   '}: "
+              f"{np.median(wall[(size, cl)]):.2f} img/s wall, {np.median(cpu[(size, cl)]):.2f} img/s per CPU-second "
+              f"(rounds: {', '.join(f'{w:.2f}' for w in wall[(size, cl)])})")
 
 
 def main() -> None:
@@ -84,7 +156,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed training steps per case")
     parser.add_argument("--frames", type=int, default=160, help="phantom frames in the benchmark dataset")
     parser.add_argument("--workers", type=int, default=min(8, max(0, (os.cpu_count() or 1) - 1)))
+    parser.add_argument("--variants", action="store_true", help="CPU: 256 vs 192 input, contiguous vs channels-last")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --variants / --run-cost")
+    parser.add_argument("--run-cost", nargs="+", metavar="RECIPE", help="CPU cost of whole runs of these recipes")
+    parser.add_argument("--train-frames", type=int, default=190)
+    parser.add_argument("--val-frames", type=int, default=24)
     args = parser.parse_args()
+    if args.run_cost:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+        run_cost(args.run_cost, args.train_frames, args.val_frames, args.steps, args.rounds)
+        return
+    if args.variants:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+        for recipe in args.recipes:
+            variants(recipe, args.frames, args.steps, args.rounds)
+        return
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.workers} loader workers"
           + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"))

@@ -17,7 +17,9 @@ from device_runtime.errors import InputError
 
 RECIPE_DIR = Path(__file__).parent / "configs"
 ARCHITECTURES = ("resnet50", "mobilenet_v3_large")
-SCHEDULERS = ("cosine", "none")
+SCHEDULERS = ("cosine", "warmup_cosine", "none")  # cosine: per epoch (the paper's); warmup_cosine: per step
+OPTIMIZERS = ("adam", "adamw")
+GROUPINGS = ("auto", "prefix")  # subjects: from the layout (Kaggle names), or from "<subject>_<frame>" names too
 
 
 @dataclass(frozen=True)
@@ -29,16 +31,22 @@ class TrainConfig:
     mask_label: int | None = None  # None: any non-zero mask pixel is nerve
     synth_count: int = 240
     seed: int = 0
+    group_by: str = "auto"  # "prefix": paired-folder names "<subject>_<frame>" keep a subject on one side
     # model
     arch: str = "mobilenet_v3_large"
     input_size: tuple[int, int] = (256, 256)
     pretrained: str = "none"  # "none", "imagenet" (torchvision's weights) or a path to a backbone state dict
     # optimisation
     epochs: int = 20
+    steps: int = 0  # optimiser steps; when > 0 it sets the budget instead of epochs (the last epoch may stop early)
     batch_size: int = 16
+    optimizer: str = "adam"  # "adamw": decoupled weight decay (Loshchilov & Hutter 2019), not on norms and biases
     lr: float = 1e-3
     weight_decay: float = 0.0
     scheduler: str = "cosine"
+    warmup_steps: int = 0  # warmup_cosine: linear warm-up from lr/100, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.0
+    val_every: int = 1  # validate (and maybe save best.pt) every N epochs and after the last; last.pt every epoch
     bce_weight: float = 1.0
     dice_weight: float = 1.0
     recalibrate_bn: bool = True  # re-estimate BatchNorm statistics before validation (see training/batchnorm.py)
@@ -48,6 +56,13 @@ class TrainConfig:
     vflip: bool = True
     intensity_shift: float = 0.1
     contrast: float = 0.2
+    scale: tuple[float, float] = (1.0, 1.0)  # random zoom factor range (probe depth / zoom settings); (1, 1) = off
+    translate: float = 0.0  # random shift, fraction of the frame
+    elastic_alpha: float = 0.0  # elastic warp (tissue under the probe): displacement sd in pixels; 0 = off
+    elastic_grid: int = 5  # its smoothness: random displacements at grid x grid points, interpolated
+    gamma: float = 0.0  # gamma drawn log-uniformly in [1/(1+g), 1+g] (scanner gain curves); 0 = off
+    blur_sigma: float = 0.0  # Gaussian blur up to this sigma, in half the frames (focus, resolution); 0 = off
+    speckle: float = 0.0  # multiplicative noise, std drawn in [0, s] (ultrasound speckle); 0 = off
     # threshold objective, equation 4: weights of Dice, IoU, pixel accuracy
     objective_weights: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
     # machinery
@@ -61,9 +76,18 @@ class TrainConfig:
             raise InputError(f"arch must be one of {ARCHITECTURES}, got {self.arch!r}")
         if self.scheduler not in SCHEDULERS:
             raise InputError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.group_by not in GROUPINGS:
+            raise InputError(f"group_by must be one of {GROUPINGS}, got {self.group_by!r}")
+        for name in ("steps", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise InputError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if len(self.input_size) != 2 or min(self.input_size) < 32 or any(s % 8 for s in self.input_size):
             raise InputError(f"input_size must be two multiples of 8 of at least 32, got {list(self.input_size)}")
-        for name in ("epochs", "batch_size", "synth_count", "val_batch_size"):
+        for name in ("epochs", "batch_size", "synth_count", "val_batch_size", "val_every"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.mask_label is not None and self.mask_label < 1:
@@ -90,7 +114,7 @@ def _coerce(data: dict, where: str) -> dict:
     if unknown:
         raise InputError(f"{where}: unknown config keys {unknown}; known keys: {sorted(fields)}")
     out = dict(data)
-    for key in ("input_size", "objective_weights"):
+    for key in ("input_size", "objective_weights", "scale"):
         if key in out:
             out[key] = tuple(out[key])
     if out.get("mask_label", None) == "":
@@ -99,7 +123,7 @@ def _coerce(data: dict, where: str) -> dict:
 
 
 def recipe_path(recipe: str) -> Path:
-    """A recipe name ("paper", "edge", "quick") or a path to a TOML file."""
+    """A recipe name ("paper", "edge", "small", "quick") or a path to a TOML file."""
     candidate = Path(recipe)
     if candidate.suffix == ".toml":
         return candidate
@@ -126,6 +150,8 @@ def build_config(recipe: str, **overrides) -> TrainConfig:
     path = recipe_path(recipe)
     values = _coerce(load_toml(path), str(path))
     values.update(_coerce({k: v for k, v in overrides.items() if v is not None}, "command line"))
+    if overrides.get("epochs") is not None and overrides.get("steps") is None:
+        values["steps"] = 0  # an epoch budget given explicitly replaces the recipe's step budget
     values["recipe"] = recipe
     try:
         return TrainConfig(**values)

@@ -113,6 +113,14 @@ def _pair(images: dict[str, Path], masks: dict[str, Path], image_dir: Path, mask
     return [Sample(name, images[name], masks[name], None) for name in images]
 
 
+def group_by_prefix(samples: list[Sample]) -> list[Sample]:
+    """Subjects from names "<subject>_<frame>" (the part before the first "_"), for paired folders whose
+    names carry the patient; a name without "_" is a subject of its own. Subjects the layout already
+    knows (Kaggle) are kept."""
+    return [s if s.subject is not None or "_" not in s.name else
+            Sample(s.name, s.image, s.mask, s.name.split("_", 1)[0]) for s in samples]
+
+
 def dataset_folder(samples: list[Sample]) -> Path:
     """The deepest folder holding every file of `samples` (the dataset root for both layouts)."""
     parents = {str(s.image.parent) for s in samples} | {str(s.mask.parent) for s in samples}

@@ -1,13 +1,16 @@
-"""`nerveseg train`: DeepLabV3 on grey ultrasound frames with Adam and BCE + Dice.
+"""`nerveseg train`: DeepLabV3 on grey ultrasound frames with Adam(W) and BCE + Dice.
 
 Reads top to bottom: prepare the data, build the loaders, train one epoch, validate as deployed (eval
-mode), save checkpoints, repeat. Several GPUs: `torchrun --nproc_per_node=N -m training.train ...`
+mode; every `val_every` epochs and after the last), save checkpoints, repeat. The budget is `epochs`, or
+`steps` optimiser steps when given (the last epoch then stops at the budget). Several GPUs: `torchrun --nproc_per_node=N -m training.train ...`
 (DistributedDataParallel; the recipe's batch size is the global batch, split over the processes).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -26,7 +29,7 @@ from device_runtime.fileio import dumps_strict, write_text
 from .checkpoint import make_checkpoint, read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, to_toml
 from .finite import check_finite_loss
-from .data import SegmentationDataset, discover, load_pairs, load_split, save_split, split_samples
+from .data import SegmentationDataset, discover, group_by_prefix, load_pairs, load_split, save_split, split_samples
 from .losses import BCEDiceLoss
 from .batchnorm import recalibrate_batchnorm
 from .model import build_model
@@ -65,13 +68,16 @@ def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
     return Dist(dist.get_rank(), world, local_rank), device
 
 
-def prepare_split(cfg: TrainConfig, run_dir: Path, resume: bool) -> dict:
-    """The run's split: read back on resume, else made from the dataset (or the phantom) and saved."""
+def prepare_split(cfg: TrainConfig, run_dir: Path, resume: bool, splits: dict | None = None) -> dict:
+    """The run's split: read back on resume, else `splits` when given (cross-validation folds), else made
+    from the dataset (or the phantom); saved to split.json."""
     split_path = run_dir / "split.json"
     if resume:
         return load_split(split_path)
     root = Path(cfg.data) if cfg.data else write_phantom(run_dir / "synthetic", cfg.synth_count, cfg.seed)
-    splits = split_samples(discover(root), cfg.seed)
+    if splits is None:
+        samples = discover(root)
+        splits = split_samples(group_by_prefix(samples) if cfg.group_by == "prefix" else samples, cfg.seed)
     save_split(split_path, splits, root, seed=cfg.seed)
     return splits
 
@@ -100,19 +106,76 @@ def build_loader(dataset: SegmentationDataset, cfg: TrainConfig, ddp: Dist, epoc
                       pin_memory=torch.cuda.is_available(), persistent_workers=False)
 
 
-def build_scheduler(optimizer, cfg: TrainConfig):
+@dataclass(frozen=True)
+class Budget:
+    """How long a run trains: whole epochs, the last one possibly cut at `total_steps`."""
+
+    steps_per_epoch: int
+    total_steps: int
+
+    @property
+    def epochs(self) -> int:
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+    def steps_in(self, epoch: int) -> int:
+        return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+
+
+def plan_budget(cfg: TrainConfig, steps_per_epoch: int) -> Budget:
+    steps_per_epoch = max(1, steps_per_epoch)
+    return Budget(steps_per_epoch, cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch)
+
+
+def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
+    """lr factor at `step`: linear from 0.01 to 1 over `warmup` steps, then cosine from 1 down to `floor`
+    at `total`. Warm-up keeps Adam's first, badly estimated moments from throwing a from-scratch network
+    (with freshly initialised BatchNorm) far off; the decay to a small lr settles it.
+
+    Example:
+        warmup_cosine(0, 10, 110, 0.0) == 0.01; warmup_cosine(10, 10, 110, 0.0) == 1.0;
+        warmup_cosine(60, 10, 110, 0.0) == 0.5; warmup_cosine(110, 10, 110, 0.0) == 0.0.
+    """
+    if step < warmup:
+        return 0.01 + 0.99 * step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer, cfg: TrainConfig, budget: Budget):
+    """`cosine`: the paper's per-epoch cosine (stepped once an epoch); `warmup_cosine`: stepped every
+    optimiser step; `none`: constant."""
     if cfg.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=budget.epochs)
+    if cfg.scheduler == "warmup_cosine":
+        # a short run (tests, a quick --epochs 2) must not spend itself warming up: at most a quarter of it
+        warmup = min(cfg.warmup_steps, budget.total_steps // 4)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, budget.total_steps, cfg.min_lr_ratio))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam (the paper's), or AdamW with decay on convolution weights only: decaying BatchNorm scales and
+    biases only fights the normalisation."""
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    rest = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
+
+
 def train_one_epoch(model, loader, criterion, optimizer, scaler, device, cfg: TrainConfig, epoch: int,
-                    show: bool) -> dict:
+                    show: bool, max_steps: int | None = None, step_scheduler=None, epochs: int | None = None) -> dict:
+    """One pass over `loader` (at most `max_steps` batches); `step_scheduler` is stepped after every
+    optimiser step (per-step schedules), the per-epoch ones are stepped by the caller."""
     model.train()
     total_loss, seen, start = 0.0, 0, time.perf_counter()
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    for batch, (image, mask) in enumerate(tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                                               disable=None if show else True)):
+    steps = len(loader) if max_steps is None else min(max_steps, len(loader))
+    batches = tqdm(itertools.islice(loader, steps), desc=f"epoch {epoch + 1}/{epochs or cfg.epochs}", total=steps,
+                   leave=False, disable=None if show else True)
+    for batch, (image, mask) in enumerate(batches):
         image = image.to(device, non_blocking=True).to(memory_format=memory_format)
         mask = mask.to(device, non_blocking=True)
         with autocast(device, cfg.amp):
@@ -123,6 +186,8 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, device, cfg: Tr
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        if step_scheduler is not None:
+            step_scheduler.step()
         total_loss += value * len(image)  # the loss was read once above: one CPU-GPU sync per batch
         seen += len(image)
     elapsed = time.perf_counter() - start
@@ -187,15 +252,18 @@ class Trainer:
     best_dice: float = -1.0
 
 
-def build_trainer(cfg: TrainConfig, device: torch.device) -> Trainer:
+def build_trainer(cfg: TrainConfig, device: torch.device, budget: Budget | None = None) -> Trainer:
+    """`budget` sets the schedule's length; without one, `cfg.epochs` epochs of one step each are assumed
+    (enough for callers that only need the model and optimiser)."""
     model = build_model(cfg.arch, pretrained=cfg.pretrained).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(model, cfg)
     # bf16 autocast needs no loss scaling; fp16 (older GPUs) does
     use_scaler = device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
-    return Trainer(model, optimizer, build_scheduler(optimizer, cfg), torch.amp.GradScaler("cuda", enabled=use_scaler),
-                   BCEDiceLoss(cfg.bce_weight, cfg.dice_weight))
+    budget = budget or plan_budget(cfg, 1)
+    return Trainer(model, optimizer, build_scheduler(optimizer, cfg, budget),
+                   torch.amp.GradScaler("cuda", enabled=use_scaler), BCEDiceLoss(cfg.bce_weight, cfg.dice_weight))
 
 
 def restore(trainer: Trainer, path: Path) -> None:
@@ -209,10 +277,14 @@ def restore(trainer: Trainer, path: Path) -> None:
     set_rng_state(state["rng"])
 
 
-def finish_epoch(trainer: Trainer, cfg: TrainConfig, run_dir: Path, epoch: int, stats: dict) -> None:
-    """Checkpoints (last always, best when validation improved) and one line of metrics.jsonl."""
-    is_best = stats["val_best_dice"] > trainer.best_dice
-    trainer.best_dice = max(trainer.best_dice, stats["val_best_dice"])
+def finish_epoch(trainer: Trainer, cfg: TrainConfig, run_dir: Path, epoch: int, stats: dict,
+                 epochs: int | None = None) -> None:
+    """Checkpoints (last always, best when validation improved) and one line of metrics.jsonl; an epoch
+    without validation (see `val_every`) only saves last.pt, for resuming."""
+    validated = "val_best_dice" in stats
+    is_best = validated and stats["val_best_dice"] > trainer.best_dice
+    if validated:
+        trainer.best_dice = max(trainer.best_dice, stats["val_best_dice"])
     checkpoint = make_checkpoint(cfg, trainer.model, epoch=epoch + 1, best_val_dice=trainer.best_dice,
                                  optimizer=trainer.optimizer.state_dict(), scheduler=trainer.scheduler.state_dict(),
                                  scaler=trainer.scaler.state_dict(), rng=rng_state(), val=stats)
@@ -225,19 +297,24 @@ def finish_epoch(trainer: Trainer, cfg: TrainConfig, run_dir: Path, epoch: int, 
     if is_best:
         save_checkpoint(checkpoint, run_dir / "checkpoints" / "best.pt")
     save_checkpoint(checkpoint, run_dir / "checkpoints" / "last.pt")
-    print(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {stats['train_loss']:.4f}  val Dice@0.5 {stats['val_dice']:.4f}  "
-          f"best-T Dice {stats['val_best_dice']:.4f}  {stats['train_images_per_s']:.1f} img/s", flush=True)
+    shown = (f"val Dice@0.5 {stats['val_dice']:.4f}  best-T Dice {stats['val_best_dice']:.4f}" if validated
+             else "(not validated)")
+    print(f"epoch {epoch + 1:>3}/{epochs or cfg.epochs}  loss {stats['train_loss']:.4f}  {shown}  "
+          f"{stats['train_images_per_s']:.1f} img/s", flush=True)
 
 
-def main(cfg: TrainConfig, resume: bool = False) -> Path:
-    """Train; return the run folder. Writes config.toml, split.json, metrics.jsonl, checkpoints/{last,best}.pt."""
+def main(cfg: TrainConfig, resume: bool = False, splits: dict | None = None) -> Path:
+    """Train; return the run folder. Writes config.toml, split.json, metrics.jsonl, checkpoints/{last,best}.pt.
+
+    `splits` ({"train", "val", "test"} lists of Samples) replaces the seeded split (cross-validation).
+    """
     ddp, device = setup_distributed(cfg.device)
     run_dir = Path(cfg.run_dir)
     if ddp.main:
         resume = check_run_dir(run_dir, resume)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "config.toml", to_toml(cfg))
-        prepare_split(cfg, run_dir, resume)
+        prepare_split(cfg, run_dir, resume, splits)
     else:  # the same answer as rank 0's, without its message
         resume = resume and (run_dir / "checkpoints" / "last.pt").is_file()
     ddp.barrier()
@@ -246,13 +323,15 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     train_images, train_masks = load_pairs(splits["train"], cfg.input_size, cfg.mask_label,
                                            "decode train" if progress else "")
     val_images, val_masks = load_pairs(splits["val"], cfg.input_size, cfg.mask_label, "decode val" if progress else "")
-    augment = AugmentConfig(cfg.rotation, cfg.hflip, cfg.vflip, cfg.intensity_shift, cfg.contrast)
-    train_set = SegmentationDataset(train_images, train_masks, build_train_transform(augment))
+    train_set = SegmentationDataset(train_images, train_masks, build_train_transform(AugmentConfig.from_config(cfg)))
     if len(train_set) < 2:
         raise InputError(f"{run_dir / 'split.json'}: the training split holds {len(train_set)} frame(s); need at least 2")
 
     torch.manual_seed(cfg.seed)
-    trainer = build_trainer(cfg, device)
+    workers = loader_workers(cfg, device, ddp)
+    budget = plan_budget(cfg, len(build_loader(train_set, cfg, ddp, 0, 0)))
+    trainer = build_trainer(cfg, device, budget)
+    per_step = cfg.scheduler == "warmup_cosine"
     if resume:
         restore(trainer, run_dir / "checkpoints" / "last.pt")
     if ddp.main:  # lines of epochs after the checkpoint (or of a start killed before it) are trained again
@@ -261,36 +340,46 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     net = model if ddp.world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    for epoch in range(trainer.start_epoch, cfg.epochs):
-        loader = build_loader(train_set, cfg, ddp, epoch, loader_workers(cfg, device, ddp))
+    for epoch in range(trainer.start_epoch, budget.epochs):
+        loader = build_loader(train_set, cfg, ddp, epoch, workers)
         stats = train_one_epoch(net, loader, trainer.criterion, trainer.optimizer, trainer.scaler, device, cfg,
-                                epoch, ddp.main)
-        trainer.scheduler.step()
+                                epoch, ddp.main, max_steps=budget.steps_in(epoch),
+                                step_scheduler=trainer.scheduler if per_step else None, epochs=budget.epochs)
+        if not per_step:
+            trainer.scheduler.step()
         if ddp.main:
-            if cfg.recalibrate_bn:  # rank 0's statistics reach the other ranks: DDP broadcasts buffers
-                recalibrate_batchnorm(model, train_images, device, cfg.batch_size)
-            stats.update(validate(model, val_images, val_masks, device, cfg))
-            finish_epoch(trainer, cfg, run_dir, epoch, stats)
+            last = epoch + 1 == budget.epochs
+            if last or (epoch + 1) % cfg.val_every == 0:  # validation costs a pass over train + val frames
+                if cfg.recalibrate_bn:  # rank 0's statistics reach the other ranks: DDP broadcasts buffers
+                    recalibrate_batchnorm(model, train_images, device, cfg.batch_size)
+                stats.update(validate(model, val_images, val_masks, device, cfg))
+            finish_epoch(trainer, cfg, run_dir, epoch, stats, budget.epochs)
         ddp.barrier()
     if ddp.world > 1:
         dist.destroy_process_group()
     return run_dir
 
 
-def get_args_parser(parser=None):
-    """Flags of `nerveseg train` (also used by `nerveseg pipeline`). None means "the recipe's value"."""
+def get_args_parser(parser=None, resumable: bool = True):
+    """Flags of `nerveseg train` (also used by `nerveseg pipeline` and, without --resume, `nerveseg cv`).
+    None means "the recipe's value"."""
     import argparse
 
     parser = parser or argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default="quick", help="paper, edge, quick, or a .toml file (default quick)")
+    parser.add_argument("--recipe", default="quick", help="paper, edge, small, quick, or a .toml file (default quick)")
     parser.add_argument("--data", help="dataset root (paired images/ + masks/, or Kaggle layout); default: synthetic phantom")
     parser.add_argument("--mask-label", type=int, help="label value of the nerve in multi-label masks (default: mask > 0)")
     parser.add_argument("--run-dir", help="run folder (default runs/<recipe>-<time>)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from checkpoints/last.pt")
+    if resumable:
+        parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from checkpoints/last.pt")
     parser.add_argument("--arch", choices=["resnet50", "mobilenet_v3_large"])
     parser.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"))
     parser.add_argument("--pretrained", help="none, imagenet, or a path to a backbone state dict")
     parser.add_argument("--epochs", type=int)
+    parser.add_argument("--steps", type=int, help="budget in optimiser steps instead of epochs (0 = use --epochs)")
+    parser.add_argument("--val-every", type=int, help="validate every N epochs (and after the last)")
+    parser.add_argument("--group-by", choices=["auto", "prefix"],
+                        help="prefix: '<subject>_<frame>' names in paired folders keep a subject on one side of the split")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--seed", type=int)
@@ -302,19 +391,21 @@ def get_args_parser(parser=None):
 
 
 def config_from_args(args) -> TrainConfig:
-    """The recipe plus the flags; with --resume, the run's own config.toml (only --epochs, --device and
-    --workers may change, so the continued run is the same run)."""
+    """The recipe plus the flags; with --resume, the run's own config.toml (only --epochs, --steps, --device
+    and --workers may change, so the continued run is the same run)."""
     from .config import build_config, load_run_config
 
     if args.resume:
         if not args.run_dir:
             raise InputError("--resume needs --run-dir, the run folder to continue")
         cfg = load_run_config(args.run_dir)
-        changes = {k: getattr(args, k) for k in ("epochs", "device", "workers") if getattr(args, k) is not None}
+        changes = {k: getattr(args, k) for k in ("epochs", "steps", "device", "workers") if getattr(args, k) is not None}
+        if args.epochs is not None and args.steps is None:
+            changes["steps"] = 0  # as in build_config: an explicit --epochs replaces a step budget
         return cfg.replace(run_dir=args.run_dir, **changes)
     overrides = {name: getattr(args, name, None) for name in (
         "data", "mask_label", "run_dir", "arch", "input_size", "pretrained", "epochs", "batch_size", "lr",
-        "seed", "synth_count", "device", "workers", "amp")}
+        "seed", "synth_count", "device", "workers", "amp", "steps", "val_every", "group_by")}
     if overrides["input_size"] is not None:
         overrides["input_size"] = tuple(overrides["input_size"])
     cfg = build_config(args.recipe, **overrides)

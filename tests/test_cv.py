@@ -1,0 +1,109 @@
+"""`nerveseg cv`: folds partition the frames by subject, each fold is a run scored through ONNX, re-runs skip
+finished folds, and a RUN refuses a second config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import pytest
+
+from device_runtime.errors import InputError
+from export.cli import main as cli_main
+from export.cv import make_folds
+from training.data import Sample, discover, group_by_prefix, split_samples
+from training.synth import generate_phantom
+
+
+def _samples(subjects: dict[str, int]) -> list[Sample]:
+    return [Sample(f"{s}_{f}", Path(f"{s}_{f}.png"), Path(f"m{s}_{f}.png"), s)
+            for s, n in subjects.items() for f in range(1, n + 1)]
+
+
+def test_folds_partition_the_frames_and_keep_subjects_together():
+    samples = _samples({str(s): 3 + s % 4 for s in range(1, 21)})
+    folds = make_folds(samples, 5, seed=0)
+    tests = [s.name for f in folds for s in f["test"]]
+    assert sorted(tests) == sorted(s.name for s in samples)  # every frame held out exactly once
+    sizes = [len(f["test"]) for f in folds]
+    assert max(sizes) - min(sizes) <= 6  # balanced to within one subject's frames
+    for f in folds:
+        sides = {side: {s.subject for s in f[side]} for side in ("train", "val", "test")}
+        assert not (sides["train"] & sides["val"]) and not (sides["train"] & sides["test"]) and not (sides["val"] & sides["test"])
+        assert len(f["train"]) + len(f["val"]) + len(f["test"]) == len(samples)
+        assert 0.05 * len(samples) <= len(f["val"]) <= 0.2 * len(samples)
+    assert make_folds(samples, 5, seed=0) == folds and make_folds(samples, 5, seed=1) != folds
+
+
+def test_too_few_subjects_for_the_folds_is_refused():
+    with pytest.raises(InputError, match="folds"):
+        make_folds(_samples({"a": 5, "b": 5, "c": 5}), 3, seed=0)
+    with pytest.raises(InputError, match="at least 2"):
+        make_folds(_samples({"a": 5, "b": 5, "c": 5}), 1, seed=0)
+
+
+def _paired_dataset(root: Path, subjects: int = 4, frames: int = 3) -> Path:
+    images, masks, names = generate_phantom(subjects * frames, seed=5, size=(64, 64), frames_per_subject=frames)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for image, mask, name in zip(images, masks, names):  # names "<subject>_<frame>"
+        cv2.imwrite(str(root / "images" / f"{name}.png"), image)
+        cv2.imwrite(str(root / "masks" / f"{name}.png"), mask)
+    return root
+
+
+def test_group_by_prefix_reaches_the_normal_split(tmp_path):
+    samples = discover(_paired_dataset(tmp_path / "data", subjects=5))
+    assert all(s.subject is None for s in samples)  # paired folders know no subjects by themselves
+    grouped = group_by_prefix(samples)
+    assert {s.subject for s in grouped} == {"1", "2", "3", "4", "5"}
+    splits = split_samples(grouped, 0)
+    owners = [{s.subject for s in splits[side]} for side in ("train", "val", "test")]
+    assert not (owners[0] & owners[1]) and not (owners[0] & owners[2]) and not (owners[1] & owners[2])
+
+
+@pytest.mark.slow
+def test_cv_runs_every_fold_resumes_and_refuses_another_config(tmp_path, capsys):
+    data = _paired_dataset(tmp_path / "data", subjects=4)
+    run = tmp_path / "cv"
+    args = ["cv", "--data", str(data), "--folds", "2", "--recipe", "quick", "--group-by", "prefix", "--run-dir",
+            str(run), "--input-size", "64", "64", "--steps", "1", "--batch-size", "2", "--device", "cpu"]
+    assert cli_main([*args, "--max-new-folds", "1"]) == 0  # one fold now, the other later
+    assert json.loads((run / "cv.json").read_text())["finished"] == 1 and not (run / "fold-2").exists()
+    assert cli_main(args) == 0
+    report = json.loads((run / "cv.json").read_text())
+    assert len(report["per_fold"]) == 2 and report["summary"]["folds"] == 2
+    held_out = []
+    for index in (1, 2):
+        fold = run / f"fold-{index}"
+        split = json.loads((fold / "split.json").read_text())
+        held_out += [e["name"] for e in split["test"]]
+        subjects = [{e["subject"] for e in split[side]} for side in ("train", "val", "test")]
+        assert not (subjects[0] & subjects[2]) and not (subjects[1] & subjects[2])
+        assert (fold / "bundle" / "manifest.json").is_file() and (fold / "test_metrics.json").is_file()
+        result = json.loads((fold / "fold.json").read_text())
+        assert result["epochs"] == 1 and result["cpu_s"] > 0
+        assert 0 <= result["test_onnx"]["dice"] <= 1 and result["test_onnx"]["images"] == len(split["test"])
+    assert sorted(held_out) == sorted(p.stem for p in (data / "images").iterdir())
+    for name in ("cv.md", "cv.png"):
+        assert (run / name).stat().st_size > 0
+    assert "mean +- sd" in (run / "cv.md").read_text()
+
+    # a second call redoes nothing: fold 1's checkpoint is untouched, both folds are read back
+    before = (run / "fold-1" / "checkpoints" / "best.pt").stat().st_mtime_ns
+    capsys.readouterr()
+    assert cli_main(args) == 0
+    assert capsys.readouterr().out.count("finished before") == 2
+    # nothing new allowed and nothing left: still a full report
+    assert cli_main([*args, "--max-new-folds", "0"]) == 0
+    assert (run / "fold-1" / "checkpoints" / "best.pt").stat().st_mtime_ns == before
+
+    # an interrupted fold (no fold.json) is resumed from its checkpoint, not retrained
+    (run / "fold-2" / "fold.json").unlink()
+    assert cli_main(args) == 0
+    assert json.loads((run / "fold-2" / "fold.json").read_text())["resumed"] is True
+
+    changed = [a if a != "1" else "2" for a in args]  # --steps 2
+    assert cli_main(changed) == 2
+    assert "other settings (steps)" in capsys.readouterr().err

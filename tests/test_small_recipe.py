@@ -1,0 +1,128 @@
+"""The small-data recipe: a step budget, warm-up + cosine per step, AdamW, validation every N epochs, and the
+ultrasound augmentation steps (aligned image and mask, binary masks, values kept in [0, 1])."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from device_runtime.errors import InputError
+from training import train
+from training.checkpoint import read_checkpoint
+from training.config import build_config
+from training.transforms import AugmentConfig, Blur, Gamma, Speckle, build_train_transform
+
+OFF = dict(rotation=0.0, hflip=False, vflip=False, intensity_shift=0.0, contrast=0.0)
+
+
+def test_warmup_cosine_shape():
+    f = [train.warmup_cosine(s, 10, 110, 0.05) for s in range(111)]
+    assert f[0] == pytest.approx(0.01) and f[10] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(f[:10], f[1:11]))  # rising during warm-up
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # then never rising
+    assert f[60] == pytest.approx(0.05 + 0.95 * 0.5) and f[110] == pytest.approx(0.05)
+
+
+def test_budget_in_steps_cuts_the_last_epoch():
+    b = train.Budget(steps_per_epoch=7, total_steps=30)
+    assert b.epochs == 5 and [b.steps_in(e) for e in range(5)] == [7, 7, 7, 7, 2]
+    cfg = build_config("quick", steps=0, epochs=3)
+    assert train.plan_budget(cfg, 4).total_steps == 12
+
+
+def test_adamw_decays_only_weights():
+    cfg = build_config("small", input_size=(64, 64))
+    trainer = train.build_trainer(cfg, torch.device("cpu"))
+    groups = trainer.optimizer.param_groups
+    assert isinstance(trainer.optimizer, torch.optim.AdamW) and groups[0]["weight_decay"] == cfg.weight_decay > 0
+    assert all(p.ndim > 1 for p in groups[0]["params"]) and all(p.ndim <= 1 for p in groups[1]["params"])
+    assert groups[1]["weight_decay"] == 0.0
+
+
+def test_bad_budget_settings_are_refused():
+    with pytest.raises(InputError, match="steps"):
+        build_config("small", steps=-1)
+    with pytest.raises(InputError, match="val_every"):
+        build_config("small", val_every=0)
+    with pytest.raises(InputError, match="optimizer"):
+        build_config("small", optimizer="sgd")
+
+
+@pytest.fixture(scope="module")
+def step_config(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "steps"
+    # 30 phantom frames -> 24 train; batch 8 -> 3 steps an epoch; 7 steps -> epochs of 3, 3, 1
+    return build_config("small", run_dir=str(run_dir), input_size=(64, 64), steps=7, batch_size=8, warmup_steps=2,
+                        val_every=2, synth_count=30, device="cpu", val_batch_size=8)
+
+
+def test_step_budget_schedule_and_sparse_validation(step_config):
+    run_dir = train.main(step_config)
+    log = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    split = json.loads((run_dir / "split.json").read_text())
+    per_epoch = len(split["train"]) // 8
+    epochs = math.ceil(7 / per_epoch)
+    assert [r["epoch"] for r in log] == list(range(1, epochs + 1))
+    validated = [r["epoch"] for r in log if "val_best_dice" in r]
+    assert validated == sorted({e for e in range(1, epochs + 1) if e % 2 == 0} | {epochs})  # every 2nd and the last
+    last = read_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert last["scheduler"]["last_epoch"] == 7  # stepped once per optimiser step
+    lr = step_config.lr * train.warmup_cosine(7, 7 // 4, 7, step_config.min_lr_ratio)  # warm-up capped at a quarter
+    assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(lr)
+    assert (run_dir / "checkpoints" / "best.pt").is_file()
+
+
+def test_step_budget_resumes_exactly(step_config, tmp_path, monkeypatch):
+    straight = train.main(step_config.replace(run_dir=str(tmp_path / "straight")))
+    cfg = step_config.replace(run_dir=str(tmp_path / "interrupted"))
+    real_epoch = train.train_one_epoch
+
+    def crash_in_second_epoch(*args, **kwargs):
+        if args[7] == 1:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(cfg)
+    monkeypatch.setattr(train, "train_one_epoch", real_epoch)
+    resumed = train.main(cfg, resume=True)
+    a = read_checkpoint(straight / "checkpoints" / "last.pt")["model"]
+    b = read_checkpoint(resumed / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_scale_shift_and_elastic_keep_image_and_mask_aligned():
+    image = torch.zeros(1, 64, 64)
+    image[:, 20:44, 14:40] = 1.0
+    transform = build_train_transform(AugmentConfig(**{**OFF, "scale": (0.7, 1.4), "translate": 0.1,
+                                                       "elastic_alpha": 3.0, "elastic_grid": 4}))
+    torch.manual_seed(0)
+    changed = 0
+    for _ in range(12):
+        out_image, out_mask = transform(image, image.clone())
+        assert set(out_mask.unique().tolist()) <= {0.0, 1.0}
+        assert ((out_image > 0.5).float() != out_mask).float().sum() <= 0.1 * max(float(out_mask.sum()), 1.0)
+        changed += not torch.equal(out_mask, image)
+    assert changed >= 10
+
+
+def test_photometric_steps_leave_the_mask_and_the_range():
+    torch.manual_seed(0)
+    image, mask = torch.rand(1, 32, 32), (torch.rand(1, 32, 32) > 0.5).float()
+    for step in (Gamma(0.5), Blur(1.5, p=1.0), Speckle(0.3)):
+        out, out_mask = step(image, mask)
+        assert out_mask is mask and out.shape == image.shape
+        assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0 and not torch.equal(out, image)
+    ends = torch.tensor([[[0.0, 1.0]]])
+    assert torch.equal(Gamma(0.5)(ends, ends)[0], ends)  # gamma keeps black and white
+
+
+def test_new_settings_are_checked():
+    with pytest.raises(InputError, match="scale"):
+        AugmentConfig(scale=(1.2, 0.8))
+    with pytest.raises(InputError, match="elastic_grid"):
+        AugmentConfig(elastic_grid=1)
