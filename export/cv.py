@@ -15,7 +15,6 @@ top floor (export), beside `pipeline`.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -106,8 +105,8 @@ def _onnx_test_metrics(fold_dir: Path, timing: dict, device: str) -> dict:
         try:
             return load_manifest(bundle).metrics["test_onnx"]
         except (InputError, KeyError):
-            pass  # unreadable or incomplete: export again below
-        raise InputError(f"{bundle}: holds a bundle that cannot be read; remove it and run cv again")
+            # never overwrite what we cannot read: the user decides
+            raise InputError(f"{bundle}: holds a bundle that cannot be read; remove it and run cv again") from None
     _, manifest = _timed(timing, "export", lambda: export_bundle(fold_dir / "checkpoints" / "best.pt", device=device))
     return manifest.metrics["test_onnx"]
 
@@ -282,8 +281,3 @@ def write_report(cfg: TrainConfig, folds: int, results: list[dict]) -> tuple[dic
     plot_cv(results, summary, run_dir / "cv.png", f"{cfg.recipe}: {folds}-fold CV ({len(results)} done), {Path(cfg.data).name}")
     return report, markdown
 
-
-def sd_text(summary: dict, metric: str) -> str:
-    """"0.512 +- 0.034" for a summary metric (README tables)."""
-    m = summary[metric]
-    return f"{m['mean']:.3f} +- {m['sd']:.3f}" if not math.isnan(m["sd"]) else f"{m['mean']:.3f}"

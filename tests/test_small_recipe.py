@@ -126,3 +126,26 @@ def test_new_settings_are_checked():
         AugmentConfig(scale=(1.2, 0.8))
     with pytest.raises(InputError, match="elastic_grid"):
         AugmentConfig(elastic_grid=1)
+
+
+def test_channels_last_on_cpu_trains_the_same_network(tmp_path):
+    """Memory format is a speed choice only: one step from the same start gives the same weights (to float
+    rounding) in either layout (dropout off: its random mask follows the memory order)."""
+    torch.manual_seed(0)
+    image, mask = torch.rand(2, 1, 64, 64), (torch.rand(2, 1, 64, 64) > 0.7).float()
+    results = []
+    for channels_last in (False, True):
+        cfg = build_config("quick", input_size=(64, 64), channels_last=channels_last)
+        torch.manual_seed(1)
+        trainer = train.build_trainer(cfg, torch.device("cpu"))
+        layout = train.memory_format(cfg, torch.device("cpu"))
+        for module in trainer.model.modules():  # dropout draws its mask in memory order: same draws, other pixels
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        assert trainer.model.backbone["0"][0].weight.is_contiguous(memory_format=layout)
+        loss = trainer.criterion(trainer.model.train()(image.to(memory_format=layout))["out"], mask)
+        loss.backward()
+        trainer.optimizer.step()
+        results.append({k: v.detach().contiguous() for k, v in trainer.model.state_dict().items()})
+    for name, tensor in results[0].items():
+        assert torch.allclose(tensor.float(), results[1][name].float(), atol=1e-4), name

@@ -165,18 +165,23 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
                               {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
 
 
+def memory_format(cfg: TrainConfig, device: torch.device) -> torch.memory_format:
+    """Channels-last where the convolution kernels prefer it: always on CUDA, on the CPU when asked."""
+    return torch.channels_last if device.type == "cuda" or cfg.channels_last else torch.contiguous_format
+
+
 def train_one_epoch(model, loader, criterion, optimizer, scaler, device, cfg: TrainConfig, epoch: int,
                     show: bool, max_steps: int | None = None, step_scheduler=None, epochs: int | None = None) -> dict:
     """One pass over `loader` (at most `max_steps` batches); `step_scheduler` is stepped after every
     optimiser step (per-step schedules), the per-epoch ones are stepped by the caller."""
     model.train()
     total_loss, seen, start = 0.0, 0, time.perf_counter()
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    layout = memory_format(cfg, device)
     steps = len(loader) if max_steps is None else min(max_steps, len(loader))
     batches = tqdm(itertools.islice(loader, steps), desc=f"epoch {epoch + 1}/{epochs or cfg.epochs}", total=steps,
                    leave=False, disable=None if show else True)
     for batch, (image, mask) in enumerate(batches):
-        image = image.to(device, non_blocking=True).to(memory_format=memory_format)
+        image = image.to(device, non_blocking=True).to(memory_format=layout)
         mask = mask.to(device, non_blocking=True)
         with autocast(device, cfg.amp):
             logits = model(image)["out"]
@@ -255,9 +260,7 @@ class Trainer:
 def build_trainer(cfg: TrainConfig, device: torch.device, budget: Budget | None = None) -> Trainer:
     """`budget` sets the schedule's length; without one, `cfg.epochs` epochs of one step each are assumed
     (enough for callers that only need the model and optimiser)."""
-    model = build_model(cfg.arch, pretrained=cfg.pretrained).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(cfg.arch, pretrained=cfg.pretrained).to(device).to(memory_format=memory_format(cfg, device))
     optimizer = build_optimizer(model, cfg)
     # bf16 autocast needs no loss scaling; fp16 (older GPUs) does
     use_scaler = device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
