@@ -14,12 +14,13 @@ from conftest import REPO
 def test_pipeline_on_a_tiny_synthetic_set(tmp_path, capsys):
     run_dir = tmp_path / "run"
     code = main(["pipeline", "--input-size", "64", "64", "--epochs", "1", "--synth-count", "30",
-                 "--batch-size", "4", "--device", "cpu", "--run-dir", str(run_dir)])
+                 "--batch-size", "4", "--device", "cpu", "--run-dir", str(run_dir), "--qat-epochs", "2"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "test (ONNX, as deployed)" in out and "bundle:" in out
+    assert "test (ONNX, as deployed)" in out and "bundle:" in out and "QAT (learned bits" in out
     for name in ("threshold.json", "threshold_curve.png", "test_metrics.json", "examples.png",
-                 "bundle/manifest.json", "bundle/model.fp32.onnx"):
+                 "bundle/manifest.json", "bundle/model.fp32.onnx", "qat/learned/bits.json",
+                 "qat/learned/test_metrics.json"):
         assert (run_dir / name).is_file(), name
 
 
