@@ -42,11 +42,12 @@ BOOTSTRAP_SAMPLES = 2000
 
 
 def bootstrap(per_image: np.ndarray, other: np.ndarray | None = None, seed: int = 0) -> tuple[float, float, float]:
-    """Mean (or mean paired difference to `other`) and its 95 % percentile interval over frames resampled."""
-    from training.bootstrap import bootstrap_ci
+    """Mean (or mean paired difference to `other`) and its 95 % percentile-bootstrap interval (training.bootstrap)."""
+    from training.bootstrap import bootstrap_ci, paired_bootstrap_ci
 
-    values = per_image if other is None else per_image - other
-    return bootstrap_ci(values, samples=BOOTSTRAP_SAMPLES, seed=seed)
+    if other is None:
+        return (float(np.mean(per_image)), *bootstrap_ci(per_image, n=BOOTSTRAP_SAMPLES, seed=seed))
+    return (float(np.mean(per_image - other)), *paired_bootstrap_ci(per_image, other, n=BOOTSTRAP_SAMPLES, seed=seed))
 
 
 def test_scores(onnx_path: Path, images, masks, threshold: float, morphology: Morphology):
