@@ -86,7 +86,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from export.latency import interleaved_latency
-    from export.ptq import ptq_of_run
+    from export.ptq import cached_ptq_of_run
     from training.checkpoint import load_model
     from training.data import load_split
     from training.stages import split_arrays
@@ -105,7 +105,7 @@ def main() -> int:
     input_size = tuple(cfg.input_size)
 
     # 1. PTQ
-    ptq = ptq_of_run(run_dir, fp32, args.ptq_dir or run_dir / "ptq", args.calibration_frames)
+    ptq = cached_ptq_of_run(run_dir, fp32, args.ptq_dir or run_dir / "ptq", args.calibration_frames)
     print(f"== ONNX Runtime PTQ (quantize_static QDQ per-channel u8 act / s8 weights, {args.calibration_frames} "
           "training frames)")
     for g in ptq.graphs.values():
