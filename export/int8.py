@@ -123,6 +123,9 @@ def export_int8_bundle(run_dir: str | Path, qat_name: str, out_dir: str | Path |
     qat_dir, qat_path = qat_paths(run_dir, qat_name)
     float_model, float_checkpoint, float_cfg = load_model(float_path)
     model, checkpoint, cfg, qcfg = load_qat(qat_path, float_cfg.arch)
+    # the QAT run's test_metrics_onnx.json gets the int8 entry when the bundle goes to its default place; a
+    # bundle written elsewhere (--out) leaves the run folder untouched (its manifest holds the same figures)
+    write_run_metrics = out_dir is None
     out_dir = Path(out_dir) if out_dir else qat_dir / "bundle"
     threshold, morphology = float(checkpoint["threshold"]), Morphology.from_dict(checkpoint["morphology"])
     input_size = tuple(cfg.input_size)
@@ -201,7 +204,8 @@ def export_int8_bundle(run_dir: str | Path, qat_name: str, out_dir: str | Path |
             dataset=dataset_description(run_dir, cfg),
         )
         write_manifest(staging, manifest)
-    _add_onnx_test_metrics(qat_dir / "test_metrics_onnx.json", "int8", test_int8)
+    if write_run_metrics:
+        _add_onnx_test_metrics(qat_dir / "test_metrics_onnx.json", "int8", test_int8)
     return out_dir, manifest
 
 
