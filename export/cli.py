@@ -46,6 +46,8 @@ def _evaluate(args) -> None:
 def _export(args) -> None:
     from .bundle import export_bundle
 
+    if args.qat:
+        return _export_int8(args)
     if not args.checkpoint and not args.run_dir:
         raise SystemExit("nerveseg export: give --checkpoint PATH or --run-dir RUN")
     checkpoint = Path(args.checkpoint) if args.checkpoint else Path(args.run_dir) / "checkpoints" / "best.pt"
@@ -55,6 +57,16 @@ def _export(args) -> None:
           f"test through ONNX: Dice {test['dice']:.4f} IoU {test['iou']:.4f} PA {test['pixel_accuracy']:.4f}")
     for problem in manifest.metrics["tensorrt_problems"]:
         print(f"warning: TensorRT would refuse: {problem}", file=sys.stderr)
+
+
+def _export_int8(args) -> None:
+    from .int8 import export_int8_bundle, format_summary, print_problems
+
+    if not args.run_dir or args.checkpoint:
+        raise SystemExit("nerveseg export --qat NAME: give --run-dir RUN (the float run), not --checkpoint")
+    bundle, manifest = export_int8_bundle(args.run_dir, args.qat, args.out, args.device)
+    print(format_summary(bundle, manifest))
+    print_problems(manifest)
 
 
 def qat_config_from_args(args):
@@ -155,10 +167,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     qat.add_argument("--device", default="auto")
     qat.set_defaults(func=_qat)
 
-    export = commands.add_parser("export", help="write the bundle: FP32 ONNX + manifest, checked against PyTorch")
+
+    export = commands.add_parser("export", help="write the bundle: FP32 ONNX (+ INT8 with --qat) and manifest, "
+                                 "checked against PyTorch")
     export.add_argument("--checkpoint", help="a tuned checkpoint (default RUN/checkpoints/best.pt)")
     export.add_argument("--run-dir", help="the run whose best checkpoint to export")
-    export.add_argument("--out", help="bundle folder (default RUN/bundle)")
+    export.add_argument("--qat", metavar="NAME", help="export the QAT run RUN/qat/NAME as an INT8 bundle "
+                        "(default folder RUN/qat/NAME/bundle): FP32 + INT8 QDQ graphs, parity-checked")
+    export.add_argument("--out", help="bundle folder (default RUN/bundle, or RUN/qat/NAME/bundle with --qat)")
     export.add_argument("--device", default="auto")
     export.add_argument("--replace", action="store_true",
                         help="replace an existing bundle at --out (atomically); without it an existing bundle is kept")
