@@ -1,4 +1,4 @@
-"""The desktop command line, `nerveseg`: synth, train, tune, evaluate, export, pipeline.
+"""The desktop command line, `nerveseg`: synth, train, tune, evaluate, export, pipeline, sweep, report.
 
 Every subcommand turns its flags into one config and calls one function. Bad input is reported on one
 line with a non-zero exit, never a traceback.
@@ -57,6 +57,13 @@ def _export(args) -> None:
         print(f"warning: TensorRT would refuse: {problem}", file=sys.stderr)
 
 
+def _report(args) -> None:
+    from .report import write_report
+
+    out = write_report(args.run_dir, args.threads, args.latency_runs)
+    print(f"report: {out / 'report.html'}")
+
+
 def _pipeline(args) -> None:
     from training import train
 
@@ -95,6 +102,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", help="bundle folder (default RUN/bundle)")
     export.add_argument("--device", default="auto")
     export.set_defaults(func=_export)
+
+    report = commands.add_parser("report", help="accuracy vs bitwidth: float, ORT PTQ and every QAT run of RUN")
+    report.add_argument("--run-dir", required=True, help="the float run whose qat/ runs to report")
+    report.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads for scoring and timing")
+    report.add_argument("--latency-runs", type=int, default=50, help="timed batch-1 runs per model (0: no timing)")
+    report.set_defaults(func=_report)
     return parser
 
 
