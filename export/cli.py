@@ -64,6 +64,14 @@ def _report(args) -> None:
     print(f"report: {out / 'report.html'}")
 
 
+def _sweep(args) -> None:
+    from .sweep import run_sweep, split_list
+
+    out = run_sweep(args.run_dir, split_list(args.bits), split_list(args.learned), split_list(args.target_bits),
+                    args.epochs, args.device, args.threads, args.latency_runs)
+    print(f"report: {out / 'report.html'}")
+
+
 def _pipeline(args) -> None:
     from training import train
 
@@ -102,6 +110,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", help="bundle folder (default RUN/bundle)")
     export.add_argument("--device", default="auto")
     export.set_defaults(func=_export)
+
+    sweep = commands.add_parser("sweep", help="QAT fine-tunes at several bitwidths from one float run, exported, "
+                                              "then the report (resumable: run it again to continue)")
+    sweep.add_argument("--run-dir", required=True, help="a tuned float run; runs go to RUN/qat/NAME/")
+    sweep.add_argument("--bits", default="8,6,5,4,3,2", help="uniform bitwidths (W = A), or WxAy entries (default 8,6,5,4,3,2)")
+    sweep.add_argument("--learned", default="0.05,0.25,1.0", help="bit-cost weights lambda of learned-bits runs")
+    sweep.add_argument("--target-bits", default="", help="target mean bits of learned runs that pay only the excess")
+    sweep.add_argument("--epochs", type=int, help="QAT epochs of every run (default: the recipe's [qat] table)")
+    sweep.add_argument("--device", default="auto")
+    sweep.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads of the report")
+    sweep.add_argument("--latency-runs", type=int, default=50, help="timed batch-1 runs per model in the report")
+    sweep.set_defaults(func=_sweep)
 
     report = commands.add_parser("report", help="accuracy vs bitwidth: float, ORT PTQ and every QAT run of RUN")
     report.add_argument("--run-dir", required=True, help="the float run whose qat/ runs to report")

@@ -37,6 +37,7 @@ from training.stages import split_arrays
 
 from . import report_figures as figures
 from .report_data import Row, float_row, ptq_row, qat_rows, sort_rows
+from .report_ptq import ensure_ptq
 from .report_measure import interleaved_latency, onnx_test_scores
 from .report_stats import LEVEL, mean_ci, paired_diff_ci
 
@@ -81,7 +82,7 @@ FLIP_KEYS = ("flip_fraction", "flipped_fraction", "pixels_flipped", "flip_rate")
 # ------------------------------------------------------------------------------------------------ rows
 
 
-def collect(run_dir: Path, threads: int = 2, latency_runs: int = 50) -> tuple[list[Row], dict]:
+def collect(run_dir: Path, threads: int = 2, latency_runs: int = 50, make_ptq: bool = True) -> tuple[list[Row], dict]:
     """Every row, scored and timed; and the context (config, dataset, notes) the page prints around them."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -90,6 +91,12 @@ def collect(run_dir: Path, threads: int = 2, latency_runs: int = 50) -> tuple[li
     images, masks, names = split_arrays(run_dir, "test", cfg)
     float_model, manifest = float_row(run_dir, cfg, names)
     rows = [float_model]
+    notes = []
+    if make_ptq:
+        try:
+            ensure_ptq(run_dir)
+        except ImportError:  # export.ptq comes with the INT8 export (branch int8)
+            notes.append("export.ptq is not available in this checkout: no PTQ baseline was made.")
     ptq = ptq_row(run_dir)
     if ptq is not None:
         if ptq.threshold is None:  # PTQ of the float graph keeps the float model's T* and clean-up
@@ -97,7 +104,6 @@ def collect(run_dir: Path, threads: int = 2, latency_runs: int = 50) -> tuple[li
         rows.append(ptq)
     quantized = qat_rows(run_dir, names)
     rows += quantized
-    notes = []
     if not quantized:
         notes.append(f"No QAT runs under {run_dir / 'qat'}: this report holds the float model and ONNX Runtime's PTQ "
                      f"only. Run 'nerveseg sweep --run-dir {run_dir}' for the quantized rows.")
@@ -367,10 +373,10 @@ def render_markdown(title, headers, body, figs, check_lines, notes, commands, en
     return "\n".join(lines)
 
 
-def write_report(run_dir: str | Path, threads: int = 2, latency_runs: int = 50) -> Path:
+def write_report(run_dir: str | Path, threads: int = 2, latency_runs: int = 50, make_ptq: bool = True) -> Path:
     """Collect, score, time, and write RUN/report/ (replacing an old one whole); returns the folder."""
     run_dir = Path(run_dir)
-    rows, context = collect(run_dir, threads, latency_runs)
+    rows, context = collect(run_dir, threads, latency_runs, make_ptq)
     cfg = context["cfg"]
     env, data = environment(threads), dataset(run_dir, cfg)
     headers, body = table_cells(rows, threads)

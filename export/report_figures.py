@@ -77,9 +77,8 @@ def dice_vs_bits(rows: list[Row]) -> bytes | None:
     _points(ax, quantized, lambda r: r.mean_weight_bits, ("uniform", "mixed", "ptq", "learned"), connect=True)
     ax.set(xlabel="mean weight bits (parameter-weighted)", ylabel="test Dice (as deployed)",
            title="Test Dice against weight bits (error bars: bootstrap 95 % interval over test frames)")
-    if quantized:
-        bits = [r.mean_weight_bits for r in quantized]
-        ax.set_xlim(min(bits) - 0.5, max(bits) + 0.5)
+    bits = [r.mean_weight_bits for r in quantized] + [2.0, 8.0]  # always show the 2..8-bit range
+    ax.set_xlim(min(bits) - 0.5, max(bits) + 0.5)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
