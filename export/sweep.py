@@ -186,12 +186,12 @@ def run_sweep(run_dir: str | Path, bits: list[str], learned: list[str], target_b
     from training.stages import best_checkpoint
 
     run_dir = Path(run_dir)
-    best_checkpoint(run_dir)  # a one-line error before anything starts when the float run is not trained
     if epochs is not None and epochs < 1:
         raise InputError(f"--epochs must be at least 1, got {epochs}")
     jobs = plan(bits, learned, target_bits or [])
     if not jobs:
         raise InputError("nothing to sweep: give --bits and/or --learned / --target-bits values")
+    best_checkpoint(run_dir)  # a one-line error before anything starts when the float run is not trained
     state = SweepState(run_dir, command or "nerveseg sweep " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     state.data["epochs"] = epochs
     ensure_float_bundle(run_dir, device)
