@@ -331,7 +331,8 @@ def _html_table(headers, body) -> str:
 CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1500px}
 table{border-collapse:collapse;font-size:12px;margin:1em 0}th,td{border:1px solid #bbb;padding:3px 6px;text-align:right}
 th{background:#eee;position:sticky;top:0}td:first-child,td:nth-child(2),td:nth-child(3),td:nth-child(4),td:last-child{text-align:left}
-figure{margin:1em 0}figcaption{font-size:13px;color:#444}img{max-width:100%;border:1px solid #ddd}
+.figs{display:flex;flex-wrap:wrap;gap:1em}figure{margin:0;flex:0 1 calc(50% - 1em)}figure.wide{flex-basis:100%}
+figcaption{font-size:13px;color:#444}img{max-width:100%;border:1px solid #ddd}
 code{font-size:12px;background:#f4f4f4;padding:1px 3px}li{margin:.25em 0}"""
 
 
@@ -343,11 +344,13 @@ def render_html(title: str, headers, body, figs, check_lines, notes, commands, e
     parts.append("<h2>Results (test split, as deployed)</h2>" + _html_table(headers, body))
     if check_lines:
         parts.append("<h2>Checks</h2><ul>" + "".join(f"<li>{html.escape(c)}</li>" for c in check_lines) + "</ul>")
-    parts.append("<h2>Figures</h2>")
-    for _, caption, png in figs:
+    parts.append("<h2>Figures</h2><div class='figs'>")
+    for name, caption, png in figs:
         data64 = base64.b64encode(png).decode("ascii")
-        parts.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data64}'>"
+        wide = " class='wide'" if name.startswith("bits_") else ""  # a bar pair per layer needs the width
+        parts.append(f"<figure{wide}><img alt='{html.escape(caption)}' src='data:image/png;base64,{data64}'>"
                      f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    parts.append("</div>")
     parts.append("<h2>How each row was made</h2><ul>"
                  + "".join(f"<li><b>{html.escape(n)}</b>: <code>{html.escape(c)}</code></li>" for n, c in commands)
                  + "</ul>")
