@@ -71,29 +71,49 @@ def resolve_backend(requested: str, availability: dict[str, str] | None = None) 
     return requested
 
 
+def auto_precision(manifest: Manifest, backend: str) -> tuple[str, str]:
+    """What `--precision auto` runs on this backend, and why (one phrase, for the log line).
+
+    TensorRT: INT8 (explicit quantization) when the bundle has it, else FP16. ONNX Runtime CUDA/CPU: whichever
+    of FP32 and INT8 the manifest measured faster on that provider; INT8 where it measured nothing (ONNX
+    Runtime's integer kernels are the point of the INT8 file); FP32 when the bundle has no INT8 file.
+    """
+    fp32, int8 = manifest.file("fp32", "onnx"), manifest.file("int8", "onnx")
+    if backend in _TENSORRT_KINDS:
+        return ("int8", "the bundle has an INT8 graph") if int8 else ("fp16", "the bundle has no INT8 graph")
+    if not int8:
+        return "fp32", "the bundle has no INT8 graph"
+    if not fp32:
+        return "int8", "the bundle has no FP32 graph"
+    measured = manifest.latency_ms(backend)
+    if "fp32" in measured and "int8" in measured:
+        faster = "int8" if measured["int8"] <= measured["fp32"] else "fp32"
+        return faster, (f"the manifest measured {backend} INT8 {measured['int8']:.1f} ms vs FP32 "
+                        f"{measured['fp32']:.1f} ms at export")
+    return "int8", f"the manifest has no {backend} timing; INT8 by default"
+
+
 def select_model(manifest: Manifest, backend: str, precision: str) -> tuple[ModelFile, str]:
     """Which ONNX file of the bundle runs, and at which precision.
 
-    auto: on TensorRT the INT8 (QDQ) ONNX when the bundle has one, else FP16 from the FP32 ONNX; on the CUDA and
-    CPU providers the FP32 ONNX when present, else the INT8 one. fp16 needs TensorRT: ONNX Runtime's CUDA and
-    CPU providers would run an FP32 graph in FP32 and report it as FP16.
+    auto: see `auto_precision`. fp16 needs TensorRT: ONNX Runtime's CUDA and CPU providers would run an FP32
+    graph in FP32 and report it as FP16. Of two INT8 files the one made for this backend runs (the manifest's
+    `runtimes`): signed activations on TensorRT, unsigned (zero point 128) on x86 ONNX Runtime.
     """
-    fp32, int8 = manifest.file("fp32", "onnx"), manifest.file("int8", "onnx")
     if precision == "auto":
-        if backend in _TENSORRT_KINDS:
-            precision = "int8" if int8 else "fp16"
-        else:
-            precision = "fp32" if fp32 else "int8"
+        precision, _ = auto_precision(manifest, backend)
     if precision == "fp16" and backend not in _TENSORRT_KINDS:
         raise InputError(f"--precision fp16 needs TensorRT (--backend tensorrt or ort-tensorrt), not {backend}")
     if precision in ("fp32", "fp16"):
+        fp32 = manifest.file("fp32", "onnx", backend)
         if not fp32:
             raise InputError(f"--precision {precision}: the bundle lists no FP32 ONNX file; try --precision int8")
         return fp32, precision
     if precision == "int8":
+        int8 = manifest.file("int8", "onnx", backend)
         if not int8:
-            raise InputError("--precision int8: the bundle lists no INT8 (QDQ) ONNX file; export one, or use "
-                             "--precision fp16 (TensorRT) or fp32")
+            raise InputError("--precision int8: the bundle lists no INT8 (QDQ) ONNX file; export one "
+                             "('nerveseg export --qat NAME'), or use --precision fp16 (TensorRT) or fp32")
         return int8, precision
     raise InputError(f"--precision {precision!r} is not one of auto, fp32, fp16, int8")
 
@@ -121,6 +141,9 @@ def open_backend(bundle: Path, manifest: Manifest, backend: str = "auto", precis
 
 def _open(backend: str, bundle: Path, manifest: Manifest, precision: str, threads: int,
           engine_cache: Path | None, workspace_mib: int) -> Backend:
+    if precision == "auto":
+        chosen, why = auto_precision(manifest, backend)
+        print(f"info: --precision auto on {backend}: {chosen} ({why})", file=sys.stderr)
     model, precision = select_model(manifest, backend, precision)
     cache_dir = Path(engine_cache) if engine_cache else bundle
     if backend == "tensorrt":

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from . import tensorrt_backend
-from .backends import BACKEND_ORDER, backend_availability, resolve_backend, select_model
+from .backends import BACKEND_ORDER, auto_precision, backend_availability, resolve_backend, select_model
 from .errors import InputError
 from .live import cv2_video_backends
 from .manifest import load_manifest
@@ -90,13 +90,42 @@ def backend_lines(bundle: Path | None, backend: str = "auto", precision: str = "
     model, effective = select_model(manifest, chosen, precision)
     lines.append(f"bundle       {bundle}: {manifest.architecture}, input {manifest.input_size}, T* {manifest.threshold}"
                  f" (verified)")
-    lines.append(f"model        {model.path} at {effective}")
+    lines += bundle_lines(manifest)
+    why = f" ({auto_precision(manifest, chosen)[1]})" if precision == "auto" else ""
+    lines.append(f"model        {model.path} at {effective}{why}")
     if chosen == "tensorrt":
         key = tensorrt_backend.EngineKey(tensorrt_backend.gpu_identity(),
                                          tensorrt_backend.import_tensorrt().__version__, model.sha256, effective)
         path = tensorrt_backend.engine_path(Path(engine_cache or bundle), key)
         state = "cached" if tensorrt_backend.cached_engine(path, key) is not None else "built on first run"
         lines.append(f"engine       {path} ({state})")
+    return lines
+
+
+def bundle_lines(manifest) -> list[str]:
+    """The bundle's files (precision, size, which runtimes), its quantization (bits) and parity figures."""
+    lines = ["  files"]
+    for f in manifest.files:
+        serves = f"  for {', '.join(f.runtimes)}" if f.runtimes else ""
+        lines.append(f"    {f.path:<28}{f.precision:<6}{f.format:<6}{f.bytes / 1e6:>8.2f} MB{serves}")
+    q = manifest.quantization
+    if q.get("scheme", "none") != "none":
+        lines.append(f"  quantization {q['scheme']}: mean weight bits {q.get('mean_weight_bits', '?')}, mean activation "
+                     f"bits {q.get('mean_activation_bits', '?')} over {len(q.get('layers', []))} layers")
+        if q.get("int8_file_bytes"):
+            lines.append(f"    INT8 file {q['int8_file_bytes'] / 1e6:.2f} MB; packed at the learned bits "
+                         f"{q.get('packed_bytes', 0) / 1e6:.2f} MB")
+        for layer in q.get("layers", []):
+            lines.append(f"    {layer['name']:<44} W{layer['weight_bits']} A{layer['activation_bits']}")
+    for name, p in manifest.metrics.get("parity", {}).items():
+        extra = "".join(f", {label} {p[key]:.2e}" for key, label in (("flipped_fraction", "flipped pixels"),
+                                                                     ("reference_max_prob_diff", "reference max |dp|"))
+                        if key in p)
+        lines.append(f"  parity {name:<10} max |dp| {p['max_prob_diff']:.2e}, mask Dice {p['mask_dice']:.4f}{extra} "
+                     f"({p.get('frames', '?')} frames)")
+    for backend, measured in manifest.metrics.get("latency_ms", {}).items():
+        lines.append(f"  latency at export on {backend}: " + ", ".join(
+            f"{k} {v:.1f} ms" for k, v in measured.items() if isinstance(v, (int, float))))
     return lines
 
 

@@ -32,6 +32,9 @@ class ModelFile:
     precision: str  # one of PRECISIONS
     format: str  # "onnx" or "tensorrt"
     bytes: int = 0
+    # the backends this file is made for (see backends.BACKEND_ORDER); empty = any. An INT8 bundle holds two
+    # ONNX files of the same integers: signed activations for TensorRT, unsigned (zero point 128) for x86 CPUs
+    runtimes: list = field(default_factory=list)
 
 
 @dataclass
@@ -93,9 +96,21 @@ class Manifest:
         except (KeyError, TypeError, ValueError, IndexError) as err:
             raise InputError(f"{where}: malformed manifest ({type(err).__name__}: {err})") from None
 
-    def file(self, precision: str, fmt: str = "onnx") -> ModelFile | None:
-        """The listed file of this precision and format, or None."""
-        return next((f for f in self.files if f.precision == precision and f.format == fmt), None)
+    def file(self, precision: str, fmt: str = "onnx", backend: str | None = None) -> ModelFile | None:
+        """The listed file of this precision and format, or None. With a backend: the file made for it, else
+        one made for any backend, else the first of that precision (it still runs, just not at its best)."""
+        matches = [f for f in self.files if f.precision == precision and f.format == fmt]
+        if backend is not None:
+            for wanted in (lambda f: backend in f.runtimes, lambda f: not f.runtimes):
+                chosen = next((f for f in matches if wanted(f)), None)
+                if chosen is not None:
+                    return chosen
+        return matches[0] if matches else None
+
+    def latency_ms(self, backend: str) -> dict:
+        """{precision: median ms} measured at export on this backend (`metrics["latency_ms"]`), or {}."""
+        measured = self.metrics.get("latency_ms", {}).get(backend, {})
+        return {k: float(v) for k, v in measured.items() if k in PRECISIONS and isinstance(v, (int, float))}
 
 
 def describe_file(bundle_dir: str | os.PathLike, relative_path: str, precision: str, fmt: str) -> ModelFile:

@@ -53,6 +53,13 @@ def gpu_slug(name: str, major: int, minor: int) -> str:
     return f"{slug}-sm{major}{minor}"
 
 
+def engine_precision(manifest: Manifest, precision: str) -> str:
+    """`auto` -> int8 when the bundle has an INT8 graph, else fp16; any other value unchanged."""
+    if precision != "auto":
+        return precision
+    return "int8" if manifest.file("int8", "onnx") else "fp16"
+
+
 def check_engine_precision(manifest: Manifest, precision: str) -> ModelFile:
     """The ONNX file an engine of `precision` is built from; InputError for an unknown or impossible precision.
 
@@ -62,7 +69,7 @@ def check_engine_precision(manifest: Manifest, precision: str) -> ModelFile:
     if precision not in ENGINE_PRECISIONS:
         raise InputError(f"--precision {precision!r} is not one of {', '.join(ENGINE_PRECISIONS)}")
     wanted = "int8" if precision == "int8" else "fp32"
-    model = manifest.file(wanted, "onnx")
+    model = manifest.file(wanted, "onnx", "tensorrt")  # of two INT8 files, the signed (TensorRT) one
     if model is None:
         hint = "export an INT8 (QDQ) bundle, or use --precision fp16" if wanted == "int8" else "re-export the bundle"
         raise InputError(f"--precision {precision}: the bundle lists no {wanted.upper()} ONNX file; {hint}")

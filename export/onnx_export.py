@@ -5,8 +5,10 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
 
 from device_runtime.fileio import atomic_path
 from device_runtime.manifest import INPUT_NAME, OUTPUT_NAME
@@ -49,8 +51,8 @@ def export_onnx(model: torch.nn.Module, path: str | Path, input_size: tuple[int,
 def tensorrt_problems(onnx_path: str | Path) -> list[str]:
     """What in the graph TensorRT's ONNX parser would refuse; an empty list when it all fits.
 
-    Checks operator types, the opset, Resize modes, that convolution weights are initializers and that
-    QuantizeLinear/DequantizeLinear zero points are 0 (TensorRT quantization is symmetric).
+    Checks operator types, the opset, Resize modes and that convolution weights are initializers; on a graph
+    with QuantizeLinear/DequantizeLinear also the explicit-quantization rules (see `qdq_problems`).
     """
     model = onnx.load(str(onnx_path))
     problems = []
@@ -73,13 +75,101 @@ def tensorrt_problems(onnx_path: str | Path) -> list[str]:
             weight = node.input[1]
             if weight not in initializers and weight not in constants and not _is_dequantized(model, weight):
                 problems.append(f"{where}: weights must be an initializer")
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2:
-            zero_point = initializers.get(node.input[2])
-            if zero_point is not None and onnx.numpy_helper.to_array(zero_point).any():
-                problems.append(f"{where}: zero point must be 0 for TensorRT")
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
+        problems += qdq_problems(model, opset)
     return problems
 
 
 def _is_dequantized(model: onnx.ModelProto, tensor: str) -> bool:
     """QDQ graphs feed convolution weights through DequantizeLinear; TensorRT accepts that."""
     return any(n.op_type == "DequantizeLinear" and tensor in n.output for n in model.graph.node)
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    values[node.output[0]] = numpy_helper.to_array(attr.t)
+    return values
+
+
+def qdq_problems(model: onnx.ModelProto, opset: int | None = None) -> list[str]:
+    """TensorRT's explicit-quantization rules (TensorRT developer guide, "Working with Quantized Types"; the
+    onnx-tensorrt QuantizeLinear/DequantizeLinear importers), as this project's INT8 graphs must meet them:
+
+    - INT8 only: every Q/DQ zero point is an int8 constant (a missing zero point means uint8 in ONNX), and a
+      weight DequantizeLinear reads int8 integers (ORT's int32 bias DQ, uint8 activations: refused);
+    - zero points are 0 (TensorRT quantization is symmetric);
+    - scales are constants, positive and finite;
+    - activations per tensor; Conv weights per output channel, axis 0, one scale per output channel (the
+      INT8 export promises that; ConvTranspose would need axis 1);
+    - Q/DQ only where TensorRT takes one: a QuantizeLinear feeds only DequantizeLinear (TensorRT fuses the
+      pair into the neighbouring layers; a Q read as integers by anything else has no INT8 layer to become),
+      a DequantizeLinear reads a QuantizeLinear or a constant, and per-channel QDQ needs opset 13 or later.
+    """
+    problems = []
+    constants = _constants(model)
+    producers = {out: node for node in model.graph.node for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in model.graph.output}
+    if opset is not None and opset < 13:
+        problems.append(f"opset {opset}: QuantizeLinear/DequantizeLinear with per-channel scales need opset 13+")
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        where = f"{node.op_type} node {node.name or '(unnamed)'}"
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        scale = constants.get(node.input[1]) if len(node.input) > 1 else None
+        zero_point = constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if scale is None:
+            problems.append(f"{where}: scale must be a constant (initializer) for TensorRT")
+        elif not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
+            problems.append(f"{where}: scales must be positive and finite (min {np.min(scale):.3g})")
+        if len(node.input) > 2 and node.input[2] and zero_point is None:
+            problems.append(f"{where}: zero point must be a constant for TensorRT")
+        elif zero_point is not None:
+            if zero_point.dtype != np.int8:
+                problems.append(f"{where}: {zero_point.dtype} zero point; TensorRT explicit quantization is INT8 only")
+            if zero_point.any():
+                problems.append(f"{where}: zero point must be 0 for TensorRT")
+        elif node.op_type == "QuantizeLinear":
+            problems.append(f"{where}: no zero point, which ONNX reads as uint8; TensorRT needs an int8 zero point 0")
+        if node.op_type == "QuantizeLinear":
+            readers = consumers.get(node.output[0], [])
+            if node.output[0] in graph_outputs or not readers or any(r.op_type != "DequantizeLinear" for r in readers):
+                problems.append(f"{where}: its output must feed only DequantizeLinear (TensorRT fuses Q/DQ pairs)")
+            if scale is not None and scale.size != 1:
+                problems.append(f"{where}: activations must be quantized per tensor, not per channel")
+            continue
+        # DequantizeLinear
+        source = node.input[0]
+        integers = constants.get(source)
+        if integers is not None:
+            if integers.dtype != np.int8:
+                problems.append(f"{where}: dequantizes {integers.dtype} constants; TensorRT takes INT8 weights only")
+        elif producers.get(source) is None or producers[source].op_type != "QuantizeLinear":
+            problems.append(f"{where}: reads {source!r}, neither a QuantizeLinear nor a constant")
+        elif scale is not None and scale.size != 1:
+            problems.append(f"{where}: activations must be dequantized per tensor, not per channel")
+        for reader in consumers.get(node.output[0], []):
+            if reader.op_type != "Conv" or len(reader.input) < 2 or reader.input[1] != node.output[0]:
+                continue
+            weight = constants.get(source)
+            if weight is None or scale is None:
+                problems.append(f"{where}: Conv {reader.name} weights must be constant int8 integers")
+            elif scale.size == 1 and weight.shape[0] > 1:
+                problems.append(f"{where}: per-tensor weight scale on Conv {reader.name}; "
+                                "per-output-channel scales (axis 0) are required")
+            elif scale.size > 1 and (axis != 0 or scale.shape != (weight.shape[0],)):
+                problems.append(f"{where}: Conv {reader.name} weight scales must lie on axis 0, one per output "
+                                f"channel ({weight.shape[0]}), found axis {axis}, shape {list(scale.shape)}")
+    for node in model.graph.node:
+        if node.op_type == "Conv" and len(node.input) > 2 and node.input[2] in producers \
+                and producers[node.input[2]].op_type == "DequantizeLinear":
+            problems.append(f"Conv node {node.name}: quantized bias; TensorRT takes float biases")
+    return problems

@@ -61,7 +61,13 @@ def test_run_end_to_end_masks_the_bright_disc(bundle, tmp_path, precision):
 
 def test_auto_choices_follow_the_bundle(bundle, tmp_path):
     manifest = load_manifest(bundle)
+    # nothing measured on ort-cpu: INT8; measured slower than FP32: FP32; measured faster: INT8
+    assert select_model(manifest, "ort-cpu", "auto")[0].path == "model.int8.onnx"
+    manifest.metrics["latency_ms"] = {"ort-cpu": {"fp32": 30.0, "int8": 45.0}}
     assert select_model(manifest, "ort-cpu", "auto")[0].path == "model.fp32.onnx"
+    assert select_model(manifest, "ort-cuda", "auto")[0].path == "model.int8.onnx"
+    manifest.metrics["latency_ms"] = {"ort-cpu": {"fp32": 30.0, "int8": 20.0}}
+    assert select_model(manifest, "ort-cpu", "auto")[0].path == "model.int8.onnx"
     assert select_model(manifest, "tensorrt", "auto") == (manifest.file("int8"), "int8")
     assert select_model(manifest, "ort-tensorrt", "fp16") == (manifest.file("fp32"), "fp16")
     only_fp32 = load_manifest(make_bundle(tmp_path / "fp32only"))
@@ -271,3 +277,50 @@ def test_auto_hands_over_when_a_listed_provider_cannot_start(bundle, monkeypatch
     assert "could not start CUDAExecutionProvider" in capsys.readouterr().err
     with pytest.raises(InputError, match="fell back to CPUExecutionProvider"):
         open_backend(bundle, manifest, "ort-cuda")
+
+
+def test_two_int8_files_each_serve_their_runtime(tmp_path):
+    """The signed graph goes to TensorRT, the unsigned (zero point 128) one to ONNX Runtime on the CPU."""
+
+    bundle = make_bundle(tmp_path / "b", int8=True)
+    manifest = load_manifest(bundle)
+    tiny_onnx(bundle / "model.int8.cpu.onnx", qdq=True)
+    cpu = describe_file(bundle, "model.int8.cpu.onnx", "int8", "onnx")
+    cpu.runtimes = ["ort-cpu"]
+    manifest.file("int8").runtimes = ["tensorrt", "ort-tensorrt", "ort-cuda"]
+    manifest.files.append(cpu)
+    write_manifest(bundle, manifest)
+    manifest = load_manifest(bundle)
+    assert select_model(manifest, "ort-cpu", "int8")[0].path == "model.int8.cpu.onnx"
+    assert select_model(manifest, "tensorrt", "auto")[0].path == "model.int8.onnx"
+    assert select_model(manifest, "ort-cuda", "int8")[0].path == "model.int8.onnx"
+    from device_runtime.tensorrt_backend import check_engine_precision, engine_precision
+
+    assert engine_precision(manifest, "auto") == "int8"
+    assert check_engine_precision(manifest, "int8").path == "model.int8.onnx"
+    summary = run(RunConfig(bundle=bundle, backend="ort-cpu", source="synthetic:16x16", max_frames=2, quiet=True))
+    assert summary["model"] == "model.int8.cpu.onnx"
+
+
+def test_int8_file_missing_or_tampered_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from device_helpers import REPO
+
+    bundle = make_bundle(tmp_path / "b", int8=True)
+    data = bytearray((bundle / "model.int8.onnx").read_bytes())
+    data[-1] ^= 0xFF
+    (bundle / "model.int8.onnx").write_bytes(bytes(data))
+    cases = {"sha256 does not match": bundle}
+    missing = make_bundle(tmp_path / "m", int8=True)
+    (missing / "model.int8.onnx").unlink()
+    cases["missing"] = missing
+    cases["no INT8"] = make_bundle(tmp_path / "f")
+    for expected, folder in cases.items():
+        result = subprocess.run([sys.executable, "-m", "device_runtime", "bench", "--bundle", str(folder),
+                                 "--precision", "int8", "--backend", "ort-cpu", "--frames", "1", "--size", "16x16"],
+                                capture_output=True, text=True, cwd=REPO)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], result.stderr

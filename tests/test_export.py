@@ -93,3 +93,73 @@ def test_export_of_an_untuned_checkpoint_is_refused(tmp_path, tiny_config):
     save_checkpoint(make_checkpoint(tiny_config, build_model("mobilenet_v3_large")), path)
     with pytest.raises(InputError, match="no tuned threshold"):
         export_bundle(path)
+
+
+def _qdq_conv_graph(tmp_path, weight_scale, weight_zero_point=0, activation_zero_point=0, axis=0):
+    """x -> Q -> DQ -> Conv(DQ(int8 weights)) -> y: the smallest INT8 graph the TensorRT lint reads."""
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    weight_scale = np.asarray(weight_scale, np.float32)
+    initializers = [
+        numpy_helper.from_array(np.ones((2, 1, 3, 3), np.int8), "w_q"),
+        numpy_helper.from_array(weight_scale, "w_scale"),
+        numpy_helper.from_array(np.full(weight_scale.shape, weight_zero_point, np.int8), "w_zp"),
+        numpy_helper.from_array(np.array(0.02, np.float32), "x_scale"),
+        numpy_helper.from_array(np.array(activation_zero_point, np.int8), "x_zp"),
+    ]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["x_q"], name="quant_x"),
+             helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zp"], ["x_dq"], name="dequant_x"),
+             helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["w"], name="dequant_w", axis=axis),
+             helper.make_node("Conv", ["x_dq", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 8, 8])], initializers)
+    path = tmp_path / "qdq.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    return path
+
+
+def test_tensorrt_lint_accepts_a_clean_explicit_quantization_graph(tmp_path):
+    assert tensorrt_problems(_qdq_conv_graph(tmp_path, [0.1, 0.2])) == []
+
+
+def test_tensorrt_lint_catches_a_planted_non_zero_zero_point(tmp_path):
+    problems = tensorrt_problems(_qdq_conv_graph(tmp_path, [0.1, 0.2], activation_zero_point=3))
+    assert any("quant_x" in p and "zero point must be 0" in p for p in problems)
+    problems = tensorrt_problems(_qdq_conv_graph(tmp_path, [0.1, 0.2], weight_zero_point=1))
+    assert any("dequant_w" in p and "zero point must be 0" in p for p in problems)
+
+
+def test_tensorrt_lint_requires_per_channel_weight_scales_on_axis_0(tmp_path):
+    problems = tensorrt_problems(_qdq_conv_graph(tmp_path, 0.1))  # one scale for both output channels
+    assert any("per-tensor weight scale" in p for p in problems)
+    problems = tensorrt_problems(_qdq_conv_graph(tmp_path, [0.1, 0.2], axis=1))
+    assert any("axis 0" in p for p in problems)
+
+
+def test_tensorrt_lint_refuses_bad_scales_and_unsigned_or_wide_integers(tmp_path):
+    assert any("positive and finite" in p for p in tensorrt_problems(_qdq_conv_graph(tmp_path, [0.1, -0.2])))
+    assert any("positive and finite" in p for p in tensorrt_problems(_qdq_conv_graph(tmp_path, [0.1, float("inf")])))
+    from export.qdq import activations_to_uint8
+
+    path = _qdq_conv_graph(tmp_path, [0.1, 0.2])
+    onnx.save(activations_to_uint8(onnx.load(str(path))), path)  # the x86 variant: u8/128 activations
+    problems = tensorrt_problems(path)
+    assert any("uint8 zero point" in p and "INT8 only" in p for p in problems)
+
+
+def test_tensorrt_lint_refuses_onnxruntime_ptq_int32_biases(tmp_path):
+    """ONNX Runtime's quantize_static stores biases as int32 behind DequantizeLinear: not TensorRT's form."""
+    import numpy as np
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    from export.ptq import _reader
+
+    model = build_model("mobilenet_v3_large").eval()
+    float_path = export_onnx(model, tmp_path / "m.onnx", (64, 64))
+    out = tmp_path / "ptq.onnx"
+    quantize_static(str(float_path), str(out), _reader(np.random.default_rng(0).random((2, 64, 64), np.float32)),
+                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    problems = tensorrt_problems(out)
+    assert any("INT8 only" in p for p in problems)
