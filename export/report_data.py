@@ -22,6 +22,7 @@ KINDS = ("float", "ptq", "uniform", "mixed", "learned")  # the report's row orde
 UNIFORM_NAME = re.compile(r"^w(\d)a(\d)$")
 SWEEP_STATE = "sweep.json"  # RUN/sweep.json: written by `nerveseg sweep`, read here for commands and export errors
 PTQ_DIR = "ptq"  # RUN/ptq/: the ORT quantize_static baseline (see export/report_ptq.py)
+CPU_BACKEND = "ort-cpu"  # the device runtime's name for ONNX Runtime's CPU provider
 
 
 @dataclass
@@ -115,18 +116,10 @@ def file_bytes(manifest: Manifest, bundle_dir: Path, precision: str) -> int | No
 
 
 def cpu_int8_file(manifest: Manifest) -> str | None:
-    """The INT8 graph ONNX Runtime CPU runs: the CPU variant (u8 activations) when the bundle has one.
-
-    The INT8 bundle holds the TensorRT QDQ graph (s8) and a CPU variant with the same integers (see
-    export/int8.py); x86 integer kernels want u8 activations, so the CPU variant is what the device runs.
-    """
-    int8 = [f for f in manifest.files if f.precision == "int8" and f.format == "onnx"]
-    if not int8:
-        return None
-    for entry in int8:
-        if "cpu" in entry.path.lower() or "u8" in entry.path.lower():
-            return entry.path
-    return int8[-1].path
+    """The INT8 graph ONNX Runtime CPU runs, chosen by the device runtime's own rule (`Manifest.file` with the
+    backend): the CPU variant (u8 activations, zero point 128) when the bundle has one, else its INT8 graph."""
+    entry = manifest.file("int8", "onnx", CPU_BACKEND)
+    return entry.path if entry else None
 
 
 def onnx_parameter_bytes(onnx_path: Path, float_bytes: int = 4) -> int:
