@@ -1,0 +1,93 @@
+"""QuantConv2d: a convolution (BatchNorm already folded in) whose input, weights, bias and output sit on the
+integer grids the deployed int8 graph uses.
+
+Placement, and why (details in docs/QUANTIZATION.md):
+- input_quant: TensorRT wants Q/DQ on the input of every weighted layer, so every convolution's input is
+  quantized (per tensor, learned bits; the first convolution's input, the grey frame in [0, 1], at 8 bits).
+- weight_quant: per output channel, narrow signed grid (TensorRT's int8 weight range), learned bits.
+- bias: on the int32 grid of input step x weight step, as integer kernels add it.
+- output_quant: fixed 8 bits on every convolution but the classifier's last one. ONNX Runtime's CPU kernels
+  only fuse DequantizeLinear -> Conv -> QuantizeLinear into QLinearConv; without a quantized output the
+  graph runs in float between convolutions and is slower than FP32. The last conv's output is the logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantizers import FakeQuant, round_ste
+
+INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
+
+
+class QuantConv2d(nn.Module):
+    """forward(x) = output_quant(conv2d(input_quant(x), quantized_weight(), quantized_bias(), ...)).
+
+    Args:
+        conv: the float convolution, BatchNorm already folded into it.
+        weight_bits, activation_bits: initial (or fixed) bitwidths of weights and input.
+        learn_weight_bits, learn_activation_bits: whether those bitwidths learn.
+        output_bits: bits of the output quantizer (fixed), or None for no output quantizer (the logits).
+        b_min, b_max: range of learned bitwidths.
+    """
+
+    def __init__(self, conv: nn.Conv2d, *, weight_bits: int = 8, activation_bits: int = 8,
+                 learn_weight_bits: bool = True, learn_activation_bits: bool = True, output_bits: int | None = 8,
+                 b_min: int = 2, b_max: int = 8):
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"only zero padding is supported, got {conv.padding_mode!r}")
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        self.weight = nn.Parameter(conv.weight.detach().clone())
+        bias = conv.bias.detach().clone() if conv.bias is not None else torch.zeros(conv.out_channels)
+        self.bias = nn.Parameter(bias.to(self.weight.dtype))
+        self.input_quant = FakeQuant(narrow=False, bits=activation_bits, learn_bits=learn_activation_bits,
+                                     b_min=b_min, b_max=b_max)
+        self.weight_quant = FakeQuant(narrow=True, channels=conv.out_channels, bits=weight_bits,
+                                      learn_bits=learn_weight_bits, b_min=b_min, b_max=b_max)
+        self.output_quant = (FakeQuant(narrow=False, bits=output_bits, learn_bits=False)
+                             if output_bits is not None else None)
+        self.weight_quant.init_from_tensor(self.weight)
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_quant(self.weight)
+
+    def weight_integers(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.weight_quant.quantize_integers(self.weight).to(torch.int8)
+
+    def bias_scale(self) -> torch.Tensor:
+        """[C]: input step x weight step of each output channel, the step of the int32 bias."""
+        return self.input_quant.step() * self.weight_quant.step()
+
+    def quantized_bias(self) -> torch.Tensor:
+        """round(bias / s) * s on the int32 grid (s = bias_scale); straight-through gradient for the rounding."""
+        scale = self.bias_scale()
+        return torch.clamp(round_ste(self.bias / scale), INT32_MIN, INT32_MAX) * scale
+
+    def bias_integers(self) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.clamp(torch.round(self.bias / self.bias_scale()), INT32_MIN, INT32_MAX).to(torch.int32)
+
+    def quantizers(self) -> dict[str, FakeQuant]:
+        found = {"input_quant": self.input_quant, "weight_quant": self.weight_quant}
+        if self.output_quant is not None:
+            found["output_quant"] = self.output_quant
+        return found
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_quant(x)
+        if self.input_quant.observing:  # initialisation pass: float weights, float activations
+            y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        else:
+            y = F.conv2d(x, self.quantized_weight(), self.quantized_bias(), self.stride, self.padding,
+                         self.dilation, self.groups)
+        return self.output_quant(y) if self.output_quant is not None else y
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}")

@@ -1,0 +1,138 @@
+"""Turn a trained float DeepLabV3 into its QAT form: fold BatchNorm, swap every Conv2d for a QuantConv2d.
+
+BatchNorm is folded once, before QAT, with the float run's (re-estimated) statistics: torch's own
+`torch.nn.utils.fusion.fuse_conv_bn_eval` computes the folded weights. The quantized weights are then exactly
+the deployed ones and the exported graph has no BatchNormalization node. Folding before (rather than
+simulating BN during QAT and freezing it after a warm-up) is the "BN frozen from the start" end of that
+choice: the float model has converged and its statistics were re-estimated on the training frames, so
+there is nothing left for BN to learn, and fine-tuning folded weights costs no extra convolution.
+
+Not torch.ao.quantization's eager `fuse_modules_qat` / `prepare_qat`: they are deprecated (torchao is the
+successor; torch 2.x warns), need the model's Conv-BN-ReLU triples named by hand for two backbones, and put
+observers/fake-quants whose learnable variant does not export to ONNX and has no learnable bitwidth. The
+learned-bitwidth quantizer is our own module either way; the only part of torch.ao's fusion worth keeping,
+the folding arithmetic, is `fuse_conv_bn_eval`, which lives in torch.nn.utils and is used here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from .modules import QuantConv2d
+from .quantizers import FakeQuant
+
+FIRST_INPUT_BITS = 8  # the grey frame in [0, 1]: an 8-bit picture stays an 8-bit picture
+OUTPUT_BITS = 8  # every output quantizer: what ONNX Runtime's QLinearConv produces
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold every BatchNorm2d into the Conv2d registered just before it in the same parent; the BatchNorm
+    becomes nn.Identity. Works in place (eval-mode statistics) and returns the model.
+
+    In torchvision's DeepLabV3 (both backbones) every BatchNorm directly follows its convolution in the
+    parent's registration order (Conv2dNormActivation, Bottleneck's conv1/bn1..., downsample, ASPP).
+
+    Raises:
+        ValueError: a BatchNorm that follows no convolution (the model is not what this code knows).
+    """
+    model.eval()
+    for parent in list(model.modules()):
+        children = list(parent.named_children())
+        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(parent, conv_name, fuse_conv_bn_eval(conv, bn))
+                setattr(parent, bn_name, nn.Identity())
+    left = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if left:
+        raise ValueError(f"BatchNorm layers that follow no convolution, cannot fold: {left[:5]}")
+    return model
+
+
+def _set(model: nn.Module, name: str, value: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, value)
+
+
+def prepare_qat(model: nn.Module, arch: str = "", *, weight_bits: int = 8, activation_bits: int = 8,
+                learn_bits: bool = True, b_min: int = 2, b_max: int = 8) -> nn.Module:
+    """Fold BN and replace every Conv2d (at the same attribute path) by a QuantConv2d; in place, returned.
+
+    The first convolution's input is fixed at 8 bits; every output quantizer is fixed at 8 bits; the last
+    convolution (the classifier's, in module order) has no output quantizer. Weight steps are initialised
+    from the folded weights here; activation steps need data: call `initialise_steps` next.
+
+    Args:
+        model: a float torchvision DeepLabV3 (training.model.build_model).
+        arch: "resnet50" or "mobilenet_v3_large" (recorded on the model; the code is the same).
+        weight_bits, activation_bits: initial bitwidths (learned runs) or the fixed ones (uniform runs).
+        learn_bits: whether the weight and activation bitwidths learn.
+        b_min, b_max: range of learned bitwidths.
+    """
+    fold_batchnorm(model)
+    convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError("the model has no Conv2d to quantize")
+    for index, (name, conv) in enumerate(convs):
+        first, last = index == 0, index == len(convs) - 1
+        _set(model, name, QuantConv2d(
+            conv, weight_bits=weight_bits, activation_bits=FIRST_INPUT_BITS if first else activation_bits,
+            learn_weight_bits=learn_bits, learn_activation_bits=learn_bits and not first,
+            output_bits=None if last else OUTPUT_BITS, b_min=b_min, b_max=b_max))
+    model.qat_arch = arch
+    return model
+
+
+def quant_convs(model: nn.Module) -> list[tuple[str, QuantConv2d]]:
+    """(name, module) of every QuantConv2d, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, QuantConv2d)]
+
+
+def fake_quants(model: nn.Module) -> list[FakeQuant]:
+    return [m for m in model.modules() if isinstance(m, FakeQuant)]
+
+
+@torch.no_grad()
+def initialise_steps(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Observe the float activations of `batches` (eval mode) and set every activation quantizer's step by
+    a mean-squared-error search at its current bits. Returns the number of frames seen.
+
+    Shape:
+        each batch: (N, 1, H, W) float in [0, 1], on the model's device.
+    """
+    activation_quants = [q for _, conv in quant_convs(model) for key, q in conv.quantizers().items()
+                         if key != "weight_quant"]
+    was_training = model.training
+    model.eval()
+    for q in activation_quants:
+        q.observing = True
+    seen = 0
+    try:
+        for batch in batches:
+            model(batch)
+            seen += len(batch)
+    finally:
+        for q in activation_quants:
+            q.observing = False
+    if seen == 0:
+        raise ValueError("initialise_steps: no frames given")
+    for q in activation_quants:
+        q.init_from_samples()
+    model.train(was_training)
+    return seen
+
+
+def project_bits_(model: nn.Module) -> None:
+    """Keep every learned bitwidth inside its range; call after each optimiser step."""
+    for q in fake_quants(model):
+        q.project_()
+
+
+def freeze_bits_(model: nn.Module) -> None:
+    """Fix every learned bitwidth at its current integer value (the fine-tuning phase)."""
+    for q in fake_quants(model):
+        if q.learns_bits:
+            q.freeze_bits()
