@@ -46,6 +46,8 @@ def _evaluate(args) -> None:
 def _export(args) -> None:
     from .bundle import export_bundle
 
+    if args.qat:
+        return _export_int8(args)
     if not args.checkpoint and not args.run_dir:
         raise SystemExit("nerveseg export: give --checkpoint PATH or --run-dir RUN")
     checkpoint = Path(args.checkpoint) if args.checkpoint else Path(args.run_dir) / "checkpoints" / "best.pt"
@@ -70,6 +72,16 @@ def _sweep(args) -> None:
     out = run_sweep(args.run_dir, split_list(args.bits), split_list(args.learned), split_list(args.target_bits),
                     args.epochs, args.device, args.threads, args.latency_runs)
     print(f"report: {out / 'report.html'}")
+
+
+def _export_int8(args) -> None:
+    from .int8 import export_int8_bundle, format_summary, print_problems
+
+    if not args.run_dir or args.checkpoint:
+        raise SystemExit("nerveseg export --qat NAME: give --run-dir RUN (the float run), not --checkpoint")
+    bundle, manifest = export_int8_bundle(args.run_dir, args.qat, args.out, args.device)
+    print(format_summary(bundle, manifest))
+    print_problems(manifest)
 
 
 def _pipeline(args) -> None:
@@ -104,10 +116,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         sub.add_argument("--device", default="auto")
         sub.set_defaults(func=func)
 
-    export = commands.add_parser("export", help="write the bundle: FP32 ONNX + manifest, checked against PyTorch")
+    export = commands.add_parser("export", help="write the bundle: FP32 ONNX (+ INT8 with --qat) and manifest, "
+                                 "checked against PyTorch")
     export.add_argument("--checkpoint", help="a tuned checkpoint (default RUN/checkpoints/best.pt)")
     export.add_argument("--run-dir", help="the run whose best checkpoint to export")
-    export.add_argument("--out", help="bundle folder (default RUN/bundle)")
+    export.add_argument("--qat", metavar="NAME", help="export the QAT run RUN/qat/NAME as an INT8 bundle "
+                        "(default folder RUN/qat/NAME/bundle): FP32 + INT8 QDQ graphs, parity-checked")
+    export.add_argument("--out", help="bundle folder (default RUN/bundle, or RUN/qat/NAME/bundle with --qat)")
     export.add_argument("--device", default="auto")
     export.set_defaults(func=_export)
 

@@ -13,12 +13,19 @@ from device_runtime.postprocess import Morphology, postprocess_batch, sigmoid
 
 # Largest probability difference allowed between ONNX Runtime and PyTorch, per precision, and the least
 # mean Dice between the two sets of masks after threshold and morphology.
-TOLERANCE = {"fp32": {"max_prob_diff": 1e-4, "mask_dice": 0.999}}
+# INT8: ONNX Runtime's fused integer kernels do not reproduce the QDQ reference bit for bit (it requantizes
+# inside QLinearConv), so only the final masks are held to a bound; the largest difference is reported.
+TOLERANCE = {"fp32": {"max_prob_diff": 1e-4, "mask_dice": 0.999}, "int8": {"mask_dice": 0.995}}
+OPTIMIZATION_LEVELS = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,  # what the device runtime runs
+                       "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}  # the QDQ reference: every op as written
 
 
-def onnx_probabilities(onnx_path: str | Path, images: np.ndarray, batch_size: int = 8) -> np.ndarray:
-    """(N, H, W) float32 frames in [0, 1] -> (N, H, W) probabilities from ONNX Runtime on the CPU."""
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+def onnx_probabilities(onnx_path: str | Path, images: np.ndarray, batch_size: int = 8, optimization: str = "all") -> np.ndarray:
+    """(N, H, W) float32 frames in [0, 1] -> (N, H, W) probabilities from ONNX Runtime on the CPU, at the
+    graph optimisation level named (`OPTIMIZATION_LEVELS`; "all" is ONNX Runtime's default and the device's)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     out = np.empty(images.shape, np.float32)
     for start in range(0, len(images), batch_size):
         batch = np.ascontiguousarray(images[start:start + batch_size, None], dtype=np.float32)
@@ -36,13 +43,14 @@ def compare(reference_prob: np.ndarray, onnx_prob: np.ndarray, threshold: float,
         "max_prob_diff": float(difference.max()),
         "mean_prob_diff": float(difference.mean()),
         "mask_dice": float(metrics.dice(metrics.confusion_counts(onnx_masks, reference_masks))),
+        "flipped_fraction": float(np.mean(reference_masks != onnx_masks)),  # pixels whose final label differs
     }
 
 
 def parity_failures(result: dict, precision: str) -> list[str]:
     limits = TOLERANCE[precision]
     failures = []
-    if result["max_prob_diff"] > limits["max_prob_diff"]:
+    if "max_prob_diff" in limits and result["max_prob_diff"] > limits["max_prob_diff"]:
         failures.append(f"largest probability difference {result['max_prob_diff']:.2e} > {limits['max_prob_diff']:.0e}")
     if result["mask_dice"] < limits["mask_dice"]:
         failures.append(f"mask Dice agreement {result['mask_dice']:.4f} < {limits['mask_dice']}")

@@ -1,0 +1,264 @@
+"""`nerveseg export --run-dir RUN --qat NAME`: a trained QAT run -> an INT8 bundle, checked, or no bundle.
+
+The bundle holds
+    model.fp32.onnx      the float run's model (reference and fallback)
+    model.int8.onnx      TensorRT form: int8 weights + per-channel scales, s8 activations, zero point 0
+    model.int8.cpu.onnx  the same integers with u8 activations at zero point 128 (x86 ONNX Runtime's fast kernels)
+    manifest.json        T* and morphology of the QAT run, per-layer bits, sizes, parity, which file serves which runtime
+
+One set of integers, two files: the exact rewrite (export.qdq) costs nothing, and each runtime gets the form its
+kernels want; a single s8 file ran 2.7x slower than FP32 on ONNX Runtime x86, a single u8 file is not TensorRT's.
+
+Parity, or no bundle: on the validation frames ONNX Runtime (CPU, the optimisation level the device runs)
+must give, for EACH INT8 file, final masks with mean per-frame Dice >= 0.995 against the PyTorch fake-quant
+model. Below that the export stops with one line and the previous bundle stays (atomic_dir).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from device_runtime.errors import InputError
+from device_runtime.fileio import atomic_dir, write_json
+from device_runtime.manifest import Manifest, describe_file, write_manifest
+from device_runtime.postprocess import Morphology
+from training.checkpoint import load_model
+from training.evaluate import evaluate_arrays
+from training.predict import predict_probabilities, resolve_device
+from training.stages import split_arrays
+
+from .bundle import FP32_NAME, ParityError, dataset_description
+from .int8_graph import INT8_OPSET, build_int8_model
+from .latency import interleaved_latency
+from .onnx_export import export_onnx, tensorrt_problems
+from .parity import TOLERANCE, compare, onnx_probabilities, parity_failures
+from .qdq import activations_to_uint8
+
+TENSORRT_NAME = "model.int8.onnx"
+CPU_NAME = "model.int8.cpu.onnx"
+# which backend runs which INT8 file (device_runtime.backends picks by these): TensorRT wants signed
+# activations; ONNX Runtime's CUDA provider runs Q/DQ around float kernels, where the form does not matter
+INT8_FILES = {TENSORRT_NAME: ["tensorrt", "ort-tensorrt", "ort-cuda"], CPU_NAME: ["ort-cpu"]}
+SCHEME = ("int8 QDQ, explicit quantization: symmetric, zero point 0; weights per output channel (axis 0), "
+          "activations per tensor; layers that learned b < 8 bits keep b-bit integers inside int8 (Clip before "
+          "QuantizeLinear); biases float on the int32 grid of input x weight scale")
+EXPORT_TIMING_THREADS = 2
+
+
+def qat_paths(run_dir: Path, qat_name: str) -> tuple[Path, Path]:
+    """RUN/qat/NAME and its best checkpoint; InputError when either is missing."""
+    qat_dir = Path(run_dir) / "qat" / qat_name
+    if not qat_dir.is_dir():
+        found = sorted(p.name for p in (Path(run_dir) / "qat").glob("*") if p.is_dir()) if (Path(run_dir) / "qat").is_dir() else []
+        raise InputError(f"{qat_dir}: no such QAT run (found: {', '.join(found) or 'none'}); "
+                         f"train one with 'nerveseg qat --run-dir {run_dir} --name {qat_name}'")
+    checkpoint = qat_dir / "checkpoints" / "best.pt"
+    if not checkpoint.is_file():
+        raise InputError(f"{checkpoint}: not found; the QAT run has not finished an epoch")
+    return qat_dir, checkpoint
+
+
+def load_qat(checkpoint_path: Path, float_arch: str):
+    """The QAT model, its checkpoint and configs; InputError for a checkpoint that is not this run's kind."""
+    from qat.checkpoint import load_qat_model
+
+    try:
+        model, checkpoint, cfg, qcfg = load_qat_model(checkpoint_path)
+    except InputError:
+        raise
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise InputError(f"{checkpoint_path}: cannot rebuild the QAT model ({type(err).__name__}: {first[:200]})") from None
+    if cfg.arch != float_arch:
+        raise InputError(f"{checkpoint_path}: a {cfg.arch} QAT checkpoint, but the run is {float_arch}")
+    if checkpoint.get("threshold") is None or checkpoint.get("morphology") is None:
+        raise InputError(f"{checkpoint_path}: has no tuned threshold; the QAT run must finish (it tunes T* and "
+                         "morphology on its validation split)")
+    return model, checkpoint, cfg, qcfg
+
+
+def packed_bytes(bits_table: dict, model) -> dict:
+    """Size of the weights stored at their learned bits: sum(params x bits) / 8, plus what stays wide:
+    float32 per-channel weight scales, int32 biases and float32 activation scales."""
+    from qat.prepare import quant_convs
+
+    weight_bits = sum(row["params"] * row["weight_bits"] for row in bits_table["layers"]) / 8
+    scales = biases = activation_scales = 0
+    for _, conv in quant_convs(model):
+        scales += 4 * conv.out_channels
+        biases += 4 * conv.out_channels
+        activation_scales += 4 * len([k for k in conv.quantizers() if k != "weight_quant"])
+    total = weight_bits + scales + biases + activation_scales
+    return {"packed_bytes": int(round(total)), "packed_weight_bytes": int(round(weight_bits)),
+            "packed_scale_bias_bytes": scales + biases + activation_scales}
+
+
+def parity_of(path: Path, images: np.ndarray, reference: np.ndarray, threshold: float, morphology: Morphology) -> dict:
+    """Device-level figures (all optimisations, as the runtime runs) plus the QDQ reference-level ones."""
+    deployed = compare(reference, onnx_probabilities(path, images, optimization="all"), threshold, morphology)
+    exact = compare(reference, onnx_probabilities(path, images, optimization="none"), threshold, morphology)
+    deployed.update({f"reference_{k}": v for k, v in exact.items() if k != "frames"})
+    deployed["optimization"] = "ORT_ENABLE_ALL (reference_*: ORT_DISABLE_ALL)"
+    return deployed
+
+
+def export_int8_bundle(run_dir: str | Path, qat_name: str, out_dir: str | Path | None = None,
+                       device: str = "auto") -> tuple[Path, Manifest]:
+    """Export RUN/qat/NAME as an INT8 bundle (default RUN/qat/NAME/bundle); returns the folder and manifest."""
+    from qat.bits import bits_table
+
+    run_dir = Path(run_dir)
+    float_path = run_dir / "checkpoints" / "best.pt"
+    if not float_path.is_file():
+        raise InputError(f"{float_path}: not found; --run-dir must be the float run the QAT run came from")
+    qat_dir, qat_path = qat_paths(run_dir, qat_name)
+    float_model, float_checkpoint, float_cfg = load_model(float_path)
+    model, checkpoint, cfg, qcfg = load_qat(qat_path, float_cfg.arch)
+    out_dir = Path(out_dir) if out_dir else qat_dir / "bundle"
+    threshold, morphology = float(checkpoint["threshold"]), Morphology.from_dict(checkpoint["morphology"])
+    input_size = tuple(cfg.input_size)
+    torch_device = resolve_device(device)
+    table = bits_table(model, input_size)
+
+    with atomic_dir(out_dir, replace=True) as staging:
+        fp32_path = export_onnx(float_model, staging / FP32_NAME, input_size)
+        signed = build_int8_model(model, input_size, staging / ".int8-float-twin.onnx")
+        (staging / ".int8-float-twin.onnx").unlink()
+        tensorrt_path, cpu_path = staging / TENSORRT_NAME, staging / CPU_NAME
+        _save(signed, tensorrt_path)
+        _save(activations_to_uint8(signed), cpu_path)
+
+        val_images, _, _ = split_arrays(run_dir, "val", cfg)
+        reference = predict_probabilities(model.to(torch_device), val_images, torch_device, cfg.val_batch_size, amp=False)
+        parity = {}
+        for path in (cpu_path, tensorrt_path):
+            parity[path.name] = result = parity_of(path, val_images, reference, threshold, morphology)
+            failures = parity_failures(result, "int8")
+            if failures:
+                raise ParityError(f"{path.name}: ONNX Runtime disagrees with the PyTorch fake-quant model on "
+                                  f"{result['frames']} validation frames: {'; '.join(failures)}; no bundle written")
+        test_images, test_masks, _ = split_arrays(run_dir, "test", cfg)
+        test_int8, _, _ = evaluate_arrays(onnx_probabilities(cpu_path, test_images), test_masks, threshold, morphology)
+        timing = interleaved_latency({"fp32": fp32_path, "int8": cpu_path, "int8_tensorrt_form": tensorrt_path},
+                                     input_size, threads=EXPORT_TIMING_THREADS, rounds=20)
+        problems = [f"{TENSORRT_NAME}: {p}" for p in tensorrt_problems(tensorrt_path)]
+        problems += [f"{FP32_NAME}: {p}" for p in tensorrt_problems(fp32_path)]
+        files = [describe_file(staging, FP32_NAME, "fp32", "onnx")]
+        for name, runtimes in INT8_FILES.items():
+            entry = describe_file(staging, name, "int8", "onnx")
+            entry.runtimes = list(runtimes)
+            files.append(entry)
+        fp32_bytes, int8_bytes = files[0].bytes, files[1].bytes
+        quantization = {
+            "scheme": SCHEME,
+            "opset": INT8_OPSET,
+            "qat_run": str(qat_dir),
+            "qat_config": _plain(qcfg),
+            "files": {name: runtimes for name, runtimes in INT8_FILES.items()},
+            "layers": table["layers"],
+            "mean_weight_bits": table["mean_weight_bits"],
+            "mean_activation_bits": table["mean_activation_bits"],
+            "mean_bits": table["mean_weight_bits"],  # what the stored model costs per weight
+            "fp32_file_bytes": fp32_bytes,
+            "int8_file_bytes": int8_bytes,
+            "int8_compression": fp32_bytes / int8_bytes,
+            **packed_bytes(table, model),
+        }
+        qat_test = _test_metrics(qat_dir)
+        manifest = Manifest(
+            architecture=cfg.arch,
+            input_size=input_size,
+            threshold=threshold,
+            morphology=morphology,
+            files=files,
+            quantization=quantization,
+            metrics={"validation": checkpoint.get("validation", {}), "test": qat_test,
+                     "test_onnx": {"int8": test_int8},
+                     "float_run": {"threshold": float_checkpoint.get("threshold"),
+                                   "morphology": float_checkpoint.get("morphology"),
+                                   "validation": float_checkpoint.get("validation", {}),
+                                   "note": "model.fp32.onnx is the float run's model; the bundle's T* and "
+                                           "morphology are the QAT run's"},
+                     "parity": parity,
+                     "latency_ms": {"ort-cpu": {"fp32": timing["fp32"]["median_ms"],
+                                                "int8": timing["int8"]["median_ms"],
+                                                "int8_tensorrt_form": timing["int8_tensorrt_form"]["median_ms"],
+                                                "threads": EXPORT_TIMING_THREADS, "runs": timing["fp32"]["runs"],
+                                                "machine": f"{platform.machine()} {platform.processor()}".strip(),
+                                                "note": "measured at export, interleaved, batch 1"}},
+                     "tensorrt_problems": problems},
+            training_config=cfg.to_dict(),
+            dataset=dataset_description(run_dir, cfg),
+        )
+        write_manifest(staging, manifest)
+    _add_onnx_test_metrics(qat_dir / "test_metrics_onnx.json", "int8", test_int8)
+    return out_dir, manifest
+
+
+def _save(model, path: Path) -> None:
+    import onnx
+
+    from device_runtime.fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
+
+
+def _plain(obj) -> dict:
+    if obj is None:
+        return {}
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    from dataclasses import asdict, is_dataclass
+
+    return json.loads(json.dumps(asdict(obj), default=str)) if is_dataclass(obj) else {}
+
+
+def _test_metrics(qat_dir: Path) -> dict:
+    path = qat_dir / "test_metrics.json"
+    if not path.is_file():
+        return {}
+    return {k: v for k, v in json.loads(path.read_text()).items() if k != "per_image"}
+
+
+def _add_onnx_test_metrics(path: Path, key: str, metrics: dict) -> None:
+    """Merge one entry into a run's test_metrics_onnx.json (written atomically)."""
+    data = {}
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = {}
+    data[key] = metrics
+    write_json(path, data)
+
+
+def format_summary(bundle: Path, manifest: Manifest) -> str:
+    """What `nerveseg export --qat` and the pipeline print: parity of each INT8 file, sizes, test Dice, timing."""
+    q, m = manifest.quantization, manifest.metrics
+    lines = [f"INT8 bundle {bundle}: T* {manifest.threshold:.2f}, mean bits W {q['mean_weight_bits']:.2f} "
+             f"A {q['mean_activation_bits']:.2f}"]
+    for name, p in m["parity"].items():
+        lines.append(f"  parity {name}: mask Dice {p['mask_dice']:.4f} (>= {TOLERANCE['int8']['mask_dice']}), "
+                     f"max |dp| {p['max_prob_diff']:.3f}, flipped pixels {p['flipped_fraction']:.2e}; "
+                     f"reference level (ORT_DISABLE_ALL): mask Dice {p['reference_mask_dice']:.4f}, "
+                     f"max |dp| {p['reference_max_prob_diff']:.2e}")
+    lines.append(f"  size: FP32 {q['fp32_file_bytes'] / 1e6:.2f} MB, INT8 file {q['int8_file_bytes'] / 1e6:.2f} MB "
+                 f"({q['int8_compression']:.2f}x smaller), packed at learned bits {q['packed_bytes'] / 1e6:.2f} MB")
+    t = m["test_onnx"]["int8"]
+    lines.append(f"  test through {CPU_NAME} (ORT CPU): Dice {t['dice']:.4f} IoU {t['iou']:.4f} "
+                 f"PA {t['pixel_accuracy']:.4f} ({t['images']} frames)")
+    lat = m["latency_ms"]["ort-cpu"]
+    lines.append(f"  ORT CPU {lat['threads']} threads at export: FP32 {lat['fp32']:.1f} ms, INT8 (u8/128) "
+                 f"{lat['int8']:.1f} ms, INT8 TensorRT form (s8) {lat['int8_tensorrt_form']:.1f} ms")
+    return "\n".join(lines)
+
+
+def print_problems(manifest: Manifest) -> None:
+    for problem in manifest.metrics.get("tensorrt_problems", []):
+        print(f"warning: TensorRT would refuse: {problem}", file=sys.stderr)

@@ -1,0 +1,206 @@
+"""A trained QAT model -> its explicit-quantization (QDQ) ONNX graph, the form TensorRT builds INT8 engines from.
+
+Route: graph surgery on a float export. The QAT model's convolutions are swapped (on a copy) for plain
+nn.Conv2d holding the quantized float weights and biases, the float exporter writes that graph (same opset,
+same operators, BatchNorm already folded by prepare_qat), and then, for each Conv node, in the order the
+convolutions ran:
+
+    x -> [Clip(qmin*s, qmax*s) when b < 8] -> QuantizeLinear(s, int8 0) -> DequantizeLinear -> Conv
+    int8 weight initializer -> DequantizeLinear(per-channel scales, axis 0, zero point 0) -> Conv weight
+    float bias on the int32 grid (s_in x s_w[c]) -> Conv bias
+    Conv -> QuantizeLinear(s_out, int8 0) -> DequantizeLinear -> (every reader of the conv's output)
+
+The integers are taken from the modules (`weight_integers`, `export_params`), never re-derived from the graph:
+QuantizeLinear computes saturate(round(x / s)) with round half to even, the fake quantizer
+clamp(round(x / s), qmin, qmax) with torch.round (also half to even) and the same float32 s, so the graph holds
+the QAT model's integers. At b = 8 the int8 saturation IS the activation grid [-128, 127]; at b < 8 the Clip
+keeps the integers inside the b-bit range (round(clip(x, qmin*s, qmax*s) / s) = clamp(round(x / s), qmin, qmax)).
+
+Why surgery, not torch.fake_quantize_* through the exporter: torch's fake-quant kernels multiply by 1/s where
+the QAT model and ONNX divide by s (a tie can round differently), their export wants constant Python scales,
+and weights would come out as Q(float constant) -> DQ to be folded afterwards anyway. Here every Q/DQ is
+placed by us, from the module that owns it.
+
+Opset 13: the first opset with per-axis QuantizeLinear/DequantizeLinear (the per-channel weight scales); the
+float graph uses 13 as well (HardSwish written as HardSigmoid * x), so both graphs share their operators; it
+is inside what TensorRT 8.4/8.5 (JetPack 5) parses (up to 17) and what ONNX Runtime's QDQ fusions handle.
+Nothing later is needed: opset 19 adds float8 types, 21 int4 and blocked quantization, neither used here.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+from .onnx_export import OPSET, export_onnx
+
+INT8_OPSET = OPSET  # see the module doc
+INT8_QMIN, INT8_QMAX = -128, 127
+
+
+def float_twin(model: nn.Module, input_size: tuple[int, int]) -> tuple[nn.Module, list[tuple[str, nn.Module]]]:
+    """A copy of the QAT model whose QuantConv2d are nn.Conv2d with the quantized weights and biases, and the
+    (name, QuantConv2d) of the original in the order the convolutions run in a forward pass."""
+    from qat.prepare import quant_convs
+
+    convs = dict(quant_convs(model))
+    order: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, _a, name=name: order.append(name)) for name, m in convs.items()]
+    try:
+        with torch.no_grad():
+            model.eval()
+            device = next(model.parameters()).device
+            model(torch.zeros(1, 1, *input_size, device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if sorted(order) != sorted(convs):
+        raise ValueError("each quantized convolution must run exactly once per forward pass")
+    twin = copy.deepcopy(model).cpu().eval()
+    for name in order:
+        q = twin.get_submodule(name)
+        conv = nn.Conv2d(q.in_channels, q.out_channels, q.kernel_size, q.stride, q.padding, q.dilation, q.groups,
+                         bias=True)
+        with torch.no_grad():
+            conv.weight.copy_(q.quantized_weight())
+            conv.bias.copy_(q.quantized_bias())
+        parent, _, attr = name.rpartition(".")
+        setattr(twin.get_submodule(parent) if parent else twin, attr, conv)
+    return twin, [(name, convs[name]) for name in order]
+
+
+def _scalar(name: str, value, dtype) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
+
+
+class _Builder:
+    """Collects the nodes and initializers that the surgery adds."""
+
+    def __init__(self):
+        self.initializers: list[onnx.TensorProto] = []
+
+    def add(self, tensor: onnx.TensorProto) -> str:
+        self.initializers.append(tensor)
+        return tensor.name
+
+    def activation_qdq(self, prefix: str, source: str, params, target: str | None = None) -> tuple[list, str]:
+        """[Clip] -> Q -> DQ on `source`; returns the nodes and the dequantized name (`target` if given)."""
+        scale = np.float32(params.scale.detach().cpu().reshape(()).numpy())
+        if not (np.isfinite(scale) and scale > 0):
+            raise ValueError(f"{prefix}: activation scale {scale} is not positive and finite")
+        if params.qmin < INT8_QMIN or params.qmax > INT8_QMAX:
+            raise ValueError(f"{prefix}: integer range [{params.qmin}, {params.qmax}] does not fit int8")
+        nodes = []
+        scale_name = self.add(_scalar(f"{prefix}.scale", scale, np.float32))
+        zero_name = self.add(_scalar(f"{prefix}.zero_point", 0, np.int8))
+        if (params.qmin, params.qmax) != (INT8_QMIN, INT8_QMAX):  # b < 8: keep the integers in the b-bit range
+            low = self.add(_scalar(f"{prefix}.clip_min", np.float32(params.qmin) * scale, np.float32))
+            high = self.add(_scalar(f"{prefix}.clip_max", np.float32(params.qmax) * scale, np.float32))
+            nodes.append(helper.make_node("Clip", [source, low, high], [f"{prefix}.clipped"], name=f"{prefix}/Clip"))
+            source = f"{prefix}.clipped"
+        nodes.append(helper.make_node("QuantizeLinear", [source, scale_name, zero_name], [f"{prefix}.int8"],
+                                      name=f"{prefix}/QuantizeLinear"))
+        out = target or f"{prefix}.dequantized"
+        nodes.append(helper.make_node("DequantizeLinear", [f"{prefix}.int8", scale_name, zero_name], [out],
+                                      name=f"{prefix}/DequantizeLinear"))
+        return nodes, out
+
+    def weight_dq(self, prefix: str, module) -> tuple[list, str]:
+        integers = module.weight_integers().cpu().numpy().astype(np.int8)
+        scale = module.weight_quant.export_params().scale.detach().cpu().numpy().astype(np.float32).reshape(-1)
+        if scale.shape != (integers.shape[0],):
+            raise ValueError(f"{prefix}: weight scales {scale.shape} are not one per output channel "
+                             f"({integers.shape[0]})")
+        if not (np.isfinite(scale).all() and (scale > 0).all()):
+            raise ValueError(f"{prefix}: weight scales must be positive and finite")
+        w = self.add(numpy_helper.from_array(integers, f"{prefix}.weight_int8"))
+        s = self.add(numpy_helper.from_array(scale, f"{prefix}.weight_scale"))
+        z = self.add(numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{prefix}.weight_zero_point"))
+        node = helper.make_node("DequantizeLinear", [w, s, z], [f"{prefix}.weight"], name=f"{prefix}/weight/DequantizeLinear",
+                                axis=0)
+        return [node], f"{prefix}.weight"
+
+
+def build_int8_model(model: nn.Module, input_size: tuple[int, int], work_path) -> onnx.ModelProto:
+    """The TensorRT-form QDQ graph of a QAT model (signed 8-bit activations and weights, zero point 0).
+
+    `work_path` receives the intermediate float export (a scratch file inside the bundle's staging folder).
+    """
+    twin, convs = float_twin(model, input_size)
+    export_onnx(twin, work_path, input_size)
+    graph_model = onnx.load(str(work_path))
+    graph = graph_model.graph
+    conv_nodes = [n for n in graph.node if n.op_type == "Conv"]
+    if len(conv_nodes) != len(convs):
+        raise ValueError(f"the float export has {len(conv_nodes)} Conv nodes, the QAT model {len(convs)} convolutions")
+    values = _constant_values(graph_model)
+    builder = _Builder()
+    before: dict[int, list] = {}
+    after: dict[int, list] = {}
+    for (name, module), node in zip(convs, conv_nodes):
+        _check_same_weights(name, module, node, values)
+        prefix = name
+        nodes, dq = builder.activation_qdq(f"{prefix}.input_quant", node.input[0], module.input_quant.export_params())
+        w_nodes, w_name = builder.weight_dq(prefix, module)
+        bias = module.quantized_bias().detach().cpu().numpy().astype(np.float32)
+        bias_name = builder.add(numpy_helper.from_array(bias, f"{prefix}.bias"))
+        node.input[0], node.input[1] = dq, w_name
+        if len(node.input) > 2:
+            node.input[2] = bias_name
+        else:
+            node.input.append(bias_name)
+        before[id(node)] = nodes + w_nodes
+        if module.output_quant is not None:
+            original = node.output[0]
+            node.output[0] = f"{prefix}.conv_output"
+            out_nodes, _ = builder.activation_qdq(f"{prefix}.output_quant", node.output[0],
+                                                  module.output_quant.export_params(), target=original)
+            after[id(node)] = out_nodes
+    ordered = []
+    for node in graph.node:
+        ordered += before.get(id(node), []) + [node] + after.get(id(node), [])
+    del graph.node[:]
+    graph.node.extend(ordered)
+    graph.initializer.extend(builder.initializers)
+    _remove_dead(graph)
+    del graph.value_info[:]
+    graph_model.producer_name = "nerveseg export.int8"
+    onnx.checker.check_model(graph_model)
+    return graph_model
+
+
+def _constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    for node in model.graph.node:  # the exporter writes duplicated constants once, behind Identity nodes
+        if node.op_type == "Identity" and node.input[0] in values:
+            values[node.output[0]] = values[node.input[0]]
+    return values
+
+
+def _check_same_weights(name: str, module, node: onnx.NodeProto, values: dict) -> None:
+    """The i-th Conv node must be the i-th convolution that ran: its weights are that module's, exactly."""
+    weight = values.get(node.input[1])
+    expected = module.quantized_weight().detach().cpu().numpy()
+    if weight is None or weight.shape != expected.shape or not np.array_equal(weight, expected):
+        raise ValueError(f"Conv node {node.name} does not carry the weights of {name}: cannot place its Q/DQ")
+
+
+def _remove_dead(graph: onnx.GraphProto) -> None:
+    """Drop nodes whose outputs nobody reads (the old weight Identity nodes) and unused initializers."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    used = {i for n in graph.node for i in n.input} | outputs
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)

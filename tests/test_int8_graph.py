@@ -1,0 +1,131 @@
+"""The INT8 QDQ graph holds the fake-quant model's integers: weights exactly, activations on frames, and a
+layer that learned 3 bits keeps its 3-bit range inside int8."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+
+pytest.importorskip("qat.prepare", reason="the qat package (branch qat) is not merged yet")
+
+from export.int8_graph import build_int8_model  # noqa: E402
+from export.onnx_export import tensorrt_problems  # noqa: E402
+from export.qdq import activations_to_uint8  # noqa: E402
+
+SIZE = (64, 64)
+THREE_BIT = "backbone.4.block.0.0"  # an expansion conv in the middle of the backbone
+
+
+def _frames(count=4, seed=0):
+    return np.random.default_rng(seed).random((count, *SIZE), dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def qat_model():
+    from qat.prepare import initialise_steps, prepare_qat
+    from training.model import build_model
+
+    torch.manual_seed(0)
+    model = prepare_qat(build_model("mobilenet_v3_large").eval(), "mobilenet_v3_large")
+    conv = model.get_submodule(THREE_BIT)
+    conv.input_quant.freeze_bits(3)
+    conv.weight_quant.freeze_bits(3)
+    initialise_steps(model, [torch.from_numpy(_frames(4, 1))[:, None]])
+    conv.weight_quant.init_from_tensor(conv.weight)  # weight step chosen for 3 bits
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def graphs(qat_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("int8")
+    signed = build_int8_model(qat_model, SIZE, folder / "twin.onnx")
+    paths = {"s8": folder / "s8.onnx", "u8": folder / "u8.onnx"}
+    onnx.save(signed, str(paths["s8"]))
+    onnx.save(activations_to_uint8(signed), str(paths["u8"]))
+    return signed, paths
+
+
+def _session(model_or_path, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    data = model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def test_weights_are_the_fake_quant_integers_exactly(qat_model, graphs):
+    from qat.prepare import quant_convs
+
+    signed, _ = graphs
+    inits = {i.name: numpy_helper.to_array(i) for i in signed.graph.initializer}
+    for name, conv in quant_convs(qat_model):
+        integers = inits[f"{name}.weight_int8"]
+        assert integers.dtype == np.int8
+        np.testing.assert_array_equal(integers, conv.weight_integers().numpy())
+        np.testing.assert_array_equal(inits[f"{name}.weight_scale"], conv.weight_quant.export_params().scale.numpy())
+        assert not inits[f"{name}.weight_zero_point"].any()
+        bias_steps = inits[f"{name}.bias"] / (conv.input_quant.step() * conv.weight_quant.step()).detach().numpy()
+        np.testing.assert_allclose(bias_steps, np.round(bias_steps), atol=1e-3)  # biases on the int32 grid
+    three = inits[f"{THREE_BIT}.weight_int8"]
+    assert three.min() >= -3 and three.max() <= 3 and (np.abs(three) == 3).any()  # narrow 3-bit range, used
+
+
+def test_activation_integers_match_on_frames(qat_model, graphs):
+    """Every QuantizeLinear gives the fake quantizer's integers for the values it receives (exactly), and end
+    to end the graph's integers are the PyTorch model's: exactly through most of the network; past the first
+    squeeze-excitation block a value sitting on a rounding tie (averages of grid values land on ties) may
+    round the other way after another order of float operations, and such one-step differences spread."""
+    from qat.prepare import quant_convs
+
+    signed, _ = graphs
+    convs = quant_convs(qat_model)
+    names = [name for name, _ in convs]
+    captured = {}
+    hooks = [conv.input_quant.register_forward_pre_hook(
+        lambda m, args, name=name: captured.__setitem__(name, m.quantize_integers(args[0]).numpy()))
+        for name, conv in convs]
+    frames = _frames(2, 7)
+    with torch.no_grad():
+        reference = qat_model(torch.from_numpy(frames)[:, None])["out"].numpy()
+    for hook in hooks:
+        hook.remove()
+    quantize = {n.output[0]: n for n in signed.graph.node if n.op_type == "QuantizeLinear"}
+    probe = onnx.ModelProto.FromString(signed.SerializeToString())
+    wanted = [f"{n}.input_quant.int8" for n in names]
+    feeds = [quantize[w].input[0] for w in wanted]  # the float value each QuantizeLinear receives
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in wanted + feeds)
+    outputs = _session(probe).run(None, {"input": frames[:, None]})
+    logits, integers, received = outputs[0], outputs[1:1 + len(names)], outputs[1 + len(names):]
+    for (name, conv), q, x in zip(convs, integers, received):
+        expected = conv.input_quant.quantize_integers(torch.from_numpy(x)).numpy()
+        np.testing.assert_array_equal(q.astype(np.int32), expected, err_msg=name)
+    agree = [float(np.mean(q.astype(np.int32) == captured[n])) for n, q in zip(names, integers)]
+    first_se = names.index(next(n for n in names if ".fc1" in n))
+    assert agree[:first_se + 1] == [1.0] * (first_se + 1)  # the frame and every layer up to the first SE block
+    assert np.mean(agree) > 0.9
+    assert np.corrcoef(logits.ravel(), reference.ravel())[0, 1] > 0.99
+    three = integers[names.index(THREE_BIT)]
+    assert three.min() >= -4 and three.max() <= 3 and (three == 3).any()  # the 3-bit range, saturated at its top
+
+
+def test_three_bit_layer_is_clipped_before_quantize(graphs):
+    signed, _ = graphs
+    clips = [n for n in signed.graph.node if n.op_type == "Clip" and n.name.startswith(THREE_BIT + ".input_quant")]
+    assert len(clips) == 1
+    inits = {i.name: numpy_helper.to_array(i) for i in signed.graph.initializer}
+    scale = inits[f"{THREE_BIT}.input_quant.scale"]
+    assert inits[clips[0].input[1]] == np.float32(-4) * scale and inits[clips[0].input[2]] == np.float32(3) * scale
+    eight_bit_clips = [n for n in signed.graph.node if n.op_type == "Clip" and "output_quant" in n.name]
+    assert eight_bit_clips == []  # at 8 bits QuantizeLinear's saturation is the grid
+
+
+def test_tensorrt_form_passes_the_lint_and_cpu_form_is_the_same_integers(graphs):
+    signed, paths = graphs
+    assert tensorrt_problems(paths["s8"]) == []
+    assert signed.opset_import[0].version == 13
+    frames = _frames(2, 3)[:, None]
+    exact = [_session(paths[k]).run(None, {"input": frames})[0] for k in ("s8", "u8")]
+    np.testing.assert_array_equal(exact[0], exact[1])
+    deployed = _session(paths["u8"], ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(None, {"input": frames})[0]
+    assert np.isfinite(deployed).all() and deployed.shape == exact[0].shape
