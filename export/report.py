@@ -38,7 +38,8 @@ from training.stages import split_arrays
 from . import report_figures as figures
 from .report_data import Row, float_row, ptq_row, qat_rows, sort_rows
 from .report_ptq import ensure_ptq
-from .report_measure import interleaved_latency, onnx_test_scores
+from .latency import interleaved_latency
+from .report_measure import onnx_test_scores
 from .report_stats import LEVEL, mean_ci, paired_diff_ci
 
 REPORT_DIR = "report"
@@ -76,7 +77,7 @@ CSV_KEYS = ["name", "kind", "status", "scored_by", "mean_weight_bits", "mean_act
             "pooled_dice", "test_frames", "threshold", "fp32_bytes", "int8_bytes", "packed_bytes", "latency_ms",
             "latency_threads", "parity_mask_dice", "parity_max_prob_diff", "parity_flip_fraction", "epochs",
             "command", "note"]
-FLIP_KEYS = ("flip_fraction", "flipped_fraction", "pixels_flipped", "flip_rate")
+FLIP_KEYS = ("flipped_fraction",)  # export.parity.compare: share of pixels whose final label differs
 
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -129,8 +130,10 @@ def collect(run_dir: Path, threads: int = 2, latency_runs: int = 50, make_ptq: b
             row.per_image = np.asarray(per_image, dtype=np.float64)
         timed = {r.name: r.onnx for r in rows if r.onnx is not None and r.status == "complete"}
         if timed and latency_runs > 0:
-            for name, ms in interleaved_latency(timed, manifest, images[0], threads, latency_runs).items():
-                next(r for r in rows if r.name == name).latency_ms = ms
+            # all models in one interleaved run: on a shared, noisy machine a slow minute hurts every model alike
+            timing = interleaved_latency(timed, tuple(cfg.input_size), threads, rounds=latency_runs)
+            for name, measured in timing.items():
+                next(r for r in rows if r.name == name).latency_ms = measured["median_ms"]
     add_intervals(rows)
     rows = sort_rows(rows)
     context = {"cfg": cfg, "notes": notes, "threads": threads, "latency_runs": latency_runs,

@@ -199,16 +199,11 @@ def fill_from_bundle(row: Row, manifest: Manifest, bundle_dir: Path) -> None:
     row.threshold, row.morphology = manifest.threshold, manifest.morphology.to_dict()
     row.fp32_bytes = file_bytes(manifest, bundle_dir, "fp32")
     row.int8_bytes = file_bytes(manifest, bundle_dir, "int8")
-    quant = manifest.quantization or {}
-    for key in ("packed_bytes", "packed_size_bytes", "packed_size"):
-        if isinstance(quant.get(key), (int, float)):
-            row.packed_bytes = int(quant[key])
-            break
-    parity = manifest.metrics.get("parity", {})
+    packed = (manifest.quantization or {}).get("packed_bytes")  # export.int8: weights at their bits + scales, biases
+    row.packed_bytes = int(packed) if isinstance(packed, (int, float)) else None
     cpu_path = cpu_int8_file(manifest)
-    # the parity entry of the graph that is scored, else the INT8 one, else whatever the exporter recorded
-    picked = next((parity[k] for k in (cpu_path, "int8_cpu", "cpu", "int8") if k and isinstance(parity.get(k), dict)), None)
-    row.parity = dict(picked) if picked else {}
+    # export.int8 keys parity by file name: the figures of the graph that is scored here
+    row.parity = dict(manifest.metrics.get("parity", {}).get(cpu_path, {}))
     if cpu_path:
         row.onnx = bundle_dir / cpu_path
         row.scored_by = f"ONNX Runtime CPU, {cpu_path}"
