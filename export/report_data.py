@@ -149,11 +149,14 @@ def qat_kind(name: str, config: dict | None) -> str:
 def qat_command(run_dir: Path, name: str, config: dict | None) -> str:
     """The command that makes this QAT run (from its config.toml), then its INT8 export."""
     config = config or {}
-    parts = [f"nerveseg qat --run-dir {run_dir}", f"--bits {config.get('bits', name)}"]
-    for key, flag in (("bit_weight", "--bit-weight"), ("target_bits", "--target-bits"), ("epochs", "--epochs")):
-        value = config.get(key)
-        if value not in (None, "", 0) or (key == "bit_weight" and value == 0):
-            parts.append(f"{flag} {value}")
+    bits = str(config.get("bits", name))
+    parts = [f"nerveseg qat --run-dir {run_dir}", f"--bits {bits}"]
+    if bits == "learned":  # the bit cost only acts where bits are learned
+        parts.append(f"--bit-weight {config.get('bit_weight', 0.25):g}")
+        if config.get("target_bits"):
+            parts.append(f"--target-bits {config['target_bits']:g}")
+    if config.get("epochs"):
+        parts.append(f"--epochs {config['epochs']}")
     parts.append(f"--name {name}")
     return " ".join(parts) + f" && nerveseg export --run-dir {run_dir} --qat {name}"
 

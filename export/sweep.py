@@ -102,14 +102,12 @@ def split_list(text: str | None) -> list[str]:
     return [part for part in (text or "").split(",") if part.strip()]
 
 
-def qat_config(run_dir: Path, job: Job, epochs: int | None, resume: bool, device: str):
-    """A QatConfig for `job` (only the fields it has are set: the recipe's [qat] table gives the rest)."""
-    from qat.config import QatConfig
+def qat_config(run_dir: Path, recipe: str, job: Job, epochs: int | None, device: str):
+    """The job's QatConfig as `nerveseg qat` builds it: defaults, the float recipe's [qat] table, then its flags."""
+    from qat.config import build_qat_config
 
-    wanted = {"run_dir": str(run_dir), "bits": job.bits, "bit_weight": job.bit_weight, "target_bits": job.target_bits,
-              "epochs": epochs, "name": job.name, "resume": resume, "device": device}
-    known = {f.name for f in dataclasses.fields(QatConfig)}
-    return QatConfig(**{k: v for k, v in wanted.items() if k in known and v is not None})
+    return build_qat_config(recipe, run_dir=str(run_dir), name=job.name, bits=job.bits, bit_weight=job.bit_weight,
+                            target_bits=job.target_bits, epochs=epochs, device=device)
 
 
 def is_finished(qat_dir: Path) -> bool:
@@ -130,21 +128,22 @@ class SweepState:
         write_json(self.path, self.data)
 
 
-def train_job(run_dir: Path, job: Job, epochs: int | None, device: str, state: SweepState) -> None:
+def train_job(run_dir: Path, job: Job, qcfg, epochs: int | None, state: SweepState) -> None:
     """Run, resume or skip one QAT run."""
     from qat.run import run_qat
 
     qat_dir = run_dir / "qat" / job.name
     command = job.flags(run_dir, epochs)
     if is_finished(qat_dir):
-        print(f"sweep: {job.name} finished earlier; skipped")
+        print(f"sweep: {job.name} finished earlier; skipped", flush=True)
         state.update(job.name, command=state.data["runs"].get(job.name, {}).get("command", command), status="finished")
         return
-    resume = qat_dir.is_dir() and (qat_dir / "checkpoints" / "last.pt").is_file()
-    print(f"sweep: {'resuming' if resume else 'starting'} {job.name}: {command}{' --resume' if resume else ''}")
+    resume = (qat_dir / "checkpoints" / "last.pt").is_file()
+    print(f"sweep: {'resuming' if resume else 'starting'} {job.name}: {command}{' --resume' if resume else ''}",
+          flush=True)
     state.update(job.name, command=command, status="running")
     start = time.perf_counter()
-    run_qat(qat_config(run_dir, job, epochs, resume, device))
+    run_qat(qcfg, resume)
     state.update(job.name, status="finished", seconds=round(time.perf_counter() - start, 1))
 
 
@@ -183,6 +182,7 @@ def run_sweep(run_dir: str | Path, bits: list[str], learned: list[str], target_b
     the report folder."""
     from .report import write_report
     from .report_ptq import ensure_ptq
+    from training.config import load_run_config
     from training.stages import best_checkpoint
 
     run_dir = Path(run_dir)
@@ -192,12 +192,15 @@ def run_sweep(run_dir: str | Path, bits: list[str], learned: list[str], target_b
     if not jobs:
         raise InputError("nothing to sweep: give --bits and/or --learned / --target-bits values")
     best_checkpoint(run_dir)  # a one-line error before anything starts when the float run is not trained
+    recipe = load_run_config(run_dir).recipe
+    # every config built (and checked) before the first run starts: a bad combination fails now, in one line
+    configs = [qat_config(run_dir, recipe, job, epochs, device) for job in jobs]
     state = SweepState(run_dir, command or "nerveseg sweep " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     state.data["epochs"] = epochs
     ensure_float_bundle(run_dir, device)
-    for index, job in enumerate(jobs, 1):
-        print(f"sweep: run {index}/{len(jobs)}")
-        train_job(run_dir, job, epochs, device, state)
+    for index, (job, qcfg) in enumerate(zip(jobs, configs), 1):
+        print(f"sweep: run {index}/{len(jobs)}", flush=True)
+        train_job(run_dir, job, qcfg, epochs, state)
     export_finished(run_dir, device, state)
     ensure_ptq(run_dir)
     return write_report(run_dir, threads, latency_runs, make_ptq=False)

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import REPO
 
+EPOCHS = 3  # QAT epochs of the tiny sweep
 REPORT_FILES = ("report.html", "report.md", "results.csv", "results.json")
 COLUMNS = ("name", "kind", "status", "scored_by", "mean_weight_bits", "mean_activation_bits", "dice", "dice_ci_low",
            "dice_ci_high", "iou", "pixel_accuracy", "pooled_dice", "threshold", "fp32_bytes", "int8_bytes",
@@ -135,14 +136,15 @@ def test_sweep_plan_names():
 
 @pytest.fixture(scope="module")
 def swept(float_run, tmp_path_factory):
-    """A tiny synthetic sweep: two QAT runs (W8A8 and learned lambda 0.25), 64x64, one epoch each."""
+    """A tiny synthetic sweep: two QAT runs (W8A8 and learned lambda 0.25), 64x64, three epochs each (a learned
+    run needs at least two: bits are learned, then frozen for the last epochs)."""
     pytest.importorskip("qat.run")
     pytest.importorskip("export.int8")
     from export.sweep import run_sweep
 
     run_dir = tmp_path_factory.mktemp("sweep") / "run"
     shutil.copytree(float_run, run_dir)
-    out = run_sweep(run_dir, ["8"], ["0.25"], epochs=1, device="cpu", threads=1, latency_runs=3)
+    out = run_sweep(run_dir, ["8"], ["0.25"], epochs=EPOCHS, device="cpu", threads=1, latency_runs=3)
     return run_dir, out
 
 
@@ -159,7 +161,7 @@ def test_tiny_sweep_report_has_every_row_column_and_figure(swept):
     assert len(table) == len(rows) and set(COLUMNS) <= set(table[0])
     for name in ("w8a8", "learned-0.25"):
         row = rows[name]
-        assert row["status"] == "complete" and row["epochs"] == "1/1"
+        assert row["status"] == "complete" and row["epochs"] == f"{EPOCHS}/{EPOCHS}"
         assert 2 <= row["mean_weight_bits"] <= 8 and 2 <= row["mean_activation_bits"] <= 8
         assert row["dice_ci_low"] <= row["dice"] <= row["dice_ci_high"]
         assert row["delta_ci_low"] <= row["delta_dice_vs_float"] <= row["delta_ci_high"]
@@ -201,12 +203,12 @@ def test_interrupted_sweep_resumes_and_skips_finished_runs(swept, tmp_path, monk
     calls = []
     real = qat.run.run_qat
 
-    def spy(cfg):
-        calls.append((cfg.name, getattr(cfg, "resume", None)))
-        return real(cfg)
+    def spy(cfg, resume=False):
+        calls.append((cfg.name, resume))
+        return real(cfg, resume)
 
     monkeypatch.setattr(qat.run, "run_qat", spy)
-    out = run_sweep(run_dir, ["8"], ["0.25"], epochs=1, device="cpu", threads=1, latency_runs=0)
+    out = run_sweep(run_dir, ["8"], ["0.25"], epochs=EPOCHS, device="cpu", threads=1, latency_runs=0)
     assert calls == [("learned-0.25", True)]
     assert finished_checkpoint.stat().st_mtime_ns == before
     rows = {row["name"]: row for row in strict_json(out / "results.json")["rows"]}
