@@ -1,4 +1,4 @@
-"""The desktop command line, `nerveseg`: synth, train, tune, evaluate, export, pipeline, sweep, report.
+"""The desktop command line, `nerveseg`: synth, train, tune, evaluate, export, qat, pipeline, sweep, report.
 
 Every subcommand turns its flags into one config and calls one function. Bad input is reported on one
 line with a non-zero exit, never a traceback.
@@ -84,6 +84,43 @@ def _export_int8(args) -> None:
     print_problems(manifest)
 
 
+def qat_config_from_args(args):
+    """The float run's recipe [qat] table plus the flags (with --resume, the QAT run's own config)."""
+    from qat.config import build_qat_config
+    from training.config import load_run_config
+
+    if args.resume:  # the run's own config; only --epochs and --device may change
+        from qat.config import load_qat_config, parse_bits
+
+        name = args.name or parse_bits(args.bits or "learned").default_name
+        saved = load_qat_config(Path(args.run_dir) / "qat" / name / "config.toml")
+        return saved.replace(run_dir=args.run_dir, epochs=args.epochs or saved.epochs, device=args.device)
+    recipe = load_run_config(args.run_dir).recipe
+    return build_qat_config(recipe, run_dir=args.run_dir, bits=args.bits, name=args.name, bit_weight=args.bit_weight,
+                            target_bits=args.target_bits, epochs=args.epochs, device=args.device)
+
+
+def _qat(args) -> None:
+    from qat.run import run_qat
+
+    qat_dir = run_qat(qat_config_from_args(args), args.resume)
+    print(format_qat_summary(qat_dir))
+
+
+def format_qat_summary(qat_dir: Path) -> str:
+    import json
+
+    m = json.loads((qat_dir / "test_metrics.json").read_text())
+    line = (f"QAT {qat_dir.name}: test Dice {m['dice']:.4f}  IoU {m['iou']:.4f}  PA {m['pixel_accuracy']:.4f}  pooled "
+            f"Dice {m['pooled_dice']:.4f}  at T* {m['threshold']:.2f}  mean bits W {m['mean_weight_bits']:.2f} "
+            f"A {m['mean_activation_bits']:.2f}")
+    if "dice_minus_float" in m:
+        low, high = m["dice_minus_float_ci95"]
+        line += (f"\n  float test Dice {m['float_dice']:.4f}; QAT - float {m['dice_minus_float']:+.4f} "
+                 f"(paired bootstrap 95 % CI {low:+.4f} .. {high:+.4f})")
+    return line + f"\n  -> {qat_dir}"
+
+
 def _pipeline(args) -> None:
     from training import train
 
@@ -115,6 +152,17 @@ def get_args_parser() -> argparse.ArgumentParser:
         sub.add_argument("--run-dir", required=True)
         sub.add_argument("--device", default="auto")
         sub.set_defaults(func=func)
+
+    qat = commands.add_parser("qat", help="fine-tune a tuned run with fake quantization (learned or fixed bits)")
+    qat.add_argument("--run-dir", required=True, help="a trained and tuned float run")
+    qat.add_argument("--bits", help="learned (default), N (2..8) or WxAy, e.g. W4A8")
+    qat.add_argument("--bit-weight", type=float, help="lambda of the bit cost (default 0.25, QuantU-Net's)")
+    qat.add_argument("--target-bits", type=float, help="penalise only mean bits above B")
+    qat.add_argument("--epochs", type=int, help="QAT epochs (default: the recipe's [qat] table)")
+    qat.add_argument("--name", help="RUN/qat/NAME (default from --bits: learned, w8a8, w4a4, w4a8)")
+    qat.add_argument("--resume", action="store_true", help="continue RUN/qat/NAME from its last checkpoint")
+    qat.add_argument("--device", default="auto")
+    qat.set_defaults(func=_qat)
 
     export = commands.add_parser("export", help="write the bundle: FP32 ONNX (+ INT8 with --qat) and manifest, "
                                  "checked against PyTorch")

@@ -31,11 +31,12 @@ class QuantConv2d(nn.Module):
         learn_weight_bits, learn_activation_bits: whether those bitwidths learn.
         output_bits: bits of the output quantizer (fixed), or None for no output quantizer (the logits).
         b_min, b_max: range of learned bitwidths.
+        init_steps: initialise the weight steps from the weights (MSE search).
     """
 
     def __init__(self, conv: nn.Conv2d, *, weight_bits: int = 8, activation_bits: int = 8,
                  learn_weight_bits: bool = True, learn_activation_bits: bool = True, output_bits: int | None = 8,
-                 b_min: int = 2, b_max: int = 8):
+                 b_min: int = 2, b_max: int = 8, init_steps: bool = True):
         super().__init__()
         if conv.padding_mode != "zeros":
             raise ValueError(f"only zero padding is supported, got {conv.padding_mode!r}")
@@ -51,7 +52,8 @@ class QuantConv2d(nn.Module):
                                       learn_bits=learn_weight_bits, b_min=b_min, b_max=b_max)
         self.output_quant = (FakeQuant(narrow=False, bits=output_bits, learn_bits=False)
                              if output_bits is not None else None)
-        self.weight_quant.init_from_tensor(self.weight)
+        if init_steps:  # off when a state dict will overwrite the steps anyway (loading a checkpoint)
+            self.weight_quant.init_from_tensor(self.weight)
 
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quant(self.weight)

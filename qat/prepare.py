@@ -58,7 +58,7 @@ def _set(model: nn.Module, name: str, value: nn.Module) -> None:
 
 
 def prepare_qat(model: nn.Module, arch: str = "", *, weight_bits: int = 8, activation_bits: int = 8,
-                learn_bits: bool = True, b_min: int = 2, b_max: int = 8) -> nn.Module:
+                learn_bits: bool = True, b_min: int = 2, b_max: int = 8, init_steps: bool = True) -> nn.Module:
     """Fold BN and replace every Conv2d (at the same attribute path) by a QuantConv2d; in place, returned.
 
     The first convolution's input is fixed at 8 bits; every output quantizer is fixed at 8 bits; the last
@@ -71,6 +71,7 @@ def prepare_qat(model: nn.Module, arch: str = "", *, weight_bits: int = 8, activ
         weight_bits, activation_bits: initial bitwidths (learned runs) or the fixed ones (uniform runs).
         learn_bits: whether the weight and activation bitwidths learn.
         b_min, b_max: range of learned bitwidths.
+        init_steps: initialise weight steps from the weights (False when a checkpoint's state follows).
     """
     fold_batchnorm(model)
     convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
@@ -81,7 +82,8 @@ def prepare_qat(model: nn.Module, arch: str = "", *, weight_bits: int = 8, activ
         _set(model, name, QuantConv2d(
             conv, weight_bits=weight_bits, activation_bits=FIRST_INPUT_BITS if first else activation_bits,
             learn_weight_bits=learn_bits, learn_activation_bits=learn_bits and not first,
-            output_bits=None if last else OUTPUT_BITS, b_min=b_min, b_max=b_max))
+            output_bits=None if last else OUTPUT_BITS, b_min=b_min, b_max=b_max,
+            init_steps=init_steps))
     model.qat_arch = arch
     return model
 

@@ -162,6 +162,7 @@ class FakeQuant(nn.Module):
         self.log2_range = nn.Parameter(torch.zeros(()))
         # 0 while the bitwidth learns; otherwise the integer bitwidth in force (a buffer: it is state to save)
         self.register_buffer("frozen_bits", torch.tensor(0 if learn_bits else bits, dtype=torch.int64))
+        self.log2_range.requires_grad_(learn_bits)
         self.observing = False
         self._samples: list[torch.Tensor] = []
         self._set_range_for_bits(bits)

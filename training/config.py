@@ -121,7 +121,8 @@ def load_toml(path: str | Path) -> dict:
 def build_config(recipe: str, **overrides) -> TrainConfig:
     """The recipe's values, then every override that is not None."""
     path = recipe_path(recipe)
-    values = _coerce(load_toml(path), str(path))
+    # the [qat] table belongs to qat/ (qat.config reads and checks it); training ignores it
+    values = _coerce({k: v for k, v in load_toml(path).items() if k != "qat"}, str(path))
     values.update(_coerce({k: v for k, v in overrides.items() if v is not None}, "command line"))
     values["recipe"] = recipe
     try:

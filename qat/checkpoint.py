@@ -1,0 +1,98 @@
+"""QAT checkpoints: plain dicts of tensors, numbers, strings, lists and dicts, so that they load with
+`torch.load(..., weights_only=True)` (no pickled objects, numpy RNG state included as plain lists).
+
+Besides the model state (folded weights, log2 steps, bit ranges, frozen integer bits) they carry the float
+run's config, the QAT config, the per-layer bits and, after tuning, threshold, morphology and validation,
+like a tuned float checkpoint, so that the exporter needs nothing else.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from device_runtime.errors import InputError
+from training.checkpoint import NORMALIZATION, save_checkpoint
+from training.config import TrainConfig, config_from_dict
+from training.model import build_model
+
+from .config import QatConfig, qat_config_from_dict
+from .prepare import prepare_qat
+
+FORMAT = "nerveseg-qat-checkpoint-1"
+
+
+def rng_state() -> dict:
+    """Python, numpy and torch generator states as plain containers (weights_only-safe)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_qat_checkpoint(float_cfg: TrainConfig, qcfg: QatConfig, model: nn.Module, **extra) -> dict:
+    return {
+        "format": FORMAT,
+        "arch": float_cfg.arch,
+        "num_classes": 1,
+        "input_size": list(float_cfg.input_size),
+        "normalization": NORMALIZATION,
+        "config": float_cfg.to_dict(),
+        "qat_config": qcfg.to_dict(),
+        "model": model.state_dict(),
+        "threshold": None,
+        "morphology": None,
+        **extra,
+    }
+
+
+def save_qat_checkpoint(checkpoint: dict, path: str | Path) -> None:
+    save_checkpoint(checkpoint, path)  # atomic: a temporary name, then a rename
+
+
+def read_qat_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: QAT checkpoint not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise InputError(f"{path}: cannot read QAT checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise InputError(f"{path}: not a nerveseg QAT checkpoint (expected format {FORMAT})")
+    return checkpoint
+
+
+def build_qat_model(arch: str, qcfg: QatConfig, float_model: nn.Module | None = None,
+                    init_steps: bool = True) -> nn.Module:
+    """The QAT form of `float_model` (or of a fresh model of `arch`, to load a state into) for qcfg's bits."""
+    setting = qcfg.bit_setting
+    model = float_model if float_model is not None else build_model(arch)
+    return prepare_qat(model, arch, weight_bits=setting.weight_bits, activation_bits=setting.activation_bits,
+                       learn_bits=setting.learned, b_min=qcfg.b_min, b_max=qcfg.b_max, init_steps=init_steps)
+
+
+def load_qat_model(path: str | Path) -> tuple[nn.Module, dict, TrainConfig, QatConfig]:
+    """A trained QAT model in eval mode on the CPU, with its checkpoint, float config and QAT config."""
+    checkpoint = read_qat_checkpoint(path)
+    cfg = config_from_dict(checkpoint["config"], f"{path} (config)")
+    qcfg = qat_config_from_dict(checkpoint["qat_config"], f"{path} (qat_config)")
+    model = build_qat_model(checkpoint["arch"], qcfg, init_steps=False)
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), checkpoint, cfg, qcfg

@@ -1,0 +1,159 @@
+"""The one QAT config: the defaults below, then the float recipe's `[qat]` table, then command-line flags.
+
+It is saved as RUN/qat/NAME/config.toml and inside every QAT checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomli_w
+
+from device_runtime.errors import InputError
+from training.config import load_toml, recipe_path
+
+# keys a recipe's [qat] table may set (the rest come from the command line: run, name, bits, device)
+RECIPE_KEYS = ("epochs", "bit_epochs", "observe_frames", "batch_size", "lr_weights", "lr_steps", "lr_bits",
+               "bit_weight", "activation_bit_weight", "target_bits", "b_min", "b_max")
+
+
+@dataclass(frozen=True)
+class BitSetting:
+    """What `--bits` asks for: learned bitwidths, or fixed weight / activation bits."""
+
+    learned: bool
+    weight_bits: int = 8
+    activation_bits: int = 8
+
+    @property
+    def default_name(self) -> str:
+        return "learned" if self.learned else f"w{self.weight_bits}a{self.activation_bits}"
+
+
+def parse_bits(text: str) -> BitSetting:
+    """"learned", "N" (weights and activations at N bits) or "WxAy"; N, x, y in 2..8."""
+    value = str(text).strip().lower()
+    if value == "learned":
+        return BitSetting(True)
+    match = re.fullmatch(r"(\d+)", value) or re.fullmatch(r"w(\d+)a(\d+)", value)
+    if not match:
+        raise InputError(f"--bits must be 'learned', a bitwidth N or WxAy (e.g. W4A8), got {text!r}")
+    numbers = [int(g) for g in match.groups()]
+    bad = [n for n in numbers if not 2 <= n <= 8]
+    if bad:
+        raise InputError(f"--bits {text}: bitwidths must lie in 2..8 (int8 hardware; 1 bit has no signed grid), "
+                         f"got {bad[0]}")
+    return BitSetting(False, numbers[0], numbers[-1])
+
+
+@dataclass(frozen=True)
+class QatConfig:
+    run_dir: str = ""  # the tuned float run whose checkpoints/best.pt is fine-tuned
+    name: str = ""  # RUN/qat/NAME; "" = from bits (learned, w8a8, w4a4, w4a8)
+    bits: str = "learned"
+    # schedule: observe/initialise steps, learn weights + steps + bits for bit_epochs, then bits frozen
+    epochs: int = 6
+    bit_epochs: int = 4  # learned runs only; uniform runs have their bits frozen from the start
+    observe_frames: int = 64  # training frames whose activations initialise the steps
+    batch_size: int = 0  # 0 = the float recipe's
+    # optimiser groups (Adam): folded weights and biases, log2 steps, bitwidth ranges (log2 units ~ bits)
+    lr_weights: float = 1e-4
+    lr_steps: float = 1e-2
+    lr_bits: float = 0.1
+    # bit cost: bit_weight x (mean weight bits / 8 + activation_bit_weight x mean activation bits / 8)
+    bit_weight: float = 0.25  # lambda, QuantU-Net's value
+    activation_bit_weight: float = 1.0
+    target_bits: float = 0.0  # > 0: penalise only the mean bits above this
+    b_min: int = 2
+    b_max: int = 8
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        setting = parse_bits(self.bits)  # raises on a bad value
+        if not 2 <= self.b_min <= self.b_max <= 8:
+            raise InputError(f"b_min and b_max must satisfy 2 <= b_min <= b_max <= 8, got {self.b_min}, {self.b_max}")
+        if self.epochs < 1 or self.observe_frames < 1 or self.batch_size < 0:
+            raise InputError(f"epochs and observe_frames must be >= 1 and batch_size >= 0, got {self.epochs}, "
+                             f"{self.observe_frames}, {self.batch_size}")
+        if setting.learned and not 1 <= self.bit_epochs < self.epochs:
+            raise InputError(f"a learned-bits run needs 1 <= bit_epochs < epochs (bits are frozen for the last "
+                             f"epochs), got bit_epochs {self.bit_epochs}, epochs {self.epochs}")
+        if min(self.lr_weights, self.lr_steps, self.lr_bits) <= 0:
+            raise InputError("learning rates lr_weights, lr_steps, lr_bits must be positive")
+        if self.bit_weight < 0 or self.activation_bit_weight < 0:
+            raise InputError(f"bit_weight and activation_bit_weight must be >= 0, got {self.bit_weight}, "
+                             f"{self.activation_bit_weight}")
+        if self.target_bits and not self.b_min <= self.target_bits <= self.b_max:
+            raise InputError(f"--target-bits must lie in [{self.b_min}, {self.b_max}], got {self.target_bits}")
+
+    @property
+    def bit_setting(self) -> BitSetting:
+        return parse_bits(self.bits)
+
+    @property
+    def run_name(self) -> str:
+        return self.name or self.bit_setting.default_name
+
+    @property
+    def qat_dir(self) -> Path:
+        return Path(self.run_dir) / "qat" / self.run_name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "QatConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _check_keys(data: dict, allowed, where: str) -> None:
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise InputError(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(allowed))}")
+
+
+def recipe_qat_table(recipe: str) -> dict:
+    """The `[qat]` table of a recipe (name or .toml path), checked for unknown keys; {} when it has none."""
+    path = recipe_path(recipe)
+    table = load_toml(path).get("qat", {})
+    if not isinstance(table, dict):
+        raise InputError(f"{path}: 'qat' must be a table ([qat]), got {type(table).__name__}")
+    _check_keys(table, RECIPE_KEYS, f"{path} [qat]")
+    return dict(table)
+
+
+def build_qat_config(recipe: str, **overrides) -> QatConfig:
+    """Defaults, then the recipe's [qat] table, then every override that is not None."""
+    values = recipe_qat_table(recipe)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "epochs" in overrides and "bit_epochs" not in overrides and overrides["epochs"] >= 2:
+        # another length keeps the recipe's proportion of learning-bits epochs (at least one of each phase)
+        default = QatConfig()
+        epochs, bit_epochs = values.get("epochs", default.epochs), values.get("bit_epochs", default.bit_epochs)
+        share = round(overrides["epochs"] * bit_epochs / epochs)
+        overrides["bit_epochs"] = min(max(share, 1), overrides["epochs"] - 1)
+    values.update(overrides)
+    _check_keys(values, [f.name for f in dataclasses.fields(QatConfig)], "qat config")
+    try:
+        return QatConfig(**values)
+    except TypeError as err:
+        raise InputError(f"qat config: {err}") from None
+
+
+def qat_config_from_dict(data: dict, where: str) -> QatConfig:
+    _check_keys(data, [f.name for f in dataclasses.fields(QatConfig)], where)
+    try:
+        return QatConfig(**data)
+    except TypeError as err:
+        raise InputError(f"{where}: {err}") from None
+
+
+def to_toml(cfg: QatConfig) -> str:
+    return tomli_w.dumps(cfg.to_dict())
+
+
+def load_qat_config(path: str | Path) -> QatConfig:
+    return qat_config_from_dict(load_toml(path), str(path))

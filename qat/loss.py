@@ -1,0 +1,45 @@
+"""The QAT loss: the float recipe's BCE + Dice plus a bit cost (QuantU-Net, Boerkamp & Thomas 2025).
+
+    loss = BCE + Dice + lambda * (W / 8 + a * A / 8)
+
+W is the mean weight bitwidth weighted by each layer's weight count, A the mean activation bitwidth weighted
+by each convolution input's element count at the input size (qat/bits.py), a = activation_bit_weight.
+With a target B (`--target-bits`), only the excess is penalised: max(W - B, 0) / 8 and max(A - B, 0) / 8,
+so bits are free to stay at B but pay for every bit above it. The gradients of W and A reach every learned
+bitwidth straight through the integer rounding; with frozen bits they are constants.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from training.losses import BCEDiceLoss
+
+from .bits import mean_bits
+
+
+class QatLoss(nn.Module):
+    """Returns (loss, parts): parts holds floats "task", "bit_cost", "weight_bits", "activation_bits"."""
+
+    def __init__(self, elements: dict[str, int], bce_weight: float = 1.0, dice_weight: float = 1.0,
+                 bit_weight: float = 0.25, activation_bit_weight: float = 1.0, target_bits: float = 0.0):
+        super().__init__()
+        self.task = BCEDiceLoss(bce_weight, dice_weight)
+        self.elements = dict(elements)
+        self.bit_weight, self.activation_bit_weight, self.target_bits = bit_weight, activation_bit_weight, target_bits
+
+    def bit_cost(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(cost without lambda, W, A)."""
+        weight_bits, activation_bits = mean_bits(model, self.elements)
+        w, a = weight_bits, activation_bits
+        if self.target_bits > 0:
+            w, a = torch.relu(w - self.target_bits), torch.relu(a - self.target_bits)
+        return w / 8.0 + self.activation_bit_weight * a / 8.0, weight_bits, activation_bits
+
+    def forward(self, model: nn.Module, logits: torch.Tensor, target: torch.Tensor):
+        task = self.task(logits, target)
+        cost, weight_bits, activation_bits = self.bit_cost(model)
+        loss = task + self.bit_weight * cost
+        return loss, {"task": float(task.detach()), "bit_cost": float(cost.detach()),
+                      "weight_bits": float(weight_bits.detach()), "activation_bits": float(activation_bits.detach())}

@@ -1,0 +1,154 @@
+"""`nerveseg qat`: fine-tune a tuned float run with fake quantization, then re-tune and score it.
+
+RUN/qat/NAME/ gets config.toml, metrics.jsonl, checkpoints/{last,best}.pt, bits.json, threshold.json,
+threshold_curve.png, test_metrics.json and examples.png. T* and morphology are re-tuned on the validation
+split and the test split is scored with the quantized model (integer bits), by the same code as the float
+run (training.tune.tune, training.evaluate.evaluate_arrays).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from device_runtime.errors import InputError
+from device_runtime.fileio import write_json, write_text
+from device_runtime.postprocess import Morphology
+from training.bootstrap import paired_bootstrap_ci
+from training.checkpoint import load_model, read_checkpoint
+from training.data import SegmentationDataset
+from training.evaluate import evaluate_arrays, plot_examples
+from training.predict import predict_probabilities, resolve_device
+from training.stages import split_arrays
+from training.train import Dist, build_loader, rewrite_log
+from training.transforms import AugmentConfig, build_train_transform
+from training.tune import plot_threshold_curve, tune
+
+from .bits import activation_elements, bits_table
+from .checkpoint import build_qat_model, read_qat_checkpoint, save_qat_checkpoint
+from .config import QatConfig, load_qat_config, to_toml
+from .loss import QatLoss
+from .prepare import initialise_steps
+from .train import QatState, build_optimizer, restore, run_epochs
+
+
+def tuned_float_checkpoint(run_dir: Path) -> Path:
+    """RUN/checkpoints/best.pt, which must carry a tuned threshold."""
+    path = Path(run_dir) / "checkpoints" / "best.pt"
+    if not path.is_file():
+        raise InputError(f"{path}: not found; QAT starts from a trained and tuned float run "
+                         f"('nerveseg train' then 'nerveseg tune --run-dir {run_dir}')")
+    if read_checkpoint(path).get("threshold") is None:
+        raise InputError(f"{path}: the float checkpoint is not tuned; run 'nerveseg tune --run-dir {run_dir}' first")
+    return path
+
+
+def check_qat_dir(qat_dir: Path, resume: bool) -> None:
+    last = qat_dir / "checkpoints" / "last.pt"
+    if resume and not last.is_file():
+        raise InputError(f"{last}: nothing to resume (no last checkpoint in {qat_dir})")
+    if not resume and qat_dir.exists() and any(qat_dir.iterdir()):
+        raise InputError(f"{qat_dir}: already exists; pass --resume to continue it or choose another --name")
+
+
+def resolve_config(qcfg: QatConfig, resume: bool) -> QatConfig:
+    """On resume the run's own config.toml, with only epochs and device taken from qcfg."""
+    if not resume:
+        return qcfg
+    saved = load_qat_config(qcfg.qat_dir / "config.toml")
+    return saved.replace(run_dir=qcfg.run_dir, epochs=qcfg.epochs, device=qcfg.device)
+
+
+def _observation_batches(images: np.ndarray, count: int, batch_size: int, device: torch.device):
+    frames = images[:count]
+    for start in range(0, len(frames), batch_size):
+        yield torch.from_numpy(np.ascontiguousarray(frames[start:start + batch_size]))[:, None].to(device)
+
+
+def run_qat(qcfg: QatConfig, resume: bool = False) -> Path:
+    """Fine-tune RUN's best checkpoint with fake quantization; returns RUN/qat/NAME."""
+    run_dir = Path(qcfg.run_dir)
+    float_path = tuned_float_checkpoint(run_dir)
+    check_qat_dir(qcfg.qat_dir, resume)
+    qcfg = resolve_config(qcfg, resume)
+    qat_dir = qcfg.qat_dir
+    device = resolve_device(qcfg.device)
+    float_model, _, cfg = load_model(float_path)
+    batch_size = qcfg.batch_size or cfg.batch_size
+    loader_cfg = cfg.replace(batch_size=batch_size, seed=cfg.seed + qcfg.seed)
+
+    train_images, train_masks, _ = split_arrays(run_dir, "train", cfg)
+    val_images, val_masks, _ = split_arrays(run_dir, "val", cfg)
+    augment = AugmentConfig(cfg.rotation, cfg.hflip, cfg.vflip, cfg.intensity_shift, cfg.contrast)
+    train_set = SegmentationDataset(train_images, train_masks, build_train_transform(augment))
+
+    torch.manual_seed(cfg.seed + qcfg.seed)
+    model = build_qat_model(cfg.arch, qcfg, float_model.to(device), init_steps=not resume).to(device)
+    elements = activation_elements(model, cfg.input_size)
+    criterion = QatLoss(elements, cfg.bce_weight, cfg.dice_weight, qcfg.bit_weight, qcfg.activation_bit_weight,
+                        qcfg.target_bits)
+    state = QatState(model, build_optimizer(model, qcfg), criterion)
+    if resume:
+        restore(state, read_qat_checkpoint(qat_dir / "checkpoints" / "last.pt"))
+        rewrite_log(qat_dir / "metrics.jsonl", state.start_epoch)
+    else:
+        qat_dir.mkdir(parents=True, exist_ok=True)
+        write_text(qat_dir / "config.toml", to_toml(qcfg))
+        seen = initialise_steps(model, _observation_batches(train_images, qcfg.observe_frames, batch_size, device))
+        print(f"qat {qat_dir.name}: {cfg.arch}, bits {qcfg.bits}, steps initialised on {seen} training frames",
+              flush=True)
+
+    run_epochs(state, cfg, qcfg, qat_dir, lambda epoch: build_loader(train_set, loader_cfg, Dist(), epoch, 0),
+               train_images, val_images, val_masks, device, lambda m: bits_table(m, cfg.input_size))
+    return finish(qat_dir, cfg, device)
+
+
+def finish(qat_dir: Path, cfg, device: torch.device) -> Path:
+    """Best checkpoint -> bits.json, T* + morphology on validation, test metrics; all at integer bits."""
+    from .checkpoint import load_qat_model
+
+    best_path = qat_dir / "checkpoints" / "best.pt"
+    model, checkpoint, cfg, _ = load_qat_model(best_path)
+    model.to(device)
+    table = bits_table(model, cfg.input_size)
+    write_json(qat_dir / "bits.json", table)
+
+    val_images, val_masks, _ = split_arrays(qat_dir.parents[1], "val", cfg)
+    prob = predict_probabilities(model, val_images, device, cfg.val_batch_size)
+    result = tune(prob, val_masks, cfg.objective_weights)
+    write_json(qat_dir / "threshold.json", result)
+    plot_threshold_curve(result["sweep"], qat_dir / "threshold_curve.png", title=f"QAT {qat_dir.name}: validation")
+    checkpoint.update(threshold=result["threshold"], morphology=result["morphology"],
+                      validation=result["validation"], bits=table)
+    save_qat_checkpoint(checkpoint, best_path)
+
+    images, masks, names = split_arrays(qat_dir.parents[1], "test", cfg)
+    prob = predict_probabilities(model, images, device, cfg.val_batch_size)
+    summary, per_image, preds = evaluate_arrays(prob, masks, result["threshold"], Morphology.from_dict(result["morphology"]))
+    summary["per_image"] = {name: float(d) for name, d in zip(names, per_image)}
+    summary.update(mean_weight_bits=table["mean_weight_bits"], mean_activation_bits=table["mean_activation_bits"])
+    summary.update(compare_with_float(qat_dir.parents[1], summary["per_image"]))
+    write_json(qat_dir / "test_metrics.json", summary)
+    plot_examples(images, masks, preds, per_image, qat_dir / "examples.png", names)
+    return qat_dir
+
+
+def compare_with_float(run_dir: Path, per_image: dict[str, float]) -> dict:
+    """Test Dice of the float run, the difference (QAT - float) and its paired bootstrap 95 % interval."""
+    import json
+
+    path = Path(run_dir) / "test_metrics.json"
+    if not path.is_file():
+        return {}
+    float_metrics = json.loads(path.read_text())
+    reference = float_metrics.get("per_image", {})
+    common = [n for n in per_image if n in reference]
+    if not common:
+        return {}
+    a = np.array([per_image[n] for n in common])
+    b = np.array([reference[n] for n in common])
+    low, high = paired_bootstrap_ci(a, b)
+    return {"float_dice": float_metrics["dice"], "dice_minus_float": float(a.mean() - b.mean()),
+            "dice_minus_float_ci95": [low, high]}
