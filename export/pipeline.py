@@ -1,4 +1,5 @@
-"""`nerveseg pipeline`: train -> tune -> evaluate -> export, then a short table of what came out."""
+"""`nerveseg pipeline`: train -> tune -> evaluate -> export, then a short table of what came out; then the
+quantized stages and the accuracy-vs-bitwidth report of what it ran (float, learned bits, W8A8, ORT PTQ)."""
 
 from __future__ import annotations
 
@@ -34,4 +35,18 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False) -> Path:
           f"mask Dice {parity['mask_dice']:.4f}")
     print(f"run:    {run_dir}")
     print(f"bundle: {bundle_dir}   ({time.perf_counter() - start:.0f} s in all)")
+    report_stage(run_dir, cfg)
+    print(f"({time.perf_counter() - start:.0f} s in all)")
     return bundle_dir
+
+
+def report_stage(run_dir: Path, cfg: TrainConfig) -> Path:
+    """W8A8 QAT beside the learned-bits run (same recipe [qat] schedule), every finished QAT run exported to
+    INT8, ONNX Runtime's PTQ of the float graph, then RUN/report/; prints the report's path. Resumable: finished
+    runs and bundles are kept (the sweep's rules)."""
+    from .sweep import run_sweep
+
+    print()
+    report = run_sweep(run_dir, bits=["8"], learned=[], device=cfg.device, command=f"nerveseg pipeline --run-dir {run_dir}")
+    print(f"report: {report / 'report.html'}")
+    return report

@@ -18,8 +18,10 @@ def test_pipeline_on_a_tiny_synthetic_set(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "test (ONNX, as deployed)" in out and "bundle:" in out
+    assert f"report: {run_dir / 'report' / 'report.html'}" in out
     for name in ("threshold.json", "threshold_curve.png", "test_metrics.json", "examples.png",
-                 "bundle/manifest.json", "bundle/model.fp32.onnx"):
+                 "bundle/manifest.json", "bundle/model.fp32.onnx", "qat/w8a8/bundle/manifest.json",
+                 "report/report.html", "report/results.json"):
         assert (run_dir / name).is_file(), name
 
 

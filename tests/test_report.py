@@ -86,7 +86,7 @@ def test_incomplete_qat_run_is_listed_not_fatal_and_report_is_replaced(float_run
     broken.mkdir(parents=True)
     (broken / "config.toml").write_text('bits = "4"\nepochs = 3\n')
     (broken / "metrics.jsonl").write_text('{"epoch": 1}\n')
-    (run_dir / "report").mkdir()
+    (run_dir / "report").mkdir(exist_ok=True)  # the previous test may have left one: either way it is replaced
     (run_dir / "report" / "stale.txt").write_text("from an older report")
 
     out = write_report(run_dir, threads=1, latency_runs=0)
