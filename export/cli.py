@@ -126,7 +126,7 @@ def _pipeline(args) -> None:
 
     from .pipeline import run_pipeline
 
-    run_pipeline(train.config_from_args(args), args.resume)
+    run_pipeline(train.config_from_args(args), args.resume, args.qat_epochs)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -145,6 +145,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     train_flags(commands.add_parser("train", help="train DeepLabV3 (recipes: paper, edge, quick)")).set_defaults(func=_train)
     pipeline = commands.add_parser("pipeline", help="train, tune, evaluate and export in one go")
     train_flags(pipeline).set_defaults(func=_pipeline)
+    pipeline.add_argument("--qat-epochs", type=int, help="epochs of the QAT stage (default: the recipe's [qat] table)")
 
     for name, func, text in (("tune", _tune, "choose T* and morphology on the validation split"),
                              ("evaluate", _evaluate, "score the test split at T* with morphology")):

@@ -1,11 +1,13 @@
-"""`nerveseg pipeline`: train -> tune -> evaluate -> export, then a short table of what came out; then the
-quantized stages and the accuracy-vs-bitwidth report of what it ran (float, learned bits, W8A8, ORT PTQ)."""
+"""`nerveseg pipeline`: train -> tune -> evaluate -> export -> QAT (learned bits), then a short table of what
+came out; then W8A8 beside it, the INT8 exports, ORT PTQ and the accuracy-vs-bitwidth report of what it ran."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+from qat.config import build_qat_config
+from qat.run import run_qat
 from training import stages, train
 from training.config import TrainConfig
 
@@ -20,33 +22,59 @@ def format_table(threshold: dict, test: dict, test_onnx: dict) -> str:
     return "\n".join(lines)
 
 
-def run_pipeline(cfg: TrainConfig, resume: bool = False) -> Path:
+def run_pipeline(cfg: TrainConfig, resume: bool = False, qat_epochs: int | None = None) -> Path:
     """Every stage in order on one run folder (training resumed with resume); returns the bundle folder."""
     start = time.perf_counter()
     run_dir = train.main(cfg, resume)
     threshold = stages.tune_run(run_dir, cfg.device)
     test = stages.evaluate_run(run_dir, cfg.device)
     bundle_dir, manifest = export_bundle(run_dir / "checkpoints" / "best.pt", device=cfg.device)
+    float_seconds = time.perf_counter() - start
+    qat_dir = run_qat_stage(cfg, run_dir, resume, qat_epochs)
     parity = manifest.metrics["parity"]["fp32"]
     print()
     print(format_table(threshold, test, manifest.metrics["test_onnx"]))
     print(f"T* = {threshold['threshold']:.2f}   morphology {threshold['morphology']}")
     print(f"ONNX parity on {parity['frames']} validation frames: max |dp| {parity['max_prob_diff']:.1e}, "
           f"mask Dice {parity['mask_dice']:.4f}")
+    print(format_qat(qat_dir))
     print(f"run:    {run_dir}")
-    print(f"bundle: {bundle_dir}   ({time.perf_counter() - start:.0f} s in all)")
-    report_stage(run_dir, cfg)
-    print(f"({time.perf_counter() - start:.0f} s in all)")
+    print(f"bundle: {bundle_dir}   ({time.perf_counter() - start:.0f} s in all: float stages "
+          f"{float_seconds:.0f} s, QAT {time.perf_counter() - start - float_seconds:.0f} s)")
+    report_stage(run_dir, cfg, qat_epochs)
+    print(f"({time.perf_counter() - start:.0f} s in all, report included)")
     return bundle_dir
 
 
-def report_stage(run_dir: Path, cfg: TrainConfig) -> Path:
-    """W8A8 QAT beside the learned-bits run (same recipe [qat] schedule), every finished QAT run exported to
-    INT8, ONNX Runtime's PTQ of the float graph, then RUN/report/; prints the report's path. Resumable: finished
-    runs and bundles are kept (the sweep's rules)."""
+def report_stage(run_dir: Path, cfg: TrainConfig, qat_epochs: int | None = None) -> Path:
+    """W8A8 QAT beside the learned-bits run (the same [qat] schedule and epochs), every finished QAT run exported
+    to INT8, ONNX Runtime's PTQ of the float graph, then RUN/report/; prints the report's path. Resumable:
+    finished runs and bundles are kept (the sweep's rules)."""
     from .sweep import run_sweep
 
     print()
-    report = run_sweep(run_dir, bits=["8"], learned=[], device=cfg.device, command=f"nerveseg pipeline --run-dir {run_dir}")
+    report = run_sweep(run_dir, bits=["8"], learned=[], epochs=qat_epochs, device=cfg.device,
+                       command=f"nerveseg pipeline --run-dir {run_dir}")
     print(f"report: {report / 'report.html'}")
     return report
+
+
+def run_qat_stage(cfg: TrainConfig, run_dir: Path, resume: bool, epochs: int | None = None) -> Path:
+    """QAT with learned bits on the recipe's [qat] schedule (RUN/qat/learned; `epochs` overrides its length);
+    resumed when it was started."""
+    qcfg = build_qat_config(cfg.recipe, run_dir=str(run_dir), bits="learned", device=cfg.device, epochs=epochs)
+    started = (qcfg.qat_dir / "checkpoints" / "last.pt").is_file()
+    return run_qat(qcfg, resume=resume and started)
+
+
+def format_qat(qat_dir: Path) -> str:
+    import json
+
+    m = json.loads((qat_dir / "test_metrics.json").read_text())
+    line = (f"QAT (learned bits: mean W {m['mean_weight_bits']:.2f}, A {m['mean_activation_bits']:.2f}), test at "
+            f"re-tuned T* {m['threshold']:.2f}: Dice {m['dice']:.4f} IoU {m['iou']:.4f} PA {m['pixel_accuracy']:.4f} "
+            f"pooled {m['pooled_dice']:.4f}")
+    if "dice_minus_float" in m:
+        low, high = m["dice_minus_float_ci95"]
+        line += f"\n  QAT - float test Dice {m['dice_minus_float']:+.4f} (paired bootstrap 95 % CI {low:+.4f} .. {high:+.4f})"
+    return line + f"\n  qat:    {qat_dir}"

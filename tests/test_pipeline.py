@@ -14,14 +14,15 @@ from conftest import REPO
 def test_pipeline_on_a_tiny_synthetic_set(tmp_path, capsys):
     run_dir = tmp_path / "run"
     code = main(["pipeline", "--input-size", "64", "64", "--epochs", "1", "--synth-count", "30",
-                 "--batch-size", "4", "--device", "cpu", "--run-dir", str(run_dir)])
+                 "--batch-size", "4", "--device", "cpu", "--run-dir", str(run_dir), "--qat-epochs", "2"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "test (ONNX, as deployed)" in out and "bundle:" in out
+    assert "test (ONNX, as deployed)" in out and "bundle:" in out and "QAT (learned bits" in out
     assert f"report: {run_dir / 'report' / 'report.html'}" in out
     for name in ("threshold.json", "threshold_curve.png", "test_metrics.json", "examples.png",
-                 "bundle/manifest.json", "bundle/model.fp32.onnx", "qat/w8a8/bundle/manifest.json",
-                 "report/report.html", "report/results.json"):
+                 "bundle/manifest.json", "bundle/model.fp32.onnx", "qat/learned/bits.json",
+                 "qat/learned/test_metrics.json", "qat/w8a8/test_metrics.json", "report/report.html",
+                 "report/results.json"):
         assert (run_dir / name).is_file(), name
 
 

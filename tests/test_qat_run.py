@@ -1,0 +1,184 @@
+"""The QAT loop end to end on the tiny phantom run: files, resume, the bit cost, and every bad input."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from device_runtime.errors import InputError
+from export.cli import main as cli
+from qat import train as qat_train
+from qat.checkpoint import load_qat_model, read_qat_checkpoint
+from qat.config import QatConfig, build_qat_config, parse_bits
+from qat.loss import QatLoss
+from qat.modules import QuantConv2d
+from qat.prepare import initialise_steps, quant_convs
+from qat.run import run_qat
+from qat.train import build_optimizer, train_one_epoch
+
+SMALL = dict(epochs=2, bit_epochs=1, observe_frames=8, batch_size=12, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def qat_run(tiny_run):
+    return run_qat(QatConfig(run_dir=str(tiny_run), **SMALL))
+
+
+def test_run_writes_the_qat_folder(qat_run, tiny_run):
+    assert qat_run == tiny_run / "qat" / "learned"
+    for name in ("config.toml", "metrics.jsonl", "checkpoints/last.pt", "checkpoints/best.pt", "bits.json",
+                 "threshold.json", "threshold_curve.png", "test_metrics.json"):
+        assert (qat_run / name).is_file(), name
+    lines = [json.loads(l) for l in (qat_run / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [1, 2] and all("mean_weight_bits" in l for l in lines)
+    assert [l["bits_frozen"] for l in lines] == [False, True]
+    bits = json.loads((qat_run / "bits.json").read_text())
+    assert set(bits) == {"layers", "mean_weight_bits", "mean_activation_bits"}
+    assert set(bits["layers"][0]) == {"name", "weight_bits", "activation_bits", "params", "activation_elements"}
+    assert all(2 <= row["weight_bits"] <= 8 and 2 <= row["activation_bits"] <= 8 for row in bits["layers"])
+    test = json.loads((qat_run / "test_metrics.json").read_text())
+    float_test = json.loads((tiny_run / "test_metrics.json").read_text())
+    assert set(float_test) <= set(test) and set(test["per_image"]) == set(float_test["per_image"])
+
+
+def test_checkpoint_loads_weights_only_and_keeps_the_export_contract(qat_run):
+    model, checkpoint, cfg, qcfg = load_qat_model(qat_run / "checkpoints" / "best.pt")
+    assert checkpoint["threshold"] is not None and checkpoint["morphology"] is not None
+    assert qcfg.bits == "learned" and cfg.input_size == (64, 64)
+    table = json.loads((qat_run / "bits.json").read_text())
+    for row, (name, conv) in zip(table["layers"], quant_convs(model)):
+        assert row["name"] == name and row["weight_bits"] == conv.weight_quant.export_params().bits
+        assert not conv.weight_quant.learns_bits, "the kept model has frozen (deployed) bits"
+    conv = quant_convs(model)[5][1]
+    x = torch.randn(1, conv.in_channels, 8, 8)
+    p = conv.input_quant.export_params()
+    assert torch.equal(conv.input_quant(x), torch.clamp(torch.round(x / p.scale), p.qmin, p.qmax) * p.scale)
+
+
+def test_resume_continues_exactly(tiny_run, qat_run, monkeypatch):
+    cfg = QatConfig(run_dir=str(tiny_run), name="resumed", **SMALL)
+    real_epoch, calls = qat_train.train_one_epoch, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(qat_train, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_qat(cfg)
+    monkeypatch.setattr(qat_train, "train_one_epoch", real_epoch)
+    with pytest.raises(InputError, match="already exists"):
+        run_qat(cfg)
+    run_qat(cfg, resume=True)
+    straight = read_qat_checkpoint(qat_run / "checkpoints" / "last.pt")
+    resumed = read_qat_checkpoint(tiny_run / "qat" / "resumed" / "checkpoints" / "last.pt")
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    lines = (tiny_run / "qat" / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["epoch"] for l in lines] == [1, 2]
+
+
+def _toy_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(QuantConv2d(nn.Conv2d(1, 8, 3, padding=1)), nn.ReLU(),
+                          QuantConv2d(nn.Conv2d(8, 8, 3, padding=1)), nn.ReLU(),
+                          QuantConv2d(nn.Conv2d(8, 1, 3, padding=1), output_bits=None))
+    return model
+
+
+class _Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = _toy_model()
+
+    def forward(self, x):
+        return {"out": self.net(x)}
+
+
+@pytest.mark.parametrize("bit_weight,falls", [(5.0, True), (0.0, False)])
+def test_bits_fall_with_a_large_lambda_and_not_without(bit_weight, falls):
+    model = _Toy()
+    x = torch.rand(16, 1, 16, 16)
+    target = (x > 0.5).float()
+    initialise_steps(model, [x])
+    elements = {name: 16 * 16 * conv.in_channels for name, conv in quant_convs(model)}
+    criterion = QatLoss(elements, bit_weight=bit_weight)
+    optimizer = build_optimizer(model, QatConfig(lr_bits=0.1))
+    before = [b.detach() for b in criterion.bit_cost(model)[1:]]
+    loader = [(x[i:i + 4], target[i:i + 4]) for i in range(0, 16, 4)] * 10
+    train_one_epoch(model, loader, criterion, optimizer, torch.device("cpu"), "toy", show=False)
+    weight_bits, activation_bits = (float(b.detach()) for b in criterion.bit_cost(model)[1:])
+    assert [float(b) for b in before] == [8.0, 8.0]
+    if falls:
+        assert weight_bits <= 5.0 and activation_bits <= 6.0
+    else:
+        assert weight_bits == 8.0 and activation_bits == 8.0
+
+
+def test_target_bits_penalise_only_the_excess():
+    model = _Toy()
+    elements = {name: 1 for name, _ in quant_convs(model)}
+    assert float(QatLoss(elements, target_bits=8.0).bit_cost(model)[0].detach()) == 0.0
+    assert float(QatLoss(elements, target_bits=4.0).bit_cost(model)[0].detach()) == pytest.approx(0.5 + 0.5)
+
+
+@pytest.mark.parametrize("text,expected", [("learned", "learned"), ("8", "w8a8"), ("4", "w4a4"), ("W4A8", "w4a8"),
+                                           ("w2a3", "w2a3")])
+def test_bit_settings(text, expected):
+    assert parse_bits(text).default_name == expected
+
+
+def test_recipes_carry_a_qat_table():
+    cfg = build_qat_config("edge", run_dir="x")
+    assert (cfg.epochs, cfg.bit_epochs, cfg.bit_weight) == (6, 4, 0.25)
+    assert build_qat_config("quick", run_dir="x", epochs=2).bit_epochs == 1
+
+
+def _error(capsys, argv) -> str:
+    code = cli(argv)
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("bits", ["1", "9", "W9A2", "W4A1", "w4", "many"])
+def test_bad_bits_are_one_line_errors(tiny_run, capsys, bits):
+    assert "--bits" in _error(capsys, ["qat", "--run-dir", str(tiny_run), "--bits", bits])
+
+
+def test_a_run_without_a_tuned_checkpoint_is_refused(tiny_run, tmp_path, capsys):
+    untuned = tmp_path / "untuned"
+    shutil.copytree(tiny_run, untuned, ignore=shutil.ignore_patterns("qat"))
+    from training.checkpoint import read_checkpoint, save_checkpoint
+
+    checkpoint = read_checkpoint(untuned / "checkpoints" / "best.pt")
+    checkpoint["threshold"] = None
+    save_checkpoint(checkpoint, untuned / "checkpoints" / "best.pt")
+    assert "not tuned" in _error(capsys, ["qat", "--run-dir", str(untuned)])
+    (untuned / "checkpoints" / "best.pt").unlink()
+    assert "best.pt: not found" in _error(capsys, ["qat", "--run-dir", str(untuned)])
+    assert not (untuned / "qat").exists()
+    assert "config.toml" in _error(capsys, ["qat", "--run-dir", str(tmp_path / "nothing")])
+
+
+def test_an_existing_name_without_resume_is_refused_and_untouched(qat_run, capsys):
+    before = (qat_run / "checkpoints" / "best.pt").read_bytes()
+    err = _error(capsys, ["qat", "--run-dir", str(qat_run.parents[1]), "--name", "learned"])
+    assert "already exists" in err and "--resume" in err
+    assert (qat_run / "checkpoints" / "best.pt").read_bytes() == before
+
+
+def test_unknown_qat_key_in_the_recipe_is_a_one_line_error(tiny_run, tmp_path, capsys):
+    recipe = tmp_path / "odd.toml"
+    recipe.write_text('arch = "mobilenet_v3_large"\n\n[qat]\nepochs = 2\nlearning_rate = 0.1\n')
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("qat"))
+    config = (run / "config.toml").read_text().replace('recipe = "quick"', f'recipe = "{recipe}"')
+    (run / "config.toml").write_text(config)
+    err = _error(capsys, ["qat", "--run-dir", str(run)])
+    assert "odd.toml" in err and "learning_rate" in err
+    assert not (run / "qat").exists()
