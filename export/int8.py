@@ -108,8 +108,12 @@ def parity_of(path: Path, images: np.ndarray, reference: np.ndarray, threshold: 
 
 
 def export_int8_bundle(run_dir: str | Path, qat_name: str, out_dir: str | Path | None = None,
-                       device: str = "auto") -> tuple[Path, Manifest]:
-    """Export RUN/qat/NAME as an INT8 bundle (default RUN/qat/NAME/bundle); returns the folder and manifest."""
+                       device: str = "auto", min_mask_dice: float = TOLERANCE["int8"]["mask_dice"]) -> tuple[Path, Manifest]:
+    """Export RUN/qat/NAME as an INT8 bundle (default RUN/qat/NAME/bundle); returns the folder and manifest.
+
+    `min_mask_dice`: the parity bound (0.995, the project's). Only the tests lower it, for 2-epoch 64x64 models
+    whose probability maps sit near T* over much of the frame, where any 1-step integer difference flips pixels.
+    """
     from qat.bits import bits_table
 
     run_dir = Path(run_dir)
@@ -138,7 +142,8 @@ def export_int8_bundle(run_dir: str | Path, qat_name: str, out_dir: str | Path |
         parity = {}
         for path in (cpu_path, tensorrt_path):
             parity[path.name] = result = parity_of(path, val_images, reference, threshold, morphology)
-            failures = parity_failures(result, "int8")
+            result["min_mask_dice"] = min_mask_dice
+            failures = parity_failures(result, "int8", min_mask_dice)
             if failures:
                 raise ParityError(f"{path.name}: ONNX Runtime disagrees with the PyTorch fake-quant model on "
                                   f"{result['frames']} validation frames: {'; '.join(failures)}; no bundle written")
@@ -244,7 +249,7 @@ def format_summary(bundle: Path, manifest: Manifest) -> str:
     lines = [f"INT8 bundle {bundle}: T* {manifest.threshold:.2f}, mean bits W {q['mean_weight_bits']:.2f} "
              f"A {q['mean_activation_bits']:.2f}"]
     for name, p in m["parity"].items():
-        lines.append(f"  parity {name}: mask Dice {p['mask_dice']:.4f} (>= {TOLERANCE['int8']['mask_dice']}), "
+        lines.append(f"  parity {name}: mask Dice {p['mask_dice']:.4f} (>= {p['min_mask_dice']}), "
                      f"max |dp| {p['max_prob_diff']:.3f}, flipped pixels {p['flipped_fraction']:.2e}; "
                      f"reference level (ORT_DISABLE_ALL): mask Dice {p['reference_mask_dice']:.4f}, "
                      f"max |dp| {p['reference_max_prob_diff']:.2e}")

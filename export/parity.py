@@ -47,8 +47,8 @@ def compare(reference_prob: np.ndarray, onnx_prob: np.ndarray, threshold: float,
     }
 
 
-def parity_failures(result: dict, precision: str) -> list[str]:
-    limits = TOLERANCE[precision]
+def parity_failures(result: dict, precision: str, min_mask_dice: float | None = None) -> list[str]:
+    limits = dict(TOLERANCE[precision], **({} if min_mask_dice is None else {"mask_dice": min_mask_dice}))
     failures = []
     if "max_prob_diff" in limits and result["max_prob_diff"] > limits["max_prob_diff"]:
         failures.append(f"largest probability difference {result['max_prob_diff']:.2e} > {limits['max_prob_diff']:.0e}")

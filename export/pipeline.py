@@ -11,7 +11,9 @@ from qat.run import run_qat
 from training import stages, train
 from training.config import TrainConfig
 
-from .bundle import export_bundle
+from .bundle import ParityError, export_bundle
+from .int8 import export_int8_bundle
+from .int8 import format_summary as format_int8
 
 
 def format_table(threshold: dict, test: dict, test_onnx: dict) -> str:
@@ -31,6 +33,7 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False, qat_epochs: int | None 
     bundle_dir, manifest = export_bundle(run_dir / "checkpoints" / "best.pt", device=cfg.device)
     float_seconds = time.perf_counter() - start
     qat_dir = run_qat_stage(cfg, run_dir, resume, qat_epochs)
+    int8_report = int8_stage(run_dir, qat_dir, cfg.device)
     parity = manifest.metrics["parity"]["fp32"]
     print()
     print(format_table(threshold, test, manifest.metrics["test_onnx"]))
@@ -38,6 +41,7 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False, qat_epochs: int | None 
     print(f"ONNX parity on {parity['frames']} validation frames: max |dp| {parity['max_prob_diff']:.1e}, "
           f"mask Dice {parity['mask_dice']:.4f}")
     print(format_qat(qat_dir))
+    print(int8_report)
     print(f"run:    {run_dir}")
     print(f"bundle: {bundle_dir}   ({time.perf_counter() - start:.0f} s in all: float stages "
           f"{float_seconds:.0f} s, QAT {time.perf_counter() - start - float_seconds:.0f} s)")
@@ -65,6 +69,16 @@ def run_qat_stage(cfg: TrainConfig, run_dir: Path, resume: bool, epochs: int | N
     qcfg = build_qat_config(cfg.recipe, run_dir=str(run_dir), bits="learned", device=cfg.device, epochs=epochs)
     started = (qcfg.qat_dir / "checkpoints" / "last.pt").is_file()
     return run_qat(qcfg, resume=resume and started)
+
+
+def int8_stage(run_dir: Path, qat_dir: Path, device: str) -> str:
+    """The QAT run as an INT8 bundle (RUN/qat/NAME/bundle); its summary, or the one line saying why ONNX
+    Runtime's INT8 graph was refused (parity below the bound: no INT8 bundle, the float bundle stands)."""
+    try:
+        bundle, manifest = export_int8_bundle(run_dir, qat_dir.name, device=device)
+    except ParityError as err:
+        return f"INT8 bundle refused: {err}"
+    return format_int8(bundle, manifest)
 
 
 def format_qat(qat_dir: Path) -> str:

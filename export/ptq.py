@@ -11,6 +11,7 @@ and morphology, never on the test split; the test split is then scored through t
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -176,6 +177,30 @@ def ptq_of_run(run_dir: str | Path, fp32_onnx: str | Path, out_dir: str | Path,
                         out_dir)
 
 
+def cached_ptq_of_run(run_dir: str | Path, fp32_onnx: str | Path, out_dir: str | Path,
+                      frames: int = CALIBRATION_FRAMES) -> PtqBaseline:
+    """ptq_of_run, or its result read back from out_dir/ptq.json when that was made from the same float graph
+    (sha256) with the same frame count and every graph it names is still there (calibration takes minutes)."""
+    from device_runtime.fileio import sha256_file, write_json
+
+    out_dir = Path(out_dir)
+    record = out_dir / "ptq.json"
+    key = {"fp32_sha256": sha256_file(fp32_onnx), "frames": frames}
+    if record.is_file():
+        try:
+            data = json.loads(record.read_text())
+            if data.get("key") == key:
+                graphs = {m: PtqGraph(m, Path(g["path"]), g["validation"], g.get("test", {}))
+                          for m, g in data["graphs"].items()}
+                if all(g.path.is_file() for g in graphs.values()):
+                    return PtqBaseline(graphs[data["best"]], graphs, data.get("failed", {}))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable or stale: quantize again
+    result = ptq_of_run(run_dir, fp32_onnx, out_dir, frames)
+    write_json(record, {"key": key, **result.to_dict()})
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     from device_runtime.errors import exit_code_of
 
@@ -190,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         onnx_path = Path(args.onnx) if args.onnx else Path(args.run_dir) / "bundle" / "model.fp32.onnx"
         if not onnx_path.is_file():
             raise InputError(f"{onnx_path}: not found; export the float run first ('nerveseg export')")
-        result = ptq_of_run(args.run_dir, onnx_path, args.out, args.frames)
+        result = cached_ptq_of_run(args.run_dir, onnx_path, args.out, args.frames)
         for graph in result.graphs.values():
             test = f"  test Dice {graph.test['dice']:.4f}" if graph.test else ""
             mark = " (best)" if graph is result.best else ""

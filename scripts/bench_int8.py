@@ -42,11 +42,12 @@ BOOTSTRAP_SAMPLES = 2000
 
 
 def bootstrap(per_image: np.ndarray, other: np.ndarray | None = None, seed: int = 0) -> tuple[float, float, float]:
-    """Mean (or mean paired difference to `other`) and its 95 % percentile interval over frames resampled."""
-    from training.bootstrap import bootstrap_ci
+    """Mean (or mean paired difference to `other`) and its 95 % percentile-bootstrap interval (training.bootstrap)."""
+    from training.bootstrap import bootstrap_ci, paired_bootstrap_ci
 
-    values = per_image if other is None else per_image - other
-    return bootstrap_ci(values, samples=BOOTSTRAP_SAMPLES, seed=seed)
+    if other is None:
+        return (float(np.mean(per_image)), *bootstrap_ci(per_image, n=BOOTSTRAP_SAMPLES, seed=seed))
+    return (float(np.mean(per_image - other)), *paired_bootstrap_ci(per_image, other, n=BOOTSTRAP_SAMPLES, seed=seed))
 
 
 def test_scores(onnx_path: Path, images, masks, threshold: float, morphology: Morphology):
@@ -85,7 +86,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from export.latency import interleaved_latency
-    from export.ptq import ptq_of_run
+    from export.ptq import cached_ptq_of_run
     from training.checkpoint import load_model
     from training.data import load_split
     from training.stages import split_arrays
@@ -104,7 +105,7 @@ def main() -> int:
     input_size = tuple(cfg.input_size)
 
     # 1. PTQ
-    ptq = ptq_of_run(run_dir, fp32, args.ptq_dir or run_dir / "ptq", args.calibration_frames)
+    ptq = cached_ptq_of_run(run_dir, fp32, args.ptq_dir or run_dir / "ptq", args.calibration_frames)
     print(f"== ONNX Runtime PTQ (quantize_static QDQ per-channel u8 act / s8 weights, {args.calibration_frames} "
           "training frames)")
     for g in ptq.graphs.values():

@@ -1,0 +1,110 @@
+"""INT8 bundles from a QAT run: parity or no bundle, manifest, both runtimes' files, bad input, the device."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytest.importorskip("qat.run", reason="the qat training loop (branch qat) is not merged yet")
+
+from device_runtime.errors import InputError  # noqa: E402
+from device_runtime.manifest import load_manifest  # noqa: E402
+from export.int8 import CPU_NAME, TENSORRT_NAME, export_int8_bundle  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def qat_run(tiny_run):
+    from qat.config import QatConfig
+    from qat.run import run_qat
+
+    return run_qat(QatConfig(run_dir=str(tiny_run), name="w8a8", bits="w8a8", epochs=1, observe_frames=8,
+                             device="cpu"))
+
+
+# the tiny run trains 2 epochs at 64x64: its probabilities hover near T* over much of each frame, so a 1-step
+# integer difference between PyTorch's and ONNX Runtime's float arithmetic flips pixels; real models meet 0.995
+TINY_MIN_MASK_DICE = 0.9
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(qat_run):
+    return export_int8_bundle(qat_run.parents[1], qat_run.name, device="cpu", min_mask_dice=TINY_MIN_MASK_DICE)
+
+
+def test_bundle_has_both_int8_files_parity_and_quantization(int8_bundle, qat_run):
+    bundle, manifest = int8_bundle
+    loaded = load_manifest(bundle)  # sha256 of every file
+    assert {f.path for f in loaded.files} == {"model.fp32.onnx", TENSORRT_NAME, CPU_NAME}
+    assert loaded.file("int8", "onnx", "ort-cpu").path == CPU_NAME
+    assert loaded.file("int8", "onnx", "tensorrt").path == TENSORRT_NAME
+    checkpoint_threshold = json.loads((qat_run / "threshold.json").read_text())
+    assert loaded.threshold == pytest.approx(checkpoint_threshold["threshold"])  # the QAT run's T*, not the float's
+    assert loaded.morphology.to_dict() == checkpoint_threshold["morphology"]
+    for name in (TENSORRT_NAME, CPU_NAME):
+        parity = loaded.metrics["parity"][name]
+        assert parity["mask_dice"] >= TINY_MIN_MASK_DICE and 0 <= parity["flipped_fraction"] < 0.05
+        assert parity["min_mask_dice"] == TINY_MIN_MASK_DICE
+        assert "reference_max_prob_diff" in parity
+    q = loaded.quantization
+    bits = json.loads((qat_run / "bits.json").read_text())
+    assert q["layers"] == bits["layers"] and q["mean_weight_bits"] == pytest.approx(8.0)
+    assert q["int8_compression"] >= 3.9
+    expected = sum(r["params"] * r["weight_bits"] for r in bits["layers"]) / 8
+    assert q["packed_weight_bytes"] == round(expected) and q["packed_bytes"] > q["packed_weight_bytes"]
+    assert [p for p in loaded.metrics["tensorrt_problems"] if p.startswith(TENSORRT_NAME)] == []
+    assert set(loaded.metrics["latency_ms"]["ort-cpu"]) >= {"fp32", "int8"}
+    onnx_metrics = json.loads((qat_run / "test_metrics_onnx.json").read_text())
+    assert onnx_metrics["int8"]["dice"] == pytest.approx(loaded.metrics["test_onnx"]["int8"]["dice"])
+
+
+def test_failed_parity_keeps_the_previous_bundle(int8_bundle, qat_run):
+    bundle, _ = int8_bundle
+    before = {p.name: p.read_bytes() for p in bundle.iterdir()}
+    import export.int8 as module
+
+    with pytest.raises(InputError, match="mask Dice agreement .* < 1.0.*no bundle written"):
+        module.export_int8_bundle(qat_run.parents[1], qat_run.name, device="cpu", min_mask_dice=1.0 + 1e-9)
+    assert {p.name: p.read_bytes() for p in bundle.iterdir()} == before
+
+
+def test_bad_input_is_one_line(qat_run, tmp_path):
+    run_dir = qat_run.parents[1]
+    result = subprocess.run([sys.executable, "-m", "export.cli", "export", "--run-dir", str(run_dir), "--qat", "nope"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "no such QAT run" in result.stderr and "w8a8" in result.stderr
+
+    from qat.checkpoint import read_qat_checkpoint, save_qat_checkpoint
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("bundle"))
+    path = copy / "qat" / "w8a8" / "checkpoints" / "best.pt"
+    checkpoint = read_qat_checkpoint(path)
+    save_qat_checkpoint(dict(checkpoint, threshold=None), path)
+    with pytest.raises(InputError, match="no tuned threshold"):
+        export_int8_bundle(copy, "w8a8", device="cpu", min_mask_dice=TINY_MIN_MASK_DICE)
+    other = dict(checkpoint, arch="resnet50", config=dict(checkpoint["config"], arch="resnet50"))
+    save_qat_checkpoint(other, path)
+    with pytest.raises(InputError, match="best.pt"):
+        export_int8_bundle(copy, "w8a8", device="cpu", min_mask_dice=TINY_MIN_MASK_DICE)
+    assert not (copy / "qat" / "w8a8" / "bundle").exists()
+
+
+def test_device_runs_the_int8_bundle_and_says_what_it_took(int8_bundle):
+    bundle, _ = int8_bundle
+    command = [sys.executable, "-m", "device_runtime", "bench", "--bundle", str(bundle), "--backend", "ort-cpu",
+               "--frames", "3", "--size", "64x64", "--warmup", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "--precision auto on ort-cpu" in result.stderr and "manifest measured" in result.stderr
+    result = subprocess.run(command + ["--precision", "int8"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0 and CPU_NAME in result.stdout
+    info = subprocess.run([sys.executable, "-m", "device_runtime", "info", "--bundle", str(bundle)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert info.returncode == 0, info.stderr
+    assert TENSORRT_NAME in info.stdout and "parity" in info.stdout and "W8 A8" in info.stdout
