@@ -263,20 +263,34 @@ def float_command(run_dir: Path, cfg) -> str:
 
 
 def ptq_row(run_dir: Path) -> Row | None:
-    """ONNX Runtime's own quantize_static of the float graph (best calibration), as RUN/ptq/ptq.json holds it."""
+    """ONNX Runtime's own quantize_static of the float graph, its best calibration, as RUN/ptq/ptq.json records it
+    (export.ptq.cached_ptq_of_run: {"key", "best", "graphs": {method: {"path", "validation", "test"}}, "failed"})."""
     ptq_dir = run_dir / PTQ_DIR
-    result = read_json(ptq_dir / "ptq.json")
+    record = ptq_dir / "ptq.json"
+    result = read_json(record)
     if result is None:
         return None
-    graph = ptq_dir / result["file"]
+    try:
+        best = result["best"]
+        graphs = result["graphs"]
+        graph = Path(graphs[best]["path"])
+        validation = graphs[best]["validation"]
+    except (KeyError, TypeError) as err:
+        raise InputError(f"{record}: not a PTQ record of export.ptq (missing {err}); delete {ptq_dir} to redo it") from None
+    if not graph.is_file():  # the run folder was moved: the graph sits beside ptq.json
+        graph = ptq_dir / graph.name
     if not graph.is_file():
-        raise InputError(f"{ptq_dir / 'ptq.json'}: names {result['file']}, which is missing; delete {ptq_dir} to redo it")
-    row = Row(name=f"ORT PTQ ({result['calibration']})", kind="ptq", run_dir=ptq_dir, onnx=graph,
-              mean_weight_bits=8.0, mean_activation_bits=8.0, threshold=result.get("threshold"),
-              morphology=result.get("morphology"), scored_by=f"ONNX Runtime CPU, {PTQ_DIR}/{result['file']}",
-              int8_bytes=graph.stat().st_size, packed_bytes=onnx_parameter_bytes(graph),
-              command=result.get("command", ""), note=result.get("note", ""))
-    return row
+        raise InputError(f"{record}: names {graph.name}, which is missing; delete {ptq_dir} to redo it")
+    frames = (result.get("key") or {}).get("frames", "")
+    calibrations = ", ".join(f"{m} {g['validation']['dice']:.4f}" for m, g in graphs.items())
+    failed = "; failed: " + ", ".join(result["failed"]) if result.get("failed") else ""
+    return Row(name=f"ORT PTQ ({best})", kind="ptq", run_dir=ptq_dir, onnx=graph, mean_weight_bits=8.0,
+               mean_activation_bits=8.0, threshold=validation.get("threshold"), morphology=validation.get("morphology"),
+               scored_by=f"ONNX Runtime CPU, {PTQ_DIR}/{graph.name}", int8_bytes=graph.stat().st_size,
+               packed_bytes=onnx_parameter_bytes(graph),
+               command=f"python -m export.ptq --run-dir {run_dir} --out {ptq_dir} --frames {frames} (quantize_static "
+                       "QDQ, per channel, u8 activations, s8 weights; best calibration by validation Dice)",
+               note=f"validation Dice by calibration: {calibrations}{failed}")
 
 
 def qat_rows(run_dir: Path, names: list[str] | None) -> list[Row]:
