@@ -83,7 +83,8 @@ def test_gradients_reach_weights_steps_and_bits():
     conv = QuantConv2d(nn.Conv2d(3, 4, 3, padding=1), weight_bits=4, activation_bits=4)
     x = torch.randn(2, 3, 8, 8)
     initialise_steps(nn.Sequential(conv), [x])
-    # the data-initialised step clips a little, so the range matters to the loss
+    assert conv.input_quant.bits() == 4 and conv.weight_quant.bits() == 4, "initialisation keeps the bits"
+    # the grid reaches max |x|, so a wider input clips and the range matters to the loss
     loss = (conv(x * 1.5) ** 2).mean()
     loss.backward()
     for name, tensor in [("weight", conv.weight), ("bias", conv.bias),
@@ -170,3 +171,16 @@ def test_both_backbones_prepare_and_train(arch):
     assert len(table["layers"]) == len(convs)
     assert table["mean_weight_bits"] == 8.0 and table["mean_activation_bits"] == 8.0
     assert table["layers"][0]["activation_elements"] == 64 * 64
+
+
+@pytest.mark.parametrize("bits,learn", [(8, True), (4, False), (3, True)])
+def test_activation_step_initialised_from_the_observed_maximum(bits, learn):
+    fq = FakeQuant(narrow=False, bits=bits, learn_bits=learn)
+    fq.observing = True
+    for scale in (1.0, 3.0, 2.0):
+        fq(torch.linspace(-1, 1, 101) * scale)
+    fq.observing = False
+    fq.init_from_samples()
+    p = fq.export_params()
+    assert p.bits == bits
+    assert float(p.scale) * p.qmax == pytest.approx(3.0, rel=1e-5)
