@@ -8,7 +8,8 @@ the same seed and schedule (the recipe's [qat] table, `--epochs` for all of them
     target   --target-bits 4         -> target-4          (learned bits, only the excess over 4 bits costs)
 
 The sweep is resumable by construction: a run with test_metrics.json is finished and skipped, a run folder
-without it was interrupted and is resumed (`--resume` of `nerveseg qat`), a run with an INT8 bundle is not
+with a last checkpoint but no test metrics was interrupted and is resumed (`--resume` of `nerveseg qat`), a
+folder without any checkpoint is left alone (it may be in training elsewhere), a run with an INT8 bundle is not
 exported again. RUN/sweep.json records the command of each run and any export that failed (parity below the
 exporter's limit), which the report shows; such a run is reported as the fake-quant model.
 """
@@ -139,6 +140,13 @@ def train_job(run_dir: Path, job: Job, qcfg, epochs: int | None, state: SweepSta
         state.update(job.name, command=state.data["runs"].get(job.name, {}).get("command", command), status="finished")
         return
     resume = (qat_dir / "checkpoints" / "last.pt").is_file()
+    if not resume and qat_dir.is_dir() and any(qat_dir.iterdir()):
+        # started but no epoch finished: another process may be training it right now (its observe phase), or
+        # it was stopped early; either way it is not the sweep's to delete. Listed as incomplete in the report.
+        print(f"sweep: {job.name}: {qat_dir} exists without a checkpoint (being trained elsewhere, or stopped before "
+              f"its first epoch); skipped. Remove the folder to let the sweep start it.", file=sys.stderr, flush=True)
+        state.update(job.name, command=command, status="skipped: folder without checkpoint")
+        return
     print(f"sweep: {'resuming' if resume else 'starting'} {job.name}: {command}{' --resume' if resume else ''}",
           flush=True)
     state.update(job.name, command=command, status="running")
