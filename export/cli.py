@@ -1,4 +1,4 @@
-"""The desktop command line, `nerveseg`: synth, train, tune, evaluate, export, qat, pipeline.
+"""The desktop command line, `nerveseg`: synth, train, tune, evaluate, export, qat, pipeline, sweep, report.
 
 Every subcommand turns its flags into one config and calls one function. Bad input is reported on one
 line with a non-zero exit, never a traceback.
@@ -57,6 +57,21 @@ def _export(args) -> None:
           f"test through ONNX: Dice {test['dice']:.4f} IoU {test['iou']:.4f} PA {test['pixel_accuracy']:.4f}")
     for problem in manifest.metrics["tensorrt_problems"]:
         print(f"warning: TensorRT would refuse: {problem}", file=sys.stderr)
+
+
+def _report(args) -> None:
+    from .report import write_report
+
+    out = write_report(args.run_dir, args.threads, args.latency_runs)
+    print(f"report: {out / 'report.html'}")
+
+
+def _sweep(args) -> None:
+    from .sweep import run_sweep, split_list
+
+    out = run_sweep(args.run_dir, split_list(args.bits), split_list(args.learned), split_list(args.target_bits),
+                    args.epochs, args.device, args.threads, args.latency_runs)
+    print(f"report: {out / 'report.html'}")
 
 
 def _export_int8(args) -> None:
@@ -167,7 +182,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     qat.add_argument("--device", default="auto")
     qat.set_defaults(func=_qat)
 
-
     export = commands.add_parser("export", help="write the bundle: FP32 ONNX (+ INT8 with --qat) and manifest, "
                                  "checked against PyTorch")
     export.add_argument("--checkpoint", help="a tuned checkpoint (default RUN/checkpoints/best.pt)")
@@ -179,6 +193,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     export.add_argument("--replace", action="store_true",
                         help="replace an existing bundle at --out (atomically); without it an existing bundle is kept")
     export.set_defaults(func=_export)
+
+    sweep = commands.add_parser("sweep", help="QAT fine-tunes at several bitwidths from one float run, exported, "
+                                              "then the report (resumable: run it again to continue)")
+    sweep.add_argument("--run-dir", required=True, help="a tuned float run; runs go to RUN/qat/NAME/")
+    sweep.add_argument("--bits", default="8,6,5,4,3,2", help="uniform bitwidths (W = A), or WxAy entries (default 8,6,5,4,3,2)")
+    sweep.add_argument("--learned", default="0.05,0.25,1.0", help="bit-cost weights lambda of learned-bits runs")
+    sweep.add_argument("--target-bits", default="", help="target mean bits of learned runs that pay only the excess")
+    sweep.add_argument("--epochs", type=int, help="QAT epochs of every run (default: the recipe's [qat] table)")
+    sweep.add_argument("--device", default="auto")
+    sweep.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads of the report")
+    sweep.add_argument("--latency-runs", type=int, default=50, help="timed batch-1 runs per model in the report")
+    sweep.set_defaults(func=_sweep)
+
+    report = commands.add_parser("report", help="accuracy vs bitwidth: float, ORT PTQ and every QAT run of RUN")
+    report.add_argument("--run-dir", required=True, help="the float run whose qat/ runs to report")
+    report.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads for scoring and timing")
+    report.add_argument("--latency-runs", type=int, default=50, help="timed batch-1 runs per model (0: no timing)")
+    report.set_defaults(func=_report)
     return parser
 
 

@@ -1,5 +1,5 @@
 """`nerveseg pipeline`: train -> tune -> evaluate -> export -> QAT (learned bits), then a short table of what
-came out."""
+came out; then W8A8 beside it, the INT8 exports, ORT PTQ and the accuracy-vs-bitwidth report of what it ran."""
 
 from __future__ import annotations
 
@@ -46,7 +46,22 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False, qat_epochs: int | None 
     print(f"run:    {run_dir}")
     print(f"bundle: {bundle_dir}   ({time.perf_counter() - start:.0f} s in all: float stages "
           f"{float_seconds:.0f} s, QAT {time.perf_counter() - start - float_seconds:.0f} s)")
+    report_stage(run_dir, cfg, qat_epochs)
+    print(f"({time.perf_counter() - start:.0f} s in all, report included)")
     return bundle_dir
+
+
+def report_stage(run_dir: Path, cfg: TrainConfig, qat_epochs: int | None = None) -> Path:
+    """W8A8 QAT beside the learned-bits run (the same [qat] schedule and epochs), every finished QAT run exported
+    to INT8, ONNX Runtime's PTQ of the float graph, then RUN/report/; prints the report's path. Resumable:
+    finished runs and bundles are kept (the sweep's rules)."""
+    from .sweep import run_sweep
+
+    print()
+    report = run_sweep(run_dir, bits=["8"], learned=[], epochs=qat_epochs, device=cfg.device,
+                       command=f"nerveseg pipeline --run-dir {run_dir}")
+    print(f"report: {report / 'report.html'}")
+    return report
 
 
 def run_qat_stage(cfg: TrainConfig, run_dir: Path, resume: bool, epochs: int | None = None) -> Path:

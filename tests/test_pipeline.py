@@ -18,6 +18,7 @@ def test_pipeline_on_a_tiny_synthetic_set(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "test (ONNX, as deployed)" in out and "bundle:" in out and "QAT (learned bits" in out
+    assert f"report: {run_dir / 'report' / 'report.html'}" in out
     # the INT8 stage: a bundle with its parity and size, or the one line saying why parity refused it
     assert ("INT8 bundle" in out and "parity model.int8.cpu.onnx" in out and "x smaller" in out) \
         or "INT8 bundle refused: model.int8" in out, out
@@ -25,7 +26,8 @@ def test_pipeline_on_a_tiny_synthetic_set(tmp_path, capsys):
         assert (run_dir / "qat/learned/bundle/model.int8.onnx").is_file()
     for name in ("threshold.json", "threshold_curve.png", "test_metrics.json", "examples.png",
                  "bundle/manifest.json", "bundle/model.fp32.onnx", "qat/learned/bits.json",
-                 "qat/learned/test_metrics.json"):
+                 "qat/learned/test_metrics.json", "qat/w8a8/test_metrics.json", "report/report.html",
+                 "report/results.json"):
         assert (run_dir / name).is_file(), name
 
 

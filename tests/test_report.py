@@ -1,0 +1,217 @@
+"""`nerveseg report` and `nerveseg sweep`: rows, columns, figures, intervals, resume, bad input, strict JSON."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+EPOCHS = 3  # QAT epochs of the tiny sweep
+REPORT_FILES = ("report.html", "report.md", "results.csv", "results.json")
+COLUMNS = ("name", "kind", "status", "scored_by", "mean_weight_bits", "mean_activation_bits", "dice", "dice_ci_low",
+           "dice_ci_high", "iou", "pixel_accuracy", "pooled_dice", "threshold", "fp32_bytes", "int8_bytes",
+           "packed_bytes", "latency_ms", "latency_threads", "parity_mask_dice", "parity_max_prob_diff", "command")
+
+
+def strict_json(path):
+    """json.loads that refuses NaN / Infinity, which Python writes by default but JSON does not allow."""
+    def refuse(token):
+        raise ValueError(f"{path}: non-standard JSON constant {token}")
+
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+
+
+# ------------------------------------------------------------------------------------------------ bootstrap
+
+
+def test_bootstrap_interval_of_known_cases():
+    from export.report_stats import mean_ci, paired_diff_ci
+
+    assert mean_ci(np.full(15, 0.7)) == pytest.approx((0.7, 0.7))
+    # 400 frames, half at Dice 1 and half at 0: the mean's interval is 0.5 +- 1.96 * sqrt(0.25 / 400) = +-0.049
+    low, high = mean_ci(np.repeat([0.0, 1.0], 200))
+    assert low == pytest.approx(0.451, abs=0.006) and high == pytest.approx(0.549, abs=0.006)
+    # a constant improvement on every frame is certain, whatever the frames' spread
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0, 0.9, 20)
+    assert paired_diff_ci(base + 0.1, base) == pytest.approx((0.1, 0.1))
+    assert mean_ci(base) == mean_ci(base)  # seeded: the same report twice prints the same interval
+    with pytest.raises(ValueError):
+        paired_diff_ci(base, base[:5])
+
+
+# ------------------------------------------------------------------------------------------------ float + PTQ
+
+
+@pytest.fixture(scope="module")
+def float_run(tiny_run, tmp_path_factory):
+    """A copy of the shared tiny run with its FP32 bundle (the report's float row and the PTQ come from it)."""
+    from export.bundle import export_bundle
+
+    run_dir = tmp_path_factory.mktemp("report") / "run"
+    shutil.copytree(tiny_run, run_dir, ignore=shutil.ignore_patterns("qat", "report", "ptq", "bundle", "sweep.json"))
+    export_bundle(run_dir / "checkpoints" / "best.pt", device="cpu")
+    return run_dir
+
+
+def test_no_qat_runs_gives_float_and_ptq_and_says_so(float_run):
+    pytest.importorskip("export.ptq")
+    from export.report import write_report
+
+    out = write_report(float_run, threads=1, latency_runs=3)
+    results = strict_json(out / "results.json")
+    kinds = [row["kind"] for row in results["rows"]]
+    assert kinds == ["float", "ptq"]
+    assert any("No QAT runs" in note for note in results["notes"])
+    assert "No QAT runs" in (out / "report.html").read_text()
+    ptq = results["rows"][1]
+    assert ptq["scored_by"].startswith("ONNX Runtime CPU") and 0 <= ptq["dice"] <= 1
+    assert ptq["int8_bytes"] < results["rows"][0]["fp32_bytes"] / 3
+
+
+def test_incomplete_qat_run_is_listed_not_fatal_and_report_is_replaced(float_run, tmp_path):
+    from export.report import write_report
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(float_run, run_dir)
+    broken = run_dir / "qat" / "w4a4"
+    broken.mkdir(parents=True)
+    (broken / "config.toml").write_text('bits = "4"\nepochs = 3\n')
+    (broken / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    (run_dir / "report").mkdir(exist_ok=True)  # the previous test may have left one: either way it is replaced
+    (run_dir / "report" / "stale.txt").write_text("from an older report")
+
+    out = write_report(run_dir, threads=1, latency_runs=0)
+    rows = {row["name"]: row for row in strict_json(out / "results.json")["rows"]}
+    assert rows["w4a4"]["status"] == "incomplete" and rows["w4a4"]["dice"] is None
+    assert "no test_metrics.json" in rows["w4a4"]["note"] and rows["w4a4"]["epochs"] == "1/3"
+    assert not (out / "stale.txt").exists()  # the folder was swapped whole, not patched
+    assert not list(run_dir.glob(".report*"))  # no staging folder left behind
+
+
+def test_malformed_qat_file_is_one_line_error(float_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(float_run, run_dir)
+    (run_dir / "qat" / "w8a8").mkdir(parents=True)
+    (run_dir / "qat" / "w8a8" / "bits.json").write_text("{not json")
+    result = subprocess.run([sys.executable, "-m", "export.cli", "report", "--run-dir", str(run_dir),
+                             "--latency-runs", "0"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "bits.json" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["report", "--run-dir", "{tmp}/missing"], "missing"),
+    (["sweep", "--run-dir", "{tmp}/missing", "--bits", "9"], "--bits 9"),
+    (["sweep", "--run-dir", "{tmp}/missing", "--bits", "w9a2"], "w9a2"),
+    (["sweep", "--run-dir", "{tmp}/missing", "--bits", "8", "--learned", "-1"], "non-negative"),
+])
+def test_bad_flags_are_one_line(argv, message, tmp_path):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    result = subprocess.run([sys.executable, "-m", "export.cli", *argv], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_sweep_plan_names():
+    from export.sweep import plan
+
+    jobs = plan(["8", "W4A8"], ["0.25", "1.0"], ["4"])
+    assert [j.name for j in jobs] == ["w8a8", "w4a8", "learned-0.25", "learned-1.0", "target-4"]
+    assert jobs[2].bits == "learned" and jobs[2].bit_weight == 0.25 and jobs[4].target_bits == 4.0
+
+
+# ------------------------------------------------------------------------------------------------ tiny sweep
+
+
+@pytest.fixture(scope="module")
+def swept(float_run, tmp_path_factory):
+    """A tiny synthetic sweep: two QAT runs (W8A8 and learned lambda 0.25), 64x64, three epochs each (a learned
+    run needs at least two: bits are learned, then frozen for the last epochs)."""
+    pytest.importorskip("qat.run")
+    pytest.importorskip("export.int8")
+    from export.sweep import run_sweep
+
+    run_dir = tmp_path_factory.mktemp("sweep") / "run"
+    shutil.copytree(float_run, run_dir)
+    out = run_sweep(run_dir, ["8"], ["0.25"], epochs=EPOCHS, device="cpu", threads=1, latency_runs=3)
+    return run_dir, out
+
+
+@pytest.mark.slow
+def test_tiny_sweep_report_has_every_row_column_and_figure(swept):
+    run_dir, out = swept
+    for name in REPORT_FILES:
+        assert (out / name).is_file(), name
+    results = strict_json(out / "results.json")
+    rows = {row["name"]: row for row in results["rows"]}
+    assert set(rows) >= {"float", "w8a8", "learned-0.25"} and any(r["kind"] == "ptq" for r in rows.values())
+    with open(out / "results.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert len(table) == len(rows) and set(COLUMNS) <= set(table[0])
+    for name in ("w8a8", "learned-0.25"):
+        row = rows[name]
+        assert row["status"] == "complete" and row["epochs"] == f"{EPOCHS}/{EPOCHS}"
+        assert 2 <= row["mean_weight_bits"] <= 8 and 2 <= row["mean_activation_bits"] <= 8
+        assert row["dice_ci_low"] <= row["dice"] <= row["dice_ci_high"]
+        assert row["delta_ci_low"] <= row["delta_dice_vs_float"] <= row["delta_ci_high"]
+        assert row["command"].startswith("nerveseg qat") and f"--name {name}" in row["command"]
+        if row["scored_by"].startswith("ONNX Runtime"):  # exported: sizes, latency and parity are there
+            assert row["int8_bytes"] and row["packed_bytes"] and row["latency_ms"] > 0
+            assert row["parity_mask_dice"] is not None
+        else:
+            assert row["scored_by"] == "fake-quant (PyTorch)" and row["note"]
+    assert rows["w8a8"]["mean_weight_bits"] == pytest.approx(8.0)
+    assert rows["float"]["latency_ms"] > 0 and rows["float"]["latency_threads"] == 1
+    for figure in ("dice_vs_bits", "dice_vs_size", "dice_vs_latency", "threshold_curves", "bits_learned-0.25"):
+        assert (out / "figures" / f"{figure}.png").is_file(), figure
+    page = (out / "report.html").read_text()
+    assert page.count("src='data:image/png;base64,") == len(list((out / "figures").glob("*.png")))
+    assert not re.search(r"""(src|href)=['"](?!data:)""", page)  # nothing loaded from outside the page
+    markdown = (out / "report.md").read_text()
+    for name in rows:
+        assert f"| {name} |" in markdown and name in page
+    assert results["machine"]["libraries"]["onnxruntime"] and results["dataset"]["frames"]["test"] >= 1
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_and_skips_finished_runs(swept, tmp_path, monkeypatch):
+    import qat.run
+
+    from export.sweep import run_sweep
+
+    source, _ = swept
+    run_dir = tmp_path / "run"
+    shutil.copytree(source, run_dir)
+    # learned-0.25 as an interrupted run leaves it: checkpoints written, never tuned and scored
+    interrupted = run_dir / "qat" / "learned-0.25"
+    for name in ("test_metrics.json",):
+        (interrupted / name).unlink()
+    shutil.rmtree(interrupted / "bundle", ignore_errors=True)
+    finished_checkpoint = run_dir / "qat" / "w8a8" / "checkpoints" / "best.pt"
+    before = finished_checkpoint.stat().st_mtime_ns
+    calls = []
+    real = qat.run.run_qat
+
+    def spy(cfg, resume=False):
+        calls.append((cfg.name, resume))
+        return real(cfg, resume)
+
+    monkeypatch.setattr(qat.run, "run_qat", spy)
+    out = run_sweep(run_dir, ["8"], ["0.25"], epochs=EPOCHS, device="cpu", threads=1, latency_runs=0)
+    assert calls == [("learned-0.25", True)]
+    assert finished_checkpoint.stat().st_mtime_ns == before
+    rows = {row["name"]: row for row in strict_json(out / "results.json")["rows"]}
+    assert rows["learned-0.25"]["status"] == "complete"
+    state = strict_json(run_dir / "sweep.json")
+    assert state["runs"]["learned-0.25"]["status"] == "finished"
