@@ -143,7 +143,7 @@ def _open(backend: str, bundle: Path, manifest: Manifest, precision: str, thread
           engine_cache: Path | None, workspace_mib: int) -> Backend:
     if precision == "auto":
         chosen, why = auto_precision(manifest, backend)
-        print(f"info: --precision auto on {backend}: {chosen} ({why})", file=sys.stderr)
+        print(f"info: --precision auto on {backend}: {chosen} ({why})", flush=True)  # stdout: errors alone on stderr
     model, precision = select_model(manifest, backend, precision)
     cache_dir = Path(engine_cache) if engine_cache else bundle
     if backend == "tensorrt":

@@ -19,6 +19,7 @@ from .config import RunConfig
 from .errors import InputError
 from .fileio import write_json
 from .manifest import load_manifest
+from .output_guard import check_outputs
 from .outputs import open_outputs
 from .pipeline import Segmenter
 from .sources import open_source
@@ -32,6 +33,7 @@ def run(cfg: RunConfig, source=None) -> dict:
     with contextlib.ExitStack() as stack:
         stop = stack.enter_context(stop_on_signals())  # first, so a signal during start-up also ends cleanly
         manifest = load_manifest(cfg.bundle)  # trust: format version, sha256 of every file, before anything runs
+        check_outputs(cfg)  # before the backend speaks: a refused output is the one line the user sees
         source = stack.enter_context(source or open_source(cfg.source, cfg.loop, cfg.queue_size,
                                                            cfg.reconnect_backoff_s))
         net = stack.enter_context(contextlib.closing(open_backend(

@@ -101,7 +101,7 @@ def test_device_runs_the_int8_bundle_and_says_what_it_took(int8_bundle):
                "--frames", "3", "--size", "64x64", "--warmup", "1"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
-    assert "--precision auto on ort-cpu" in result.stderr and "manifest measured" in result.stderr
+    assert "--precision auto on ort-cpu" in result.stdout and "manifest measured" in result.stdout
     result = subprocess.run(command + ["--precision", "int8"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0 and CPU_NAME in result.stdout
     info = subprocess.run([sys.executable, "-m", "device_runtime", "info", "--bundle", str(bundle)],
