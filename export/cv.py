@@ -231,13 +231,13 @@ def run_cv(cfg: TrainConfig, folds: int, max_new: int | None = None) -> dict:
     fold; returns cv.json's content."""
     if not cfg.data:
         raise InputError("nerveseg cv needs --data DIR (cross-validation of the phantom says nothing)")
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _check_same_config(run_dir, cfg)
     samples = discover(cfg.data)
     if cfg.group_by == "prefix":
         samples = group_by_prefix(samples)
     plans = make_folds(samples, folds, cfg.seed)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_same_config(run_dir, cfg)  # only now: a call refused above leaves nothing behind
     results = []
     for index, splits in enumerate(plans, start=1):
         fold_dir = run_dir / f"fold-{index}"

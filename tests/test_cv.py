@@ -107,3 +107,11 @@ def test_cv_runs_every_fold_resumes_and_refuses_another_config(tmp_path, capsys)
     changed = [a if a != "1" else "2" for a in args]  # --steps 2
     assert cli_main(changed) == 2
     assert "other settings (steps)" in capsys.readouterr().err
+
+
+def test_a_refused_call_is_one_line_and_leaves_no_run(tmp_path, capsys):
+    run = tmp_path / "cv"
+    assert cli_main(["cv", "--data", str(tmp_path / "missing"), "--folds", "3", "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0] and "Traceback" not in err[0]
+    assert not run.exists()  # so a corrected call is not refused as "other settings"
