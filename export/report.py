@@ -336,7 +336,7 @@ table{border-collapse:collapse;font-size:12px;margin:1em 0}th,td{border:1px soli
 th{background:#eee;position:sticky;top:0}td:first-child,td:nth-child(2),td:nth-child(3),td:nth-child(4),td:last-child{text-align:left}
 .figs{display:flex;flex-wrap:wrap;gap:1em}figure{margin:0;flex:0 1 calc(50% - 1em)}figure.wide{flex-basis:100%}
 figcaption{font-size:13px;color:#444}img{max-width:100%;border:1px solid #ddd}
-code{font-size:12px;background:#f4f4f4;padding:1px 3px}li{margin:.25em 0}"""
+code{font-size:12px;background:#f4f4f4;padding:1px 3px}td:last-child{min-width:340px}li{margin:.25em 0}"""
 
 
 def render_html(title: str, headers, body, figs, check_lines, notes, commands, env, data) -> str:

@@ -125,6 +125,11 @@ class SweepState:
         self.data["command"] = command
 
     def update(self, name: str, **values) -> None:
+        # re-read first: another sweep (or a person recording an export by hand) may have written other runs
+        on_disk = (read_json(self.path) or {}).get("runs", {})
+        for other, entry in on_disk.items():
+            if other != name:
+                self.data["runs"][other] = entry
         self.data["runs"].setdefault(name, {}).update(values)
         write_json(self.path, self.data)
 
