@@ -79,7 +79,7 @@ def _export_int8(args) -> None:
 
     if not args.run_dir or args.checkpoint:
         raise SystemExit("nerveseg export --qat NAME: give --run-dir RUN (the float run), not --checkpoint")
-    bundle, manifest = export_int8_bundle(args.run_dir, args.qat, args.out, args.device)
+    bundle, manifest = export_int8_bundle(args.run_dir, args.qat, args.out, args.device, replace=args.replace)
     print(format_summary(bundle, manifest))
     print_problems(manifest)
 

@@ -32,7 +32,9 @@ from training.evaluate import evaluate_arrays
 from training.predict import predict_probabilities, resolve_device
 from training.stages import split_arrays
 
-from .bundle import FP32_NAME, ParityError, dataset_description
+from .bundle import FP32_NAME, ParityError, dataset_description, protected_paths
+from .out_guard import check_bundle_out
+from .portable import portable_config
 from .int8_graph import INT8_OPSET, build_int8_model
 from .latency import interleaved_latency
 from .onnx_export import export_onnx, tensorrt_problems
@@ -108,7 +110,8 @@ def parity_of(path: Path, images: np.ndarray, reference: np.ndarray, threshold: 
 
 
 def export_int8_bundle(run_dir: str | Path, qat_name: str, out_dir: str | Path | None = None,
-                       device: str = "auto", min_mask_dice: float = TOLERANCE["int8"]["mask_dice"]) -> tuple[Path, Manifest]:
+                       device: str = "auto", min_mask_dice: float = TOLERANCE["int8"]["mask_dice"],
+                       replace: bool = False) -> tuple[Path, Manifest]:
     """Export RUN/qat/NAME as an INT8 bundle (default RUN/qat/NAME/bundle); returns the folder and manifest.
 
     `min_mask_dice`: the parity bound (0.995, the project's). Only the tests lower it, for 2-epoch 64x64 models
@@ -127,6 +130,10 @@ def export_int8_bundle(run_dir: str | Path, qat_name: str, out_dir: str | Path |
     # bundle written elsewhere (--out) leaves the run folder untouched (its manifest holds the same figures)
     write_run_metrics = out_dir is None
     out_dir = Path(out_dir) if out_dir else qat_dir / "bundle"
+    # the same rule as the float export (export/out_guard.py): a new folder, or an existing bundle with `replace`
+    protected = {**protected_paths(run_dir, float_path), "QAT checkpoint": qat_path}
+    if check_bundle_out(out_dir, protected, replace):
+        print(f"replacing the bundle {out_dir} (atomically, once the new one is complete)", flush=True)
     threshold, morphology = float(checkpoint["threshold"]), Morphology.from_dict(checkpoint["morphology"])
     input_size = tuple(cfg.input_size)
     torch_device = resolve_device(device)
@@ -165,8 +172,8 @@ def export_int8_bundle(run_dir: str | Path, qat_name: str, out_dir: str | Path |
         quantization = {
             "scheme": SCHEME,
             "opset": INT8_OPSET,
-            "qat_run": str(qat_dir),
-            "qat_config": _plain(qcfg),
+            "qat_run": f"qat/{qat_dir.name}",  # relative: bundles travel, machine paths stay home
+            "qat_config": portable_config(_plain(qcfg)),  # run_dir is a machine path
             "files": {name: runtimes for name, runtimes in INT8_FILES.items()},
             "layers": table["layers"],
             "mean_weight_bits": table["mean_weight_bits"],
@@ -200,7 +207,7 @@ def export_int8_bundle(run_dir: str | Path, qat_name: str, out_dir: str | Path |
                                                 "machine": f"{platform.machine()} {platform.processor()}".strip(),
                                                 "note": "measured at export, interleaved, batch 1"}},
                      "tensorrt_problems": problems},
-            training_config=cfg.to_dict(),
+            training_config=portable_config(cfg.to_dict()),
             dataset=dataset_description(run_dir, cfg),
         )
         write_manifest(staging, manifest)

@@ -34,7 +34,7 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False, qat_epochs: int | None 
     bundle_dir, manifest = export_bundle(run_dir / "checkpoints" / "best.pt", device=cfg.device, replace=resume)
     float_seconds = time.perf_counter() - start
     qat_dir = run_qat_stage(cfg, run_dir, resume, qat_epochs)
-    int8_report = int8_stage(run_dir, qat_dir, cfg.device)
+    int8_report = int8_stage(run_dir, qat_dir, cfg.device, replace=resume)
     parity = manifest.metrics["parity"]["fp32"]
     print()
     print(format_table(threshold, test, manifest.metrics["test_onnx"]))
@@ -72,11 +72,11 @@ def run_qat_stage(cfg: TrainConfig, run_dir: Path, resume: bool, epochs: int | N
     return run_qat(qcfg, resume=resume and started)
 
 
-def int8_stage(run_dir: Path, qat_dir: Path, device: str) -> str:
+def int8_stage(run_dir: Path, qat_dir: Path, device: str, replace: bool = False) -> str:
     """The QAT run as an INT8 bundle (RUN/qat/NAME/bundle); its summary, or the one line saying why ONNX
     Runtime's INT8 graph was refused (parity below the bound: no INT8 bundle, the float bundle stands)."""
     try:
-        bundle, manifest = export_int8_bundle(run_dir, qat_dir.name, device=device)
+        bundle, manifest = export_int8_bundle(run_dir, qat_dir.name, device=device, replace=replace)
     except ParityError as err:
         return f"INT8 bundle refused: {err}"
     return format_int8(bundle, manifest)
