@@ -16,7 +16,6 @@ exporter's limit), which the report shows; such a run is reported as the fake-qu
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import shlex
 import sys

@@ -109,7 +109,6 @@ def validation_cpu_seconds(cfg, train_frames: int, val_frames: int) -> float:
 
 
 def run_cost(recipes: list[str], train_frames: int, val_frames: int, steps: int, rounds: int) -> None:
-    import math
 
     from training.train import plan_budget
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from device_runtime.errors import InputError
 from device_runtime.fileio import write_json
 from device_runtime.imageio import IMAGE_SUFFIXES, TIFF_SUFFIXES, read_image
-from device_runtime.preprocess import frame_to_image, resize_mask, to_gray
+from device_runtime.preprocess import frame_to_image, resize_mask
 
 from .finite import check_finite_array
 from .mask_colour import labels_of
