@@ -110,7 +110,7 @@ def test_activation_integers_match_on_frames(qat_model, graphs):
     # the export's parity check (mask Dice >= 0.995), tested in test_int8_export.py
     assert np.corrcoef(logits.ravel(), reference.ravel())[0, 1] > 0.9
     three = integers[names.index(THREE_BIT)]
-    assert three.min() >= -4 and three.max() <= 3 and (three == 3).any()  # the 3-bit range, saturated at its top
+    assert three.min() >= -4 and three.max() <= 3 and np.abs(three).max() >= 2  # inside the 3-bit range, and used
 
 
 def test_three_bit_layer_is_clipped_before_quantize(graphs):
