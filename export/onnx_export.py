@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 
 from device_runtime.fileio import atomic_path
 from device_runtime.manifest import INPUT_NAME, OUTPUT_NAME
 
 from training.model import LogitsOnly
+
+from .qdq import constant_values
 
 # Opset 13: TensorRT 8.4+ (JetPack 5 and later) parses it, per-channel QDQ exists from 13 on, and
 # MobileNetV3's HardSwish is written as HardSigmoid * x, which older TensorRT parsers know.
@@ -85,16 +86,6 @@ def _is_dequantized(model: onnx.ModelProto, tensor: str) -> bool:
     return any(n.op_type == "DequantizeLinear" and tensor in n.output for n in model.graph.node)
 
 
-def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    values[node.output[0]] = numpy_helper.to_array(attr.t)
-    return values
-
-
 def qdq_problems(model: onnx.ModelProto, opset: int | None = None) -> list[str]:
     """TensorRT's explicit-quantization rules (TensorRT developer guide, "Working with Quantized Types"; the
     onnx-tensorrt QuantizeLinear/DequantizeLinear importers), as this project's INT8 graphs must meet them:
@@ -110,7 +101,7 @@ def qdq_problems(model: onnx.ModelProto, opset: int | None = None) -> list[str]:
       a DequantizeLinear reads a QuantizeLinear or a constant, and per-channel QDQ needs opset 13 or later.
     """
     problems = []
-    constants = _constants(model)
+    constants = constant_values(model)
     producers = {out: node for node in model.graph.node for out in node.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:

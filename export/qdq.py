@@ -18,7 +18,7 @@ from onnx import numpy_helper
 U8_ZERO_POINT = 128  # int8 value 0 sits at uint8 128: the shift between the two saturating ranges
 
 
-def _constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+def constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Initializers and Constant node outputs by name."""
     values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
     for node in model.graph.node:
@@ -44,7 +44,7 @@ def activations_to_uint8(model: onnx.ModelProto) -> onnx.ModelProto:
     initializer) are untouched. Raises ValueError on a pair it cannot rewrite exactly."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
-    constants = _constant_values(model)
+    constants = constant_values(model)
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
@@ -98,7 +98,7 @@ def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
 
 def qdq_summary(model: onnx.ModelProto) -> dict:
     """Counts of activation and weight Q/DQ nodes by integer type: what a test or a report checks."""
-    constants = _constant_values(model)
+    constants = constant_values(model)
     counts: dict[str, int] = {}
     for node in model.graph.node:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
