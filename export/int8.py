@@ -39,7 +39,7 @@ from .int8_graph import INT8_OPSET, build_int8_model
 from .latency import interleaved_latency
 from .onnx_export import export_onnx, tensorrt_problems
 from .parity import TOLERANCE, compare, onnx_probabilities, parity_failures
-from .qdq import activations_to_uint8
+from .qdq import cpu_form
 
 TENSORRT_NAME = "model.int8.onnx"
 CPU_NAME = "model.int8.cpu.onnx"
@@ -87,14 +87,14 @@ def load_qat(checkpoint_path: Path, float_arch: str):
 def packed_bytes(bits_table: dict, model) -> dict:
     """Size of the weights stored at their learned bits: sum(params x bits) / 8, plus what stays wide:
     float32 per-channel weight scales, int32 biases and float32 activation scales."""
-    from qat.prepare import quant_convs
+    from qat.prepare import activation_quantizers, quant_convs
 
     weight_bits = sum(row["params"] * row["weight_bits"] for row in bits_table["layers"]) / 8
-    scales = biases = activation_scales = 0
+    scales = biases = 0
     for _, conv in quant_convs(model):
         scales += 4 * conv.out_channels
         biases += 4 * conv.out_channels
-        activation_scales += 4 * len([k for k in conv.quantizers() if k != "weight_quant"])
+    activation_scales = 4 * len(activation_quantizers(model))  # one per tensor, however many layers read it
     total = weight_bits + scales + biases + activation_scales
     return {"packed_bytes": int(round(total)), "packed_weight_bytes": int(round(weight_bits)),
             "packed_scale_bias_bytes": scales + biases + activation_scales}
@@ -145,7 +145,7 @@ def export_int8_bundle(run_dir: str | Path, qat_name: str, out_dir: str | Path |
         (staging / ".int8-float-twin.onnx").unlink()
         tensorrt_path, cpu_path = staging / TENSORRT_NAME, staging / CPU_NAME
         _save(signed, tensorrt_path)
-        _save(activations_to_uint8(signed), cpu_path)
+        _save(cpu_form(signed), cpu_path)
 
         val_images, _, _ = split_arrays(run_dir, "val", cfg)
         reference = predict_probabilities(model.to(torch_device), val_images, torch_device, cfg.val_batch_size, amp=False)

@@ -1,14 +1,19 @@
 """A trained QAT model -> its explicit-quantization (QDQ) ONNX graph, the form TensorRT builds INT8 engines from.
 
-Route: graph surgery on a float export. The QAT model's convolutions are swapped (on a copy) for plain
-nn.Conv2d holding the quantized float weights and biases, the float exporter writes that graph (same opset,
-same operators, BatchNorm already folded by prepare_qat), and then, for each Conv node, in the order the
-convolutions ran:
+Route: graph surgery on a float export. On a copy of the QAT model, every QuantConv2d becomes a plain
+nn.Conv2d holding the quantized float weights and biases, and every activation quantizer becomes a marker
+that the exporter writes as a `nerveseg::FakeQuant` node carrying the quantizer's name. The float exporter
+writes that graph (same opset, same operators, BatchNorm already folded by prepare_qat), and then, in graph
+order:
 
-    x -> [Clip(qmin*s, qmax*s) when b < 8] -> QuantizeLinear(s, int8 0) -> DequantizeLinear -> Conv
-    int8 weight initializer -> DequantizeLinear(per-channel scales, axis 0, zero point 0) -> Conv weight
-    float bias on the int32 grid (s_in x s_w[c]) -> Conv bias
-    Conv -> QuantizeLinear(s_out, int8 0) -> DequantizeLinear -> (every reader of the conv's output)
+    marker(x)  -> [Clip(qmin*s, qmax*s) when b < 8] -> QuantizeLinear(s, int8 0) -> DequantizeLinear
+    Conv       -> int8 weight initializer -> DequantizeLinear(per-channel scales, axis 0, zero point 0);
+                  float bias on the int32 grid (s_in x s_w[c])
+    Relu / MaxPool reading a dequantized tensor -> QuantizeLinear -> DequantizeLinear with the SAME scale:
+                  exact (ReLU and max of grid points are grid points), and it hands the next operator a
+                  dequantized input, the pattern ONNX Runtime's integer kernels are fused from
+    a marker whose input already is that quantizer's dequantized output (a shared quantizer after ReLU)
+                  adds nothing: the tensor is rounded once, as in the QAT model
 
 The integers are taken from the modules (`weight_integers`, `export_params`), never re-derived from the graph:
 QuantizeLinear computes saturate(round(x / s)) with round half to even, the fake quantizer
@@ -43,10 +48,69 @@ INT8_OPSET = OPSET  # see the module doc
 INT8_QMIN, INT8_QMAX = -128, 127
 
 
+MARKER_DOMAIN, MARKER_OP = "nerveseg", "FakeQuant"
+
+
+class _MarkerFunction(torch.autograd.Function):
+    """Identity in PyTorch; a `nerveseg::FakeQuant` node named after its quantizer in the exported graph."""
+
+    @staticmethod
+    def forward(ctx, x, name: str):  # noqa: ARG004 (name is for the exporter)
+        return x.clone()
+
+    @staticmethod
+    def symbolic(g, x, name: str):
+        out = g.op(f"{MARKER_DOMAIN}::{MARKER_OP}", x, quantizer_s=name)
+        out.setType(x.type())
+        return out
+
+
+class _Marker(nn.Module):
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _MarkerFunction.apply(x, self.name)
+
+
+class _TwinConv(nn.Module):
+    """A QuantConv2d's place in the float twin: input marker, the conv with quantized weights, output marker."""
+
+    def __init__(self, conv: nn.Conv2d, input_name: str, output_name: str | None):
+        super().__init__()
+        self.input_marker, self.conv = _Marker(input_name), conv
+        self.output_marker = _Marker(output_name) if output_name is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output_marker(self.conv(self.input_marker(x)))
+
+
+def quantizer_names(model: nn.Module) -> dict[int, str]:
+    """{id(quantizer): its first module path}: the one name a shared quantizer goes by."""
+    from qat.quantizers import FakeQuant
+
+    names: dict[int, str] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, FakeQuant):
+            names.setdefault(id(module), name)
+    return names
+
+
+def activation_quantizers_by_name(model: nn.Module) -> dict:
+    """{name: FakeQuant} of every activation quantizer (per tensor), by its quantizer_names name."""
+    from qat.prepare import activation_quantizers
+
+    names = quantizer_names(model)
+    return {names[id(q)]: q for q in activation_quantizers(model)}
+
+
 def float_twin(model: nn.Module, input_size: tuple[int, int]) -> tuple[nn.Module, list[tuple[str, nn.Module]]]:
-    """A copy of the QAT model whose QuantConv2d are nn.Conv2d with the quantized weights and biases, and the
-    (name, QuantConv2d) of the original in the order the convolutions run in a forward pass."""
+    """A copy of the QAT model whose QuantConv2d are nn.Conv2d with the quantized weights and biases, whose
+    activation quantizers are markers, and the (name, QuantConv2d) of the original in the order the
+    convolutions run in a forward pass."""
     from qat.prepare import quant_convs
+    from qat.quantizers import FakeQuant
 
     convs = dict(quant_convs(model))
     order: list[str] = []
@@ -62,6 +126,7 @@ def float_twin(model: nn.Module, input_size: tuple[int, int]) -> tuple[nn.Module
     if sorted(order) != sorted(convs):
         raise ValueError("each quantized convolution must run exactly once per forward pass")
     twin = copy.deepcopy(model).cpu().eval()
+    names = quantizer_names(twin)
     for name in order:
         q = twin.get_submodule(name)
         conv = nn.Conv2d(q.in_channels, q.out_channels, q.kernel_size, q.stride, q.padding, q.dilation, q.groups,
@@ -69,9 +134,17 @@ def float_twin(model: nn.Module, input_size: tuple[int, int]) -> tuple[nn.Module
         with torch.no_grad():
             conv.weight.copy_(q.quantized_weight())
             conv.bias.copy_(q.quantized_bias())
-        parent, _, attr = name.rpartition(".")
-        setattr(twin.get_submodule(parent) if parent else twin, attr, conv)
+        output_name = names[id(q.output_quant)] if q.output_quant is not None else None
+        _set_module(twin, name, _TwinConv(conv, names[id(q.input_quant)], output_name))
+    for path, module in list(twin.named_modules(remove_duplicate=False)):
+        if isinstance(module, FakeQuant) and not module.per_channel:
+            _set_module(twin, path, _Marker(names[id(module)]))
     return twin, [(name, convs[name]) for name in order]
+
+
+def _set_module(model: nn.Module, name: str, value: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, value)
 
 
 def _scalar(name: str, value, dtype) -> onnx.TensorProto:
@@ -83,32 +156,38 @@ class _Builder:
 
     def __init__(self):
         self.initializers: list[onnx.TensorProto] = []
+        self.names: set[str] = set()
+        self.emitted: dict[str, int] = {}
 
     def add(self, tensor: onnx.TensorProto) -> str:
-        self.initializers.append(tensor)
+        if tensor.name not in self.names:  # a quantizer's scale is written once, however often it is used
+            self.names.add(tensor.name)
+            self.initializers.append(tensor)
         return tensor.name
 
-    def activation_qdq(self, prefix: str, source: str, params, target: str | None = None) -> tuple[list, str]:
-        """[Clip] -> Q -> DQ on `source`; returns the nodes and the dequantized name (`target` if given)."""
+    def activation_qdq(self, name: str, source: str, params, target: str, clip: bool = True) -> list:
+        """[Clip] -> Q -> DQ of quantizer `name` on `source`, the dequantized tensor written as `target`.
+        `clip=False` where the input is known to lie inside the b-bit range already."""
         scale = np.float32(params.scale.detach().cpu().reshape(()).numpy())
         if not (np.isfinite(scale) and scale > 0):
-            raise ValueError(f"{prefix}: activation scale {scale} is not positive and finite")
+            raise ValueError(f"{name}: activation scale {scale} is not positive and finite")
         if params.qmin < INT8_QMIN or params.qmax > INT8_QMAX:
-            raise ValueError(f"{prefix}: integer range [{params.qmin}, {params.qmax}] does not fit int8")
+            raise ValueError(f"{name}: integer range [{params.qmin}, {params.qmax}] does not fit int8")
+        count = self.emitted[name] = self.emitted.get(name, 0) + 1
+        prefix = name if count == 1 else f"{name}.{count}"
         nodes = []
-        scale_name = self.add(_scalar(f"{prefix}.scale", scale, np.float32))
-        zero_name = self.add(_scalar(f"{prefix}.zero_point", 0, np.int8))
-        if (params.qmin, params.qmax) != (INT8_QMIN, INT8_QMAX):  # b < 8: keep the integers in the b-bit range
-            low = self.add(_scalar(f"{prefix}.clip_min", np.float32(params.qmin) * scale, np.float32))
-            high = self.add(_scalar(f"{prefix}.clip_max", np.float32(params.qmax) * scale, np.float32))
+        scale_name = self.add(_scalar(f"{name}.scale", scale, np.float32))
+        zero_name = self.add(_scalar(f"{name}.zero_point", 0, np.int8))
+        if clip and (params.qmin, params.qmax) != (INT8_QMIN, INT8_QMAX):  # b < 8: keep the integers in range
+            low = self.add(_scalar(f"{name}.clip_min", np.float32(params.qmin) * scale, np.float32))
+            high = self.add(_scalar(f"{name}.clip_max", np.float32(params.qmax) * scale, np.float32))
             nodes.append(helper.make_node("Clip", [source, low, high], [f"{prefix}.clipped"], name=f"{prefix}/Clip"))
             source = f"{prefix}.clipped"
         nodes.append(helper.make_node("QuantizeLinear", [source, scale_name, zero_name], [f"{prefix}.int8"],
                                       name=f"{prefix}/QuantizeLinear"))
-        out = target or f"{prefix}.dq"
-        nodes.append(helper.make_node("DequantizeLinear", [f"{prefix}.int8", scale_name, zero_name], [out],
+        nodes.append(helper.make_node("DequantizeLinear", [f"{prefix}.int8", scale_name, zero_name], [target],
                                       name=f"{prefix}/DequantizeLinear"))
-        return nodes, out
+        return nodes
 
     def weight_dq(self, prefix: str, module) -> tuple[list, str]:
         integers = module.weight_integers().cpu().numpy().astype(np.int8)
@@ -127,13 +206,17 @@ class _Builder:
         return [node], f"{prefix}.weight"
 
 
+GRID_KEEPING_OPS = ("Relu", "MaxPool")  # a grid point in, a grid point out (qat.prepare.GRID_KEEPING)
+
+
 def build_int8_model(model: nn.Module, input_size: tuple[int, int], work_path) -> onnx.ModelProto:
     """The TensorRT-form QDQ graph of a QAT model (signed 8-bit activations and weights, zero point 0).
 
     `work_path` receives the intermediate float export (a scratch file inside the bundle's staging folder).
     """
+    quantizers = activation_quantizers_by_name(model)
     twin, convs = float_twin(model, input_size)
-    export_onnx(twin, work_path, input_size)
+    export_onnx(twin, work_path, input_size, custom_opsets={MARKER_DOMAIN: 1})
     graph_model = onnx.load(str(work_path))
     graph = graph_model.graph
     conv_nodes = [n for n in graph.node if n.op_type == "Conv"]
@@ -141,39 +224,64 @@ def build_int8_model(model: nn.Module, input_size: tuple[int, int], work_path) -
         raise ValueError(f"the float export has {len(conv_nodes)} Conv nodes, the QAT model {len(convs)} convolutions")
     values = _constant_values(graph_model)
     builder = _Builder()
-    before: dict[int, list] = {}
-    after: dict[int, list] = {}
-    for (name, module), node in zip(convs, conv_nodes):
-        _check_same_weights(name, module, node, values)
-        prefix = name
-        nodes, dq = builder.activation_qdq(f"{prefix}.input_quant", node.input[0], module.input_quant.export_params())
-        w_nodes, w_name = builder.weight_dq(prefix, module)
-        bias = module.quantized_bias().detach().cpu().numpy().astype(np.float32)
-        bias_name = builder.add(numpy_helper.from_array(bias, f"{prefix}.bias"))
-        node.input[0], node.input[1] = dq, w_name
-        if len(node.input) > 2:
-            node.input[2] = bias_name
-        else:
-            node.input.append(bias_name)
-        before[id(node)] = nodes + w_nodes
-        if module.output_quant is not None:
-            original = node.output[0]
-            node.output[0] = f"{prefix}.conv_output"
-            out_nodes, _ = builder.activation_qdq(f"{prefix}.output_quant", node.output[0],
-                                                  module.output_quant.export_params(), target=original)
-            after[id(node)] = out_nodes
+    conv_of = {id(node): (name, module) for (name, module), node in zip(convs, conv_nodes)}
+    renamed: dict[str, str] = {}  # marker outputs that are an existing dequantized tensor
+    dequantized_by: dict[str, str] = {}  # dequantized tensor -> the quantizer that made it
     ordered = []
     for node in graph.node:
-        ordered += before.get(id(node), []) + [node] + after.get(id(node), [])
+        for i, name in enumerate(node.input):
+            node.input[i] = renamed.get(name, name)
+        if node.domain == MARKER_DOMAIN:
+            quantizer = _attribute(node, "quantizer")
+            if quantizer not in quantizers:
+                raise ValueError(f"marker for an unknown quantizer {quantizer!r}")
+            if dequantized_by.get(node.input[0]) == quantizer:  # already rounded by this quantizer
+                renamed[node.output[0]] = node.input[0]
+                continue
+            ordered += builder.activation_qdq(quantizer, node.input[0], quantizers[quantizer].export_params(),
+                                              node.output[0])
+            dequantized_by[node.output[0]] = quantizer
+        elif node.op_type == "Conv":
+            name, module = conv_of[id(node)]
+            _check_same_weights(name, module, node, values)
+            w_nodes, w_name = builder.weight_dq(name, module)
+            bias = module.quantized_bias().detach().cpu().numpy().astype(np.float32)
+            bias_name = builder.add(numpy_helper.from_array(bias, f"{name}.bias"))
+            node.input[1] = w_name
+            if len(node.input) > 2:
+                node.input[2] = bias_name
+            else:
+                node.input.append(bias_name)
+            ordered += w_nodes + [node]
+        elif node.op_type in GRID_KEEPING_OPS and node.input[0] in dequantized_by:
+            quantizer, original = dequantized_by[node.input[0]], node.output[0]
+            node.output[0] = f"{original}.float"
+            ordered.append(node)
+            ordered += builder.activation_qdq(quantizer, node.output[0], quantizers[quantizer].export_params(),
+                                              original, clip=False)
+            dequantized_by[original] = quantizer
+        else:
+            ordered.append(node)
+    for output in graph.output:
+        output.name = renamed.get(output.name, output.name)
     del graph.node[:]
     graph.node.extend(ordered)
     graph.initializer.extend(builder.initializers)
+    del graph_model.opset_import[:]
+    graph_model.opset_import.append(helper.make_opsetid("", INT8_OPSET))
     _remove_dead(graph)
     _compact_exporter_names(graph)
     del graph.value_info[:]
     graph_model.producer_name = "nerveseg export.int8"
     onnx.checker.check_model(graph_model)
     return graph_model
+
+
+def _attribute(node: onnx.NodeProto, name: str) -> str:
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return helper.get_attribute_value(attribute).decode()
+    raise ValueError(f"node {node.name} has no attribute {name!r}")
 
 
 def _constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:

@@ -33,9 +33,11 @@ TENSORRT_RESIZE_MODES = {"nearest", "linear"}
 TENSORRT_RESIZE_TRANSFORMS = {"half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn", "asymmetric", "align_corners"}
 
 
-def export_onnx(model: torch.nn.Module, path: str | Path, input_size: tuple[int, int]) -> Path:
+def export_onnx(model: torch.nn.Module, path: str | Path, input_size: tuple[int, int],
+                custom_opsets: dict[str, int] | None = None) -> Path:
     """Write the model's logits graph to `path` (atomically): input "input" (batch, 1, H, W) float32 in
-    [0, 1], output "logits" (batch, 1, H, W)."""
+    [0, 1], output "logits" (batch, 1, H, W). `custom_opsets`: domains of custom nodes the model writes (the
+    INT8 export's quantizer markers, replaced before the graph is used)."""
     wrapped = LogitsOnly(model).eval().cpu()
     example = torch.zeros(1, 1, *input_size)
     path = Path(path)
@@ -44,7 +46,8 @@ def export_onnx(model: torch.nn.Module, path: str | Path, input_size: tuple[int,
         # the TorchScript-based exporter: its output for these convolutional graphs is plain, stable ONNX
         torch.onnx.export(wrapped, (example,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                          opset_version=OPSET, do_constant_folding=True, dynamo=False)
+                          opset_version=OPSET, do_constant_folding=True, dynamo=False,
+                          custom_opsets=custom_opsets)
         onnx.checker.check_model(str(tmp))
     return path
 

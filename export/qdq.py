@@ -1,5 +1,7 @@
 """ONNX passes on QDQ graphs.
 
+`cpu_form` = `activations_to_uint8` + `relu_as_leaky_relu`.
+
 `activations_to_uint8`: the TensorRT form (signed 8-bit activations, zero point 0) -> the x86 form of the SAME
 integers. QuantizeLinear computes saturate(round(x / s) + z): with int8 and z = 0 the result q lies in
 [-128, 127]; with uint8 and z = 128 it is q + 128 in [0, 255], and DequantizeLinear gives (q + 128 - 128) * s
@@ -87,6 +89,27 @@ def activations_to_uint8(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.value_info.extend(kept)
     _drop_unused_initializers(graph)
     return model
+
+
+def relu_as_leaky_relu(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose Relu nodes are LeakyRelu with alpha 0: the same function (x for x >= 0, 0 * x =
+    0 below), but ONNX Runtime fuses DequantizeLinear -> LeakyRelu -> QuantizeLinear into one integer
+    QLinearLeakyRelu (a table of the 256 input codes), while DequantizeLinear -> Relu -> QuantizeLinear stays
+    three float passes. ONNX Runtime folds a Relu into the QuantizeLinear after it only when the zero point is
+    the bottom of the range (asymmetric u8), which TensorRT's symmetric grid rules out. Measured on the edge
+    model (2 threads): 19.5 -> 17.9 ms. Used for the x86 file only; TensorRT fuses Relu itself."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for node in model.graph.node:
+        if node.op_type == "Relu" and node.domain in ("", "ai.onnx"):
+            node.op_type = "LeakyRelu"
+            node.attribute.append(onnx.helper.make_attribute("alpha", 0.0))
+    return model
+
+
+def cpu_form(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The x86 ONNX Runtime file of a TensorRT-form QDQ graph: the same integers, u8/128 activations
+    (`activations_to_uint8`) and Relu as LeakyRelu(0) (`relu_as_leaky_relu`)."""
+    return relu_as_leaky_relu(activations_to_uint8(model))
 
 
 def _drop_unused_initializers(graph: onnx.GraphProto) -> None:

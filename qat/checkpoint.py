@@ -23,7 +23,10 @@ from training.model import build_model
 from .config import QatConfig, qat_config_from_dict
 from .prepare import prepare_qat
 
-FORMAT = "nerveseg-qat-checkpoint-1"
+# 2: one quantizer per tensor (Hardswish, gates and residual sums quantized, shared input quantizers); the
+# modules of a format-1 checkpoint (quantizers on conv inputs and outputs only) are not those of today
+FORMAT = "nerveseg-qat-checkpoint-2"
+OLDER_FORMATS = {"nerveseg-qat-checkpoint-1": "the quantizer placement before one-quantizer-per-tensor"}
 
 
 def rng_state() -> dict:
@@ -74,6 +77,9 @@ def read_qat_checkpoint(path: str | Path) -> dict:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise InputError(f"{path}: cannot read QAT checkpoint ({type(err).__name__}: {err})") from None
+    if isinstance(checkpoint, dict) and checkpoint.get("format") in OLDER_FORMATS:
+        raise InputError(f"{path}: a QAT checkpoint of {OLDER_FORMATS[checkpoint['format']]} "
+                         f"({checkpoint['format']}); this nerveseg cannot load it: rerun `nerveseg qat`")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise InputError(f"{path}: not a nerveseg QAT checkpoint (expected format {FORMAT})")
     return checkpoint

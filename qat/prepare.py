@@ -22,7 +22,10 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .modules import QuantConv2d
+from torchvision.models.mobilenetv3 import InvertedResidual
+from torchvision.ops.misc import SqueezeExcitation
+
+from .modules import QuantConv2d, QuantGate, QuantHardswish, QuantResidual, activation_quantizer
 from .quantizers import FakeQuant
 
 FIRST_INPUT_BITS = 8  # the grey frame in [0, 1]: an 8-bit picture stays an 8-bit picture
@@ -59,11 +62,14 @@ def _set(model: nn.Module, name: str, value: nn.Module) -> None:
 
 def prepare_qat(model: nn.Module, arch: str = "", *, weight_bits: int = 8, activation_bits: int = 8,
                 learn_bits: bool = True, b_min: int = 2, b_max: int = 8, init_steps: bool = True) -> nn.Module:
-    """Fold BN and replace every Conv2d (at the same attribute path) by a QuantConv2d; in place, returned.
+    """Fold BN, replace every Conv2d (at the same attribute path) by a QuantConv2d, quantize the element-wise
+    operations between them, and share one quantizer per tensor; in place, returned.
 
-    The first convolution's input is fixed at 8 bits; every output quantizer is fixed at 8 bits; the last
-    convolution (the classifier's, in module order) has no output quantizer. Weight steps are initialised
-    from the folded weights here; activation steps need data: call `initialise_steps` next.
+    The first convolution's input is fixed at 8 bits; every conv output quantizer is fixed at 8 bits unless a
+    convolution reads it (through ReLU), when it becomes that input's activation quantizer; the last
+    convolution (the classifier's, in module order) has no output quantizer. Hardswish, the squeeze-excitation
+    gates and the residual sums of MobileNetV3 get their quantizers (qat/modules.py says why). Weight steps
+    are initialised from the folded weights here; activation steps need data: call `initialise_steps` next.
 
     Args:
         model: a float torchvision DeepLabV3 (training.model.build_model).
@@ -84,8 +90,91 @@ def prepare_qat(model: nn.Module, arch: str = "", *, weight_bits: int = 8, activ
             learn_weight_bits=learn_bits, learn_activation_bits=learn_bits and not first,
             output_bits=None if last else OUTPUT_BITS, b_min=b_min, b_max=b_max,
             init_steps=init_steps))
+
+    def new_activation_quantizer() -> FakeQuant:
+        return activation_quantizer(activation_bits, learn_bits, b_min, b_max)
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Hardswish):
+            _set(model, name, QuantHardswish(new_activation_quantizer()))
+        elif isinstance(module, SqueezeExcitation):
+            module.scale_activation = QuantGate(module.scale_activation)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, InvertedResidual) and module.use_res_connect:
+            _set(model, name, QuantResidual(module, new_activation_quantizer()))
+    share_input_quantizers(model, new_activation_quantizer)
     model.qat_arch = arch
     return model
+
+
+# modules that hand their input on unchanged or keep it on its grid (ReLU or max of grid points are grid points)
+GRID_KEEPING = (nn.ReLU, nn.Identity, nn.Dropout, nn.MaxPool2d)
+
+
+@torch.no_grad()
+def share_input_quantizers(model: nn.Module, new_activation_quantizer) -> None:
+    """Give every convolution whose input already is a quantized tensor (a quantizer's output, possibly
+    through ReLU / Identity / Dropout / MaxPool) that tensor's quantizer as its input quantizer, so each tensor
+    is rounded once. A fixed 8-bit conv output quantizer that a convolution reads this way is first replaced
+    by a new activation quantizer (learned bits in learned runs), shared by producer and readers.
+
+    Found by running one small frame through the model and following tensors by identity AND version: an
+    in-place operation (ResNet's `out += identity`) keeps the Python object but bumps its version, and its
+    result is not on the grid. The tensors are kept alive during the pass so that no id is reused."""
+    producer: dict[int, tuple[int, int]] = {}  # id(tensor) -> (id(quantizer), tensor version then)
+    alive: list[torch.Tensor] = []
+    pending: dict[int, int | None] = {}  # id(grid-keeping module) -> the quantizer of its current input
+    readers: dict[int, int] = {}  # id(conv) -> id(the quantizer of its input)
+
+    def source_of(t: torch.Tensor) -> int | None:
+        entry = producer.get(id(t))
+        return entry[0] if entry is not None and entry[1] == t._version else None
+
+    def mark(t: torch.Tensor, source: int) -> None:
+        producer[id(t)] = (source, t._version)
+        alive.append(t)
+
+    def before_keep(module, args):
+        pending[id(module)] = source_of(args[0])
+
+    def after_keep(module, _args, out):
+        source = pending.pop(id(module), None)
+        if source is not None:
+            mark(out, source)
+
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, FakeQuant) and not m.per_channel:
+            hooks.append(m.register_forward_hook(lambda module, _a, out: mark(out, id(module))))
+        elif isinstance(m, GRID_KEEPING):
+            hooks.append(m.register_forward_pre_hook(before_keep))
+            hooks.append(m.register_forward_hook(after_keep))
+    convs = quant_convs(model)
+    def before_conv(conv, args):
+        source = source_of(args[0])
+        if source is None:  # a float tensor: the first convolution reading it quantizes it, later readers share
+            source = id(conv.input_quant)
+            mark(args[0], source)
+        readers[id(conv)] = source
+
+    hooks += [conv.register_forward_pre_hook(before_conv) for _, conv in convs]
+    was_training = model.training
+    try:
+        model.eval()
+        device = next(model.parameters()).device
+        model(torch.zeros(1, 1, 64, 64, device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    by_id = {id(m): m for m in model.modules() if isinstance(m, FakeQuant)}
+    output_of = {id(conv.output_quant): conv for _, conv in convs if conv.output_quant is not None}
+    replaced: dict[int, FakeQuant] = {}
+    for _, conv in convs[1:]:  # the first convolution reads the frame: its own 8-bit quantizer
+        source = readers[id(conv)]
+        if source in output_of and source not in replaced:
+            replaced[source] = output_of[source].output_quant = new_activation_quantizer()
+        conv.input_quant = replaced.get(source, by_id[source])
 
 
 def quant_convs(model: nn.Module) -> list[tuple[str, QuantConv2d]]:
@@ -94,7 +183,13 @@ def quant_convs(model: nn.Module) -> list[tuple[str, QuantConv2d]]:
 
 
 def fake_quants(model: nn.Module) -> list[FakeQuant]:
+    """Every quantizer once (a shared one is listed once)."""
     return [m for m in model.modules() if isinstance(m, FakeQuant)]
+
+
+def activation_quantizers(model: nn.Module) -> list[FakeQuant]:
+    """Every per-tensor (activation) quantizer once; weight quantizers are per channel."""
+    return [q for q in fake_quants(model) if not q.per_channel]
 
 
 @torch.no_grad()
@@ -105,8 +200,7 @@ def initialise_steps(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
     Shape:
         each batch: (N, 1, H, W) float in [0, 1], on the model's device.
     """
-    activation_quants = [q for _, conv in quant_convs(model) for key, q in conv.quantizers().items()
-                         if key != "weight_quant"]
+    activation_quants = activation_quantizers(model)
     was_training = model.training
     model.eval()
     for q in activation_quants:

@@ -10,9 +10,9 @@ from onnx import numpy_helper
 
 pytest.importorskip("qat.prepare", reason="the qat package (branch qat) is not merged yet")
 
-from export.int8_graph import build_int8_model  # noqa: E402
+from export.int8_graph import build_int8_model, quantizer_names  # noqa: E402
 from export.onnx_export import tensorrt_problems  # noqa: E402
-from export.qdq import activations_to_uint8  # noqa: E402
+from export.qdq import cpu_form  # noqa: E402
 
 SIZE = (64, 64)
 THREE_BIT = "backbone.4.block.0.0"  # an expansion conv in the middle of the backbone
@@ -43,7 +43,7 @@ def graphs(qat_model, tmp_path_factory):
     signed = build_int8_model(qat_model, SIZE, folder / "twin.onnx")
     paths = {"s8": folder / "s8.onnx", "u8": folder / "u8.onnx"}
     onnx.save(signed, str(paths["s8"]))
-    onnx.save(activations_to_uint8(signed), str(paths["u8"]))
+    onnx.save(cpu_form(signed), str(paths["u8"]))
     return signed, paths
 
 
@@ -72,6 +72,39 @@ def test_weights_are_the_fake_quant_integers_exactly(qat_model, graphs):
     assert three.min() >= -3 and three.max() <= 3 and (np.abs(three) == 3).any()  # narrow 3-bit range, used
 
 
+def _input_quantize(graph: onnx.ModelProto, producer: dict, conv_name: str) -> onnx.NodeProto:
+    """The QuantizeLinear whose integers the Conv of `conv_name` reads (through one DequantizeLinear)."""
+    conv = next(n for n in graph.graph.node if n.op_type == "Conv" and n.input[1] == f"{conv_name}.weight")
+    dequantize = producer[conv.input[0]]
+    assert dequantize.op_type == "DequantizeLinear", conv_name
+    quantize = producer[dequantize.input[0]]
+    assert quantize.op_type == "QuantizeLinear", conv_name
+    return quantize
+
+
+def test_each_tensor_is_rounded_once_and_every_mul_add_reads_integers(qat_model, graphs):
+    """Placement: no QuantizeLinear reads a DequantizeLinear of the same scale (a second rounding), and every
+    Mul and Add reads two dequantized tensors and feeds one QuantizeLinear (ONNX Runtime's QLinearMul /
+    QLinearAdd pattern)."""
+    signed, _ = graphs
+    producer = {o: n for n in signed.graph.node for o in n.output}
+    readers = {}
+    for n in signed.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    for n in signed.graph.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] in producer:
+            before = producer[n.input[0]]
+            assert not (before.op_type == "DequantizeLinear" and before.input[1] == n.input[1]), n.name
+        if n.op_type in ("Mul", "Add"):
+            assert all(producer[i].op_type == "DequantizeLinear" for i in n.input), n.name
+            after = readers[n.output[0]]
+            if [r.op_type for r in after] == ["Clip"]:  # a quantizer below 8 bits: Clip to its range first
+                after = readers[after[0].output[0]]
+            assert [r.op_type for r in after] == ["QuantizeLinear"], n.name
+    assert sum(n.op_type == "Mul" for n in signed.graph.node) > 0 and sum(n.op_type == "Add" for n in signed.graph.node) > 0
+
+
 def test_activation_integers_match_on_frames(qat_model, graphs):
     """Every QuantizeLinear gives the fake quantizer's integers for the values it receives (exactly), and end
     to end the graph's integers are the PyTorch model's: exactly through most of the network; past the first
@@ -91,10 +124,10 @@ def test_activation_integers_match_on_frames(qat_model, graphs):
         reference = qat_model(torch.from_numpy(frames)[:, None])["out"].numpy()
     for hook in hooks:
         hook.remove()
-    quantize = {n.output[0]: n for n in signed.graph.node if n.op_type == "QuantizeLinear"}
+    producer = {o: n for n in signed.graph.node for o in n.output}
     probe = onnx.ModelProto.FromString(signed.SerializeToString())
-    wanted = [f"{n}.input_quant.int8" for n in names]
-    feeds = [quantize[w].input[0] for w in wanted]  # the float value each QuantizeLinear receives
+    wanted = [_input_quantize(signed, producer, n).output[0] for n in names]  # the int8 input of each conv
+    feeds = [producer[w].input[0] for w in wanted]  # the float value each of those QuantizeLinear receives
     probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in wanted + feeds)
     outputs = _session(probe).run(None, {"input": frames[:, None]})
     logits, integers, received = outputs[0], outputs[1:1 + len(names)], outputs[1 + len(names):]
@@ -113,15 +146,15 @@ def test_activation_integers_match_on_frames(qat_model, graphs):
     assert three.min() >= -4 and three.max() <= 3 and np.abs(three).max() >= 2  # inside the 3-bit range, and used
 
 
-def test_three_bit_layer_is_clipped_before_quantize(graphs):
+def test_three_bit_layer_is_clipped_before_quantize(qat_model, graphs):
     signed, _ = graphs
-    clips = [n for n in signed.graph.node if n.op_type == "Clip" and n.name.startswith(THREE_BIT + ".input_quant")]
+    name = quantizer_names(qat_model)[id(qat_model.get_submodule(THREE_BIT).input_quant)]  # a shared quantizer
+    clips = [n for n in signed.graph.node if n.op_type == "Clip" and n.name.startswith(name + "/")]
     assert len(clips) == 1
     inits = {i.name: numpy_helper.to_array(i) for i in signed.graph.initializer}
-    scale = inits[f"{THREE_BIT}.input_quant.scale"]
+    scale = inits[f"{name}.scale"]
     assert inits[clips[0].input[1]] == np.float32(-4) * scale and inits[clips[0].input[2]] == np.float32(3) * scale
-    eight_bit_clips = [n for n in signed.graph.node if n.op_type == "Clip" and "output_quant" in n.name]
-    assert eight_bit_clips == []  # at 8 bits QuantizeLinear's saturation is the grid
+    assert len([n for n in signed.graph.node if n.op_type == "Clip"]) == 1  # at 8 bits QuantizeLinear saturates
 
 
 def test_tensorrt_form_passes_the_lint_and_cpu_form_is_the_same_integers(graphs):
@@ -131,5 +164,8 @@ def test_tensorrt_form_passes_the_lint_and_cpu_form_is_the_same_integers(graphs)
     frames = _frames(2, 3)[:, None]
     exact = [_session(paths[k]).run(None, {"input": frames})[0] for k in ("s8", "u8")]
     np.testing.assert_array_equal(exact[0], exact[1])
+    cpu = onnx.load(str(paths["u8"]))
+    assert not any(n.op_type == "Relu" for n in cpu.graph.node)  # LeakyRelu(0): the same function, fused by ORT
+    assert sum(n.op_type == "LeakyRelu" for n in cpu.graph.node) == sum(n.op_type == "Relu" for n in signed.graph.node)
     deployed = _session(paths["u8"], ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(None, {"input": frames})[0]
     assert np.isfinite(deployed).all() and deployed.shape == exact[0].shape

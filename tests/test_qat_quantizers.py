@@ -152,8 +152,10 @@ def test_both_backbones_prepare_and_train(arch):
     assert convs[0][0] == ("backbone.conv1" if arch == "resnet50" else "backbone.0.0")
     assert convs[-1][0] == "classifier.4" and last.output_quant is None
     assert first.input_quant.bits() == 8 and not first.input_quant.learns_bits
-    assert all(c.output_quant is not None and c.output_quant.bits() == 8 and not c.output_quant.learns_bits
-               for _, c in convs[:-1])
+    inputs = {id(c.input_quant) for _, c in convs}
+    for name, c in convs[:-1]:  # an output quantizer is fixed 8-bit, or the (learned) input quantizer of a reader
+        assert c.output_quant is not None, name
+        assert (c.output_quant.bits() == 8 and not c.output_quant.learns_bits) or id(c.output_quant) in inputs, name
     initialise_steps(model, [torch.rand(2, 1, 64, 64)])
     model.train()
     x, target = torch.rand(2, 1, 64, 64), (torch.rand(2, 1, 64, 64) > 0.5).float()
@@ -184,3 +186,40 @@ def test_activation_step_initialised_from_the_observed_maximum(bits, learn):
     p = fq.export_params()
     assert p.bits == bits
     assert float(p.scale) * p.qmax == pytest.approx(3.0, rel=1e-5)
+
+
+def test_placement_one_quantizer_per_tensor_on_mobilenet():
+    """Hardswish, squeeze-excitation gates and residual sums are quantized; a conv after ReLU reads its producer's
+    grid (shared quantizer, no second rounding); Hardswish outputs are shared by their readers."""
+    from torchvision.models.mobilenetv3 import InvertedResidual
+    from torchvision.ops.misc import SqueezeExcitation
+
+    from qat.modules import QuantGate, QuantHardswish, QuantResidual
+
+    float_model = build_model("mobilenet_v3_large")
+    hardswish = sum(isinstance(m, nn.Hardswish) for m in float_model.modules())
+    gates = sum(isinstance(m, SqueezeExcitation) for m in float_model.modules())
+    residuals = sum(isinstance(m, InvertedResidual) and m.use_res_connect for m in float_model.modules())
+    model = prepare_qat(float_model, "mobilenet_v3_large", learn_bits=True)
+    assert sum(isinstance(m, QuantHardswish) for m in model.modules()) == hardswish > 0
+    assert sum(isinstance(m, QuantGate) for m in model.modules()) == gates > 0
+    assert sum(isinstance(m, QuantResidual) for m in model.modules()) == residuals > 0
+    convs = dict(quant_convs(model))
+    # backbone.1 is an inverted residual without expansion: depthwise conv (ReLU) -> projection conv
+    depthwise, projection = convs["backbone.1.block.0.0"], convs["backbone.1.block.1.0"]
+    assert projection.input_quant is depthwise.output_quant and depthwise.output_quant.learns_bits
+    stem_hardswish = model.get_submodule("backbone.0.2")
+    assert isinstance(stem_hardswish, QuantHardswish) and depthwise.input_quant is stem_hardswish.output_quant
+    residual = model.get_submodule("backbone.1")
+    assert isinstance(residual, QuantResidual) and convs["backbone.2.block.0.0"].input_quant is residual.output_quant
+
+
+def test_in_place_residual_sum_is_not_taken_for_a_grid_point():
+    """ResNet's `out += identity` keeps the Python object of conv3's quantized output but not its grid: the
+    next block must quantize the sum itself (tensors are followed by identity and version)."""
+    model = prepare_qat(build_model("resnet50"), "resnet50")
+    convs = dict(quant_convs(model))
+    after_sum = convs["backbone.layer2.0.conv1"].input_quant
+    assert after_sum is not convs["backbone.layer1.2.conv3"].output_quant
+    assert convs["backbone.layer2.0.downsample.0"].input_quant is after_sum, "two readers of one tensor share"
+    assert convs["backbone.layer1.0.conv1"].input_quant is convs["backbone.conv1"].output_quant, "through MaxPool"
