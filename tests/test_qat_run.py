@@ -182,3 +182,10 @@ def test_unknown_qat_key_in_the_recipe_is_a_one_line_error(tiny_run, tmp_path, c
     err = _error(capsys, ["qat", "--run-dir", str(run)])
     assert "odd.toml" in err and "learning_rate" in err
     assert not (run / "qat").exists()
+
+
+def test_a_checkpoint_of_the_previous_placement_is_refused_with_a_reason(tmp_path):
+    path = tmp_path / "old.pt"
+    torch.save({"format": "nerveseg-qat-checkpoint-1", "model": {}}, path)
+    with pytest.raises(InputError, match="placement.*rerun `nerveseg qat`"):
+        read_qat_checkpoint(path)
