@@ -150,6 +150,7 @@ def share_input_quantizers(model: nn.Module, new_activation_quantizer) -> None:
             hooks.append(m.register_forward_pre_hook(before_keep))
             hooks.append(m.register_forward_hook(after_keep))
     convs = quant_convs(model)
+
     def before_conv(conv, args):
         source = source_of(args[0])
         if source is None:  # a float tensor: the first convolution reading it quantizes it, later readers share

@@ -171,8 +171,9 @@ class FakeQuant(nn.Module):
         return int(self.frozen_bits) == 0
 
     def step(self) -> torch.Tensor:
-        """The step (scale), 0-d or [C], float32."""
-        return torch.exp2(self.log2_step)
+        """The step (scale), 0-d or [C]: a float32 number (the exported scale), in the module's dtype (a float64
+        evaluation of the model, export/int8.py's parity reference, uses the very same steps)."""
+        return torch.exp2(self.log2_step.float()).to(self.log2_step.dtype)
 
     def continuous_bits(self) -> torch.Tensor:
         """b_c, differentiable in the step and range parameters (per-channel steps: in n only)."""

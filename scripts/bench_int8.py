@@ -169,11 +169,12 @@ def main() -> int:
 
     # 5. parity
     print("\n== parity on the validation frames (ONNX Runtime CPU vs the PyTorch fake-quant model)")
-    for name, (_, manifest) in bundles.items():
-        for file, p in manifest.metrics.get("parity", {}).items():
-            print(f"  {name} {file}: mask Dice {p['mask_dice']:.4f}, max |dp| {p['max_prob_diff']:.4f}, flipped "
-                  f"{p['flipped_fraction']:.2e} (ORT_ENABLE_ALL); reference ORT_DISABLE_ALL: mask Dice "
-                  f"{p['reference_mask_dice']:.4f}, max |dp| {p['reference_max_prob_diff']:.2e} ({p['frames']} frames)")
+    from export.int8 import format_summary
+
+    for name, (folder, manifest) in bundles.items():
+        for line in format_summary(folder, manifest).splitlines():
+            if line.startswith(("  parity", "  the fake-quant model")):
+                print(f"  {name}:{line[1:]}")
 
     # 6. the device runtime over the test frames
     samples = load_split(run_dir / "split.json")["test"]
