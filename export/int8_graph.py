@@ -201,8 +201,8 @@ class _Builder:
         s = self.add(numpy_helper.from_array(scale, f"{prefix}.weight_scale"))
         # no zero point: for DequantizeLinear it defaults to 0 of the input's type (int8), so [C] zero bytes
         # per layer need not be stored (they cost the 3.9x size goal its margin)
-        node = helper.make_node("DequantizeLinear", [w, s], [f"{prefix}.weight"], name=f"{prefix}/weight/DequantizeLinear",
-                                axis=0)
+        node = helper.make_node("DequantizeLinear", [w, s], [f"{prefix}.weight"],
+                                name=f"{prefix}/weight/DequantizeLinear", axis=0)
         return [node], f"{prefix}.weight"
 
 
