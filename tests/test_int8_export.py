@@ -109,3 +109,23 @@ def test_device_runs_the_int8_bundle_and_says_what_it_took(int8_bundle):
                           capture_output=True, text=True, cwd=REPO)
     assert info.returncode == 0, info.stderr
     assert TENSORRT_NAME in info.stdout and "parity" in info.stdout and "W8 A8" in info.stdout
+
+
+def test_parity_is_held_to_the_closer_of_the_float32_and_float64_models(monkeypatch):
+    """Both evaluations are the fake-quant model; a graph that reproduces one of them passes, and the figures
+    against each are kept."""
+    import numpy as np
+
+    import export.int8 as int8
+    from device_runtime.postprocess import Morphology
+
+    graph = np.zeros((2, 16, 16), np.float32)
+    graph[:, 4:12, 4:12] = 0.9
+    monkeypatch.setattr(int8, "onnx_probabilities", lambda path, images, optimization="all": graph)
+    shifted = np.zeros_like(graph)
+    shifted[:, 4:12, 8:16] = 0.9
+    result = int8.parity_of(Path("model.onnx"), np.zeros((2, 16, 16), np.float32),
+                            {"float32": shifted, "float64": graph}, 0.5, Morphology(0, 0, 0, False))
+    assert result["mask_dice"] == 1.0 and "float64" in result["reference_model"]
+    assert result["against_float32"]["mask_dice"] == pytest.approx(0.5)
+    assert result["against_float64"]["reference_mask_dice"] == 1.0
