@@ -15,8 +15,8 @@ from export.cli import main
 def test_pipeline_runs_on_real_frames(real_data, tmp_path, capsys):
     run_dir = tmp_path / "real"
     code = main(["pipeline", "--data", str(real_data), "--mask-label", "1", "--recipe", "edge",
-                 "--input-size", "64", "64", "--epochs", "1", "--batch-size", "16", "--device", "cpu",
-                 "--run-dir", str(run_dir)])
+                 "--input-size", "64", "64", "--epochs", "1", "--qat-epochs", "2", "--batch-size", "16",
+                 "--device", "cpu", "--run-dir", str(run_dir)])
     assert code == 0, capsys.readouterr().err
     split = json.loads((run_dir / "split.json").read_text())
     assert [len(split[k]) for k in ("train", "val", "test")] == [164, 20, 20]
