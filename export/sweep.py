@@ -207,7 +207,8 @@ def run_sweep(run_dir: str | Path, bits: list[str], learned: list[str], target_b
     recipe = load_run_config(run_dir).recipe
     # every config built (and checked) before the first run starts: a bad combination fails now, in one line
     configs = [qat_config(run_dir, recipe, job, epochs, device) for job in jobs]
-    state = SweepState(run_dir, command or "nerveseg sweep " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    # argv[1:] starts with the subcommand ("sweep") when run as `nerveseg sweep ...`
+    state = SweepState(run_dir, command or "nerveseg " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     state.data["epochs"] = epochs
     ensure_float_bundle(run_dir, device)
     for index, (job, qcfg) in enumerate(zip(jobs, configs), 1):
