@@ -109,7 +109,7 @@ def float_twin(model: nn.Module, input_size: tuple[int, int]) -> tuple[nn.Module
     """A copy of the QAT model whose QuantConv2d are nn.Conv2d with the quantized weights and biases, whose
     activation quantizers are markers, and the (name, QuantConv2d) of the original in the order the
     convolutions run in a forward pass."""
-    from qat.prepare import quant_convs
+    from qat.prepare import quant_convs, set_submodule
     from qat.quantizers import FakeQuant
 
     convs = dict(quant_convs(model))
@@ -135,16 +135,11 @@ def float_twin(model: nn.Module, input_size: tuple[int, int]) -> tuple[nn.Module
             conv.weight.copy_(q.quantized_weight())
             conv.bias.copy_(q.quantized_bias())
         output_name = names[id(q.output_quant)] if q.output_quant is not None else None
-        _set_module(twin, name, _TwinConv(conv, names[id(q.input_quant)], output_name))
+        set_submodule(twin, name, _TwinConv(conv, names[id(q.input_quant)], output_name))
     for path, module in list(twin.named_modules(remove_duplicate=False)):
         if isinstance(module, FakeQuant) and not module.per_channel:
-            _set_module(twin, path, _Marker(names[id(module)]))
+            set_submodule(twin, path, _Marker(names[id(module)]))
     return twin, [(name, convs[name]) for name in order]
-
-
-def _set_module(model: nn.Module, name: str, value: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, value)
 
 
 def _scalar(name: str, value, dtype) -> onnx.TensorProto:

@@ -55,7 +55,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
-def _set(model: nn.Module, name: str, value: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, value: nn.Module) -> None:
+    """Put `value` at the dotted module path `name` of `model`."""
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, attr, value)
 
@@ -85,7 +86,7 @@ def prepare_qat(model: nn.Module, arch: str = "", *, weight_bits: int = 8, activ
         raise ValueError("the model has no Conv2d to quantize")
     for index, (name, conv) in enumerate(convs):
         first, last = index == 0, index == len(convs) - 1
-        _set(model, name, QuantConv2d(
+        set_submodule(model, name, QuantConv2d(
             conv, weight_bits=weight_bits, activation_bits=FIRST_INPUT_BITS if first else activation_bits,
             learn_weight_bits=learn_bits, learn_activation_bits=learn_bits and not first,
             output_bits=None if last else OUTPUT_BITS, b_min=b_min, b_max=b_max,
@@ -96,12 +97,12 @@ def prepare_qat(model: nn.Module, arch: str = "", *, weight_bits: int = 8, activ
 
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Hardswish):
-            _set(model, name, QuantHardswish(new_activation_quantizer()))
+            set_submodule(model, name, QuantHardswish(new_activation_quantizer()))
         elif isinstance(module, SqueezeExcitation):
             module.scale_activation = QuantGate(module.scale_activation)
     for name, module in list(model.named_modules()):
         if isinstance(module, InvertedResidual) and module.use_res_connect:
-            _set(model, name, QuantResidual(module, new_activation_quantizer()))
+            set_submodule(model, name, QuantResidual(module, new_activation_quantizer()))
     share_input_quantizers(model, new_activation_quantizer)
     model.qat_arch = arch
     return model
