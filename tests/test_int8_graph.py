@@ -170,3 +170,23 @@ def test_tensorrt_form_passes_the_lint_and_cpu_form_is_the_same_integers(graphs)
     assert sum(n.op_type == "LeakyRelu" for n in cpu.graph.node) == sum(n.op_type == "Relu" for n in signed.graph.node)
     deployed = _session(paths["u8"], ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(None, {"input": frames})[0]
     assert np.isfinite(deployed).all() and deployed.shape == exact[0].shape
+
+
+def test_cpu_form_lets_onnx_runtime_fuse_the_clipped_convolution(graphs, tmp_path):
+    """The 3-bit layer's Clip sits between its Conv and QuantizeLinear in the TensorRT form; the x86 file
+    quantizes before the Clip (same integers, checked above), so ONNX Runtime turns every convolution with a
+    quantized output into QLinearConv: only the classifier's last one (float logits) stays a float Conv."""
+    signed, paths = graphs
+    cpu = onnx.load(str(paths["u8"]))
+    producer = {o: n for n in cpu.graph.node for o in n.output}
+    clips = [n for n in cpu.graph.node if n.op_type == "Clip"]
+    assert len(clips) == 1 and producer[clips[0].input[0]].op_type == "DequantizeLinear"
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(paths["u8"]), options, providers=["CPUExecutionProvider"])
+    kinds = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    convs = sum(n.op_type == "Conv" for n in signed.graph.node)
+    assert kinds.count("QLinearConv") == convs - 1
+    assert kinds.count("Conv") + kinds.count("FusedConv") == 1
