@@ -151,7 +151,7 @@ def qat_command(run_dir: Path, name: str, config: dict | None) -> str:
     config = config or {}
     bits = str(config.get("bits", name))
     parts = [f"nerveseg qat --run-dir {run_dir}", f"--bits {bits}"]
-    if bits == "learned":  # the bit cost only acts where bits are learned
+    if bits.startswith("learned"):  # the bit cost only acts where bits are learned (learned, learned-aN)
         parts.append(f"--bit-weight {config.get('bit_weight', 0.25):g}")
         if config.get("target_bits"):
             parts.append(f"--target-bits {config['target_bits']:g}")

@@ -22,30 +22,42 @@ RECIPE_KEYS = ("epochs", "bit_epochs", "observe_frames", "batch_size", "lr_weigh
 
 @dataclass(frozen=True)
 class BitSetting:
-    """What `--bits` asks for: learned bitwidths, or fixed weight / activation bits."""
+    """What `--bits` asks for: learned bitwidths (of weights, and of activations unless they are fixed), or
+    fixed weight / activation bits."""
 
-    learned: bool
+    learned: bool  # the weight bits learn (and the activation bits, unless learned_activations is False)
     weight_bits: int = 8
     activation_bits: int = 8
+    learned_activations: bool = True
 
     @property
     def default_name(self) -> str:
-        return "learned" if self.learned else f"w{self.weight_bits}a{self.activation_bits}"
+        if self.learned:
+            return "learned" if self.learned_activations else f"learned-a{self.activation_bits}"
+        return f"w{self.weight_bits}a{self.activation_bits}"
 
 
 def parse_bits(text: str) -> BitSetting:
-    """"learned", "N" (weights and activations at N bits) or "WxAy"; N, x, y in 2..8."""
+    """"learned", "learned-aN" (learned weight bits, activations fixed at N), "N" (weights and activations at N
+    bits) or "WxAy"; N, x, y in 2..8.
+
+    Why learned weights with fixed activations: on int8 hardware the activation bits buy no speed (every tensor
+    moves as int8 either way) and a b < 8 activation costs a clamp per tensor; the weight bits are what the
+    packed model size pays for. "learned-a8" spends the bit budget where it shrinks the model."""
     value = str(text).strip().lower()
     if value == "learned":
         return BitSetting(True)
-    match = re.fullmatch(r"(\d+)", value) or re.fullmatch(r"w(\d+)a(\d+)", value)
+    match = (re.fullmatch(r"(\d+)", value) or re.fullmatch(r"w(\d+)a(\d+)", value)
+             or re.fullmatch(r"learned-a(\d+)", value))
     if not match:
-        raise InputError(f"--bits must be 'learned', a bitwidth N or WxAy (e.g. W4A8), got {text!r}")
+        raise InputError(f"--bits must be 'learned', 'learned-aN', a bitwidth N or WxAy (e.g. W4A8), got {text!r}")
     numbers = [int(g) for g in match.groups()]
     bad = [n for n in numbers if not 2 <= n <= 8]
     if bad:
         raise InputError(f"--bits {text}: bitwidths must lie in 2..8 (int8 hardware; 1 bit has no signed grid), "
                          f"got {bad[0]}")
+    if value.startswith("learned"):
+        return BitSetting(True, activation_bits=numbers[0], learned_activations=False)
     return BitSetting(False, numbers[0], numbers[-1])
 
 

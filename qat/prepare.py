@@ -62,7 +62,8 @@ def set_submodule(model: nn.Module, name: str, value: nn.Module) -> None:
 
 
 def prepare_qat(model: nn.Module, arch: str = "", *, weight_bits: int = 8, activation_bits: int = 8,
-                learn_bits: bool = True, b_min: int = 2, b_max: int = 8, init_steps: bool = True) -> nn.Module:
+                learn_weight_bits: bool = True, learn_activation_bits: bool = True, b_min: int = 2, b_max: int = 8,
+                init_steps: bool = True) -> nn.Module:
     """Fold BN, replace every Conv2d (at the same attribute path) by a QuantConv2d, quantize the element-wise
     operations between them, and share one quantizer per tensor; in place, returned.
 
@@ -76,7 +77,7 @@ def prepare_qat(model: nn.Module, arch: str = "", *, weight_bits: int = 8, activ
         model: a float torchvision DeepLabV3 (training.model.build_model).
         arch: "resnet50" or "mobilenet_v3_large" (recorded on the model; the code is the same).
         weight_bits, activation_bits: initial bitwidths (learned runs) or the fixed ones (uniform runs).
-        learn_bits: whether the weight and activation bitwidths learn.
+        learn_weight_bits, learn_activation_bits: whether the weight / activation bitwidths learn.
         b_min, b_max: range of learned bitwidths.
         init_steps: initialise weight steps from the weights (False when a checkpoint's state follows).
     """
@@ -88,12 +89,12 @@ def prepare_qat(model: nn.Module, arch: str = "", *, weight_bits: int = 8, activ
         first, last = index == 0, index == len(convs) - 1
         set_submodule(model, name, QuantConv2d(
             conv, weight_bits=weight_bits, activation_bits=FIRST_INPUT_BITS if first else activation_bits,
-            learn_weight_bits=learn_bits, learn_activation_bits=learn_bits and not first,
+            learn_weight_bits=learn_weight_bits, learn_activation_bits=learn_activation_bits and not first,
             output_bits=None if last else OUTPUT_BITS, b_min=b_min, b_max=b_max,
             init_steps=init_steps))
 
     def new_activation_quantizer() -> FakeQuant:
-        return activation_quantizer(activation_bits, learn_bits, b_min, b_max)
+        return activation_quantizer(activation_bits, learn_activation_bits, b_min, b_max)
 
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Hardswish):

@@ -200,7 +200,7 @@ def test_placement_one_quantizer_per_tensor_on_mobilenet():
     hardswish = sum(isinstance(m, nn.Hardswish) for m in float_model.modules())
     gates = sum(isinstance(m, SqueezeExcitation) for m in float_model.modules())
     residuals = sum(isinstance(m, InvertedResidual) and m.use_res_connect for m in float_model.modules())
-    model = prepare_qat(float_model, "mobilenet_v3_large", learn_bits=True)
+    model = prepare_qat(float_model, "mobilenet_v3_large")
     assert sum(isinstance(m, QuantHardswish) for m in model.modules()) == hardswish > 0
     assert sum(isinstance(m, QuantGate) for m in model.modules()) == gates > 0
     assert sum(isinstance(m, QuantResidual) for m in model.modules()) == residuals > 0

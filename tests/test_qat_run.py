@@ -119,6 +119,31 @@ def test_bits_fall_with_a_large_lambda_and_not_without(bit_weight, falls):
         assert weight_bits == 8.0 and activation_bits == 8.0
 
 
+def test_learned_a8_learns_weight_bits_and_keeps_every_activation_at_8():
+    from qat.checkpoint import build_qat_model
+    from qat.prepare import activation_quantizers
+
+    model = build_qat_model("mobilenet_v3_large", QatConfig(bits="learned-a8"))
+    convs = quant_convs(model)
+    assert all(conv.weight_quant.learns_bits for _, conv in convs)
+    quantizers = activation_quantizers(model)
+    assert len(quantizers) > len(convs) // 2
+    assert all(not q.learns_bits and q.bits() == 8 for q in quantizers)
+    x = torch.rand(2, 1, 32, 32)
+    initialise_steps(model, [x])
+    criterion = QatLoss({name: 32 * 32 for name, _ in convs}, bit_weight=50.0)
+    optimizer = build_optimizer(model, QatConfig(bits="learned-a8", lr_bits=1.0))
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss, _ = criterion(model, model(x)["out"], (x > 0.5).float())
+        loss.backward()
+        optimizer.step()
+        for q in qat_train.fake_quants(model):
+            q.project_()
+    weight_bits, activation_bits = (float(b.detach()) for b in criterion.bit_cost(model)[1:])
+    assert weight_bits < 7.0 and activation_bits == 8.0
+
+
 def test_target_bits_penalise_only_the_excess():
     model = _Toy()
     elements = {name: 1 for name, _ in quant_convs(model)}
@@ -127,7 +152,8 @@ def test_target_bits_penalise_only_the_excess():
 
 
 @pytest.mark.parametrize("text,expected", [("learned", "learned"), ("8", "w8a8"), ("4", "w4a4"), ("W4A8", "w4a8"),
-                                           ("w2a3", "w2a3")])
+                                           ("w2a3", "w2a3"), ("learned-a8", "learned-a8"),
+                                           ("Learned-A6", "learned-a6")])
 def test_bit_settings(text, expected):
     assert parse_bits(text).default_name == expected
 
@@ -145,7 +171,7 @@ def _error(capsys, argv) -> str:
     return err
 
 
-@pytest.mark.parametrize("bits", ["1", "9", "W9A2", "W4A1", "w4", "many"])
+@pytest.mark.parametrize("bits", ["1", "9", "W9A2", "W4A1", "w4", "many", "learned-a9", "learned-a"])
 def test_bad_bits_are_one_line_errors(tiny_run, capsys, bits):
     assert "--bits" in _error(capsys, ["qat", "--run-dir", str(tiny_run), "--bits", bits])
 
