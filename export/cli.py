@@ -101,24 +101,10 @@ def qat_config_from_args(args):
 
 
 def _qat(args) -> None:
-    from qat.run import run_qat
+    from qat.run import format_summary, run_qat
 
     qat_dir = run_qat(qat_config_from_args(args), args.resume)
-    print(format_qat_summary(qat_dir))
-
-
-def format_qat_summary(qat_dir: Path) -> str:
-    import json
-
-    m = json.loads((qat_dir / "test_metrics.json").read_text())
-    line = (f"QAT {qat_dir.name}: test Dice {m['dice']:.4f}  IoU {m['iou']:.4f}  PA {m['pixel_accuracy']:.4f}  pooled "
-            f"Dice {m['pooled_dice']:.4f}  at T* {m['threshold']:.2f}  mean bits W {m['mean_weight_bits']:.2f} "
-            f"A {m['mean_activation_bits']:.2f}")
-    if "dice_minus_float" in m:
-        low, high = m["dice_minus_float_ci95"]
-        line += (f"\n  float test Dice {m['float_dice']:.4f}; QAT - float {m['dice_minus_float']:+.4f} "
-                 f"(paired bootstrap 95 % CI {low:+.4f} .. {high:+.4f})")
-    return line + f"\n  -> {qat_dir}"
+    print(format_summary(qat_dir))
 
 
 def _pipeline(args) -> None:
@@ -173,7 +159,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     qat = commands.add_parser("qat", help="fine-tune a tuned run with fake quantization (learned or fixed bits)")
     qat.add_argument("--run-dir", required=True, help="a trained and tuned float run")
-    qat.add_argument("--bits", help="learned (default), N (2..8) or WxAy, e.g. W4A8")
+    qat.add_argument("--bits", help="learned (default), learned-aN (learned weight bits, activations fixed at N), N (2..8) or WxAy, e.g. W4A8")
     qat.add_argument("--bit-weight", type=float, help="lambda of the bit cost (default 0.25, QuantU-Net's)")
     qat.add_argument("--target-bits", type=float, help="penalise only mean bits above B")
     qat.add_argument("--epochs", type=int, help="QAT epochs (default: the recipe's [qat] table)")

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from qat.config import build_qat_config
-from qat.run import run_qat
+from qat.run import format_summary, run_qat
 from training import stages, train
 from training.config import TrainConfig
 
@@ -41,7 +41,7 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False, qat_epochs: int | None 
     print(f"T* = {threshold['threshold']:.2f}   morphology {threshold['morphology']}")
     print(f"ONNX parity on {parity['frames']} validation frames: max |dp| {parity['max_prob_diff']:.1e}, "
           f"mask Dice {parity['mask_dice']:.4f}")
-    print(format_qat(qat_dir))
+    print(format_summary(qat_dir))
     print(int8_report)
     print(f"run:    {run_dir}")
     print(f"bundle: {bundle_dir}   ({time.perf_counter() - start:.0f} s in all: float stages "
@@ -82,14 +82,3 @@ def int8_stage(run_dir: Path, qat_dir: Path, device: str, replace: bool = False)
     return format_int8(bundle, manifest)
 
 
-def format_qat(qat_dir: Path) -> str:
-    import json
-
-    m = json.loads((qat_dir / "test_metrics.json").read_text())
-    line = (f"QAT (learned bits: mean W {m['mean_weight_bits']:.2f}, A {m['mean_activation_bits']:.2f}), test at "
-            f"re-tuned T* {m['threshold']:.2f}: Dice {m['dice']:.4f} IoU {m['iou']:.4f} PA {m['pixel_accuracy']:.4f} "
-            f"pooled {m['pooled_dice']:.4f}")
-    if "dice_minus_float" in m:
-        low, high = m["dice_minus_float_ci95"]
-        line += f"\n  QAT - float test Dice {m['dice_minus_float']:+.4f} (paired bootstrap 95 % CI {low:+.4f} .. {high:+.4f})"
-    return line + f"\n  qat:    {qat_dir}"

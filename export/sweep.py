@@ -16,6 +16,7 @@ exporter's limit), which the report shows; such a run is reported as the fake-qu
 
 from __future__ import annotations
 
+import math
 import re
 import shlex
 import sys
@@ -73,21 +74,13 @@ def plan(bits: list[str], learned: list[str], target_bits: list[str]) -> list[Jo
             jobs.append(Job(f"w{b}a{b}", str(b)))
         else:
             raise InputError(f"--bits {text!r}: give bitwidths such as 8,6,4 or W4A8 entries")
-    for text in learned:
-        text = text.strip()
-        try:
-            weight = float(text)
-        except ValueError:
-            raise InputError(f"--learned {text!r}: give bit-cost weights (lambda) such as 0.05,0.25,1.0") from None
-        if weight < 0 or weight != weight:
+    for text in (t.strip() for t in learned):
+        weight = _number("--learned", text, "bit-cost weights (lambda) such as 0.05,0.25,1.0")
+        if weight < 0:
             raise InputError(f"--learned {text}: lambda must be a non-negative number")
         jobs.append(Job(f"learned-{text}", "learned", bit_weight=weight))
-    for text in target_bits:
-        text = text.strip()
-        try:
-            target = float(text)
-        except ValueError:
-            raise InputError(f"--target-bits {text!r}: give mean bitwidths such as 4 or 4.5") from None
+    for text in (t.strip() for t in target_bits):
+        target = _number("--target-bits", text, "mean bitwidths such as 4 or 4.5")
         if not BIT_RANGE[0] <= target <= BIT_RANGE[1]:
             raise InputError(f"--target-bits {text}: must lie in {BIT_RANGE[0]}..{BIT_RANGE[1]}")
         jobs.append(Job(f"target-{text}", "learned", target_bits=target))
@@ -96,6 +89,17 @@ def plan(bits: list[str], learned: list[str], target_bits: list[str]) -> list[Jo
     if duplicates:
         raise InputError(f"the sweep names {duplicates} twice; give each setting once")
     return jobs
+
+
+def _number(flag: str, text: str, hint: str) -> float:
+    """A finite number from one entry of a comma list, or a one-line error saying what the flag wants."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise InputError(f"{flag} {text!r}: give {hint}") from None
+    if not math.isfinite(value):
+        raise InputError(f"{flag} {text}: give {hint}")
+    return value
 
 
 def split_list(text: str | None) -> list[str]:

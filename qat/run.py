@@ -152,3 +152,18 @@ def compare_with_float(run_dir: Path, per_image: dict[str, float]) -> dict:
     low, high = paired_bootstrap_ci(a, b)
     return {"float_dice": float_metrics["dice"], "dice_minus_float": float(a.mean() - b.mean()),
             "dice_minus_float_ci95": [low, high]}
+
+
+def format_summary(qat_dir: Path) -> str:
+    """What `nerveseg qat` and `nerveseg pipeline` print about a finished run (its test_metrics.json)."""
+    import json
+
+    m = json.loads((qat_dir / "test_metrics.json").read_text())
+    line = (f"QAT {qat_dir.name} (mean bits W {m['mean_weight_bits']:.2f}, A {m['mean_activation_bits']:.2f}), test "
+            f"at re-tuned T* {m['threshold']:.2f}: Dice {m['dice']:.4f} IoU {m['iou']:.4f} "
+            f"PA {m['pixel_accuracy']:.4f} pooled {m['pooled_dice']:.4f}")
+    if "dice_minus_float" in m:
+        low, high = m["dice_minus_float_ci95"]
+        line += (f"\n  float test Dice {m['float_dice']:.4f}; QAT - float {m['dice_minus_float']:+.4f} "
+                 f"(paired bootstrap 95 % CI {low:+.4f} .. {high:+.4f})")
+    return line + f"\n  qat:    {qat_dir}"

@@ -17,7 +17,7 @@ def test_pipeline_on_a_tiny_synthetic_set(tmp_path, capsys):
                  "--batch-size", "4", "--device", "cpu", "--run-dir", str(run_dir), "--qat-epochs", "2"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "test (ONNX, as deployed)" in out and "bundle:" in out and "QAT (learned bits" in out
+    assert "test (ONNX, as deployed)" in out and "bundle:" in out and "QAT learned (mean bits W" in out
     assert f"report: {run_dir / 'report' / 'report.html'}" in out
     # the INT8 stage: a bundle with its parity and size, or the one line saying why parity refused it
     assert ("INT8 bundle" in out and "parity model.int8.cpu.onnx" in out and "x smaller" in out) \
