@@ -79,7 +79,8 @@ def _export_int8(args) -> None:
 
     if not args.run_dir or args.checkpoint:
         raise SystemExit("nerveseg export --qat NAME: give --run-dir RUN (the float run), not --checkpoint")
-    bundle, manifest = export_int8_bundle(args.run_dir, args.qat, args.out, args.device, replace=args.replace)
+    bundle, manifest = export_int8_bundle(args.run_dir, args.qat, args.out, args.device, replace=args.replace,
+                                          bound_from_model=args.parity_bound_from_model)
     print(format_summary(bundle, manifest))
     print_problems(manifest)
 
@@ -178,6 +179,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     export.add_argument("--device", default="auto")
     export.add_argument("--replace", action="store_true",
                         help="replace an existing bundle at --out (atomically); without it an existing bundle is kept")
+    export.add_argument("--parity-bound-from-model", action="store_true",
+                        help="with --qat: where the fake-quant model agrees with itself (float32 vs float64) below the "
+                             "0.995 mask-Dice bound, hold each INT8 file to that agreement (recorded in the manifest)")
     export.set_defaults(func=_export)
 
     sweep = commands.add_parser("sweep", help="QAT fine-tunes at several bitwidths from one float run, exported, "

@@ -147,13 +147,24 @@ def float64_probabilities(model: torch.nn.Module, images: np.ndarray, batch_size
 # reproduce one of them as well as the bound, and the manifest records both and the model's own agreement.
 
 
+# PARITY BOUND: the mask metric is discontinuous. The morphology removes components below a size, so a blob near
+# that size appears or vanishes whole on a tiny probability change, and a frame whose mask is that blob scores
+# per-frame Dice 0. Measured on usgra-seg (learned-a8-t4, 20 validation frames): the PyTorch model in float32 vs
+# float64 0.934 (one frame: 307 pixels against none; pooled Dice 0.980), the x86 file against float64 0.977,
+# flipped pixels 1.3e-3. No runtime can reproduce such a model to 0.995 when PyTorch cannot reproduce itself;
+# the default still refuses (and says why), `bound_from_model` takes the model's own agreement as the bound and
+# the manifest records it (`bound_from_model` per file). The graph's integers are checked exactly by the tests.
+
+
 def export_int8_bundle(run_dir: str | Path, qat_name: str, out_dir: str | Path | None = None,
                        device: str = "auto", min_mask_dice: float = TOLERANCE["int8"]["mask_dice"],
-                       replace: bool = False) -> tuple[Path, Manifest]:
+                       replace: bool = False, bound_from_model: bool = False) -> tuple[Path, Manifest]:
     """Export RUN/qat/NAME as an INT8 bundle (default RUN/qat/NAME/bundle); returns the folder and manifest.
 
     `min_mask_dice`: the parity bound (0.995, the project's). Only the tests lower it, for 2-epoch 64x64 models
     whose probability maps sit near T* over much of the frame, where any 1-step integer difference flips pixels.
+    `bound_from_model` (`--parity-bound-from-model`): where the fake-quant model agrees with itself (float32 vs
+    float64) below `min_mask_dice`, hold each file to that agreement instead (see PARITY BOUND).
     """
     from qat.bits import bits_table
 
@@ -193,14 +204,20 @@ def export_int8_bundle(run_dir: str | Path, qat_name: str, out_dir: str | Path |
         }
         parity = {"model_float32_vs_float64": compare(references["float64"], references["float32"], threshold,
                                                       morphology)}
+        own = parity["model_float32_vs_float64"]["mask_dice"]
+        bound = min(min_mask_dice, own) if bound_from_model else min_mask_dice
         for path in (cpu_path, tensorrt_path):
             parity[path.name] = result = parity_of(path, val_images, references, threshold, morphology)
-            result["min_mask_dice"] = min_mask_dice
-            failures = parity_failures(result, "int8", min_mask_dice)
+            result.update(min_mask_dice=bound, project_min_mask_dice=min_mask_dice,
+                          bound_from_model=bound < min_mask_dice)
+            failures = parity_failures(result, "int8", bound)
             if failures:
+                hint = ("" if bound_from_model or own >= min_mask_dice else
+                        f" (the fake-quant model agrees with itself, float32 vs float64, at only {own:.4f}; "
+                        "--parity-bound-from-model holds each file to that)")
                 raise ParityError(f"{path.name}: ONNX Runtime disagrees with the PyTorch fake-quant model (in float32 "
                                   f"and in float64) on {result['frames']} validation frames: {'; '.join(failures)}; "
-                                  "no bundle written")
+                                  f"no bundle written{hint}")
         test_images, test_masks, _ = split_arrays(run_dir, "test", cfg)
         test_int8, _, _ = evaluate_arrays(onnx_probabilities(cpu_path, test_images), test_masks, threshold, morphology)
         timing = interleaved_latency({"fp32": fp32_path, "int8": cpu_path, "int8_tensorrt_form": tensorrt_path},
@@ -313,6 +330,10 @@ def format_summary(bundle: Path, manifest: Manifest) -> str:
     own = m["parity"]["model_float32_vs_float64"]
     lines.append(f"  the fake-quant model itself, float32 vs float64: mask Dice {own['mask_dice']:.4f}, "
                  f"max |dp| {own['max_prob_diff']:.3f}")
+    held = m["parity"][CPU_NAME]
+    if held.get("bound_from_model"):
+        lines.append(f"  parity bound: the model's own agreement ({own['mask_dice']:.4f}), not "
+                     f"{held['project_min_mask_dice']} (--parity-bound-from-model)")
     lines.append(f"  size: FP32 {q['fp32_file_bytes'] / 1e6:.2f} MB, INT8 file {q['int8_file_bytes'] / 1e6:.2f} MB "
                  f"({q['int8_compression']:.2f}x smaller), packed at learned bits {q['packed_bytes'] / 1e6:.2f} MB")
     t = m["test_onnx"]["int8"]

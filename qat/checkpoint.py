@@ -92,7 +92,8 @@ def build_qat_model(arch: str, qcfg: QatConfig, float_model: nn.Module | None = 
     model = float_model if float_model is not None else build_model(arch)
     return prepare_qat(model, arch, weight_bits=setting.weight_bits, activation_bits=setting.activation_bits,
                        learn_weight_bits=setting.learned,
-                       learn_activation_bits=setting.learned and setting.learned_activations, b_min=qcfg.b_min, b_max=qcfg.b_max, init_steps=init_steps)
+                       learn_activation_bits=setting.learned and setting.learned_activations,
+                       b_min=qcfg.b_min, b_max=qcfg.b_max, init_steps=init_steps)
 
 
 def load_qat_model(path: str | Path) -> tuple[nn.Module, dict, TrainConfig, QatConfig]:

@@ -197,8 +197,9 @@ def activation_quantizers(model: nn.Module) -> list[FakeQuant]:
 
 @torch.no_grad()
 def initialise_steps(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
-    """Observe the float activations of `batches` (eval mode) and set every activation quantizer's step by
-    a mean-squared-error search at its current bits. Returns the number of frames seen.
+    """Observe the float activations of `batches` (eval mode) and set every activation quantizer's step so
+    that its grid reaches the largest magnitude seen (FakeQuant.init_from_samples says why not an MSE search).
+    Returns the number of frames seen.
 
     Shape:
         each batch: (N, 1, H, W) float in [0, 1], on the model's device.

@@ -73,6 +73,32 @@ def test_failed_parity_keeps_the_previous_bundle(int8_bundle, qat_run):
     assert {p.name: p.read_bytes() for p in bundle.iterdir()} == before
 
 
+def test_a_model_that_cannot_reproduce_itself_is_refused_unless_held_to_its_own_agreement(qat_run, tmp_path,
+                                                                                         monkeypatch):
+    """Stand-in for a precision-sensitive model: its "float64 evaluation" made the complement of the float32 one,
+    so the model agrees with itself at nearly 0; an impossible project bound (> 1) then refuses with the hint, and
+    --parity-bound-from-model holds the files to the model's own agreement and records that."""
+    import export.int8 as module
+    from training.predict import predict_probabilities
+
+    def complement(model, images, batch_size=8):
+        return 1.0 - predict_probabilities(model, images, module.torch.device("cpu"), batch_size, amp=False)
+
+    monkeypatch.setattr(module, "float64_probabilities", complement)
+    run_dir = qat_run.parents[1]
+    with pytest.raises(InputError, match="agrees with itself.*--parity-bound-from-model"):
+        module.export_int8_bundle(run_dir, qat_run.name, tmp_path / "strict", device="cpu", min_mask_dice=1.0 + 1e-9)
+    assert not (tmp_path / "strict").exists()
+    bundle, manifest = module.export_int8_bundle(run_dir, qat_run.name, tmp_path / "held", device="cpu",
+                                                 min_mask_dice=1.0 + 1e-9, bound_from_model=True)
+    parity = manifest.metrics["parity"]
+    own = parity["model_float32_vs_float64"]["mask_dice"]
+    for name in (CPU_NAME, TENSORRT_NAME):
+        assert parity[name]["bound_from_model"] and parity[name]["project_min_mask_dice"] == 1.0 + 1e-9
+        assert parity[name]["min_mask_dice"] == own <= parity[name]["mask_dice"]
+    assert "parity bound: the model's own agreement" in module.format_summary(bundle, manifest)
+
+
 def test_bad_input_is_one_line(qat_run, tmp_path):
     run_dir = qat_run.parents[1]
     result = subprocess.run([sys.executable, "-m", "export.cli", "export", "--run-dir", str(run_dir), "--qat", "nope"],
