@@ -70,7 +70,8 @@ def _sweep(args) -> None:
     from .sweep import run_sweep, split_list
 
     out = run_sweep(args.run_dir, split_list(args.bits), split_list(args.learned), split_list(args.target_bits),
-                    args.epochs, args.device, args.threads, args.latency_runs)
+                    args.epochs, args.device, args.threads, args.latency_runs,
+                    bound_from_model=args.parity_bound_from_model)
     print(f"report: {out / 'report.html'}")
 
 
@@ -193,6 +194,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--epochs", type=int, help="QAT epochs of every run (default: the recipe's [qat] table)")
     sweep.add_argument("--device", default="auto")
     sweep.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads of the report")
+    sweep.add_argument("--parity-bound-from-model", action="store_true",
+                       help="export each run as `nerveseg export --parity-bound-from-model` does")
     sweep.add_argument("--latency-runs", type=int, default=50, help="timed batch-1 runs per model in the report")
     sweep.set_defaults(func=_sweep)
 

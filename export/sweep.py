@@ -163,8 +163,9 @@ def train_job(run_dir: Path, job: Job, qcfg, epochs: int | None, state: SweepSta
     state.update(job.name, status="finished", seconds=round(time.perf_counter() - start, 1))
 
 
-def export_finished(run_dir: Path, device: str, state: SweepState) -> None:
-    """INT8 bundle of every finished QAT run that has none; an export the exporter refuses is recorded, not fatal."""
+def export_finished(run_dir: Path, device: str, state: SweepState, bound_from_model: bool = False) -> None:
+    """INT8 bundle of every finished QAT run that has none; an export the exporter refuses is recorded, not fatal.
+    `bound_from_model`: `nerveseg export --parity-bound-from-model` for each."""
     from .int8 import export_int8_bundle
 
     for qat_dir in sorted(p for p in (run_dir / "qat").glob("*") if p.is_dir() and not p.name.startswith(".")):
@@ -172,7 +173,7 @@ def export_finished(run_dir: Path, device: str, state: SweepState) -> None:
             continue
         print(f"sweep: exporting {qat_dir.name} to INT8")
         try:
-            bundle, _ = export_int8_bundle(run_dir, qat_dir.name, device=device)
+            bundle, _ = export_int8_bundle(run_dir, qat_dir.name, device=device, bound_from_model=bound_from_model)
         except InputError as err:  # e.g. parity below the exporter's limit: the run stays, scored as fake-quant
             print(f"sweep: {qat_dir.name} not exported: {err}", file=sys.stderr)
             state.update(qat_dir.name, export_error=f"not exported: {err}")
@@ -193,7 +194,7 @@ def ensure_float_bundle(run_dir: Path, device: str) -> None:
 
 def run_sweep(run_dir: str | Path, bits: list[str], learned: list[str], target_bits: list[str] | None = None,
               epochs: int | None = None, device: str = "auto", threads: int = 2, latency_runs: int = 50,
-              command: str | None = None) -> Path:
+              command: str | None = None, bound_from_model: bool = False) -> Path:
     """Train (or resume, or skip) every run, export each, make the PTQ baseline, write the report; returns
     the report folder."""
     from .report import write_report
@@ -218,6 +219,6 @@ def run_sweep(run_dir: str | Path, bits: list[str], learned: list[str], target_b
     for index, (job, qcfg) in enumerate(zip(jobs, configs), 1):
         print(f"sweep: run {index}/{len(jobs)}", flush=True)
         train_job(run_dir, job, qcfg, epochs, state)
-    export_finished(run_dir, device, state)
+    export_finished(run_dir, device, state, bound_from_model)
     ensure_ptq(run_dir)
     return write_report(run_dir, threads, latency_runs, make_ptq=False)

@@ -103,7 +103,7 @@ def main() -> None:
     def dice(model) -> float:
         return tune(predict_probabilities(model, val, torch.device("cpu"), 4), val_masks)["validation"]["dice"]
 
-    print(f"float                                   {dice(float_model):.4f}")
+    print(f"{'float':<48}{dice(float_model):.4f}")
     for unsigned in (False, True):
         for percentile in (None, 99.999, 99.99, 99.9):
             if unsigned and percentile not in (None, 99.99):
@@ -111,7 +111,7 @@ def main() -> None:
             model, swapped = w8a8(float_model, frames, percentile, unsigned)
             label = f"W8A8, step from {'max' if percentile is None else f'p{percentile}'}"
             label += f", {swapped} tensors unsigned" if unsigned else ""
-            print(f"{label:<40}{dice(model):.4f}", flush=True)
+            print(f"{label:<48}{dice(model):.4f}", flush=True)
 
 
 if __name__ == "__main__":
