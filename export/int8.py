@@ -322,7 +322,7 @@ def format_summary(bundle: Path, manifest: Manifest) -> str:
              f"A {q['mean_activation_bits']:.2f}"]
     for name in INT8_FILES:
         p = m["parity"][name]
-        lines.append(f"  parity {name}: mask Dice {p['mask_dice']:.4f} (>= {p['min_mask_dice']}), max |dp| "
+        lines.append(f"  parity {name}: mask Dice {p['mask_dice']:.4f} (>= {p['min_mask_dice']:.4g}), max |dp| "
                      f"{p['max_prob_diff']:.3f}, flipped pixels {p['flipped_fraction']:.2e}; against the fake-quant "
                      f"model in float32 {p['against_float32']['mask_dice']:.4f}, in float64 "
                      f"{p['against_float64']['mask_dice']:.4f}; reference level (ORT_DISABLE_ALL) "
