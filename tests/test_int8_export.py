@@ -96,7 +96,11 @@ def test_a_model_that_cannot_reproduce_itself_is_refused_unless_held_to_its_own_
     for name in (CPU_NAME, TENSORRT_NAME):
         assert parity[name]["bound_from_model"] and parity[name]["project_min_mask_dice"] == 1.0 + 1e-9
         assert parity[name]["min_mask_dice"] == own <= parity[name]["mask_dice"]
-    assert "parity bound: the model's own agreement" in module.format_summary(bundle, manifest)
+    assert "the model's own agreement" in module.format_summary(bundle, manifest)
+    # a file that meets the project's bound is held to it, flag or not
+    _, kept = module.export_int8_bundle(run_dir, qat_run.name, tmp_path / "met", device="cpu", min_mask_dice=0.0,
+                                        bound_from_model=True)
+    assert not any(kept.metrics["parity"][name]["bound_from_model"] for name in (CPU_NAME, TENSORRT_NAME))
 
 
 def test_bad_input_is_one_line(qat_run, tmp_path):
