@@ -99,7 +99,8 @@ def qat_config_from_args(args):
         return saved.replace(run_dir=args.run_dir, epochs=args.epochs or saved.epochs, device=args.device)
     recipe = load_run_config(args.run_dir).recipe
     return build_qat_config(recipe, run_dir=args.run_dir, bits=args.bits, name=args.name, bit_weight=args.bit_weight,
-                            target_bits=args.target_bits, epochs=args.epochs, device=args.device)
+                            target_bits=args.target_bits, epochs=args.epochs, device=args.device,
+                            activation_percentile=args.activation_percentile)
 
 
 def _qat(args) -> None:
@@ -165,6 +166,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     qat.add_argument("--bit-weight", type=float, help="lambda of the bit cost (default 0.25, QuantU-Net's)")
     qat.add_argument("--target-bits", type=float, help="penalise only mean bits above B")
     qat.add_argument("--epochs", type=int, help="QAT epochs (default: the recipe's [qat] table)")
+    qat.add_argument("--activation-percentile", type=float,
+                     help="initialise activation steps at this percentile of |x| (default 0: the maximum)")
     qat.add_argument("--name", help="RUN/qat/NAME (default from --bits: learned, w8a8, w4a4, w4a8)")
     qat.add_argument("--resume", action="store_true", help="continue RUN/qat/NAME from its last checkpoint")
     qat.add_argument("--device", default="auto")

@@ -16,8 +16,8 @@ from device_runtime.errors import InputError
 from training.config import load_toml, recipe_path
 
 # keys a recipe's [qat] table may set (the rest come from the command line: run, name, bits, device)
-RECIPE_KEYS = ("epochs", "bit_epochs", "observe_frames", "batch_size", "lr_weights", "lr_steps", "lr_bits",
-               "bit_weight", "activation_bit_weight", "target_bits", "b_min", "b_max")
+RECIPE_KEYS = ("epochs", "bit_epochs", "observe_frames", "activation_percentile", "batch_size", "lr_weights",
+               "lr_steps", "lr_bits", "bit_weight", "activation_bit_weight", "target_bits", "b_min", "b_max")
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,7 @@ class QatConfig:
     epochs: int = 6
     bit_epochs: int = 4  # learned runs only; uniform runs have their bits frozen from the start
     observe_frames: int = 64  # training frames whose activations initialise the steps
+    activation_percentile: float = 0.0  # 0: activation grids reach the largest |x| observed; P: the P-th percentile
     batch_size: int = 0  # 0 = the float recipe's
     # optimiser groups (Adam): folded weights and biases, log2 steps, bitwidth ranges (log2 units ~ bits)
     lr_weights: float = 1e-4
@@ -94,6 +95,9 @@ class QatConfig:
         if setting.learned and not 1 <= self.bit_epochs < self.epochs:
             raise InputError(f"a learned-bits run needs 1 <= bit_epochs < epochs (bits are frozen for the last "
                              f"epochs), got bit_epochs {self.bit_epochs}, epochs {self.epochs}")
+        if self.activation_percentile and not 50.0 < self.activation_percentile < 100.0:
+            raise InputError(f"activation_percentile must be 0 (the maximum) or in (50, 100), got "
+                             f"{self.activation_percentile}")
         if min(self.lr_weights, self.lr_steps, self.lr_bits) <= 0:
             raise InputError("learning rates lr_weights, lr_steps, lr_bits must be positive")
         if self.bit_weight < 0 or self.activation_bit_weight < 0:

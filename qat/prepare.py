@@ -196,9 +196,10 @@ def activation_quantizers(model: nn.Module) -> list[FakeQuant]:
 
 
 @torch.no_grad()
-def initialise_steps(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+def initialise_steps(model: nn.Module, batches: Iterable[torch.Tensor], percentile: float = 0.0) -> int:
     """Observe the float activations of `batches` (eval mode) and set every activation quantizer's step so
     that its grid reaches the largest magnitude seen (FakeQuant.init_from_samples says why not an MSE search).
+    `percentile` P > 0: the grid reaches the mean per-batch P-th percentile of |x| instead of the maximum.
     Returns the number of frames seen.
 
     Shape:
@@ -208,7 +209,7 @@ def initialise_steps(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
     was_training = model.training
     model.eval()
     for q in activation_quants:
-        q.observing = True
+        q.observing, q.observe_percentile = True, percentile
     seen = 0
     try:
         for batch in batches:

@@ -66,6 +66,8 @@ CEIL_MARGIN = 1e-4
 SEARCH_COLUMNS = 1 << 8
 # clipping levels tried, as fractions of the largest magnitude, in the mean-squared-error step search
 CLIP_FRACTIONS = torch.linspace(0.05, 1.0, 20)
+# values per tensor and batch from which an activation percentile is estimated (observe_percentile)
+PERCENTILE_SAMPLE = 2_000_000
 
 
 class QuantParams(NamedTuple):
@@ -162,7 +164,9 @@ class FakeQuant(nn.Module):
         self.register_buffer("frozen_bits", torch.tensor(0 if learn_bits else bits, dtype=torch.int64))
         self.log2_range.requires_grad_(learn_bits)
         self.observing = False
+        self.observe_percentile = 0.0  # 0: the step reaches the largest |x| observed; P: the mean per-batch P-th percentile
         self._peak: float | None = None  # largest |x| seen while observing
+        self._percentiles: list[float] = []
         self._set_range_for_bits(bits)
 
     # -- the bitwidth -------------------------------------------------------------------------------------
@@ -250,7 +254,13 @@ class FakeQuant(nn.Module):
     # -- initialisation from data -------------------------------------------------------------------------
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
-        self._peak = max(self._peak if self._peak is not None else 0.0, float(x.detach().abs().max()))
+        magnitude = x.detach().abs().flatten()
+        self._peak = max(self._peak if self._peak is not None else 0.0, float(magnitude.max()))
+        if self.observe_percentile:
+            if magnitude.numel() > PERCENTILE_SAMPLE:  # torch.quantile takes at most 16M values; a fixed subset
+                pick = torch.randperm(magnitude.numel(), generator=torch.Generator().manual_seed(0))[:PERCENTILE_SAMPLE]
+                magnitude = magnitude[pick.to(magnitude.device)]
+            self._percentiles.append(float(torch.quantile(magnitude.float(), self.observe_percentile / 100.0)))
 
     @torch.no_grad()
     def init_from_samples(self) -> None:
@@ -261,10 +271,14 @@ class FakeQuant(nn.Module):
         0.563 (float) to ~0.52, the observed maximum kept 0.547 (8-bit weights alone: 0.562). The
         mean-squared error is dominated by the many small activations and clips the rare large ones that
         carry the nerve. LSQ then learns the step from there (and shrinks it where clipping pays).
+        With `observe_percentile` P > 0 the grid reaches the mean over batches of the P-th percentile of |x|
+        instead (ONNX Runtime's Percentile calibration is the same idea); measured by
+        scripts/diag_activation_init.py, see docs/QUANTIZATION.md.
         """
         if self._peak is None:
             raise RuntimeError("init_from_samples: nothing observed; run frames through the model while observing")
-        peak, self._peak = max(self._peak, 1e-8), None
+        peak = sum(self._percentiles) / len(self._percentiles) if self._percentiles else self._peak
+        peak, self._peak, self._percentiles = max(peak, 1e-8), None, []
         bits = self.bits()  # before the step moves: a per-tensor range is in value units
         _, qmax = integer_range(bits, self.narrow)
         self.log2_step.fill_(math.log2(peak / qmax))

@@ -96,7 +96,8 @@ def run_qat(qcfg: QatConfig, resume: bool = False) -> Path:
     else:
         qat_dir.mkdir(parents=True, exist_ok=True)
         write_text(qat_dir / "config.toml", to_toml(qcfg))
-        seen = initialise_steps(model, _observation_batches(train_images, qcfg.observe_frames, batch_size, device))
+        seen = initialise_steps(model, _observation_batches(train_images, qcfg.observe_frames, batch_size, device),
+                                qcfg.activation_percentile)
         print(f"qat {qat_dir.name}: {cfg.arch}, bits {qcfg.bits}, steps initialised on {seen} training frames",
               flush=True)
 

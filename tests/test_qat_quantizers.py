@@ -223,3 +223,20 @@ def test_in_place_residual_sum_is_not_taken_for_a_grid_point():
     assert after_sum is not convs["backbone.layer1.2.conv3"].output_quant
     assert convs["backbone.layer2.0.downsample.0"].input_quant is after_sum, "two readers of one tensor share"
     assert convs["backbone.layer1.0.conv1"].input_quant is convs["backbone.conv1"].output_quant, "through MaxPool"
+
+
+def test_activation_step_from_a_percentile_ignores_a_rare_outlier():
+    x = torch.linspace(-1.0, 1.0, 10_001)
+    x[0] = -50.0  # one outlier in ten thousand
+    steps = {}
+    for percentile in (0.0, 99.9):
+        q = FakeQuant(narrow=False, learn_bits=False)
+        q.observing, q.observe_percentile = True, percentile
+        q(x)
+        q(x * 0.5)
+        q.observing = False
+        q.init_from_samples()
+        steps[percentile] = float(q.step().detach())
+    assert steps[0.0] == pytest.approx(50.0 / 127, rel=1e-5)  # the maximum
+    # the mean of the two batches' 99.9th percentiles of |x| (about 1.0 and 0.5)
+    assert steps[99.9] == pytest.approx(0.75 / 127, rel=0.01)
