@@ -167,7 +167,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     qat.add_argument("--target-bits", type=float, help="penalise only mean bits above B")
     qat.add_argument("--epochs", type=int, help="QAT epochs (default: the recipe's [qat] table)")
     qat.add_argument("--activation-percentile", type=float,
-                     help="initialise activation steps at this percentile of |x| (default 0: the maximum)")
+                     help="initialise activation steps at this percentile of |x| (default 99.99; 0: the maximum)")
     qat.add_argument("--name", help="RUN/qat/NAME (default from --bits: learned, w8a8, w4a4, w4a8)")
     qat.add_argument("--resume", action="store_true", help="continue RUN/qat/NAME from its last checkpoint")
     qat.add_argument("--device", default="auto")

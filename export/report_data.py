@@ -155,8 +155,8 @@ def qat_command(run_dir: Path, name: str, config: dict | None) -> str:
         parts.append(f"--bit-weight {config.get('bit_weight', 0.25):g}")
         if config.get("target_bits"):
             parts.append(f"--target-bits {config['target_bits']:g}")
-    if config.get("activation_percentile"):
-        parts.append(f"--activation-percentile {config['activation_percentile']:g}")
+    # runs from before the setting existed started from the maximum (0), which is no longer the default
+    parts.append(f"--activation-percentile {config.get('activation_percentile', 0):g}")
     if config.get("epochs"):
         parts.append(f"--epochs {config['epochs']}")
     parts.append(f"--name {name}")

@@ -70,7 +70,9 @@ class QatConfig:
     epochs: int = 6
     bit_epochs: int = 4  # learned runs only; uniform runs have their bits frozen from the start
     observe_frames: int = 64  # training frames whose activations initialise the steps
-    activation_percentile: float = 0.0  # 0: activation grids reach the largest |x| observed; P: the P-th percentile
+    # activation grids initially reach the P-th percentile of |x| (0: the largest |x| observed). 99.99 chosen on
+    # validation (usgra-seg edge, W8A8, 6 epochs: best-threshold Dice 0.597 against 0.576 from the maximum)
+    activation_percentile: float = 99.99
     batch_size: int = 0  # 0 = the float recipe's
     # optimiser groups (Adam): folded weights and biases, log2 steps, bitwidth ranges (log2 units ~ bits)
     lr_weights: float = 1e-4

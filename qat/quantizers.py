@@ -23,8 +23,8 @@ g = 1 / sqrt(N * qmax) with N the elements per step. The step is stored as log2(
 layers span orders of magnitude and the optimiser is Adam, whose update is about lr per step in the
 parameter's own units, so a log step moves by a relative amount and stays positive. Steps are initialised from
 data: weights by a mean-squared-error search over clipping levels of each channel's values; activations so
-that the grid reaches the largest magnitude seen on training frames while `observing` (see
-init_from_samples for why not MSE there).
+that the grid reaches a high percentile (or the maximum) of the magnitudes seen on training frames while
+`observing` (see init_from_samples for why not MSE there).
 
 Bitwidth, the parametrisation (Uhlich et al. 2020, "Mixed Precision DNNs: All you need is a good
 parametrization", ICLR): learning b directly (or the step and b) gives gradients whose size grows like 2^b
