@@ -236,7 +236,9 @@ def checks(rows: list[Row]) -> list[str]:
             lines.append("Learned run(s) with mean weight bits <= 4.0 within 0.01 Dice of float: NO, no complete learned "
                          "run reached <= 4.0 mean weight bits.")
     if reference is not None:
-        for row in (r for r in complete if r.name.lower() == "w8a8"):
+        eight_bit = (r for r in complete if r.kind == "uniform" and r.mean_weight_bits == 8.0
+                     and r.mean_activation_bits == 8.0)  # w8a8 and its variants (e.g. another initialisation)
+        for row in eight_bit:
             lines.append(f"{row.name}: {row.metrics['dice'] - reference.metrics['dice']:+.4f} Dice vs float "
                          f"({'within' if abs(row.metrics['dice'] - reference.metrics['dice']) <= 0.005 else 'NOT within'} 0.005).")
     return lines
