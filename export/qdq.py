@@ -116,8 +116,8 @@ def quantize_before_clip(model: onnx.ModelProto) -> onnx.ModelProto:
     `DequantizeLinear -> Conv -> QuantizeLinear` into an integer QLinearConv, and a Clip between the Conv and its
     QuantizeLinear blocks that, so every layer that learned b < 8 activation bits ran as a float convolution
     (the edge model with learned bits: 24.7 ms against 13.2 ms for W8A8 at 2 threads). After the rewrite the
-    Conv fuses and the b-bit clamp is a cheap element-wise DequantizeLinear -> Clip -> QuantizeLinear. Used for
-    the x86 file only; TensorRT fuses a Clip into the convolution itself."""
+    Conv fuses and the b-bit clamp is a cheap element-wise DequantizeLinear -> Clip -> QuantizeLinear (18.1 ms).
+    Used for the x86 file only; TensorRT fuses a Clip into the convolution itself."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     constants = constant_values(model)
@@ -127,11 +127,12 @@ def quantize_before_clip(model: onnx.ModelProto) -> onnx.ModelProto:
             readers.setdefault(name, []).append(node)
     taken = {init.name for init in graph.initializer} | {o for n in graph.node for o in n.output}
     ordered = []
-    for node in graph.node:  # short names: every byte of the file counts against the 3.9x size goal
+    for node in graph.node:
         after = readers.get(node.output[0], []) if node.op_type == "Clip" else []
         if (len(after) == 1 and after[0].op_type == "QuantizeLinear" and node.input[0] not in constants
                 and len(after[0].input) == 3 and all(name in constants for name in after[0].input[1:])):
             quantize = after[0]
+            # short names: every byte of the file counts against the 3.9x size goal
             integers, grid = _unique_name(taken, "preclip.q"), _unique_name(taken, "preclip.dq")
             ordered.append(onnx.helper.make_node("QuantizeLinear", [node.input[0], *quantize.input[1:]], [integers],
                                                  name=integers))

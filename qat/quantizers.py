@@ -164,7 +164,7 @@ class FakeQuant(nn.Module):
         self.register_buffer("frozen_bits", torch.tensor(0 if learn_bits else bits, dtype=torch.int64))
         self.log2_range.requires_grad_(learn_bits)
         self.observing = False
-        self.observe_percentile = 0.0  # 0: the step reaches the largest |x| observed; P: the mean per-batch P-th percentile
+        self.observe_percentile = 0.0  # P > 0: the grid reaches the mean per-batch P-th percentile of |x|, not the max
         self._peak: float | None = None  # largest |x| seen while observing
         self._percentiles: list[float] = []
         self._set_range_for_bits(bits)
@@ -264,7 +264,7 @@ class FakeQuant(nn.Module):
 
     @torch.no_grad()
     def init_from_samples(self) -> None:
-        """Set the step so that the grid reaches the largest observed magnitude, at the current bits.
+        """Set the step so that the grid reaches the largest observed magnitude (or a percentile), at the current bits.
 
         Not the MSE-best clip used for weights: measured on usgra-seg (edge recipe, W8A8 before any
         fine-tuning, 10 validation frames), MSE-chosen activation clips dropped the best-threshold Dice from
