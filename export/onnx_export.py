@@ -14,7 +14,7 @@ from device_runtime.manifest import INPUT_NAME, OUTPUT_NAME
 
 from training.model import LogitsOnly
 
-from .qdq import constant_values
+from .qdq import constant_values, readers_of
 
 # Opset 13: TensorRT 8.4+ (JetPack 5 and later) parses it, per-channel QDQ exists from 13 on, and
 # MobileNetV3's HardSwish is written as HardSigmoid * x, which older TensorRT parsers know.
@@ -106,10 +106,7 @@ def qdq_problems(model: onnx.ModelProto, opset: int | None = None) -> list[str]:
     problems = []
     constants = constant_values(model)
     producers = {out: node for node in model.graph.node for out in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = readers_of(model.graph)
     graph_outputs = {o.name for o in model.graph.output}
     if opset is not None and opset < 13:
         problems.append(f"opset {opset}: QuantizeLinear/DequantizeLinear with per-channel scales need opset 13+")

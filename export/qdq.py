@@ -31,6 +31,20 @@ def constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return values
 
 
+def readers_of(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes that read it, in graph order."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return readers
+
+
+def taken_names(graph: onnx.GraphProto) -> set[str]:
+    """Initializer and node output names: what a new tensor must not be called (see `_unique_name`)."""
+    return {init.name for init in graph.initializer} | {o for n in graph.node for o in n.output}
+
+
 def _unique_name(taken: set[str], base: str) -> str:
     name, i = base, 0
     while name in taken:
@@ -47,11 +61,8 @@ def activations_to_uint8(model: onnx.ModelProto) -> onnx.ModelProto:
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     constants = constant_values(model)
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    taken = {init.name for init in graph.initializer} | {o for n in graph.node for o in n.output}
+    consumers = readers_of(graph)
+    taken = taken_names(graph)
     new_zero_points: dict[bytes, str] = {}  # one uint8 initializer per distinct zero point value
 
     def uint8_zero_point(signed: np.ndarray) -> str:
@@ -121,11 +132,8 @@ def quantize_before_clip(model: onnx.ModelProto) -> onnx.ModelProto:
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     constants = constant_values(model)
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    taken = {init.name for init in graph.initializer} | {o for n in graph.node for o in n.output}
+    readers = readers_of(graph)
+    taken = taken_names(graph)
     ordered = []
     for node in graph.node:
         after = readers.get(node.output[0], []) if node.op_type == "Clip" else []
