@@ -14,7 +14,7 @@ from qat.checkpoint import load_qat_model, read_qat_checkpoint
 from qat.config import QatConfig, build_qat_config, parse_bits
 from qat.loss import QatLoss
 from qat.modules import QuantConv2d
-from qat.prepare import initialise_steps, quant_convs
+from qat.prepare import initialise_steps, project_bits_, quant_convs
 from qat.run import run_qat
 from qat.train import build_optimizer, train_one_epoch
 
@@ -138,8 +138,7 @@ def test_learned_a8_learns_weight_bits_and_keeps_every_activation_at_8():
         loss, _ = criterion(model, model(x)["out"], (x > 0.5).float())
         loss.backward()
         optimizer.step()
-        for q in qat_train.fake_quants(model):
-            q.project_()
+        project_bits_(model)
     weight_bits, activation_bits = (float(b.detach()) for b in criterion.bit_cost(model)[1:])
     assert weight_bits < 7.0 and activation_bits == 8.0
 
