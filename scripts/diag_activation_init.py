@@ -13,21 +13,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from qat.prepare import activation_quantizers, prepare_qat
+from qat.prepare import activation_quantizers, initialise_steps, prepare_qat, set_submodule
 from qat.quantizers import FakeQuant, integer_range
 from training.checkpoint import load_model
 from training.predict import predict_probabilities
 from training.stages import split_arrays
 from training.tune import tune
-
-SAMPLE = 2_000_000  # values per tensor and batch for a percentile (torch.quantile's input limit is 16M)
-
 
 class UnsignedGrid(torch.nn.Module):
     """clamp(round(x / s), 0, 255) * s: the what-if grid of a never-negative tensor."""
@@ -45,48 +41,30 @@ class UnsignedGrid(torch.nn.Module):
         return torch.clamp(torch.round(x / self.scale), 0, 255) * self.scale
 
 
-def observe(model, frames: torch.Tensor, percentile: float | None) -> dict[int, tuple[float, float]]:
-    """{id(quantizer): (magnitude, minimum)} over the frames, batches of 8."""
-    seen: dict[int, list] = {}
-
-    def hook(module, args):
-        x = args[0].detach()
-        flat = x.abs().flatten()
-        if flat.numel() > SAMPLE:
-            flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:SAMPLE]]
-        value = float(flat.max()) if percentile is None else float(torch.quantile(flat, percentile / 100))
-        seen.setdefault(id(module), []).append((value, float(x.min())))
-
-    quantizers = activation_quantizers(model)
-    hooks = [q.register_forward_pre_hook(hook) for q in quantizers]
-    for q in quantizers:
-        q.observing = True
-    with torch.no_grad():
-        for start in range(0, len(frames), 8):
-            model(frames[start:start + 8])
-    for q, h in zip(quantizers, hooks):
-        q.observing = False
-        h.remove()
-    combine = max if percentile is None else (lambda values: float(np.mean(values)))
-    return {key: (combine([v for v, _ in rows]), min(m for _, m in rows)) for key, rows in seen.items()}
-
-
-def w8a8(float_model, frames, percentile: float | None, unsigned: bool) -> tuple[torch.nn.Module, int]:
+def w8a8(float_model, frames: torch.Tensor, percentile: float, unsigned: bool) -> tuple[torch.nn.Module, int]:
+    """The W8A8 fake-quant model with its activation steps set by `initialise_steps` on `frames` (batches of 8;
+    percentile 0: the maximum); with `unsigned`, every activation quantizer whose input was never negative is
+    replaced by the what-if grid reaching the same magnitude. Returns the model and how many were replaced."""
     model = prepare_qat(copy.deepcopy(float_model), learn_weight_bits=False, learn_activation_bits=False).eval()
-    stats = observe(model, frames, percentile)
-    swapped = 0
-    for name, q in [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, FakeQuant)]:
-        if id(q) not in stats:
-            continue  # a weight quantizer
-        magnitude, minimum = stats[id(q)]
-        if unsigned and minimum >= 0:
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, UnsignedGrid(max(magnitude, 1e-8) / 255))
-            swapped += 1
-        else:
+    quantizers = activation_quantizers(model)
+    minimum = {id(q): 0.0 for q in quantizers}
+
+    def track_minimum(module, args):  # runs on the float activations of initialise_steps' observing pass
+        minimum[id(module)] = min(minimum[id(module)], float(args[0].min()))
+
+    hooks = [q.register_forward_pre_hook(track_minimum) for q in quantizers]
+    initialise_steps(model, (frames[start:start + 8] for start in range(0, len(frames), 8)), percentile)
+    for hook in hooks:
+        hook.remove()
+    if not unsigned:
+        return model, 0
+    replaced = set()
+    for name, q in list(model.named_modules(remove_duplicate=False)):  # a shared quantizer sits at several paths
+        if isinstance(q, FakeQuant) and minimum.get(id(q), -1.0) >= 0:
             _, qmax = integer_range(q.bits(), q.narrow)
-            q.log2_step.data.fill_(math.log2(max(magnitude, 1e-8) / qmax))
-    return model, swapped
+            set_submodule(model, name, UnsignedGrid(float(q.step().detach()) * qmax / 255))
+            replaced.add(id(q))
+    return model, len(replaced)
 
 
 def main() -> None:
@@ -105,11 +83,11 @@ def main() -> None:
 
     print(f"{'float':<48}{dice(float_model):.4f}")
     for unsigned in (False, True):
-        for percentile in (None, 99.999, 99.99, 99.9):
-            if unsigned and percentile not in (None, 99.99):
+        for percentile in (0.0, 99.999, 99.99, 99.9):
+            if unsigned and percentile not in (0.0, 99.99):
                 continue
             model, swapped = w8a8(float_model, frames, percentile, unsigned)
-            label = f"W8A8, step from {'max' if percentile is None else f'p{percentile}'}"
+            label = f"W8A8, step from {f'p{percentile}' if percentile else 'max'}"
             label += f", {swapped} tensors unsigned" if unsigned else ""
             print(f"{label:<48}{dice(model):.4f}", flush=True)
 
