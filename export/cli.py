@@ -92,15 +92,15 @@ def qat_config_from_args(args):
     from training.config import load_run_config
 
     if args.resume:  # the run's own config; only --epochs and --device may change
-        from qat.config import load_qat_config, parse_bits
+        from qat.config import default_run_name, load_qat_config
 
-        name = args.name or parse_bits(args.bits or "learned").default_name
+        name = args.name or default_run_name(args.bits or "learned", args.grid or "tensorrt")
         saved = load_qat_config(Path(args.run_dir) / "qat" / name / "config.toml")
         return saved.replace(run_dir=args.run_dir, epochs=args.epochs or saved.epochs, device=args.device)
     recipe = load_run_config(args.run_dir).recipe
     return build_qat_config(recipe, run_dir=args.run_dir, bits=args.bits, name=args.name, bit_weight=args.bit_weight,
                             target_bits=args.target_bits, epochs=args.epochs, device=args.device,
-                            activation_percentile=args.activation_percentile)
+                            activation_percentile=args.activation_percentile, grid=args.grid)
 
 
 def _qat(args) -> None:
@@ -168,7 +168,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     qat.add_argument("--epochs", type=int, help="QAT epochs (default: the recipe's [qat] table)")
     qat.add_argument("--activation-percentile", type=float,
                      help="initialise activation steps at this percentile of |x| (default 99.99; 0: the maximum)")
-    qat.add_argument("--name", help="RUN/qat/NAME (default from --bits: learned, w8a8, w4a4, w4a8)")
+    qat.add_argument("--grid", choices=("tensorrt", "x86"),
+                     help="tensorrt (default): signed activations, one set of integers for TensorRT and x86; x86: "
+                          "tensors read only through ReLU unsigned (uint8), faster on x86 ONNX Runtime, no TensorRT file")
+    qat.add_argument("--name", help="RUN/qat/NAME (default from --bits: learned, w8a8, w4a4, w4a8; -x86 for --grid x86)")
     qat.add_argument("--resume", action="store_true", help="continue RUN/qat/NAME from its last checkpoint")
     qat.add_argument("--device", default="auto")
     qat.set_defaults(func=_qat)

@@ -4,6 +4,7 @@ The bundle holds
     model.fp32.onnx      the float run's model (reference and fallback)
     model.int8.onnx      TensorRT form: int8 weights + per-channel scales, s8 activations, zero point 0
     model.int8.cpu.onnx  the same integers with u8 activations at zero point 128 (x86 ONNX Runtime's fast kernels)
+                         (a `--grid x86` run: only this file, its ReLU'd tensors on uint8 with zero point 0)
     manifest.json        T* and morphology of the QAT run, per-layer bits, sizes, parity, which file serves which runtime
 
 One set of integers, two files: the exact rewrite (export.qdq) costs nothing, and each runtime gets the form its
@@ -49,9 +50,14 @@ CPU_NAME = "model.int8.cpu.onnx"
 # which backend runs which INT8 file (device_runtime.backends picks by these): TensorRT wants signed
 # activations; ONNX Runtime's CUDA provider runs Q/DQ around float kernels, where the form does not matter
 INT8_FILES = {TENSORRT_NAME: ["tensorrt", "ort-tensorrt", "ort-cuda"], CPU_NAME: ["ort-cpu"]}
+# a --grid x86 run: unsigned activations do not fit TensorRT's int8, so one file, for ONNX Runtime only
+X86_INT8_FILES = {CPU_NAME: ["ort-cpu", "ort-cuda"]}
 SCHEME = ("int8 QDQ, explicit quantization: symmetric, zero point 0; weights per output channel (axis 0), "
           "activations per tensor; layers that learned b < 8 bits keep b-bit integers inside int8 (Clip before "
           "QuantizeLinear); biases float on the int32 grid of input x weight scale")
+X86_SCHEME = ("int8 QDQ for x86 ONNX Runtime (qat --grid x86): weights int8 per output channel (axis 0), zero point "
+              "0; activations per tensor, uint8 with zero point 0 where every reader applies ReLU (the ReLU folded "
+              "away), otherwise the signed grid as uint8 with zero point 128; no TensorRT file (its int8 is symmetric)")
 EXPORT_TIMING_THREADS = 2
 
 
@@ -190,11 +196,14 @@ def export_int8_bundle(run_dir: str | Path, qat_name: str, out_dir: str | Path |
 
     with atomic_dir(out_dir, replace=True) as staging:
         fp32_path = export_onnx(float_model, staging / FP32_NAME, input_size)
-        signed = build_int8_model(model, input_size, staging / ".int8-float-twin.onnx")
+        graph = build_int8_model(model, input_size, staging / ".int8-float-twin.onnx")
         (staging / ".int8-float-twin.onnx").unlink()
+        x86_only = qcfg.grid == "x86"
+        int8_files = X86_INT8_FILES if x86_only else INT8_FILES
         tensorrt_path, cpu_path = staging / TENSORRT_NAME, staging / CPU_NAME
-        _save(signed, tensorrt_path)
-        _save(cpu_form(signed), cpu_path)
+        if not x86_only:
+            _save(graph, tensorrt_path)
+        _save(cpu_form(graph), cpu_path)
 
         val_images, _, _ = split_arrays(run_dir, "val", cfg)
         references = {  # see PARITY REFERENCES
@@ -205,7 +214,7 @@ def export_int8_bundle(run_dir: str | Path, qat_name: str, out_dir: str | Path |
         parity = {"model_float32_vs_float64": compare(references["float64"], references["float32"], threshold,
                                                       morphology)}
         own = parity["model_float32_vs_float64"]["mask_dice"]
-        for path in (cpu_path, tensorrt_path):
+        for path in [staging / name for name in int8_files]:
             parity[path.name] = result = parity_of(path, val_images, references, threshold, morphology)
             bound = min_mask_dice  # the model's own agreement only where the file misses the project's bound
             if bound_from_model and own < min_mask_dice and parity_failures(result, "int8", min_mask_dice):
@@ -222,22 +231,23 @@ def export_int8_bundle(run_dir: str | Path, qat_name: str, out_dir: str | Path |
                                   f"no bundle written{hint}")
         test_images, test_masks, _ = split_arrays(run_dir, "test", cfg)
         test_int8, _, _ = evaluate_arrays(onnx_probabilities(cpu_path, test_images), test_masks, threshold, morphology)
-        timing = interleaved_latency({"fp32": fp32_path, "int8": cpu_path, "int8_tensorrt_form": tensorrt_path},
-                                     input_size, threads=EXPORT_TIMING_THREADS, rounds=20)
-        problems = [f"{TENSORRT_NAME}: {p}" for p in tensorrt_problems(tensorrt_path)]
+        timed = {"fp32": fp32_path, "int8": cpu_path} | ({} if x86_only else {"int8_tensorrt_form": tensorrt_path})
+        timing = interleaved_latency(timed, input_size, threads=EXPORT_TIMING_THREADS, rounds=20)
+        problems = [] if x86_only else [f"{TENSORRT_NAME}: {p}" for p in tensorrt_problems(tensorrt_path)]
         problems += [f"{FP32_NAME}: {p}" for p in tensorrt_problems(fp32_path)]
         files = [describe_file(staging, FP32_NAME, "fp32", "onnx")]
-        for name, runtimes in INT8_FILES.items():
+        for name, runtimes in int8_files.items():
             entry = describe_file(staging, name, "int8", "onnx")
             entry.runtimes = list(runtimes)
             files.append(entry)
         fp32_bytes, int8_bytes = files[0].bytes, files[1].bytes
         quantization = {
-            "scheme": SCHEME,
+            "scheme": X86_SCHEME if x86_only else SCHEME,
+            "grid": qcfg.grid,
             "opset": INT8_OPSET,
             "qat_run": f"qat/{qat_dir.name}",  # relative: bundles travel, machine paths stay home
             "qat_config": portable_config(_plain(qcfg)),  # run_dir is a machine path
-            "files": {name: runtimes for name, runtimes in INT8_FILES.items()},
+            "files": {name: runtimes for name, runtimes in int8_files.items()},
             "layers": table["layers"],
             "mean_weight_bits": table["mean_weight_bits"],
             "mean_activation_bits": table["mean_activation_bits"],
@@ -263,9 +273,7 @@ def export_int8_bundle(run_dir: str | Path, qat_name: str, out_dir: str | Path |
                                    "note": "model.fp32.onnx is the float run's model; the bundle's T* and "
                                            "morphology are the QAT run's"},
                      "parity": parity,
-                     "latency_ms": {"ort-cpu": {"fp32": timing["fp32"]["median_ms"],
-                                                "int8": timing["int8"]["median_ms"],
-                                                "int8_tensorrt_form": timing["int8_tensorrt_form"]["median_ms"],
+                     "latency_ms": {"ort-cpu": {**{key: timing[key]["median_ms"] for key in timed},
                                                 "threads": EXPORT_TIMING_THREADS, "runs": timing["fp32"]["runs"],
                                                 "machine": f"{platform.machine()} {platform.processor()}".strip(),
                                                 "note": "measured at export, interleaved, batch 1"}},
@@ -322,7 +330,8 @@ def format_summary(bundle: Path, manifest: Manifest) -> str:
     q, m = manifest.quantization, manifest.metrics
     lines = [f"INT8 bundle {bundle}: T* {manifest.threshold:.2f}, mean bits W {q['mean_weight_bits']:.2f} "
              f"A {q['mean_activation_bits']:.2f}"]
-    for name in INT8_FILES:
+    int8_files = q.get("files", INT8_FILES)
+    for name in int8_files:
         p = m["parity"][name]
         lines.append(f"  parity {name}: mask Dice {p['mask_dice']:.4f} (>= {p['min_mask_dice']:.4g}), max |dp| "
                      f"{p['max_prob_diff']:.3f}, flipped pixels {p['flipped_fraction']:.2e}; against the fake-quant "
@@ -332,7 +341,7 @@ def format_summary(bundle: Path, manifest: Manifest) -> str:
     own = m["parity"]["model_float32_vs_float64"]
     lines.append(f"  the fake-quant model itself, float32 vs float64: mask Dice {own['mask_dice']:.4f}, "
                  f"max |dp| {own['max_prob_diff']:.3f}")
-    held = [name for name in INT8_FILES if m["parity"][name].get("bound_from_model")]
+    held = [name for name in int8_files if m["parity"][name].get("bound_from_model")]
     if held:
         lines.append(f"  parity bound of {', '.join(held)}: the model's own agreement ({own['mask_dice']:.4f}), not "
                      f"{m['parity'][held[0]]['project_min_mask_dice']} (--parity-bound-from-model)")
@@ -342,8 +351,10 @@ def format_summary(bundle: Path, manifest: Manifest) -> str:
     lines.append(f"  test through {CPU_NAME} (ORT CPU): Dice {t['dice']:.4f} IoU {t['iou']:.4f} "
                  f"PA {t['pixel_accuracy']:.4f} ({t['images']} frames)")
     lat = m["latency_ms"]["ort-cpu"]
-    lines.append(f"  ORT CPU {lat['threads']} threads at export: FP32 {lat['fp32']:.1f} ms, INT8 (u8/128) "
-                 f"{lat['int8']:.1f} ms, INT8 TensorRT form (s8) {lat['int8_tensorrt_form']:.1f} ms")
+    tensorrt_form = (f", INT8 TensorRT form (s8) {lat['int8_tensorrt_form']:.1f} ms" if "int8_tensorrt_form" in lat
+                     else "; no TensorRT file (--grid x86)")
+    lines.append(f"  ORT CPU {lat['threads']} threads at export: FP32 {lat['fp32']:.1f} ms, INT8 ({CPU_NAME}) "
+                 f"{lat['int8']:.1f} ms{tensorrt_form}")
     return "\n".join(lines)
 
 

@@ -14,6 +14,9 @@ order:
                   dequantized input, the pattern ONNX Runtime's integer kernels are fused from
     a marker whose input already is that quantizer's dequantized output (a shared quantizer after ReLU)
                   adds nothing: the tensor is rounded once, as in the QAT model
+    a quantizer on the unsigned x86 grid (qat `--grid x86`, every reader applies ReLU): QuantizeLinear to
+                  uint8 with zero point 0, and the Relu after it is dropped (the identity on [0, 255] * s); ONNX
+                  Runtime then fuses the convolution and its output straight into one QLinearConv
 
 The integers are taken from the modules (`weight_integers`, `export_params`), never re-derived from the graph:
 QuantizeLinear computes saturate(round(x / s)) with round half to even, the fake quantizer
@@ -46,6 +49,7 @@ from .onnx_export import OPSET, export_onnx
 
 INT8_OPSET = OPSET  # see the module doc
 INT8_QMIN, INT8_QMAX = -128, 127
+UINT8_QMIN, UINT8_QMAX = 0, 255
 
 
 MARKER_DOMAIN, MARKER_OP = "nerveseg", "FakeQuant"
@@ -166,14 +170,17 @@ class _Builder:
         scale = np.float32(params.scale.detach().cpu().reshape(()).numpy())
         if not (np.isfinite(scale) and scale > 0):
             raise ValueError(f"{name}: activation scale {scale} is not positive and finite")
-        if params.qmin < INT8_QMIN or params.qmax > INT8_QMAX:
-            raise ValueError(f"{name}: integer range [{params.qmin}, {params.qmax}] does not fit int8")
+        unsigned = params.qmin == 0  # the x86 grid (qat.prepare, grid="x86"): uint8, zero point 0
+        full = (UINT8_QMIN, UINT8_QMAX) if unsigned else (INT8_QMIN, INT8_QMAX)
+        if params.qmin < full[0] or params.qmax > full[1]:
+            raise ValueError(f"{name}: integer range [{params.qmin}, {params.qmax}] does not fit "
+                             f"{'uint8' if unsigned else 'int8'}")
         count = self.emitted[name] = self.emitted.get(name, 0) + 1
         prefix = name if count == 1 else f"{name}.{count}"
         nodes = []
         scale_name = self.add(_scalar(f"{name}.scale", scale, np.float32))
-        zero_name = self.add(_scalar(f"{name}.zero_point", 0, np.int8))
-        if clip and (params.qmin, params.qmax) != (INT8_QMIN, INT8_QMAX):  # b < 8: keep the integers in range
+        zero_name = self.add(_scalar(f"{name}.zero_point", 0, np.uint8 if unsigned else np.int8))
+        if clip and (params.qmin, params.qmax) != full:  # b < 8: keep the integers in range
             low = self.add(_scalar(f"{name}.clip_min", np.float32(params.qmin) * scale, np.float32))
             high = self.add(_scalar(f"{name}.clip_max", np.float32(params.qmax) * scale, np.float32))
             nodes.append(helper.make_node("Clip", [source, low, high], [f"{prefix}.clipped"], name=f"{prefix}/Clip"))
@@ -205,7 +212,8 @@ GRID_KEEPING_OPS = ("Relu", "MaxPool")  # a grid point in, a grid point out (qat
 
 
 def build_int8_model(model: nn.Module, input_size: tuple[int, int], work_path) -> onnx.ModelProto:
-    """The TensorRT-form QDQ graph of a QAT model (signed 8-bit activations and weights, zero point 0).
+    """The QDQ graph of a QAT model: int8 weights, zero point 0; activations signed 8-bit with zero point 0
+    (the TensorRT form), except those a `--grid x86` model quantizes unsigned (uint8, zero point 0).
 
     `work_path` receives the intermediate float export (a scratch file inside the bundle's staging folder).
     """
@@ -248,6 +256,9 @@ def build_int8_model(model: nn.Module, input_size: tuple[int, int], work_path) -
             else:
                 node.input.append(bias_name)
             ordered += w_nodes + [node]
+        elif (node.op_type == "Relu" and node.input[0] in dequantized_by
+              and quantizers[dequantized_by[node.input[0]]].unsigned):
+            renamed[node.output[0]] = node.input[0]  # ReLU of an unsigned grid is the identity: dropped
         elif node.op_type in GRID_KEEPING_OPS and node.input[0] in dequantized_by:
             quantizer, original = dequantized_by[node.input[0]], node.output[0]
             node.output[0] = f"{original}.float"

@@ -15,8 +15,10 @@ import tomli_w
 from device_runtime.errors import InputError
 from training.config import load_toml, recipe_path
 
+GRIDS = ("tensorrt", "x86")  # qat.prepare.GRIDS (kept torch-free here)
+
 # keys a recipe's [qat] table may set (the rest come from the command line: run, name, bits, device)
-RECIPE_KEYS = ("epochs", "bit_epochs", "observe_frames", "activation_percentile", "batch_size", "lr_weights",
+RECIPE_KEYS = ("grid", "epochs", "bit_epochs", "observe_frames", "activation_percentile", "batch_size", "lr_weights",
                "lr_steps", "lr_bits", "bit_weight", "activation_bit_weight", "target_bits", "b_min", "b_max")
 
 
@@ -61,11 +63,20 @@ def parse_bits(text: str) -> BitSetting:
     return BitSetting(False, numbers[0], numbers[-1])
 
 
+def default_run_name(bits: str, grid: str = "tensorrt") -> str:
+    """RUN/qat/NAME without --name: learned, learned-a8, w8a8, w4a8 ...; "-x86" for the x86 grid."""
+    return parse_bits(bits).default_name + ("-x86" if grid == "x86" else "")
+
+
 @dataclass(frozen=True)
 class QatConfig:
     run_dir: str = ""  # the tuned float run whose checkpoints/best.pt is fine-tuned
     name: str = ""  # RUN/qat/NAME; "" = from bits (learned, w8a8, w4a4, w4a8)
     bits: str = "learned"
+    # "tensorrt": every activation on a signed grid with zero point 0, one set of integers for TensorRT and x86
+    # ONNX Runtime. "x86": tensors read only through ReLU on an unsigned grid (uint8, zero point 0), which ONNX
+    # Runtime folds into its integer convolutions; the bundle then has no TensorRT INT8 file (qat/prepare.py)
+    grid: str = "tensorrt"
     # schedule: observe/initialise steps, learn weights + steps + bits for bit_epochs, then bits frozen
     epochs: int = 6
     bit_epochs: int = 4  # learned runs only; uniform runs have their bits frozen from the start
@@ -89,6 +100,8 @@ class QatConfig:
 
     def __post_init__(self):
         setting = parse_bits(self.bits)  # raises on a bad value
+        if self.grid not in GRIDS:
+            raise InputError(f"--grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
         if not 2 <= self.b_min <= self.b_max <= 8:
             raise InputError(f"b_min and b_max must satisfy 2 <= b_min <= b_max <= 8, got {self.b_min}, {self.b_max}")
         if self.epochs < 1 or self.observe_frames < 1 or self.batch_size < 0:
@@ -114,7 +127,7 @@ class QatConfig:
 
     @property
     def run_name(self) -> str:
-        return self.name or self.bit_setting.default_name
+        return self.name or default_run_name(self.bits, self.grid)
 
     @property
     def qat_dir(self) -> Path:

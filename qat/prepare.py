@@ -63,7 +63,7 @@ def set_submodule(model: nn.Module, name: str, value: nn.Module) -> None:
 
 def prepare_qat(model: nn.Module, arch: str = "", *, weight_bits: int = 8, activation_bits: int = 8,
                 learn_weight_bits: bool = True, learn_activation_bits: bool = True, b_min: int = 2, b_max: int = 8,
-                init_steps: bool = True) -> nn.Module:
+                init_steps: bool = True, grid: str = "tensorrt") -> nn.Module:
     """Fold BN, replace every Conv2d (at the same attribute path) by a QuantConv2d, quantize the element-wise
     operations between them, and share one quantizer per tensor; in place, returned.
 
@@ -80,7 +80,12 @@ def prepare_qat(model: nn.Module, arch: str = "", *, weight_bits: int = 8, activ
         learn_weight_bits, learn_activation_bits: whether the weight / activation bitwidths learn.
         b_min, b_max: range of learned bitwidths.
         init_steps: initialise weight steps from the weights (False when a checkpoint's state follows).
+        grid: "tensorrt" (every activation on a signed grid, zero point 0: one set of integers for TensorRT and
+            x86) or "x86" (a quantizer whose every reader applies ReLU first is unsigned, [0, 2^b - 1]: ONNX
+            Runtime's uint8 with zero point 0, which folds the ReLU into the integer convolution; no TensorRT).
     """
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got {grid!r}")
     fold_batchnorm(model)
     convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     if not convs:
@@ -105,8 +110,88 @@ def prepare_qat(model: nn.Module, arch: str = "", *, weight_bits: int = 8, activ
         if isinstance(module, InvertedResidual) and module.use_res_connect:
             set_submodule(model, name, QuantResidual(module, new_activation_quantizer()))
     share_input_quantizers(model, new_activation_quantizer)
+    if grid == "x86":
+        for quantizer in quantizers_read_only_through_relu(model):
+            quantizer.set_unsigned()
     model.qat_arch = arch
     return model
+
+
+GRIDS = ("tensorrt", "x86")  # qat.config.GRIDS
+
+
+class _ReaderLog(torch.overrides.TorchFunctionMode):
+    """Records, for every tensor a per-tensor FakeQuant produced, the torch functions that compute from it.
+
+    A ReLU of such a tensor is remembered as derived from the quantizer: a shared quantizer applied again to
+    its own ReLU'd output (a reader's input_quant, see share_input_quantizers) rounds grid points onto the same
+    grid, a step the exported graph drops, so that application's readers are not the quantizer's readers."""
+
+    def __init__(self):
+        super().__init__()
+        self.tensors: dict[int, tuple[FakeQuant, int, bool]] = {}  # id -> (quantizer, version, derived by ReLU)
+        self.alive: list[torch.Tensor] = []  # keeps ids from being reused during the pass
+        self.readers: dict[int, set[str]] = {}  # id(quantizer) -> names of the functions that read its output
+
+    def _entry(self, tensor) -> tuple[FakeQuant, bool] | None:
+        entry = self.tensors.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
+        return (entry[0], entry[2]) if entry is not None and entry[1] == tensor._version else None
+
+    def _remember(self, tensor: torch.Tensor, quantizer: FakeQuant, derived: bool) -> None:
+        self.tensors[id(tensor)] = (quantizer, tensor._version, derived)
+        self.alive.append(tensor)
+
+    def quantized(self, quantizer: FakeQuant, source: torch.Tensor, out: torch.Tensor) -> None:
+        self.readers.setdefault(id(quantizer), set())
+        entry = self._entry(source)
+        if entry is None or entry[0] is not quantizer or not entry[1]:  # not a re-application to its own ReLU
+            self._remember(out, quantizer, derived=False)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        read = []  # before the call: an in-place function bumps the version of what it reads
+        stack = list(args) + list(kwargs.values())
+        while stack:
+            item = stack.pop()
+            if isinstance(item, (list, tuple)):
+                stack.extend(item)
+            elif (entry := self._entry(item)) is not None and not entry[1]:
+                read.append(entry[0])
+        result = func(*args, **kwargs)
+        if isinstance(result, torch.Tensor):  # a value computed (not a shape or dtype query)
+            for quantizer in read:
+                self.readers[id(quantizer)].add(getattr(func, "__name__", str(func)))
+            if func in RELU_FUNCTIONS and len(read) == 1:
+                self._remember(result, read[0], derived=True)
+        return result
+
+
+RELU_FUNCTIONS = (torch.nn.functional.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_)
+RELU_NAMES = {f.__name__ for f in RELU_FUNCTIONS}
+
+
+@torch.no_grad()
+def quantizers_read_only_through_relu(model: nn.Module) -> list[FakeQuant]:
+    """The per-tensor quantizers whose output every reader takes through ReLU (and at least one reads it).
+
+    For those, clamp(round(x / d), 0, 2^b - 1) equals ReLU of the signed grid's integers wherever they are
+    read, with twice the positive range: the x86 grid. Found by one small forward pass under a
+    TorchFunctionMode that sees every torch function (F.relu, the residual `+`, torch.cat, F.interpolate...),
+    not only modules, so an unseen reader cannot make a tensor unsigned by mistake."""
+    log = _ReaderLog()
+    hooks = [q.register_forward_hook(lambda module, args, out: log.quantized(module, args[0], out))
+             for q in activation_quantizers(model)]
+    was_training = model.training
+    try:
+        model.eval()
+        device = next(model.parameters()).device
+        with log:
+            model(torch.zeros(1, 1, 64, 64, device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return [q for q in activation_quantizers(model) if log.readers.get(id(q)) and log.readers[id(q)] <= RELU_NAMES]
 
 
 # modules that hand their input on unchanged or keep it on its grid (ReLU or max of grid points are grid points)

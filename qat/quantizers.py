@@ -43,6 +43,13 @@ gradients; b then follows: b = log2(q_max / d + 1) + 1 for a signed grid. Here:
   integer bits are the same as above; the difference is that a clipped weight's gradient moves both n and
   d_c (as in LSQ with a learned range), which is harmless for weights, whose distribution changes slowly.
 
+Unsigned activation grids (`set_unsigned`, the x86 grid of `nerveseg qat --grid x86`): a tensor that every
+reader takes through ReLU may use [0, 2^b - 1] instead: q = clamp(round(x / d), 0, 2^b - 1) already is ReLU's
+output on the grid, one bit more magnitude than the signed grid's upper half, and exactly what ONNX Runtime's
+uint8 QuantizeLinear with zero point 0 computes at b = 8. TensorRT cannot run it (its int8 is symmetric with
+zero point 0), so such a model is exported for x86 ONNX Runtime only. Same parametrisation with the unsigned
+count: b_c = log2(q_max / d + 1).
+
 Ceil (not round) follows Uhlich et al.: the integer grid always covers the learned range. When the bits are
 frozen (`freeze_bits`, or a uniform `--bits` run) the integer b is stored in the buffer `frozen_bits` and the
 range parameter is no longer used; the step goes on learning by LSQ.
@@ -79,8 +86,10 @@ class QuantParams(NamedTuple):
     bits: int
 
 
-def integer_range(bits: int, narrow: bool) -> tuple[int, int]:
-    """(qmin, qmax) of a signed b-bit grid; narrow drops -2^(b-1) so the grid is symmetric."""
+def integer_range(bits: int, narrow: bool, unsigned: bool = False) -> tuple[int, int]:
+    """(qmin, qmax) of a signed b-bit grid (narrow drops -2^(b-1) so the grid is symmetric), or [0, 2^b - 1]."""
+    if unsigned:
+        return 0, 2 ** bits - 1
     top = 2 ** (bits - 1) - 1
     return (-top if narrow else -top - 1), top
 
@@ -110,10 +119,14 @@ class _FakeQuantFunction(torch.autograd.Function):
             dims = [d for d in range(x.dim()) if scale.dim() == 0 or scale.shape[d] == 1]
             grad_scale = grad_scale.sum(dim=dims, keepdim=True).reshape(scale.shape)
         if ctx.needs_input_grad[2]:
-            # d qmax / db = ln2 * 2^(b-1) and d qmin / db = -ln2 * 2^(b-1) on both grids; a clipped element
-            # equals qmax * scale (or qmin * scale)
-            slope = math.log(2.0) * 2.0 ** (float(bits) - 1.0)
-            grad_bits = (grad * scale * (above.to(grad.dtype) - below.to(grad.dtype))).sum() * slope
+            # a clipped element equals qmax * scale (or qmin * scale). Signed grids: d qmax / db = ln2 * 2^(b-1)
+            # and d qmin / db = -ln2 * 2^(b-1); unsigned: d qmax / db = ln2 * 2^b, qmin = 0 does not move
+            if qmin == 0:
+                slope = math.log(2.0) * 2.0 ** float(bits)
+                grad_bits = (grad * scale * above.to(grad.dtype)).sum() * slope
+            else:
+                slope = math.log(2.0) * 2.0 ** (float(bits) - 1.0)
+                grad_bits = (grad * scale * (above.to(grad.dtype) - below.to(grad.dtype))).sum() * slope
             grad_bits = grad_bits.reshape(bits.shape)
         return grad_x, grad_scale, grad_bits, None, None, None
 
@@ -155,6 +168,7 @@ class FakeQuant(nn.Module):
         if not b_min <= bits <= b_max and learn_bits:
             raise ValueError(f"initial bits {bits} outside [{b_min}, {b_max}]")
         self.narrow, self.per_channel = narrow, channels is not None
+        self.unsigned = False  # set_unsigned: [0, 2^b - 1] (a per-tensor quantizer whose readers all apply ReLU)
         self.b_min, self.b_max = b_min, b_max
         shape = (channels,) if channels is not None else ()
         self.log2_step = nn.Parameter(torch.zeros(shape))
@@ -183,7 +197,7 @@ class FakeQuant(nn.Module):
         """b_c, differentiable in the step and range parameters (per-channel steps: in n only)."""
         if self.per_channel:
             return self.log2_range + 1.0
-        return torch.log2(torch.exp2(self.log2_range) / self.step() + 1.0) + 1.0
+        return torch.log2(torch.exp2(self.log2_range) / self.step() + 1.0) + self._sign_bit
 
     def bits_ste(self) -> torch.Tensor:
         """The integer bitwidth as a 0-d float tensor; its gradient passes straight to b_c (or is none)."""
@@ -197,10 +211,24 @@ class FakeQuant(nn.Module):
         """The integer bitwidth used by the forward pass now."""
         return int(self.bits_ste().detach().round())
 
+    @property
+    def _sign_bit(self) -> float:
+        """The bit a signed grid spends on the sign: b = log2(q_max / d + 1) + this."""
+        return 0.0 if self.unsigned else 1.0
+
+    @torch.no_grad()
+    def set_unsigned(self) -> None:
+        """Use the unsigned grid [0, 2^b - 1] (per-tensor quantizers only), keeping the current bits."""
+        if self.per_channel:
+            raise ValueError("weights stay on the signed grid; only an activation quantizer can be unsigned")
+        bits = self.bits()
+        self.unsigned = True
+        self._set_range_for_bits(bits)
+
     @torch.no_grad()
     def _set_range_for_bits(self, bits: int) -> None:
-        """Put the range at the top of `bits`' interval: q_max = (2^(b-1) - 1) * step."""
-        n = 2.0 ** (bits - 1) - 1.0
+        """Put the range at the top of `bits`' interval: q_max = (2^(b-1) - 1) * step (unsigned: 2^b - 1)."""
+        n = 2.0 ** (bits - self._sign_bit) - 1.0
         if self.per_channel:
             self.log2_range.fill_(math.log2(n + 1.0))
         else:
@@ -211,7 +239,8 @@ class FakeQuant(nn.Module):
         """Keep the learned bitwidth inside [b_min, b_max] (call after every optimiser step)."""
         if not self.learns_bits:
             return
-        n_low, n_high = 2.0 ** (self.b_min - 2) - 1.0 + 1e-2, 2.0 ** (self.b_max - 1) - 1.0
+        top = self._sign_bit
+        n_low, n_high = 2.0 ** (self.b_min - 1 - top) - 1.0 + 1e-2, 2.0 ** (self.b_max - top) - 1.0
         if self.per_channel:
             self.log2_range.clamp_(math.log2(n_low + 1.0), math.log2(n_high + 1.0))
         else:
@@ -228,7 +257,7 @@ class FakeQuant(nn.Module):
     # -- the grid -----------------------------------------------------------------------------------------
     def export_params(self) -> QuantParams:
         bits = self.bits()
-        qmin, qmax = integer_range(bits, self.narrow)
+        qmin, qmax = integer_range(bits, self.narrow, self.unsigned)
         return QuantParams(self.step().detach(), qmin, qmax, bits)
 
     def _shaped(self, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -240,7 +269,7 @@ class FakeQuant(nn.Module):
             return x
         bits = self.bits_ste()
         b = int(bits.detach().round())
-        qmin, qmax = integer_range(b, self.narrow)
+        qmin, qmax = integer_range(b, self.narrow, self.unsigned)
         scale = self._shaped(self.step(), x)
         per_step = x.numel() // max(1, scale.numel())
         grad_factor = 1.0 / math.sqrt(per_step * qmax)
@@ -254,7 +283,8 @@ class FakeQuant(nn.Module):
     # -- initialisation from data -------------------------------------------------------------------------
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
-        magnitude = x.detach().abs().flatten()
+        # an unsigned grid reaches only up: the positive part is what it must cover
+        magnitude = (x.detach().clamp_min(0) if self.unsigned else x.detach().abs()).flatten()
         self._peak = max(self._peak if self._peak is not None else 0.0, float(magnitude.max()))
         if self.observe_percentile:
             if magnitude.numel() > PERCENTILE_SAMPLE:  # torch.quantile takes at most 16M values; a fixed subset
@@ -280,7 +310,7 @@ class FakeQuant(nn.Module):
         peak = sum(self._percentiles) / len(self._percentiles) if self._percentiles else self._peak
         peak, self._peak, self._percentiles = max(peak, 1e-8), None, []
         bits = self.bits()  # before the step moves: a per-tensor range is in value units
-        _, qmax = integer_range(bits, self.narrow)
+        _, qmax = integer_range(bits, self.narrow, self.unsigned)
         self.log2_step.fill_(math.log2(peak / qmax))
         if self.learns_bits:
             self._set_range_for_bits(bits)
@@ -295,7 +325,7 @@ class FakeQuant(nn.Module):
     def _init_step(self, rows: torch.Tensor) -> None:
         """rows: (R, M), one row per step. Chooses clip = fraction x max|row| minimising the squared error."""
         bits = self.bits()
-        qmin, qmax = integer_range(bits, self.narrow)
+        qmin, qmax = integer_range(bits, self.narrow, self.unsigned)
         peak = rows.abs().amax(dim=1).clamp_min(1e-8)  # (R,), from every value
         if rows.shape[1] > SEARCH_COLUMNS:  # the error is estimated on a fixed random subset
             pick = torch.randperm(rows.shape[1], generator=torch.Generator().manual_seed(0))[:SEARCH_COLUMNS]
@@ -314,6 +344,6 @@ class FakeQuant(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "per-channel" if self.per_channel else "per-tensor"
-        grid = "narrow" if self.narrow else "full"
+        grid = "unsigned" if self.unsigned else "narrow signed" if self.narrow else "full signed"
         state = "learned" if self.learns_bits else "frozen"
-        return f"{kind}, {grid} signed, bits={self.bits()} ({state}, range [{self.b_min}, {self.b_max}])"
+        return f"{kind}, {grid}, bits={self.bits()} ({state}, range [{self.b_min}, {self.b_max}])"

@@ -117,7 +117,9 @@ def main() -> int:
     graphs = {"fp32": fp32}
     for name, (folder, manifest) in bundles.items():
         graphs[f"{name} int8 (ort-cpu pick)"] = folder / manifest.file("int8", "onnx", "ort-cpu").path
-        graphs[f"{name} int8 TensorRT form"] = folder / manifest.file("int8", "onnx", "tensorrt").path
+        tensorrt_form = next((f for f in manifest.files if f.precision == "int8" and "tensorrt" in f.runtimes), None)
+        if tensorrt_form is not None:  # a --grid x86 bundle has none
+            graphs[f"{name} int8 TensorRT form"] = folder / tensorrt_form.path
     graphs["PTQ default (MinMax)"] = ptq.default.path
     if ptq.best.method != ptq.default.method:
         graphs[f"PTQ best ({ptq.best.method})"] = ptq.best.path
