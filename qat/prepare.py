@@ -174,8 +174,8 @@ RELU_NAMES = {f.__name__ for f in RELU_FUNCTIONS}
 def quantizers_read_only_through_relu(model: nn.Module) -> list[FakeQuant]:
     """The per-tensor quantizers whose output every reader takes through ReLU (and at least one reads it).
 
-    For those, clamp(round(x / d), 0, 2^b - 1) equals ReLU of the signed grid's integers wherever they are
-    read, with twice the positive range: the x86 grid. Found by one small forward pass under a
+    Their readers see only the non-negative half of a signed grid, so the unsigned grid clamp(round(x / d), 0,
+    2^b - 1) gives them ReLU's output with all 2^b levels: the x86 grid. Found by one small forward pass under a
     TorchFunctionMode that sees every torch function (F.relu, the residual `+`, torch.cat, F.interpolate...),
     not only modules, so an unseen reader cannot make a tensor unsigned by mistake."""
     log = _ReaderLog()
