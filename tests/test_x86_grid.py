@@ -220,3 +220,16 @@ def test_x86_bundle_has_one_int8_file_and_tensorrt_refuses_it(tiny_run):
     assert auto_precision(loaded, "tensorrt")[0] == "fp16"
     with pytest.raises(InputError, match="--grid x86"):
         select_model(loaded, "tensorrt", "int8")
+
+
+def test_grid_setting_names_the_run_and_rejects_unknown_grids():
+    from qat.config import QatConfig, default_run_name
+
+    assert default_run_name("8", "x86") == "w8a8-x86" and default_run_name("learned-a8") == "learned-a8"
+    assert QatConfig(run_dir="r", bits="W4A8", grid="x86").run_name == "w4a8-x86"
+    with pytest.raises(InputError, match="--grid must be one of tensorrt, x86"):
+        QatConfig(run_dir="r", grid="arm")
+    from qat.prepare import prepare_qat
+
+    with pytest.raises(ValueError, match="grid"):
+        prepare_qat(nn.Sequential(nn.Conv2d(1, 1, 1)), grid="arm")
