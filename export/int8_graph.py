@@ -11,7 +11,8 @@ order:
                   float bias on the int32 grid (s_in x s_w[c])
     Relu / MaxPool reading a dequantized tensor -> QuantizeLinear -> DequantizeLinear with the SAME scale:
                   exact (ReLU and max of grid points are grid points), and it hands the next operator a
-                  dequantized input, the pattern ONNX Runtime's integer kernels are fused from
+                  dequantized input, the pattern ONNX Runtime's integer kernels are fused from; the same after a
+                  Resize of a 1x1 map (a broadcast of one grid point, see _one_pixel_maps)
     a marker whose input already is that quantizer's dequantized output (a shared quantizer after ReLU)
                   adds nothing: the tensor is rounded once, as in the QAT model
     a quantizer on the unsigned x86 grid (qat `--grid x86`, every reader applies ReLU): QuantizeLinear to
@@ -211,6 +212,24 @@ class _Builder:
 GRID_KEEPING_OPS = ("Relu", "MaxPool")  # a grid point in, a grid point out (qat.prepare.GRID_KEEPING)
 
 
+def _one_pixel_maps(model: onnx.ModelProto) -> set[str]:
+    """Tensors whose inferred shape is (N, C, 1, 1): a Resize of one is a broadcast of its single pixel.
+
+    Why it matters: DeepLabV3's image-pooling branch (ASPPPooling) upsamples a 1x1 map bilinearly and
+    concatenates it with the other branches. Every output pixel is the input pixel (weights summing to 1, within
+    an ulp, which the following rounding maps back to the same integer), so the branch's own quantizer can sit
+    after the Resize as well, like after ReLU. ONNX Runtime then runs that Resize on uint8 and fuses the Concat
+    of five dequantized branches into QLinearConcat instead of dequantizing 5 x 256 channels to float (measured
+    on the edge model, 1 thread: 16.8 -> 16.5 ms, ORT's own PTQ 16.5)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    found = set()
+    for info in list(inferred.graph.value_info) + list(inferred.graph.output):
+        dims = info.type.tensor_type.shape.dim
+        if len(dims) == 4 and all(d.HasField("dim_value") and d.dim_value == 1 for d in dims[2:]):
+            found.add(info.name)
+    return found
+
+
 def build_int8_model(model: nn.Module, input_size: tuple[int, int], work_path) -> onnx.ModelProto:
     """The QDQ graph of a QAT model: int8 weights, zero point 0; activations signed 8-bit with zero point 0
     (the TensorRT form), except those a `--grid x86` model quantizes unsigned (uint8, zero point 0).
@@ -226,12 +245,14 @@ def build_int8_model(model: nn.Module, input_size: tuple[int, int], work_path) -
     if len(conv_nodes) != len(convs):
         raise ValueError(f"the float export has {len(conv_nodes)} Conv nodes, the QAT model {len(convs)} convolutions")
     values = _constant_values(graph_model)
+    one_pixel = _one_pixel_maps(graph_model)
     builder = _Builder()
     conv_of = {id(node): (name, module) for (name, module), node in zip(convs, conv_nodes)}
     renamed: dict[str, str] = {}  # marker outputs that are an existing dequantized tensor
     dequantized_by: dict[str, str] = {}  # dequantized tensor -> the quantizer that made it
     ordered = []
     for node in graph.node:
+        broadcast = node.op_type == "Resize" and node.input[0] in one_pixel  # before renaming: the name inferred
         for i, name in enumerate(node.input):
             node.input[i] = renamed.get(name, name)
         if node.domain == MARKER_DOMAIN:
@@ -259,7 +280,7 @@ def build_int8_model(model: nn.Module, input_size: tuple[int, int], work_path) -
         elif (node.op_type == "Relu" and node.input[0] in dequantized_by
               and quantizers[dequantized_by[node.input[0]]].unsigned):
             renamed[node.output[0]] = node.input[0]  # ReLU of an unsigned grid is the identity: dropped
-        elif node.op_type in GRID_KEEPING_OPS and node.input[0] in dequantized_by:
+        elif (node.op_type in GRID_KEEPING_OPS or broadcast) and node.input[0] in dequantized_by:
             quantizer, original = dequantized_by[node.input[0]], node.output[0]
             node.output[0] = f"{original}.float"
             ordered.append(node)

@@ -195,6 +195,8 @@ def test_onnx_runtime_folds_every_relu_into_the_integer_convolution(x86_graph, t
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     kinds = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
     assert "QLinearLeakyRelu" not in kinds and "Relu" not in kinds and "LeakyRelu" not in kinds
+    # the image-pooling branch's 1x1 map is re-quantized after its Resize, so the ASPP concatenation is integer
+    assert kinds.count("QLinearConcat") == 1
     assert kinds.count("QLinearConv") == sum(n.op_type == "Conv" for n in graph.graph.node) - 1
 
 
