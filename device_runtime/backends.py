@@ -80,7 +80,7 @@ def auto_precision(manifest: Manifest, backend: str) -> tuple[str, str]:
     """
     fp32, int8 = manifest.file("fp32", "onnx"), manifest.file("int8", "onnx")
     if backend in _TENSORRT_KINDS:
-        if _int8_for(manifest, backend):
+        if manifest.file("int8", "onnx", backend, made_for=True):
             return "int8", "the bundle has an INT8 graph"
         return "fp16", ("the bundle's INT8 graph is for ONNX Runtime only (x86 grid)" if int8 else
                         "the bundle has no INT8 graph")
@@ -117,18 +117,10 @@ def select_model(manifest: Manifest, backend: str, precision: str) -> tuple[Mode
         if not int8:
             raise InputError("--precision int8: the bundle lists no INT8 (QDQ) ONNX file; export one "
                              "('nerveseg export --qat NAME'), or use --precision fp16 (TensorRT) or fp32")
-        if backend in _TENSORRT_KINDS and not _int8_for(manifest, backend):
-            raise InputError(f"--precision int8: the bundle's INT8 file {int8.path} is for {', '.join(int8.runtimes)} "
-                             "only (unsigned activations, a QAT run with --grid x86), which TensorRT's symmetric "
-                             "int8 cannot hold; use --precision fp16, or export a --grid tensorrt QAT run")
+        if backend in _TENSORRT_KINDS and not manifest.file("int8", "onnx", backend, made_for=True):
+            raise tensorrt_backend.not_for_tensorrt(int8)
         return int8, precision
     raise InputError(f"--precision {precision!r} is not one of auto, fp32, fp16, int8")
-
-
-def _int8_for(manifest: Manifest, backend: str):
-    """The INT8 file made for `backend`, or one made for no backend in particular; None otherwise."""
-    return next((f for f in manifest.files if f.precision == "int8" and f.format == "onnx"
-                 and (backend in f.runtimes or not f.runtimes)), None)
 
 
 class ProviderFellBack(InputError):

@@ -96,15 +96,20 @@ class Manifest:
         except (KeyError, TypeError, ValueError, IndexError) as err:
             raise InputError(f"{where}: malformed manifest ({type(err).__name__}: {err})") from None
 
-    def file(self, precision: str, fmt: str = "onnx", backend: str | None = None) -> ModelFile | None:
+    def file(self, precision: str, fmt: str = "onnx", backend: str | None = None,
+             made_for: bool = False) -> ModelFile | None:
         """The listed file of this precision and format, or None. With a backend: the file made for it, else
-        one made for any backend, else the first of that precision (it still runs, just not at its best)."""
+        one made for any backend, else the first of that precision (it still runs, just not at its best), or
+        with `made_for` None: TensorRT cannot run an INT8 file made for ONNX Runtime only (a --grid x86 run's
+        unsigned activations)."""
         matches = [f for f in self.files if f.precision == precision and f.format == fmt]
         if backend is not None:
             for wanted in (lambda f: backend in f.runtimes, lambda f: not f.runtimes):
                 chosen = next((f for f in matches if wanted(f)), None)
                 if chosen is not None:
                     return chosen
+            if made_for:
+                return None
         return matches[0] if matches else None
 
     def latency_ms(self, backend: str) -> dict:

@@ -57,7 +57,14 @@ def engine_precision(manifest: Manifest, precision: str) -> str:
     """`auto` -> int8 when the bundle has an INT8 graph, else fp16; any other value unchanged."""
     if precision != "auto":
         return precision
-    return "int8" if manifest.file("int8", "onnx") else "fp16"
+    return "int8" if manifest.file("int8", "onnx", "tensorrt", made_for=True) else "fp16"
+
+
+def not_for_tensorrt(int8: ModelFile) -> InputError:
+    """The one-line refusal of an INT8 file made for ONNX Runtime only (a QAT run with --grid x86)."""
+    return InputError(f"--precision int8: the bundle's INT8 file {int8.path} is for {', '.join(int8.runtimes)} only "
+                      "(unsigned activations, a QAT run with --grid x86), which TensorRT's symmetric int8 cannot "
+                      "hold; use --precision fp16, or export a --grid tensorrt QAT run")
 
 
 def check_engine_precision(manifest: Manifest, precision: str) -> ModelFile:
@@ -69,7 +76,9 @@ def check_engine_precision(manifest: Manifest, precision: str) -> ModelFile:
     if precision not in ENGINE_PRECISIONS:
         raise InputError(f"--precision {precision!r} is not one of {', '.join(ENGINE_PRECISIONS)}")
     wanted = "int8" if precision == "int8" else "fp32"
-    model = manifest.file(wanted, "onnx", "tensorrt")  # of two INT8 files, the signed (TensorRT) one
+    model = manifest.file(wanted, "onnx", "tensorrt", made_for=True)  # of two INT8 files, the signed (TensorRT) one
+    if model is None and wanted == "int8" and manifest.file("int8", "onnx"):
+        raise not_for_tensorrt(manifest.file("int8", "onnx"))
     if model is None:
         hint = "export an INT8 (QDQ) bundle, or use --precision fp16" if wanted == "int8" else "re-export the bundle"
         raise InputError(f"--precision {precision}: the bundle lists no {wanted.upper()} ONNX file; {hint}")

@@ -117,7 +117,7 @@ def main() -> int:
     graphs = {"fp32": fp32}
     for name, (folder, manifest) in bundles.items():
         graphs[f"{name} int8 (ort-cpu pick)"] = folder / manifest.file("int8", "onnx", "ort-cpu").path
-        tensorrt_form = next((f for f in manifest.files if f.precision == "int8" and "tensorrt" in f.runtimes), None)
+        tensorrt_form = manifest.file("int8", "onnx", "tensorrt", made_for=True)
         if tensorrt_form is not None:  # a --grid x86 bundle has none
             graphs[f"{name} int8 TensorRT form"] = folder / tensorrt_form.path
     graphs["PTQ default (MinMax)"] = ptq.default.path

@@ -12,7 +12,7 @@ from torch import nn
 pytest.importorskip("qat.prepare", reason="the qat package is not merged yet")
 
 from device_runtime.errors import InputError  # noqa: E402
-from export.int8_graph import build_int8_model, quantizer_names  # noqa: E402
+from export.int8_graph import activation_quantizers_by_name, build_int8_model, quantizer_names  # noqa: E402
 from export.qdq import constant_values, cpu_form  # noqa: E402
 from qat.quantizers import FakeQuant  # noqa: E402
 
@@ -41,18 +41,18 @@ def test_unsigned_quantizer_sits_on_0_to_2_power_b_minus_1_and_its_bits_learn():
         FakeQuant(narrow=True, channels=3).set_unsigned()
 
 
-def _x86_model(arch="mobilenet_v3_large"):
+def _edge_model(grid="x86"):
     from qat.prepare import prepare_qat
     from training.model import build_model
 
     torch.manual_seed(0)
-    return prepare_qat(build_model(arch).eval(), arch, grid="x86")
+    return prepare_qat(build_model("mobilenet_v3_large").eval(), "mobilenet_v3_large", grid=grid)
 
 
 def test_only_tensors_every_reader_takes_through_relu_become_unsigned():
     from qat.prepare import activation_quantizers
 
-    model = _x86_model()
+    model = _edge_model()
     names = quantizer_names(model)
     unsigned = {names[id(q)] for q in activation_quantizers(model) if q.unsigned}
     # MobileNetV3's ReLU blocks (expansion and depthwise convs of blocks 1-6), the squeeze-excitation fc1
@@ -60,15 +60,8 @@ def test_only_tensors_every_reader_takes_through_relu_become_unsigned():
     assert len(unsigned) == 26
     assert "backbone.4.block.2.fc1.output_quant" in unsigned and "classifier.0.convs.4.1.output_quant" in unsigned
     assert not any("block.3" in n or n.endswith("gate_quant") for n in unsigned)
-    signed = prepare_qat_default()
+    signed = _edge_model(grid="tensorrt")
     assert not any(q.unsigned for q in activation_quantizers(signed))
-
-
-def prepare_qat_default():
-    from qat.prepare import prepare_qat
-    from training.model import build_model
-
-    return prepare_qat(build_model("mobilenet_v3_large").eval(), "mobilenet_v3_large")
 
 
 def test_a_tensor_also_read_by_a_residual_sum_stays_signed():
@@ -98,7 +91,7 @@ def test_a_tensor_also_read_by_a_residual_sum_stays_signed():
 def x86_graph(tmp_path_factory):
     from qat.prepare import initialise_steps
 
-    model = _x86_model()
+    model = _edge_model()
     conv = model.get_submodule(THREE_BIT)
     assert conv.input_quant.unsigned
     conv.input_quant.freeze_bits(3)
@@ -139,7 +132,7 @@ def test_x86_graph_has_uint8_zero_point_0_no_relu_after_it_and_the_same_integers
     assert constants[clip.input[1]] == 0 and constants[clip.input[2]] == np.float32(7) * scale
     # every unsigned QuantizeLinear gives its fake quantizer's integers for the values it receives (exactly), and
     # the first ReLU'd tensor (before any rounding tie can differ) equals the PyTorch model's integers
-    by_name = {n: q for n, q in zip(quantizer_names(model).values(), _quantizers_by_id(model))}
+    by_name = activation_quantizers_by_name(model)
     frames = np.random.default_rng(5).random((2, 1, *SIZE), dtype=np.float32)
     first = model.get_submodule("backbone.1.block.0.0").output_quant
     captured = {}
@@ -181,11 +174,6 @@ def test_x86_graph_has_uint8_zero_point_0_no_relu_after_it_and_the_same_integers
     assert np.isfinite(deployed.run(None, {"input": frames})[0]).all()
 
 
-def _quantizers_by_id(model):
-    by_id = {id(m): m for m in model.modules() if isinstance(m, FakeQuant)}
-    return [by_id[i] for i in quantizer_names(model)]
-
-
 def test_onnx_runtime_folds_every_relu_into_the_integer_convolution(x86_graph, tmp_path):
     """The point of the grid: the signed form runs 26 QLinearLeakyRelu between convolutions; here none is left."""
     _, graph, path = x86_graph
@@ -203,6 +191,7 @@ def test_onnx_runtime_folds_every_relu_into_the_integer_convolution(x86_graph, t
 
 def test_x86_bundle_has_one_int8_file_and_tensorrt_refuses_it(tiny_run):
     from device_runtime.backends import auto_precision, select_model
+    from device_runtime.tensorrt_backend import check_engine_precision, engine_precision
     from device_runtime.manifest import load_manifest
     from export.int8 import CPU_NAME, export_int8_bundle, format_summary
     from qat.config import QatConfig
@@ -221,6 +210,9 @@ def test_x86_bundle_has_one_int8_file_and_tensorrt_refuses_it(tiny_run):
     assert select_model(loaded, "ort-cpu", "int8")[0].path == CPU_NAME
     assert select_model(loaded, "ort-cuda", "int8")[0].path == CPU_NAME
     assert auto_precision(loaded, "tensorrt")[0] == "fp16"
+    assert engine_precision(loaded, "auto") == "fp16"  # nerveseg-device build-engine
+    with pytest.raises(InputError, match="--grid x86"):
+        check_engine_precision(loaded, "int8")
     with pytest.raises(InputError, match="--grid x86"):
         select_model(loaded, "tensorrt", "int8")
 
