@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .prepare import quant_convs
+from .prepare import probe_forward, quant_convs
 
 
 @torch.no_grad()
@@ -19,15 +19,7 @@ def activation_elements(model: nn.Module, input_size: tuple[int, int]) -> dict[s
     found: dict[str, int] = {}
     hooks = [conv.register_forward_pre_hook(lambda _m, args, name=name: found.__setitem__(name, args[0][0].numel()))
              for name, conv in quant_convs(model)]
-    was_training = model.training
-    try:
-        model.eval()
-        device = next(model.parameters()).device
-        model(torch.zeros((1, 1, *input_size), device=device))
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
+    probe_forward(model, hooks, tuple(input_size))
     return found
 
 

@@ -15,7 +15,7 @@ import tomli_w
 from device_runtime.errors import InputError
 from training.config import load_toml, recipe_path
 
-GRIDS = ("tensorrt", "x86")  # qat.prepare.GRIDS (kept torch-free here)
+GRIDS = ("tensorrt", "x86")  # what prepare_qat(grid=...) builds; see QatConfig.grid
 
 # keys a recipe's [qat] table may set (the rest come from the command line: run, name, bits, device)
 RECIPE_KEYS = ("grid", "epochs", "bit_epochs", "observe_frames", "activation_percentile", "batch_size", "lr_weights",

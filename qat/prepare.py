@@ -16,6 +16,7 @@ the folding arithmetic, is `fuse_conv_bn_eval`, which lives in torch.nn.utils an
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import torch
@@ -25,6 +26,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models.mobilenetv3 import InvertedResidual
 from torchvision.ops.misc import SqueezeExcitation
 
+from .config import GRIDS
 from .modules import QuantConv2d, QuantGate, QuantHardswish, QuantResidual, activation_quantizer
 from .quantizers import FakeQuant
 
@@ -117,7 +119,20 @@ def prepare_qat(model: nn.Module, arch: str = "", *, weight_bits: int = 8, activ
     return model
 
 
-GRIDS = ("tensorrt", "x86")  # qat.config.GRIDS
+@torch.no_grad()
+def probe_forward(model: nn.Module, hooks: list, input_size: tuple[int, int] = (64, 64), mode=None) -> None:
+    """One eval-mode forward pass of a zero (1, 1, H, W) frame for what `hooks` record (inside the context
+    manager `mode`, if given); the hooks are removed and the training flag restored afterwards, error or not."""
+    was_training = model.training
+    try:
+        model.eval()
+        device = next(model.parameters()).device
+        with mode if mode is not None else contextlib.nullcontext():
+            model(torch.zeros(1, 1, *input_size, device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
 
 
 class _ReaderLog(torch.overrides.TorchFunctionMode):
@@ -181,16 +196,7 @@ def quantizers_read_only_through_relu(model: nn.Module) -> list[FakeQuant]:
     log = _ReaderLog()
     hooks = [q.register_forward_hook(lambda module, args, out: log.quantized(module, args[0], out))
              for q in activation_quantizers(model)]
-    was_training = model.training
-    try:
-        model.eval()
-        device = next(model.parameters()).device
-        with log:
-            model(torch.zeros(1, 1, 64, 64, device=device))
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
+    probe_forward(model, hooks, mode=log)
     return [q for q in activation_quantizers(model) if log.readers.get(id(q)) and log.readers[id(q)] <= RELU_NAMES]
 
 
@@ -246,15 +252,7 @@ def share_input_quantizers(model: nn.Module, new_activation_quantizer) -> None:
         readers[id(conv)] = source
 
     hooks += [conv.register_forward_pre_hook(before_conv) for _, conv in convs]
-    was_training = model.training
-    try:
-        model.eval()
-        device = next(model.parameters()).device
-        model(torch.zeros(1, 1, 64, 64, device=device))
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
+    probe_forward(model, hooks)
     by_id = {id(m): m for m in model.modules() if isinstance(m, FakeQuant)}
     output_of = {id(conv.output_quant): conv for _, conv in convs if conv.output_quant is not None}
     replaced: dict[int, FakeQuant] = {}
