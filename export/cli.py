@@ -1,4 +1,4 @@
-"""The desktop command line, `nerveseg`: synth, train, tune, evaluate, export, qat, pipeline, sweep, report.
+"""The desktop command line, `nerveseg`: synth, train, tune, evaluate, export, qat, pipeline, sweep, cv-quant, report.
 
 Every subcommand turns its flags into one config and calls one function. Bad input is reported on one
 line with a non-zero exit, never a traceback.
@@ -7,6 +7,7 @@ line with a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -71,8 +72,18 @@ def _sweep(args) -> None:
 
     out = run_sweep(args.run_dir, split_list(args.bits), split_list(args.learned), split_list(args.target_bits),
                     args.epochs, args.device, args.threads, args.latency_runs,
-                    bound_from_model=args.parity_bound_from_model)
+                    bound_from_model=args.parity_bound_from_model, grid=args.grid)
     print(f"report: {out / 'report.html'}")
+
+
+def _cv_quant(args) -> None:
+    from .cv_quant import run_cv_quant
+    from .sweep import split_list
+
+    command = "nerveseg " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    run_cv_quant(args.cv_dir, split_list(args.bits), split_list(args.learned), split_list(args.target_bits),
+                 args.grid, args.epochs, args.device, args.threads, args.latency_runs, args.parity_bound_from_model,
+                 command)
 
 
 def _export_int8(args) -> None:
@@ -198,12 +209,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--learned", default="0.05,0.25,1.0", help="bit-cost weights lambda of learned-bits runs")
     sweep.add_argument("--target-bits", default="", help="target mean bits of learned runs that pay only the excess")
     sweep.add_argument("--epochs", type=int, help="QAT epochs of every run (default: the recipe's [qat] table)")
+    sweep.add_argument("--grid", default="tensorrt",
+                       help="activation grid of every run, as `nerveseg qat --grid` (x86 runs are named NAME-x86)")
     sweep.add_argument("--device", default="auto")
     sweep.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads of the report")
     sweep.add_argument("--parity-bound-from-model", action="store_true",
                        help="export each run as `nerveseg export --parity-bound-from-model` does")
     sweep.add_argument("--latency-runs", type=int, default=50, help="timed batch-1 runs per model in the report")
     sweep.set_defaults(func=_sweep)
+
+    cv_quant = commands.add_parser("cv-quant", help="quantization on every held-out fold of a `nerveseg cv`: a sweep per "
+                                                    "fold, per-frame Dice pooled over the folds (resumable)")
+    cv_quant.add_argument("--cv-dir", required=True, help="the --run-dir of a `nerveseg cv`; its finished folds are used")
+    cv_quant.add_argument("--bits", default="8", help="uniform bitwidths or WxAy entries, as `nerveseg sweep` (default 8)")
+    cv_quant.add_argument("--learned", default="", help="bit-cost weights lambda of learned-bits runs (default: none)")
+    cv_quant.add_argument("--target-bits", default="", help="target mean bits of learned runs that pay only the excess")
+    cv_quant.add_argument("--grid", default="tensorrt", help="activation grid of every run, as `nerveseg qat --grid`")
+    cv_quant.add_argument("--epochs", type=int, help="QAT epochs of every run (default: the recipe's [qat] table)")
+    cv_quant.add_argument("--device", default="auto")
+    cv_quant.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads of the reports")
+    cv_quant.add_argument("--latency-runs", type=int, default=50, help="timed batch-1 runs per model in each report")
+    cv_quant.add_argument("--parity-bound-from-model", action="store_true",
+                          help="export each run as `nerveseg export --parity-bound-from-model` does")
+    cv_quant.set_defaults(func=_cv_quant)
 
     report = commands.add_parser("report", help="accuracy vs bitwidth: float, ORT PTQ and every QAT run of RUN")
     report.add_argument("--run-dir", required=True, help="the float run whose qat/ runs to report")

@@ -7,7 +7,9 @@ in one interleaved run, and writes RUN/report/:
     report.html   one self-contained page (figures embedded as base64 PNG), opens offline
     report.md     the same tables, figures beside it in figures/
     results.csv   one row per model
-    results.json  the same rows (strict JSON: no NaN), plus the machine, libraries and dataset
+    results.json  the same rows (strict JSON: no NaN) with each row's per-frame test Dice (in `test_names`'
+                  order, so runs of several float models, e.g. the folds of `nerveseg cv-quant`, can be pooled),
+                  plus the machine, libraries and dataset
 
 The folder is built aside and swapped in by renames (device_runtime.fileio.atomic_dir), so an existing report
 is replaced whole or not at all.
@@ -137,7 +139,7 @@ def collect(run_dir: Path, threads: int = 2, latency_runs: int = 50, make_ptq: b
     add_intervals(rows)
     rows = sort_rows(rows)
     context = {"cfg": cfg, "notes": notes, "threads": threads, "latency_runs": latency_runs,
-               "test_frames": len(names), "run_dir": run_dir}
+               "test_frames": len(names), "test_names": list(names), "run_dir": run_dir}
     return rows, context
 
 
@@ -402,7 +404,9 @@ def write_report(run_dir: str | Path, threads: int = 2, latency_runs: int = 50, 
     page = render_html(title, headers, body, figs, check_lines, notes, commands, env, data)
     markdown = render_markdown(title, headers, body, figs, check_lines, notes, commands, env, data)
     results = {"run_dir": str(run_dir), "machine": env, "dataset": data, "notes": notes, "checks": check_lines,
-               "rows": records}
+               "test_names": context["test_names"],
+               "rows": [dict(record, per_image_dice=None if row.per_image is None else row.per_image.tolist())
+                        for row, record in zip(rows, records)]}
     out = run_dir / REPORT_DIR
     with atomic_dir(out, replace=True) as staging:
         (staging / "figures").mkdir()

@@ -157,6 +157,8 @@ def qat_command(run_dir: Path, name: str, config: dict | None) -> str:
             parts.append(f"--target-bits {config['target_bits']:g}")
     # runs from before the setting existed started from the maximum (0), which is no longer the default
     parts.append(f"--activation-percentile {config.get('activation_percentile', 0):g}")
+    if config.get("grid", "tensorrt") != "tensorrt":
+        parts.append(f"--grid {config['grid']}")
     if config.get("epochs"):
         parts.append(f"--epochs {config['epochs']}")
     parts.append(f"--name {name}")

@@ -6,6 +6,7 @@ the same seed and schedule (the recipe's [qat] table, `--epochs` for all of them
     uniform  --bits 8,6,5,4,3,2     -> w8a8, w6a6, ...   (W = A bits); "w4a8" style entries -> w4a8
     learned  --learned 0.05,0.25,1.0 -> learned-0.05, ... (learned bits, bit-cost weight lambda as written)
     target   --target-bits 4         -> target-4          (learned bits, only the excess over 4 bits costs)
+    --grid x86                        -> w8a8-x86, ...      (every name gets `nerveseg qat`'s "-x86" suffix)
 
 The sweep is resumable by construction: a run with test_metrics.json is finished and skipped, a run folder
 with a last checkpoint but no test metrics was interrupted and is resumed (`--resume` of `nerveseg qat`), a
@@ -16,6 +17,7 @@ exporter's limit), which the report shows; such a run is reported as the fake-qu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import shlex
@@ -41,6 +43,7 @@ class Job:
     bits: str  # "8", "w4a8" or "learned"
     bit_weight: float | None = None
     target_bits: float | None = None
+    grid: str = "tensorrt"
 
     def flags(self, run_dir: Path, epochs: int | None) -> str:
         parts = [f"nerveseg qat --run-dir {shlex.quote(str(run_dir))} --bits {self.bits}"]
@@ -48,6 +51,8 @@ class Job:
             parts.append(f"--bit-weight {self.bit_weight:g}")
         if self.target_bits is not None:
             parts.append(f"--target-bits {self.target_bits:g}")
+        if self.grid != "tensorrt":
+            parts.append(f"--grid {self.grid}")
         if epochs is not None:
             parts.append(f"--epochs {epochs}")
         parts.append(f"--name {self.name}")
@@ -60,8 +65,13 @@ def _check_bits(value: int, text: str) -> int:
     return value
 
 
-def plan(bits: list[str], learned: list[str], target_bits: list[str]) -> list[Job]:
-    """The sweep's runs from the flag values (strings as typed, so names keep the user's spelling)."""
+def plan(bits: list[str], learned: list[str], target_bits: list[str], grid: str = "tensorrt") -> list[Job]:
+    """The sweep's runs from the flag values (strings as typed, so names keep the user's spelling), all on
+    one activation grid (qat.config.GRIDS)."""
+    from qat.config import GRIDS
+
+    if grid not in GRIDS:
+        raise InputError(f"--grid {grid!r}: choose one of {', '.join(GRIDS)}")
     jobs = []
     for text in bits:
         text = text.strip().lower()
@@ -84,6 +94,8 @@ def plan(bits: list[str], learned: list[str], target_bits: list[str]) -> list[Jo
         if not BIT_RANGE[0] <= target <= BIT_RANGE[1]:
             raise InputError(f"--target-bits {text}: must lie in {BIT_RANGE[0]}..{BIT_RANGE[1]}")
         jobs.append(Job(f"target-{text}", "learned", target_bits=target))
+    if grid != "tensorrt":  # the names `nerveseg qat --grid x86` gives, so both grids can share one RUN/qat/
+        jobs = [dataclasses.replace(job, name=f"{job.name}-{grid}", grid=grid) for job in jobs]
     names = [job.name for job in jobs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -111,7 +123,7 @@ def qat_config(run_dir: Path, recipe: str, job: Job, epochs: int | None, device:
     from qat.config import build_qat_config
 
     return build_qat_config(recipe, run_dir=str(run_dir), name=job.name, bits=job.bits, bit_weight=job.bit_weight,
-                            target_bits=job.target_bits, epochs=epochs, device=device)
+                            target_bits=job.target_bits, grid=job.grid, epochs=epochs, device=device)
 
 
 def is_finished(qat_dir: Path) -> bool:
@@ -194,7 +206,7 @@ def ensure_float_bundle(run_dir: Path, device: str) -> None:
 
 def run_sweep(run_dir: str | Path, bits: list[str], learned: list[str], target_bits: list[str] | None = None,
               epochs: int | None = None, device: str = "auto", threads: int = 2, latency_runs: int = 50,
-              command: str | None = None, bound_from_model: bool = False) -> Path:
+              command: str | None = None, bound_from_model: bool = False, grid: str = "tensorrt") -> Path:
     """Train (or resume, or skip) every run, export each, make the PTQ baseline, write the report; returns
     the report folder."""
     from .report import write_report
@@ -205,7 +217,7 @@ def run_sweep(run_dir: str | Path, bits: list[str], learned: list[str], target_b
     run_dir = Path(run_dir)
     if epochs is not None and epochs < 1:
         raise InputError(f"--epochs must be at least 1, got {epochs}")
-    jobs = plan(bits, learned, target_bits or [])
+    jobs = plan(bits, learned, target_bits or [], grid)
     if not jobs:
         raise InputError("nothing to sweep: give --bits and/or --learned / --target-bits values")
     best_checkpoint(run_dir)  # a one-line error before anything starts when the float run is not trained

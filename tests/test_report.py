@@ -113,6 +113,7 @@ def test_malformed_qat_file_is_one_line_error(float_run, tmp_path):
     (["sweep", "--run-dir", "{tmp}/missing", "--bits", "9"], "--bits 9"),
     (["sweep", "--run-dir", "{tmp}/missing", "--bits", "w9a2"], "w9a2"),
     (["sweep", "--run-dir", "{tmp}/missing", "--bits", "8", "--learned", "-1"], "non-negative"),
+    (["sweep", "--run-dir", "{tmp}/missing", "--bits", "8", "--grid", "arm"], "--grid 'arm'"),
 ])
 def test_bad_flags_are_one_line(argv, message, tmp_path):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
@@ -129,6 +130,10 @@ def test_sweep_plan_names():
     jobs = plan(["8", "W4A8"], ["0.25", "1.0"], ["4"])
     assert [j.name for j in jobs] == ["w8a8", "w4a8", "learned-0.25", "learned-1.0", "target-4"]
     assert jobs[2].bits == "learned" and jobs[2].bit_weight == 0.25 and jobs[4].target_bits == 4.0
+    assert all(j.grid == "tensorrt" and "--grid" not in j.flags("RUN", None) for j in jobs)
+    x86 = plan(["8"], ["0.25"], [], grid="x86")  # the names `nerveseg qat --grid x86` gives
+    assert [j.name for j in x86] == ["w8a8-x86", "learned-0.25-x86"] and all(j.grid == "x86" for j in x86)
+    assert x86[0].flags("RUN", 6) == "nerveseg qat --run-dir RUN --bits 8 --grid x86 --epochs 6 --name w8a8-x86"
 
 
 # ------------------------------------------------------------------------------------------------ tiny sweep
@@ -182,6 +187,11 @@ def test_tiny_sweep_report_has_every_row_column_and_figure(swept):
     for name in rows:
         assert f"| {name} |" in markdown and name in page
     assert results["machine"]["libraries"]["onnxruntime"] and results["dataset"]["frames"]["test"] >= 1
+    assert len(results["test_names"]) == results["dataset"]["frames"]["test"]
+    for row in results["rows"]:  # per-frame Dice kept for pooling over folds (nerveseg cv-quant)
+        if row["status"] == "complete":
+            assert len(row["per_image_dice"]) == len(results["test_names"])
+            assert np.mean(row["per_image_dice"]) == pytest.approx(row["dice"])
 
 
 @pytest.mark.slow

@@ -1,0 +1,88 @@
+"""`nerveseg cv-quant`: per-frame Dice pooled over the folds of a cross-validation, models matched by name (the PTQ
+row by kind), differences paired on the same frames; a tiny end-to-end run over two folds; bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from device_runtime.errors import InputError
+from export.cli import main as cli_main
+from export.cv_quant import PTQ_KEY, pool
+
+
+def _row(name, kind, per_image, bits=None, latency=None):
+    return {"name": name, "kind": kind, "dice": float(np.mean(per_image)), "per_image_dice": list(per_image),
+            "mean_weight_bits": bits, "latency_ms": latency, "scored_by": "ONNX Runtime CPU"}
+
+
+def test_pool_concatenates_folds_pairs_frames_and_matches_ptq_by_kind():
+    fold1 = {"test_names": ["a", "b"], "rows": [
+        _row("float", "float", [0.5, 0.7], 32.0, 10.0), _row("ORT PTQ (MinMax)", "ptq", [0.4, 0.7], 8.0, 8.0),
+        _row("w8a8-x86", "uniform", [0.6, 0.7], 8.0, 7.0), _row("learned-0.25", "learned", [0.1, 0.2], 4.0, 7.0)]}
+    fold2 = {"test_names": ["c", "d", "e"], "rows": [
+        _row("float", "float", [0.2, 0.4, 0.9], 32.0, 12.0), _row("ORT PTQ (Entropy)", "ptq", [0.2, 0.4, 0.6], 8.0, 9.0),
+        _row("w8a8-x86", "uniform", [0.2, 0.5, 0.9], 8.0, 8.0)]}
+    records = {r["model"]: r for r in pool([fold1, fold2])}
+    assert list(records) == ["float", PTQ_KEY, "w8a8-x86", "learned-0.25"]  # float, PTQ, uniform, learned
+    quant = records["w8a8-x86"]
+    assert quant["frames"] == 5 and quant["folds"] == 2
+    assert quant["dice"] == pytest.approx(np.mean([0.6, 0.7, 0.2, 0.5, 0.9]))
+    assert quant["vs_float"]["delta"] == pytest.approx((0.1 + 0.0 + 0.0 + 0.1 + 0.0) / 5)
+    assert quant["vs_float"]["ci"][0] <= quant["vs_float"]["delta"] <= quant["vs_float"]["ci"][1]
+    assert quant["vs_ptq"]["delta"] == pytest.approx((0.2 + 0.0 + 0.0 + 0.1 + 0.3) / 5)
+    assert quant["latency_ms"] == pytest.approx(7.5) and quant["per_fold_dice"] == pytest.approx({"1": 0.65, "2": 0.5333333})
+    ptq = records[PTQ_KEY]
+    assert ptq["per_fold_names"] == {"1": "ORT PTQ (MinMax)", "2": "ORT PTQ (Entropy)"} and ptq["vs_ptq"] is None
+    learned = records["learned-0.25"]  # only in fold 1: pooled there, paired with fold 1's float frames only
+    assert learned["folds"] == 1 and learned["vs_float"]["frames"] == 2
+    assert learned["vs_float"]["delta"] == pytest.approx(-0.45)
+    assert records["float"]["vs_float"] is None
+
+
+def test_pool_without_a_float_row_is_refused():
+    with pytest.raises(InputError, match="float"):
+        pool([{"test_names": ["a"], "rows": [_row("w8a8", "uniform", [0.5])]}])
+
+
+def test_bad_cv_dirs_are_one_line(tmp_path, capsys):
+    assert cli_main(["cv-quant", "--cv-dir", str(tmp_path / "missing")]) == 2
+    assert cli_main(["cv-quant", "--cv-dir", str(tmp_path)]) == 2  # a folder with no finished fold
+    assert cli_main(["cv-quant", "--cv-dir", str(tmp_path), "--grid", "arm"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "not found" in err[0] and "no finished fold" in err[1] and "--grid 'arm'" in err[2]
+    assert not list(tmp_path.iterdir())  # nothing written by a refused call
+
+
+@pytest.mark.slow
+def test_tiny_cv_quant_sweeps_every_fold_and_pools(tmp_path, capsys):
+    pytest.importorskip("qat.run")
+    from test_cv import _paired_dataset
+
+    data = _paired_dataset(tmp_path / "data", subjects=4)
+    cv = tmp_path / "cv"
+    assert cli_main(["cv", "--data", str(data), "--folds", "2", "--recipe", "quick", "--group-by", "prefix",
+                     "--run-dir", str(cv), "--input-size", "64", "64", "--steps", "1", "--batch-size", "2",
+                     "--device", "cpu"]) == 0
+    args = ["cv-quant", "--cv-dir", str(cv), "--bits", "8", "--grid", "x86", "--epochs", "1", "--device", "cpu",
+            "--threads", "1", "--latency-runs", "2", "--parity-bound-from-model"]
+    assert cli_main(args) == 0
+    out = json.loads((cv / "cv_quant.json").read_text())
+    records = {r["model"]: r for r in out["models"]}
+    held_out = sum(len(json.loads((cv / f"fold-{i}" / "split.json").read_text())["test"]) for i in (1, 2))
+    assert set(records) >= {"float", PTQ_KEY, "w8a8-x86"}
+    for record in records.values():
+        assert record["folds"] == 2 and record["frames"] == held_out and 0 <= record["dice"] <= 1
+    for fold in (1, 2):
+        report = json.loads((cv / f"fold-{fold}" / "report" / "results.json").read_text())
+        row = next(r for r in report["rows"] if r["name"] == "w8a8-x86")
+        assert len(row["per_image_dice"]) == len(report["test_names"])
+        assert np.mean(row["per_image_dice"]) == pytest.approx(row["dice"])
+        assert "--grid x86" in row["command"]
+    assert "| w8a8-x86 | 2 |" in (cv / "cv_quant.md").read_text()
+    # a second call trains nothing again: every fold's run is finished and skipped by its sweep
+    capsys.readouterr()
+    assert cli_main(args) == 0
+    assert capsys.readouterr().out.count("w8a8-x86 finished earlier; skipped") == 2
