@@ -46,7 +46,8 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from .onnx_export import OPSET, export_onnx
+from .dead_taps import drop_dead_taps
+from .onnx_export import OPSET, export_onnx, report_cut
 
 INT8_OPSET = OPSET  # see the module doc
 INT8_QMIN, INT8_QMAX = -128, 127
@@ -238,7 +239,7 @@ def build_int8_model(model: nn.Module, input_size: tuple[int, int], work_path) -
     """
     quantizers = activation_quantizers_by_name(model)
     twin, convs = float_twin(model, input_size)
-    export_onnx(twin, work_path, input_size, custom_opsets={MARKER_DOMAIN: 1})
+    export_onnx(twin, work_path, input_size, custom_opsets={MARKER_DOMAIN: 1}, cut_dead_taps=False)
     graph_model = onnx.load(str(work_path))
     graph = graph_model.graph
     conv_nodes = [n for n in graph.node if n.op_type == "Conv"]
@@ -299,6 +300,9 @@ def build_int8_model(model: nn.Module, input_size: tuple[int, int], work_path) -
     _remove_dead(graph)
     _compact_exporter_names(graph)
     del graph.value_info[:]
+    cut = drop_dead_taps(graph_model)  # after the integers are in: the int8 kernels are cut, their scales kept
+    if cut:
+        report_cut("INT8 graph", input_size, cut)
     graph_model.producer_name = "nerveseg export.int8"
     onnx.checker.check_model(graph_model)
     return graph_model

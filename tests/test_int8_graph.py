@@ -59,15 +59,24 @@ def test_weights_are_the_fake_quant_integers_exactly(qat_model, graphs):
 
     signed, _ = graphs
     inits = {i.name: numpy_helper.to_array(i) for i in signed.graph.initializer}
+    cut = []
     for name, conv in quant_convs(qat_model):
-        integers = inits[f"{name}.weight_int8"]
+        integers, full = inits[f"{name}.weight_int8"], conv.weight_integers().numpy()
         assert integers.dtype == np.int8
-        np.testing.assert_array_equal(integers, conv.weight_integers().numpy())
+        if integers.shape != full.shape:  # cut to the taps that read pixels (export.dead_taps): the centre here
+            cut_h, cut_w = integers.shape[2:]
+            top, left = (full.shape[2] - cut_h) // 2, (full.shape[3] - cut_w) // 2
+            full = full[:, :, top:top + cut_h, left:left + cut_w]
+            cut.append(name)
+        np.testing.assert_array_equal(integers, full)
         np.testing.assert_array_equal(inits[f"{name}.weight_scale"], conv.weight_quant.export_params().scale.numpy())
         dq = next(n for n in signed.graph.node if n.input and n.input[0] == f"{name}.weight_int8")
         assert len(dq.input) == 2 and dq.attribute[0].name == "axis" and dq.attribute[0].i == 0  # zero point 0 (int8)
         bias_steps = inits[f"{name}.bias"] / (conv.input_quant.step() * conv.weight_quant.step()).detach().numpy()
         np.testing.assert_allclose(bias_steps, np.round(bias_steps), atol=1e-3)  # biases on the int32 grid
+    # at 64x64 the ASPP's dilated kernels and the last blocks' dilated depthwise kernels read only padding outside
+    # their centre (the end-to-end checks below run the cut graph against the fake-quant model)
+    assert {"classifier.0.convs.1.0", "classifier.0.convs.2.0", "classifier.0.convs.3.0"} <= set(cut)
     three = inits[f"{THREE_BIT}.weight_int8"]
     assert three.min() >= -3 and three.max() <= 3 and (np.abs(three) == 3).any()  # narrow 3-bit range, used
 
