@@ -39,7 +39,7 @@ from training.stages import split_arrays
 from .bundle import FP32_NAME, ParityError, dataset_description, protected_paths
 from .out_guard import check_bundle_out
 from .portable import portable_config
-from .int8_graph import INT8_OPSET, build_int8_model
+from .int8_graph import INT8_OPSET, WEIGHT_SUFFIX, build_int8_model
 from .latency import interleaved_latency
 from .onnx_export import export_onnx, tensorrt_problems
 from .parity import TOLERANCE, compare, onnx_probabilities, parity_failures
@@ -93,12 +93,16 @@ def load_qat(checkpoint_path: Path, float_arch: str):
     return model, checkpoint, cfg, qcfg
 
 
-def packed_bytes(bits_table: dict, model) -> dict:
+def packed_bytes(bits_table: dict, model, graph=None) -> dict:
     """Size of the weights stored at their learned bits: sum(params x bits) / 8, plus what stays wide:
-    float32 per-channel weight scales, int32 biases and float32 activation scales."""
+    float32 per-channel weight scales, int32 biases and float32 activation scales. With the INT8 `graph`, each
+    layer counts the weights the graph stores (kernels cut to the taps that read pixels, export.dead_taps)."""
     from qat.prepare import activation_quantizers, quant_convs
 
-    weight_bits = sum(row["params"] * row["weight_bits"] for row in bits_table["layers"]) / 8
+    stored = {} if graph is None else {
+        init.name[:-len(WEIGHT_SUFFIX)]: int(np.prod(init.dims))
+        for init in graph.graph.initializer if init.name.endswith(WEIGHT_SUFFIX)}
+    weight_bits = sum(stored.get(row["name"], row["params"]) * row["weight_bits"] for row in bits_table["layers"]) / 8
     scales = biases = 0
     for _, conv in quant_convs(model):
         scales += 4 * conv.out_channels
@@ -255,7 +259,7 @@ def export_int8_bundle(run_dir: str | Path, qat_name: str, out_dir: str | Path |
             "fp32_file_bytes": fp32_bytes,
             "int8_file_bytes": int8_bytes,
             "int8_compression": fp32_bytes / int8_bytes,
-            **packed_bytes(table, model),
+            **packed_bytes(table, model, graph),
         }
         qat_test = _test_metrics(qat_dir)
         manifest = Manifest(

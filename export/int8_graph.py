@@ -50,6 +50,7 @@ from .dead_taps import drop_dead_taps
 from .onnx_export import OPSET, export_onnx, report_cut
 
 INT8_OPSET = OPSET  # see the module doc
+WEIGHT_SUFFIX = ".weight_int8"  # each layer's int8 kernel is the initializer "<layer name>.weight_int8"
 INT8_QMIN, INT8_QMAX = -128, 127
 UINT8_QMIN, UINT8_QMAX = 0, 255
 
@@ -201,7 +202,7 @@ class _Builder:
                              f"({integers.shape[0]})")
         if not (np.isfinite(scale).all() and (scale > 0).all()):
             raise ValueError(f"{prefix}: weight scales must be positive and finite")
-        w = self.add(numpy_helper.from_array(integers, f"{prefix}.weight_int8"))
+        w = self.add(numpy_helper.from_array(integers, prefix + WEIGHT_SUFFIX))
         s = self.add(numpy_helper.from_array(scale, f"{prefix}.weight_scale"))
         # no zero point: for DequantizeLinear it defaults to 0 of the input's type (int8), so [C] zero bytes
         # per layer need not be stored (they cost the 3.9x size goal its margin)
