@@ -10,6 +10,8 @@ Cutting each kernel down to its live taps, with the padding shifted to match, gi
 products were exactly zero) from a smaller file and less work. Measured on the usgra-seg edge bundles (256x256,
 ONNX Runtime 1.32, 2 threads, interleaved, shared machine): the x86 INT8 file 11.25 -> 7.32 MB and 40.9 -> 32.7
 ms with identical logits; the FP32 graph 20.2 -> 19.7 ms. ONNX Runtime does not skip such taps by itself.
+Training skips them too (training/live_taps.py), but a PyTorch model keeps its parameters whole, and the INT8
+graph is built from the full kernels' integers: this pass cuts the stored graphs.
 
 The graph must have a fixed spatial size (nerveseg bundles do: only the batch is dynamic); the live taps are
 found from the Conv's input shape (ONNX shape inference), dilations, strides and pads. Weights may be a float
@@ -23,11 +25,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-
-def live_taps(size: int, kernel: int, dilation: int, pad_begin: int, stride: int, out: int) -> list[int]:
-    """Kernel positions (along one axis) that read an input pixel for at least one output position."""
-    return [k for k in range(kernel)
-            if any(0 <= y * stride + k * dilation - pad_begin < size for y in range(out))]
+from training.live_taps import live_taps
 
 
 def _spatial_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:

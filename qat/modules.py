@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.live_taps import conv2d_live
+
 from .quantizers import FakeQuant, round_ste
 
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
@@ -94,11 +96,13 @@ class QuantConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.input_quant(x)
+        # conv2d_live: the kernel taps that only read zero padding are skipped (same output, and their gradient
+        # was exactly zero anyway); the weights are quantized whole, so the integers are those of the full kernel
         if self.input_quant.observing:  # initialisation pass: float weights, float activations
-            y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            y = conv2d_live(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         else:
-            y = F.conv2d(x, self.quantized_weight(), self.quantized_bias(), self.stride, self.padding,
-                         self.dilation, self.groups)
+            y = conv2d_live(x, self.quantized_weight(), self.quantized_bias(), self.stride, self.padding,
+                            self.dilation, self.groups)
         return self.output_quant(y) if self.output_quant is not None else y
 
     def extra_repr(self) -> str:

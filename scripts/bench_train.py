@@ -3,6 +3,7 @@
     python scripts/bench_train.py                       # paper and edge recipes, CPU (and CUDA+AMP if present)
     python scripts/bench_train.py --recipes edge --steps 10 --workers 2
     python scripts/bench_train.py --variants --recipes small --rounds 3   # input size x memory format, CPU
+    python scripts/bench_train.py --dead-taps --recipes small --rounds 3  # live kernel taps vs whole kernels, CPU
 
     python scripts/bench_train.py --run-cost quick old_quick.toml --train-frames 190 --val-frames 24
 
@@ -32,6 +33,7 @@ from torch.utils.data import DataLoader
 from training.config import build_config
 from training.data import SegmentationDataset
 from training.losses import BCEDiceLoss
+from training.live_taps import whole_kernels
 from training.model import build_model
 from training.predict import autocast
 from training.synth import generate_phantom
@@ -58,9 +60,12 @@ def loader_rate(loader: DataLoader, batches: int) -> float:
 
 
 def step_rate(cfg, loader: DataLoader, device: torch.device, steps: int, amp: bool,
-              channels_last: bool | None = None, cpu_rate: list | None = None) -> float:
-    """Training images/s of wall time; with `cpu_rate`, images/s of this process's CPU time is appended to it."""
+              channels_last: bool | None = None, cpu_rate: list | None = None, whole: bool = False) -> float:
+    """Training images/s of wall time; with `cpu_rate`, images/s of this process's CPU time is appended to it.
+    `whole`: every convolution computes with its whole kernel (training.live_taps.whole_kernels)."""
     model = build_model(cfg.arch).to(device).train()
+    if whole:
+        whole_kernels(model)
     if channels_last is None:
         channels_last = device.type == "cuda"
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -149,6 +154,25 @@ def variants(recipe: str, frames: int, steps: int, rounds: int) -> None:
               f"(rounds: {', '.join(f'{w:.2f}' for w in wall[(size, cl)])})")
 
 
+def dead_taps(recipe: str, frames: int, steps: int, rounds: int) -> None:
+    """The recipe's training step with the kernel taps that read only padding skipped (training.live_taps, the
+    default) and with whole kernels, interleaved rounds, medians."""
+    cfg = build_config(recipe)
+    loader = make_loader(cfg, frames, 0)
+    cases = {"live taps (default)": False, "whole kernels": True}
+    wall: dict = {c: [] for c in cases}
+    cpu: dict = {c: [] for c in cases}
+    for r in range(rounds):
+        for case, whole in cases.items():
+            wall[case].append(step_rate(cfg, loader, torch.device("cpu"), steps, False, cfg.channels_last, cpu[case],
+                                        whole))
+        print(f"round {r + 1}/{rounds} done", flush=True)
+    for case in cases:
+        print(f"{recipe} cpu {cfg.input_size[0]}x{cfg.input_size[1]} batch {cfg.batch_size} {case:<19}: "
+              f"{np.median(wall[case]):.2f} img/s wall, {np.median(cpu[case]):.2f} img/s per CPU-second "
+              f"(rounds: {', '.join(f'{w:.2f}' for w in wall[case])})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", nargs="+", default=["paper", "edge"])
@@ -158,12 +182,19 @@ def main() -> None:
     parser.add_argument("--variants", action="store_true", help="CPU: 256 vs 192 input, contiguous vs channels-last")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --variants / --run-cost")
     parser.add_argument("--run-cost", nargs="+", metavar="RECIPE", help="CPU cost of whole runs of these recipes")
+    parser.add_argument("--dead-taps", action="store_true",
+                        help="CPU: training steps skipping the kernel taps that read only padding vs whole kernels")
     parser.add_argument("--train-frames", type=int, default=190)
     parser.add_argument("--val-frames", type=int, default=24)
     args = parser.parse_args()
     if args.run_cost:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
         run_cost(args.run_cost, args.train_frames, args.val_frames, args.steps, args.rounds)
+        return
+    if args.dead_taps:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+        for recipe in args.recipes:
+            dead_taps(recipe, args.frames, args.steps, args.rounds)
         return
     if args.variants:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")

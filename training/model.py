@@ -16,6 +16,8 @@ from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large, deepla
 
 from device_runtime.errors import InputError
 
+from .live_taps import skip_dead_taps
+
 _BUILDERS = {"resnet50": deeplabv3_resnet50, "mobilenet_v3_large": deeplabv3_mobilenet_v3_large}
 _IMAGENET = {"resnet50": ResNet50_Weights.IMAGENET1K_V1, "mobilenet_v3_large": MobileNet_V3_Large_Weights.IMAGENET1K_V1}
 DOWNLOAD_TIMEOUT_S = 20
@@ -115,6 +117,7 @@ def build_model(arch: str, *, pretrained: str = "none", num_classes: int = 1) ->
     model = _BUILDERS[arch](weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
     stem = _stem_path(arch)
     _set(model, stem, _grey_stem(_get(model, stem)))
+    skip_dead_taps(model)  # e.g. ASPP's rate-24/36 kernels at 256x256 read only padding: same output, less work
     if pretrained == "imagenet":
         _load_backbone(model, arch, _imagenet_state(arch), f"torchvision {arch} ImageNet weights")
     elif pretrained not in ("none", ""):
