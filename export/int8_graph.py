@@ -116,20 +116,14 @@ def float_twin(model: nn.Module, input_size: tuple[int, int]) -> tuple[nn.Module
     """A copy of the QAT model whose QuantConv2d are nn.Conv2d with the quantized weights and biases, whose
     activation quantizers are markers, and the (name, QuantConv2d) of the original in the order the
     convolutions run in a forward pass."""
-    from qat.prepare import quant_convs, set_submodule
+    from qat.prepare import probe_forward, quant_convs, set_submodule
     from qat.quantizers import FakeQuant
 
     convs = dict(quant_convs(model))
     order: list[str] = []
     hooks = [m.register_forward_pre_hook(lambda _m, _a, name=name: order.append(name)) for name, m in convs.items()]
-    try:
-        with torch.no_grad():
-            model.eval()
-            device = next(model.parameters()).device
-            model(torch.zeros(1, 1, *input_size, device=device))
-    finally:
-        for hook in hooks:
-            hook.remove()
+    with torch.no_grad():
+        probe_forward(model, hooks, input_size)
     if sorted(order) != sorted(convs):
         raise ValueError("each quantized convolution must run exactly once per forward pass")
     twin = copy.deepcopy(model).cpu().eval()
