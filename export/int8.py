@@ -102,7 +102,8 @@ def packed_bytes(bits_table: dict, model, graph=None) -> dict:
     stored = {} if graph is None else {
         init.name[:-len(WEIGHT_SUFFIX)]: int(np.prod(init.dims))
         for init in graph.graph.initializer if init.name.endswith(WEIGHT_SUFFIX)}
-    weight_bits = sum(stored.get(row["name"], row["params"]) * row["weight_bits"] for row in bits_table["layers"]) / 8
+    weight_bits = sum(stored.get(row["name"], row.get("live_params", row["params"])) * row["weight_bits"]
+                      for row in bits_table["layers"]) / 8
     scales = biases = 0
     for _, conv in quant_convs(model):
         scales += 4 * conv.out_channels

@@ -195,7 +195,8 @@ def qat_row(run_dir: Path, qat_dir: Path, names: list[str] | None, sweep_state: 
     if manifest is None:
         row.note = state.get("export_error") or "not exported: scored as the fake-quant PyTorch model"
         if row.layers:  # weights at their learned bits, no scales: what a packed export would hold at least
-            row.packed_bytes = int(round(sum(layer["params"] * layer["weight_bits"] for layer in row.layers) / 8))
+            row.packed_bytes = int(round(sum(layer.get("live_params", layer["params"]) * layer["weight_bits"]
+                                             for layer in row.layers) / 8))
         return row
     fill_from_bundle(row, manifest, bundle_dir)
     return row

@@ -1,14 +1,21 @@
 """Per-layer bitwidths: the table written as bits.json, and the differentiable means the bit cost uses.
 
-Means are weighted: weight bits by each layer's weight count (what the weights cost in memory), activation
-bits by the number of elements of each convolution's input at the model's input size (what the activations
-cost in traffic). The input size matters for the latter because the element counts scale with it.
+Means are weighted: weight bits by each layer's live weight count (what the deployed weights cost in memory),
+activation bits by the number of elements of each convolution's input at the model's input size (what the
+activations cost in traffic). The input size matters for both: element counts scale with it, and a kernel tap
+that only ever reads zero padding at that size is no weight of the deployed model (training/live_taps.py; the
+exported graphs do not store it). At 256x256 the edge model's ASPP rate-24/36 kernels keep only their centre:
+7.05 M live weights of 10.98 M. Counting all 10.98 M let the bit cost buy cheap bits by squeezing 3.9 M weights
+that never touch a pixel to the 2-bit floor: a run reported at 3.75 mean weight bits that way has 4.72 over its
+live weights. bits.json keeps both (`params`, `live_params`; `mean_weight_bits` is over live weights).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from training.live_taps import live_window
 
 from .prepare import probe_forward, quant_convs
 
@@ -23,13 +30,32 @@ def activation_elements(model: nn.Module, input_size: tuple[int, int]) -> dict[s
     return found
 
 
-def mean_bits(model: nn.Module, elements: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.no_grad()
+def live_weights(model: nn.Module, input_size: tuple[int, int]) -> dict[str, int]:
+    """Weights of each QuantConv2d whose kernel taps read pixels at this input size, by module name."""
+    shapes: dict[str, tuple[int, int]] = {}
+    def record(name):
+        return lambda _module, args: shapes.__setitem__(name, tuple(args[0].shape[-2:]))
+
+    hooks = [conv.register_forward_pre_hook(record(name)) for name, conv in quant_convs(model)]
+    probe_forward(model, hooks, tuple(input_size))
+    found = {}
+    for name, conv in quant_convs(model):
+        window = live_window(shapes[name], tuple(conv.weight.shape[-2:]), tuple(conv.dilation), tuple(conv.padding),
+                             tuple(conv.stride))
+        out_channels, in_per_group = conv.weight.shape[:2]
+        found[name] = conv.weight.numel() if window is None else out_channels * in_per_group * window[0][1] * window[1][1]
+    return found
+
+
+def mean_bits(model: nn.Module, elements: dict[str, int],
+              weights: dict[str, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean weight bits, mean activation bits) as 0-d tensors whose gradients reach the learned bitwidths
     (straight through the integer rounding). Weighted as in the module doc; `elements` from
-    `activation_elements`."""
+    `activation_elements`, `weights` from `live_weights` (None: every parameter counts)."""
     weight_sum = weight_count = act_sum = act_count = 0
     for name, conv in quant_convs(model):
-        params = conv.weight.numel()
+        params = conv.weight.numel() if weights is None else weights[name]
         weight_sum = weight_sum + params * conv.weight_quant.bits_ste()
         weight_count += params
         act_sum = act_sum + elements[name] * conv.input_quant.bits_ste()
@@ -41,18 +67,19 @@ def bits_table(model: nn.Module, input_size: tuple[int, int]) -> dict:
     """The content of bits.json: one row per quantized convolution, then the weighted means.
 
     Returns:
-        {"layers": [{"name", "weight_bits", "activation_bits", "params", "activation_elements"}...],
-         "mean_weight_bits", "mean_activation_bits"}
+        {"layers": [{"name", "weight_bits", "activation_bits", "params", "live_params", "activation_elements"}...],
+         "mean_weight_bits" (over live weights), "mean_weight_bits_all_params", "mean_activation_bits"}
     """
     elements = activation_elements(model, tuple(input_size))
+    live = live_weights(model, tuple(input_size))
     layers = []
     for name, conv in quant_convs(model):
         layers.append({"name": name, "weight_bits": conv.weight_quant.bits(), "activation_bits": conv.input_quant.bits(),
-                       "params": conv.weight.numel(), "activation_elements": elements[name]})
-    params = sum(row["params"] for row in layers)
+                       "params": conv.weight.numel(), "live_params": live[name], "activation_elements": elements[name]})
     count = sum(row["activation_elements"] for row in layers)
     return {
         "layers": layers,
-        "mean_weight_bits": sum(r["weight_bits"] * r["params"] for r in layers) / params,
+        "mean_weight_bits": sum(r["weight_bits"] * r["live_params"] for r in layers) / sum(r["live_params"] for r in layers),
+        "mean_weight_bits_all_params": sum(r["weight_bits"] * r["params"] for r in layers) / sum(r["params"] for r in layers),
         "mean_activation_bits": sum(r["activation_bits"] * r["activation_elements"] for r in layers) / count,
     }

@@ -2,7 +2,8 @@
 
     loss = BCE + Dice + lambda * (W / 8 + a * A / 8)
 
-W is the mean weight bitwidth weighted by each layer's weight count, A the mean activation bitwidth weighted
+W is the mean weight bitwidth weighted by each layer's live weight count (the weights whose kernel taps read
+pixels at the input size: what is deployed, qat/bits.py), A the mean activation bitwidth weighted
 by each convolution input's element count at the input size (qat/bits.py), a = activation_bit_weight.
 With a target B (`--target-bits`), only the excess is penalised: max(W - B, 0) / 8 and max(A - B, 0) / 8,
 so bits are free to stay at B but pay for every bit above it. The gradients of W and A reach every learned
@@ -23,15 +24,18 @@ class QatLoss(nn.Module):
     """Returns (loss, parts): parts holds floats "task", "bit_cost", "weight_bits", "activation_bits"."""
 
     def __init__(self, elements: dict[str, int], bce_weight: float = 1.0, dice_weight: float = 1.0,
-                 bit_weight: float = 0.25, activation_bit_weight: float = 1.0, target_bits: float = 0.0):
+                 bit_weight: float = 0.25, activation_bit_weight: float = 1.0, target_bits: float = 0.0,
+                 weights: dict[str, int] | None = None):
+        """`elements`: qat.bits.activation_elements; `weights`: qat.bits.live_weights (None: every parameter)."""
         super().__init__()
         self.task = BCEDiceLoss(bce_weight, dice_weight)
         self.elements = dict(elements)
+        self.weights = dict(weights) if weights is not None else None
         self.bit_weight, self.activation_bit_weight, self.target_bits = bit_weight, activation_bit_weight, target_bits
 
     def bit_cost(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(cost without lambda, W, A)."""
-        weight_bits, activation_bits = mean_bits(model, self.elements)
+        weight_bits, activation_bits = mean_bits(model, self.elements, self.weights)
         w, a = weight_bits, activation_bits
         if self.target_bits > 0:
             w, a = torch.relu(w - self.target_bits), torch.relu(a - self.target_bits)

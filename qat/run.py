@@ -26,7 +26,7 @@ from training.train import Dist, build_loader, rewrite_log
 from training.transforms import AugmentConfig, build_train_transform
 from training.tune import plot_threshold_curve, tune
 
-from .bits import activation_elements, bits_table
+from .bits import activation_elements, bits_table, live_weights
 from .checkpoint import build_qat_model, read_qat_checkpoint, save_qat_checkpoint
 from .config import QatConfig, load_qat_config, to_toml
 from .loss import QatLoss
@@ -88,7 +88,7 @@ def run_qat(qcfg: QatConfig, resume: bool = False) -> Path:
     model = build_qat_model(cfg.arch, qcfg, float_model.to(device), init_steps=not resume).to(device)
     elements = activation_elements(model, cfg.input_size)
     criterion = QatLoss(elements, cfg.bce_weight, cfg.dice_weight, qcfg.bit_weight, qcfg.activation_bit_weight,
-                        qcfg.target_bits)
+                        qcfg.target_bits, live_weights(model, cfg.input_size))
     state = QatState(model, build_optimizer(model, qcfg), criterion)
     if resume:
         restore(state, read_qat_checkpoint(qat_dir / "checkpoints" / "last.pt"))

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from qat.bits import activation_elements
+from qat.bits import activation_elements, live_weights
 from qat.config import build_qat_config
 from qat.loss import QatLoss
 from qat.prepare import initialise_steps, prepare_qat, project_bits_
@@ -66,7 +66,8 @@ def main() -> None:
 
     qat_model = prepare_qat(copy.deepcopy(float_model).eval(), cfg.arch)
     initialise_steps(qat_model, [images[:cfg.batch_size]])
-    criterion = QatLoss(activation_elements(qat_model, cfg.input_size), bit_weight=qcfg.bit_weight)
+    criterion = QatLoss(activation_elements(qat_model, cfg.input_size), bit_weight=qcfg.bit_weight,
+                        weights=live_weights(qat_model, cfg.input_size))
     qat_opt = build_optimizer(qat_model, qcfg)
 
     def qat_step(image, mask):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from qat.bits import activation_elements, bits_table, mean_bits
+from qat.bits import activation_elements, bits_table, live_weights, mean_bits
 from qat.modules import QuantConv2d
 from qat.prepare import fold_batchnorm, freeze_bits_, initialise_steps, prepare_qat, project_bits_, quant_convs
 from qat.quantizers import FakeQuant, integer_range
@@ -173,6 +173,12 @@ def test_both_backbones_prepare_and_train(arch):
     assert len(table["layers"]) == len(convs)
     assert table["mean_weight_bits"] == 8.0 and table["mean_activation_bits"] == 8.0
     assert table["layers"][0]["activation_elements"] == 64 * 64
+    # live weights at 64x64 (a 4x4 map): ASPP's rate-12/24/36 kernels keep their centre tap, 1/9 of their weights
+    rows = {row["name"]: row for row in table["layers"]}
+    for name in ("classifier.0.convs.1.0", "classifier.0.convs.2.0", "classifier.0.convs.3.0"):
+        assert rows[name]["live_params"] * 9 == rows[name]["params"]
+    assert rows["classifier.0.convs.0.0"]["live_params"] == rows["classifier.0.convs.0.0"]["params"]  # 1x1
+    assert table["mean_weight_bits_all_params"] == 8.0
 
 
 @pytest.mark.parametrize("bits,learn", [(8, True), (4, False), (3, True)])
@@ -240,3 +246,25 @@ def test_activation_step_from_a_percentile_ignores_a_rare_outlier():
     assert steps[0.0] == pytest.approx(50.0 / 127, rel=1e-5)  # the maximum
     # the mean of the two batches' 99.9th percentiles of |x| (about 1.0 and 0.5)
     assert steps[99.9] == pytest.approx(0.75 / 127, rel=0.01)
+
+
+def test_dead_weights_do_not_buy_bits():
+    """The mean weight bits count live weights only: a layer whose weights mostly read padding moves the mean by
+    its live share, not its parameter count (qat/bits.py)."""
+    from qat.prepare import prepare_qat, quant_convs
+    from training.model import build_model
+
+    torch.manual_seed(0)
+    model = prepare_qat(build_model("mobilenet_v3_large").eval(), "mobilenet_v3_large")
+    for name, conv in quant_convs(model):
+        if name in ("classifier.0.convs.2.0", "classifier.0.convs.3.0"):
+            conv.weight_quant.freeze_bits(2)
+    elements = activation_elements(model, (64, 64))
+    live = live_weights(model, (64, 64))
+    w_live = float(mean_bits(model, elements, live)[0].detach())
+    w_all = float(mean_bits(model, elements)[0].detach())
+    params = {name: conv.weight.numel() for name, conv in quant_convs(model)}
+    dead_share = sum(params[n] for n in ("classifier.0.convs.2.0", "classifier.0.convs.3.0")) / sum(params.values())
+    live_share = sum(live[n] for n in ("classifier.0.convs.2.0", "classifier.0.convs.3.0")) / sum(live.values())
+    assert w_all == pytest.approx(8 - 6 * dead_share) and w_live == pytest.approx(8 - 6 * live_share)
+    assert live_share < dead_share / 4 and w_live > w_all + 1

@@ -35,8 +35,9 @@ def test_run_writes_the_qat_folder(qat_run, tiny_run):
     assert [l["epoch"] for l in lines] == [1, 2] and all("mean_weight_bits" in l for l in lines)
     assert [l["bits_frozen"] for l in lines] == [False, True]
     bits = json.loads((qat_run / "bits.json").read_text())
-    assert set(bits) == {"layers", "mean_weight_bits", "mean_activation_bits"}
-    assert set(bits["layers"][0]) == {"name", "weight_bits", "activation_bits", "params", "activation_elements"}
+    assert set(bits) == {"layers", "mean_weight_bits", "mean_weight_bits_all_params", "mean_activation_bits"}
+    assert set(bits["layers"][0]) == {"name", "weight_bits", "activation_bits", "params", "live_params",
+                                      "activation_elements"}
     assert all(2 <= row["weight_bits"] <= 8 and 2 <= row["activation_bits"] <= 8 for row in bits["layers"])
     test = json.loads((qat_run / "test_metrics.json").read_text())
     float_test = json.loads((tiny_run / "test_metrics.json").read_text())
