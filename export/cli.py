@@ -139,6 +139,22 @@ def _cv(args) -> None:
     run_cv(train.config_from_args(args), args.folds, args.max_new_folds)
 
 
+def _add_sweep_settings(parser: argparse.ArgumentParser, bits: str, learned: str) -> None:
+    """The flags `nerveseg sweep` and `nerveseg cv-quant` share: which QAT runs, and how each is exported and timed."""
+    parser.add_argument("--bits", default=bits, help=f"uniform bitwidths (W = A), or WxAy entries (default {bits})")
+    parser.add_argument("--learned", default=learned,
+                        help=f"bit-cost weights lambda of learned-bits runs (default {learned or 'none'})")
+    parser.add_argument("--target-bits", default="", help="target mean bits of learned runs that pay only the excess")
+    parser.add_argument("--epochs", type=int, help="QAT epochs of every run (default: the recipe's [qat] table)")
+    parser.add_argument("--grid", default="tensorrt",
+                        help="activation grid of every run, as `nerveseg qat --grid` (x86 runs are named NAME-x86)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads of the report")
+    parser.add_argument("--parity-bound-from-model", action="store_true",
+                        help="export each run as `nerveseg export --parity-bound-from-model` does")
+    parser.add_argument("--latency-runs", type=int, default=50, help="timed batch-1 runs per model in the report")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     from training.train import get_args_parser as train_flags
 
@@ -205,32 +221,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", help="QAT fine-tunes at several bitwidths from one float run, exported, "
                                               "then the report (resumable: run it again to continue)")
     sweep.add_argument("--run-dir", required=True, help="a tuned float run; runs go to RUN/qat/NAME/")
-    sweep.add_argument("--bits", default="8,6,5,4,3,2", help="uniform bitwidths (W = A), or WxAy entries (default 8,6,5,4,3,2)")
-    sweep.add_argument("--learned", default="0.05,0.25,1.0", help="bit-cost weights lambda of learned-bits runs")
-    sweep.add_argument("--target-bits", default="", help="target mean bits of learned runs that pay only the excess")
-    sweep.add_argument("--epochs", type=int, help="QAT epochs of every run (default: the recipe's [qat] table)")
-    sweep.add_argument("--grid", default="tensorrt",
-                       help="activation grid of every run, as `nerveseg qat --grid` (x86 runs are named NAME-x86)")
-    sweep.add_argument("--device", default="auto")
-    sweep.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads of the report")
-    sweep.add_argument("--parity-bound-from-model", action="store_true",
-                       help="export each run as `nerveseg export --parity-bound-from-model` does")
-    sweep.add_argument("--latency-runs", type=int, default=50, help="timed batch-1 runs per model in the report")
+    _add_sweep_settings(sweep, bits="8,6,5,4,3,2", learned="0.05,0.25,1.0")
     sweep.set_defaults(func=_sweep)
 
     cv_quant = commands.add_parser("cv-quant", help="quantization on every held-out fold of a `nerveseg cv`: a sweep per "
                                                     "fold, per-frame Dice pooled over the folds (resumable)")
     cv_quant.add_argument("--cv-dir", required=True, help="the --run-dir of a `nerveseg cv`; its finished folds are used")
-    cv_quant.add_argument("--bits", default="8", help="uniform bitwidths or WxAy entries, as `nerveseg sweep` (default 8)")
-    cv_quant.add_argument("--learned", default="", help="bit-cost weights lambda of learned-bits runs (default: none)")
-    cv_quant.add_argument("--target-bits", default="", help="target mean bits of learned runs that pay only the excess")
-    cv_quant.add_argument("--grid", default="tensorrt", help="activation grid of every run, as `nerveseg qat --grid`")
-    cv_quant.add_argument("--epochs", type=int, help="QAT epochs of every run (default: the recipe's [qat] table)")
-    cv_quant.add_argument("--device", default="auto")
-    cv_quant.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads of the reports")
-    cv_quant.add_argument("--latency-runs", type=int, default=50, help="timed batch-1 runs per model in each report")
-    cv_quant.add_argument("--parity-bound-from-model", action="store_true",
-                          help="export each run as `nerveseg export --parity-bound-from-model` does")
+    _add_sweep_settings(cv_quant, bits="8", learned="")
     cv_quant.set_defaults(func=_cv_quant)
 
     report = commands.add_parser("report", help="accuracy vs bitwidth: float, ORT PTQ and every QAT run of RUN")
