@@ -34,6 +34,7 @@ def activation_elements(model: nn.Module, input_size: tuple[int, int]) -> dict[s
 def live_weights(model: nn.Module, input_size: tuple[int, int]) -> dict[str, int]:
     """Weights of each QuantConv2d whose kernel taps read pixels at this input size, by module name."""
     shapes: dict[str, tuple[int, int]] = {}
+
     def record(name):
         return lambda _module, args: shapes.__setitem__(name, tuple(args[0].shape[-2:]))
 
