@@ -38,7 +38,7 @@ from training.data import load_split
 from training.stages import split_arrays
 
 from . import report_figures as figures
-from .report_data import Row, float_row, ptq_row, qat_rows, sort_rows
+from .report_data import Row, float_row, ptq_row, qat_rows, sort_rows, uniform_curve
 from .report_ptq import ensure_ptq
 from .latency import interleaved_latency
 from .report_measure import onnx_test_scores
@@ -192,9 +192,7 @@ def _plain(value):
 
 def uniform_curve_at(rows: list[Row], bits: float) -> float | None:
     """Dice of the uniform (W = A) curve at `bits` by linear interpolation; None outside its range."""
-    points = sorted((r.mean_weight_bits, r.metrics["dice"]) for r in rows
-                    if r.kind == "uniform" and r.status == "complete" and "dice" in r.metrics
-                    and r.mean_weight_bits is not None)
+    points = [(r.mean_weight_bits, r.metrics["dice"]) for r in uniform_curve(rows, lambda r: r.mean_weight_bits)]
     if len(points) < 1 or not points[0][0] - 1e-9 <= bits <= points[-1][0] + 1e-9:
         return None
     xs, ys = zip(*points)

@@ -307,6 +307,19 @@ def qat_rows(run_dir: Path, names: list[str] | None) -> list[Row]:
     return [qat_row(run_dir, p, names, state) for p in folders]
 
 
+def uniform_curve(rows: list[Row], x_of) -> list[Row]:
+    """The uniform runs the uniform curve goes through, in x order: one per bitwidth, the plainly named one
+    (w8a8 rather than w8a8-x86 or w8a8-p99.99, variants of the same bitwidth) where there is one."""
+    chosen: dict[float, Row] = {}
+    for row in sorted((r for r in rows if r.kind == "uniform" and r.status == "complete" and "dice" in r.metrics
+                       and r.mean_weight_bits is not None and x_of(r) is not None), key=lambda r: r.name):
+        plain = UNIFORM_NAME.match(row.name) is not None
+        key = round(row.mean_weight_bits, 6)
+        if key not in chosen or (plain and not UNIFORM_NAME.match(chosen[key].name)):
+            chosen[key] = row
+    return sorted(chosen.values(), key=x_of)
+
+
 def sort_rows(rows: list[Row]) -> list[Row]:
     """float, PTQ, uniform by falling bits, mixed, learned by falling bits; incomplete rows last in their kind."""
     def key(row: Row):

@@ -11,7 +11,7 @@ import io
 import numpy as np
 from matplotlib.figure import Figure
 
-from .report_data import Row
+from .report_data import Row, uniform_curve
 
 STYLE = {  # kind -> (colour, marker, legend label)
     "float": ("black", "s", "float FP32"),
@@ -50,7 +50,8 @@ def _float_line(ax, rows: list[Row]) -> None:
 
 
 def _points(ax, rows: list[Row], x_of, kinds, connect: bool = False) -> None:
-    """One error-bar series per kind; `connect` draws the uniform curve through its points in x order."""
+    """One error-bar series per kind; `connect` draws the uniform curve (one run per bitwidth: report_data.
+    uniform_curve) through its points in x order."""
     for kind in kinds:
         group = [r for r in rows if r.kind == kind and x_of(r) is not None]
         if not group:
@@ -59,7 +60,10 @@ def _points(ax, rows: list[Row], x_of, kinds, connect: bool = False) -> None:
         colour, marker, label = STYLE[kind]
         ax.errorbar([x_of(r) for r in group], [r.metrics["dice"] for r in group], yerr=_yerr(group),
                     color=colour, marker=marker, markersize=10 if marker == "*" else 6, capsize=3,
-                    linestyle="-" if connect and kind == "uniform" else "none", label=label)
+                    linestyle="none", label=label)
+        if connect and kind == "uniform":
+            curve = uniform_curve(group, x_of)
+            ax.plot([x_of(r) for r in curve], [r.metrics["dice"] for r in curve], color=colour, linewidth=1.5)
         for r in group:
             ax.annotate(r.name, (x_of(r), r.metrics["dice"]), textcoords="offset points", xytext=(5, 5), fontsize=7,
                         color=colour)

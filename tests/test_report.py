@@ -225,3 +225,17 @@ def test_interrupted_sweep_resumes_and_skips_finished_runs(swept, tmp_path, monk
     assert rows["learned-0.25"]["status"] == "complete"
     state = strict_json(run_dir / "sweep.json")
     assert state["runs"]["learned-0.25"]["status"] == "finished"
+
+
+def test_uniform_curve_takes_one_run_per_bitwidth_the_plain_name_first():
+    from export.report import uniform_curve_at
+    from export.report_data import Row, uniform_curve
+
+    def row(name, bits, dice):
+        return Row(name=name, kind="uniform", mean_weight_bits=bits, metrics={"dice": dice})
+
+    rows = [row("w8a8-x86", 8.0, 0.40), row("w8a8", 8.0, 0.48), row("w8a8-p99.99", 8.0, 0.50), row("w4a4", 4.0, 0.20)]
+    assert [r.name for r in uniform_curve(rows, lambda r: r.mean_weight_bits)] == ["w4a4", "w8a8"]
+    assert uniform_curve_at(rows, 6.0) == pytest.approx(0.34)  # halfway between w4a4 and w8a8, not a zigzag
+    variants_only = [r for r in rows if r.name != "w8a8"]
+    assert [r.name for r in uniform_curve(variants_only, lambda r: r.mean_weight_bits)] == ["w4a4", "w8a8-p99.99"]
