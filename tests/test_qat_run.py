@@ -215,3 +215,11 @@ def test_a_checkpoint_of_the_previous_placement_is_refused_with_a_reason(tmp_pat
     torch.save({"format": "nerveseg-qat-checkpoint-1", "model": {}}, path)
     with pytest.raises(InputError, match="placement.*rerun `nerveseg qat`"):
         read_qat_checkpoint(path)
+
+
+def test_lr_weights_flag_reaches_the_config_and_bad_values_are_one_line(tiny_run, capsys):
+    from export.cli import get_args_parser, qat_config_from_args
+
+    args = get_args_parser().parse_args(["qat", "--run-dir", str(tiny_run), "--bits", "8", "--lr-weights", "1e-5"])
+    assert qat_config_from_args(args).lr_weights == 1e-5
+    assert "lr_weights" in _error(capsys, ["qat", "--run-dir", str(tiny_run), "--bits", "8", "--lr-weights", "0"])
