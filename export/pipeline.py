@@ -1,4 +1,4 @@
-"""`nerveseg pipeline`: train -> tune -> evaluate -> export -> QAT (learned weight bits), then a short table of what
+"""`nerveseg pipeline`: train -> tune -> evaluate -> export -> QAT (learned bits), then a short table of what
 came out; then W8A8 beside it, the INT8 exports, ORT PTQ and the accuracy-vs-bitwidth report of what it ran."""
 
 from __future__ import annotations
@@ -64,17 +64,10 @@ def report_stage(run_dir: Path, cfg: TrainConfig, qat_epochs: int | None = None)
     return report
 
 
-# Learned weight bits, activations at 8 (RUN/qat/learned-a8): activations are what the edge model cannot give bits
-# up (usgra-seg: W5A5 and below predict nothing; the phantom pipeline's learned A 7.36 run lost 0.094 Dice), and on
-# ONNX Runtime every activation below 8 bits costs an element-wise clamp (its INT8 graph ran no faster than FP32)
-PIPELINE_QAT_BITS = "learned-a8"
-
-
 def run_qat_stage(cfg: TrainConfig, run_dir: Path, resume: bool, epochs: int | None = None) -> Path:
-    """QAT with learned weight bits on the recipe's [qat] schedule (RUN/qat/learned-a8; `epochs` overrides its
-    length); resumed when it was started."""
-    qcfg = build_qat_config(cfg.recipe, run_dir=str(run_dir), bits=PIPELINE_QAT_BITS, device=cfg.device,
-                            epochs=epochs)
+    """QAT with learned bits on the recipe's [qat] schedule (RUN/qat/learned; `epochs` overrides its length);
+    resumed when it was started."""
+    qcfg = build_qat_config(cfg.recipe, run_dir=str(run_dir), bits="learned", device=cfg.device, epochs=epochs)
     started = (qcfg.qat_dir / "checkpoints" / "last.pt").is_file()
     return run_qat(qcfg, resume=resume and started)
 
