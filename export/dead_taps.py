@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from training.live_taps import live_taps
+from training.live_taps import live_span
 
 
 def _spatial_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
@@ -76,22 +76,12 @@ def drop_dead_taps(model: onnx.ModelProto) -> list[str]:
             continue
         kernel = weight.shape[2:]
         dilations, strides = attrs.get("dilations", [1, 1]), attrs.get("strides", [1, 1])
-        pads = list(attrs.get("pads", [0, 0, 0, 0]))
+        pads = list(attrs.get("pads", [0, 0, 0, 0]))  # ONNX order: begin of each axis, then end of each axis
         size = shapes[node.input[0]]
-        out = [(size[i] + pads[i] + pads[i + 2] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
-               for i in range(2)]
-        live = [live_taps(size[i], kernel[i], dilations[i], pads[i], strides[i], out[i]) for i in range(2)]
-        if not all(live):
-            continue  # (never in a real graph) nothing live
-        # the live span per axis; dead taps between live ones (a stride can skip them) cannot be cut by slicing
-        first, count = [axis[0] for axis in live], [axis[-1] - axis[0] + 1 for axis in live]
-        if count[0] == kernel[0] and count[1] == kernel[1]:
-            continue
-        begin = [pads[i] - first[i] * dilations[i] for i in range(2)]
-        # the end pads that keep the output size: the last output's last live tap must stay in range
-        end = [(out[i] - 1) * strides[i] + (count[i] - 1) * dilations[i] + 1 - size[i] - begin[i] for i in range(2)]
-        if min(begin + end) < 0:
-            continue
+        spans = [live_span(size[i], kernel[i], dilations[i], pads[i], pads[i + 2], strides[i]) for i in range(2)]
+        if None in spans or all(spans[i][1] == kernel[i] for i in range(2)):
+            continue  # nothing to cut (or, never in a real graph, nothing live)
+        first, count, begin, end = (list(values) for values in zip(*spans))
         cut = weight[:, :, first[0]:first[0] + count[0], first[1]:first[1] + count[1]]
         tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(cut), tensor.name))
         new_dilations = [1 if count[i] == 1 else dilations[i] for i in range(2)]  # one tap: dilation means nothing

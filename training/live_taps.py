@@ -36,29 +36,34 @@ def live_taps(size: int, kernel: int, dilation: int, pad_begin: int, stride: int
     return tuple(live)
 
 
+def live_span(size: int, kernel: int, dilation: int, pad_begin: int, pad_end: int,
+              stride: int) -> tuple[int, int, int, int] | None:
+    """(first tap, taps, new begin pad, new end pad) of the span of live taps along one axis, with the pads that
+    keep every output where it was; None when there is no output, no live tap, or the span needs a negative pad.
+    Dead taps between live ones stay in the span (a stride can skip them; slicing cannot)."""
+    out = (size + pad_begin + pad_end - dilation * (kernel - 1) - 1) // stride + 1
+    if out < 1:
+        return None
+    live = live_taps(size, kernel, dilation, pad_begin, stride, out)
+    if not live:
+        return None
+    first, count = live[0], live[-1] - live[0] + 1
+    begin = pad_begin - first * dilation
+    end = (out - 1) * stride + (count - 1) * dilation + 1 - size - begin  # the last output's last tap in range
+    return None if begin < 0 or end < 0 else (first, count, begin, end)
+
+
 @functools.lru_cache(maxsize=4096)
 def live_window(size: tuple[int, int], kernel: tuple[int, int], dilation: tuple[int, int], padding: tuple[int, int],
                 stride: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int, int, int]] | None:
     """((first row, rows), (first col, cols), (left, right, top, bottom) pads) of the kernel's live span for a
     symmetric-padding convolution over a `size` input; None when every tap is live (or none is)."""
-    spans, pads = [], []
-    for axis in range(2):
-        out = (size[axis] + 2 * padding[axis] - dilation[axis] * (kernel[axis] - 1) - 1) // stride[axis] + 1
-        if out < 1:
-            return None
-        live = live_taps(size[axis], kernel[axis], dilation[axis], padding[axis], stride[axis], out)
-        if not live:
-            return None
-        first, count = live[0], live[-1] - live[0] + 1  # dead taps between live ones stay (a stride can skip them)
-        begin = padding[axis] - first * dilation[axis]
-        end = (out - 1) * stride[axis] + (count - 1) * dilation[axis] + 1 - size[axis] - begin
-        if end < 0:
-            return None
-        spans.append((first, count))
-        pads.append((begin, end))
-    if spans[0][1] == kernel[0] and spans[1][1] == kernel[1]:
+    spans = [live_span(size[axis], kernel[axis], dilation[axis], padding[axis], padding[axis], stride[axis])
+             for axis in range(2)]
+    if None in spans or (spans[0][1] == kernel[0] and spans[1][1] == kernel[1]):
         return None
-    return spans[0], spans[1], (*pads[1], *pads[0])
+    (row, rows, top, bottom), (col, cols, left, right) = spans
+    return (row, rows), (col, cols), (left, right, top, bottom)
 
 
 def conv2d_live(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation,
