@@ -10,8 +10,8 @@ Cutting each kernel down to its live taps, with the padding shifted to match, gi
 products were exactly zero) from a smaller file and less work. Measured on the usgra-seg edge bundles (256x256,
 ONNX Runtime 1.32, 2 threads, interleaved, shared machine): the x86 INT8 file 11.25 -> 7.32 MB and 40.9 -> 32.7
 ms with identical logits; the FP32 graph 20.2 -> 19.7 ms. ONNX Runtime does not skip such taps by itself.
-Training skips them too (training/live_taps.py), but a PyTorch model keeps its parameters whole, and the INT8
-graph is built from the full kernels' integers: this pass cuts the stored graphs.
+Float graphs are traced cut already (the model computes with the live taps, training/live_taps.py); the INT8
+graph is built from the full kernels' integers, so this pass cuts it once they are in.
 
 The graph must have a fixed spatial size (nerveseg bundles do: only the batch is dynamic); the live taps are
 found from the Conv's input shape (ONNX shape inference), dilations, strides and pads. Weights may be a float
@@ -91,3 +91,10 @@ def drop_dead_taps(model: onnx.ModelProto) -> list[str]:
             node.attribute.append(helper.make_attribute(name, value))
         changed.append(f"{node.name or node.output[0]}: {kernel[0]}x{kernel[1]} -> {count[0]}x{count[1]}")
     return changed
+
+
+def report_cut(file_name: str, input_size: tuple[int, int], cut: list[str]) -> None:
+    """One line saying which kernels `drop_dead_taps` cut."""
+    print(f"{file_name}: {len(cut)} convolution kernel(s) cut to the taps that read pixels at "
+          f"{input_size[0]}x{input_size[1]} (the rest read only zero padding; same output): "
+          + ", ".join(line.rsplit(": ", 1)[1] for line in cut), flush=True)

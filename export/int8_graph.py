@@ -46,8 +46,8 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from .dead_taps import drop_dead_taps
-from .onnx_export import OPSET, export_onnx, report_cut
+from .dead_taps import drop_dead_taps, report_cut
+from .onnx_export import OPSET, export_onnx
 
 INT8_OPSET = OPSET  # see the module doc
 WEIGHT_SUFFIX = ".weight_int8"  # each layer's int8 kernel is the initializer "<layer name>.weight_int8"
@@ -234,7 +234,7 @@ def build_int8_model(model: nn.Module, input_size: tuple[int, int], work_path) -
     """
     quantizers = activation_quantizers_by_name(model)
     twin, convs = float_twin(model, input_size)
-    export_onnx(twin, work_path, input_size, custom_opsets={MARKER_DOMAIN: 1}, cut_dead_taps=False)
+    export_onnx(twin, work_path, input_size, custom_opsets={MARKER_DOMAIN: 1})
     graph_model = onnx.load(str(work_path))
     graph = graph_model.graph
     conv_nodes = [n for n in graph.node if n.op_type == "Conv"]

@@ -14,7 +14,6 @@ from device_runtime.manifest import INPUT_NAME, OUTPUT_NAME
 
 from training.model import LogitsOnly
 
-from .dead_taps import drop_dead_taps
 from .qdq import constant_values, readers_of
 
 # Opset 13: TensorRT 8.4+ (JetPack 5 and later) parses it, per-channel QDQ exists from 13 on, and
@@ -35,12 +34,11 @@ TENSORRT_RESIZE_TRANSFORMS = {"half_pixel", "pytorch_half_pixel", "tf_half_pixel
 
 
 def export_onnx(model: torch.nn.Module, path: str | Path, input_size: tuple[int, int],
-                custom_opsets: dict[str, int] | None = None, cut_dead_taps: bool = True) -> Path:
+                custom_opsets: dict[str, int] | None = None) -> Path:
     """Write the model's logits graph to `path` (atomically): input "input" (batch, 1, H, W) float32 in
     [0, 1], output "logits" (batch, 1, H, W). `custom_opsets`: domains of custom nodes the model writes (the
-    INT8 export's quantizer markers, replaced before the graph is used). `cut_dead_taps`: kernels cut to the
-    taps that read pixels at this input size (export.dead_taps; exact); the INT8 export's float twin keeps
-    the model's kernels and is cut once its integers are in."""
+    INT8 export's quantizer markers, replaced before the graph is used). A model built by training.model
+    computes with the kernel taps that read pixels only (training.live_taps), so its graph holds cut kernels."""
     wrapped = LogitsOnly(model).eval().cpu()
     example = torch.zeros(1, 1, *input_size)
     path = Path(path)
@@ -51,20 +49,8 @@ def export_onnx(model: torch.nn.Module, path: str | Path, input_size: tuple[int,
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                           opset_version=OPSET, do_constant_folding=True, dynamo=False,
                           custom_opsets=custom_opsets)
-        if cut_dead_taps:
-            graph = onnx.load(str(tmp))
-            cut = drop_dead_taps(graph)
-            if cut:
-                onnx.save(graph, str(tmp))
-                report_cut(path.name, input_size, cut)
         onnx.checker.check_model(str(tmp))
     return path
-
-
-def report_cut(file_name: str, input_size: tuple[int, int], cut: list[str]) -> None:
-    print(f"{file_name}: {len(cut)} convolution kernel(s) cut to the taps that read pixels at "
-          f"{input_size[0]}x{input_size[1]} (the rest read only zero padding; same output): "
-          + ", ".join(line.rsplit(": ", 1)[1] for line in cut), flush=True)
 
 
 def tensorrt_problems(onnx_path: str | Path) -> list[str]:

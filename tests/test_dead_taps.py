@@ -102,7 +102,7 @@ def test_exported_edge_model_loses_the_kernel_taps_that_read_padding(tmp_path):
     # the model computes with the live taps only (training.live_taps), so the traced graph holds cut kernels
     check(export_onnx(model, tmp_path / "m.onnx", (64, 64)))
     # a graph of whole kernels (a model without LiveTapConv2d, e.g. the INT8 export's float twin): the pass cuts it
-    whole = export_onnx(whole_kernels(model), tmp_path / "whole.onnx", (64, 64), cut_dead_taps=False)
+    whole = export_onnx(whole_kernels(model), tmp_path / "whole.onnx", (64, 64))
     assert not any(isinstance(m, LiveTapConv2d) for m in model.modules())
     graph = onnx.load(str(whole))
     assert len(drop_dead_taps(graph)) == 6
