@@ -12,6 +12,8 @@ live weights. bits.json keeps both (`params`, `live_params`; `mean_weight_bits` 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -21,29 +23,27 @@ from .prepare import probe_forward, quant_convs
 
 
 @torch.no_grad()
-def activation_elements(model: nn.Module, input_size: tuple[int, int]) -> dict[str, int]:
-    """Elements of each QuantConv2d's input for one (1, 1, H, W) frame, by module name."""
-    found: dict[str, int] = {}
-    hooks = [conv.register_forward_pre_hook(lambda _m, args, name=name: found.__setitem__(name, args[0][0].numel()))
+def conv_input_shapes(model: nn.Module, input_size: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+    """(C, H, W) of each QuantConv2d's input for one (1, 1, H, W) frame, by module name (one probe pass)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = [conv.register_forward_pre_hook(lambda _m, args, name=name: shapes.__setitem__(name, tuple(args[0].shape[1:])))
              for name, conv in quant_convs(model)]
     probe_forward(model, hooks, tuple(input_size))
-    return found
+    return shapes
 
 
-@torch.no_grad()
+def activation_elements(model: nn.Module, input_size: tuple[int, int]) -> dict[str, int]:
+    """Elements of each QuantConv2d's input for one (1, 1, H, W) frame, by module name."""
+    return {name: math.prod(shape) for name, shape in conv_input_shapes(model, input_size).items()}
+
+
 def live_weights(model: nn.Module, input_size: tuple[int, int]) -> dict[str, int]:
     """Weights of each QuantConv2d whose kernel taps read pixels at this input size, by module name."""
-    shapes: dict[str, tuple[int, int]] = {}
-
-    def record(name):
-        return lambda _module, args: shapes.__setitem__(name, tuple(args[0].shape[-2:]))
-
-    hooks = [conv.register_forward_pre_hook(record(name)) for name, conv in quant_convs(model)]
-    probe_forward(model, hooks, tuple(input_size))
+    shapes = conv_input_shapes(model, input_size)
     found = {}
     for name, conv in quant_convs(model):
-        window = live_window(shapes[name], tuple(conv.weight.shape[-2:]), tuple(conv.dilation), tuple(conv.padding),
-                             tuple(conv.stride))
+        window = live_window(shapes[name][1:], tuple(conv.weight.shape[-2:]), tuple(conv.dilation),
+                             tuple(conv.padding), tuple(conv.stride))
         out_channels, in_per_group = conv.weight.shape[:2]
         found[name] = conv.weight.numel() if window is None else out_channels * in_per_group * window[0][1] * window[1][1]
     return found
