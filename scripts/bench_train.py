@@ -137,21 +137,30 @@ def run_cost(recipes: list[str], train_frames: int, val_frames: int, steps: int,
               f"({total / 60:.1f} CPU-min) training stage", flush=True)
 
 
+def compare_steps(prefix: str, cases: dict, rounds: int) -> None:
+    """Training step rates of `cases` ({label: run(cpu_rates) -> wall img/s}, each a `step_rate` call) in
+    interleaved rounds, so a machine whose load changes treats every case alike; medians printed per case."""
+    wall: dict = {label: [] for label in cases}
+    cpu: dict = {label: [] for label in cases}
+    for r in range(rounds):
+        for label, run in cases.items():
+            wall[label].append(run(cpu[label]))
+        print(f"round {r + 1}/{rounds} done", flush=True)
+    width = max(len(label) for label in cases)
+    for label in cases:
+        print(f"{prefix} {label:<{width}}: {np.median(wall[label]):.2f} img/s wall, {np.median(cpu[label]):.2f} img/s "
+              f"per CPU-second (rounds: {', '.join(f'{w:.2f}' for w in wall[label])})")
+
+
 def variants(recipe: str, frames: int, steps: int, rounds: int) -> None:
     """Input size x memory format on the CPU, interleaved rounds, medians."""
-    cases = [(size, cl) for size in (256, 192) for cl in (False, True)]
-    loaders = {size: make_loader(build_config(recipe, input_size=(size, size)), frames, 0) for size in (256, 192)}
-    wall: dict = {c: [] for c in cases}
-    cpu: dict = {c: [] for c in cases}
-    for r in range(rounds):
-        for size, cl in cases:
-            cfg = build_config(recipe, input_size=(size, size))
-            wall[(size, cl)].append(step_rate(cfg, loaders[size], torch.device("cpu"), steps, False, cl, cpu[(size, cl)]))
-        print(f"round {r + 1}/{rounds} done", flush=True)
-    for size, cl in cases:
-        print(f"{recipe} cpu {size}x{size} {'channels_last' if cl else 'contiguous   '}: "
-              f"{np.median(wall[(size, cl)]):.2f} img/s wall, {np.median(cpu[(size, cl)]):.2f} img/s per CPU-second "
-              f"(rounds: {', '.join(f'{w:.2f}' for w in wall[(size, cl)])})")
+    configs = {size: build_config(recipe, input_size=(size, size)) for size in (256, 192)}
+    loaders = {size: make_loader(cfg, frames, 0) for size, cfg in configs.items()}
+    cases = {f"{size}x{size} {'channels_last' if cl else 'contiguous'}":
+             (lambda cpu, size=size, cl=cl: step_rate(configs[size], loaders[size], torch.device("cpu"), steps, False,
+                                                       cl, cpu))
+             for size in (256, 192) for cl in (False, True)}
+    compare_steps(f"{recipe} cpu", cases, rounds)
 
 
 def dead_taps(recipe: str, frames: int, steps: int, rounds: int) -> None:
@@ -159,18 +168,10 @@ def dead_taps(recipe: str, frames: int, steps: int, rounds: int) -> None:
     default) and with whole kernels, interleaved rounds, medians."""
     cfg = build_config(recipe)
     loader = make_loader(cfg, frames, 0)
-    cases = {"live taps (default)": False, "whole kernels": True}
-    wall: dict = {c: [] for c in cases}
-    cpu: dict = {c: [] for c in cases}
-    for r in range(rounds):
-        for case, whole in cases.items():
-            wall[case].append(step_rate(cfg, loader, torch.device("cpu"), steps, False, cfg.channels_last, cpu[case],
-                                        whole))
-        print(f"round {r + 1}/{rounds} done", flush=True)
-    for case in cases:
-        print(f"{recipe} cpu {cfg.input_size[0]}x{cfg.input_size[1]} batch {cfg.batch_size} {case:<19}: "
-              f"{np.median(wall[case]):.2f} img/s wall, {np.median(cpu[case]):.2f} img/s per CPU-second "
-              f"(rounds: {', '.join(f'{w:.2f}' for w in wall[case])})")
+    cases = {label: (lambda cpu, whole=whole: step_rate(cfg, loader, torch.device("cpu"), steps, False,
+                                                        cfg.channels_last, cpu, whole))
+             for label, whole in (("live taps (default)", False), ("whole kernels", True))}
+    compare_steps(f"{recipe} cpu {cfg.input_size[0]}x{cfg.input_size[1]} batch {cfg.batch_size}", cases, rounds)
 
 
 def main() -> None:
