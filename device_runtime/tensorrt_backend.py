@@ -77,8 +77,9 @@ def check_engine_precision(manifest: Manifest, precision: str) -> ModelFile:
         raise InputError(f"--precision {precision!r} is not one of {', '.join(ENGINE_PRECISIONS)}")
     wanted = "int8" if precision == "int8" else "fp32"
     model = manifest.file(wanted, "onnx", "tensorrt", made_for=True)  # of two INT8 files, the signed (TensorRT) one
-    if model is None and wanted == "int8" and manifest.file("int8", "onnx"):
-        raise not_for_tensorrt(manifest.file("int8", "onnx"))
+    other_int8 = manifest.file("int8", "onnx") if model is None and wanted == "int8" else None
+    if other_int8 is not None:
+        raise not_for_tensorrt(other_int8)
     if model is None:
         hint = "export an INT8 (QDQ) bundle, or use --precision fp16" if wanted == "int8" else "re-export the bundle"
         raise InputError(f"--precision {precision}: the bundle lists no {wanted.upper()} ONNX file; {hint}")

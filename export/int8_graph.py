@@ -122,8 +122,7 @@ def float_twin(model: nn.Module, input_size: tuple[int, int]) -> tuple[nn.Module
     convs = dict(quant_convs(model))
     order: list[str] = []
     hooks = [m.register_forward_pre_hook(lambda _m, _a, name=name: order.append(name)) for name, m in convs.items()]
-    with torch.no_grad():
-        probe_forward(model, hooks, input_size)
+    probe_forward(model, hooks, input_size)  # (under no_grad itself)
     if sorted(order) != sorted(convs):
         raise ValueError("each quantized convolution must run exactly once per forward pass")
     twin = copy.deepcopy(model).cpu().eval()

@@ -22,7 +22,6 @@ from training.live_taps import live_window
 from .prepare import probe_forward, quant_convs
 
 
-@torch.no_grad()
 def conv_input_shapes(model: nn.Module, input_size: tuple[int, int]) -> dict[str, tuple[int, ...]]:
     """(C, H, W) of each QuantConv2d's input for one (1, 1, H, W) frame, by module name (one probe pass)."""
     shapes: dict[str, tuple[int, ...]] = {}
