@@ -63,7 +63,7 @@ def step_rate(cfg, loader: DataLoader, device: torch.device, steps: int, amp: bo
               channels_last: bool | None = None, cpu_rate: list | None = None, whole: bool = False) -> float:
     """Training images/s of wall time; with `cpu_rate`, images/s of this process's CPU time is appended to it.
     `whole`: every convolution computes with its whole kernel (training.live_taps.whole_kernels)."""
-    model = build_model(cfg.arch).to(device).train()
+    model = build_model(cfg.arch, aspp_rates=cfg.aspp_rates).to(device).train()
     if whole:
         whole_kernels(model)
     if channels_last is None:
@@ -105,7 +105,7 @@ def validation_cpu_seconds(cfg, train_frames: int, val_frames: int) -> float:
     from training.batchnorm import recalibrate_batchnorm
     from training.predict import predict_probabilities
 
-    model = build_model(cfg.arch)
+    model = build_model(cfg.arch, aspp_rates=cfg.aspp_rates)
     images = np.random.default_rng(0).random((train_frames + val_frames, *cfg.input_size), dtype=np.float32)
     start = time.process_time()
     recalibrate_batchnorm(model, images[:train_frames], torch.device("cpu"), cfg.batch_size)

@@ -68,3 +68,35 @@ def test_loss_checks_its_arguments():
         BCEDiceLoss(bce_weight=0, dice_weight=0)
     with pytest.raises(ValueError, match="shape"):
         BCEDiceLoss()(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 3, 3))
+
+
+def _aspp_dilations(model) -> list[int]:
+    return [branch[0].dilation[0] for branch in model.classifier[0].convs[1:-1]]
+
+
+def test_aspp_rates_are_a_config_choice_that_checkpoints_keep(tmp_path, tiny_config):
+    from training.checkpoint import load_model, make_checkpoint, save_checkpoint
+
+    assert _aspp_dilations(build_model("mobilenet_v3_large")) == [12, 24, 36]  # torchvision's
+    cfg = tiny_config.replace(aspp_rates=(3, 6, 9))
+    model = build_model(cfg.arch, aspp_rates=cfg.aspp_rates)
+    assert _aspp_dilations(model) == [3, 6, 9]
+    # the weights do not depend on the rates, so only the saved config can rebuild the right network
+    save_checkpoint(make_checkpoint(cfg, model), tmp_path / "c.pt")
+    loaded, _, loaded_cfg = load_model(tmp_path / "c.pt")
+    assert loaded_cfg.aspp_rates == (3, 6, 9) and _aspp_dilations(loaded) == [3, 6, 9]
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x)["out"], model.eval()(x)["out"])
+    with pytest.raises(InputError, match="aspp_rates"):
+        tiny_config.replace(aspp_rates=(0, 6))
+
+
+def test_aspp_rates_flag_reaches_the_config(tmp_path):
+    from training.train import config_from_args, get_args_parser
+
+    def cfg(*flags):
+        return config_from_args(get_args_parser().parse_args(["--recipe", "small", "--run-dir", str(tmp_path), *flags]))
+
+    assert cfg().aspp_rates == (12, 24, 36)
+    assert cfg("--aspp-rates", "3", "6", "9").aspp_rates == (3, 6, 9)

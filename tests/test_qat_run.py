@@ -223,3 +223,18 @@ def test_lr_weights_flag_reaches_the_config_and_bad_values_are_one_line(tiny_run
     args = get_args_parser().parse_args(["qat", "--run-dir", str(tiny_run), "--bits", "8", "--lr-weights", "1e-5"])
     assert qat_config_from_args(args).lr_weights == 1e-5
     assert "lr_weights" in _error(capsys, ["qat", "--run-dir", str(tiny_run), "--bits", "8", "--lr-weights", "0"])
+
+
+def test_a_qat_checkpoint_rebuilds_the_float_runs_aspp_rates(tmp_path, tiny_config):
+    from qat.checkpoint import build_qat_model, load_qat_model, make_qat_checkpoint, save_qat_checkpoint
+    from training.model import build_model
+
+    cfg = tiny_config.replace(aspp_rates=(3, 6, 9))
+    qcfg = QatConfig(bits="8")
+    model = build_qat_model(cfg.arch, qcfg, build_model(cfg.arch, aspp_rates=cfg.aspp_rates).eval())
+    save_qat_checkpoint(make_qat_checkpoint(cfg, qcfg, model), tmp_path / "q.pt")
+    loaded = load_qat_model(tmp_path / "q.pt")[0]
+    assert [b[0].dilation[0] for b in loaded.classifier[0].convs[1:-1]] == [3, 6, 9]
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x)["out"], model.eval()(x)["out"])

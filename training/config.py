@@ -36,6 +36,7 @@ class TrainConfig:
     arch: str = "mobilenet_v3_large"
     input_size: tuple[int, int] = (256, 256)
     pretrained: str = "none"  # "none", "imagenet" (torchvision's weights) or a path to a backbone state dict
+    aspp_rates: tuple[int, ...] = (12, 24, 36)  # torchvision's; see training.model.build_model for 3/6/9
     # optimisation
     epochs: int = 20
     steps: int = 0  # optimiser steps; when > 0 it sets the budget instead of epochs (the last epoch may stop early)
@@ -95,6 +96,8 @@ class TrainConfig:
         if self.mask_label is not None and self.mask_label < 1:
             raise InputError(f"mask_label {self.mask_label} would train the background as the nerve (0 is the "
                              "background label); give the nerve's label, e.g. 1, or none for any non-zero pixel")
+        if not self.aspp_rates or min(self.aspp_rates) < 1:
+            raise InputError(f"aspp_rates must be one or more dilation rates >= 1, got {list(self.aspp_rates)}")
         if self.lr <= 0:
             raise InputError(f"lr must be positive, got {self.lr}")
         if self.workers < -1:
@@ -116,7 +119,7 @@ def _coerce(data: dict, where: str) -> dict:
     if unknown:
         raise InputError(f"{where}: unknown config keys {unknown}; known keys: {sorted(fields)}")
     out = dict(data)
-    for key in ("input_size", "objective_weights", "scale"):
+    for key in ("input_size", "objective_weights", "scale", "aspp_rates"):
         if key in out:
             out[key] = tuple(out[key])
     if out.get("mask_label", None) == "":

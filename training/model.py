@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights
 from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large, deeplabv3_resnet50
+from torchvision.models.segmentation.deeplabv3 import ASPP
 
 from device_runtime.errors import InputError
 
@@ -21,6 +22,7 @@ from .live_taps import skip_dead_taps
 _BUILDERS = {"resnet50": deeplabv3_resnet50, "mobilenet_v3_large": deeplabv3_mobilenet_v3_large}
 _IMAGENET = {"resnet50": ResNet50_Weights.IMAGENET1K_V1, "mobilenet_v3_large": MobileNet_V3_Large_Weights.IMAGENET1K_V1}
 DOWNLOAD_TIMEOUT_S = 20
+TORCHVISION_ASPP_RATES = (12, 24, 36)  # torchvision's head; the DeepLabV3 paper's for output stride 8 on 513x513
 
 
 def _stem_path(arch: str) -> tuple[str, ...]:
@@ -101,13 +103,18 @@ def _load_backbone(model: nn.Module, arch: str, state: dict, source: str) -> Non
     backbone.load_state_dict(mapped, strict=False)
 
 
-def build_model(arch: str, *, pretrained: str = "none", num_classes: int = 1) -> nn.Module:
+def build_model(arch: str, *, pretrained: str = "none", num_classes: int = 1,
+                aspp_rates: tuple[int, ...] = TORCHVISION_ASPP_RATES) -> nn.Module:
     """DeepLabV3 for one grey input channel.
 
     Args:
         arch: "resnet50" or "mobilenet_v3_large".
         pretrained: "none", "imagenet" (torchvision's enum; cache or network) or a path to a state dict.
         num_classes: output channels; 1 for nerve logits.
+        aspp_rates: dilation rates of the ASPP's 3x3 branches. torchvision's 12/24/36 were chosen for 513x513
+            crops; on the 16x16 map of a 256x256 frame at output stride 16 the rate-24/36 taps read only
+            padding (each branch is a 1x1 convolution). Scaling the paper's 6/12/18 (output stride 16, 33x33
+            map) to a 16x16 map gives 3/6/9.
 
     Shape:
         input (N, 1, H, W) float in [0, 1] -> model(x)["out"] (N, num_classes, H, W) logits.
@@ -117,6 +124,9 @@ def build_model(arch: str, *, pretrained: str = "none", num_classes: int = 1) ->
     model = _BUILDERS[arch](weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
     stem = _stem_path(arch)
     _set(model, stem, _grey_stem(_get(model, stem)))
+    if tuple(aspp_rates) != TORCHVISION_ASPP_RATES:
+        aspp = model.classifier[0]
+        model.classifier[0] = ASPP(aspp.convs[0][0].in_channels, tuple(aspp_rates), aspp.project[0].out_channels)
     skip_dead_taps(model)  # e.g. ASPP's rate-24/36 kernels at 256x256 read only padding: same output, less work
     if pretrained == "imagenet":
         _load_backbone(model, arch, _imagenet_state(arch), f"torchvision {arch} ImageNet weights")

@@ -260,7 +260,8 @@ class Trainer:
 def build_trainer(cfg: TrainConfig, device: torch.device, budget: Budget | None = None) -> Trainer:
     """`budget` sets the schedule's length; without one, `cfg.epochs` epochs of one step each are assumed
     (enough for callers that only need the model and optimiser)."""
-    model = build_model(cfg.arch, pretrained=cfg.pretrained).to(device).to(memory_format=memory_format(cfg, device))
+    model = build_model(cfg.arch, pretrained=cfg.pretrained, aspp_rates=cfg.aspp_rates)
+    model = model.to(device).to(memory_format=memory_format(cfg, device))
     optimizer = build_optimizer(model, cfg)
     # bf16 autocast needs no loss scaling; fp16 (older GPUs) does
     use_scaler = device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
@@ -378,6 +379,8 @@ def get_args_parser(parser=None, resumable: bool = True):
     parser.add_argument("--arch", choices=["resnet50", "mobilenet_v3_large"])
     parser.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"))
     parser.add_argument("--pretrained", help="none, imagenet, or a path to a backbone state dict")
+    parser.add_argument("--aspp-rates", type=int, nargs="+", metavar="RATE",
+                        help="dilation rates of the ASPP's 3x3 branches (torchvision's 12 24 36; 3 6 9 fit a 256x256 frame)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--steps", type=int, help="budget in optimiser steps instead of epochs (0 = use --epochs)")
     parser.add_argument("--val-every", type=int, help="validate every N epochs (and after the last)")
@@ -408,9 +411,10 @@ def config_from_args(args) -> TrainConfig:
         return cfg.replace(run_dir=args.run_dir, **changes)
     overrides = {name: getattr(args, name, None) for name in (
         "data", "mask_label", "run_dir", "arch", "input_size", "pretrained", "epochs", "batch_size", "lr",
-        "seed", "synth_count", "device", "workers", "amp", "steps", "val_every", "group_by")}
-    if overrides["input_size"] is not None:
-        overrides["input_size"] = tuple(overrides["input_size"])
+        "seed", "synth_count", "device", "workers", "amp", "steps", "val_every", "group_by", "aspp_rates")}
+    for name in ("input_size", "aspp_rates"):
+        if overrides[name] is not None:
+            overrides[name] = tuple(overrides[name])
     cfg = build_config(args.recipe, **overrides)
     if not cfg.run_dir:
         cfg = cfg.replace(run_dir=str(Path("runs") / f"{Path(args.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"))
