@@ -18,12 +18,10 @@ from device_runtime.fileio import write_json, write_text
 from device_runtime.postprocess import Morphology
 from training.bootstrap import paired_bootstrap_ci
 from training.checkpoint import load_model, read_checkpoint
-from training.data import SegmentationDataset
 from training.evaluate import evaluate_arrays, plot_examples
 from training.predict import predict_probabilities, resolve_device
 from training.stages import split_arrays
-from training.train import Dist, build_loader, rewrite_log
-from training.transforms import AugmentConfig, build_train_transform
+from training.train import Dist, augmented_train_set, build_loader, rewrite_log
 from training.tune import plot_threshold_curve, tune
 
 from .bits import activation_elements, bits_table, live_weights
@@ -81,8 +79,8 @@ def run_qat(qcfg: QatConfig, resume: bool = False) -> Path:
 
     train_images, train_masks, _ = split_arrays(run_dir, "train", cfg)
     val_images, val_masks, _ = split_arrays(run_dir, "val", cfg)
-    augment = AugmentConfig(cfg.rotation, cfg.hflip, cfg.vflip, cfg.intensity_shift, cfg.contrast)
-    train_set = SegmentationDataset(train_images, train_masks, build_train_transform(augment))
+    # the float run's own augmentation: fine-tuning on lighter augmentation overfits a few hundred frames
+    train_set = augmented_train_set(cfg, train_images, train_masks)
 
     torch.manual_seed(cfg.seed + qcfg.seed)
     model = build_qat_model(cfg.arch, qcfg, float_model.to(device), init_steps=not resume).to(device)

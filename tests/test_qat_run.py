@@ -238,3 +238,17 @@ def test_a_qat_checkpoint_rebuilds_the_float_runs_aspp_rates(tmp_path, tiny_conf
     x = torch.rand(1, 1, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded(x)["out"], model.eval()(x)["out"])
+
+
+def test_qat_fine_tunes_under_the_float_runs_own_augmentation(tiny_run, monkeypatch):
+    import training.train
+    from training.config import load_run_config
+    from training.transforms import AugmentConfig
+
+    seen = []
+    real = training.train.build_train_transform
+    monkeypatch.setattr(training.train, "build_train_transform", lambda augment: seen.append(augment) or real(augment))
+    run_qat(QatConfig(run_dir=str(tiny_run), name="augmented", bits="8", **{**SMALL, "epochs": 1}))
+    float_cfg = load_run_config(tiny_run)
+    assert seen == [AugmentConfig.from_config(float_cfg)]
+    assert seen[0].gamma > 0 and seen[0].scale != (1.0, 1.0)  # the quick recipe's zoom and gamma, not only flips

@@ -257,6 +257,11 @@ class Trainer:
     best_dice: float = -1.0
 
 
+def augmented_train_set(cfg: TrainConfig, images: np.ndarray, masks: np.ndarray) -> SegmentationDataset:
+    """The training frames under the recipe's augmentation; QAT fine-tunes on exactly this set too."""
+    return SegmentationDataset(images, masks, build_train_transform(AugmentConfig.from_config(cfg)))
+
+
 def build_trainer(cfg: TrainConfig, device: torch.device, budget: Budget | None = None) -> Trainer:
     """`budget` sets the schedule's length; without one, `cfg.epochs` epochs of one step each are assumed
     (enough for callers that only need the model and optimiser)."""
@@ -327,7 +332,7 @@ def main(cfg: TrainConfig, resume: bool = False, splits: dict | None = None) -> 
     train_images, train_masks = load_pairs(splits["train"], cfg.input_size, cfg.mask_label,
                                            "decode train" if progress else "")
     val_images, val_masks = load_pairs(splits["val"], cfg.input_size, cfg.mask_label, "decode val" if progress else "")
-    train_set = SegmentationDataset(train_images, train_masks, build_train_transform(AugmentConfig.from_config(cfg)))
+    train_set = augmented_train_set(cfg, train_images, train_masks)
     if len(train_set) < 2:
         raise InputError(f"{run_dir / 'split.json'}: the training split holds {len(train_set)} frame(s); need at least 2")
 
