@@ -112,7 +112,7 @@ def qat_config_from_args(args):
     return build_qat_config(recipe, run_dir=args.run_dir, bits=args.bits, name=args.name, bit_weight=args.bit_weight,
                             target_bits=args.target_bits, epochs=args.epochs, device=args.device,
                             activation_percentile=args.activation_percentile, grid=args.grid,
-                            lr_weights=args.lr_weights)
+                            lr_weights=args.lr_weights, distill=args.distill)
 
 
 def _qat(args) -> None:
@@ -201,6 +201,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                           "tensors read only through ReLU unsigned (uint8), faster on x86 ONNX Runtime, no TensorRT file")
     qat.add_argument("--lr-weights", type=float,
                      help="learning rate of the folded weights and biases (default: the recipe's [qat] table, 1e-4)")
+    qat.add_argument("--distill", type=float, metavar="D",
+                     help="weight of the float model as teacher: + D x BCE(QAT logits, float probabilities) (default 0)")
     qat.add_argument("--name", help="RUN/qat/NAME (default from --bits: learned, w8a8, w4a4, w4a8; -x86 for --grid x86)")
     qat.add_argument("--resume", action="store_true", help="continue RUN/qat/NAME from its last checkpoint")
     qat.add_argument("--device", default="auto")

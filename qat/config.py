@@ -19,7 +19,7 @@ GRIDS = ("tensorrt", "x86")  # what prepare_qat(grid=...) builds; see QatConfig.
 
 # keys a recipe's [qat] table may set (the rest come from the command line: run, name, bits, device)
 RECIPE_KEYS = ("grid", "epochs", "bit_epochs", "observe_frames", "activation_percentile", "batch_size", "lr_weights",
-               "lr_steps", "lr_bits", "bit_weight", "activation_bit_weight", "target_bits", "b_min", "b_max")
+               "lr_steps", "lr_bits", "bit_weight", "activation_bit_weight", "target_bits", "b_min", "b_max", "distill")
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,8 @@ class QatConfig:
     bit_weight: float = 0.25  # lambda, QuantU-Net's value
     activation_bit_weight: float = 1.0
     target_bits: float = 0.0  # > 0: penalise only the mean bits above this
+    # > 0: the float model teaches (qat/loss.py): + distill x BCE(QAT logits, the float model's probabilities)
+    distill: float = 0.0
     b_min: int = 2
     b_max: int = 8
     device: str = "auto"
@@ -118,6 +120,8 @@ class QatConfig:
         if self.bit_weight < 0 or self.activation_bit_weight < 0:
             raise InputError(f"bit_weight and activation_bit_weight must be >= 0, got {self.bit_weight}, "
                              f"{self.activation_bit_weight}")
+        if self.distill < 0:
+            raise InputError(f"--distill must be >= 0, got {self.distill}")
         if self.target_bits and not self.b_min <= self.target_bits <= self.b_max:
             raise InputError(f"--target-bits must lie in [{self.b_min}, {self.b_max}], got {self.target_bits}")
 

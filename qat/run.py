@@ -8,6 +8,7 @@ run (training.tune.tune, training.evaluate.evaluate_arrays).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -83,11 +84,13 @@ def run_qat(qcfg: QatConfig, resume: bool = False) -> Path:
     train_set = augmented_train_set(cfg, train_images, train_masks)
 
     torch.manual_seed(cfg.seed + qcfg.seed)
+    # preparing folds BatchNorm into float_model's own convolutions: the teacher is a copy taken before
+    teacher = copy.deepcopy(float_model).to(device).eval().requires_grad_(False) if qcfg.distill > 0 else None
     model = build_qat_model(cfg.arch, qcfg, float_model.to(device), init_steps=not resume).to(device)
     elements = activation_elements(model, cfg.input_size)
     criterion = QatLoss(elements, cfg.bce_weight, cfg.dice_weight, qcfg.bit_weight, qcfg.activation_bit_weight,
-                        qcfg.target_bits, live_weights(model, cfg.input_size))
-    state = QatState(model, build_optimizer(model, qcfg), criterion)
+                        qcfg.target_bits, live_weights(model, cfg.input_size), qcfg.distill)
+    state = QatState(model, build_optimizer(model, qcfg), criterion, teacher=teacher)
     if resume:
         restore(state, read_qat_checkpoint(qat_dir / "checkpoints" / "last.pt"))
         rewrite_log(qat_dir / "metrics.jsonl", state.start_epoch)

@@ -68,14 +68,21 @@ def bits_frozen_at(qcfg: QatConfig, epoch: int) -> bool:
 
 
 def train_one_epoch(model: nn.Module, loader, criterion: QatLoss, optimizer, device: torch.device, label: str,
-                    show: bool = True) -> dict:
+                    show: bool = True, teacher: nn.Module | None = None) -> dict:
+    """`teacher`: the float model (eval mode) whose probabilities the loss distils, or None."""
     model.train()
     totals = {"train_loss": 0.0, "task": 0.0, "bit_cost": 0.0}
+    if teacher is not None:
+        totals["distill"] = 0.0
     seen, start = 0, time.perf_counter()
     for image, mask in tqdm(loader, desc=label, leave=False, disable=None if show else True):
         image, mask = image.to(device), mask.to(device)
         logits = model(image)["out"]
-        loss, parts = criterion(model, logits, mask)
+        teacher_logits = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(image)["out"]
+        loss, parts = criterion(model, logits, mask, teacher_logits)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -84,6 +91,8 @@ def train_one_epoch(model: nn.Module, loader, criterion: QatLoss, optimizer, dev
         totals["train_loss"] += float(loss.detach()) * n
         totals["task"] += parts["task"] * n
         totals["bit_cost"] += parts["bit_cost"] * n
+        if teacher is not None:
+            totals["distill"] += parts["distill"] * n
         seen += n
     elapsed = time.perf_counter() - start
     stats = {k: v / max(seen, 1) for k, v in totals.items()}
@@ -99,6 +108,7 @@ class QatState:
     criterion: QatLoss
     start_epoch: int = 0
     best_dice: float = -1.0
+    teacher: nn.Module | None = None  # the float model, when the loss distils it
 
 
 def restore(state: QatState, checkpoint: dict) -> None:
@@ -120,7 +130,8 @@ def run_epochs(state: QatState, cfg: TrainConfig, qcfg: QatConfig, qat_dir: Path
             freeze_bits_(state.model)
         set_learning_rates(state.optimizer, qcfg, epoch)
         label = f"qat {qat_dir.name} epoch {epoch + 1}/{qcfg.epochs}"
-        stats = train_one_epoch(state.model, make_loader(epoch), state.criterion, state.optimizer, device, label)
+        stats = train_one_epoch(state.model, make_loader(epoch), state.criterion, state.optimizer, device, label,
+                                teacher=state.teacher)
         stats.update(validate(state.model, val_images, val_masks, device, cfg.replace(amp=False)))
         table = table_of(state.model)
         stats.update(mean_weight_bits=table["mean_weight_bits"], mean_activation_bits=table["mean_activation_bits"],

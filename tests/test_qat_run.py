@@ -252,3 +252,31 @@ def test_qat_fine_tunes_under_the_float_runs_own_augmentation(tiny_run, monkeypa
     float_cfg = load_run_config(tiny_run)
     assert seen == [AugmentConfig.from_config(float_cfg)]
     assert seen[0].gamma > 0 and seen[0].scale != (1.0, 1.0)  # the quick recipe's zoom and gamma, not only flips
+
+
+def test_distillation_pulls_towards_the_teachers_probabilities_and_vanishes_where_they_match():
+    criterion = QatLoss({}, bit_weight=0.0, distill=1.0)
+    criterion.bit_cost = lambda model: (torch.tensor(0.0), torch.tensor(8.0), torch.tensor(8.0))  # no quantizers
+    model = nn.Conv2d(1, 1, 1)
+    target = torch.zeros(1, 1, 4, 4)
+    teacher = torch.linspace(-3, 3, 16).reshape(1, 1, 4, 4)
+    grads = []
+    for start in (teacher.clone(), torch.zeros(1, 1, 4, 4)):
+        logits = start.requires_grad_(True)
+        distilled, parts = criterion(model, logits, target, teacher)
+        plain, _ = criterion(model, logits, target)
+        assert "distill" in parts and float((distilled - plain).detach()) == pytest.approx(parts["distill"])
+        grads.append(torch.autograd.grad(distilled - plain, logits)[0])
+    assert torch.allclose(grads[0], torch.zeros_like(grads[0]), atol=1e-7)  # at the teacher: nothing to learn
+    assert torch.equal(torch.sign(grads[1]), -torch.sign(teacher))  # elsewhere: towards its probabilities
+
+
+def test_a_distilled_run_logs_the_term_and_keeps_the_setting(tiny_run, capsys):
+    qat_dir = run_qat(QatConfig(run_dir=str(tiny_run), name="distilled", bits="8", distill=1.0,
+                                **{**SMALL, "epochs": 1}))
+    line = json.loads((qat_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["distill"] > 0 and line["train_loss"] > line["task"]
+    assert load_qat_model(qat_dir / "checkpoints" / "best.pt")[3].distill == 1.0
+    assert cli(["qat", "--run-dir", str(tiny_run), "--bits", "8", "--distill", "-1", "--name", "bad"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "--distill must be >= 0" in err and len(err.splitlines()) == 1
