@@ -17,8 +17,8 @@ from torch import nn
 
 from device_runtime.errors import InputError
 from training.checkpoint import NORMALIZATION, save_checkpoint
-from training.config import TrainConfig, config_from_dict
-from training.model import TORCHVISION_ASPP_RATES, build_model
+from training.config import TORCHVISION_ASPP_RATES, TrainConfig, config_from_dict
+from training.model import build_model
 
 from .config import QatConfig, qat_config_from_dict
 from .prepare import prepare_qat

@@ -19,6 +19,8 @@ RECIPE_DIR = Path(__file__).parent / "configs"
 ARCHITECTURES = ("resnet50", "mobilenet_v3_large")
 SCHEDULERS = ("cosine", "warmup_cosine", "none")  # cosine: per epoch (the paper's); warmup_cosine: per step
 OPTIMIZERS = ("adam", "adamw")
+# torchvision's DeepLabV3 head: the paper's rates for output stride 8 on 513x513 crops (see training.model.build_model)
+TORCHVISION_ASPP_RATES = (12, 24, 36)
 GROUPINGS = ("auto", "prefix")  # subjects: from the layout (Kaggle names), or from "<subject>_<frame>" names too
 
 
@@ -36,7 +38,7 @@ class TrainConfig:
     arch: str = "mobilenet_v3_large"
     input_size: tuple[int, int] = (256, 256)
     pretrained: str = "none"  # "none", "imagenet" (torchvision's weights) or a path to a backbone state dict
-    aspp_rates: tuple[int, ...] = (12, 24, 36)  # torchvision's; see training.model.build_model for 3/6/9
+    aspp_rates: tuple[int, ...] = TORCHVISION_ASPP_RATES  # see training.model.build_model for 3/6/9
     # optimisation
     epochs: int = 20
     steps: int = 0  # optimiser steps; when > 0 it sets the budget instead of epochs (the last epoch may stop early)

@@ -17,12 +17,12 @@ from torchvision.models.segmentation.deeplabv3 import ASPP
 
 from device_runtime.errors import InputError
 
+from .config import TORCHVISION_ASPP_RATES
 from .live_taps import skip_dead_taps
 
 _BUILDERS = {"resnet50": deeplabv3_resnet50, "mobilenet_v3_large": deeplabv3_mobilenet_v3_large}
 _IMAGENET = {"resnet50": ResNet50_Weights.IMAGENET1K_V1, "mobilenet_v3_large": MobileNet_V3_Large_Weights.IMAGENET1K_V1}
 DOWNLOAD_TIMEOUT_S = 20
-TORCHVISION_ASPP_RATES = (12, 24, 36)  # torchvision's head; the DeepLabV3 paper's for output stride 8 on 513x513
 
 
 def _stem_path(arch: str) -> tuple[str, ...]:
