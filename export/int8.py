@@ -39,7 +39,7 @@ from training.stages import split_arrays
 from .bundle import FP32_NAME, ParityError, dataset_description, protected_paths
 from .out_guard import check_bundle_out
 from .portable import portable_config
-from .int8_graph import INT8_OPSET, WEIGHT_SUFFIX, build_int8_model
+from .int8_graph import INT8_OPSET, build_int8_model, layer_constants
 from .latency import interleaved_latency
 from .onnx_export import export_onnx, tensorrt_problems
 from .parity import TOLERANCE, compare, onnx_probabilities, parity_failures
@@ -99,9 +99,9 @@ def packed_bytes(bits_table: dict, model, graph=None) -> dict:
     layer counts the weights the graph stores (kernels cut to the taps that read pixels, export.dead_taps)."""
     from qat.prepare import activation_quantizers, quant_convs
 
+    dims = {} if graph is None else {init.name: init.dims for init in graph.graph.initializer}
     stored = {} if graph is None else {
-        init.name[:-len(WEIGHT_SUFFIX)]: int(np.prod(init.dims))
-        for init in graph.graph.initializer if init.name.endswith(WEIGHT_SUFFIX)}
+        layer: int(np.prod(dims[names["weight_int8"]])) for layer, names in layer_constants(graph).items()}
     weight_bits = sum(stored.get(row["name"], row.get("live_params", row["params"])) * row["weight_bits"]
                       for row in bits_table["layers"]) / 8
     scales = biases = 0

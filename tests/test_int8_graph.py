@@ -10,7 +10,7 @@ from onnx import numpy_helper
 
 pytest.importorskip("qat.prepare", reason="the qat package (branch qat) is not merged yet")
 
-from export.int8_graph import build_int8_model, quantizer_names  # noqa: E402
+from export.int8_graph import build_int8_model, layer_constants, quantizer_constants, quantizer_names  # noqa: E402
 from export.onnx_export import tensorrt_problems  # noqa: E402
 from export.qdq import cpu_form  # noqa: E402
 
@@ -59,9 +59,11 @@ def test_weights_are_the_fake_quant_integers_exactly(qat_model, graphs):
 
     signed, _ = graphs
     inits = {i.name: numpy_helper.to_array(i) for i in signed.graph.initializer}
+    layers = layer_constants(signed)
+    assert set(layers) == {name for name, _ in quant_convs(qat_model)}
     cut = []
     for name, conv in quant_convs(qat_model):
-        integers, full = inits[f"{name}.weight_int8"], conv.weight_integers().numpy()
+        integers, full = inits[layers[name]["weight_int8"]], conv.weight_integers().numpy()
         assert integers.dtype == np.int8
         if integers.shape != full.shape:  # cut to the taps that read pixels (export.dead_taps): the centre here
             cut_h, cut_w = integers.shape[2:]
@@ -69,21 +71,22 @@ def test_weights_are_the_fake_quant_integers_exactly(qat_model, graphs):
             full = full[:, :, top:top + cut_h, left:left + cut_w]
             cut.append(name)
         np.testing.assert_array_equal(integers, full)
-        np.testing.assert_array_equal(inits[f"{name}.weight_scale"], conv.weight_quant.export_params().scale.numpy())
-        dq = next(n for n in signed.graph.node if n.input and n.input[0] == f"{name}.weight_int8")
+        np.testing.assert_array_equal(inits[layers[name]["weight_scale"]],
+                                      conv.weight_quant.export_params().scale.numpy())
+        dq = next(n for n in signed.graph.node if n.input and n.input[0] == layers[name]["weight_int8"])
         assert len(dq.input) == 2 and dq.attribute[0].name == "axis" and dq.attribute[0].i == 0  # zero point 0 (int8)
-        bias_steps = inits[f"{name}.bias"] / (conv.input_quant.step() * conv.weight_quant.step()).detach().numpy()
+        bias_steps = inits[layers[name]["bias"]] / (conv.input_quant.step() * conv.weight_quant.step()).detach().numpy()
         np.testing.assert_allclose(bias_steps, np.round(bias_steps), atol=1e-3)  # biases on the int32 grid
     # at 64x64 the ASPP's dilated kernels and the last blocks' dilated depthwise kernels read only padding outside
     # their centre (the end-to-end checks below run the cut graph against the fake-quant model)
     assert {"classifier.0.convs.1.0", "classifier.0.convs.2.0", "classifier.0.convs.3.0"} <= set(cut)
-    three = inits[f"{THREE_BIT}.weight_int8"]
+    three = inits[layers[THREE_BIT]["weight_int8"]]
     assert three.min() >= -3 and three.max() <= 3 and (np.abs(three) == 3).any()  # narrow 3-bit range, used
 
 
 def _input_quantize(graph: onnx.ModelProto, producer: dict, conv_name: str) -> onnx.NodeProto:
     """The QuantizeLinear whose integers the Conv of `conv_name` reads (through one DequantizeLinear)."""
-    conv = next(n for n in graph.graph.node if n.op_type == "Conv" and n.input[1] == f"{conv_name}.weight")
+    conv = next(n for n in graph.graph.node if n.op_type == "Conv" and n.name == conv_name)
     dequantize = producer[conv.input[0]]
     assert dequantize.op_type == "DequantizeLinear", conv_name
     quantize = producer[dequantize.input[0]]
@@ -106,11 +109,11 @@ def test_each_tensor_is_rounded_once_and_every_mul_add_reads_integers(qat_model,
             before = producer[n.input[0]]
             assert not (before.op_type == "DequantizeLinear" and before.input[1] == n.input[1]), n.name
         if n.op_type in ("Mul", "Add"):
-            assert all(producer[i].op_type == "DequantizeLinear" for i in n.input), n.name
+            assert all(producer[i].op_type == "DequantizeLinear" for i in n.input), n.output[0]
             after = readers[n.output[0]]
             if [r.op_type for r in after] == ["Clip"]:  # a quantizer below 8 bits: Clip to its range first
                 after = readers[after[0].output[0]]
-            assert [r.op_type for r in after] == ["QuantizeLinear"], n.name
+            assert [r.op_type for r in after] == ["QuantizeLinear"], n.output[0]
     op_types = [n.op_type for n in signed.graph.node]
     assert "Mul" in op_types and "Add" in op_types
 
@@ -159,10 +162,11 @@ def test_activation_integers_match_on_frames(qat_model, graphs):
 def test_three_bit_layer_is_clipped_before_quantize(qat_model, graphs):
     signed, _ = graphs
     name = quantizer_names(qat_model)[id(qat_model.get_submodule(THREE_BIT).input_quant)]  # a shared quantizer
-    clips = [n for n in signed.graph.node if n.op_type == "Clip" and n.name.startswith(name + "/")]
+    scale_name = quantizer_constants(signed)[name]
+    clips = [n for n in signed.graph.node if n.op_type == "Clip" and n.input[1] == scale_name.replace(".scale", ".clip_min")]
     assert len(clips) == 1
     inits = {i.name: numpy_helper.to_array(i) for i in signed.graph.initializer}
-    scale = inits[f"{name}.scale"]
+    scale = inits[scale_name]
     assert inits[clips[0].input[1]] == np.float32(-4) * scale and inits[clips[0].input[2]] == np.float32(3) * scale
     assert len([n for n in signed.graph.node if n.op_type == "Clip"]) == 1  # at 8 bits QuantizeLinear saturates
 

@@ -12,7 +12,8 @@ from torch import nn
 pytest.importorskip("qat.prepare", reason="the qat package is not merged yet")
 
 from device_runtime.errors import InputError  # noqa: E402
-from export.int8_graph import activation_quantizers_by_name, build_int8_model, quantizer_names  # noqa: E402
+from export.int8_graph import (activation_quantizers_by_name, build_int8_model, quantizer_constants,  # noqa: E402
+                               quantizer_names)
 from export.qdq import constant_values, cpu_form  # noqa: E402
 from qat.quantizers import FakeQuant  # noqa: E402
 
@@ -127,8 +128,9 @@ def test_x86_graph_has_uint8_zero_point_0_no_relu_after_it_and_the_same_integers
     assert not any("Relu" in readers.get(t, []) for t in dq_of_unsigned)  # the ReLU was dropped
     # the 3-bit unsigned tensor: a Clip to [0, 7 * s] in the TensorRT-style graph, integers in range on frames
     name = quantizer_names(model)[id(model.get_submodule(THREE_BIT).input_quant)]
-    clip = next(n for n in graph.graph.node if n.op_type == "Clip" and n.name.startswith(name + "/"))
-    scale = constants[f"{name}.scale"]
+    scale_name = quantizer_constants(graph)[name]
+    clip = next(n for n in graph.graph.node if n.op_type == "Clip" and n.input[1] == scale_name.replace(".scale", ".clip_min"))
+    scale = constants[scale_name]
     assert constants[clip.input[1]] == 0 and constants[clip.input[2]] == np.float32(7) * scale
     # every unsigned QuantizeLinear gives its fake quantizer's integers for the values it receives (exactly), and
     # the first ReLU'd tensor (before any rounding tie can differ) equals the PyTorch model's integers
@@ -158,12 +160,13 @@ def test_x86_graph_has_uint8_zero_point_0_no_relu_after_it_and_the_same_integers
     _, exact = _session(path_probe, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     outputs = exact.run(None, {"input": frames})
     logits, integers, received = outputs[0], outputs[1:1 + len(unsigned_q)], outputs[1 + len(unsigned_q):]
+    quantizer_of_scale = {scale: by_name[name] for name, scale in quantizer_constants(graph).items()}
     for q_node, q, x in zip(unsigned_q, integers, received):
-        quantizer = by_name[q_node.input[1].removesuffix(".scale")]
+        quantizer = quantizer_of_scale[q_node.input[1]]
         expected = quantizer.quantize_integers(torch.from_numpy(x)).numpy()
         np.testing.assert_array_equal(q.astype(np.int32), expected, err_msg=q_node.name)
     first_name = quantizer_names(model)[id(first)]
-    first_q = next(i for i, n in enumerate(unsigned_q) if n.input[1] == f"{first_name}.scale")
+    first_q = next(i for i, n in enumerate(unsigned_q) if n.input[1] == quantizer_constants(graph)[first_name])
     np.testing.assert_array_equal(integers[first_q].astype(np.int32), captured["first"].astype(np.int32))
     assert producer[unsigned_q[first_q].input[0]].op_type in ("Conv", "Clip")
     # no end-to-end logit check on an untrained 64x64 model: past the squeeze-excitation blocks tie-rounding
