@@ -112,7 +112,7 @@ def qat_config_from_args(args):
     return build_qat_config(recipe, run_dir=args.run_dir, bits=args.bits, name=args.name, bit_weight=args.bit_weight,
                             target_bits=args.target_bits, epochs=args.epochs, device=args.device,
                             activation_percentile=args.activation_percentile, grid=args.grid,
-                            lr_weights=args.lr_weights, distill=args.distill)
+                            lr_weights=args.lr_weights, distill=args.distill, initial_bits=args.initial_bits)
 
 
 def _qat(args) -> None:
@@ -193,6 +193,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     qat.add_argument("--bits", help="learned (default), learned-aN (learned weight bits, activations fixed at N), N (2..8) or WxAy, e.g. W4A8")
     qat.add_argument("--bit-weight", type=float, help="lambda of the bit cost (default 0.25, QuantU-Net's)")
     qat.add_argument("--target-bits", type=float, help="penalise only mean bits above B")
+    qat.add_argument("--initial-bits", type=int, metavar="B",
+                     help="learned runs: every layer's weight bits start at B and learn up or down (default 8)")
     qat.add_argument("--epochs", type=int, help="QAT epochs (default: the recipe's [qat] table)")
     qat.add_argument("--activation-percentile", type=float,
                      help="initialise activation steps at this percentile of |x| (default 99.99; 0: the maximum)")

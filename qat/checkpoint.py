@@ -91,7 +91,8 @@ def build_qat_model(arch: str, qcfg: QatConfig, float_model: nn.Module | None = 
     qcfg's bits."""
     setting = qcfg.bit_setting
     model = float_model if float_model is not None else build_model(arch, aspp_rates=aspp_rates)
-    return prepare_qat(model, arch, weight_bits=setting.weight_bits, activation_bits=setting.activation_bits,
+    weight_bits = qcfg.initial_bits if setting.learned and qcfg.initial_bits else setting.weight_bits
+    return prepare_qat(model, arch, weight_bits=weight_bits, activation_bits=setting.activation_bits,
                        learn_weight_bits=setting.learned,
                        learn_activation_bits=setting.learned and setting.learned_activations,
                        b_min=qcfg.b_min, b_max=qcfg.b_max, init_steps=init_steps, grid=qcfg.grid)

@@ -19,7 +19,8 @@ GRIDS = ("tensorrt", "x86")  # what prepare_qat(grid=...) builds; see QatConfig.
 
 # keys a recipe's [qat] table may set (the rest come from the command line: run, name, bits, device)
 RECIPE_KEYS = ("grid", "epochs", "bit_epochs", "observe_frames", "activation_percentile", "batch_size", "lr_weights",
-               "lr_steps", "lr_bits", "bit_weight", "activation_bit_weight", "target_bits", "b_min", "b_max", "distill")
+               "lr_steps", "lr_bits", "bit_weight", "activation_bit_weight", "target_bits", "b_min", "b_max", "distill",
+               "initial_bits")
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,9 @@ class QatConfig:
     distill: float = 0.0
     b_min: int = 2
     b_max: int = 8
+    # learned runs: the weight bitwidth every layer starts from (0: b_max). The bits learn both ways from there:
+    # the task loss raises a layer whose clipping costs more than its bits, the bit cost lowers the others
+    initial_bits: int = 0
     device: str = "auto"
     seed: int = 0
 
@@ -122,6 +126,10 @@ class QatConfig:
                              f"{self.activation_bit_weight}")
         if self.distill < 0:
             raise InputError(f"--distill must be >= 0, got {self.distill}")
+        if self.initial_bits and not self.b_min <= self.initial_bits <= self.b_max:
+            raise InputError(f"--initial-bits must lie in [{self.b_min}, {self.b_max}], got {self.initial_bits}")
+        if self.initial_bits and not setting.learned:
+            raise InputError(f"--initial-bits is for learned bits; --bits {self.bits} fixes them")
         if self.target_bits and not self.b_min <= self.target_bits <= self.b_max:
             raise InputError(f"--target-bits must lie in [{self.b_min}, {self.b_max}], got {self.target_bits}")
 

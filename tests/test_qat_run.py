@@ -144,6 +144,32 @@ def test_learned_a8_learns_weight_bits_and_keeps_every_activation_at_8():
     assert weight_bits < 7.0 and activation_bits == 8.0
 
 
+def test_learned_bits_start_at_initial_bits_and_rise_where_clipping_costs():
+    from qat.checkpoint import build_qat_model
+
+    model = build_qat_model("mobilenet_v3_large", QatConfig(bits="learned-a8", initial_bits=4))
+    assert {conv.weight_quant.bits() for _, conv in quant_convs(model)} == {4}
+    assert all(conv.weight_quant.learns_bits for _, conv in quant_convs(model))
+    with pytest.raises(InputError, match="initial-bits"):
+        QatConfig(bits="W4A8", initial_bits=4)
+    with pytest.raises(InputError, match="initial-bits"):
+        QatConfig(bits="learned", initial_bits=9)
+    # no bit cost, a 2-bit start: the task loss alone raises the bits (clipped weights pull the range out)
+    torch.manual_seed(0)
+    toy = nn.Sequential(QuantConv2d(nn.Conv2d(1, 8, 3, padding=1), weight_bits=2), nn.ReLU(),
+                        QuantConv2d(nn.Conv2d(8, 8, 3, padding=1), weight_bits=2), nn.ReLU(),
+                        QuantConv2d(nn.Conv2d(8, 1, 3, padding=1), weight_bits=2, output_bits=None))
+    x = torch.rand(16, 1, 16, 16)
+    initialise_steps(toy, [x])
+    net = _Toy()
+    net.net = toy
+    criterion = QatLoss({name: 16 * 16 * conv.in_channels for name, conv in quant_convs(net)}, bit_weight=0.0)
+    optimizer = build_optimizer(net, QatConfig(lr_bits=0.1))
+    loader = [(x[i:i + 4], (x[i:i + 4] > 0.5).float()) for i in range(0, 16, 4)] * 10
+    train_one_epoch(net, loader, criterion, optimizer, torch.device("cpu"), "toy", show=False)
+    assert float(criterion.bit_cost(net)[1].detach()) > 2.0
+
+
 def test_target_bits_penalise_only_the_excess():
     model = _Toy()
     elements = {name: 1 for name, _ in quant_convs(model)}
