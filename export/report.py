@@ -204,21 +204,29 @@ def checks(rows: list[Row]) -> list[str]:
     lines = []
     complete = [r for r in rows if r.status == "complete" and "dice" in r.metrics]
     reference = next((r for r in complete if r.kind == "float"), None)
-    uniform = [r for r in complete if r.kind == "uniform" and r.mean_weight_bits is not None]
+    # fixed-bits runs (W = A, or WxAy such as W4A8), the comparison for a learned run with the same activations
+    fixed = [r for r in complete if r.kind in ("uniform", "mixed") and r.mean_weight_bits is not None]
     for row in (r for r in complete if r.kind == "learned" and r.mean_weight_bits is not None):
-        curve = uniform_curve_at(rows, row.mean_weight_bits)
-        if curve is None:
-            lines.append(f"{row.name}: mean weight bits {row.mean_weight_bits:.2f} lie outside the uniform runs' range; "
-                         "no comparison with the uniform curve.")
+        same_activations = [r for r in fixed if r.mean_activation_bits == row.mean_activation_bits]
+        if not same_activations:
+            lines.append(f"{row.name}: no fixed-bits run with its activation bits to compare with.")
             continue
-        nearest = min(uniform, key=lambda r: abs(r.mean_weight_bits - row.mean_weight_bits))
-        verdict = "ON OR ABOVE" if row.metrics["dice"] >= curve else "BELOW"
-        text = (f"{row.name}: Dice {row.metrics['dice']:.4f} at {row.mean_weight_bits:.2f} weight bits is {verdict} "
-                f"the uniform curve there ({curve:.4f}, {row.metrics['dice'] - curve:+.4f})")
+        curve = uniform_curve_at(rows, row.mean_weight_bits)
+        if curve is None:  # e.g. 3.9 bits beside W4A8 and W8A8: no curve there, the nearest run still compares
+            text = (f"{row.name}: Dice {row.metrics['dice']:.4f} at {row.mean_weight_bits:.2f} weight bits, outside "
+                    "the uniform runs' range (no curve value there)")
+        else:
+            verdict = "ON OR ABOVE" if row.metrics["dice"] >= curve else "BELOW"
+            text = (f"{row.name}: Dice {row.metrics['dice']:.4f} at {row.mean_weight_bits:.2f} weight bits is {verdict} "
+                    f"the uniform curve there ({curve:.4f}, {row.metrics['dice'] - curve:+.4f})")
+        nearest = min(same_activations, key=lambda r: abs(r.mean_weight_bits - row.mean_weight_bits))
+        verdict = "AT LEAST AS GOOD AS" if row.metrics["dice"] >= nearest.metrics["dice"] else "BELOW"
+        text += (f"; {verdict} the fixed-bits run with the nearest mean weight bits, {nearest.name} "
+                 f"({nearest.mean_weight_bits:.2f} bits, Dice {nearest.metrics['dice']:.4f})")
         if row.per_image is not None and nearest.per_image is not None and row.per_image.shape == nearest.per_image.shape:
             low, high = paired_diff_ci(row.per_image, nearest.per_image)
-            text += (f"; against the nearest uniform run {nearest.name} ({nearest.mean_weight_bits:.2f} bits): "
-                     f"{row.per_image.mean() - nearest.per_image.mean():+.4f}, paired 95 % CI [{low:+.4f}, {high:+.4f}]")
+            text += (f", paired difference {row.per_image.mean() - nearest.per_image.mean():+.4f} "
+                     f"(95 % CI [{low:+.4f}, {high:+.4f}])")
         lines.append(text + ".")
     if reference is not None and any(r.kind == "learned" for r in rows):
         small = [r for r in complete if r.kind == "learned" and r.mean_weight_bits is not None

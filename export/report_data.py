@@ -155,6 +155,8 @@ def qat_command(run_dir: Path, name: str, config: dict | None) -> str:
         parts.append(f"--bit-weight {config.get('bit_weight', 0.25):g}")
         if config.get("target_bits"):
             parts.append(f"--target-bits {config['target_bits']:g}")
+        if config.get("initial_bits"):
+            parts.append(f"--initial-bits {config['initial_bits']}")
     # runs from before the setting existed started from the maximum (0), which is no longer the default
     parts.append(f"--activation-percentile {config.get('activation_percentile', 0):g}")
     if config.get("grid", "tensorrt") != "tensorrt":

@@ -17,16 +17,16 @@ def test_pipeline_on_a_tiny_synthetic_set(tmp_path, capsys):
                  "--batch-size", "4", "--device", "cpu", "--run-dir", str(run_dir), "--qat-epochs", "2"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "test (ONNX, as deployed)" in out and "bundle:" in out and "QAT learned (mean bits W" in out
+    assert "test (ONNX, as deployed)" in out and "bundle:" in out and "QAT learned-a8-i4-t4 (mean bits W" in out
     assert f"report: {run_dir / 'report' / 'report.html'}" in out
     # the INT8 stage: a bundle with its parity and size, or the one line saying why parity refused it
     assert ("INT8 bundle" in out and "parity model.int8.cpu.onnx" in out and "x smaller" in out) \
         or "INT8 bundle refused: model.int8" in out, out
     if "INT8 bundle refused" not in out:
-        assert (run_dir / "qat/learned/bundle/model.int8.onnx").is_file()
+        assert (run_dir / "qat/learned-a8-i4-t4/bundle/model.int8.onnx").is_file()
     for name in ("threshold.json", "threshold_curve.png", "test_metrics.json", "examples.png",
-                 "bundle/manifest.json", "bundle/model.fp32.onnx", "qat/learned/bits.json",
-                 "qat/learned/test_metrics.json", "qat/w8a8/test_metrics.json", "report/report.html",
+                 "bundle/manifest.json", "bundle/model.fp32.onnx", "qat/learned-a8-i4-t4/bits.json",
+                 "qat/learned-a8-i4-t4/test_metrics.json", "qat/w8a8/test_metrics.json", "qat/w4a8/test_metrics.json", "report/report.html",
                  "report/results.json"):
         assert (run_dir / name).is_file(), name
 

@@ -239,3 +239,27 @@ def test_uniform_curve_takes_one_run_per_bitwidth_the_plain_name_first():
     assert uniform_curve_at(rows, 6.0) == pytest.approx(0.34)  # halfway between w4a4 and w8a8, not a zigzag
     variants_only = [r for r in rows if r.name != "w8a8"]
     assert [r.name for r in uniform_curve(variants_only, lambda r: r.mean_weight_bits)] == ["w4a4", "w8a8-p99.99"]
+
+
+def test_a_learned_run_is_judged_against_the_fixed_run_with_its_activations_and_the_nearest_weight_bits():
+    from export.report import checks
+    from export.report_data import Row
+
+    def row(name, kind, w, a, dice, frames):
+        return Row(name=name, kind=kind, mean_weight_bits=w, mean_activation_bits=a, metrics={"dice": dice},
+                   per_image=np.array(frames))
+
+    rows = [row("float", "float", 32.0, 32.0, 0.84, [0.8, 0.88]),
+            row("w8a8", "uniform", 8.0, 8.0, 0.836, [0.8, 0.872]),
+            row("w4a4", "uniform", 4.0, 4.0, 0.70, [0.6, 0.8]),
+            row("w4a8", "mixed", 4.0, 8.0, 0.78, [0.7, 0.86]),
+            row("learned-a8-i4-t4", "learned", 3.94, 8.0, 0.83, [0.79, 0.87])]
+    line = next(text for text in checks(rows) if text.startswith("learned-a8-i4-t4:"))
+    # 3.94 bits lie below the uniform (W = A) curve's range; W4A4 quantizes the activations too, W4A8 is like for like
+    assert "outside the uniform runs' range" in line
+    assert "AT LEAST AS GOOD AS the fixed-bits run with the nearest mean weight bits, w4a8 (4.00 bits" in line
+    assert "paired difference +0.0500" in line
+    verdict = next(text for text in checks(rows) if text.startswith("Learned run(s) with mean weight bits <= 4.0"))
+    assert "YES" in verdict
+    worse = rows[:4] + [row("learned-a8-i4-t4", "learned", 3.94, 8.0, 0.75, [0.7, 0.8])]
+    assert "BELOW the fixed-bits run" in next(t for t in checks(worse) if t.startswith("learned-a8-i4-t4:"))
