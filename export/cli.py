@@ -112,7 +112,8 @@ def qat_config_from_args(args):
     return build_qat_config(recipe, run_dir=args.run_dir, bits=args.bits, name=args.name, bit_weight=args.bit_weight,
                             target_bits=args.target_bits, epochs=args.epochs, device=args.device,
                             activation_percentile=args.activation_percentile, grid=args.grid,
-                            lr_weights=args.lr_weights, distill=args.distill, initial_bits=args.initial_bits)
+                            lr_weights=args.lr_weights, distill=args.distill, initial_bits=args.initial_bits,
+                            bit_epochs=args.bit_epochs)
 
 
 def _qat(args) -> None:
@@ -196,6 +197,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     qat.add_argument("--initial-bits", type=int, metavar="B",
                      help="learned runs: every layer's weight bits start at B and learn up or down (default 8)")
     qat.add_argument("--epochs", type=int, help="QAT epochs (default: the recipe's [qat] table)")
+    qat.add_argument("--bit-epochs", type=int, metavar="N",
+                     help="learned runs: epochs that learn the bits before they freeze (default: the recipe's share)")
     qat.add_argument("--activation-percentile", type=float,
                      help="initialise activation steps at this percentile of |x| (default 99.99; 0: the maximum)")
     qat.add_argument("--grid", choices=("tensorrt", "x86"),

@@ -251,6 +251,17 @@ def test_lr_weights_flag_reaches_the_config_and_bad_values_are_one_line(tiny_run
     assert "lr_weights" in _error(capsys, ["qat", "--run-dir", str(tiny_run), "--bits", "8", "--lr-weights", "0"])
 
 
+def test_schedule_flags_reach_the_config_and_bad_values_are_one_line(tiny_run, capsys):
+    from export.cli import get_args_parser, qat_config_from_args
+
+    argv = ["qat", "--run-dir", str(tiny_run), "--bits", "learned-a8", "--initial-bits", "4", "--epochs", "6",
+            "--bit-epochs", "2"]
+    cfg = qat_config_from_args(get_args_parser().parse_args(argv))
+    assert (cfg.initial_bits, cfg.epochs, cfg.bit_epochs) == (4, 6, 2)
+    assert "bit_epochs" in _error(capsys, argv[:-1] + ["6"])  # bits must freeze before the last epoch
+    assert "initial-bits" in _error(capsys, ["qat", "--run-dir", str(tiny_run), "--bits", "8", "--initial-bits", "4"])
+
+
 def test_a_qat_checkpoint_rebuilds_the_float_runs_aspp_rates(tmp_path, tiny_config):
     from qat.checkpoint import build_qat_model, load_qat_model, make_qat_checkpoint, save_qat_checkpoint
     from training.model import build_model
