@@ -98,8 +98,8 @@ class QatConfig:
     distill: float = 0.0
     b_min: int = 2
     b_max: int = 8
-    # learned runs: the weight bitwidth every layer starts from (0: b_max). The bits learn both ways from there:
-    # the task loss raises a layer whose clipping costs more than its bits, the bit cost lowers the others
+    # learned runs: the weight bitwidth every layer starts from (0: 8, as before it existed). The bits learn both
+    # ways from there: the task loss raises a layer whose clipping costs more than its bits, the bit cost lowers others
     initial_bits: int = 0
     device: str = "auto"
     seed: int = 0
