@@ -256,8 +256,8 @@ def build_int8_model(model: nn.Module, input_size: tuple[int, int], work_path) -
     values = _constant_values(graph_model)
     one_pixel = _one_pixel_maps(graph_model)
     builder = _Builder()
-    conv_of = {id(node): (name, module) for (name, module), node in zip(convs, conv_nodes)}
-    conv_names: list[str] = []  # module paths of the Conv nodes placed so far
+    # the k-th Conv node is the k-th convolution that ran; k names its constants (c<k>.*, NAMES)
+    conv_of = {id(node): (k, name, module) for k, ((name, module), node) in enumerate(zip(convs, conv_nodes))}
     renamed: dict[str, str] = {}  # marker outputs that are an existing dequantized tensor
     dequantized_by: dict[str, str] = {}  # dequantized tensor -> the quantizer that made it
     ordered = []
@@ -276,10 +276,9 @@ def build_int8_model(model: nn.Module, input_size: tuple[int, int], work_path) -
                                               node.output[0])
             dequantized_by[node.output[0]] = quantizer
         elif node.op_type == "Conv":
-            name, module = conv_of[id(node)]
+            k, name, module = conv_of[id(node)]
             _check_same_weights(name, module, node, values)
-            node.name, prefix = name, f"c{len(conv_names)}"  # the module path; its constants c<k>.* (NAMES)
-            conv_names.append(name)
+            node.name, prefix = name, f"c{k}"  # the module path; its constants c<k>.* (NAMES)
             w_nodes, w_name = builder.weight_dq(name, prefix, module)
             bias = module.quantized_bias().detach().cpu().numpy().astype(np.float32)
             bias_name = builder.add(numpy_helper.from_array(bias, f"{prefix}.bias"))
