@@ -157,6 +157,8 @@ def qat_command(run_dir: Path, name: str, config: dict | None) -> str:
             parts.append(f"--target-bits {config['target_bits']:g}")
         if config.get("initial_bits"):
             parts.append(f"--initial-bits {config['initial_bits']}")
+        if config.get("bit_epochs"):  # explicit: --epochs alone would take the recipe's share, not the run's
+            parts.append(f"--bit-epochs {config['bit_epochs']}")
     # runs from before the setting existed started from the maximum (0), which is no longer the default
     parts.append(f"--activation-percentile {config.get('activation_percentile', 0):g}")
     if config.get("grid", "tensorrt") != "tensorrt":

@@ -263,3 +263,16 @@ def test_a_learned_run_is_judged_against_the_fixed_run_with_its_activations_and_
     assert "YES" in verdict
     worse = rows[:4] + [row("learned-a8-i4-t4", "learned", 3.94, 8.0, 0.75, [0.7, 0.8])]
     assert "BELOW the fixed-bits run" in next(t for t in checks(worse) if t.startswith("learned-a8-i4-t4:"))
+
+
+def test_the_report_command_of_a_learned_run_reproduces_its_schedule():
+    from pathlib import Path
+
+    from export.report_data import qat_command
+
+    config = {"bits": "learned-a8", "bit_weight": 0.25, "target_bits": 4.0, "initial_bits": 4, "epochs": 6,
+              "bit_epochs": 2, "grid": "x86", "activation_percentile": 99.99}
+    command = qat_command(Path("runs/edge"), "i4-b2", config)
+    for flag in ("--bits learned-a8", "--target-bits 4", "--initial-bits 4", "--epochs 6", "--bit-epochs 2",
+                 "--grid x86", "--name i4-b2"):
+        assert flag in command, (flag, command)
