@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from training.checkpoint import without_resume_state
 from training.config import TrainConfig
 from training.train import validate
 
@@ -145,7 +146,7 @@ def run_epochs(state: QatState, cfg: TrainConfig, qcfg: QatConfig, qat_dir: Path
                                          bits=table)
         save_qat_checkpoint(checkpoint, qat_dir / "checkpoints" / "last.pt")
         if is_best:
-            save_qat_checkpoint(checkpoint, qat_dir / "checkpoints" / "best.pt")
+            save_qat_checkpoint(without_resume_state(checkpoint), qat_dir / "checkpoints" / "best.pt")
         record = {"epoch": epoch + 1, "lr": {g["name"]: g["lr"] for g in state.optimizer.param_groups}, **stats}
         with open(qat_dir / "metrics.jsonl", "a", encoding="utf-8") as log:
             log.write(json.dumps(record) + "\n")

@@ -17,6 +17,7 @@ from qat.modules import QuantConv2d
 from qat.prepare import initialise_steps, project_bits_, quant_convs
 from qat.run import run_qat
 from qat.train import build_optimizer, train_one_epoch
+from training.checkpoint import RESUME_ONLY
 
 SMALL = dict(epochs=2, bit_epochs=1, observe_frames=8, batch_size=12, device="cpu")
 
@@ -48,6 +49,8 @@ def test_checkpoint_loads_weights_only_and_keeps_the_export_contract(qat_run):
     model, checkpoint, cfg, qcfg = load_qat_model(qat_run / "checkpoints" / "best.pt")
     assert checkpoint["threshold"] is not None and checkpoint["morphology"] is not None
     assert qcfg.bits == "learned" and cfg.input_size == (64, 64)
+    assert not set(RESUME_ONLY) & set(checkpoint)  # best.pt is what export reads; resuming reads last.pt
+    assert {"optimizer", "rng"} <= set(torch.load(qat_run / "checkpoints" / "last.pt", weights_only=True))
     table = json.loads((qat_run / "bits.json").read_text())
     for row, (name, conv) in zip(table["layers"], quant_convs(model)):
         assert row["name"] == name and row["weight_bits"] == conv.weight_quant.export_params().bits

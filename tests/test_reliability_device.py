@@ -245,7 +245,7 @@ def test_a_video_write_error_is_reported_once_and_fails_the_run(bundle, tmp_path
     import device_runtime.outputs as outputs
 
     monkeypatch.setattr(outputs.cv2, "VideoWriter", _FailingWriter)
-    video, jsonl = tmp_path / "v.mkv", tmp_path / "f.jsonl"
+    video = tmp_path / "v.mkv"
     code = main(["run", "--bundle", str(bundle), "--source", "synthetic:48x64", "--loop", "--max-frames", "40",
                  "--video", str(video), "--quiet"])
     line = _one_line(capsys)

@@ -10,7 +10,7 @@ import torch
 
 from device_runtime.errors import InputError
 from training import train
-from training.checkpoint import read_checkpoint
+from training.checkpoint import RESUME_ONLY, read_checkpoint
 
 from conftest import REPO
 
@@ -24,6 +24,8 @@ def test_training_lowers_the_loss_and_writes_the_run(tiny_run):
     checkpoint = read_checkpoint(tiny_run / "checkpoints" / "last.pt")
     assert checkpoint["arch"] == "mobilenet_v3_large" and checkpoint["input_size"] == [64, 64]
     assert checkpoint["epoch"] == 2 and "rng" in checkpoint and "optimizer" in checkpoint
+    best = read_checkpoint(tiny_run / "checkpoints" / "best.pt")  # what export and QAT read: no resume state
+    assert not set(RESUME_ONLY) & set(best) and best["model"].keys() == checkpoint["model"].keys()
 
 
 def test_a_finished_run_is_not_overwritten(tiny_config, tiny_run):

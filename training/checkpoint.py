@@ -1,8 +1,9 @@
 """Checkpoints are plain dicts that describe themselves, written atomically.
 
-Besides the weights and the optimiser state they carry the architecture, the input size and
-normalisation, the resolved config, and (after `nerveseg tune`) the threshold and morphology, so that
-export needs nothing but the checkpoint.
+Besides the weights they carry the architecture, the input size and normalisation, the resolved config,
+and (after `nerveseg tune`) the threshold and morphology, so that export needs nothing but the checkpoint.
+last.pt also carries what resuming needs (optimiser, schedule, scaler, RNG); best.pt, which is what tune, QAT
+and export read and what a user copies around, does not: the Adam moments alone are twice the weights.
 """
 
 from __future__ import annotations
@@ -55,6 +56,14 @@ def make_checkpoint(cfg: TrainConfig, model: torch.nn.Module, **extra) -> dict:
         "morphology": None,
         **extra,
     }
+
+
+RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng")
+
+
+def without_resume_state(checkpoint: dict) -> dict:
+    """The checkpoint best.pt keeps: everything but the state only a resume from last.pt reads."""
+    return {key: value for key, value in checkpoint.items() if key not in RESUME_ONLY}
 
 
 def save_checkpoint(checkpoint: dict, path: str | Path) -> None:

@@ -26,7 +26,8 @@ from device_runtime import metrics
 from device_runtime.errors import InputError
 from device_runtime.fileio import dumps_strict, write_text
 
-from .checkpoint import make_checkpoint, read_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (make_checkpoint, read_checkpoint, rng_state, save_checkpoint, set_rng_state,
+                         without_resume_state)
 from .config import TrainConfig, to_toml
 from .finite import check_finite_loss
 from .data import SegmentationDataset, discover, group_by_prefix, load_pairs, load_split, save_split, split_samples
@@ -304,7 +305,7 @@ def finish_epoch(trainer: Trainer, cfg: TrainConfig, run_dir: Path, epoch: int, 
     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as log:
         log.write(dumps_strict(record) + "\n")  # strict JSON: a NaN metric becomes null
     if is_best:
-        save_checkpoint(checkpoint, run_dir / "checkpoints" / "best.pt")
+        save_checkpoint(without_resume_state(checkpoint), run_dir / "checkpoints" / "best.pt")
     save_checkpoint(checkpoint, run_dir / "checkpoints" / "last.pt")
     shown = (f"val Dice@0.5 {stats['val_dice']:.4f}  best-T Dice {stats['val_best_dice']:.4f}" if validated
              else "(not validated)")
