@@ -175,22 +175,40 @@ def train_job(run_dir: Path, job: Job, qcfg, epochs: int | None, state: SweepSta
     state.update(job.name, status="finished", seconds=round(time.perf_counter() - start, 1))
 
 
+def refusal_key(qat_dir: Path, bound_from_model: bool) -> str:
+    """What a parity refusal depends on: the QAT checkpoint (its size and time) and which bound judged it."""
+    stat = (qat_dir / "checkpoints" / "best.pt").stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}:{'model' if bound_from_model else 'fixed'} bound"
+
+
 def export_finished(run_dir: Path, device: str, state: SweepState, bound_from_model: bool = False) -> None:
     """INT8 bundle of every finished QAT run that has none; an export the exporter refuses is recorded, not fatal.
-    `bound_from_model`: `nerveseg export --parity-bound-from-model` for each."""
+    `bound_from_model`: `nerveseg export --parity-bound-from-model` for each.
+
+    A parity refusal is deterministic (the same checkpoint, the same bound, the same integers): it is remembered
+    in sweep.json and not retried by the next sweep or cv-quant (each retry is an export and a parity run); a
+    changed checkpoint or the other bound tries again. Other refusals (a missing file, say) are retried."""
+    from .bundle import ParityError
     from .int8 import export_int8_bundle
 
     for qat_dir in sorted(p for p in (run_dir / "qat").glob("*") if p.is_dir() and not p.name.startswith(".")):
         if not is_finished(qat_dir) or (qat_dir / "bundle" / "manifest.json").is_file():
+            continue
+        key = refusal_key(qat_dir, bound_from_model)
+        earlier = state.data["runs"].get(qat_dir.name, {})
+        if earlier.get("export_refused_for") == key:
+            print(f"sweep: {qat_dir.name} not exported (refused earlier, same checkpoint and bound; not retried): "
+                  f"{earlier.get('export_error', '')}", file=sys.stderr)
             continue
         print(f"sweep: exporting {qat_dir.name} to INT8")
         try:
             bundle, _ = export_int8_bundle(run_dir, qat_dir.name, device=device, bound_from_model=bound_from_model)
         except InputError as err:  # e.g. parity below the exporter's limit: the run stays, scored as fake-quant
             print(f"sweep: {qat_dir.name} not exported: {err}", file=sys.stderr)
-            state.update(qat_dir.name, export_error=f"not exported: {err}")
+            state.update(qat_dir.name, export_error=f"not exported: {err}",
+                         export_refused_for=key if isinstance(err, ParityError) else None)
             continue
-        state.update(qat_dir.name, export_error=None, bundle=str(bundle))
+        state.update(qat_dir.name, export_error=None, export_refused_for=None, bundle=str(bundle))
 
 
 def ensure_float_bundle(run_dir: Path, device: str) -> None:

@@ -227,6 +227,39 @@ def test_interrupted_sweep_resumes_and_skips_finished_runs(swept, tmp_path, monk
     assert state["runs"]["learned-0.25"]["status"] == "finished"
 
 
+def test_a_parity_refusal_is_remembered_until_the_checkpoint_or_the_bound_changes(tmp_path, monkeypatch, capsys):
+    import os
+
+    import export.int8
+    from export.bundle import ParityError
+    from device_runtime.errors import InputError
+    from export.sweep import SweepState, export_finished
+
+    qat_dir = tmp_path / "qat" / "w4a8"
+    (qat_dir / "checkpoints").mkdir(parents=True)
+    (qat_dir / "test_metrics.json").write_text("{}")
+    checkpoint = qat_dir / "checkpoints" / "best.pt"
+    checkpoint.write_bytes(b"weights")
+    calls, refusal = [], [ParityError("model.int8.onnx: mask Dice 0.990 < 0.995")]
+
+    def refusing_export(run_dir, name, device, bound_from_model):
+        calls.append(bound_from_model)
+        raise refusal[0]
+
+    monkeypatch.setattr(export.int8, "export_int8_bundle", refusing_export)
+    for _ in range(2):  # the second sweep remembers: same checkpoint, same bound
+        export_finished(tmp_path, "cpu", SweepState(tmp_path, "sweep"))
+    assert calls == [False] and "refused earlier" in capsys.readouterr().err
+    export_finished(tmp_path, "cpu", SweepState(tmp_path, "sweep"), bound_from_model=True)  # the other bound
+    assert calls == [False, True]
+    os.utime(checkpoint, ns=(1, 1))  # a retrained checkpoint
+    refusal[0] = InputError("best.pt: not found")  # not a parity verdict: tried again every time
+    export_finished(tmp_path, "cpu", SweepState(tmp_path, "sweep"))
+    export_finished(tmp_path, "cpu", SweepState(tmp_path, "sweep"))
+    assert calls == [False, True, False, False]
+    assert strict_json(tmp_path / "sweep.json")["runs"]["w4a8"]["export_error"] == "not exported: best.pt: not found"
+
+
 def test_uniform_curve_takes_one_run_per_bitwidth_the_plain_name_first():
     from export.report import uniform_curve_at
     from export.report_data import Row, uniform_curve
