@@ -199,6 +199,18 @@ def uniform_curve_at(rows: list[Row], bits: float) -> float | None:
     return float(np.interp(bits, xs, ys))
 
 
+# what makes a run learned or fixed, or names it: not a difference of schedule or grid between two runs
+BITS_SETTINGS = {"name", "run_dir", "bits", "bit_weight", "activation_bit_weight", "target_bits", "initial_bits",
+                 "lr_bits", "bit_epochs", "b_min", "b_max"}
+
+
+def settings_apart(a: Row, b: Row) -> int:
+    """How many QAT settings besides the bits differ (grid, epochs, learning rates, ...): among fixed-bits runs
+    equally near a learned run's bits, the like-for-like one (the same schedule and grid) is its comparison."""
+    keys = (set(a.settings) | set(b.settings)) - BITS_SETTINGS
+    return sum(a.settings.get(key) != b.settings.get(key) for key in keys)
+
+
 def checks(rows: list[Row]) -> list[str]:
     """The issue's claims, tested on these rows; each line says yes or no with its numbers."""
     lines = []
@@ -219,7 +231,8 @@ def checks(rows: list[Row]) -> list[str]:
             verdict = "ON OR ABOVE" if row.metrics["dice"] >= curve else "BELOW"
             text = (f"{row.name}: Dice {row.metrics['dice']:.4f} at {row.mean_weight_bits:.2f} weight bits is {verdict} "
                     f"the uniform curve there ({curve:.4f}, {row.metrics['dice'] - curve:+.4f})")
-        nearest = min(same_activations, key=lambda r: abs(r.mean_weight_bits - row.mean_weight_bits))
+        nearest = min(same_activations, key=lambda r: (abs(r.mean_weight_bits - row.mean_weight_bits),
+                                                       settings_apart(r, row)))
         verdict = "AT LEAST AS GOOD AS" if row.metrics["dice"] >= nearest.metrics["dice"] else "BELOW"
         text += (f"; {verdict} the fixed-bits run with the nearest mean weight bits, {nearest.name} "
                  f"({nearest.mean_weight_bits:.2f} bits, Dice {nearest.metrics['dice']:.4f})")

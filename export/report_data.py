@@ -50,6 +50,7 @@ class Row:
     parity: dict = field(default_factory=dict)  # mask_dice, max_prob_diff, flip_fraction (as the exporter gives)
     epochs: str = ""  # "6/6" epochs done / planned
     command: str = ""
+    settings: dict = field(default_factory=dict)  # a QAT run's config.toml (grid, epochs, ...), for like-for-like pairs
     note: str = ""
     layers: list = field(default_factory=list)  # bits.json "layers"
     sweep: dict | None = None  # threshold.json "sweep" (Dice etc. against T on validation)
@@ -175,7 +176,7 @@ def qat_row(run_dir: Path, qat_dir: Path, names: list[str] | None, sweep_state: 
     config = read_toml(qat_dir / "config.toml")
     qat_config = (config or {}).get("qat", config) if config else None  # a [qat] table or flat keys
     state = sweep_state.get("runs", {}).get(name, {})
-    row = Row(name=name, kind=qat_kind(name, qat_config), run_dir=qat_dir,
+    row = Row(name=name, kind=qat_kind(name, qat_config), run_dir=qat_dir, settings=dict(qat_config or {}),
               command=state.get("command") or qat_command(run_dir, name, qat_config))
     planned = (qat_config or {}).get("epochs")
     row.epochs = f"{epochs_done(qat_dir)}/{planned}" if planned else str(epochs_done(qat_dir))

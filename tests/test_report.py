@@ -296,6 +296,14 @@ def test_a_learned_run_is_judged_against_the_fixed_run_with_its_activations_and_
     assert "YES" in verdict
     worse = rows[:4] + [row("learned-a8-i4-t4", "learned", 3.94, 8.0, 0.75, [0.7, 0.8])]
     assert "BELOW the fixed-bits run" in next(t for t in checks(worse) if t.startswith("learned-a8-i4-t4:"))
+    # equally near: the W4A8 run with the learned run's schedule and grid, not the first listed
+    schedule = {"grid": "x86", "epochs": 12, "lr_weights": 1e-4}
+    rows[3].settings = {**schedule, "epochs": 6, "bits": "W4A8"}
+    rows.insert(4, row("w4a8-e12", "mixed", 4.0, 8.0, 0.80, [0.75, 0.85]))
+    rows[4].settings = {**schedule, "bits": "W4A8", "name": "w4a8-e12"}
+    rows[5].settings = {**schedule, "bits": "learned-a8", "target_bits": 4.0, "initial_bits": 4, "bit_epochs": 4}
+    line = next(text for text in checks(rows) if text.startswith("learned-a8-i4-t4:"))
+    assert "nearest mean weight bits, w4a8-e12 (4.00 bits" in line
 
 
 def test_the_report_command_of_a_learned_run_reproduces_its_schedule():
