@@ -193,7 +193,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     qat.add_argument("--run-dir", required=True, help="a trained and tuned float run")
     qat.add_argument("--bits", help="learned (default), learned-aN (learned weight bits, activations fixed at N), N (2..8) or WxAy, e.g. W4A8")
     qat.add_argument("--bit-weight", type=float, help="lambda of the bit cost (default 0.25, QuantU-Net's)")
-    qat.add_argument("--target-bits", type=float, help="penalise only mean bits above B")
+    qat.add_argument("--target-bits", type=float,
+                     help="penalise only mean bits above B; when the bits freeze, the mean weight bits are capped at B")
     qat.add_argument("--initial-bits", type=int, metavar="B",
                      help="learned runs: every layer's weight bits start at B and learn up or down (default 8)")
     qat.add_argument("--epochs", type=int, help="QAT epochs (default: the recipe's [qat] table)")

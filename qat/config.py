@@ -93,7 +93,7 @@ class QatConfig:
     # bit cost: bit_weight x (mean weight bits / 8 + activation_bit_weight x mean activation bits / 8)
     bit_weight: float = 0.25  # lambda, QuantU-Net's value
     activation_bit_weight: float = 1.0
-    target_bits: float = 0.0  # > 0: penalise only the mean bits above this
+    target_bits: float = 0.0  # > 0: penalise only the mean bits above this; at the freeze the weight mean is capped at it
     # > 0: the float model teaches (qat/loss.py): + distill x BCE(QAT logits, the float model's probabilities)
     distill: float = 0.0
     b_min: int = 2

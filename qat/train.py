@@ -1,8 +1,8 @@
 """The QAT fine-tuning loop: one epoch of weights + steps (+ bits), the learning-rate schedule, checkpoints.
 
 Schedule (QatConfig): the steps are initialised from training frames (qat.prepare.initialise_steps) before
-epoch 1; epochs 1..bit_epochs learn weights, steps and bits; from then on the integer bits are frozen and
-weights and steps fine-tune. Uniform runs (`--bits 8`, `4`, `W4A8`) have their bits frozen from the start.
+epoch 1; epochs 1..bit_epochs learn weights, steps and bits; from then on the integer bits are frozen (with
+`--target-bits B`, the weight mean capped at B: qat.prepare.cap_weight_bits_) and weights and steps fine-tune. Uniform runs (`--bits 8`, `4`, `W4A8`) have their bits frozen from the start.
 Only epochs with frozen bits can become best.pt: what is kept must have the bits that are deployed.
 
 Data loading, augmentation, validation and the metrics log are the float training's (training/train.py).
@@ -28,7 +28,7 @@ from training.train import validate
 from .checkpoint import make_qat_checkpoint, rng_state, save_qat_checkpoint, set_rng_state
 from .config import QatConfig
 from .loss import QatLoss
-from .prepare import fake_quants, freeze_bits_, project_bits_, quant_convs
+from .prepare import cap_weight_bits_, fake_quants, freeze_bits_, project_bits_, quant_convs
 
 
 def parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -127,8 +127,11 @@ def run_epochs(state: QatState, cfg: TrainConfig, qcfg: QatConfig, qat_dir: Path
     make_loader(epoch) gives the epoch's training loader; table_of(model) the bits table.
     """
     for epoch in range(state.start_epoch, qcfg.epochs):
-        if bits_frozen_at(qcfg, epoch):
-            freeze_bits_(state.model)
+        if bits_frozen_at(qcfg, epoch) and freeze_bits_(state.model) and qcfg.target_bits > 0:
+            taken = cap_weight_bits_(state.model, state.criterion.weights, qcfg.target_bits)
+            if taken:
+                print(f"qat {qat_dir.name}: bits frozen; mean weight bits capped at the target {qcfg.target_bits:g} "
+                      f"by {len(taken)} bit(s): " + ", ".join(f"{name} {b}->{c}" for name, b, c in taken), flush=True)
         set_learning_rates(state.optimizer, qcfg, epoch)
         label = f"qat {qat_dir.name} epoch {epoch + 1}/{qcfg.epochs}"
         stats = train_one_epoch(state.model, make_loader(epoch), state.criterion, state.optimizer, device, label,

@@ -180,6 +180,35 @@ def test_target_bits_penalise_only_the_excess():
     assert float(QatLoss(elements, target_bits=4.0).bit_cost(model)[0].detach()) == pytest.approx(0.5 + 0.5)
 
 
+def test_the_freeze_caps_the_mean_weight_bits_at_the_target_taking_bits_where_the_training_nearly_did():
+    from qat.prepare import cap_weight_bits_, freeze_bits_
+
+    model = _Toy()
+    convs = [conv for _, conv in quant_convs(model)]
+    # continuous bits 6.9, 6.1 and 5.2 (ceil: 7, 7, 6); the second layer is the nearest to losing a bit
+    for conv, n_log2 in zip(convs, (5.9, 5.1, 4.2)):
+        conv.weight_quant.log2_range.data.fill_(n_log2)
+    assert [c.weight_quant.bits() for c in convs] == [7, 7, 6]
+    weights = {name: 100 for name, _ in quant_convs(model)}
+    assert freeze_bits_(model) == 6 and freeze_bits_(model) == 0  # 3 weight + 3 input quantizers, then none
+    taken = cap_weight_bits_(model, weights, 6.0)
+    assert [(name[-1], old, new) for name, old, new in taken] == [("2", 7, 6), ("4", 6, 5)]  # 20/3 -> 19/3 -> 6
+    assert [c.weight_quant.bits() for c in convs] == [7, 6, 5]
+    for conv in convs:  # the integers of the new bits, steps re-chosen for them
+        integers = conv.weight_quant.quantize_integers(conv.weight)
+        assert integers.abs().max() <= 2 ** (conv.weight_quant.bits() - 1) - 1 and integers.abs().max() > 0
+    assert cap_weight_bits_(model, weights, 6.0) == []  # already at the target
+    cap_weight_bits_(model, weights, 1.0)  # out of reach: every layer stops at b_min
+    assert [c.weight_quant.bits() for c in convs] == [2, 2, 2]
+
+
+def test_a_target_run_ends_at_or_below_its_target(tiny_run, capsys):
+    qat_dir = run_qat(QatConfig(run_dir=str(tiny_run), bits="learned-a8", target_bits=2.5, name="capped", **SMALL))
+    bits = json.loads((qat_dir / "bits.json").read_text())
+    assert bits["mean_weight_bits"] <= 2.5 and "capped at the target 2.5" in capsys.readouterr().out
+    assert {row["weight_bits"] for row in bits["layers"]} >= {2, 3}  # a cap, not a uniform floor
+
+
 @pytest.mark.parametrize("text,expected", [("learned", "learned"), ("8", "w8a8"), ("4", "w4a4"), ("W4A8", "w4a8"),
                                            ("w2a3", "w2a3"), ("learned-a8", "learned-a8"),
                                            ("Learned-A6", "learned-a6")])
