@@ -2,7 +2,8 @@
 
 Schedule (QatConfig): the steps are initialised from training frames (qat.prepare.initialise_steps) before
 epoch 1; epochs 1..bit_epochs learn weights, steps and bits; from then on the integer bits are frozen (with
-`--target-bits B`, the weight mean capped at B: qat.prepare.cap_weight_bits_) and weights and steps fine-tune. Uniform runs (`--bits 8`, `4`, `W4A8`) have their bits frozen from the start.
+`--target-bits B`, the weight mean capped at B: qat.prepare.cap_weight_bits_) and weights and steps fine-tune.
+Uniform runs (`--bits 8`, `4`, `W4A8`) have their bits frozen from the start.
 Only epochs with frozen bits can become best.pt: what is kept must have the bits that are deployed.
 
 Data loading, augmentation, validation and the metrics log are the float training's (training/train.py).

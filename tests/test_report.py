@@ -231,8 +231,8 @@ def test_a_parity_refusal_is_remembered_until_the_checkpoint_or_the_bound_change
     import os
 
     import export.int8
-    from export.bundle import ParityError
     from device_runtime.errors import InputError
+    from export.bundle import ParityError
     from export.sweep import SweepState, export_finished
 
     qat_dir = tmp_path / "qat" / "w4a8"
