@@ -322,36 +322,3 @@ def freeze_bits_(model: nn.Module) -> int:
     for q in learning:
         q.freeze_bits()
     return len(learning)
-
-
-def cap_weight_bits_(model: nn.Module, weights: dict[str, int] | None, target: float) -> list[tuple[str, int, int]]:
-    """Lower frozen weight bitwidths one bit at a time until their mean (weighted by `weights`, the live weight
-    counts the bit cost uses; None: every weight) is at most `target`; returns (layer, from, to) for each bit taken.
-
-    `--target-bits` penalises the excess over B while the bits learn, which holds the mean around B, not under
-    it (4.02 and 4.11 on real folds). At the freeze the excess is removed: each step takes a bit from the layer
-    whose learned continuous bitwidth b_c lies closest above its next lower integer (ceil put it on b, it was
-    nearest to b - 1), so the cap keeps the order the training learned. The layer's steps are re-chosen for
-    the new bits as at initialisation (the MSE-best clip of its weights); the fine-tuning epochs that follow
-    train at exactly these bits, which are the deployed ones."""
-    convs = quant_convs(model)
-    weights = weights if weights is not None else {name: conv.weight.numel() for name, conv in convs}
-    total = sum(weights[name] for name, _ in convs)
-    taken = []
-
-    def mean() -> float:
-        return sum(weights[name] * conv.weight_quant.bits() for name, conv in convs) / total
-
-    while mean() > target + 1e-9:
-        lowerable = [(name, conv) for name, conv in convs if conv.weight_quant.bits() > conv.weight_quant.b_min]
-        if not lowerable:
-            break
-        name, conv = min(lowerable, key=lambda item: float(item[1].weight_quant.continuous_bits().detach())
-                         - (item[1].weight_quant.bits() - 1))
-        quant = conv.weight_quant
-        bits = quant.bits()
-        with torch.no_grad():
-            quant.freeze_bits(bits - 1)
-            quant.init_from_tensor(conv.weight)
-        taken.append((name, bits, bits - 1))
-    return taken

@@ -2,7 +2,7 @@
 
 Schedule (QatConfig): the steps are initialised from training frames (qat.prepare.initialise_steps) before
 epoch 1; epochs 1..bit_epochs learn weights, steps and bits; from then on the integer bits are frozen (with
-`--target-bits B`, the weight mean capped at B: qat.prepare.cap_weight_bits_) and weights and steps fine-tune.
+`--target-bits B`, the weight mean capped at B: qat.bits.cap_weight_bits_) and weights and steps fine-tune.
 Uniform runs (`--bits 8`, `4`, `W4A8`) have their bits frozen from the start.
 Only epochs with frozen bits can become best.pt: what is kept must have the bits that are deployed.
 
@@ -29,7 +29,8 @@ from training.train import validate
 from .checkpoint import make_qat_checkpoint, rng_state, save_qat_checkpoint, set_rng_state
 from .config import QatConfig
 from .loss import QatLoss
-from .prepare import cap_weight_bits_, fake_quants, freeze_bits_, project_bits_, quant_convs
+from .bits import cap_weight_bits_
+from .prepare import fake_quants, freeze_bits_, project_bits_, quant_convs
 
 
 def parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:

@@ -181,7 +181,8 @@ def test_target_bits_penalise_only_the_excess():
 
 
 def test_the_freeze_caps_the_mean_weight_bits_at_the_target_taking_bits_where_the_training_nearly_did():
-    from qat.prepare import cap_weight_bits_, freeze_bits_
+    from qat.bits import cap_weight_bits_
+    from qat.prepare import freeze_bits_
 
     model = _Toy()
     convs = [conv for _, conv in quant_convs(model)]
