@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,13 +69,29 @@ def test_resume_without_a_checkpoint_is_refused(tiny_config, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_gloo_ddp_on_cpu(tmp_path):
+@pytest.mark.parametrize("budget", [["--recipe", "quick", "--epochs", "1"],
+                                    # steps budget, channels_last, the ultrasound augmentation (issue 11's recipe)
+                                    ["--recipe", "small", "--steps", "12", "--val-every", "1"]])
+def test_two_process_gloo_ddp_on_cpu(tmp_path, budget):
     run_dir = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "training.train", "--recipe", "quick", "--input-size", "64", "64", "--epochs", "1",
-               "--synth-count", "24", "--batch-size", "4", "--device", "cpu", "--run-dir", str(run_dir)]
+               "-m", "training.train", *budget, "--input-size", "64", "64",
+               "--synth-count", "48", "--batch-size", "4", "--device", "cpu", "--run-dir", str(run_dir)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert read_checkpoint(run_dir / "checkpoints" / "last.pt")["epoch"] == 1
-    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1  # written by rank 0 only
+    last = read_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == last["epoch"]  # written by rank 0 only
+    if "--steps" in budget:  # the schedule steps per batch: the budget counts optimiser steps, not epochs
+        assert last["scheduler"]["last_epoch"] == 12
+        assert 1 < last["epoch"] < 12  # several steps per epoch on each rank, the last epoch cut at the budget
+    else:
+        assert last["epoch"] == 1
+
+
+@pytest.mark.parametrize("batch_size, world", [(1, 1), (16, 16), (6, 4)])
+def test_a_batch_of_one_frame_per_process_is_refused(tiny_config, batch_size, world):
+    dataset = train.augmented_train_set(tiny_config, *np.zeros((2, 4 * world, 64, 64), np.float32))
+    with pytest.raises(InputError, match=f"--batch-size {batch_size}.*at least 2 frames per step"):
+        train.build_loader(dataset, tiny_config.replace(batch_size=batch_size), train.Dist(0, world, 0), 0, 0)
+    assert len(train.build_loader(dataset, tiny_config.replace(batch_size=2 * world), train.Dist(0, world, 0), 0, 0))

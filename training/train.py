@@ -95,7 +95,11 @@ def loader_workers(cfg: TrainConfig, device: torch.device, ddp: Dist) -> int:
 
 def build_loader(dataset: SegmentationDataset, cfg: TrainConfig, ddp: Dist, epoch: int, workers: int) -> DataLoader:
     """A loader whose order depends only on (seed, epoch), so a resumed run sees the same batches."""
-    batch = max(1, cfg.batch_size // ddp.world)
+    batch = cfg.batch_size // ddp.world
+    if batch < 2:  # one frame per process: BatchNorm in DeepLabV3's image-pooling branch cannot train on it
+        where = f" over {ddp.world} processes leaves {batch} frame(s) per process;" if ddp.world > 1 else ":"
+        raise InputError(f"--batch-size {cfg.batch_size}{where} DeepLabV3's image-pooling BatchNorm needs at least 2 "
+                         f"frames per step: use --batch-size {2 * ddp.world} or more")
     # a last batch of one frame would break BatchNorm in DeepLabV3's image-pooling branch: drop remainders
     drop_last = len(dataset) // ddp.world > batch
     if ddp.world > 1:
