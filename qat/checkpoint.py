@@ -1,5 +1,5 @@
 """QAT checkpoints: plain dicts of tensors, numbers, strings, lists and dicts, so that they load with
-`torch.load(..., weights_only=True)` (no pickled objects, numpy RNG state included as plain lists).
+`torch.load(..., weights_only=True)` (no pickled objects; the RNG state as training.checkpoint writes it).
 
 Besides the model state (folded weights, log2 steps, bit ranges, frozen integer bits) they carry the float
 run's config, the QAT config, the per-layer bits and, after tuning, threshold, morphology and validation,
@@ -8,10 +8,8 @@ like a tuned float checkpoint, so that the exporter needs nothing else.
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -27,26 +25,6 @@ from .prepare import prepare_qat
 # modules of a format-1 checkpoint (quantizers on conv inputs and outputs only) are not those of today
 FORMAT = "nerveseg-qat-checkpoint-2"
 OLDER_FORMATS = {"nerveseg-qat-checkpoint-1": "the quantizer placement before one-quantizer-per-tensor"}
-
-
-def rng_state() -> dict:
-    """Python, numpy and torch generator states as plain containers (weights_only-safe)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def make_qat_checkpoint(float_cfg: TrainConfig, qcfg: QatConfig, model: nn.Module, **extra) -> dict:

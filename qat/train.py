@@ -22,11 +22,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from training.checkpoint import without_resume_state
+from training.checkpoint import rng_state, set_rng_state, without_resume_state
 from training.config import TrainConfig
 from training.train import validate
 
-from .checkpoint import make_qat_checkpoint, rng_state, save_qat_checkpoint, set_rng_state
+from .checkpoint import make_qat_checkpoint, save_qat_checkpoint
 from .config import QatConfig
 from .loss import QatLoss
 from .bits import cap_weight_bits_

@@ -245,3 +245,23 @@ def test_an_output_folder_under_a_file_is_one_line(command, tmp_path, capsys):
     code = nerveseg([command, flag, str(blocker / "sub"), *(["--epochs", "1"] if command == "train" else [])])
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and str(blocker) in err[0], err
+
+
+def test_the_rng_forms_older_qat_checkpoints_wrote_still_restore(tmp_path):
+    """QAT last.pt files before the two rng_state copies were merged: numpy's state as a list with a list of
+    keys, and the Python state's vector as a list once through torch.save / weights_only load."""
+    import random
+
+    from training.checkpoint import set_rng_state
+
+    random.seed(3)
+    np.random.seed(4)
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    path = tmp_path / "old_qat_rng.pt"
+    torch.save({"python": [version, list(internal), gauss], "torch": torch.get_rng_state(),
+                "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}, path)
+    expected = random.random(), np.random.rand(), torch.rand(1)
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    set_rng_state(torch.load(path, weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected

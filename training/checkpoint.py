@@ -36,8 +36,10 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(numpy_state_from_plain(state["numpy"]))  # both the old (ndarray) and the plain form
+    """Restore what `rng_state` saved; also the list forms older QAT checkpoints wrote."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))  # random wants a tuple; a list from old QAT files too
+    np.random.set_state(numpy_state_from_plain(state["numpy"]))  # the plain dict, or a tuple / list of the old
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -42,7 +42,8 @@ def numpy_state_to_plain(state: tuple) -> dict:
 
 
 def numpy_state_from_plain(state) -> tuple:
-    """Either form (a tuple with an ndarray from old checkpoints, or the plain dict) -> np.random.set_state's."""
+    """The plain dict, or the older forms (a tuple with an ndarray from old float checkpoints, a list with a list of
+    keys from old QAT ones) -> np.random.set_state's argument."""
     if isinstance(state, dict):
         keys = state["keys"].numpy().astype(np.uint32)
         return state["bit_generator"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"]
