@@ -220,7 +220,7 @@ def _check_same_config(run_dir: Path, cfg: TrainConfig) -> None:
         return
     saved = config_from_dict(load_toml(path), str(path)).to_dict()
     now = cfg.to_dict()
-    changed = sorted(k for k in now if k not in ("device", "workers") and now[k] != saved.get(k))
+    changed = sorted(k for k in now if k not in ("device", "workers", "torch_compile") and now[k] != saved.get(k))
     if changed:
         raise InputError(f"{path}: this cross-validation was started with other settings ({', '.join(changed)}); "
                          "re-run it with the same flags, or use another --run-dir")

@@ -4,6 +4,7 @@
     python scripts/bench_train.py --recipes edge --steps 10 --workers 2
     python scripts/bench_train.py --variants --recipes small --rounds 3   # input size x memory format, CPU
     python scripts/bench_train.py --dead-taps --recipes small --rounds 3  # live kernel taps vs whole kernels, CPU
+    python scripts/bench_train.py --compile --recipes small --rounds 2    # torch.compile vs eager, CPU
 
     python scripts/bench_train.py --run-cost quick old_quick.toml --train-frames 190 --val-frames 24
 
@@ -15,6 +16,10 @@ validation, from the recipe's budget and `val_every`. Used to compare the phanto
 Variants (CPU): the recipe at 256x256 and 192x192, each in contiguous and channels-last memory, timed in
 interleaved rounds (so a machine whose load changes treats every variant alike); images/s of wall time and
 of CPU time of this process (its threads), median over the rounds.
+
+Compile (CPU): the recipe's training step eager and under `torch.compile` (inductor), interleaved rounds; the
+compiled case also prints the seconds its two warm-up steps took (tracing and compiling, forward and backward),
+which a run pays once per process: what a fold would save is steps x (eager - compiled step) - that time.
 
 Frames come from the synthetic phantom at the recipe's input size, through the same cached dataset,
 augmentation and DataLoader as `nerveseg train`. A benchmark, not a test: it prints figures.
@@ -60,9 +65,12 @@ def loader_rate(loader: DataLoader, batches: int) -> float:
 
 
 def step_rate(cfg, loader: DataLoader, device: torch.device, steps: int, amp: bool,
-              channels_last: bool | None = None, cpu_rate: list | None = None, whole: bool = False) -> float:
+              channels_last: bool | None = None, cpu_rate: list | None = None, whole: bool = False,
+              warmup_s: list | None = None) -> float:
     """Training images/s of wall time; with `cpu_rate`, images/s of this process's CPU time is appended to it.
-    `whole`: every convolution computes with its whole kernel (training.live_taps.whole_kernels)."""
+    `whole`: every convolution computes with its whole kernel (training.live_taps.whole_kernels).
+    `warmup_s`: the model runs under torch.compile, and the wall seconds of the two warm-up steps (where it
+    compiles) are appended to this list."""
     model = build_model(cfg.arch, aspp_rates=cfg.aspp_rates).to(device).train()
     if whole:
         whole_kernels(model)
@@ -70,6 +78,9 @@ def step_rate(cfg, loader: DataLoader, device: torch.device, steps: int, amp: bo
         channels_last = device.type == "cuda"
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
+    if warmup_s is not None:
+        model = torch.compile(model)
+    begin = time.perf_counter()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     criterion = BCEDiceLoss()
     seen, start = 0, None
@@ -80,9 +91,11 @@ def step_rate(cfg, loader: DataLoader, device: torch.device, steps: int, amp: bo
         except StopIteration:
             batches = iter(loader)
             image, mask = next(batches)
-        if step == 2:  # two warm-up steps (cuDNN autotuning, allocator)
+        if step == 2:  # two warm-up steps (cuDNN autotuning, allocator, compiling)
             if device.type == "cuda":
                 torch.cuda.synchronize()
+            if warmup_s is not None:
+                warmup_s.append(time.perf_counter() - begin)
             start, seen, cpu_start = time.perf_counter(), 0, time.process_time()
         image = image.to(device, non_blocking=True).to(memory_format=memory_format)
         mask = mask.to(device, non_blocking=True)
@@ -174,6 +187,19 @@ def dead_taps(recipe: str, frames: int, steps: int, rounds: int) -> None:
     compare_steps(f"{recipe} cpu {cfg.input_size[0]}x{cfg.input_size[1]} batch {cfg.batch_size}", cases, rounds)
 
 
+def compiled(recipe: str, frames: int, steps: int, rounds: int) -> None:
+    """The recipe's training step eager and under torch.compile, interleaved rounds, medians; and the compile time."""
+    cfg = build_config(recipe)
+    loader = make_loader(cfg, frames, 0)
+    warmup: list = []
+    cases = {label: (lambda cpu, on=on: step_rate(cfg, loader, torch.device("cpu"), steps, False, cfg.channels_last,
+                                                  cpu, warmup_s=warmup if on else None))
+             for label, on in (("eager (default)", False), ("torch.compile", True))}
+    compare_steps(f"{recipe} cpu {cfg.input_size[0]}x{cfg.input_size[1]} batch {cfg.batch_size}", cases, rounds)
+    print(f"{recipe} torch.compile: two warm-up steps took {', '.join(f'{w:.0f}' for w in warmup)} s of wall time "
+          "(first round: nothing cached; later rounds may reuse inductor's on-disk cache)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", nargs="+", default=["paper", "edge"])
@@ -185,6 +211,7 @@ def main() -> None:
     parser.add_argument("--run-cost", nargs="+", metavar="RECIPE", help="CPU cost of whole runs of these recipes")
     parser.add_argument("--dead-taps", action="store_true",
                         help="CPU: training steps skipping the kernel taps that read only padding vs whole kernels")
+    parser.add_argument("--compile", action="store_true", help="CPU: training steps under torch.compile vs eager")
     parser.add_argument("--train-frames", type=int, default=190)
     parser.add_argument("--val-frames", type=int, default=24)
     args = parser.parse_args()
@@ -196,6 +223,11 @@ def main() -> None:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
         for recipe in args.recipes:
             dead_taps(recipe, args.frames, args.steps, args.rounds)
+        return
+    if args.compile:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+        for recipe in args.recipes:
+            compiled(recipe, args.frames, args.steps, args.rounds)
         return
     if args.variants:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")

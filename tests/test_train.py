@@ -63,6 +63,36 @@ def test_resume_continues_exactly(tiny_config, tmp_path, monkeypatch):
     assert log == [1, 2]
 
 
+def test_compile_wraps_the_training_step_only(tiny_config, tmp_path, monkeypatch):
+    """--compile hands the training forward to torch.compile (spied here: compiling takes minutes on 2 cores,
+    scripts/bench_train.py --compile measures the real one); validation and the checkpoint use the eager module."""
+    compiled_calls = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.inner = module
+
+        def forward(self, x):
+            compiled_calls.append(len(x))
+            return self.inner(x)
+
+    monkeypatch.setattr(torch, "compile", lambda module: Spy(module))
+    run_dir = train.main(tiny_config.replace(run_dir=str(tmp_path / "compiled"), epochs=1, torch_compile=True))
+    assert compiled_calls and sum(compiled_calls) == len(compiled_calls) * tiny_config.batch_size
+    last = read_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert not [k for k in last["model"] if not k.startswith(("backbone.", "classifier."))]  # no wrapper prefix
+    assert "val_best_dice" in json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+def test_compile_flag_reaches_the_config_and_may_be_added_on_resume(tiny_run):
+    parser = train.get_args_parser()
+    assert train.config_from_args(parser.parse_args(["--recipe", "small", "--compile"])).torch_compile
+    assert not train.config_from_args(parser.parse_args(["--recipe", "small"])).torch_compile
+    resumed = parser.parse_args(["--run-dir", str(tiny_run), "--resume", "--compile"])
+    assert train.config_from_args(resumed).torch_compile
+
+
 def test_resume_without_a_checkpoint_is_refused(tiny_config, tmp_path):
     with pytest.raises(InputError, match="nothing to resume"):
         train.main(tiny_config.replace(run_dir=str(tmp_path / "fresh")), resume=True)

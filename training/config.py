@@ -74,6 +74,8 @@ class TrainConfig:
     amp: bool = True  # used on CUDA only
     channels_last: bool = False  # channels-last memory on the CPU too (always on CUDA): about 35 % less CPU
     # per image on this project's x86 machine (scripts/bench_train.py --variants)
+    torch_compile: bool = False  # the training step under torch.compile (inductor): faster steps after a one-off
+    # compile (scripts/bench_train.py --compile); validation, checkpoints and export use the eager module
     val_batch_size: int = 32
 
     def __post_init__(self):

@@ -353,6 +353,8 @@ def main(cfg: TrainConfig, resume: bool = False, splits: dict | None = None) -> 
     model = trainer.model
     net = model if ddp.world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.torch_compile:  # only the training step: `model` (eager, the same parameters) validates and is saved
+        net = torch.compile(net)
 
     for epoch in range(trainer.start_epoch, budget.epochs):
         loader = build_loader(train_set, cfg, ddp, epoch, workers)
@@ -403,25 +405,30 @@ def get_args_parser(parser=None, resumable: bool = True):
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--workers", type=int, help="data loader worker processes (default: automatic)")
     parser.add_argument("--no-amp", dest="amp", action="store_const", const=False, help="no mixed precision on CUDA")
+    parser.add_argument("--compile", dest="torch_compile", action="store_const", const=True,
+                        help="train under torch.compile: faster steps after a compile of a minute or two (on a CPU: a "
+                             "C++ compiler)")
     return parser
 
 
 def config_from_args(args) -> TrainConfig:
     """The recipe plus the flags; with --resume, the run's own config.toml (only --epochs, --steps, --device
-    and --workers may change, so the continued run is the same run)."""
+    and --workers may change, and --compile may be added, so the continued run is the same run)."""
     from .config import build_config, load_run_config
 
     if args.resume:
         if not args.run_dir:
             raise InputError("--resume needs --run-dir, the run folder to continue")
         cfg = load_run_config(args.run_dir)
-        changes = {k: getattr(args, k) for k in ("epochs", "steps", "device", "workers") if getattr(args, k) is not None}
+        changes = {k: getattr(args, k) for k in ("epochs", "steps", "device", "workers", "torch_compile")
+                   if getattr(args, k, None) is not None}
         if args.epochs is not None and args.steps is None:
             changes["steps"] = 0  # as in build_config: an explicit --epochs replaces a step budget
         return cfg.replace(run_dir=args.run_dir, **changes)
     overrides = {name: getattr(args, name, None) for name in (
         "data", "mask_label", "run_dir", "arch", "input_size", "pretrained", "epochs", "batch_size", "lr",
-        "seed", "synth_count", "device", "workers", "amp", "steps", "val_every", "group_by", "aspp_rates")}
+        "seed", "synth_count", "device", "workers", "amp", "steps", "val_every", "group_by", "aspp_rates",
+        "torch_compile")}
     for name in ("input_size", "aspp_rates"):
         if overrides[name] is not None:
             overrides[name] = tuple(overrides[name])
