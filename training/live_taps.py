@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-@functools.lru_cache(maxsize=4096)
 def live_taps(size: int, kernel: int, dilation: int, pad_begin: int, stride: int, out: int) -> tuple[int, ...]:
     """Kernel positions (along one axis) that read an input pixel for at least one of the `out` output positions.
 
@@ -70,7 +69,9 @@ def conv2d_live(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 groups: int) -> torch.Tensor:
     """F.conv2d(x, weight, bias, stride, padding, dilation, groups) computed with the kernel taps that read
     pixels of this input only (zero padding; int stride / padding / dilation pairs). Same result."""
-    window = live_window(tuple(x.shape[-2:]), tuple(weight.shape[-2:]), tuple(dilation), tuple(padding), tuple(stride))
+    # under torch.compile the window is worked out once, while tracing: the cache would only make dynamo warn
+    find = live_window.__wrapped__ if torch.compiler.is_compiling() else live_window
+    window = find(tuple(x.shape[-2:]), tuple(weight.shape[-2:]), tuple(dilation), tuple(padding), tuple(stride))
     if window is None:
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     (row, rows), (col, cols), (left, right, top, bottom) = window
