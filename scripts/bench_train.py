@@ -4,7 +4,8 @@
     python scripts/bench_train.py --recipes edge --steps 10 --workers 2
     python scripts/bench_train.py --variants --recipes small --rounds 3   # input size x memory format, CPU
     python scripts/bench_train.py --dead-taps --recipes small --rounds 3  # live kernel taps vs whole kernels, CPU
-    python scripts/bench_train.py --compile --recipes small --rounds 2    # torch.compile vs eager, CPU
+    python scripts/bench_train.py --compile --recipes small --steps 12 --rounds 3  # torch.compile vs eager, CPU
+                                                        # (fewer timed steps catch eager still warming up)
 
     python scripts/bench_train.py --run-cost quick old_quick.toml --train-frames 190 --val-frames 24
 
