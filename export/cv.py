@@ -23,8 +23,8 @@ import numpy as np
 from device_runtime.errors import InputError
 from device_runtime.fileio import atomic_path, write_json, write_text
 from device_runtime.manifest import load_manifest
-from training import stages, train
-from training.config import TrainConfig, config_from_dict, load_toml, to_toml
+from training import pretrain, stages, train
+from training.config import MACHINERY, TrainConfig, config_from_dict, load_toml, to_toml
 from training.data import Sample, discover, group_by_prefix, natural_key
 
 from .bundle import export_bundle
@@ -182,6 +182,11 @@ def format_markdown(cfg: TrainConfig, folds: list[dict], summary: dict, k: int) 
                  f"{s['cpu_s']['mean'] / 60:.1f} +- {s['cpu_s']['sd'] / 60:.1f} | |")
     lines += ["", "CPU min: CPU time of the fold's process (all threads), train + tune + evaluate + export; "
               "wall min depends on what else ran on the machine."]
+    pre = _pretraining(cfg)
+    if pre is not None:
+        lines += ["", f"Phantom pre-training ({cfg.phantom_frames} phantom frames, once, its backbone shared by every "
+                      f"fold): {pre['cpu_s'] / 60:.1f} CPU min, {pre['wall_s'] / 60:.1f} wall min, not in the fold "
+                      "columns."]
     return "\n".join(lines) + "\n"
 
 
@@ -220,7 +225,7 @@ def _check_same_config(run_dir: Path, cfg: TrainConfig) -> None:
         return
     saved = config_from_dict(load_toml(path), str(path)).to_dict()
     now = cfg.to_dict()
-    changed = sorted(k for k in now if k not in ("device", "workers", "torch_compile") and now[k] != saved.get(k))
+    changed = sorted(k for k in now if k not in MACHINERY and now[k] != saved.get(k))
     if changed:
         raise InputError(f"{path}: this cross-validation was started with other settings ({', '.join(changed)}); "
                          "re-run it with the same flags, or use another --run-dir")
@@ -236,8 +241,12 @@ def run_cv(cfg: TrainConfig, folds: int, max_new: int | None = None) -> dict:
         samples = group_by_prefix(samples)
     plans = make_folds(samples, folds, cfg.seed)
     run_dir = Path(cfg.run_dir)
+    if pretrain.uses_phantom(cfg) and not cfg.phantom_dir:
+        cfg = cfg.replace(phantom_dir=str(run_dir / "phantom"))  # one phantom stage for all folds
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_same_config(run_dir, cfg)  # only now: a call refused above leaves nothing behind
+    if pretrain.uses_phantom(cfg):
+        pretrain_once(cfg)
     results = []
     for index, splits in enumerate(plans, start=1):
         fold_dir = run_dir / f"fold-{index}"
@@ -269,12 +278,26 @@ def run_cv(cfg: TrainConfig, folds: int, max_new: int | None = None) -> dict:
     return report
 
 
+def pretrain_once(cfg: TrainConfig) -> dict:
+    """The phantom stage, before the folds (which then find it finished); its cost in RUN/pretraining.json."""
+    path = Path(cfg.run_dir) / "pretraining.json"
+    timing = json.loads(path.read_text()) if path.is_file() else {}
+    _timed(timing, "phantom", lambda: train.pretrain_on_phantom(cfg))
+    write_json(path, timing)
+    return timing["phantom"]
+
+
+def _pretraining(cfg: TrainConfig) -> dict | None:
+    path = Path(cfg.run_dir) / "pretraining.json"
+    return json.loads(path.read_text())["phantom"] if path.is_file() else None
+
+
 def write_report(cfg: TrainConfig, folds: int, results: list[dict]) -> tuple[dict, str]:
     """cv.json, cv.md and cv.png over the folds finished so far ("finished" says how many)."""
     run_dir = Path(cfg.run_dir)
     summary = summarise(results)
     report = {"recipe": cfg.recipe, "folds": folds, "finished": len(results), "config": cfg.to_dict(),
-              "per_fold": results, "summary": summary}
+              "per_fold": results, "summary": summary, "pretraining": _pretraining(cfg)}
     write_json(run_dir / "cv.json", report)
     markdown = format_markdown(cfg, results, summary, folds)
     write_text(run_dir / "cv.md", markdown)

@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-_PATH_FIELDS = ("run_dir", "data")  # absolute or relative paths of the training machine
+_PATH_FIELDS = ("run_dir", "data", "phantom_dir")  # absolute or relative paths of the training machine
 
 
 def portable_config(config: dict) -> dict:
@@ -22,7 +22,7 @@ def portable_config(config: dict) -> dict:
         if name in out:
             out[name] = "" if not out[name] else "(removed: a path of the training machine)"
     pretrained = str(out.get("pretrained", "none"))
-    if pretrained not in ("none", "imagenet"):
+    if pretrained not in ("none", "imagenet", "phantom"):
         out["pretrained"] = f"local file {Path(pretrained).name!r}" if pretrained else pretrained
     return out
 

@@ -109,6 +109,27 @@ def test_cv_runs_every_fold_resumes_and_refuses_another_config(tmp_path, capsys)
     assert "other settings (steps)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_cv_pretrains_on_the_phantom_once_for_all_folds(tmp_path, capsys):
+    data = _paired_dataset(tmp_path / "data", subjects=4)
+    run = tmp_path / "cv"
+    args = ["cv", "--data", str(data), "--folds", "2", "--recipe", "quick", "--group-by", "prefix", "--run-dir",
+            str(run), "--input-size", "64", "64", "--steps", "1", "--batch-size", "2", "--device", "cpu",
+            "--pretrained", "phantom", "--phantom-frames", "30"]
+    assert cli_main(args) == 0
+    stage = run / "phantom"
+    assert (stage / "done.json").is_file() and not any((run / f"fold-{i}" / "phantom").exists() for i in (1, 2))
+    assert capsys.readouterr().out.count("phantom pre-training:") == 1
+    report = json.loads((run / "cv.json").read_text())
+    assert report["pretraining"]["cpu_s"] > 0 and report["config"]["phantom_dir"] == str(stage)
+    assert "Phantom pre-training (30 phantom frames" in (run / "cv.md").read_text()
+    # a second call reads everything back and trains no phantom again
+    stamp = (stage / "checkpoints" / "best.pt").stat().st_mtime_ns
+    assert cli_main(args) == 0
+    assert "phantom pre-training:" not in capsys.readouterr().out
+    assert (stage / "checkpoints" / "best.pt").stat().st_mtime_ns == stamp
+
+
 def test_a_refused_call_is_one_line_and_leaves_no_run(tmp_path, capsys):
     run = tmp_path / "cv"
     assert cli_main(["cv", "--data", str(tmp_path / "missing"), "--folds", "3", "--run-dir", str(run)]) == 2

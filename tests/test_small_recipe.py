@@ -35,7 +35,7 @@ def test_budget_in_steps_cuts_the_last_epoch():
 
 def test_adamw_decays_only_weights():
     cfg = build_config("small", input_size=(64, 64))
-    trainer = train.build_trainer(cfg, torch.device("cpu"))
+    trainer = train.build_trainer(cfg, torch.device("cpu"), pretrained="none")
     groups = trainer.optimizer.param_groups
     assert isinstance(trainer.optimizer, torch.optim.AdamW) and groups[0]["weight_decay"] == cfg.weight_decay > 0
     assert all(p.ndim > 1 for p in groups[0]["params"]) and all(p.ndim <= 1 for p in groups[1]["params"])
@@ -56,7 +56,8 @@ def step_config(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "steps"
     # 30 phantom frames -> 24 train; batch 8 -> 3 steps an epoch; 7 steps -> epochs of 3, 3, 1
     return build_config("small", run_dir=str(run_dir), input_size=(64, 64), steps=7, batch_size=8, warmup_steps=2,
-                        val_every=2, synth_count=30, device="cpu", val_batch_size=8)
+                        val_every=2, synth_count=30, device="cpu", val_batch_size=8,
+                        pretrained="none")  # the phantom stage has its own tests (test_pretrain.py)
 
 
 def test_step_budget_schedule_and_sparse_validation(step_config):

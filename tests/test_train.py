@@ -100,8 +100,9 @@ def test_resume_without_a_checkpoint_is_refused(tiny_config, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("budget", [["--recipe", "quick", "--epochs", "1"],
-                                    # steps budget, channels_last, the ultrasound augmentation (issue 11's recipe)
-                                    ["--recipe", "small", "--steps", "12", "--val-every", "1"]])
+                                    # steps budget, channels_last, the ultrasound augmentation and the phantom
+                                    # pre-training stage, under DDP too (issue 11's recipe)
+                                    ["--recipe", "small", "--steps", "12", "--val-every", "1", "--phantom-frames", "30"]])
 def test_two_process_gloo_ddp_on_cpu(tmp_path, budget):
     run_dir = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -115,6 +116,8 @@ def test_two_process_gloo_ddp_on_cpu(tmp_path, budget):
     if "--steps" in budget:  # the schedule steps per batch: the budget counts optimiser steps, not epochs
         assert last["scheduler"]["last_epoch"] == 12
         assert 1 < last["epoch"] < 12  # several steps per epoch on each rank, the last epoch cut at the budget
+        assert (run_dir / "phantom" / "done.json").is_file()  # the stage ran under DDP first and finished
+        assert read_checkpoint(run_dir / "phantom" / "checkpoints" / "last.pt")["scheduler"]["last_epoch"] == 12
     else:
         assert last["epoch"] == 1
 

@@ -21,6 +21,8 @@ SCHEDULERS = ("cosine", "warmup_cosine", "none")  # cosine: per epoch (the paper
 OPTIMIZERS = ("adam", "adamw")
 # torchvision's DeepLabV3 head: the paper's rates for output stride 8 on 513x513 crops (see training.model.build_model)
 TORCHVISION_ASPP_RATES = (12, 24, 36)
+# settings that change how fast a run goes, not what it learns: a resumed run or a running cv may change them
+MACHINERY = ("device", "workers", "torch_compile")
 GROUPINGS = ("auto", "prefix")  # subjects: from the layout (Kaggle names), or from "<subject>_<frame>" names too
 
 
@@ -37,7 +39,10 @@ class TrainConfig:
     # model
     arch: str = "mobilenet_v3_large"
     input_size: tuple[int, int] = (256, 256)
-    pretrained: str = "none"  # "none", "imagenet" (torchvision's weights) or a path to a backbone state dict
+    pretrained: str = "none"  # "none", "imagenet" (torchvision's weights), "phantom" (training.pretrain) or a path
+    # to a backbone state dict (any nerveseg checkpoint)
+    phantom_frames: int = 960  # pretrained = "phantom": the phantom's size for the pre-training stage
+    phantom_dir: str = ""  # pretrained = "phantom": the stage's run folder; "" = RUN/phantom (cv: one for all folds)
     aspp_rates: tuple[int, ...] = TORCHVISION_ASPP_RATES  # see training.model.build_model for 3/6/9
     # optimisation
     epochs: int = 20
@@ -94,7 +99,7 @@ class TrainConfig:
             raise InputError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if len(self.input_size) != 2 or min(self.input_size) < 32 or any(s % 8 for s in self.input_size):
             raise InputError(f"input_size must be two multiples of 8 of at least 32, got {list(self.input_size)}")
-        for name in ("epochs", "batch_size", "synth_count", "val_batch_size", "val_every"):
+        for name in ("epochs", "batch_size", "synth_count", "val_batch_size", "val_every", "phantom_frames"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.mask_label is not None and self.mask_label < 1:

@@ -32,6 +32,7 @@ from .config import TrainConfig, to_toml
 from .finite import check_finite_loss
 from .data import SegmentationDataset, discover, group_by_prefix, load_pairs, load_split, save_split, split_samples
 from .losses import BCEDiceLoss
+from . import pretrain
 from .batchnorm import recalibrate_batchnorm
 from .model import build_model
 from .predict import autocast, predict_probabilities, resolve_device
@@ -267,10 +268,14 @@ def augmented_train_set(cfg: TrainConfig, images: np.ndarray, masks: np.ndarray)
     return SegmentationDataset(images, masks, build_train_transform(AugmentConfig.from_config(cfg)))
 
 
-def build_trainer(cfg: TrainConfig, device: torch.device, budget: Budget | None = None) -> Trainer:
+def build_trainer(cfg: TrainConfig, device: torch.device, budget: Budget | None = None,
+                  pretrained: str | None = None) -> Trainer:
     """`budget` sets the schedule's length; without one, `cfg.epochs` epochs of one step each are assumed
-    (enough for callers that only need the model and optimiser)."""
-    model = build_model(cfg.arch, pretrained=cfg.pretrained, aspp_rates=cfg.aspp_rates)
+    (enough for callers that only need the model and optimiser). `pretrained` replaces cfg.pretrained (what
+    "phantom" resolved to, or "none" when a checkpoint will be restored over the weights anyway)."""
+    if pretrained is None:
+        pretrained = str(pretrain.backbone_path(cfg)) if pretrain.uses_phantom(cfg) else cfg.pretrained
+    model = build_model(cfg.arch, pretrained=pretrained, aspp_rates=cfg.aspp_rates)
     model = model.to(device).to(memory_format=memory_format(cfg, device))
     optimizer = build_optimizer(model, cfg)
     # bf16 autocast needs no loss scaling; fp16 (older GPUs) does
@@ -320,9 +325,44 @@ def finish_epoch(trainer: Trainer, cfg: TrainConfig, run_dir: Path, epoch: int, 
 def main(cfg: TrainConfig, resume: bool = False, splits: dict | None = None) -> Path:
     """Train; return the run folder. Writes config.toml, split.json, metrics.jsonl, checkpoints/{last,best}.pt.
 
-    `splits` ({"train", "val", "test"} lists of Samples) replaces the seeded split (cross-validation).
+    `splits` ({"train", "val", "test"} lists of Samples) replaces the seeded split (cross-validation). With
+    `pretrained = "phantom"` the phantom stage (training.pretrain) is trained first, unless it has finished.
     """
     ddp, device = setup_distributed(cfg.device)
+    try:
+        if ddp.main:  # before a phantom stage that may take a while: a refused run folder is refused at once
+            resume = check_run_dir(Path(cfg.run_dir), resume)
+        resuming = resume and (Path(cfg.run_dir) / "checkpoints" / "last.pt").is_file()
+        pretrained = None
+        if pretrain.uses_phantom(cfg):
+            # a resumed run restores its own weights over the backbone: the stage need not exist any more
+            pretrained = "none" if resuming else str(pretrain_on_phantom(cfg, ddp, device))
+        return _train(cfg, ddp, device, resume, splits, pretrained)
+    finally:
+        if ddp.world > 1:
+            dist.destroy_process_group()
+
+
+def pretrain_on_phantom(cfg: TrainConfig, ddp: Dist | None = None, device: torch.device | None = None) -> Path:
+    """Train (or resume, or read back) the phantom stage of `cfg`; return the checkpoint to take the backbone from."""
+    ddp = ddp or Dist()
+    device = device or resolve_device(cfg.device)
+    stage = pretrain.phantom_config(cfg)
+    folder = Path(stage.run_dir)
+    finished = pretrain.check_stage(stage)  # every rank reads the same files (a shared file system, as for resume)
+    if not finished:
+        if ddp.main:
+            print(f"phantom pre-training: {stage.phantom_frames} phantom frames -> {folder}", flush=True)
+        _train(stage, ddp, device, resume=(folder / "checkpoints" / "last.pt").is_file(), splits=None, pretrained=None)
+        if ddp.main:
+            best = read_checkpoint(folder / "checkpoints" / "best.pt")["best_val_dice"]
+            write_text(folder / pretrain.DONE, dumps_strict({"best_val_dice": best}) + "\n")
+        ddp.barrier()
+    return pretrain.backbone_path(cfg)
+
+
+def _train(cfg: TrainConfig, ddp: Dist, device: torch.device, resume: bool, splits: dict | None,
+           pretrained: str | None) -> Path:
     run_dir = Path(cfg.run_dir)
     if ddp.main:
         resume = check_run_dir(run_dir, resume)
@@ -344,7 +384,7 @@ def main(cfg: TrainConfig, resume: bool = False, splits: dict | None = None) -> 
     torch.manual_seed(cfg.seed)
     workers = loader_workers(cfg, device, ddp)
     budget = plan_budget(cfg, len(build_loader(train_set, cfg, ddp, 0, 0)))
-    trainer = build_trainer(cfg, device, budget)
+    trainer = build_trainer(cfg, device, budget, pretrained)
     per_step = cfg.scheduler == "warmup_cosine"
     if resume:
         restore(trainer, run_dir / "checkpoints" / "last.pt")
@@ -371,8 +411,6 @@ def main(cfg: TrainConfig, resume: bool = False, splits: dict | None = None) -> 
                 stats.update(validate(model, val_images, val_masks, device, cfg))
             finish_epoch(trainer, cfg, run_dir, epoch, stats, budget.epochs)
         ddp.barrier()
-    if ddp.world > 1:
-        dist.destroy_process_group()
     return run_dir
 
 
@@ -390,7 +428,11 @@ def get_args_parser(parser=None, resumable: bool = True):
         parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from checkpoints/last.pt")
     parser.add_argument("--arch", choices=["resnet50", "mobilenet_v3_large"])
     parser.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"))
-    parser.add_argument("--pretrained", help="none, imagenet, or a path to a backbone state dict")
+    parser.add_argument("--pretrained", help="none, imagenet, phantom (train on the phantom first: training/pretrain.py), "
+                                             "or a nerveseg checkpoint or backbone state dict to start the backbone from")
+    parser.add_argument("--phantom-frames", type=int, help="--pretrained phantom: frames of the pre-training phantom")
+    parser.add_argument("--phantom-dir", help="--pretrained phantom: the pre-training's run folder, trained there once "
+                                              "and reused by every run naming it (default RUN/phantom)")
     parser.add_argument("--aspp-rates", type=int, nargs="+", metavar="RATE",
                         help="dilation rates of the ASPP's 3x3 branches (torchvision's 12 24 36; 3 6 9 fit a 256x256 frame)")
     parser.add_argument("--epochs", type=int)
@@ -428,7 +470,7 @@ def config_from_args(args) -> TrainConfig:
     overrides = {name: getattr(args, name, None) for name in (
         "data", "mask_label", "run_dir", "arch", "input_size", "pretrained", "epochs", "batch_size", "lr",
         "seed", "synth_count", "device", "workers", "amp", "steps", "val_every", "group_by", "aspp_rates",
-        "torch_compile")}
+        "torch_compile", "phantom_frames", "phantom_dir")}
     for name in ("input_size", "aspp_rates"):
         if overrides[name] is not None:
             overrides[name] = tuple(overrides[name])

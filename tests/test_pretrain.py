@@ -1,0 +1,122 @@
+"""`pretrained = "phantom"`: the phantom stage trains once, the real run starts from its backbone, a finished
+stage is reused, a stage of other settings is refused, and a resumed run does not need the stage any more."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from device_runtime.errors import InputError
+from training import pretrain, train
+from training.checkpoint import read_checkpoint
+from training.config import build_config
+
+
+@pytest.fixture
+def phantom_config(tmp_path):
+    return build_config("quick", run_dir=str(tmp_path / "run"), input_size=(64, 64), epochs=1, batch_size=4,
+                        synth_count=30, device="cpu", val_batch_size=8, pretrained="phantom", phantom_frames=40)
+
+
+def test_the_stage_is_the_same_recipe_on_the_phantom(phantom_config, tmp_path):
+    real = phantom_config.replace(data=str(tmp_path / "data"), mask_label=1, group_by="prefix")
+    stage = pretrain.phantom_config(real)
+    assert stage.run_dir == str(tmp_path / "run" / "phantom")
+    assert (stage.data, stage.mask_label, stage.group_by, stage.synth_count, stage.pretrained) == ("", None, "auto", 40, "none")
+    assert stage.replace(data=real.data, mask_label=1, group_by="prefix", synth_count=30, pretrained="phantom",
+                         run_dir=real.run_dir) == real  # nothing else differs
+    shared = real.replace(phantom_dir=str(tmp_path / "shared"))
+    assert pretrain.phantom_config(shared).run_dir == str(tmp_path / "shared")
+    assert pretrain.backbone_path(shared) == tmp_path / "shared" / "checkpoints" / "best.pt"
+
+
+def test_the_small_recipe_pretrains_on_960_phantom_frames():
+    cfg = build_config("small")
+    assert (cfg.pretrained, cfg.phantom_frames) == ("phantom", 960)
+
+
+def test_the_flags_reach_the_config(tmp_path):
+    parser = train.get_args_parser()
+    cfg = train.config_from_args(parser.parse_args(["--recipe", "small", "--run-dir", str(tmp_path / "r"),
+                                                    "--phantom-frames", "120", "--phantom-dir", str(tmp_path / "p")]))
+    assert (cfg.pretrained, cfg.phantom_frames, cfg.phantom_dir) == ("phantom", 120, str(tmp_path / "p"))
+    cfg = train.config_from_args(parser.parse_args(["--recipe", "small", "--pretrained", "none"]))
+    assert cfg.pretrained == "none"
+    with pytest.raises(InputError, match="phantom_frames must be at least 1"):
+        build_config("small", phantom_frames=0)
+
+
+def test_a_run_starts_from_the_phantom_backbone_and_reuses_a_finished_stage(phantom_config, tmp_path, monkeypatch):
+    asked = []
+    real_build = train.build_model
+    monkeypatch.setattr(train, "build_model", lambda arch, *, pretrained, **kw: asked.append(pretrained)
+                        or real_build(arch, pretrained=pretrained, **kw))
+    run_dir = train.main(phantom_config)
+    stage = run_dir / "phantom"
+    assert asked == ["none", str(stage / "checkpoints" / "best.pt")]  # the stage from scratch, then the run from it
+    assert json.loads((stage / "done.json").read_text())["best_val_dice"] == \
+        read_checkpoint(stage / "checkpoints" / "best.pt")["best_val_dice"]
+    split = json.loads((stage / "split.json").read_text())
+    assert sum(len(split[side]) for side in ("train", "val", "test")) == 40  # phantom_frames, not synth_count
+
+    # a second run naming the same stage trains nothing there
+    stamps = {p.name: p.stat().st_mtime_ns for p in (stage / "checkpoints").iterdir()}
+    asked.clear()
+    other = train.main(phantom_config.replace(run_dir=str(tmp_path / "other"), phantom_dir=str(stage)))
+    assert asked == [str(stage / "checkpoints" / "best.pt")] and not (other / "phantom").exists()
+    assert {p.name: p.stat().st_mtime_ns for p in (stage / "checkpoints").iterdir()} == stamps
+
+    # a stage of other settings is refused before anything is trained
+    with pytest.raises(InputError, match=r"phantom pre-training made with other settings \(phantom_frames, synth_count\)"):
+        train.main(phantom_config.replace(run_dir=str(tmp_path / "third"), phantom_dir=str(stage), phantom_frames=50))
+    assert not (tmp_path / "third").exists()
+
+    # a resumed run restores its own weights: the stage may be gone
+    shutil.rmtree(stage)
+    asked.clear()
+    train.main(phantom_config.replace(epochs=2), resume=True)
+    assert asked == ["none"] and not stage.exists()
+    assert read_checkpoint(run_dir / "checkpoints" / "last.pt")["epoch"] == 2
+
+    # a run folder that is refused is refused at once, not after a phantom stage
+    with pytest.raises(InputError, match="already holds a trained run"):
+        train.main(phantom_config)
+    assert not stage.exists()
+
+
+def test_an_interrupted_stage_resumes_and_a_finished_one_without_its_model_is_refused(phantom_config):
+    stage = pretrain.phantom_config(phantom_config)
+    train.main(stage)
+    assert not pretrain.check_stage(stage)  # trained, but not marked finished (killed before done.json)
+    stamp = (pretrain.backbone_path(phantom_config)).stat().st_mtime_ns
+    train.pretrain_on_phantom(phantom_config)  # resumes: nothing left to train, marks it finished
+    assert pretrain.check_stage(stage)
+    assert pretrain.backbone_path(phantom_config).stat().st_mtime_ns == stamp
+    pretrain.backbone_path(phantom_config).unlink()
+    with pytest.raises(InputError, match="no checkpoints/best.pt"):
+        pretrain.check_stage(stage)
+
+
+def test_the_backbone_really_is_loaded(phantom_config):
+    stage = pretrain.phantom_config(phantom_config)
+    train.main(stage)
+    trainer = train.build_trainer(phantom_config, torch.device("cpu"),
+                                  pretrained=str(pretrain.backbone_path(phantom_config)))
+    saved = read_checkpoint(pretrain.backbone_path(phantom_config))["model"]
+    own = trainer.model.state_dict()
+    backbone = [k for k in saved if k.startswith("backbone.")]
+    assert backbone and all(torch.equal(own[k], saved[k]) for k in backbone)
+    head = [k for k in saved if k.startswith("classifier.") and k.endswith("weight")]
+    assert not all(torch.equal(own[k], saved[k]) for k in head)  # the head starts from scratch
+
+
+def test_a_bundle_says_phantom_but_not_where_the_stage_was():
+    from export.portable import portable_config
+
+    out = portable_config({"run_dir": "/site/run", "data": "/site/data", "phantom_dir": "/site/run/phantom",
+                           "pretrained": "phantom"})
+    assert out["pretrained"] == "phantom" and "/site" not in json.dumps(out)
+    assert portable_config({"phantom_dir": ""})["phantom_dir"] == ""

@@ -1,0 +1,66 @@
+"""Phantom pre-training: `pretrained = "phantom"` starts the backbone from a model trained on the synthetic phantom.
+
+No pretrained weights can be downloaded on offline machines (many hospitals' edge boxes, these build machines),
+and a few hundred real frames are too few to train DeepLabV3 from scratch well. The embedded phantom is free and
+unlimited: the same recipe trained first on `phantom_frames` phantom frames, then its backbone (not the ASPP head)
+loaded into the real run, gained +0.039 [+0.017, +0.060] Dice on usgra-seg (3-fold CV, docs/accuracy.md,
+ablation (f)).
+
+The phantom stage is an ordinary run folder (RUN/phantom/, or `phantom_dir`; `nerveseg cv` shares one among its
+folds), resumable like any run, marked finished by done.json. This module says what that stage is; training.train
+runs it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from device_runtime.errors import InputError
+
+from .config import MACHINERY, TrainConfig, load_run_config
+
+PHANTOM = "phantom"
+DONE = "done.json"
+
+
+def uses_phantom(cfg: TrainConfig) -> bool:
+    return cfg.pretrained == PHANTOM
+
+
+def phantom_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.phantom_dir) if cfg.phantom_dir else Path(cfg.run_dir) / "phantom"
+
+
+def phantom_config(cfg: TrainConfig) -> TrainConfig:
+    """The stage's config: the same recipe on the phantom instead of the data, trained from scratch."""
+    return cfg.replace(data="", mask_label=None, group_by="auto", synth_count=cfg.phantom_frames, pretrained="none",
+                       phantom_dir="", run_dir=str(phantom_dir(cfg)))
+
+
+def backbone_path(cfg: TrainConfig) -> Path:
+    """The checkpoint whose backbone a phantom-pretrained run starts from."""
+    return phantom_dir(cfg) / "checkpoints" / "best.pt"
+
+
+def check_stage(stage: TrainConfig) -> bool:
+    """Whether the stage in stage.run_dir has finished; refuses a folder made with other settings.
+
+    Raises:
+        InputError: the folder holds a run of another config (the real run would start from a model it did not
+            ask for), or claims to be finished without its best checkpoint.
+    """
+    folder = Path(stage.run_dir)
+    if not (folder / "config.toml").is_file():
+        return False
+    saved = load_run_config(folder).to_dict()
+    changed = sorted(k for k, v in stage.to_dict().items()
+                     if k not in (*MACHINERY, "run_dir") and saved.get(k) != v)
+    if changed:
+        raise InputError(f"{folder}: holds a phantom pre-training made with other settings ({', '.join(changed)}); "
+                         "remove it, or point phantom_dir elsewhere")
+    if not (folder / DONE).is_file():
+        return False
+    if not (folder / "checkpoints" / "best.pt").is_file():
+        raise InputError(f"{folder}: says it is finished but has no checkpoints/best.pt; remove {folder / DONE} "
+                         "to train it again")
+    return True
