@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from device_runtime.errors import InputError
 from training import pretrain, train
 from training.checkpoint import read_checkpoint
 from training.config import build_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -120,3 +123,27 @@ def test_a_bundle_says_phantom_but_not_where_the_stage_was():
                            "pretrained": "phantom"})
     assert out["pretrained"] == "phantom" and "/site" not in json.dumps(out)
     assert portable_config({"phantom_dir": ""})["phantom_dir"] == ""
+
+
+def test_a_second_process_cannot_train_into_a_run_folder_in_use(phantom_config, tmp_path):
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "busy"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from training.train import exclusive_run\n"
+                               "with exclusive_run(Path(sys.argv[1])):\n print('held', flush=True); time.sleep(60)",
+                               str(run_dir)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        cfg = phantom_config.replace(run_dir=str(run_dir), pretrained="none")
+        with pytest.raises(InputError, match="another process is training in this run folder"):
+            train.main(cfg)
+        assert not (run_dir / "config.toml").exists()  # refused before writing anything
+        with pytest.raises(InputError, match="another process is training in this run folder"):
+            train.pretrain_on_phantom(phantom_config.replace(phantom_dir=str(run_dir)))
+    finally:
+        holder.kill()
+        holder.wait()
+    train.main(phantom_config.replace(run_dir=str(run_dir), pretrained="none"))  # the kernel dropped the lock
+    assert (run_dir / "checkpoints" / "last.pt").is_file()

@@ -8,6 +8,7 @@ mode; every `val_every` epochs and after the last), save checkpoints, repeat. Th
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -235,6 +236,26 @@ def check_run_dir(run_dir: Path, resume: bool) -> bool:
     return resume
 
 
+@contextlib.contextmanager
+def exclusive_run(run_dir: Path):
+    """Hold RUN/.training.lock while training: a second process training into the same folder (a cv run twice, a
+    resume started beside the run) is refused instead of interleaving checkpoints and log lines. An advisory lock
+    (flock) that the kernel drops when the process ends, so a killed run leaves no stale lock behind."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; training there runs unguarded
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".training.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"{run_dir}: another process is training in this run folder; wait for it to end, or "
+                             "stop it first") from None
+        yield
+
+
 def rewrite_log(log_path: Path, upto_epoch: int) -> None:
     """On resume, drop log lines of epochs after the checkpoint (they will be trained again)."""
     if log_path.is_file():
@@ -337,7 +358,8 @@ def main(cfg: TrainConfig, resume: bool = False, splits: dict | None = None) -> 
         if pretrain.uses_phantom(cfg):
             # a resumed run restores its own weights over the backbone: the stage need not exist any more
             pretrained = "none" if resuming else str(pretrain_on_phantom(cfg, ddp, device))
-        return _train(cfg, ddp, device, resume, splits, pretrained)
+        with exclusive_run(Path(cfg.run_dir)) if ddp.main else contextlib.nullcontext():
+            return _train(cfg, ddp, device, resume, splits, pretrained)
     finally:
         if ddp.world > 1:
             dist.destroy_process_group()
@@ -353,7 +375,9 @@ def pretrain_on_phantom(cfg: TrainConfig, ddp: Dist | None = None, device: torch
     if not finished:
         if ddp.main:
             print(f"phantom pre-training: {stage.phantom_frames} phantom frames -> {folder}", flush=True)
-        _train(stage, ddp, device, resume=(folder / "checkpoints" / "last.pt").is_file(), splits=None, pretrained=None)
+        with exclusive_run(folder) if ddp.main else contextlib.nullcontext():
+            _train(stage, ddp, device, resume=(folder / "checkpoints" / "last.pt").is_file(), splits=None,
+                   pretrained=None)
         if ddp.main:
             best = read_checkpoint(folder / "checkpoints" / "best.pt")["best_val_dice"]
             write_text(folder / pretrain.DONE, dumps_strict({"best_val_dice": best}) + "\n")
