@@ -3,8 +3,8 @@
 No pretrained weights can be downloaded on offline machines (many hospitals' edge boxes, these build machines),
 and a few hundred real frames are too few to train DeepLabV3 from scratch well. The embedded phantom is free and
 unlimited: the same recipe trained first on `phantom_frames` phantom frames, then its backbone (not the ASPP head)
-loaded into the real run, gained +0.039 [+0.017, +0.060] Dice on usgra-seg (3-fold CV, docs/accuracy.md,
-ablation (f)).
+loaded into the real run, gained +0.054 [+0.038, +0.070] test Dice on usgra-seg, every one of 5 folds better
+(docs/accuracy.md, ablation (f)).
 
 The phantom stage is an ordinary run folder (RUN/phantom/, or `phantom_dir`; `nerveseg cv` shares one among its
 folds), resumable like any run, marked finished by done.json. This module says what that stage is; training.train
