@@ -24,7 +24,7 @@ from device_runtime.errors import InputError
 from device_runtime.fileio import atomic_path, write_json, write_text
 from device_runtime.manifest import load_manifest
 from training import pretrain, stages, train
-from training.config import MACHINERY, TrainConfig, config_from_dict, load_toml, to_toml
+from training.config import TrainConfig, changed_settings, config_from_dict, load_toml, to_toml
 from training.data import Sample, discover, group_by_prefix, natural_key
 
 from .bundle import export_bundle
@@ -158,7 +158,7 @@ def summarise(folds: list[dict]) -> dict:
     return out
 
 
-def format_markdown(cfg: TrainConfig, folds: list[dict], summary: dict, k: int) -> str:
+def format_markdown(cfg: TrainConfig, folds: list[dict], summary: dict, k: int, pretraining: dict | None = None) -> str:
     budget = f"{cfg.steps} steps" if cfg.steps else f"{cfg.epochs} epochs"
     lines = [f"# Cross-validation: recipe `{cfg.recipe}`, {k} folds",
              "",
@@ -182,11 +182,10 @@ def format_markdown(cfg: TrainConfig, folds: list[dict], summary: dict, k: int) 
                  f"{s['cpu_s']['mean'] / 60:.1f} +- {s['cpu_s']['sd'] / 60:.1f} | |")
     lines += ["", "CPU min: CPU time of the fold's process (all threads), train + tune + evaluate + export; "
               "wall min depends on what else ran on the machine."]
-    pre = _pretraining(cfg)
-    if pre is not None:
+    if pretraining is not None:
         lines += ["", f"Phantom pre-training ({cfg.phantom_frames} phantom frames, once, its backbone shared by every "
-                      f"fold): {pre['cpu_s'] / 60:.1f} CPU min, {pre['wall_s'] / 60:.1f} wall min, not in the fold "
-                      "columns."]
+                      f"fold): {pretraining['cpu_s'] / 60:.1f} CPU min, {pretraining['wall_s'] / 60:.1f} wall min, not "
+                      "in the fold columns."]
     return "\n".join(lines) + "\n"
 
 
@@ -223,9 +222,7 @@ def _check_same_config(run_dir: Path, cfg: TrainConfig) -> None:
     if not path.is_file():
         write_text(path, to_toml(cfg))
         return
-    saved = config_from_dict(load_toml(path), str(path)).to_dict()
-    now = cfg.to_dict()
-    changed = sorted(k for k in now if k not in MACHINERY and now[k] != saved.get(k))
+    changed = changed_settings(cfg, config_from_dict(load_toml(path), str(path)))
     if changed:
         raise InputError(f"{path}: this cross-validation was started with other settings ({', '.join(changed)}); "
                          "re-run it with the same flags, or use another --run-dir")
@@ -278,13 +275,12 @@ def run_cv(cfg: TrainConfig, folds: int, max_new: int | None = None) -> dict:
     return report
 
 
-def pretrain_once(cfg: TrainConfig) -> dict:
+def pretrain_once(cfg: TrainConfig) -> None:
     """The phantom stage, before the folds (which then find it finished); its cost in RUN/pretraining.json."""
     path = Path(cfg.run_dir) / "pretraining.json"
     timing = json.loads(path.read_text()) if path.is_file() else {}
     _timed(timing, "phantom", lambda: train.pretrain_on_phantom(cfg))
     write_json(path, timing)
-    return timing["phantom"]
 
 
 def _pretraining(cfg: TrainConfig) -> dict | None:
@@ -296,10 +292,11 @@ def write_report(cfg: TrainConfig, folds: int, results: list[dict]) -> tuple[dic
     """cv.json, cv.md and cv.png over the folds finished so far ("finished" says how many)."""
     run_dir = Path(cfg.run_dir)
     summary = summarise(results)
+    pretraining = _pretraining(cfg)
     report = {"recipe": cfg.recipe, "folds": folds, "finished": len(results), "config": cfg.to_dict(),
-              "per_fold": results, "summary": summary, "pretraining": _pretraining(cfg)}
+              "per_fold": results, "summary": summary, "pretraining": pretraining}
     write_json(run_dir / "cv.json", report)
-    markdown = format_markdown(cfg, results, summary, folds)
+    markdown = format_markdown(cfg, results, summary, folds, pretraining)
     write_text(run_dir / "cv.md", markdown)
     plot_cv(results, summary, run_dir / "cv.png", f"{cfg.recipe}: {folds}-fold CV ({len(results)} done), {Path(cfg.data).name}")
     return report, markdown

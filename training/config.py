@@ -181,6 +181,12 @@ def config_from_dict(data: dict, where: str) -> TrainConfig:
         raise InputError(f"{where}: {err}") from None
 
 
+def changed_settings(now: TrainConfig, saved: TrainConfig, also_ignore: tuple[str, ...] = ()) -> list[str]:
+    """The settings in which two configs differ, sorted, leaving out MACHINERY (and `also_ignore`)."""
+    a, b = now.to_dict(), saved.to_dict()
+    return sorted(k for k in a if k not in (*MACHINERY, *also_ignore) and a[k] != b[k])
+
+
 def to_toml(cfg: TrainConfig) -> str:
     # TOML has no null: an unset mask label is written as "" and read back as None
     data = {k: ("" if v is None else list(v) if isinstance(v, tuple) else v) for k, v in cfg.to_dict().items()}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from device_runtime.errors import InputError
 
-from .config import MACHINERY, TrainConfig, load_run_config
+from .config import TrainConfig, changed_settings, load_run_config
 
 PHANTOM = "phantom"
 DONE = "done.json"
@@ -52,9 +52,7 @@ def check_stage(stage: TrainConfig) -> bool:
     folder = Path(stage.run_dir)
     if not (folder / "config.toml").is_file():
         return False
-    saved = load_run_config(folder).to_dict()
-    changed = sorted(k for k, v in stage.to_dict().items()
-                     if k not in (*MACHINERY, "run_dir") and saved.get(k) != v)
+    changed = changed_settings(stage, load_run_config(folder), also_ignore=("run_dir",))
     if changed:
         raise InputError(f"{folder}: holds a phantom pre-training made with other settings ({', '.join(changed)}); "
                          "remove it, or point phantom_dir elsewhere")

@@ -292,8 +292,8 @@ def augmented_train_set(cfg: TrainConfig, images: np.ndarray, masks: np.ndarray)
 def build_trainer(cfg: TrainConfig, device: torch.device, budget: Budget | None = None,
                   pretrained: str | None = None) -> Trainer:
     """`budget` sets the schedule's length; without one, `cfg.epochs` epochs of one step each are assumed
-    (enough for callers that only need the model and optimiser). `pretrained` replaces cfg.pretrained (what
-    "phantom" resolved to, or "none" when a checkpoint will be restored over the weights anyway)."""
+    (enough for callers that only need the model and optimiser). `pretrained` replaces cfg.pretrained ("none" when
+    a checkpoint will be restored over the weights anyway); "phantom" means its stage's best checkpoint."""
     if pretrained is None:
         pretrained = str(pretrain.backbone_path(cfg)) if pretrain.uses_phantom(cfg) else cfg.pretrained
     model = build_model(cfg.arch, pretrained=pretrained, aspp_rates=cfg.aspp_rates)
@@ -354,12 +354,10 @@ def main(cfg: TrainConfig, resume: bool = False, splits: dict | None = None) -> 
         if ddp.main:  # before a phantom stage that may take a while: a refused run folder is refused at once
             resume = check_run_dir(Path(cfg.run_dir), resume)
         resuming = resume and (Path(cfg.run_dir) / "checkpoints" / "last.pt").is_file()
-        pretrained = None
-        if pretrain.uses_phantom(cfg):
-            # a resumed run restores its own weights over the backbone: the stage need not exist any more
-            pretrained = "none" if resuming else str(pretrain_on_phantom(cfg, ddp, device))
+        if pretrain.uses_phantom(cfg) and not resuming:  # a resumed run does not need the stage any more (_train)
+            pretrain_on_phantom(cfg, ddp, device)
         with exclusive_run(Path(cfg.run_dir)) if ddp.main else contextlib.nullcontext():
-            return _train(cfg, ddp, device, resume, splits, pretrained)
+            return _train(cfg, ddp, device, resume, splits)
     finally:
         if ddp.world > 1:
             dist.destroy_process_group()
@@ -376,8 +374,7 @@ def pretrain_on_phantom(cfg: TrainConfig, ddp: Dist | None = None, device: torch
         if ddp.main:
             print(f"phantom pre-training: {stage.phantom_frames} phantom frames -> {folder}", flush=True)
         with exclusive_run(folder) if ddp.main else contextlib.nullcontext():
-            _train(stage, ddp, device, resume=(folder / "checkpoints" / "last.pt").is_file(), splits=None,
-                   pretrained=None)
+            _train(stage, ddp, device, resume=(folder / "checkpoints" / "last.pt").is_file(), splits=None)
         if ddp.main:
             best = read_checkpoint(folder / "checkpoints" / "best.pt")["best_val_dice"]
             write_text(folder / pretrain.DONE, dumps_strict({"best_val_dice": best}) + "\n")
@@ -385,8 +382,7 @@ def pretrain_on_phantom(cfg: TrainConfig, ddp: Dist | None = None, device: torch
     return pretrain.backbone_path(cfg)
 
 
-def _train(cfg: TrainConfig, ddp: Dist, device: torch.device, resume: bool, splits: dict | None,
-           pretrained: str | None) -> Path:
+def _train(cfg: TrainConfig, ddp: Dist, device: torch.device, resume: bool, splits: dict | None) -> Path:
     run_dir = Path(cfg.run_dir)
     if ddp.main:
         resume = check_run_dir(run_dir, resume)
@@ -408,7 +404,8 @@ def _train(cfg: TrainConfig, ddp: Dist, device: torch.device, resume: bool, spli
     torch.manual_seed(cfg.seed)
     workers = loader_workers(cfg, device, ddp)
     budget = plan_budget(cfg, len(build_loader(train_set, cfg, ddp, 0, 0)))
-    trainer = build_trainer(cfg, device, budget, pretrained)
+    # a resumed run restores its own weights over the starting backbone: none is loaded (nor needs to exist)
+    trainer = build_trainer(cfg, device, budget, pretrained="none" if resume else None)
     per_step = cfg.scheduler == "warmup_cosine"
     if resume:
         restore(trainer, run_dir / "checkpoints" / "last.pt")
