@@ -115,6 +115,15 @@ def test_the_backbone_really_is_loaded(phantom_config):
     head = [k for k in saved if k.startswith("classifier.") and k.endswith("weight")]
     assert not all(torch.equal(own[k], saved[k]) for k in head)  # the head starts from scratch
 
+    with_head = phantom_config.replace(phantom_head=True)
+    assert pretrain.phantom_config(with_head) == stage  # one stage serves runs with and without its head
+    own = train.build_trainer(with_head, torch.device("cpu"),
+                              pretrained=str(pretrain.backbone_path(phantom_config))).model.state_dict()
+    assert all(torch.equal(own[k], saved[k]) for k in saved)  # --phantom-head: the whole network, head included
+    with pytest.raises(InputError, match="is not a checkpoint of this network"):
+        train.build_trainer(with_head.replace(arch="resnet50"), torch.device("cpu"),
+                            pretrained=str(pretrain.backbone_path(phantom_config)))
+
 
 def test_a_bundle_says_phantom_but_not_where_the_stage_was():
     from export.portable import portable_config

@@ -43,6 +43,7 @@ class TrainConfig:
     # to a backbone state dict (any nerveseg checkpoint)
     phantom_frames: int = 960  # pretrained = "phantom": the phantom's size for the pre-training stage
     phantom_dir: str = ""  # pretrained = "phantom": the stage's run folder; "" = RUN/phantom (cv: one for all folds)
+    phantom_head: bool = False  # pretrained = "phantom": start the ASPP head and classifier from the stage too
     aspp_rates: tuple[int, ...] = TORCHVISION_ASPP_RATES  # see training.model.build_model for 3/6/9
     # optimisation
     epochs: int = 20

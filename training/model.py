@@ -103,8 +103,19 @@ def _load_backbone(model: nn.Module, arch: str, state: dict, source: str) -> Non
     backbone.load_state_dict(mapped, strict=False)
 
 
+def _load_whole(model: nn.Module, state: dict, source: str) -> None:
+    """Load a segmentation checkpoint of the same network, ASPP head and classifier included."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    shape_mismatch = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or shape_mismatch:
+        raise InputError(f"{source}: is not a checkpoint of this network ({len(missing)} tensors missing, "
+                         f"{len(shape_mismatch)} with other shapes)")
+    model.load_state_dict({k: state[k] for k in own})
+
+
 def build_model(arch: str, *, pretrained: str = "none", num_classes: int = 1,
-                aspp_rates: tuple[int, ...] = TORCHVISION_ASPP_RATES) -> nn.Module:
+                aspp_rates: tuple[int, ...] = TORCHVISION_ASPP_RATES, with_head: bool = False) -> nn.Module:
     """DeepLabV3 for one grey input channel.
 
     Args:
@@ -115,6 +126,7 @@ def build_model(arch: str, *, pretrained: str = "none", num_classes: int = 1,
             crops; on the 16x16 map of a 256x256 frame at output stride 16 the rate-24/36 taps read only
             padding (each branch is a 1x1 convolution). Scaling the paper's 6/12/18 (output stride 16, 33x33
             map) to a 16x16 map gives 3/6/9.
+        with_head: `pretrained` is a checkpoint of this same network: load its ASPP head and classifier too.
 
     Shape:
         input (N, 1, H, W) float in [0, 1] -> model(x)["out"] (N, num_classes, H, W) logits.
@@ -130,6 +142,8 @@ def build_model(arch: str, *, pretrained: str = "none", num_classes: int = 1,
     skip_dead_taps(model)  # e.g. ASPP's rate-24/36 kernels at 256x256 read only padding: same output, less work
     if pretrained == "imagenet":
         _load_backbone(model, arch, _imagenet_state(arch), f"torchvision {arch} ImageNet weights")
+    elif pretrained not in ("none", "") and with_head:
+        _load_whole(model, _file_state(Path(pretrained)), pretrained)
     elif pretrained not in ("none", ""):
         _load_backbone(model, arch, _file_state(Path(pretrained)), pretrained)
     return model

@@ -34,7 +34,7 @@ def phantom_dir(cfg: TrainConfig) -> Path:
 def phantom_config(cfg: TrainConfig) -> TrainConfig:
     """The stage's config: the same recipe on the phantom instead of the data, trained from scratch."""
     return cfg.replace(data="", mask_label=None, group_by="auto", synth_count=cfg.phantom_frames, pretrained="none",
-                       phantom_dir="", run_dir=str(phantom_dir(cfg)))
+                       phantom_dir="", phantom_head=False, run_dir=str(phantom_dir(cfg)))
 
 
 def backbone_path(cfg: TrainConfig) -> Path:

@@ -296,7 +296,8 @@ def build_trainer(cfg: TrainConfig, device: torch.device, budget: Budget | None 
     a checkpoint will be restored over the weights anyway); "phantom" means its stage's best checkpoint."""
     if pretrained is None:
         pretrained = str(pretrain.backbone_path(cfg)) if pretrain.uses_phantom(cfg) else cfg.pretrained
-    model = build_model(cfg.arch, pretrained=pretrained, aspp_rates=cfg.aspp_rates)
+    with_head = pretrain.uses_phantom(cfg) and cfg.phantom_head and pretrained != "none"
+    model = build_model(cfg.arch, pretrained=pretrained, aspp_rates=cfg.aspp_rates, with_head=with_head)
     model = model.to(device).to(memory_format=memory_format(cfg, device))
     optimizer = build_optimizer(model, cfg)
     # bf16 autocast needs no loss scaling; fp16 (older GPUs) does
@@ -454,6 +455,9 @@ def get_args_parser(parser=None, resumable: bool = True):
     parser.add_argument("--phantom-frames", type=int, help="--pretrained phantom: frames of the pre-training phantom")
     parser.add_argument("--phantom-dir", help="--pretrained phantom: the pre-training's run folder, trained there once "
                                               "and reused by every run naming it (default RUN/phantom)")
+    parser.add_argument("--phantom-head", action="store_const", const=True,
+                        help="--pretrained phantom: start the ASPP head and classifier from the stage too, not only "
+                             "the backbone")
     parser.add_argument("--aspp-rates", type=int, nargs="+", metavar="RATE",
                         help="dilation rates of the ASPP's 3x3 branches (torchvision's 12 24 36; 3 6 9 fit a 256x256 frame)")
     parser.add_argument("--epochs", type=int)
@@ -491,7 +495,7 @@ def config_from_args(args) -> TrainConfig:
     overrides = {name: getattr(args, name, None) for name in (
         "data", "mask_label", "run_dir", "arch", "input_size", "pretrained", "epochs", "batch_size", "lr",
         "seed", "synth_count", "device", "workers", "amp", "steps", "val_every", "group_by", "aspp_rates",
-        "torch_compile", "phantom_frames", "phantom_dir")}
+        "torch_compile", "phantom_frames", "phantom_dir", "phantom_head")}
     for name in ("input_size", "aspp_rates"):
         if overrides[name] is not None:
             overrides[name] = tuple(overrides[name])
