@@ -183,9 +183,13 @@ def format_markdown(cfg: TrainConfig, folds: list[dict], summary: dict, k: int, 
     lines += ["", "CPU min: CPU time of the fold's process (all threads), train + tune + evaluate + export; "
               "wall min depends on what else ran on the machine."]
     if pretraining is not None:
-        lines += ["", f"Phantom pre-training ({cfg.phantom_frames} phantom frames, once, its backbone shared by every "
-                      f"fold): {pretraining['cpu_s'] / 60:.1f} CPU min, {pretraining['wall_s'] / 60:.1f} wall min, not "
-                      "in the fold columns."]
+        shared = "its whole network" if cfg.phantom_head else "its backbone"
+        cost = (f"trained before this run, in {pretraining['reused']}; its cost is not counted here"
+                if "reused" in pretraining else
+                f"{pretraining['cpu_s'] / 60:.1f} CPU min, {pretraining['wall_s'] / 60:.1f} wall min, not in the fold "
+                "columns")
+        lines += ["", f"Phantom pre-training ({cfg.phantom_frames} phantom frames, once, {shared} the start of every "
+                      f"fold): {cost}."]
     return "\n".join(lines) + "\n"
 
 
@@ -276,10 +280,15 @@ def run_cv(cfg: TrainConfig, folds: int, max_new: int | None = None) -> dict:
 
 
 def pretrain_once(cfg: TrainConfig) -> None:
-    """The phantom stage, before the folds (which then find it finished); its cost in RUN/pretraining.json."""
+    """The phantom stage, before the folds (which then find it finished); its cost in RUN/pretraining.json, or
+    where it came from when an earlier run had trained it (`--phantom-dir`): then its cost is not this run's."""
     path = Path(cfg.run_dir) / "pretraining.json"
     timing = json.loads(path.read_text()) if path.is_file() else {}
-    _timed(timing, "phantom", lambda: train.pretrain_on_phantom(cfg))
+    stage = pretrain.phantom_config(cfg)
+    if "phantom" not in timing and pretrain.check_stage(stage):
+        timing["phantom"] = {"reused": stage.run_dir}
+    else:
+        _timed(timing, "phantom", lambda: train.pretrain_on_phantom(cfg))
     write_json(path, timing)
 
 

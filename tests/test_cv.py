@@ -129,6 +129,14 @@ def test_cv_pretrains_on_the_phantom_once_for_all_folds(tmp_path, capsys):
     assert "phantom pre-training:" not in capsys.readouterr().out
     assert (stage / "checkpoints" / "best.pt").stat().st_mtime_ns == stamp
 
+    # another cv naming that stage reuses it and says so, instead of claiming it cost nothing
+    other = tmp_path / "other"
+    assert cli_main([*args[:args.index("--run-dir") + 1], str(other), *args[args.index("--run-dir") + 2:],
+                     "--phantom-dir", str(stage)]) == 0
+    assert json.loads((other / "cv.json").read_text())["pretraining"] == {"reused": str(stage)}
+    assert f"trained before this run, in {stage}" in (other / "cv.md").read_text()
+    assert (stage / "checkpoints" / "best.pt").stat().st_mtime_ns == stamp
+
 
 def test_a_refused_call_is_one_line_and_leaves_no_run(tmp_path, capsys):
     run = tmp_path / "cv"
