@@ -4,7 +4,8 @@ No pretrained weights can be downloaded on offline machines (many hospitals' edg
 and a few hundred real frames are too few to train DeepLabV3 from scratch well. The embedded phantom is free and
 unlimited: the same recipe trained first on `phantom_frames` phantom frames, then its backbone (not the ASPP head)
 loaded into the real run, gained +0.054 [+0.038, +0.070] test Dice on usgra-seg, every one of 5 folds better
-(docs/accuracy.md, ablation (f)).
+(docs/accuracy.md, ablation (f)). `phantom_head = true` (`--phantom-head`) starts the head from it too: +0.007
+[-0.027, +0.042] on the same folds, not clear enough to be the default (ablation (g)).
 
 The phantom stage is an ordinary run folder (RUN/phantom/, or `phantom_dir`; `nerveseg cv` shares one among its
 folds), resumable like any run, marked finished by done.json. This module says what that stage is; training.train
