@@ -50,6 +50,10 @@ def test_the_flags_reach_the_config(tmp_path):
     assert cfg.pretrained == "none"
     with pytest.raises(InputError, match="phantom_frames must be at least 1"):
         build_config("small", phantom_frames=0)
+    cfg = train.config_from_args(parser.parse_args(["--recipe", "small", "--phantom-head"]))
+    assert cfg.phantom_head and not build_config("small").phantom_head
+    with pytest.raises(InputError, match="phantom_head .* needs pretrained = 'phantom', got 'none'"):
+        train.config_from_args(parser.parse_args(["--recipe", "small", "--pretrained", "none", "--phantom-head"]))
 
 
 def test_a_run_starts_from_the_phantom_backbone_and_reuses_a_finished_stage(phantom_config, tmp_path, monkeypatch):

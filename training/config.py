@@ -103,6 +103,9 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "synth_count", "val_batch_size", "val_every", "phantom_frames"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.phantom_head and self.pretrained != "phantom":
+            raise InputError(f"phantom_head starts the head from the phantom pre-training; it needs pretrained = "
+                             f"'phantom', got {self.pretrained!r}")
         if self.mask_label is not None and self.mask_label < 1:
             raise InputError(f"mask_label {self.mask_label} would train the background as the nerve (0 is the "
                              "background label); give the nerve's label, e.g. 1, or none for any non-zero pixel")
