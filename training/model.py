@@ -142,10 +142,12 @@ def build_model(arch: str, *, pretrained: str = "none", num_classes: int = 1,
     skip_dead_taps(model)  # e.g. ASPP's rate-24/36 kernels at 256x256 read only padding: same output, less work
     if pretrained == "imagenet":
         _load_backbone(model, arch, _imagenet_state(arch), f"torchvision {arch} ImageNet weights")
-    elif pretrained not in ("none", "") and with_head:
-        _load_whole(model, _file_state(Path(pretrained)), pretrained)
     elif pretrained not in ("none", ""):
-        _load_backbone(model, arch, _file_state(Path(pretrained)), pretrained)
+        state = _file_state(Path(pretrained))
+        if with_head:
+            _load_whole(model, state, pretrained)
+        else:
+            _load_backbone(model, arch, state, pretrained)
     return model
 
 

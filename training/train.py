@@ -296,8 +296,9 @@ def build_trainer(cfg: TrainConfig, device: torch.device, budget: Budget | None 
     a checkpoint will be restored over the weights anyway); "phantom" means its stage's best checkpoint."""
     if pretrained is None:
         pretrained = str(pretrain.backbone_path(cfg)) if pretrain.uses_phantom(cfg) else cfg.pretrained
-    with_head = pretrain.uses_phantom(cfg) and cfg.phantom_head and pretrained != "none"
-    model = build_model(cfg.arch, pretrained=pretrained, aspp_rates=cfg.aspp_rates, with_head=with_head)
+    # the config refuses phantom_head without pretrained = "phantom"; "none" here means a resume
+    model = build_model(cfg.arch, pretrained=pretrained, aspp_rates=cfg.aspp_rates,
+                        with_head=cfg.phantom_head and pretrained != "none")
     model = model.to(device).to(memory_format=memory_format(cfg, device))
     optimizer = build_optimizer(model, cfg)
     # bf16 autocast needs no loss scaling; fp16 (older GPUs) does
