@@ -64,11 +64,12 @@ def read_qat_checkpoint(path: str | Path) -> dict:
 
 
 def build_qat_model(arch: str, qcfg: QatConfig, float_model: nn.Module | None = None,
-                    init_steps: bool = True, aspp_rates: tuple[int, ...] = TORCHVISION_ASPP_RATES) -> nn.Module:
-    """The QAT form of `float_model` (or of a fresh model of `arch` and `aspp_rates`, to load a state into) for
-    qcfg's bits."""
+                    init_steps: bool = True, aspp_rates: tuple[int, ...] = TORCHVISION_ASPP_RATES,
+                    decoder: str = "none") -> nn.Module:
+    """The QAT form of `float_model` (or of a fresh model of `arch`, `aspp_rates` and `decoder`, to load a state
+    into) for qcfg's bits."""
     setting = qcfg.bit_setting
-    model = float_model if float_model is not None else build_model(arch, aspp_rates=aspp_rates)
+    model = float_model if float_model is not None else build_model(arch, aspp_rates=aspp_rates, decoder=decoder)
     weight_bits = qcfg.initial_bits if setting.learned and qcfg.initial_bits else setting.weight_bits
     return prepare_qat(model, arch, weight_bits=weight_bits, activation_bits=setting.activation_bits,
                        learn_weight_bits=setting.learned,
@@ -81,6 +82,7 @@ def load_qat_model(path: str | Path) -> tuple[nn.Module, dict, TrainConfig, QatC
     checkpoint = read_qat_checkpoint(path)
     cfg = config_from_dict(checkpoint["config"], f"{path} (config)")
     qcfg = qat_config_from_dict(checkpoint["qat_config"], f"{path} (qat_config)")
-    model = build_qat_model(checkpoint["arch"], qcfg, init_steps=False, aspp_rates=cfg.aspp_rates)
+    model = build_qat_model(checkpoint["arch"], qcfg, init_steps=False, aspp_rates=cfg.aspp_rates,
+                            decoder=cfg.decoder)
     model.load_state_dict(checkpoint["model"])
     return model.eval(), checkpoint, cfg, qcfg

@@ -54,7 +54,7 @@ def main() -> None:
     masks = (torch.rand(args.frames, 1, h, w) > 0.9).float()
     batches = [(images[i:i + cfg.batch_size], masks[i:i + cfg.batch_size]) for i in range(0, args.frames, cfg.batch_size)]
 
-    float_model = build_model(cfg.arch, aspp_rates=cfg.aspp_rates)
+    float_model = build_model(cfg.arch, aspp_rates=cfg.aspp_rates, decoder=cfg.decoder)
     float_opt = torch.optim.Adam(float_model.parameters(), lr=cfg.lr)
     task = BCEDiceLoss(cfg.bce_weight, cfg.dice_weight)
 

@@ -100,6 +100,7 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict, TrainConfig]:
     if bad:
         raise InputError(f"{path}: the model holds NaN or Inf in {bad[0]}; it was written by a diverged run "
                          "(an older nerveseg); retrain from a finite checkpoint")
-    model = build_model(checkpoint["arch"], num_classes=checkpoint["num_classes"], aspp_rates=cfg.aspp_rates)
+    model = build_model(checkpoint["arch"], num_classes=checkpoint["num_classes"], aspp_rates=cfg.aspp_rates,
+                        decoder=cfg.decoder)
     model.load_state_dict(checkpoint["model"])
     return model.eval(), checkpoint, cfg

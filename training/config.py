@@ -21,6 +21,7 @@ SCHEDULERS = ("cosine", "warmup_cosine", "none")  # cosine: per epoch (the paper
 OPTIMIZERS = ("adam", "adamw")
 # torchvision's DeepLabV3 head: the paper's rates for output stride 8 on 513x513 crops (see training.model.build_model)
 TORCHVISION_ASPP_RATES = (12, 24, 36)
+DECODERS = ("none", "skip")  # skip: logits from a map twice as fine (training.model.SkipDecoder)
 # settings that change how fast a run goes, not what it learns: a resumed run or a running cv may change them
 MACHINERY = ("device", "workers", "torch_compile")
 GROUPINGS = ("auto", "prefix")  # subjects: from the layout (Kaggle names), or from "<subject>_<frame>" names too
@@ -45,6 +46,7 @@ class TrainConfig:
     phantom_dir: str = ""  # pretrained = "phantom": the stage's run folder; "" = RUN/phantom (cv: one for all folds)
     phantom_head: bool = False  # pretrained = "phantom": start the ASPP head and classifier from the stage too
     aspp_rates: tuple[int, ...] = TORCHVISION_ASPP_RATES  # see training.model.build_model for 3/6/9
+    decoder: str = "none"  # "skip": DeepLabV3+'s decoder, narrowed (training.model.SkipDecoder)
     # optimisation
     epochs: int = 20
     steps: int = 0  # optimiser steps; when > 0 it sets the budget instead of epochs (the last epoch may stop early)
@@ -91,6 +93,8 @@ class TrainConfig:
             raise InputError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
         if self.optimizer not in OPTIMIZERS:
             raise InputError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.decoder not in DECODERS:
+            raise InputError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
         if self.group_by not in GROUPINGS:
             raise InputError(f"group_by must be one of {GROUPINGS}, got {self.group_by!r}")
         for name in ("steps", "warmup_steps"):

@@ -297,7 +297,7 @@ def build_trainer(cfg: TrainConfig, device: torch.device, budget: Budget | None 
     if pretrained is None:
         pretrained = str(pretrain.backbone_path(cfg)) if pretrain.uses_phantom(cfg) else cfg.pretrained
     # the config refuses phantom_head without pretrained = "phantom"; "none" here means a resume
-    model = build_model(cfg.arch, pretrained=pretrained, aspp_rates=cfg.aspp_rates,
+    model = build_model(cfg.arch, pretrained=pretrained, aspp_rates=cfg.aspp_rates, decoder=cfg.decoder,
                         with_head=cfg.phantom_head and pretrained != "none")
     model = model.to(device).to(memory_format=memory_format(cfg, device))
     optimizer = build_optimizer(model, cfg)
@@ -461,6 +461,8 @@ def get_args_parser(parser=None, resumable: bool = True):
                              "the backbone")
     parser.add_argument("--aspp-rates", type=int, nargs="+", metavar="RATE",
                         help="dilation rates of the ASPP's 3x3 branches (torchvision's 12 24 36; 3 6 9 fit a 256x256 frame)")
+    parser.add_argument("--decoder", choices=["none", "skip"],
+                        help="skip: a light DeepLabV3+ decoder, logits from a map twice as fine (default: the recipe's)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--steps", type=int, help="budget in optimiser steps instead of epochs (0 = use --epochs)")
     parser.add_argument("--val-every", type=int, help="validate every N epochs (and after the last)")
@@ -496,7 +498,7 @@ def config_from_args(args) -> TrainConfig:
     overrides = {name: getattr(args, name, None) for name in (
         "data", "mask_label", "run_dir", "arch", "input_size", "pretrained", "epochs", "batch_size", "lr",
         "seed", "synth_count", "device", "workers", "amp", "steps", "val_every", "group_by", "aspp_rates",
-        "torch_compile", "phantom_frames", "phantom_dir", "phantom_head")}
+        "decoder", "torch_compile", "phantom_frames", "phantom_dir", "phantom_head")}
     for name in ("input_size", "aspp_rates"):
         if overrides[name] is not None:
             overrides[name] = tuple(overrides[name])
