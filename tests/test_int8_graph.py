@@ -203,3 +203,25 @@ def test_cpu_form_lets_onnx_runtime_fuse_the_clipped_convolution(graphs, tmp_pat
     convs = sum(n.op_type == "Conv" for n in signed.graph.node)
     assert kinds.count("QLinearConv") == convs - 1
     assert kinds.count("Conv") + kinds.count("FusedConv") == 1
+
+
+def test_skip_decoder_model_exports_the_same_way(tmp_path):
+    """decoder = "skip" adds a concatenation at stride 8 and a bilinear upsampling of quantized features: the
+    same preparation and export handle it, the graph passes the TensorRT lint and ONNX Runtime reproduces the
+    fake-quant model at the reference level."""
+    from qat.prepare import initialise_steps, prepare_qat, quant_convs
+    from training.model import build_model
+
+    torch.manual_seed(0)
+    model = prepare_qat(build_model("mobilenet_v3_large", decoder="skip").eval(), "mobilenet_v3_large")
+    assert [name for name, _ in quant_convs(model)][-3:] == ["decoder.project.0", "decoder.fuse.0", "decoder.classifier"]
+    initialise_steps(model, [torch.from_numpy(_frames(4, 1))[:, None]])
+    model.eval()
+    path = tmp_path / "skip.onnx"
+    onnx.save(build_int8_model(model, SIZE, tmp_path / "twin.onnx"), str(path))
+    assert tensorrt_problems(path) == []
+    frames = _frames(2, 5)[:, None]
+    with torch.no_grad():
+        reference = model(torch.from_numpy(frames))["out"].numpy()
+    logits = _session(path).run(None, {"input": frames})[0]
+    np.testing.assert_allclose(logits, reference, atol=1e-4)

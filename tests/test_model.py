@@ -100,3 +100,53 @@ def test_aspp_rates_flag_reaches_the_config(tmp_path):
 
     assert cfg().aspp_rates == (12, 24, 36)
     assert cfg("--aspp-rates", "3", "6", "9").aspp_rates == (3, 6, 9)
+
+
+@pytest.mark.parametrize("arch, skip_shape", [("mobilenet_v3_large", (40, 16, 16)), ("resnet50", (256, 32, 32))])
+def test_skip_decoder_reads_a_map_twice_as_fine_and_checkpoints_keep_it(arch, skip_shape, tmp_path, tiny_config):
+    from training.checkpoint import load_model, make_checkpoint, save_checkpoint
+
+    model = build_model(arch, decoder="skip").eval()
+    x = torch.rand(1, 1, 128, 128)
+    features = model.backbone(x)
+    assert features["skip"].shape[1:] == skip_shape  # twice the resolution of the ASPP's input
+    assert features["out"].shape[-1] * 2 == skip_shape[-1]
+    with torch.no_grad():
+        out = model(x)["out"]
+    assert out.shape == (1, 1, 128, 128)
+    # the decoder really reads the skip features: changing them changes the logits
+    with torch.no_grad():
+        other = model.decoder(model.classifier(features["out"]), torch.rand_like(features["skip"]))
+        assert not torch.allclose(model.decoder(model.classifier(features["out"]), features["skip"]), other)
+    # the last convolution in module order is the classifier's (QAT leaves its output, the logits, in float)
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    assert last is model.decoder.classifier and last.out_channels == 1
+    if arch == "mobilenet_v3_large":  # the state dict of a plain model loads only with a decoder of the same kind
+        cfg = tiny_config.replace(decoder="skip")
+        save_checkpoint(make_checkpoint(cfg, model), tmp_path / "c.pt")
+        loaded, _, loaded_cfg = load_model(tmp_path / "c.pt")
+        assert loaded_cfg.decoder == "skip" and isinstance(loaded, type(model))
+        with torch.no_grad():
+            assert torch.equal(loaded(x)["out"], out)
+
+
+def test_skip_decoder_starts_its_backbone_from_a_plain_checkpoint(tmp_path):
+    plain = build_model("mobilenet_v3_large")
+    path = tmp_path / "plain.pt"
+    torch.save({"model": plain.state_dict()}, path)
+    model = build_model("mobilenet_v3_large", pretrained=str(path), decoder="skip")
+    assert torch.equal(model.backbone["6"].block[0][0].weight, plain.backbone["6"].block[0][0].weight)
+    with pytest.raises(InputError, match="decoder must be one of"):
+        build_model("mobilenet_v3_large", decoder="unet")
+
+
+def test_decoder_flag_reaches_the_config(tmp_path):
+    from training.train import config_from_args, get_args_parser
+
+    def cfg(*flags):
+        return config_from_args(get_args_parser().parse_args(["--recipe", "small", "--run-dir", str(tmp_path), *flags]))
+
+    assert cfg().decoder == "none"
+    assert cfg("--decoder", "skip").decoder == "skip"
+    with pytest.raises(InputError, match="decoder"):
+        cfg().replace(decoder="unet")

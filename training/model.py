@@ -130,10 +130,10 @@ class SkipDecoder(nn.Module):
     it, and one 3x3 convolution of 64 channels (the paper: two of 256) feeds the classifier.
 
     Why: a nerve covers about 2.6 % of a usgra-seg frame (median, mask label 1), a blob of about 40 pixels across
-    at 256x256. Logits on the 16x16 map of output stride 16 cannot draw it: the ground-truth masks themselves,
-    averaged onto a 16x16 grid and upsampled bilinearly, score a mean Dice of only 0.82 against themselves (10 % of
-    frames below 0.60); on a 32x32 grid 0.96, on 64x64 0.99. Its cost at 256x256 on mobilenet_v3_large is about
-    0.2 GMAC against about 1.4 for the rest.
+    at 256x256, about three cells of the 16x16 logit map of output stride 16. The ground-truth masks themselves,
+    averaged onto that grid and upsampled bilinearly, score a mean Dice of only 0.82 against themselves (10 % of
+    frames below 0.60); on a 32x32 grid 0.96, on 64x64 0.99 (scripts/resolution_ceiling.py). Its cost at 256x256
+    on mobilenet_v3_large is about 0.2 GMAC against about 1.4 for the rest.
     """
 
     def __init__(self, skip_channels: int, head_channels: int = 256, num_classes: int = 1):
