@@ -133,7 +133,9 @@ class SkipDecoder(nn.Module):
     at 256x256, about three cells of the 16x16 logit map of output stride 16. The ground-truth masks themselves,
     averaged onto that grid and upsampled bilinearly, score a mean Dice of only 0.82 against themselves (10 % of
     frames below 0.60); on a 32x32 grid 0.96, on 64x64 0.99 (scripts/resolution_ceiling.py). Its cost at 256x256
-    on mobilenet_v3_large is about 0.2 GMAC against about 1.4 for the rest.
+    on mobilenet_v3_large is about 0.2 GMAC against about 1.4 for the rest. Measured on usgra-seg (5-fold CV, ablation
+    (j) in docs/accuracy.md): +0.011 [-0.013, +0.035] test Dice for 13 % more CPU; fewer frames missed, the outlines
+    of frames found no better. Not the default.
     """
 
     def __init__(self, skip_channels: int, head_channels: int = 256, num_classes: int = 1):
