@@ -1,0 +1,96 @@
+"""Would averaging several recipes' models help? Measured post hoc on `nerveseg cv` runs over the same folds.
+
+For each fold: the probabilities of every run's best checkpoint on the fold's validation and test frames, and their
+mean; T* and morphology tuned on the validation frames for each (as `nerveseg tune`); the test frames scored. The
+first run is the reference; each row's gain over it is paired over the folds (t interval). PyTorch on the CPU, one
+thread, no retraining. A diagnostic, not a recipe: the device would run every network on every frame, and a
+combination picked after seeing these folds is fitted to them (docs/accuracy.md, the ensemble diagnostic).
+
+    PYTHONPATH=. python scripts/cv_ensemble.py runs/cv5/small-phantom runs/cv5/small-skip runs/cv5/small-b8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cv_flip_tta import t_interval  # noqa: E402  (scripts/ is on sys.path when run as a script)
+from device_runtime.postprocess import Morphology  # noqa: E402
+from training.checkpoint import load_model  # noqa: E402
+from training.evaluate import evaluate_arrays  # noqa: E402
+from training.predict import predict_probabilities  # noqa: E402
+from training.stages import split_arrays  # noqa: E402
+from training.tune import tune  # noqa: E402
+
+
+def tuned_test_dice(val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], weights) -> float:
+    """Test Dice of probabilities after T* and morphology are tuned on the validation ones."""
+    tuned = tune(val[0], val[1], weights)
+    metrics, _, _ = evaluate_arrays(test[0], test[1], tuned["threshold"], Morphology.from_dict(tuned["morphology"]))
+    return metrics["dice"]
+
+
+def score_fold(fold_dirs: list[Path]) -> dict:
+    """Per run and for the mean of all runs: the fold's test Dice. The folds must hold the same frames."""
+    probabilities = {"val": [], "test": []}
+    masks, weights = {}, None
+    for fold_dir in fold_dirs:
+        model, _, cfg = load_model(fold_dir / "checkpoints" / "best.pt")
+        weights = cfg.objective_weights
+        for split in ("val", "test"):
+            images, split_masks, _ = split_arrays(fold_dir, split, cfg)
+            if split in masks and not np.array_equal(masks[split], split_masks):
+                raise SystemExit(f"{fold_dir}: its {split} frames differ from {fold_dirs[0]}'s; not the same folds")
+            masks[split] = split_masks
+            probabilities[split].append(predict_probabilities(model, images, torch.device("cpu"), cfg.val_batch_size))
+    scores = [tuned_test_dice((v, masks["val"]), (t, masks["test"]), weights)
+              for v, t in zip(probabilities["val"], probabilities["test"])]
+    mean = tuned_test_dice((np.mean(probabilities["val"], axis=0), masks["val"]),
+                           (np.mean(probabilities["test"], axis=0), masks["test"]), weights)
+    return {"fold": fold_dirs[0].name, "runs": scores, "ensemble": mean}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("cv_dirs", type=Path, nargs="+", help="finished `nerveseg cv` runs of the same folds")
+    parser.add_argument("--out", type=Path, help="JSON of the per-fold figures (default FIRST_CV_DIR/ensemble.json)")
+    args = parser.parse_args()
+    if len(args.cv_dirs) < 2:
+        print("give at least two `nerveseg cv` runs", file=sys.stderr)
+        return 2
+    folds = sorted(args.cv_dirs[0].glob("fold-*"), key=lambda p: int(p.name.split("-")[1]))
+    missing = [str(d / f.name) for d in args.cv_dirs for f in folds if not (d / f.name / "checkpoints").is_dir()]
+    if not 2 <= len(folds) <= 10 or missing:
+        print(f"expected 2 to 10 finished folds in every run; missing: {missing[:3]}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(1)
+    rows = []
+    for fold in folds:
+        rows.append(score_fold([d / fold.name for d in args.cv_dirs]))
+        r = rows[-1]
+        print(f"{r['fold']}: " + "  ".join(f"{d.name} {s:.4f}" for d, s in zip(args.cv_dirs, r["runs"]))
+              + f"  ensemble {r['ensemble']:.4f}", flush=True)
+    reference = np.array([r["runs"][0] for r in rows])
+    columns = {d.name: np.array([r["runs"][i] for r in rows]) for i, d in enumerate(args.cv_dirs)}
+    columns["ensemble"] = np.array([r["ensemble"] for r in rows])
+    summary = {"runs": [str(d) for d in args.cv_dirs], "folds": rows, "mean": {}}
+    for name, values in columns.items():
+        gains = values - reference
+        low, high = t_interval(gains) if name != args.cv_dirs[0].name else (0.0, 0.0)
+        summary["mean"][name] = {"dice": float(values.mean()), "gain": float(gains.mean()), "gain_t95": [low, high]}
+        print(f"{name:>24}: mean Dice {values.mean():.4f}, gain over {args.cv_dirs[0].name} {gains.mean():+.4f} "
+              f"[{low:+.4f}, {high:+.4f}]")
+    out = args.out or args.cv_dirs[0] / "ensemble.json"
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
