@@ -76,7 +76,9 @@ def test_step_budget_schedule_and_sparse_validation(step_config):
     assert (run_dir / "checkpoints" / "best.pt").is_file()
 
 
-def test_step_budget_resumes_exactly(step_config, tmp_path, monkeypatch):
+@pytest.mark.parametrize("weight_ema", [0.0, 0.9])
+def test_step_budget_resumes_exactly(step_config, tmp_path, monkeypatch, weight_ema):
+    step_config = step_config.replace(weight_ema=weight_ema)
     straight = train.main(step_config.replace(run_dir=str(tmp_path / "straight")))
     cfg = step_config.replace(run_dir=str(tmp_path / "interrupted"))
     real_epoch = train.train_one_epoch
@@ -91,9 +93,25 @@ def test_step_budget_resumes_exactly(step_config, tmp_path, monkeypatch):
         train.main(cfg)
     monkeypatch.setattr(train, "train_one_epoch", real_epoch)
     resumed = train.main(cfg, resume=True)
-    a = read_checkpoint(straight / "checkpoints" / "last.pt")["model"]
-    b = read_checkpoint(resumed / "checkpoints" / "last.pt")["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("last.pt", "best.pt"):  # best.pt: the weight average when there is one
+        a = read_checkpoint(straight / "checkpoints" / name)["model"]
+        b = read_checkpoint(resumed / "checkpoints" / name)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_weight_average_is_what_is_validated_and_kept(step_config, tmp_path):
+    cfg = step_config.replace(run_dir=str(tmp_path / "ema"), weight_ema=0.9, val_every=100)  # only the last epoch
+    run_dir = train.main(cfg)
+    last = read_checkpoint(run_dir / "checkpoints" / "last.pt")
+    best = read_checkpoint(run_dir / "checkpoints" / "best.pt")
+    assert int(last["averaged"]["n_averaged"]) == 7  # updated after each of the 7 optimiser steps
+    averaged = {k[len("module."):]: v for k, v in last["averaged"].items() if k.startswith("module.")}
+    assert "averaged" not in best and set(best["model"]) == set(averaged)
+    assert all(torch.equal(best["model"][k], averaged[k]) for k in averaged)
+    weights = [k for k in averaged if k.endswith(".weight")]
+    assert not all(torch.equal(averaged[k], last["model"][k]) for k in weights)  # not the weights as trained
+    with pytest.raises(InputError, match="weight_ema"):
+        cfg.replace(weight_ema=1.0)
 
 
 def test_scale_shift_and_elastic_keep_image_and_mask_aligned():

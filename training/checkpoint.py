@@ -60,7 +60,7 @@ def make_checkpoint(cfg: TrainConfig, model: torch.nn.Module, **extra) -> dict:
     }
 
 
-RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng")
+RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng", "averaged")
 
 
 def without_resume_state(checkpoint: dict) -> dict:

@@ -61,6 +61,8 @@ class TrainConfig:
     bce_weight: float = 1.0
     dice_weight: float = 1.0
     recalibrate_bn: bool = True  # re-estimate BatchNorm statistics before validation (see training/batchnorm.py)
+    weight_ema: float = 0.0  # > 0: validate, keep (best.pt) and deploy an exponential moving average of the weights,
+    # this decay per optimiser step (0.99: about the last 100 steps); 0 = the weights as trained
     # augmentation (training split only)
     rotation: float = 15.0
     hflip: bool = True
@@ -115,6 +117,8 @@ class TrainConfig:
                              "background label); give the nerve's label, e.g. 1, or none for any non-zero pixel")
         if not self.aspp_rates or min(self.aspp_rates) < 1:
             raise InputError(f"aspp_rates must be one or more dilation rates >= 1, got {list(self.aspp_rates)}")
+        if not 0 <= self.weight_ema < 1:
+            raise InputError(f"weight_ema must be in [0, 1) (a decay per step; 0 = off), got {self.weight_ema}")
         if self.lr <= 0:
             raise InputError(f"lr must be positive, got {self.lr}")
         if self.workers < -1:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
@@ -178,9 +179,11 @@ def memory_format(cfg: TrainConfig, device: torch.device) -> torch.memory_format
 
 
 def train_one_epoch(model, loader, criterion, optimizer, scaler, device, cfg: TrainConfig, epoch: int,
-                    show: bool, max_steps: int | None = None, step_scheduler=None, epochs: int | None = None) -> dict:
+                    show: bool, max_steps: int | None = None, step_scheduler=None, epochs: int | None = None,
+                    after_step=None) -> dict:
     """One pass over `loader` (at most `max_steps` batches); `step_scheduler` is stepped after every
-    optimiser step (per-step schedules), the per-epoch ones are stepped by the caller."""
+    optimiser step (per-step schedules), the per-epoch ones are stepped by the caller; `after_step()` is called
+    after every optimiser step too (the weight average's update)."""
     model.train()
     total_loss, seen, start = 0.0, 0, time.perf_counter()
     layout = memory_format(cfg, device)
@@ -200,6 +203,8 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, device, cfg: Tr
         scaler.update()
         if step_scheduler is not None:
             step_scheduler.step()
+        if after_step is not None:
+            after_step()
         total_loss += value * len(image)  # the loss was read once above: one CPU-GPU sync per batch
         seen += len(image)
     elapsed = time.perf_counter() - start
@@ -280,8 +285,14 @@ class Trainer:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     criterion: BCEDiceLoss
+    averaged: AveragedModel | None = None  # weight_ema > 0: the moving average that is validated and kept
     start_epoch: int = 0
     best_dice: float = -1.0
+
+    @property
+    def judged(self) -> torch.nn.Module:
+        """The network validation scores and best.pt keeps: the weight average when there is one."""
+        return self.averaged.module if self.averaged is not None else self.model
 
 
 def augmented_train_set(cfg: TrainConfig, images: np.ndarray, masks: np.ndarray) -> SegmentationDataset:
@@ -304,8 +315,12 @@ def build_trainer(cfg: TrainConfig, device: torch.device, budget: Budget | None 
     # bf16 autocast needs no loss scaling; fp16 (older GPUs) does
     use_scaler = device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
     budget = budget or plan_budget(cfg, 1)
+    # torch.optim.swa_utils: the average's BatchNorm statistics follow too, and are re-estimated before validation
+    averaged = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.weight_ema), use_buffers=True)
+                if cfg.weight_ema > 0 else None)
     return Trainer(model, optimizer, build_scheduler(optimizer, cfg, budget),
-                   torch.amp.GradScaler("cuda", enabled=use_scaler), BCEDiceLoss(cfg.bce_weight, cfg.dice_weight))
+                   torch.amp.GradScaler("cuda", enabled=use_scaler), BCEDiceLoss(cfg.bce_weight, cfg.dice_weight),
+                   averaged)
 
 
 def restore(trainer: Trainer, path: Path) -> None:
@@ -315,6 +330,8 @@ def restore(trainer: Trainer, path: Path) -> None:
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.scaler.load_state_dict(state["scaler"])
+    if trainer.averaged is not None:
+        trainer.averaged.load_state_dict(state["averaged"])
     trainer.start_epoch, trainer.best_dice = state["epoch"], state["best_val_dice"]
     set_rng_state(state["rng"])
 
@@ -330,6 +347,8 @@ def finish_epoch(trainer: Trainer, cfg: TrainConfig, run_dir: Path, epoch: int, 
     checkpoint = make_checkpoint(cfg, trainer.model, epoch=epoch + 1, best_val_dice=trainer.best_dice,
                                  optimizer=trainer.optimizer.state_dict(), scheduler=trainer.scheduler.state_dict(),
                                  scaler=trainer.scaler.state_dict(), rng=rng_state(), val=stats)
+    if trainer.averaged is not None:  # last.pt resumes both; best.pt holds the average, which was validated
+        checkpoint["averaged"] = trainer.averaged.state_dict()
     # order matters under kill -9: last.pt is written last, so whatever came before it (the log line, best.pt)
     # is redone by a resume from the previous last.pt; the other way round, a resumed run would miss the line,
     # or keep an older best.pt while believing this epoch's score was saved
@@ -337,7 +356,8 @@ def finish_epoch(trainer: Trainer, cfg: TrainConfig, run_dir: Path, epoch: int, 
     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as log:
         log.write(dumps_strict(record) + "\n")  # strict JSON: a NaN metric becomes null
     if is_best:
-        save_checkpoint(without_resume_state(checkpoint), run_dir / "checkpoints" / "best.pt")
+        save_checkpoint({**without_resume_state(checkpoint), "model": trainer.judged.state_dict()},
+                        run_dir / "checkpoints" / "best.pt")
     save_checkpoint(checkpoint, run_dir / "checkpoints" / "last.pt")
     shown = (f"val Dice@0.5 {stats['val_dice']:.4f}  best-T Dice {stats['val_best_dice']:.4f}" if validated
              else "(not validated)")
@@ -418,20 +438,23 @@ def _train(cfg: TrainConfig, ddp: Dist, device: torch.device, resume: bool, spli
         model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.torch_compile:  # only the training step: `model` (eager, the same parameters) validates and is saved
         net = torch.compile(net)
+    # the average follows the eager module's parameters (the same tensors DDP and torch.compile step)
+    average_step = (lambda: trainer.averaged.update_parameters(model)) if trainer.averaged is not None else None
 
     for epoch in range(trainer.start_epoch, budget.epochs):
         loader = build_loader(train_set, cfg, ddp, epoch, workers)
         stats = train_one_epoch(net, loader, trainer.criterion, trainer.optimizer, trainer.scaler, device, cfg,
                                 epoch, ddp.main, max_steps=budget.steps_in(epoch),
-                                step_scheduler=trainer.scheduler if per_step else None, epochs=budget.epochs)
+                                step_scheduler=trainer.scheduler if per_step else None, epochs=budget.epochs,
+                                after_step=average_step)
         if not per_step:
             trainer.scheduler.step()
         if ddp.main:
             last = epoch + 1 == budget.epochs
             if last or (epoch + 1) % cfg.val_every == 0:  # validation costs a pass over train + val frames
                 if cfg.recalibrate_bn:  # rank 0's statistics reach the other ranks: DDP broadcasts buffers
-                    recalibrate_batchnorm(model, train_images, device, cfg.batch_size)
-                stats.update(validate(model, val_images, val_masks, device, cfg))
+                    recalibrate_batchnorm(trainer.judged, train_images, device, cfg.batch_size)
+                stats.update(validate(trainer.judged, val_images, val_masks, device, cfg))
             finish_epoch(trainer, cfg, run_dir, epoch, stats, budget.epochs)
         ddp.barrier()
     return run_dir
@@ -463,6 +486,9 @@ def get_args_parser(parser=None, resumable: bool = True):
                         help="dilation rates of the ASPP's 3x3 branches (torchvision's 12 24 36; 3 6 9 fit a 256x256 frame)")
     parser.add_argument("--decoder", choices=["none", "skip"],
                         help="skip: a light DeepLabV3+ decoder, logits from a map twice as fine (default: the recipe's)")
+    parser.add_argument("--weight-ema", type=float, metavar="DECAY",
+                        help="validate, keep and deploy a moving average of the weights, this decay per step (0.99; "
+                             "0 = off)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--steps", type=int, help="budget in optimiser steps instead of epochs (0 = use --epochs)")
     parser.add_argument("--val-every", type=int, help="validate every N epochs (and after the last)")
@@ -498,7 +524,7 @@ def config_from_args(args) -> TrainConfig:
     overrides = {name: getattr(args, name, None) for name in (
         "data", "mask_label", "run_dir", "arch", "input_size", "pretrained", "epochs", "batch_size", "lr",
         "seed", "synth_count", "device", "workers", "amp", "steps", "val_every", "group_by", "aspp_rates",
-        "decoder", "torch_compile", "phantom_frames", "phantom_dir", "phantom_head")}
+        "decoder", "weight_ema", "torch_compile", "phantom_frames", "phantom_dir", "phantom_head")}
     for name in ("input_size", "aspp_rates"):
         if overrides[name] is not None:
             overrides[name] = tuple(overrides[name])
