@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights
 from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large, deeplabv3_resnet50
-from torch.nn import functional as F
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
 from device_runtime.errors import InputError
