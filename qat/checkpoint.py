@@ -15,8 +15,8 @@ from torch import nn
 
 from device_runtime.errors import InputError
 from training.checkpoint import NORMALIZATION, save_checkpoint
-from training.config import TORCHVISION_ASPP_RATES, TrainConfig, config_from_dict
-from training.model import build_model
+from training.config import TrainConfig, config_from_dict
+from training.model import build_model, build_model_of
 
 from .config import QatConfig, qat_config_from_dict
 from .prepare import prepare_qat
@@ -64,12 +64,10 @@ def read_qat_checkpoint(path: str | Path) -> dict:
 
 
 def build_qat_model(arch: str, qcfg: QatConfig, float_model: nn.Module | None = None,
-                    init_steps: bool = True, aspp_rates: tuple[int, ...] = TORCHVISION_ASPP_RATES,
-                    decoder: str = "none") -> nn.Module:
-    """The QAT form of `float_model` (or of a fresh model of `arch`, `aspp_rates` and `decoder`, to load a state
-    into) for qcfg's bits."""
+                    init_steps: bool = True) -> nn.Module:
+    """The QAT form of `float_model` (or of a fresh torchvision-default model of `arch`) for qcfg's bits."""
     setting = qcfg.bit_setting
-    model = float_model if float_model is not None else build_model(arch, aspp_rates=aspp_rates, decoder=decoder)
+    model = float_model if float_model is not None else build_model(arch)
     weight_bits = qcfg.initial_bits if setting.learned and qcfg.initial_bits else setting.weight_bits
     return prepare_qat(model, arch, weight_bits=weight_bits, activation_bits=setting.activation_bits,
                        learn_weight_bits=setting.learned,
@@ -82,7 +80,6 @@ def load_qat_model(path: str | Path) -> tuple[nn.Module, dict, TrainConfig, QatC
     checkpoint = read_qat_checkpoint(path)
     cfg = config_from_dict(checkpoint["config"], f"{path} (config)")
     qcfg = qat_config_from_dict(checkpoint["qat_config"], f"{path} (qat_config)")
-    model = build_qat_model(checkpoint["arch"], qcfg, init_steps=False, aspp_rates=cfg.aspp_rates,
-                            decoder=cfg.decoder)
+    model = build_qat_model(checkpoint["arch"], qcfg, build_model_of(cfg), init_steps=False)
     model.load_state_dict(checkpoint["model"])
     return model.eval(), checkpoint, cfg, qcfg

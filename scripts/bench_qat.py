@@ -24,7 +24,7 @@ from qat.prepare import initialise_steps, prepare_qat, project_bits_
 from qat.train import build_optimizer
 from training.config import build_config
 from training.losses import BCEDiceLoss
-from training.model import build_model
+from training.model import build_model_of
 
 
 def timed_steps(model, step, batches) -> float:
@@ -54,7 +54,7 @@ def main() -> None:
     masks = (torch.rand(args.frames, 1, h, w) > 0.9).float()
     batches = [(images[i:i + cfg.batch_size], masks[i:i + cfg.batch_size]) for i in range(0, args.frames, cfg.batch_size)]
 
-    float_model = build_model(cfg.arch, aspp_rates=cfg.aspp_rates, decoder=cfg.decoder)
+    float_model = build_model_of(cfg)
     float_opt = torch.optim.Adam(float_model.parameters(), lr=cfg.lr)
     task = BCEDiceLoss(cfg.bce_weight, cfg.dice_weight)
 

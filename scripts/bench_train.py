@@ -40,7 +40,7 @@ from training.config import build_config
 from training.data import SegmentationDataset
 from training.losses import BCEDiceLoss
 from training.live_taps import whole_kernels
-from training.model import build_model
+from training.model import build_model_of
 from training.predict import autocast
 from training.synth import generate_phantom
 from training.transforms import AugmentConfig, build_train_transform
@@ -72,7 +72,7 @@ def step_rate(cfg, loader: DataLoader, device: torch.device, steps: int, amp: bo
     `whole`: every convolution computes with its whole kernel (training.live_taps.whole_kernels).
     `warmup_s`: the model runs under torch.compile, and the wall seconds of the two warm-up steps (where it
     compiles) are appended to this list."""
-    model = build_model(cfg.arch, aspp_rates=cfg.aspp_rates, decoder=cfg.decoder).to(device).train()
+    model = build_model_of(cfg).to(device).train()
     if whole:
         whole_kernels(model)
     if channels_last is None:
@@ -119,7 +119,7 @@ def validation_cpu_seconds(cfg, train_frames: int, val_frames: int) -> float:
     from training.batchnorm import recalibrate_batchnorm
     from training.predict import predict_probabilities
 
-    model = build_model(cfg.arch, aspp_rates=cfg.aspp_rates, decoder=cfg.decoder)
+    model = build_model_of(cfg)
     images = np.random.default_rng(0).random((train_frames + val_frames, *cfg.input_size), dtype=np.float32)
     start = time.process_time()
     recalibrate_batchnorm(model, images[:train_frames], torch.device("cpu"), cfg.batch_size)

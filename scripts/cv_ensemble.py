@@ -21,20 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cv_flip_tta import t_interval  # noqa: E402  (scripts/ is on sys.path when run as a script)
-from device_runtime.postprocess import Morphology  # noqa: E402
+from cv_flip_tta import t_interval, tuned_test_score  # noqa: E402  (scripts/ is on sys.path when run as a script)
 from training.checkpoint import load_model  # noqa: E402
-from training.evaluate import evaluate_arrays  # noqa: E402
 from training.predict import predict_probabilities  # noqa: E402
 from training.stages import split_arrays  # noqa: E402
-from training.tune import tune  # noqa: E402
-
-
-def tuned_test_dice(val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], weights) -> float:
-    """Test Dice of probabilities after T* and morphology are tuned on the validation ones."""
-    tuned = tune(val[0], val[1], weights)
-    metrics, _, _ = evaluate_arrays(test[0], test[1], tuned["threshold"], Morphology.from_dict(tuned["morphology"]))
-    return metrics["dice"]
 
 
 def score_fold(fold_dirs: list[Path]) -> dict:
@@ -50,10 +40,10 @@ def score_fold(fold_dirs: list[Path]) -> dict:
                 raise SystemExit(f"{fold_dir}: its {split} frames differ from {fold_dirs[0]}'s; not the same folds")
             masks[split] = split_masks
             probabilities[split].append(predict_probabilities(model, images, torch.device("cpu"), cfg.val_batch_size))
-    scores = [tuned_test_dice((v, masks["val"]), (t, masks["test"]), weights)
+    scores = [tuned_test_score((v, masks["val"]), (t, masks["test"]), weights)["dice"]
               for v, t in zip(probabilities["val"], probabilities["test"])]
-    mean = tuned_test_dice((np.mean(probabilities["val"], axis=0), masks["val"]),
-                           (np.mean(probabilities["test"], axis=0), masks["test"]), weights)
+    mean = tuned_test_score((np.mean(probabilities["val"], axis=0), masks["val"]),
+                            (np.mean(probabilities["test"], axis=0), masks["test"]), weights)["dice"]
     return {"fold": fold_dirs[0].name, "runs": scores, "ensemble": mean}
 
 

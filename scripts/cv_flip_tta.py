@@ -42,6 +42,14 @@ def t_interval(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean() - half), float(values.mean() + half)
 
 
+def tuned_test_score(val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], weights) -> dict:
+    """T* and morphology tuned on (probabilities, masks) of the validation frames, as `nerveseg tune`; then the
+    test frames scored with them: {"threshold", "dice"}."""
+    tuned = tune(val[0], val[1], weights)
+    metrics, _, _ = evaluate_arrays(test[0], test[1], tuned["threshold"], Morphology.from_dict(tuned["morphology"]))
+    return {"threshold": tuned["threshold"], "dice": metrics["dice"]}
+
+
 def plain_and_flipped(model, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(N, H, W) probabilities, and their average with those of the mirrored frames mirrored back."""
     cpu = torch.device("cpu")
@@ -58,10 +66,8 @@ def score_fold(fold_dir: Path) -> dict:
         arrays[split] = (*plain_and_flipped(model, images, cfg.val_batch_size), masks)
     result = {"fold": fold_dir.name}
     for column, kind in (("plain", 0), ("flip_tta", 1)):
-        tuned = tune(arrays["val"][kind], arrays["val"][2], cfg.objective_weights)
-        metrics, _, _ = evaluate_arrays(arrays["test"][kind], arrays["test"][2], tuned["threshold"],
-                                        Morphology.from_dict(tuned["morphology"]))
-        result[column] = {"threshold": tuned["threshold"], "dice": metrics["dice"]}
+        result[column] = tuned_test_score((arrays["val"][kind], arrays["val"][2]),
+                                          (arrays["test"][kind], arrays["test"][2]), cfg.objective_weights)
     return result
 
 

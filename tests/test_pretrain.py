@@ -61,9 +61,9 @@ def test_the_flags_reach_the_config(tmp_path):
 
 def test_a_run_starts_from_the_phantom_backbone_and_reuses_a_finished_stage(phantom_config, tmp_path, monkeypatch):
     asked = []
-    real_build = train.build_model
-    monkeypatch.setattr(train, "build_model", lambda arch, *, pretrained, **kw: asked.append(pretrained)
-                        or real_build(arch, pretrained=pretrained, **kw))
+    real_build = train.build_model_of
+    monkeypatch.setattr(train, "build_model_of", lambda cfg, *, pretrained, **kw: asked.append(pretrained)
+                        or real_build(cfg, pretrained=pretrained, **kw))
     run_dir = train.main(phantom_config)
     stage = run_dir / "phantom"
     assert asked == ["none", str(stage / "checkpoints" / "best.pt")]  # the stage from scratch, then the run from it

@@ -19,7 +19,7 @@ from device_runtime.fileio import atomic_path
 
 from .config import TrainConfig, config_from_dict
 from .finite import check_finite_state, non_finite_tensors
-from .model import build_model
+from .model import build_model_of
 from .trust import numpy_state_from_plain, numpy_state_to_plain, safe_load
 
 FORMAT = "nerveseg-checkpoint-1"
@@ -100,7 +100,6 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict, TrainConfig]:
     if bad:
         raise InputError(f"{path}: the model holds NaN or Inf in {bad[0]}; it was written by a diverged run "
                          "(an older nerveseg); retrain from a finite checkpoint")
-    model = build_model(checkpoint["arch"], num_classes=checkpoint["num_classes"], aspp_rates=cfg.aspp_rates,
-                        decoder=cfg.decoder)
+    model = build_model_of(cfg, num_classes=checkpoint["num_classes"])
     model.load_state_dict(checkpoint["model"])
     return model.eval(), checkpoint, cfg

@@ -19,7 +19,7 @@ from torchvision.models.segmentation.deeplabv3 import ASPP
 
 from device_runtime.errors import InputError
 
-from .config import DECODERS, TORCHVISION_ASPP_RATES
+from .config import DECODERS, TORCHVISION_ASPP_RATES, TrainConfig
 from .live_taps import skip_dead_taps
 
 _BUILDERS = {"resnet50": deeplabv3_resnet50, "mobilenet_v3_large": deeplabv3_mobilenet_v3_large}
@@ -208,6 +208,12 @@ def build_model(arch: str, *, pretrained: str = "none", num_classes: int = 1,
         else:
             _load_backbone(model, arch, state, pretrained)
     return model
+
+
+def build_model_of(cfg: TrainConfig, **kwargs) -> nn.Module:
+    """The network `cfg` describes (arch, ASPP rates, decoder): the one place a config becomes a model, so a new
+    architecture setting reaches training, checkpoints, QAT and the benches alike. `kwargs` go to build_model."""
+    return build_model(cfg.arch, aspp_rates=cfg.aspp_rates, decoder=cfg.decoder, **kwargs)
 
 
 class LogitsOnly(nn.Module):

@@ -36,7 +36,7 @@ from .data import SegmentationDataset, discover, group_by_prefix, load_pairs, lo
 from .losses import BCEDiceLoss
 from . import pretrain
 from .batchnorm import recalibrate_batchnorm
-from .model import build_model
+from .model import build_model_of
 from .predict import autocast, predict_probabilities, resolve_device
 from .synth import write_phantom
 from .transforms import AugmentConfig, build_train_transform
@@ -308,8 +308,7 @@ def build_trainer(cfg: TrainConfig, device: torch.device, budget: Budget | None 
     if pretrained is None:
         pretrained = str(pretrain.backbone_path(cfg)) if pretrain.uses_phantom(cfg) else cfg.pretrained
     # the config refuses phantom_head without pretrained = "phantom"; "none" here means a resume
-    model = build_model(cfg.arch, pretrained=pretrained, aspp_rates=cfg.aspp_rates, decoder=cfg.decoder,
-                        with_head=cfg.phantom_head and pretrained != "none")
+    model = build_model_of(cfg, pretrained=pretrained, with_head=cfg.phantom_head and pretrained != "none")
     model = model.to(device).to(memory_format=memory_format(cfg, device))
     optimizer = build_optimizer(model, cfg)
     # bf16 autocast needs no loss scaling; fp16 (older GPUs) does
