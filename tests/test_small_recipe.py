@@ -76,9 +76,9 @@ def test_step_budget_schedule_and_sparse_validation(step_config):
     assert (run_dir / "checkpoints" / "best.pt").is_file()
 
 
-@pytest.mark.parametrize("weight_ema", [0.0, 0.9])
-def test_step_budget_resumes_exactly(step_config, tmp_path, monkeypatch, weight_ema):
-    step_config = step_config.replace(weight_ema=weight_ema)
+@pytest.mark.parametrize("averaging", [{}, {"weight_ema": 0.9}, {"swa_start": 0.5}])
+def test_step_budget_resumes_exactly(step_config, tmp_path, monkeypatch, averaging):
+    step_config = step_config.replace(**averaging)
     straight = train.main(step_config.replace(run_dir=str(tmp_path / "straight")))
     cfg = step_config.replace(run_dir=str(tmp_path / "interrupted"))
     real_epoch = train.train_one_epoch
@@ -112,6 +112,26 @@ def test_weight_average_is_what_is_validated_and_kept(step_config, tmp_path):
     assert not all(torch.equal(averaged[k], last["model"][k]) for k in weights)  # not the weights as trained
     with pytest.raises(InputError, match="weight_ema"):
         cfg.replace(weight_ema=1.0)
+
+
+def test_swa_holds_the_lr_and_averages_only_the_tail(step_config, tmp_path):
+    cfg = step_config.replace(run_dir=str(tmp_path / "swa"), swa_start=0.5, swa_lr_ratio=0.2, val_every=100)
+    budget = train.Budget(steps_per_epoch=3, total_steps=7)
+    assert train.swa_first_step(cfg, budget) == 4 and train.swa_first_step(step_config, budget) is None
+    factors = train.build_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), cfg,
+                                    budget).lr_lambdas[0]
+    assert [factors(s) for s in (4, 5, 6, 7)] == pytest.approx([0.2] * 4)  # constant once averaging starts
+    assert factors(2) > 0.2  # still decaying before
+    run_dir = train.main(cfg)
+    last = read_checkpoint(run_dir / "checkpoints" / "last.pt")
+    best = read_checkpoint(run_dir / "checkpoints" / "best.pt")
+    assert int(last["averaged"]["n_averaged"]) == 4  # steps 4, 5, 6 and 7, not the 3 before
+    assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.2 * cfg.lr)
+    averaged = {k[len("module."):]: v for k, v in last["averaged"].items() if k.startswith("module.")}
+    assert all(torch.equal(best["model"][k], averaged[k]) for k in averaged)  # the average is what is kept
+    for bad in ({"swa_start": 1.0}, {"swa_lr_ratio": 0.0}, {"weight_ema": 0.9}, {"scheduler": "cosine"}):
+        with pytest.raises(InputError, match="swa"):
+            cfg.replace(**bad)
 
 
 def test_scale_shift_and_elastic_keep_image_and_mask_aligned():

@@ -63,6 +63,10 @@ class TrainConfig:
     recalibrate_bn: bool = True  # re-estimate BatchNorm statistics before validation (see training/batchnorm.py)
     weight_ema: float = 0.0  # > 0: validate, keep (best.pt) and deploy an exponential moving average of the weights,
     # this decay per optimiser step (0.99: about the last 100 steps); 0 = the weights as trained
+    swa_start: float = 0.0  # in (0, 1): stochastic weight averaging (warmup_cosine only): the schedule decays to
+    # swa_lr_ratio x lr by this fraction of the step budget, holds it there, and the equal average of every later
+    # step's weights is validated, kept and deployed; 0 = off
+    swa_lr_ratio: float = 0.1
     # augmentation (training split only)
     rotation: float = 15.0
     hflip: bool = True
@@ -119,6 +123,12 @@ class TrainConfig:
             raise InputError(f"aspp_rates must be one or more dilation rates >= 1, got {list(self.aspp_rates)}")
         if not 0 <= self.weight_ema < 1:
             raise InputError(f"weight_ema must be in [0, 1) (a decay per step; 0 = off), got {self.weight_ema}")
+        if not 0 <= self.swa_start < 1 or not 0 < self.swa_lr_ratio <= 1:
+            raise InputError(f"swa_start must be in [0, 1) (0 = off) and swa_lr_ratio in (0, 1], got "
+                             f"{self.swa_start} and {self.swa_lr_ratio}")
+        if self.swa_start > 0 and (self.weight_ema > 0 or self.scheduler != "warmup_cosine"):
+            raise InputError("swa_start needs scheduler = \"warmup_cosine\" and weight_ema = 0 (one weight average "
+                             f"at a time), got scheduler {self.scheduler!r} and weight_ema {self.weight_ema}")
         if self.lr <= 0:
             raise InputError(f"lr must be positive, got {self.lr}")
         if self.workers < -1:

@@ -149,6 +149,16 @@ def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def swa_first_step(cfg: TrainConfig, budget: Budget) -> int | None:
+    """The optimiser step from which stochastic weight averaging averages (None: no SWA). SWA (Izmailov et al.
+    2018, "Averaging weights leads to wider optima and better generalization") averages the weights visited at a
+    constant, moderate lr: points around one minimum, whose mean generalises like an ensemble of them. At least the
+    last step is averaged, however short the run."""
+    if cfg.swa_start <= 0:
+        return None
+    return min(budget.total_steps - 1, max(1, round(cfg.swa_start * budget.total_steps)))
+
+
 def build_scheduler(optimizer, cfg: TrainConfig, budget: Budget):
     """`cosine`: the paper's per-epoch cosine (stepped once an epoch); `warmup_cosine`: stepped every
     optimiser step; `none`: constant."""
@@ -157,6 +167,10 @@ def build_scheduler(optimizer, cfg: TrainConfig, budget: Budget):
     if cfg.scheduler == "warmup_cosine":
         # a short run (tests, a quick --epochs 2) must not spend itself warming up: at most a quarter of it
         warmup = min(cfg.warmup_steps, budget.total_steps // 4)
+        start = swa_first_step(cfg, budget)
+        if start is not None:  # SWA: the decay ends where averaging starts, at the constant averaging lr
+            return torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: warmup_cosine(step, warmup, start, cfg.swa_lr_ratio))
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, warmup, budget.total_steps, cfg.min_lr_ratio))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
@@ -291,8 +305,10 @@ class Trainer:
 
     @property
     def judged(self) -> torch.nn.Module:
-        """The network validation scores and best.pt keeps: the weight average when there is one."""
-        return self.averaged.module if self.averaged is not None else self.model
+        """The network validation scores and best.pt keeps: the weight average once it averages something."""
+        if self.averaged is not None and int(self.averaged.n_averaged) > 0:
+            return self.averaged.module
+        return self.model
 
 
 def augmented_train_set(cfg: TrainConfig, images: np.ndarray, masks: np.ndarray) -> SegmentationDataset:
@@ -315,8 +331,11 @@ def build_trainer(cfg: TrainConfig, device: torch.device, budget: Budget | None 
     use_scaler = device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
     budget = budget or plan_budget(cfg, 1)
     # torch.optim.swa_utils: the average's BatchNorm statistics follow too, and are re-estimated before validation
-    averaged = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.weight_ema), use_buffers=True)
-                if cfg.weight_ema > 0 else None)
+    averaged = None
+    if cfg.weight_ema > 0:
+        averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.weight_ema), use_buffers=True)
+    elif cfg.swa_start > 0:  # the equal average of every step from swa_first_step on
+        averaged = AveragedModel(model, use_buffers=True)
     return Trainer(model, optimizer, build_scheduler(optimizer, cfg, budget),
                    torch.amp.GradScaler("cuda", enabled=use_scaler), BCEDiceLoss(cfg.bce_weight, cfg.dice_weight),
                    averaged)
@@ -438,7 +457,13 @@ def _train(cfg: TrainConfig, ddp: Dist, device: torch.device, resume: bool, spli
     if cfg.torch_compile:  # only the training step: `model` (eager, the same parameters) validates and is saved
         net = torch.compile(net)
     # the average follows the eager module's parameters (the same tensors DDP and torch.compile step)
-    average_step = (lambda: trainer.averaged.update_parameters(model)) if trainer.averaged is not None else None
+    average_step = None
+    if trainer.averaged is not None:
+        first = swa_first_step(cfg, budget) or 0  # EMA: from the first step; SWA: once the lr is constant
+
+        def average_step():  # after the scheduler's step: last_epoch counts the optimiser steps taken
+            if trainer.scheduler.last_epoch >= first:
+                trainer.averaged.update_parameters(model)
 
     for epoch in range(trainer.start_epoch, budget.epochs):
         loader = build_loader(train_set, cfg, ddp, epoch, workers)
@@ -488,6 +513,10 @@ def get_args_parser(parser=None, resumable: bool = True):
     parser.add_argument("--weight-ema", type=float, metavar="DECAY",
                         help="validate, keep and deploy a moving average of the weights, this decay per step (0.99; "
                              "0 = off)")
+    parser.add_argument("--swa-start", type=float, metavar="FRACTION",
+                        help="stochastic weight averaging from this fraction of the step budget on, at a constant lr "
+                             "of --swa-lr-ratio x lr (0.75; 0 = off; warmup_cosine recipes)")
+    parser.add_argument("--swa-lr-ratio", type=float, metavar="RATIO", help="SWA's constant lr over the recipe's lr")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--steps", type=int, help="budget in optimiser steps instead of epochs (0 = use --epochs)")
     parser.add_argument("--val-every", type=int, help="validate every N epochs (and after the last)")
@@ -523,7 +552,7 @@ def config_from_args(args) -> TrainConfig:
     overrides = {name: getattr(args, name, None) for name in (
         "data", "mask_label", "run_dir", "arch", "input_size", "pretrained", "epochs", "batch_size", "lr",
         "seed", "synth_count", "device", "workers", "amp", "steps", "val_every", "group_by", "aspp_rates",
-        "decoder", "weight_ema", "torch_compile", "phantom_frames", "phantom_dir", "phantom_head")}
+        "decoder", "weight_ema", "swa_start", "swa_lr_ratio", "torch_compile", "phantom_frames", "phantom_dir", "phantom_head")}
     for name in ("input_size", "aspp_rates"):
         if overrides[name] is not None:
             overrides[name] = tuple(overrides[name])
