@@ -134,6 +134,16 @@ def test_swa_holds_the_lr_and_averages_only_the_tail(step_config, tmp_path):
             cfg.replace(**bad)
 
 
+def test_equal_average_is_the_running_mean_and_keeps_counters_integer():
+    values = [torch.tensor([1.0, 4.0]), torch.tensor([3.0, 0.0]), torch.tensor([5.0, 2.0])]
+    mean = values[0]
+    for count, value in enumerate(values[1:], start=1):
+        mean = train.equal_average(mean, value, torch.tensor(count))
+    assert torch.allclose(mean, torch.tensor([3.0, 2.0]))
+    counter = train.equal_average(torch.tensor(7), torch.tensor(9), torch.tensor(1))
+    assert counter.dtype == torch.int64 and int(counter) == 9
+
+
 def test_scale_shift_and_elastic_keep_image_and_mask_aligned():
     image = torch.zeros(1, 64, 64)
     image[:, 20:44, 14:40] = 1.0

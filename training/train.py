@@ -316,6 +316,16 @@ def augmented_train_set(cfg: TrainConfig, images: np.ndarray, masks: np.ndarray)
     return SegmentationDataset(images, masks, build_train_transform(AugmentConfig.from_config(cfg)))
 
 
+@torch.no_grad()
+def equal_average(averaged: torch.Tensor, current: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """SWA's running mean after `count` earlier tensors, one tensor at a time; an integer (BatchNorm's batch
+    counter) takes the newest value. Torch's default, a CUDA foreach kernel, refuses integer buffers (an H100 run
+    stopped on "Integer division with addcdiv is no longer supported", torch 2.11)."""
+    if not averaged.is_floating_point():
+        return current
+    return averaged + (current - averaged) / (count + 1)
+
+
 def build_trainer(cfg: TrainConfig, device: torch.device, budget: Budget | None = None,
                   pretrained: str | None = None) -> Trainer:
     """`budget` sets the schedule's length; without one, `cfg.epochs` epochs of one step each are assumed
@@ -335,7 +345,7 @@ def build_trainer(cfg: TrainConfig, device: torch.device, budget: Budget | None 
     if cfg.weight_ema > 0:
         averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.weight_ema), use_buffers=True)
     elif cfg.swa_start > 0:  # the equal average of every step from swa_first_step on
-        averaged = AveragedModel(model, use_buffers=True)
+        averaged = AveragedModel(model, avg_fn=equal_average, use_buffers=True)
     return Trainer(model, optimizer, build_scheduler(optimizer, cfg, budget),
                    torch.amp.GradScaler("cuda", enabled=use_scaler), BCEDiceLoss(cfg.bce_weight, cfg.dice_weight),
                    averaged)
