@@ -92,6 +92,9 @@ def prepare_qat(model: nn.Module, arch: str = "", *, weight_bits: int = 8, activ
     convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         raise ValueError("the model has no Conv2d to quantize")
+    # the new modules are made on the CPU; they follow the model to its device (a GPU run stopped at the first
+    # probe on "Expected all tensors to be on the same device", torch 2.11, H100)
+    device = convs[0][1].weight.device
     for index, (name, conv) in enumerate(convs):
         first, last = index == 0, index == len(convs) - 1
         set_submodule(model, name, QuantConv2d(
@@ -111,7 +114,9 @@ def prepare_qat(model: nn.Module, arch: str = "", *, weight_bits: int = 8, activ
     for name, module in list(model.named_modules()):
         if isinstance(module, InvertedResidual) and module.use_res_connect:
             set_submodule(model, name, QuantResidual(module, new_activation_quantizer()))
+    model.to(device)  # before the probe passes below
     share_input_quantizers(model, new_activation_quantizer)
+    model.to(device)  # the output quantizers it made
     if grid == "x86":
         for quantizer in quantizers_read_only_through_relu(model):
             quantizer.set_unsigned()
