@@ -103,8 +103,8 @@ def prepare_qat(model: nn.Module, arch: str = "", *, weight_bits: int = 8, activ
             output_bits=None if last else OUTPUT_BITS, b_min=b_min, b_max=b_max,
             init_steps=init_steps))
 
-    def new_activation_quantizer() -> FakeQuant:
-        return activation_quantizer(activation_bits, learn_activation_bits, b_min, b_max)
+    def new_activation_quantizer() -> FakeQuant:  # on the model's device: share_input_quantizers makes some too
+        return activation_quantizer(activation_bits, learn_activation_bits, b_min, b_max).to(device)
 
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Hardswish):
@@ -114,9 +114,8 @@ def prepare_qat(model: nn.Module, arch: str = "", *, weight_bits: int = 8, activ
     for name, module in list(model.named_modules()):
         if isinstance(module, InvertedResidual) and module.use_res_connect:
             set_submodule(model, name, QuantResidual(module, new_activation_quantizer()))
-    model.to(device)  # before the probe passes below
+    model.to(device)  # the QuantConv2d quantizers and biases, before the probe passes below
     share_input_quantizers(model, new_activation_quantizer)
-    model.to(device)  # the output quantizers it made
     if grid == "x86":
         for quantizer in quantizers_read_only_through_relu(model):
             quantizer.set_unsigned()

@@ -99,13 +99,18 @@ def test_step_budget_resumes_exactly(step_config, tmp_path, monkeypatch, averagi
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def averaged_weights(last: dict) -> dict:
+    """The weight average's network in last.pt, keyed like a plain model's state dict."""
+    return {k[len("module."):]: v for k, v in last["averaged"].items() if k.startswith("module.")}
+
+
 def test_weight_average_is_what_is_validated_and_kept(step_config, tmp_path):
     cfg = step_config.replace(run_dir=str(tmp_path / "ema"), weight_ema=0.9, val_every=100)  # only the last epoch
     run_dir = train.main(cfg)
     last = read_checkpoint(run_dir / "checkpoints" / "last.pt")
     best = read_checkpoint(run_dir / "checkpoints" / "best.pt")
     assert int(last["averaged"]["n_averaged"]) == 7  # updated after each of the 7 optimiser steps
-    averaged = {k[len("module."):]: v for k, v in last["averaged"].items() if k.startswith("module.")}
+    averaged = averaged_weights(last)
     assert "averaged" not in best and set(best["model"]) == set(averaged)
     assert all(torch.equal(best["model"][k], averaged[k]) for k in averaged)
     weights = [k for k in averaged if k.endswith(".weight")]
@@ -127,7 +132,7 @@ def test_swa_holds_the_lr_and_averages_only_the_tail(step_config, tmp_path):
     best = read_checkpoint(run_dir / "checkpoints" / "best.pt")
     assert int(last["averaged"]["n_averaged"]) == 4  # steps 4, 5, 6 and 7, not the 3 before
     assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.2 * cfg.lr)
-    averaged = {k[len("module."):]: v for k, v in last["averaged"].items() if k.startswith("module.")}
+    averaged = averaged_weights(last)
     assert all(torch.equal(best["model"][k], averaged[k]) for k in averaged)  # the average is what is kept
     for bad in ({"swa_start": 1.0}, {"swa_lr_ratio": 0.0}, {"weight_ema": 0.9}, {"scheduler": "cosine"}):
         with pytest.raises(InputError, match="swa"):

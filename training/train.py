@@ -299,7 +299,7 @@ class Trainer:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     criterion: BCEDiceLoss
-    averaged: AveragedModel | None = None  # weight_ema > 0: the moving average that is validated and kept
+    averaged: AveragedModel | None = None  # weight_ema or swa_start > 0: the average that is validated and kept
     start_epoch: int = 0
     best_dice: float = -1.0
 
