@@ -1,5 +1,5 @@
-"""The CUDA paths: mixed-precision training, the float32 parity reference, QAT and both exports on a GPU. The GPU
-tests skip without one (CI has none); they ran on an H100 (docs/accuracy.md names the date)."""
+"""The CUDA paths: mixed-precision training, the float32 parity reference, weight averages, QAT and both exports on
+a GPU. The GPU tests skip without one (CI has none); they ran on an H100 (docs/accuracy.md names the dates)."""
 
 import numpy as np
 import pytest
@@ -50,3 +50,22 @@ def test_pipeline_on_cuda(tmp_path, capsys):
     assert "test (ONNX, as deployed)" in out and "bundle:" in out
     assert (run_dir / "bundle" / "model.fp32.onnx").is_file()
     assert ("INT8 bundle" in out and "parity model.int8.cpu.onnx" in out) or "INT8 bundle refused: model.int8" in out
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("averaging", [{"swa_start": 0.5}, {"weight_ema": 0.9}])
+def test_weight_averages_on_cuda(tmp_path, averaging):
+    """SWA's equal average and the EMA on the GPU, where torch's foreach kernels refuse BatchNorm's int64 counter
+    (found on an H100: `Integer division with addcdiv is no longer supported`)."""
+    from training import train
+    from training.checkpoint import read_checkpoint
+
+    cfg = build_config("small", run_dir=str(tmp_path / "avg"), input_size=(64, 64), steps=7, batch_size=8,
+                       warmup_steps=2, val_every=100, synth_count=30, device="cuda", val_batch_size=8,
+                       pretrained="none", **averaging)
+    run_dir = train.main(cfg)
+    last = read_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert int(last["averaged"]["n_averaged"]) == (4 if "swa_start" in averaging else 7)
+    best = read_checkpoint(run_dir / "checkpoints" / "best.pt")["model"]
+    assert all(torch.isfinite(v).all() for v in best.values() if v.is_floating_point())
