@@ -3,6 +3,7 @@ finished folds, and a RUN refuses a second config."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -14,6 +15,11 @@ from export.cli import main as cli_main
 from export.cv import make_folds
 from training.data import Sample, discover, group_by_prefix, split_samples
 from training.synth import generate_phantom
+
+_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "cv_frames.py"
+_spec = importlib.util.spec_from_file_location("cv_frames", _SCRIPT)
+cv_frames = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cv_frames)
 
 
 def _samples(subjects: dict[str, int]) -> list[Sample]:
@@ -108,6 +114,15 @@ def test_cv_runs_every_fold_resumes_and_refuses_another_config(tmp_path, capsys)
     assert cli_main(changed) == 2
     assert "other settings (steps)" in capsys.readouterr().err
 
+    # scripts/cv_frames.py re-scores the held-out frames through each fold's bundle: each fold's mean is its cv Dice
+    assert cv_frames.main([str(run)]) == 0
+    frames = json.loads((run / "frames.json").read_text())
+    assert sorted(f["name"] for f in frames) == sorted(held_out)
+    for fold in report["per_fold"]:
+        dice = [f["dice"] for f in frames if f["fold"] == f"fold-{fold['fold']}"]
+        assert sum(dice) / len(dice) == pytest.approx(fold["test_onnx"]["dice"], abs=1e-9)
+    assert f"{len(held_out)} frames, mean Dice" in capsys.readouterr().out
+
 
 @pytest.mark.slow
 def test_cv_pretrains_on_the_phantom_once_for_all_folds(tmp_path, capsys):
@@ -144,3 +159,16 @@ def test_a_refused_call_is_one_line_and_leaves_no_run(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0] and "Traceback" not in err[0]
     assert not run.exists()  # so a corrected call is not refused as "other settings"
+
+
+def test_cv_frames_groups_the_lost_dice_and_refuses_a_folder_without_folds(tmp_path, capsys):
+    frames = [{"fold": "fold-1", "name": str(i), "dice": d, "mask_area": a, "mask_pieces": k, "predicted_area": 1,
+               "peak_probability": 0.9} for i, (d, a, k) in enumerate([(0.0, 10, 1), (0.5, 20, 2), (0.9, 30, 1)])]
+    table = cv_frames.summary_table(frames)
+    assert "3 frames, mean Dice 0.4667" in table
+    assert "| Dice 0.00-0.05 | 1 | 0.0000 | 62% |" in table  # 1.0 of the 1.6 lost
+    assert "| mask in two or more pieces | 1 | 0.5000 | 31% |" in table
+    assert "misses (Dice < 0.05): peak probability fold-1/0 0.90" in table
+    assert cv_frames.main([str(tmp_path)]) == 2
+    assert "no fold with an exported bundle" in capsys.readouterr().err
+    assert not (tmp_path / "frames.json").exists()
