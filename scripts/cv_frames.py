@@ -14,7 +14,6 @@ record per frame to FRAMES (default CV/frames.json). No training; a few seconds 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
