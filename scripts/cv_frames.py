@@ -1,12 +1,13 @@
 """Where does a cross-validated recipe lose its Dice? Per-frame test Dice of a `nerveseg cv` run, as deployed.
 
-Each fold's bundle (model.fp32.onnx with the manifest's T* and morphology) scores the fold's held-out frames through
-ONNX Runtime exactly as `nerveseg cv` does (export.parity.onnx_probabilities, training.evaluate.evaluate_arrays), so
-each fold's mean equals its Dice in cv.json. The frames are then grouped: by Dice band (and the share of all the
-Dice lost that falls there), by the size of the nerve (terciles of the mask's area at the input size) and by how many
-separate pieces the mask has; the misses (Dice < 0.05) are listed with the network's peak probability, which tells a
-silent miss (nothing above T*) from an outline put on another structure. It prints a Markdown table and writes one
-record per frame to FRAMES (default CV/frames.json). No training; a few seconds a fold on the CPU.
+Each finished fold's bundle (fold.json is written after the export; model.fp32.onnx with the manifest's T* and
+morphology) scores the fold's held-out frames through ONNX Runtime exactly as `nerveseg cv` does
+(export.parity.onnx_probabilities, training.evaluate.evaluate_arrays), so each fold's mean equals its Dice in cv.json.
+The frames are then grouped: by Dice band (and the share of all the Dice lost that falls there), by the size of the
+nerve (terciles of the mask's area at the input size) and by how many separate pieces the mask has; the misses
+(Dice < 0.05) are listed with the network's peak probability, which tells a silent miss (nothing above T*) from an
+outline put on another structure. It prints a Markdown table and writes one record per frame to FRAMES (default
+CV/frames.json). No training; a few seconds a fold on the CPU.
 
     PYTHONPATH=. python scripts/cv_frames.py runs/cv5/small
 """
@@ -26,6 +27,7 @@ from device_runtime.errors import InputError  # noqa: E402
 from device_runtime.fileio import write_json  # noqa: E402
 from device_runtime.manifest import load_manifest  # noqa: E402
 from export.bundle import FP32_NAME  # noqa: E402
+from export.cv_quant import finished_folds  # noqa: E402
 from export.parity import onnx_probabilities  # noqa: E402
 from training.config import load_run_config  # noqa: E402
 from training.evaluate import evaluate_arrays  # noqa: E402
@@ -33,14 +35,6 @@ from training.stages import split_arrays  # noqa: E402
 
 MISS = 0.05
 BANDS = ((0.0, MISS), (MISS, 0.3), (0.3, 0.6), (0.6, 0.8), (0.8, 1.0 + 1e-9))
-
-
-def fold_dirs(cv_dir: Path) -> list[Path]:
-    folds = sorted((p for p in cv_dir.glob("fold-*") if (p / "bundle" / "manifest.json").is_file()),
-                   key=lambda p: int(p.name.split("-")[1]))
-    if not folds:
-        raise InputError(f"{cv_dir}: no fold with an exported bundle; is it a folder made by 'nerveseg cv'?")
-    return folds
 
 
 def fold_frames(fold_dir: Path) -> list[dict]:
@@ -91,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=Path, help="where the per-frame records go (default CV/frames.json)")
     args = parser.parse_args(argv)
     try:
-        frames = [f for fold in fold_dirs(args.cv_dir) for f in fold_frames(fold)]
+        frames = [f for fold in finished_folds(args.cv_dir) for f in fold_frames(fold)]
     except InputError as error:
         print(f"cv_frames: error: {error}", file=sys.stderr)
         return 2

@@ -170,5 +170,5 @@ def test_cv_frames_groups_the_lost_dice_and_refuses_a_folder_without_folds(tmp_p
     assert "| mask in two or more pieces | 1 | 0.5000 | 31% |" in table
     assert "misses (Dice < 0.05): peak probability fold-1/0 0.90" in table
     assert cv_frames.main([str(tmp_path)]) == 2
-    assert "no fold with an exported bundle" in capsys.readouterr().err
+    assert "no finished fold" in capsys.readouterr().err
     assert not (tmp_path / "frames.json").exists()
