@@ -22,6 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cv_flip_tta import t_interval, tuned_test_score  # noqa: E402  (scripts/ is on sys.path when run as a script)
+from device_runtime.errors import InputError  # noqa: E402
+from export.cv_quant import finished_folds  # noqa: E402
 from training.checkpoint import load_model  # noqa: E402
 from training.predict import predict_probabilities  # noqa: E402
 from training.stages import split_arrays  # noqa: E402
@@ -47,16 +49,20 @@ def score_fold(fold_dirs: list[Path]) -> dict:
     return {"fold": fold_dirs[0].name, "runs": scores, "ensemble": mean}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cv_dirs", type=Path, nargs="+", help="finished `nerveseg cv` runs of the same folds")
     parser.add_argument("--out", type=Path, help="JSON of the per-fold figures (default FIRST_CV_DIR/ensemble.json)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if len(args.cv_dirs) < 2:
         print("give at least two `nerveseg cv` runs", file=sys.stderr)
         return 2
-    folds = sorted(args.cv_dirs[0].glob("fold-*"), key=lambda p: int(p.name.split("-")[1]))
-    missing = [str(d / f.name) for d in args.cv_dirs for f in folds if not (d / f.name / "checkpoints").is_dir()]
+    try:
+        folds = finished_folds(args.cv_dirs[0])
+    except InputError as error:
+        print(error, file=sys.stderr)
+        return 2
+    missing = [str(d / f.name) for d in args.cv_dirs for f in folds if not (d / f.name / "fold.json").is_file()]
     if not 2 <= len(folds) <= 10 or missing:
         print(f"expected 2 to 10 finished folds in every run; missing: {missing[:3]}", file=sys.stderr)
         return 2

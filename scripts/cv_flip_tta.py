@@ -24,7 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from device_runtime.errors import InputError  # noqa: E402
 from device_runtime.postprocess import Morphology  # noqa: E402
+from export.cv_quant import finished_folds  # noqa: E402
 from training.checkpoint import load_model  # noqa: E402
 from training.evaluate import evaluate_arrays  # noqa: E402
 from training.predict import predict_probabilities  # noqa: E402
@@ -71,14 +73,19 @@ def score_fold(fold_dir: Path) -> dict:
     return result
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cv_dir", type=Path, help="a finished `nerveseg cv` run folder")
     parser.add_argument("--out", type=Path, help="JSON of the per-fold figures (default CV_DIR/flip_tta.json)")
-    args = parser.parse_args()
-    folds = sorted(args.cv_dir.glob("fold-*"), key=lambda p: int(p.name.split("-")[1]))
+    args = parser.parse_args(argv)
+    try:
+        folds = finished_folds(args.cv_dir)
+    except InputError as error:
+        print(error, file=sys.stderr)
+        return 2
     if not 2 <= len(folds) <= 10:
-        print(f"{args.cv_dir}: expected 2 to 10 fold-N folders of a `nerveseg cv` run", file=sys.stderr)
+        print(f"{args.cv_dir}: expected 2 to 10 finished folds of a `nerveseg cv` run, found {len(folds)}",
+              file=sys.stderr)
         return 2
     torch.set_num_threads(1)
     rows = []

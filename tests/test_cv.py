@@ -16,10 +16,18 @@ from export.cv import make_folds
 from training.data import Sample, discover, group_by_prefix, split_samples
 from training.synth import generate_phantom
 
-_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "cv_frames.py"
-_spec = importlib.util.spec_from_file_location("cv_frames", _SCRIPT)
-cv_frames = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cv_frames)
+_SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _script(name: str):
+    """A script of scripts/ as a module (they are run as files, not installed)."""
+    spec = importlib.util.spec_from_file_location(name, _SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cv_frames = _script("cv_frames")
 
 
 def _samples(subjects: dict[str, int]) -> list[Sample]:
@@ -172,3 +180,15 @@ def test_cv_frames_groups_the_lost_dice_and_refuses_a_folder_without_folds(tmp_p
     assert cv_frames.main([str(tmp_path)]) == 2
     assert "no finished fold" in capsys.readouterr().err
     assert not (tmp_path / "frames.json").exists()
+
+
+@pytest.mark.parametrize("name", ["cv_flip_tta", "cv_ensemble"])
+def test_post_hoc_cv_scripts_refuse_folders_without_finished_folds(name, tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(_SCRIPTS))  # cv_ensemble imports cv_flip_tta as a script would
+    script = _script(name)
+    (tmp_path / "fold-1").mkdir()  # a fold that never finished (no fold.json), e.g. stopped while training
+    assert script.main([str(tmp_path), str(tmp_path)] if name == "cv_ensemble" else [str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no finished fold" in err[0]
+    assert script.main([str(tmp_path / "missing")] * (2 if name == "cv_ensemble" else 1)) == 2
+    assert "not found" in capsys.readouterr().err
