@@ -13,7 +13,7 @@ import torch
 from device_runtime.errors import InputError
 from training import pretrain, train
 from training.checkpoint import read_checkpoint
-from training.config import build_config
+from training.config import build_config, load_run_config, to_toml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,6 +37,21 @@ def test_the_stage_is_the_same_recipe_on_the_phantom(phantom_config, tmp_path):
     shared = real.replace(phantom_dir=str(tmp_path / "shared"))
     assert pretrain.phantom_config(shared).run_dir == str(tmp_path / "shared")
     assert pretrain.backbone_path(shared) == tmp_path / "shared" / "checkpoints" / "best.pt"
+
+
+def test_the_stage_can_train_at_its_own_input_size(phantom_config, tmp_path):
+    # ablation (n): the stage trained at 256x256, the real frames seen at 320x320
+    real = phantom_config.replace(input_size=(96, 96), phantom_input_size=(64, 64))
+    stage = pretrain.phantom_config(real)
+    assert (stage.input_size, stage.phantom_input_size) == ((64, 64), ())
+    assert pretrain.phantom_config(real.replace(phantom_input_size=())).input_size == (96, 96)  # () = input_size
+    (tmp_path / "config.toml").write_text(to_toml(real))
+    assert load_run_config(tmp_path) == real and load_run_config(tmp_path).phantom_input_size == (64, 64)
+    parser = train.get_args_parser()
+    args = parser.parse_args(["--recipe", "small", "--input-size", "96", "96", "--phantom-input-size", "64", "64"])
+    assert train.config_from_args(args).phantom_input_size == (64, 64)
+    with pytest.raises(InputError, match=r"phantom_input_size must be two multiples of 8 of at least 32, got \[30, 30\]"):
+        build_config("small", phantom_input_size=(30, 30))
 
 
 def test_the_small_recipe_pretrains_on_960_phantom_frames():

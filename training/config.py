@@ -45,6 +45,8 @@ class TrainConfig:
     phantom_frames: int = 960  # pretrained = "phantom": the phantom's size for the pre-training stage
     phantom_dir: str = ""  # pretrained = "phantom": the stage's run folder; "" = RUN/phantom (cv: one for all folds)
     phantom_head: bool = False  # pretrained = "phantom": start the ASPP head and classifier from the stage too
+    phantom_input_size: tuple[int, ...] = ()  # pretrained = "phantom": the stage's input size; () = input_size.
+    # A backbone is fully convolutional, so a stage trained at 256x256 starts a 320x320 run (ablation (n))
     aspp_rates: tuple[int, ...] = TORCHVISION_ASPP_RATES  # see training.model.build_model for 3/6/9
     decoder: str = "none"  # "skip": DeepLabV3+'s decoder, narrowed (training.model.SkipDecoder)
     # optimisation
@@ -108,8 +110,12 @@ class TrainConfig:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise InputError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if len(self.input_size) != 2 or min(self.input_size) < 32 or any(s % 8 for s in self.input_size):
-            raise InputError(f"input_size must be two multiples of 8 of at least 32, got {list(self.input_size)}")
+        for name in ("input_size", "phantom_input_size"):
+            size = getattr(self, name)
+            if name == "phantom_input_size" and not size:
+                continue  # the stage trains at input_size
+            if len(size) != 2 or min(size) < 32 or any(s % 8 for s in size):
+                raise InputError(f"{name} must be two multiples of 8 of at least 32, got {list(size)}")
         for name in ("epochs", "batch_size", "synth_count", "val_batch_size", "val_every", "phantom_frames"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -150,7 +156,7 @@ def _coerce(data: dict, where: str) -> dict:
     if unknown:
         raise InputError(f"{where}: unknown config keys {unknown}; known keys: {sorted(fields)}")
     out = dict(data)
-    for key in ("input_size", "objective_weights", "scale", "aspp_rates"):
+    for key in ("input_size", "phantom_input_size", "objective_weights", "scale", "aspp_rates"):
         if key in out:
             out[key] = tuple(out[key])
     if out.get("mask_label", None) == "":

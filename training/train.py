@@ -513,6 +513,8 @@ def get_args_parser(parser=None, resumable: bool = True):
     parser.add_argument("--phantom-frames", type=int, help="--pretrained phantom: frames of the pre-training phantom")
     parser.add_argument("--phantom-dir", help="--pretrained phantom: the pre-training's run folder, trained there once "
                                               "and reused by every run naming it (default RUN/phantom)")
+    parser.add_argument("--phantom-input-size", type=int, nargs=2, metavar=("H", "W"),
+                        help="--pretrained phantom: the stage's input size (default: --input-size)")
     parser.add_argument("--phantom-head", action="store_const", const=True,
                         help="--pretrained phantom: start the ASPP head and classifier from the stage too, not only "
                              "the backbone")
@@ -563,8 +565,8 @@ def config_from_args(args) -> TrainConfig:
         "data", "mask_label", "run_dir", "arch", "input_size", "pretrained", "epochs", "batch_size", "lr",
         "seed", "synth_count", "device", "workers", "amp", "steps", "val_every", "group_by", "aspp_rates",
         "decoder", "weight_ema", "swa_start", "swa_lr_ratio", "torch_compile", "phantom_frames", "phantom_dir",
-        "phantom_head")}
-    for name in ("input_size", "aspp_rates"):
+        "phantom_head", "phantom_input_size")}
+    for name in ("input_size", "aspp_rates", "phantom_input_size"):
         if overrides[name] is not None:
             overrides[name] = tuple(overrides[name])
     cfg = build_config(args.recipe, **overrides)
