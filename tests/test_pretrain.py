@@ -57,6 +57,8 @@ def test_the_stage_can_train_at_its_own_input_size(phantom_config, tmp_path):
 def test_the_small_recipe_pretrains_on_960_phantom_frames():
     cfg = build_config("small")
     assert (cfg.pretrained, cfg.phantom_frames) == ("phantom", 960)
+    # ablation (n): the stage at 256x256 (as in (f)), the real frames at 320x320
+    assert (pretrain.phantom_config(cfg).input_size, cfg.input_size) == ((256, 256), (320, 320))
 
 
 def test_the_flags_reach_the_config(tmp_path):
