@@ -514,7 +514,8 @@ def get_args_parser(parser=None, resumable: bool = True):
     parser.add_argument("--phantom-dir", help="--pretrained phantom: the pre-training's run folder, trained there once "
                                               "and reused by every run naming it (default RUN/phantom)")
     parser.add_argument("--phantom-input-size", type=int, nargs=2, metavar=("H", "W"),
-                        help="--pretrained phantom: the stage's input size (default: --input-size)")
+                        help="--pretrained phantom: the stage's input size (default: the recipe's; small: 256 256; else "
+                             "--input-size)")
     parser.add_argument("--phantom-head", action="store_const", const=True,
                         help="--pretrained phantom: start the ASPP head and classifier from the stage too, not only "
                              "the backbone")
