@@ -12,7 +12,6 @@ combination picked after seeing these folds is fitted to them (docs/accuracy.md,
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cv_flip_tta import t_interval, tuned_test_score  # noqa: E402  (scripts/ is on sys.path when run as a script)
-from device_runtime.errors import InputError  # noqa: E402
+from device_runtime.errors import InputError, exit_code_of  # noqa: E402
+from device_runtime.fileio import write_json  # noqa: E402
 from export.cv_quant import finished_folds  # noqa: E402
 from training.checkpoint import load_model  # noqa: E402
 from training.predict import predict_probabilities  # noqa: E402
@@ -54,18 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("cv_dirs", type=Path, nargs="+", help="finished `nerveseg cv` runs of the same folds")
     parser.add_argument("--out", type=Path, help="JSON of the per-fold figures (default FIRST_CV_DIR/ensemble.json)")
     args = parser.parse_args(argv)
+    return exit_code_of(lambda: run(args), "cv_ensemble")
+
+
+def run(args) -> None:
     if len(args.cv_dirs) < 2:
-        print("give at least two `nerveseg cv` runs", file=sys.stderr)
-        return 2
-    try:
-        folds = finished_folds(args.cv_dirs[0])
-    except InputError as error:
-        print(error, file=sys.stderr)
-        return 2
+        raise InputError("give at least two `nerveseg cv` runs")
+    folds = finished_folds(args.cv_dirs[0])
     missing = [str(d / f.name) for d in args.cv_dirs for f in folds if not (d / f.name / "fold.json").is_file()]
     if not 2 <= len(folds) <= 10 or missing:
-        print(f"expected 2 to 10 finished folds in every run; missing: {missing[:3]}", file=sys.stderr)
-        return 2
+        raise InputError(f"expected 2 to 10 finished folds in every run; missing: {missing[:3]}")
     torch.set_num_threads(1)
     rows = []
     for fold in folds:
@@ -83,9 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["mean"][name] = {"dice": float(values.mean()), "gain": float(gains.mean()), "gain_t95": [low, high]}
         print(f"{name:>24}: mean Dice {values.mean():.4f}, gain over {args.cv_dirs[0].name} {gains.mean():+.4f} "
               f"[{low:+.4f}, {high:+.4f}]")
-    out = args.out or args.cv_dirs[0] / "ensemble.json"
-    out.write_text(json.dumps(summary, indent=2) + "\n")
-    return 0
+    write_json(args.out or args.cv_dirs[0] / "ensemble.json", summary)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ clearly: docs/accuracy.md, ablation (h), gives the decision and its figures.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,7 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from device_runtime.errors import InputError  # noqa: E402
+from device_runtime.errors import InputError, exit_code_of  # noqa: E402
+from device_runtime.fileio import write_json  # noqa: E402
 from device_runtime.postprocess import Morphology  # noqa: E402
 from export.cv_quant import finished_folds  # noqa: E402
 from training.checkpoint import load_model  # noqa: E402
@@ -78,15 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("cv_dir", type=Path, help="a finished `nerveseg cv` run folder")
     parser.add_argument("--out", type=Path, help="JSON of the per-fold figures (default CV_DIR/flip_tta.json)")
     args = parser.parse_args(argv)
-    try:
-        folds = finished_folds(args.cv_dir)
-    except InputError as error:
-        print(error, file=sys.stderr)
-        return 2
+    return exit_code_of(lambda: run(args), "cv_flip_tta")
+
+
+def run(args) -> None:
+    folds = finished_folds(args.cv_dir)
     if not 2 <= len(folds) <= 10:
-        print(f"{args.cv_dir}: expected 2 to 10 finished folds of a `nerveseg cv` run, found {len(folds)}",
-              file=sys.stderr)
-        return 2
+        raise InputError(f"{args.cv_dir}: expected 2 to 10 finished folds of a `nerveseg cv` run, found {len(folds)}")
     torch.set_num_threads(1)
     rows = []
     for fold in folds:
@@ -101,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                "mean_gain": float(gains.mean()), "gain_t95": [low, high]}
     print(f"mean Dice plain {summary['mean_plain']:.4f}, flip TTA {summary['mean_flip_tta']:.4f}: "
           f"gain {gains.mean():+.4f}, 95 % t interval over folds [{low:+.4f}, {high:+.4f}]")
-    out = args.out or args.cv_dir / "flip_tta.json"
-    out.write_text(json.dumps(summary, indent=2) + "\n")
-    return 0
+    write_json(args.out or args.cv_dir / "flip_tta.json", summary)
 
 
 if __name__ == "__main__":

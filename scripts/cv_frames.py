@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from device_runtime.errors import InputError  # noqa: E402
+from device_runtime.errors import exit_code_of  # noqa: E402
 from device_runtime.fileio import write_json  # noqa: E402
 from device_runtime.manifest import load_manifest  # noqa: E402
 from export.bundle import FP32_NAME  # noqa: E402
@@ -84,14 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("cv_dir", type=Path, help="a folder made by `nerveseg cv`")
     parser.add_argument("--frames", type=Path, help="where the per-frame records go (default CV/frames.json)")
     args = parser.parse_args(argv)
-    try:
-        frames = [f for fold in finished_folds(args.cv_dir) for f in fold_frames(fold)]
-    except InputError as error:
-        print(f"cv_frames: error: {error}", file=sys.stderr)
-        return 2
+    return exit_code_of(lambda: run(args), "cv_frames")
+
+
+def run(args) -> None:
+    frames = [f for fold in finished_folds(args.cv_dir) for f in fold_frames(fold)]
     write_json(args.frames or args.cv_dir / "frames.json", frames)
     print(summary_table(frames))
-    return 0
 
 
 if __name__ == "__main__":

@@ -182,13 +182,13 @@ def test_cv_frames_groups_the_lost_dice_and_refuses_a_folder_without_folds(tmp_p
     assert not (tmp_path / "frames.json").exists()
 
 
-@pytest.mark.parametrize("name", ["cv_flip_tta", "cv_ensemble"])
-def test_post_hoc_cv_scripts_refuse_folders_without_finished_folds(name, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("name, runs", [("cv_flip_tta", 1), ("cv_ensemble", 2)])  # how many cv folders each takes
+def test_post_hoc_cv_scripts_refuse_folders_without_finished_folds(name, runs, tmp_path, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(_SCRIPTS))  # cv_ensemble imports cv_flip_tta as a script would
     script = _script(name)
     (tmp_path / "fold-1").mkdir()  # a fold that never finished (no fold.json), e.g. stopped while training
-    assert script.main([str(tmp_path), str(tmp_path)] if name == "cv_ensemble" else [str(tmp_path)]) == 2
+    assert script.main([str(tmp_path)] * runs) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no finished fold" in err[0]
-    assert script.main([str(tmp_path / "missing")] * (2 if name == "cv_ensemble" else 1)) == 2
+    assert script.main([str(tmp_path / "missing")] * runs) == 2
     assert "not found" in capsys.readouterr().err

@@ -567,10 +567,7 @@ def config_from_args(args) -> TrainConfig:
         "seed", "synth_count", "device", "workers", "amp", "steps", "val_every", "group_by", "aspp_rates",
         "decoder", "weight_ema", "swa_start", "swa_lr_ratio", "torch_compile", "phantom_frames", "phantom_dir",
         "phantom_head", "phantom_input_size")}
-    for name in ("input_size", "aspp_rates", "phantom_input_size"):
-        if overrides[name] is not None:
-            overrides[name] = tuple(overrides[name])
-    cfg = build_config(args.recipe, **overrides)
+    cfg = build_config(args.recipe, **overrides)  # lists from nargs flags become tuples there (config._coerce)
     if not cfg.run_dir:
         cfg = cfg.replace(run_dir=str(Path("runs") / f"{Path(args.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"))
     return cfg
