@@ -54,6 +54,23 @@ def test_the_stage_can_train_at_its_own_input_size(phantom_config, tmp_path):
         build_config("small", phantom_input_size=(30, 30))
 
 
+def test_the_stage_can_train_with_its_own_batch_and_budget(phantom_config, tmp_path):
+    # ablation (p): the real run takes batch 8 x 1200 steps, the stage keeps batch 16 x 600 on its phantom frames
+    real = phantom_config.replace(batch_size=8, steps=1200, phantom_batch_size=16, phantom_steps=600)
+    stage = pretrain.phantom_config(real)
+    assert (stage.batch_size, stage.steps, stage.phantom_batch_size, stage.phantom_steps) == (16, 600, 0, 0)
+    own = pretrain.phantom_config(real.replace(phantom_batch_size=0, phantom_steps=0))
+    assert (own.batch_size, own.steps) == (8, 1200)  # 0 = the run's own
+    (tmp_path / "config.toml").write_text(to_toml(real))
+    assert load_run_config(tmp_path) == real
+    args = train.get_args_parser().parse_args(["--recipe", "small", "--phantom-batch-size", "12", "--phantom-steps", "90"])
+    cfg = train.config_from_args(args)
+    assert (cfg.phantom_batch_size, cfg.phantom_steps) == (12, 90)
+    for name in ("phantom_batch_size", "phantom_steps"):
+        with pytest.raises(InputError, match=rf"{name} must be >= 0, got -1"):
+            build_config("small", **{name: -1})
+
+
 def test_the_small_recipe_pretrains_on_960_phantom_frames():
     cfg = build_config("small")
     assert (cfg.pretrained, cfg.phantom_frames) == ("phantom", 960)

@@ -47,6 +47,8 @@ class TrainConfig:
     phantom_head: bool = False  # pretrained = "phantom": start the ASPP head and classifier from the stage too
     phantom_input_size: tuple[int, ...] = ()  # pretrained = "phantom": the stage's input size; () = input_size.
     # A backbone is fully convolutional, so a stage trained at 256x256 starts a 320x320 run (ablation (n))
+    phantom_batch_size: int = 0  # pretrained = "phantom": the stage's batch size; 0 = batch_size
+    phantom_steps: int = 0  # pretrained = "phantom": the stage's optimiser steps; 0 = the run's own budget
     aspp_rates: tuple[int, ...] = TORCHVISION_ASPP_RATES  # see training.model.build_model for 3/6/9
     decoder: str = "none"  # "skip": DeepLabV3+'s decoder, narrowed (training.model.SkipDecoder)
     # optimisation
@@ -105,7 +107,7 @@ class TrainConfig:
             raise InputError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
         if self.group_by not in GROUPINGS:
             raise InputError(f"group_by must be one of {GROUPINGS}, got {self.group_by!r}")
-        for name in ("steps", "warmup_steps"):
+        for name in ("steps", "warmup_steps", "phantom_batch_size", "phantom_steps"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.min_lr_ratio <= 1:

@@ -516,6 +516,11 @@ def get_args_parser(parser=None, resumable: bool = True):
     parser.add_argument("--phantom-input-size", type=int, nargs=2, metavar=("H", "W"),
                         help="--pretrained phantom: the stage's input size (default: the recipe's; small: 256 256; else "
                              "--input-size)")
+    parser.add_argument("--phantom-batch-size", type=int,
+                        help="--pretrained phantom: the stage's batch size (default: the recipe's; 0 = --batch-size)")
+    parser.add_argument("--phantom-steps", type=int,
+                        help="--pretrained phantom: the stage's optimiser steps (default: the recipe's; 0 = the run's "
+                             "own budget)")
     parser.add_argument("--phantom-head", action="store_const", const=True,
                         help="--pretrained phantom: start the ASPP head and classifier from the stage too, not only "
                              "the backbone")
@@ -566,7 +571,7 @@ def config_from_args(args) -> TrainConfig:
         "data", "mask_label", "run_dir", "arch", "input_size", "pretrained", "epochs", "batch_size", "lr",
         "seed", "synth_count", "device", "workers", "amp", "steps", "val_every", "group_by", "aspp_rates",
         "decoder", "weight_ema", "swa_start", "swa_lr_ratio", "torch_compile", "phantom_frames", "phantom_dir",
-        "phantom_head", "phantom_input_size")}
+        "phantom_head", "phantom_input_size", "phantom_batch_size", "phantom_steps")}
     cfg = build_config(args.recipe, **overrides)  # lists from nargs flags become tuples there (config._coerce)
     if not cfg.run_dir:
         cfg = cfg.replace(run_dir=str(Path("runs") / f"{Path(args.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"))
