@@ -71,11 +71,13 @@ def test_the_stage_can_train_with_its_own_batch_and_budget(phantom_config, tmp_p
             build_config("small", **{name: -1})
 
 
-def test_the_small_recipe_pretrains_on_960_phantom_frames():
+def test_the_small_recipe_pretrains_on_2880_phantom_frames():
     cfg = build_config("small")
-    assert (cfg.pretrained, cfg.phantom_frames) == ("phantom", 960)
-    # ablation (n): the stage at 256x256 (as in (f)), the real frames at 320x320
-    assert (pretrain.phantom_config(cfg).input_size, cfg.input_size) == ((256, 256), (320, 320))
+    assert (cfg.pretrained, cfg.phantom_frames) == ("phantom", 2880)
+    # ablation (p): the stage at 256x256, batch 16 x 600 steps; the real frames at 320x320, batch 8 x 1200 steps
+    stage = pretrain.phantom_config(cfg)
+    assert (stage.input_size, stage.batch_size, stage.steps) == ((256, 256), 16, 600)
+    assert (cfg.input_size, cfg.batch_size, cfg.steps) == ((320, 320), 8, 1200)
 
 
 def test_the_flags_reach_the_config(tmp_path):

@@ -102,7 +102,8 @@ def test_resume_without_a_checkpoint_is_refused(tiny_config, tmp_path):
 @pytest.mark.parametrize("budget", [["--recipe", "quick", "--epochs", "1"],
                                     # steps budget, channels_last, the ultrasound augmentation and the phantom
                                     # pre-training stage, under DDP too (issue 11's recipe)
-                                    ["--recipe", "small", "--steps", "12", "--val-every", "1", "--phantom-frames", "30"]])
+                                    ["--recipe", "small", "--steps", "12", "--val-every", "1", "--phantom-frames", "30",
+                                     "--phantom-steps", "0", "--phantom-batch-size", "0"]])
 def test_two_process_gloo_ddp_on_cpu(tmp_path, budget):
     run_dir = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
