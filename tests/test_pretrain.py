@@ -95,7 +95,8 @@ def test_the_flags_reach_the_config(tmp_path):
         train.config_from_args(parser.parse_args(["--recipe", "small", "--pretrained", "none", "--phantom-head"]))
 
 
-def test_a_run_starts_from_the_phantom_backbone_and_reuses_a_finished_stage(phantom_config, tmp_path, monkeypatch):
+def test_a_run_starts_from_the_phantom_backbone_and_reuses_a_finished_stage(phantom_config, tmp_path, monkeypatch,
+                                                                            capsys):
     asked = []
     real_build = train.build_model_of
     monkeypatch.setattr(train, "build_model_of", lambda cfg, *, pretrained, **kw: asked.append(pretrained)
@@ -111,8 +112,10 @@ def test_a_run_starts_from_the_phantom_backbone_and_reuses_a_finished_stage(phan
     # a second run naming the same stage trains nothing there
     stamps = {p.name: p.stat().st_mtime_ns for p in (stage / "checkpoints").iterdir()}
     asked.clear()
+    capsys.readouterr()
     other = train.main(phantom_config.replace(run_dir=str(tmp_path / "other"), phantom_dir=str(stage)))
     assert asked == [str(stage / "checkpoints" / "best.pt")] and not (other / "phantom").exists()
+    assert f"phantom stage reused: {stage} (finished" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in (stage / "checkpoints").iterdir()} == stamps
 
     # a stage of other settings is refused before anything is trained

@@ -429,6 +429,8 @@ def pretrain_on_phantom(cfg: TrainConfig, ddp: Dist | None = None, device: torch
             best = read_checkpoint(folder / "checkpoints" / "best.pt")["best_val_dice"]
             write_text(folder / pretrain.DONE, dumps_strict({"best_val_dice": best}) + "\n")
         ddp.barrier()
+    elif ddp.main:  # say which model the run starts from: a shared stage may be days old
+        print(f"phantom stage reused: {folder} (finished; its backbone starts this run)", flush=True)
     return pretrain.backbone_path(cfg)
 
 
