@@ -36,9 +36,9 @@ def phantom_config(cfg: TrainConfig) -> TrainConfig:
     """The stage's config: the same recipe on the phantom instead of the data, trained from scratch, at
     phantom_input_size where one is set (the real run may see its frames larger than the stage did), with
     phantom_batch_size and phantom_steps where set (a run may take more, smaller steps on its few real frames than
-    the stage needs on its many phantom frames). Its decoder
-    only when the run takes the whole network (phantom_head): a run that takes the backbone alone starts from the
-    same stage with either decoder (ablation (j) measured the skip decoder on the plain stage's backbone)."""
+    the stage needs on its many phantom frames). Its decoder only when the run takes the whole network
+    (phantom_head): a run that takes the backbone alone starts from the same stage with either decoder (ablation (j)
+    measured the skip decoder on the plain stage's backbone)."""
     return cfg.replace(data="", mask_label=None, group_by="auto", synth_count=cfg.phantom_frames, pretrained="none",
                        phantom_dir="", phantom_head=False, run_dir=str(phantom_dir(cfg)),
                        input_size=cfg.phantom_input_size or cfg.input_size, phantom_input_size=(),
