@@ -231,6 +231,8 @@ def export_int8_bundle(run_dir: str | Path, qat_name: str, out_dir: str | Path |
                 hint = ("" if bound_from_model or own >= min_mask_dice else
                         f" (the fake-quant model agrees with itself, float32 vs float64, at only {own:.4f}; "
                         "--parity-bound-from-model holds each file to that)")
+                if bound < min_mask_dice:
+                    failures[-1] += " (the model's own float32-vs-float64 agreement, --parity-bound-from-model)"
                 raise ParityError(f"{path.name}: ONNX Runtime disagrees with the PyTorch fake-quant model (in float32 "
                                   f"and in float64) on {result['frames']} validation frames: {'; '.join(failures)}; "
                                   f"no bundle written{hint}")

@@ -33,6 +33,14 @@ def test_onnx_matches_pytorch_with_dynamic_batch(tmp_path):
     assert parity_failures(result, "fp32") == []
 
 
+def test_a_parity_refusal_prints_the_bound_with_enough_digits_to_tell_them_apart():
+    assert parity_failures({"mask_dice": 0.99}, "int8") == ["mask Dice agreement 0.9900 < 0.9950"]
+    # a bound from the model's own agreement is a long float: four decimals would print "0.9949 < 0.9949"
+    assert parity_failures({"mask_dice": 0.99491}, "int8", 0.9949330048602629) == [
+        "mask Dice agreement 0.99491 < 0.99493"]
+    assert parity_failures({"mask_dice": 0.9996}, "int8") == []
+
+
 @pytest.mark.parametrize("arch", ["mobilenet_v3_large", "resnet50"])
 def test_exported_graph_uses_only_what_tensorrt_accepts(arch, tmp_path):
     path = export_onnx(build_model(arch), tmp_path / "m.onnx", (64, 64))
