@@ -118,6 +118,24 @@ def test_a_model_that_cannot_reproduce_itself_is_refused_unless_held_to_its_own_
     assert not any(kept.metrics["parity"][name]["bound_from_model"] for name in (CPU_NAME, TENSORRT_NAME))
 
 
+def test_a_file_below_the_models_own_agreement_is_refused_naming_that_bound(qat_run, tmp_path, monkeypatch):
+    """Under --parity-bound-from-model the bound can be the model's own float32/float64 agreement, a long float
+    that the user did not type: the refusal says where it comes from. Stand-ins: a float64 evaluation equal to the
+    float32 one (own agreement 1.0, below an impossible project bound) and a file that agrees at 0.5."""
+    import export.int8 as module
+    from training.predict import predict_probabilities
+
+    monkeypatch.setattr(module, "float64_probabilities", lambda model, images, batch_size=8: predict_probabilities(
+        model, images, module.torch.device("cpu"), batch_size, amp=False))
+    monkeypatch.setattr(module, "parity_of", lambda path, images, references, threshold, morphology: {
+        "frames": len(images), "mask_dice": 0.5})
+    with pytest.raises(InputError, match=r"mask Dice agreement 0\.5000 < 1\.0000 \(the model's own float32-vs-float64 "
+                                         r"agreement, --parity-bound-from-model\); no bundle written"):
+        module.export_int8_bundle(qat_run.parents[1], qat_run.name, tmp_path / "b", device="cpu",
+                                  min_mask_dice=1.0 + 1e-9, bound_from_model=True)
+    assert not (tmp_path / "b").exists()
+
+
 def test_bad_input_is_one_line(qat_run, tmp_path):
     run_dir = qat_run.parents[1]
     result = subprocess.run([sys.executable, "-m", "export.cli", "export", "--run-dir", str(run_dir), "--qat", "nope"],
