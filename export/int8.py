@@ -233,9 +233,12 @@ def export_int8_bundle(run_dir: str | Path, qat_name: str, out_dir: str | Path |
                         "--parity-bound-from-model holds each file to that)")
                 if bound < min_mask_dice:
                     failures[-1] += " (the model's own float32-vs-float64 agreement, --parity-bound-from-model)"
+                written = result.get("reference_mask_dice")  # the QDQ graph run op by op: graph or kernels?
+                level = ("" if written is None else
+                         f"; the graph run as written (ORT_DISABLE_ALL) agrees at {written:.4f}")
                 raise ParityError(f"{path.name}: ONNX Runtime disagrees with the PyTorch fake-quant model (in float32 "
-                                  f"and in float64) on {result['frames']} validation frames: {'; '.join(failures)}; "
-                                  f"no bundle written{hint}")
+                                  f"and in float64) on {result['frames']} validation frames: {'; '.join(failures)}"
+                                  f"{level}; no bundle written{hint}")
         test_images, test_masks, _ = split_arrays(run_dir, "test", cfg)
         test_int8, _, _ = evaluate_arrays(onnx_probabilities(cpu_path, test_images), test_masks, threshold, morphology)
         timed = {"fp32": fp32_path, "int8": cpu_path} | ({} if x86_only else {"int8_tensorrt_form": tensorrt_path})
