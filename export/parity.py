@@ -47,14 +47,17 @@ def compare(reference_prob: np.ndarray, onnx_prob: np.ndarray, threshold: float,
     }
 
 
-def parity_failures(result: dict, precision: str, min_mask_dice: float | None = None) -> list[str]:
+def parity_failures(result: dict, precision: str, min_mask_dice: float | None = None,
+                    bound_source: str = "") -> list[str]:
+    """What `result` misses of the precision's tolerance (`min_mask_dice` in place of its mask bound where given;
+    `bound_source` says in the message where that bound came from, when the user did not type it)."""
     limits = dict(TOLERANCE[precision], **({} if min_mask_dice is None else {"mask_dice": min_mask_dice}))
     failures = []
     if "max_prob_diff" in limits and result["max_prob_diff"] > limits["max_prob_diff"]:
         failures.append(f"largest probability difference {result['max_prob_diff']:.2e} > {limits['max_prob_diff']:.0e}")
     if result["mask_dice"] < limits["mask_dice"]:
         value, limit = distinct_digits(result["mask_dice"], limits["mask_dice"])
-        failures.append(f"mask Dice agreement {value} < {limit}")
+        failures.append(f"mask Dice agreement {value} < {limit}" + (f" ({bound_source})" if bound_source else ""))
     return failures
 
 
