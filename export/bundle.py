@@ -14,10 +14,11 @@ from device_runtime.fileio import atomic_dir, write_json
 from device_runtime.manifest import Manifest, describe_file, write_manifest
 from device_runtime.postprocess import Morphology
 from training.checkpoint import load_model
+from training.model import as_deployed
 from training.data import load_split
 from training.evaluate import evaluate_arrays
 from training.predict import predict_probabilities, resolve_device
-from training.stages import split_arrays
+from training.stages import flip_tta_of, split_arrays
 
 from .onnx_export import export_onnx, tensorrt_problems
 from .out_guard import check_bundle_out
@@ -67,7 +68,8 @@ def export_bundle(checkpoint_path: str | Path, out_dir: str | Path | None = None
     `out_dir` must be a new or empty folder, or (with `replace`) an existing bundle, see export/out_guard.py.
 
     Parity is checked on the validation frames (ONNX Runtime against PyTorch, eval mode) and the test split
-    is scored through the ONNX graph, as the device will run it.
+    is scored through the ONNX graph, as the device will run it. A checkpoint tuned with flip averaging
+    (`nerveseg tune --flip-tta`) exports a graph that averages each frame with its mirror (FlipAveraged).
     """
     checkpoint_path = Path(checkpoint_path)
     model, checkpoint, cfg = load_model(checkpoint_path)
@@ -79,6 +81,8 @@ def export_bundle(checkpoint_path: str | Path, out_dir: str | Path | None = None
         print(f"replacing the bundle {out_dir} (atomically, once the new one is complete)", flush=True)
     threshold, morphology = float(checkpoint["threshold"]), Morphology.from_dict(checkpoint["morphology"])
     torch_device = resolve_device(device)
+    cfg = cfg.replace(flip_tta=flip_tta_of(checkpoint))  # what T* was tuned for (and the manifest records)
+    model = as_deployed(model, cfg.flip_tta)
 
     with atomic_dir(out_dir, replace=True) as staging:
         onnx_path = export_onnx(model, staging / FP32_NAME, cfg.input_size)

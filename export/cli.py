@@ -30,9 +30,9 @@ def _train(args) -> None:
 def _tune(args) -> None:
     from training.stages import tune_run
 
-    result = tune_run(args.run_dir, args.device)
+    result = tune_run(args.run_dir, args.device, args.flip_tta)
     v = result["validation"]
-    print(f"T* = {result['threshold']:.2f}  morphology {result['morphology']}  validation Dice {v['dice']:.4f} "
+    print(f"T* = {result['threshold']:.2f}{' (flip-averaged)' if result['flip_tta'] else ''}  morphology {result['morphology']}  validation Dice {v['dice']:.4f} "
           f"IoU {v['iou']:.4f} PA {v['pixel_accuracy']:.4f}  -> {Path(args.run_dir) / 'threshold.json'}")
 
 
@@ -188,6 +188,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         sub.add_argument("--run-dir", required=True)
         sub.add_argument("--device", default="auto")
         sub.set_defaults(func=func)
+        if name == "tune":
+            sub.add_argument("--flip-tta", action=argparse.BooleanOptionalAction,
+                             help="tune (and so evaluate and export) with test-time flip averaging: each frame's "
+                                  "probabilities averaged with its left-right mirror's (default: the run's config)")
 
     qat = commands.add_parser("qat", help="fine-tune a tuned run with fake quantization (learned or fixed bits)")
     qat.add_argument("--run-dir", required=True, help="a trained and tuned float run")

@@ -119,7 +119,7 @@ def run_fold(cfg: TrainConfig, fold_dir: Path, splits: dict, index: int) -> dict
     fold_cfg = cfg.replace(run_dir=str(fold_dir))
     _timed(timing, "train", lambda: train.main(fold_cfg, resume=resume, splits=None if resume else splits))
     write_json(timing_path, timing)
-    threshold = _timed(timing, "tune", lambda: stages.tune_run(fold_dir, cfg.device))
+    threshold = _timed(timing, "tune", lambda: stages.tune_run(fold_dir, cfg.device, cfg.flip_tta))
     test_torch = _timed(timing, "evaluate", lambda: stages.evaluate_run(fold_dir, cfg.device))
     write_json(timing_path, timing)
     test_onnx = _onnx_test_metrics(fold_dir, timing, cfg.device)
@@ -165,7 +165,8 @@ def format_markdown(cfg: TrainConfig, folds: list[dict], summary: dict, k: int, 
              f"Data `{cfg.data or 'synthetic phantom'}`"
              f"{f', mask label {cfg.mask_label}' if cfg.mask_label is not None else ''}; {cfg.arch}, "
              f"{cfg.input_size[0]}x{cfg.input_size[1]}, {budget}, seed {cfg.seed}. Held-out fold scored as deployed "
-             "(T* and morphology tuned on the fold's validation part, exported ONNX graph in ONNX Runtime). "
+             "(T* and morphology tuned on the fold's validation part, exported ONNX graph in ONNX Runtime"
+             f"{', each frame averaged with its mirror (flip TTA)' if cfg.flip_tta else ''}). "
              f"{summary['folds']} of {k} folds finished.",
              "",
              "| fold | train/val/test | epochs | T* | Dice | IoU | PA | pooled Dice | val Dice | CPU min | wall min |",

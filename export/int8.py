@@ -33,8 +33,9 @@ from device_runtime.manifest import Manifest, describe_file, write_manifest
 from device_runtime.postprocess import Morphology
 from training.checkpoint import load_model
 from training.evaluate import evaluate_arrays
+from training.model import as_deployed
 from training.predict import predict_probabilities, resolve_device
-from training.stages import split_arrays
+from training.stages import flip_tta_of, split_arrays
 
 from .bundle import FP32_NAME, ParityError, dataset_description, protected_paths
 from .out_guard import check_bundle_out
@@ -195,13 +196,14 @@ def export_int8_bundle(run_dir: str | Path, qat_name: str, out_dir: str | Path |
     if check_bundle_out(out_dir, protected, replace):
         print(f"replacing the bundle {out_dir} (atomically, once the new one is complete)", flush=True)
     threshold, morphology = float(checkpoint["threshold"]), Morphology.from_dict(checkpoint["morphology"])
+    flip_tta = flip_tta_of(checkpoint)  # the QAT run tuned T* as its float run deploys: every graph averages alike
     input_size = tuple(cfg.input_size)
     torch_device = resolve_device(device)
     table = bits_table(model, input_size)
 
     with atomic_dir(out_dir, replace=True) as staging:
-        fp32_path = export_onnx(float_model, staging / FP32_NAME, input_size)
-        graph = build_int8_model(model, input_size, staging / ".int8-float-twin.onnx")
+        fp32_path = export_onnx(as_deployed(float_model, flip_tta), staging / FP32_NAME, input_size)
+        graph = build_int8_model(model, input_size, staging / ".int8-float-twin.onnx", flip_tta)
         (staging / ".int8-float-twin.onnx").unlink()
         x86_only = qcfg.grid == "x86"
         int8_files = X86_INT8_FILES if x86_only else INT8_FILES
@@ -212,9 +214,9 @@ def export_int8_bundle(run_dir: str | Path, qat_name: str, out_dir: str | Path |
 
         val_images, _, _ = split_arrays(run_dir, "val", cfg)
         references = {  # see PARITY REFERENCES
-            "float32": predict_probabilities(model.to(torch_device), val_images, torch_device, cfg.val_batch_size,
-                                             amp=False),
-            "float64": float64_probabilities(model, val_images),
+            "float32": predict_probabilities(as_deployed(model, flip_tta).to(torch_device), val_images, torch_device,
+                                             cfg.val_batch_size, amp=False),
+            "float64": float64_probabilities(as_deployed(model, flip_tta), val_images),
         }
         parity = {"model_float32_vs_float64": compare(references["float64"], references["float32"], threshold,
                                                       morphology)}

@@ -57,6 +57,8 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
+from training.model import as_deployed
+
 from .dead_taps import drop_dead_taps, report_cut
 from .onnx_export import OPSET, export_onnx
 
@@ -239,15 +241,16 @@ def _one_pixel_maps(model: onnx.ModelProto) -> set[str]:
     return found
 
 
-def build_int8_model(model: nn.Module, input_size: tuple[int, int], work_path) -> onnx.ModelProto:
+def build_int8_model(model: nn.Module, input_size: tuple[int, int], work_path, flip_tta: bool = False) -> onnx.ModelProto:
     """The QDQ graph of a QAT model: int8 weights, zero point 0; activations signed 8-bit with zero point 0
-    (the TensorRT form), except those a `--grid x86` model quantizes unsigned (uint8, zero point 0).
+    (the TensorRT form), except those a `--grid x86` model quantizes unsigned (uint8, zero point 0). With
+    `flip_tta`, the graph averages each frame with its mirror around the one network (training.model.FlipAveraged).
 
     `work_path` receives the intermediate float export (a scratch file inside the bundle's staging folder).
     """
     quantizers = activation_quantizers_by_name(model)
     twin, convs = float_twin(model, input_size)
-    export_onnx(twin, work_path, input_size, custom_opsets={MARKER_DOMAIN: 1})
+    export_onnx(as_deployed(twin, flip_tta), work_path, input_size, custom_opsets={MARKER_DOMAIN: 1})
     graph_model = onnx.load(str(work_path))
     graph = graph_model.graph
     conv_nodes = [n for n in graph.node if n.op_type == "Conv"]

@@ -20,8 +20,9 @@ from device_runtime.postprocess import Morphology
 from training.bootstrap import paired_bootstrap_ci
 from training.checkpoint import load_model, read_checkpoint
 from training.evaluate import evaluate_arrays, plot_examples
+from training.model import as_deployed
 from training.predict import predict_probabilities, resolve_device
-from training.stages import split_arrays
+from training.stages import flip_tta_of, split_arrays
 from training.train import Dist, augmented_train_set, build_loader, rewrite_log
 from training.tune import plot_threshold_curve, tune
 
@@ -108,7 +109,8 @@ def run_qat(qcfg: QatConfig, resume: bool = False) -> Path:
 
 
 def finish(qat_dir: Path, cfg, device: torch.device) -> Path:
-    """Best checkpoint -> bits.json, T* + morphology on validation, test metrics; all at integer bits."""
+    """Best checkpoint -> bits.json, T* + morphology on validation, test metrics; all at integer bits, and with
+    test-time flip averaging where the float run was tuned with it (so the INT8 bundle deploys as the float one)."""
     from .checkpoint import load_qat_model
 
     best_path = qat_dir / "checkpoints" / "best.pt"
@@ -117,17 +119,19 @@ def finish(qat_dir: Path, cfg, device: torch.device) -> Path:
     table = bits_table(model, cfg.input_size)
     write_json(qat_dir / "bits.json", table)
 
+    flip_tta = flip_tta_of(read_checkpoint(tuned_float_checkpoint(qat_dir.parents[1])))
+    deployed = as_deployed(model, flip_tta)
     val_images, val_masks, _ = split_arrays(qat_dir.parents[1], "val", cfg)
-    prob = predict_probabilities(model, val_images, device, cfg.val_batch_size)
-    result = tune(prob, val_masks, cfg.objective_weights)
+    prob = predict_probabilities(deployed, val_images, device, cfg.val_batch_size)
+    result = {**tune(prob, val_masks, cfg.objective_weights), "flip_tta": flip_tta}
     write_json(qat_dir / "threshold.json", result)
     plot_threshold_curve(result["sweep"], qat_dir / "threshold_curve.png", title=f"QAT {qat_dir.name}: validation")
     checkpoint.update(threshold=result["threshold"], morphology=result["morphology"],
-                      validation=result["validation"], bits=table)
+                      validation=result["validation"], bits=table, flip_tta=flip_tta)
     save_qat_checkpoint(checkpoint, best_path)
 
     images, masks, names = split_arrays(qat_dir.parents[1], "test", cfg)
-    prob = predict_probabilities(model, images, device, cfg.val_batch_size)
+    prob = predict_probabilities(deployed, images, device, cfg.val_batch_size)
     summary, per_image, preds = evaluate_arrays(prob, masks, result["threshold"], Morphology.from_dict(result["morphology"]))
     summary["per_image"] = {name: float(d) for name, d in zip(names, per_image)}
     summary.update(mean_weight_bits=table["mean_weight_bits"], mean_activation_bits=table["mean_activation_bits"])

@@ -86,6 +86,9 @@ class TrainConfig:
     speckle: float = 0.0  # multiplicative noise, std drawn in [0, s] (ultrasound speckle); 0 = off
     # threshold objective, equation 4: weights of Dice, IoU, pixel accuracy
     objective_weights: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
+    # deployment: average each frame's probabilities with its left-right mirror's (training.model.FlipAveraged) in
+    # tuning T*, evaluation and the exported graph, at twice the inference; training and its validation stay plain
+    flip_tta: bool = False
     # machinery
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"
     workers: int = -1  # data loader processes; -1 = automatic (several on CUDA, none on a CPU-only run)

@@ -225,3 +225,40 @@ class LogitsOnly(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)["out"]
+
+
+# Where FlipAveraged clips its logits: sigmoid(+-30) is 1 and 0 in float32 (and the tuned T* lies in [0.01, 0.99]),
+# so the clip changes no mask; it keeps the graph's output finite where both probabilities round to 1 or 0
+FLIP_LOGIT_LIMIT = 30.0
+
+
+class FlipAveraged(nn.Module):
+    """Test-time flip averaging: the probability of each pixel is the mean of the frame's and of its left-right
+    mirror's (the mirrored frame's output mirrored back), returned as the logit of that mean, so everything after
+    the network (the sigmoid, T*, the bundle contract, the device runtime) stays as it is.
+
+    Left-right is the one mirror an ultrasound frame allows (the skin is at the top; the recipes train with hflip,
+    not vflip). Both frames go through the network as one batch of 2N, so the exported graph holds one copy of it;
+    the mirror is a Gather with constant reversed column indices (an operator every TensorRT version parses).
+    The logit of the mean probability is log(p + q) - log(p' + q'), with p, q the two probabilities and p', q'
+    their complements computed as sigmoid(-logit), never as 1 - p: no cancellation near 0 or 1.
+    Measured on usgra-seg in docs/accuracy.md, ablations (h) and (r); costs twice the network's inference.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        n, width = x.shape[0], int(x.shape[-1])  # the width as a constant: the graph's input size is fixed
+        reversed_columns = torch.arange(width - 1, -1, -1, device=x.device)
+        logits = self.model(torch.cat([x, x.index_select(3, reversed_columns)]))["out"]
+        plain, mirrored = logits[:n], logits[n:].index_select(3, reversed_columns)
+        averaged = (torch.log(torch.sigmoid(plain) + torch.sigmoid(mirrored))
+                    - torch.log(torch.sigmoid(-plain) + torch.sigmoid(-mirrored)))
+        return {"out": averaged.clamp(-FLIP_LOGIT_LIMIT, FLIP_LOGIT_LIMIT)}
+
+
+def as_deployed(model: nn.Module, flip_tta: bool) -> nn.Module:
+    """The model as a bundle runs it: with test-time flip averaging (FlipAveraged) or as trained."""
+    return FlipAveraged(model) if flip_tta else model

@@ -38,13 +38,14 @@ def phantom_config(cfg: TrainConfig) -> TrainConfig:
     phantom_batch_size and phantom_steps where set (a run may take more, smaller steps on its few real frames than
     the stage needs on its many phantom frames). Its decoder only when the run takes the whole network
     (phantom_head): a run that takes the backbone alone starts from the same stage with either decoder (ablation (j)
-    measured the skip decoder on the plain stage's backbone)."""
+    measured the skip decoder on the plain stage's backbone). Never with flip_tta, which only deployment reads."""
     return cfg.replace(data="", mask_label=None, group_by="auto", synth_count=cfg.phantom_frames, pretrained="none",
                        phantom_dir="", phantom_head=False, run_dir=str(phantom_dir(cfg)),
                        input_size=cfg.phantom_input_size or cfg.input_size, phantom_input_size=(),
                        batch_size=cfg.phantom_batch_size or cfg.batch_size, phantom_batch_size=0,
                        steps=cfg.phantom_steps or cfg.steps, phantom_steps=0,
-                       decoder=cfg.decoder if cfg.phantom_head else "none")
+                       decoder=cfg.decoder if cfg.phantom_head else "none",
+                       flip_tta=False)  # never tuned nor deployed: a stage serves runs with and without the mirror
 
 
 def backbone_path(cfg: TrainConfig) -> Path:

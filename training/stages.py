@@ -16,6 +16,7 @@ from .checkpoint import load_model, save_checkpoint
 from .config import TrainConfig
 from .data import load_pairs, load_split
 from .evaluate import evaluate_arrays, plot_examples
+from .model import as_deployed
 from .predict import predict_probabilities, resolve_device
 from .tune import plot_threshold_curve, tune
 
@@ -36,20 +37,30 @@ def split_arrays(run_dir: Path, split: str, cfg: TrainConfig):
     return images, masks, [s.name for s in samples]
 
 
-def tune_run(run_dir: str | Path, device: str = "auto") -> dict:
+def flip_tta_of(checkpoint: dict) -> bool:
+    """Whether the tuned checkpoint's T* was chosen on flip-averaged probabilities: then evaluation and export
+    average too (training.model.FlipAveraged). Checkpoints tuned before the option existed were plain."""
+    return bool(checkpoint.get("flip_tta", False))
+
+
+def tune_run(run_dir: str | Path, device: str = "auto", flip_tta: bool | None = None) -> dict:
     """T* by equation 4 on the validation split, then morphology; saved to threshold.json, the plot and
-    the best checkpoint (so export finds them there)."""
+    the best checkpoint (so export finds them there). `flip_tta`: tune for test-time flip averaging (None: the
+    run's config decides); recorded beside T*, so evaluation and export deploy what was tuned."""
     run_dir = Path(run_dir)
     path = best_checkpoint(run_dir)
     model, checkpoint, cfg = load_model(path)
+    flip_tta = cfg.flip_tta if flip_tta is None else flip_tta
     torch_device = resolve_device(device)
     images, masks, _ = split_arrays(run_dir, "val", cfg)
-    prob = predict_probabilities(model.to(torch_device), images, torch_device, cfg.val_batch_size, cfg.amp)
-    result = tune(prob, masks, cfg.objective_weights)
+    deployed = as_deployed(model, flip_tta).to(torch_device)
+    prob = predict_probabilities(deployed, images, torch_device, cfg.val_batch_size, cfg.amp)
+    result = {**tune(prob, masks, cfg.objective_weights), "flip_tta": flip_tta}
     write_json(run_dir / "threshold.json", result)
     plot_threshold_curve(result["sweep"], run_dir / "threshold_curve.png", title=f"{run_dir.name}: validation")
     # the checkpoint as read: its weights are those saved, untouched by the model that loaded them
-    checkpoint.update(threshold=result["threshold"], morphology=result["morphology"], validation=result["validation"])
+    checkpoint.update(threshold=result["threshold"], morphology=result["morphology"], validation=result["validation"],
+                      flip_tta=flip_tta)
     save_checkpoint(checkpoint, path)
     return result
 
@@ -63,7 +74,8 @@ def evaluate_run(run_dir: str | Path, device: str = "auto") -> dict:
         raise InputError(f"{path}: has no tuned threshold; run 'nerveseg tune --run-dir {run_dir}' first")
     torch_device = resolve_device(device)
     images, masks, names = split_arrays(run_dir, "test", cfg)
-    prob = predict_probabilities(model.to(torch_device), images, torch_device, cfg.val_batch_size, cfg.amp)
+    deployed = as_deployed(model, flip_tta_of(checkpoint)).to(torch_device)
+    prob = predict_probabilities(deployed, images, torch_device, cfg.val_batch_size, cfg.amp)
     morphology = Morphology.from_dict(checkpoint["morphology"])
     summary, per_image_dice, preds = evaluate_arrays(prob, masks, checkpoint["threshold"], morphology)
     summary["per_image"] = {name: float(d) for name, d in zip(names, per_image_dice)}

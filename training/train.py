@@ -537,6 +537,10 @@ def get_args_parser(parser=None, resumable: bool = True):
                         help="stochastic weight averaging from this fraction of the step budget on, at a constant lr "
                              "of --swa-lr-ratio x lr (0.75; 0 = off; warmup_cosine recipes)")
     parser.add_argument("--swa-lr-ratio", type=float, metavar="RATIO", help="SWA's constant lr over the recipe's lr")
+    parser.add_argument("--flip-tta", action=argparse.BooleanOptionalAction,
+                        help="deploy with test-time flip averaging: T*, evaluation and the exported graph average each "
+                             "frame's probabilities with its left-right mirror's, at twice the inference (default: the "
+                             "recipe's)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--steps", type=int, help="budget in optimiser steps instead of epochs (0 = use --epochs)")
     parser.add_argument("--val-every", type=int, help="validate every N epochs (and after the last)")
@@ -573,7 +577,7 @@ def config_from_args(args) -> TrainConfig:
         "data", "mask_label", "run_dir", "arch", "input_size", "pretrained", "epochs", "batch_size", "lr",
         "seed", "synth_count", "device", "workers", "amp", "steps", "val_every", "group_by", "aspp_rates",
         "decoder", "weight_ema", "swa_start", "swa_lr_ratio", "torch_compile", "phantom_frames", "phantom_dir",
-        "phantom_head", "phantom_input_size", "phantom_batch_size", "phantom_steps")}
+        "phantom_head", "phantom_input_size", "phantom_batch_size", "phantom_steps", "flip_tta")}
     cfg = build_config(args.recipe, **overrides)  # lists from nargs flags become tuples there (config._coerce)
     if not cfg.run_dir:
         cfg = cfg.replace(run_dir=str(Path("runs") / f"{Path(args.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"))
