@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import REPO
+
 from device_runtime.backends import open_backend
 from device_runtime.manifest import load_manifest
 from device_runtime.pipeline import Segmenter
@@ -166,3 +168,21 @@ def test_training_ignores_the_flag(tiny_config, tmp_path):
         states.append(read_checkpoint(train.main(cfg) / "checkpoints" / "best.pt")["model"])
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_bench_graphs_times_the_plain_and_the_averaged_graph_side_by_side(flip_run, tmp_path, capsys):
+    import importlib.util
+
+    from training.checkpoint import load_model
+
+    spec = importlib.util.spec_from_file_location("bench_graphs", REPO / "scripts" / "bench_graphs.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model, _, _ = load_model(flip_run / "checkpoints" / "best.pt")
+    plain = export_onnx(model, tmp_path / "plain.onnx", (64, 64))
+    flip = flip_run / "bundle" / FP32_NAME
+    assert bench.main([f"plain={plain}", f"flip={flip}", "--rounds", "2", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "64x64" in out and "plain: median" in out and "flip: median" in out
+    assert bench.main([f"plain={plain}", f"other={tmp_path / 'missing.onnx'}"]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0  # one line, no traceback
