@@ -108,8 +108,26 @@ def preprocess_for_ptq(fp32_onnx: str | Path, out_path: str | Path) -> Path:
     return out_path
 
 
+def flip_averaging_nodes(onnx_path: str | Path) -> list[str]:
+    """The nodes of a flip-averaged graph (training.model.FlipAveraged) outside the network: the mirror and the
+    batch of two before the first convolution, the probability average after the network's last Resize (DeepLabV3
+    ends by upsampling its logits). [] for a plain graph (no Gather reads the input). The QAT INT8 graph keeps these
+    in float; left to quantize_static they would be quantized too (the mean probability on a u8 grid), so the
+    baseline is given the same float tail: it is compared as the network it quantizes, not as its averaging."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path)).graph
+    nodes = list(graph.node)  # ONNX keeps nodes in topological order
+    if not any(n.op_type == "Gather" and INPUT_NAME in n.input for n in nodes):
+        return []
+    first_conv = next(i for i, n in enumerate(nodes) if n.op_type == "Conv")
+    last_resize = max(i for i, n in enumerate(nodes) if n.op_type == "Resize")
+    return [n.name for n in nodes[:first_conv] + nodes[last_resize + 1:]]
+
+
 def quantize_ptq(fp32_onnx: str | Path, out_path: str | Path, frames: np.ndarray, method: str = DEFAULT_METHOD) -> Path:
-    """ONNX Runtime's quantize_static of the float graph: QDQ, per channel, u8 activations, s8 weights."""
+    """ONNX Runtime's quantize_static of the float graph: QDQ, per channel, u8 activations, s8 weights (the
+    averaging around the network of a flip-averaged graph left in float, see flip_averaging_nodes)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if method not in METHODS:
@@ -118,7 +136,8 @@ def quantize_ptq(fp32_onnx: str | Path, out_path: str | Path, frames: np.ndarray
     with atomic_path(out_path) as tmp:
         quantize_static(str(fp32_onnx), str(tmp), _reader(frames), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=getattr(CalibrationMethod, method))
+                        calibrate_method=getattr(CalibrationMethod, method),
+                        nodes_to_exclude=flip_averaging_nodes(fp32_onnx))
     # not CalibMaxIntermediateOutputs (which would bound the calibrator's memory, ~100 MB per 256x256 frame):
     # in ONNX Runtime 1.32 MinMax then drops each full chunk unmeasured ("No data is collected" at 64 frames)
     return out_path

@@ -154,7 +154,7 @@ def test_the_flag_reaches_the_config_and_never_the_phantom_stage():
     assert cfg.flip_tta is True and pretrain.phantom_config(cfg).flip_tta is False
     args = get_args_parser().parse_args(["--recipe", "quick", "--run-dir", "r", "--no-flip-tta"])
     assert config_from_args(args).flip_tta is False
-    assert build_config("quick").flip_tta is False
+    assert build_config("quick").flip_tta is False and build_config("small").flip_tta is True  # (r), docs/accuracy.md
 
 
 def test_training_ignores_the_flag(tiny_config, tmp_path):
@@ -186,3 +186,24 @@ def test_bench_graphs_times_the_plain_and_the_averaged_graph_side_by_side(flip_r
     assert "64x64" in out and "plain: median" in out and "flip: median" in out
     assert bench.main([f"plain={plain}", f"other={tmp_path / 'missing.onnx'}"]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0  # one line, no traceback
+
+
+def test_ort_ptq_quantizes_the_network_and_leaves_the_averaging_in_float(tmp_path):
+    from export.ptq import flip_averaging_nodes, preprocess_for_ptq, quantize_ptq
+
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v3_large").eval()
+    plain = preprocess_for_ptq(export_onnx(model, tmp_path / "p.onnx", (64, 64)), tmp_path / "pp.onnx")
+    flip = preprocess_for_ptq(export_onnx(FlipAveraged(model), tmp_path / "f.onnx", (64, 64)), tmp_path / "fp.onnx")
+    assert flip_averaging_nodes(plain) == []
+    excluded = flip_averaging_nodes(flip)
+    ops = {n.name: n.op_type for n in onnx.load(str(flip)).graph.node}
+    assert {ops[name] for name in excluded} >= {"Gather", "Concat", "Sigmoid", "Log", "Clip"}
+    assert "Conv" not in {ops[name] for name in excluded}
+    frames = np.random.default_rng(0).random((4, 64, 64), dtype=np.float32)
+    nodes = onnx.load(str(quantize_ptq(flip, tmp_path / "q.onnx", frames, "MinMax"))).graph.node
+    made_by = {out: n.name for n in nodes for out in n.output}
+    quantized = {made_by.get(n.input[0], n.input[0]) for n in nodes if n.op_type == "QuantizeLinear"}
+    # the mirror and the average stay float; the batch of two (Concat) is the network's input, quantized as such
+    assert {ops[name] for name in quantized & set(excluded)} == {"Concat"} and "input" not in quantized
+    assert sum(n.op_type == "QuantizeLinear" for n in nodes) > 10  # the network itself is quantized
