@@ -14,9 +14,9 @@ from device_runtime.fileio import atomic_dir, write_json
 from device_runtime.manifest import Manifest, describe_file, write_manifest
 from device_runtime.postprocess import Morphology
 from training.checkpoint import load_model
-from training.model import as_deployed
 from training.data import load_split
 from training.evaluate import evaluate_arrays
+from training.model import as_deployed
 from training.predict import predict_probabilities, resolve_device
 from training.stages import flip_tta_of, split_arrays
 

@@ -32,7 +32,8 @@ def _tune(args) -> None:
 
     result = tune_run(args.run_dir, args.device, args.flip_tta)
     v = result["validation"]
-    print(f"T* = {result['threshold']:.2f}{' (flip-averaged)' if result['flip_tta'] else ''}  morphology {result['morphology']}  validation Dice {v['dice']:.4f} "
+    averaged = " (flip-averaged)" if result["flip_tta"] else ""
+    print(f"T* = {result['threshold']:.2f}{averaged}  morphology {result['morphology']}  validation Dice {v['dice']:.4f} "
           f"IoU {v['iou']:.4f} PA {v['pixel_accuracy']:.4f}  -> {Path(args.run_dir) / 'threshold.json'}")
 
 

@@ -120,10 +120,13 @@ def test_the_device_runtime_runs_the_bundle_unchanged_and_gets_the_averaged_prob
     assert np.abs(result.prob - expected[0, 0].numpy()).max() < 1e-5
 
 
-def test_tune_without_the_flag_follows_the_config_and_no_flip_tta_overrides_it(flip_run, tmp_path):
+def test_tune_without_the_flag_follows_the_config_and_no_flip_tta_overrides_it(flip_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(flip_run, run)
+    assert cli_main(["tune", "--run-dir", str(run), "--device", "cpu", "--flip-tta"]) == 0
+    assert "(flip-averaged)" in capsys.readouterr().out
     assert cli_main(["tune", "--run-dir", str(run), "--device", "cpu", "--no-flip-tta"]) == 0
+    assert "(flip-averaged)" not in capsys.readouterr().out
     assert json.loads((run / "threshold.json").read_text())["flip_tta"] is False
     assert stages.tune_run(run, "cpu")["flip_tta"] is False  # the tiny run's config (quick) has it off
 
