@@ -213,10 +213,11 @@ def export_int8_bundle(run_dir: str | Path, qat_name: str, out_dir: str | Path |
         _save(cpu_form(graph), cpu_path)
 
         val_images, _, _ = split_arrays(run_dir, "val", cfg)
+        deployed = as_deployed(model, flip_tta)
         references = {  # see PARITY REFERENCES
-            "float32": predict_probabilities(as_deployed(model, flip_tta).to(torch_device), val_images, torch_device,
-                                             cfg.val_batch_size, amp=False),
-            "float64": float64_probabilities(as_deployed(model, flip_tta), val_images),
+            "float32": predict_probabilities(deployed.to(torch_device), val_images, torch_device, cfg.val_batch_size,
+                                             amp=False),
+            "float64": float64_probabilities(deployed, val_images),
         }
         parity = {"model_float32_vs_float64": compare(references["float64"], references["float32"], threshold,
                                                       morphology)}

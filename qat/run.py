@@ -75,7 +75,7 @@ def run_qat(qcfg: QatConfig, resume: bool = False) -> Path:
     qcfg = resolve_config(qcfg, resume)
     qat_dir = qcfg.qat_dir
     device = resolve_device(qcfg.device)
-    float_model, _, cfg = load_model(float_path)
+    float_model, float_checkpoint, cfg = load_model(float_path)
     batch_size = qcfg.batch_size or cfg.batch_size
     loader_cfg = cfg.replace(batch_size=batch_size, seed=cfg.seed + qcfg.seed)
 
@@ -105,12 +105,13 @@ def run_qat(qcfg: QatConfig, resume: bool = False) -> Path:
 
     run_epochs(state, cfg, qcfg, qat_dir, lambda epoch: build_loader(train_set, loader_cfg, Dist(), epoch, 0),
                train_images, val_images, val_masks, device, lambda m: bits_table(m, cfg.input_size))
-    return finish(qat_dir, cfg, device)
+    return finish(qat_dir, cfg, device, flip_tta_of(float_checkpoint))
 
 
-def finish(qat_dir: Path, cfg, device: torch.device) -> Path:
+def finish(qat_dir: Path, cfg, device: torch.device, flip_tta: bool) -> Path:
     """Best checkpoint -> bits.json, T* + morphology on validation, test metrics; all at integer bits, and with
-    test-time flip averaging where the float run was tuned with it (so the INT8 bundle deploys as the float one)."""
+    test-time flip averaging where the float run was tuned with it, `flip_tta` (so the INT8 bundle deploys as the
+    float one)."""
     from .checkpoint import load_qat_model
 
     best_path = qat_dir / "checkpoints" / "best.pt"
@@ -119,7 +120,6 @@ def finish(qat_dir: Path, cfg, device: torch.device) -> Path:
     table = bits_table(model, cfg.input_size)
     write_json(qat_dir / "bits.json", table)
 
-    flip_tta = flip_tta_of(read_checkpoint(tuned_float_checkpoint(qat_dir.parents[1])))
     deployed = as_deployed(model, flip_tta)
     val_images, val_masks, _ = split_arrays(qat_dir.parents[1], "val", cfg)
     prob = predict_probabilities(deployed, val_images, device, cfg.val_batch_size)
