@@ -3,31 +3,20 @@ finished folds, and a RUN refuses a second config."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import cv2
 import pytest
 
+from conftest import SCRIPTS, load_script
 from device_runtime.errors import InputError
 from export.cli import main as cli_main
 from export.cv import make_folds
 from training.data import Sample, discover, group_by_prefix, split_samples
 from training.synth import generate_phantom
 
-_SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def _script(name: str):
-    """A script of scripts/ as a module (they are run as files, not installed)."""
-    spec = importlib.util.spec_from_file_location(name, _SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cv_frames = _script("cv_frames")
+cv_frames = load_script("cv_frames")
 
 
 def _samples(subjects: dict[str, int]) -> list[Sample]:
@@ -184,8 +173,8 @@ def test_cv_frames_groups_the_lost_dice_and_refuses_a_folder_without_folds(tmp_p
 
 @pytest.mark.parametrize("name, runs", [("cv_flip_tta", 1), ("cv_ensemble", 2)])  # how many cv folders each takes
 def test_post_hoc_cv_scripts_refuse_folders_without_finished_folds(name, runs, tmp_path, capsys, monkeypatch):
-    monkeypatch.syspath_prepend(str(_SCRIPTS))  # cv_ensemble imports cv_flip_tta as a script would
-    script = _script(name)
+    monkeypatch.syspath_prepend(str(SCRIPTS))  # cv_ensemble imports cv_flip_tta as a script would
+    script = load_script(name)
     (tmp_path / "fold-1").mkdir()  # a fold that never finished (no fold.json), e.g. stopped while training
     assert script.main([str(tmp_path)] * runs) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO
+from conftest import load_script
 
 from device_runtime.backends import open_backend
 from device_runtime.manifest import load_manifest
@@ -174,13 +174,9 @@ def test_training_ignores_the_flag(tiny_config, tmp_path):
 
 
 def test_bench_graphs_times_the_plain_and_the_averaged_graph_side_by_side(flip_run, tmp_path, capsys):
-    import importlib.util
-
     from training.checkpoint import load_model
 
-    spec = importlib.util.spec_from_file_location("bench_graphs", REPO / "scripts" / "bench_graphs.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_graphs")
     model, _, _ = load_model(flip_run / "checkpoints" / "best.pt")
     plain = export_onnx(model, tmp_path / "plain.onnx", (64, 64))
     flip = flip_run / "bundle" / FP32_NAME

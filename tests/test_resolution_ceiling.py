@@ -1,15 +1,11 @@
 """scripts/resolution_ceiling.py: the Dice a mask keeps through a coarse grid (the skip decoder's motivation)."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "scripts" / "resolution_ceiling.py"
-_spec = importlib.util.spec_from_file_location("resolution_ceiling", _PATH)
-resolution_ceiling = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(resolution_ceiling)
+from conftest import load_script
+
+resolution_ceiling = load_script("resolution_ceiling")
 
 
 def _disc(size: int, radius: float) -> np.ndarray:
