@@ -121,7 +121,7 @@ def compare(work: Path) -> list[dict]:
         bundle, file_label, frame_set = rel.parts
         sides = {"x86": load_probe(probe_x86), "arm64": load_probe(work / "out" / "arm64" / rel / "probe.npz")}
         row = {"bundle": (work / "bundles" / f"{bundle}.source").read_text().strip(), "file": file_label,
-               "frames": frame_set, **agreement(sides["arm64"], sides["x86"])}
+               "frame_set": frame_set, **agreement(sides["arm64"], sides["x86"])}
         run_dirs = {side: work / "out" / side / rel / "run" for side in SIDES}
         if all((d / "masks").is_dir() for d in run_dirs.values()):
             run_masks = {s: load_run_masks(run_dirs[s] / "masks", sides[s]["names"]) for s in SIDES}
@@ -135,11 +135,11 @@ def compare(work: Path) -> list[dict]:
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = [f"{'bundle':<34} {'file':<22} {'frames':<7} {'n':>3} {'Dice min':>9} {'mean':>7} {'<gate':>5} "
+    lines = [f"{'bundle':<34} {'file':<22} {'set':<7} {'n':>3} {'Dice min':>9} {'mean':>7} {'<gate':>5} "
              f"{'px diff':>8} {'max|dp|':>9} {'mean|dp|':>9} {'p99|dp|':>9}  run(Dice min, = probe)"]
     for r in rows:
         run = f"{r['run_dice_min']:.4f}, {r['run_equals_probe']}" if "run_dice_min" in r else "not run (probe only)"
-        lines.append(f"{r['bundle'][-34:]:<34} {r['file']:<22} {r['frames']:<7} {r['frames']:>3} "
+        lines.append(f"{r['bundle'][-34:]:<34} {r['file']:<22} {r['frame_set']:<7} {r['frames']:>3} "
                      f"{r['dice_min']:>9.4f} {r['dice_mean']:>7.4f} {r['frames_below_gate']:>5} "
                      f"{r['mask_pixels_differing']:>8} {r['dp_max']:>9.2e} {r['dp_mean']:>9.2e} "
                      f"{r['dp_p99']:>9.2e}  {run}")

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The torch-free device runtime on an arm64 userland under emulation, compared with the same run on x86.
 #
-#   PYTHONPATH=$PWD scripts/arm64_check.sh --bundle runs/phantom/bundle --bundle runs/phantom/qat/b8/bundle \
-#       --frames runs/phantom/synthetic/images --real /work/shared/data/usgra-seg/images
+#   PYTHONPATH=$PWD scripts/arm64_check.sh --bundle runs/phantom/bundle --bundle runs/phantom/qat/NAME/bundle \
+#       --split runs/phantom/split.json --real /work/shared/data/usgra-seg/images
 #
 # What it does, each step skipped when a marker in the cache says it is done (docs/arm64.md):
 #   1. host tools: Debian's qemu-user-static, binfmt-support and debootstrap (apt-get), binfmt_misc mounted and
@@ -23,18 +23,23 @@ CACHE=${NERVESEG_ARM64_CACHE:-/work/.cache/nerveseg-arm64}
 SUITE=${NERVESEG_ARM64_SUITE:-bookworm}
 MIRROR=${NERVESEG_ARM64_MIRROR:-http://deb.debian.org/debian}
 PYTHON=${PYTHON:-/work/venv/bin/python}  # the x86 Python with the project's dependencies
+# The CPU qemu emulates decides which ONNX Runtime kernels run (MLAS picks them by the CPU's features): qemu's
+# default "max" has SVE, i8mm and more that a Jetson lacks; Cortex-A76 (ARMv8.2-A, dotprod, fp16) is the
+# nearest qemu offers to Orin's Cortex-A78AE. `qemu-aarch64-static -cpu help` lists the others.
+QEMU_CPU=${NERVESEG_ARM64_CPU:-cortex-a76}
 ROOTFS=$CACHE/rootfs
 GUEST=/nerveseg               # the work folder as the chroot sees it
 WORK=$ROOTFS$GUEST            # ... and as the host sees it
 GUEST_PY=/opt/venv/bin/python
-BUNDLES=() FRAME_SETS=() REAL_DIR="" REAL_COUNT=16 MAX_FRAMES=12 THREADS=1
+BUNDLES=() FRAME_SETS=() SPLIT="" REAL_DIR="" REAL_COUNT=16 MAX_FRAMES=12 THREADS=1
 
 usage() {
     sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
     cat <<'EOF'
 Options:
   --bundle DIR      a bundle folder (repeat); every .onnx file in its manifest is run
-  --frames DIR      a folder of test frames (repeat); the first --max-frames of each, sorted by name
+  --split FILE      a run's split.json: the first --max-frames of its test split
+  --frames DIR      a folder of frames (repeat; *_mask.* files left out); the first --max-frames, sorted by name
   --real DIR        a folder of real frames; --real-count of them, spread over the sorted list, copied to the cache
   --real-count N    (default 16)
   --max-frames N    frames per --frames folder (default 12; emulation is slow)
@@ -49,6 +54,7 @@ while [ $# -gt 0 ]; do
     case $1 in
         --bundle) BUNDLES+=("$(realpath "$2")"); shift 2 ;;
         --frames) FRAME_SETS+=("$(realpath "$2")"); shift 2 ;;
+        --split) SPLIT=$(realpath "$2"); shift 2 ;;
         --real) REAL_DIR=$(realpath "$2"); shift 2 ;;
         --real-count) REAL_COUNT=$2; shift 2 ;;
         --max-frames) MAX_FRAMES=$2; shift 2 ;;
@@ -59,7 +65,8 @@ while [ $# -gt 0 ]; do
 done
 [ "$(id -u)" = 0 ] || die "needs root (debootstrap, chroot, mounts)"
 [ ${#BUNDLES[@]} -gt 0 ] || die "give at least one --bundle"
-[ ${#FRAME_SETS[@]} -gt 0 ] || [ -n "$REAL_DIR" ] || die "give --frames or --real"
+[ ${#FRAME_SETS[@]} -gt 0 ] || [ -n "$SPLIT$REAL_DIR" ] || die "give --split, --frames or --real"
+[ -z "$SPLIT" ] || [ -f "$SPLIT" ] || die "$SPLIT: no such file"
 for b in "${BUNDLES[@]}"; do [ -f "$b/manifest.json" ] || die "$b: no manifest.json (not a bundle folder)"; done
 for f in "${FRAME_SETS[@]}" ${REAL_DIR:+"$REAL_DIR"}; do [ -d "$f" ] || die "$f: not a folder"; done
 case $CACHE in "$REPO"|"$REPO"/*) die "NERVESEG_ARM64_CACHE=$CACHE is inside the repository; put it outside" ;; esac
@@ -93,12 +100,13 @@ host_tools() {
 MOUNTED=()
 mount_guest() {
     local m
-    for m in proc sys dev dev/pts; do
+    # No /sys: the host's x86 sysfs makes ONNX Runtime's CPU detection (pytorch cpuinfo, aarch64 build) crash
+    # at import (SIGSEGV under qemu); without it cpuinfo fails cleanly and the kernels follow qemu's AT_HWCAP.
+    for m in proc dev dev/pts; do
         mountpoint -q "$ROOTFS/$m" && continue
         mkdir -p "$ROOTFS/$m"
         case $m in
             proc) mount -t proc proc "$ROOTFS/proc" ;;
-            sys) mount -t sysfs sys "$ROOTFS/sys" ;;
             dev) mount --bind /dev "$ROOTFS/dev" ;;
             dev/pts) mount --bind /dev/pts "$ROOTFS/dev/pts" ;;
         esac
@@ -112,7 +120,10 @@ unmount_guest() {
     MOUNTED=()
 }
 trap unmount_guest EXIT
-in_guest() { chroot "$ROOTFS" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 "$@"; }
+in_guest() {
+    QEMU_CPU=$QEMU_CPU chroot "$ROOTFS" /usr/bin/env -i QEMU_CPU="$QEMU_CPU" PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+        HOME=/root LANG=C.UTF-8 "$@"
+}
 
 # --- 2. root file system and venv -------------------------------------------------------------------------
 rootfs() {
@@ -144,16 +155,22 @@ EOF
 guest_venv() {
     local pins
     pins=$(host_versions)
-    if [ "$(cat "$CACHE/.venv-done" 2>/dev/null)" != "$pins" ]; then
-        log "venv in the chroot: pip install $pins (aarch64 wheels from PyPI)"
-        rm -rf "$ROOTFS/opt/venv"
-        mount_guest
-        in_guest python3 -m venv /opt/venv
-        # --only-binary: a wheel or nothing (building OpenCV under emulation would take hours)
-        in_guest "$GUEST_PY" -m pip install --no-cache-dir --only-binary=:all: $pins >"$CACHE/pip.log" 2>&1 \
-            || die "pip install in the chroot failed: see $CACHE/pip.log"
-        echo "$pins" >"$CACHE/.venv-done"
+    [ "$(cat "$CACHE/.venv-done" 2>/dev/null)" = "$pins" ] && return
+    mount_guest
+    if [ ! -x "$ROOTFS/opt/venv/bin/python" ]; then  # ensurepip under emulation takes minutes: made once
+        log "python3 -m venv in the chroot"
+        rm -rf "$ROOTFS/opt/venv.partial"
+        in_guest python3 -m venv /opt/venv.partial
+        mv "$ROOTFS/opt/venv.partial" "$ROOTFS/opt/venv"
     fi
+    # The host's CA bundle: where TLS to PyPI passes through a proxy with its own CA, only the host trusts it
+    cp -L "${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}" "$ROOTFS/etc/ssl/certs/host-ca-bundle.crt"
+    log "pip install $pins in the chroot (aarch64 wheels from PyPI)"
+    # --only-binary: a wheel or nothing (building OpenCV under emulation would take hours)
+    in_guest "$GUEST_PY" -m pip install --no-cache-dir --disable-pip-version-check --only-binary=:all: \
+        --cert /etc/ssl/certs/host-ca-bundle.crt $pins >"$CACHE/pip.log" 2>&1 \
+        || die "pip install in the chroot failed: see $CACHE/pip.log"
+    echo "$pins" >"$CACHE/.venv-done"
 }
 
 # --- 3. runtime, bundles, frames --------------------------------------------------------------------------
@@ -170,11 +187,20 @@ stage_inputs() {
     done
     i=0
     for f in "${FRAME_SETS[@]}"; do
-        mkdir -p "$WORK/frames/set$i"
+        mkdir -p "$WORK/frames/frames$i"
         find "$f" -maxdepth 1 -type f \( -iname '*.png' -o -iname '*.tif' -o -iname '*.tiff' -o -iname '*.jpg' \) \
-            | sort | head -n "$MAX_FRAMES" | xargs -r cp -t "$WORK/frames/set$i"
+            ! -iname '*_mask.*' | sort | head -n "$MAX_FRAMES" | xargs -r cp -t "$WORK/frames/frames$i"
         i=$((i + 1))
     done
+    if [ -n "$SPLIT" ]; then
+        mkdir -p "$WORK/frames/test"
+        "$PYTHON" - "$SPLIT" "$MAX_FRAMES" <<'EOF' | xargs -r -d '\n' cp -t "$WORK/frames/test"
+import json, pathlib, sys
+split = json.loads(pathlib.Path(sys.argv[1]).read_text())
+for item in split["test"][:int(sys.argv[2])]:
+    print(pathlib.Path(split["root"]) / item["image"])
+EOF
+    fi
     if [ -n "$REAL_DIR" ]; then  # spread over the sorted list, so that the sizes and regions vary
         mkdir -p "$WORK/frames/real"
         find "$REAL_DIR" -maxdepth 1 -type f -iname '*.png' | sort \
@@ -217,11 +243,11 @@ rootfs
 guest_venv
 mount_guest
 stage_inputs
-log "arm64 side: $(in_guest "$GUEST_PY" -c 'import platform, numpy, cv2, onnxruntime as o; print(platform.machine(), "numpy", numpy.__version__, "cv2", cv2.__version__, "onnxruntime", o.__version__)')"
+log "arm64 side (qemu -cpu $QEMU_CPU): $(in_guest "$GUEST_PY" -c 'import platform, numpy, cv2, onnxruntime as o; print(platform.machine(), "numpy", numpy.__version__, "cv2", cv2.__version__, "onnxruntime", o.__version__)')"
 T0=$(date +%s)
 run_side arm64 "$GUEST" in_guest env PYTHONPATH="$GUEST/nerveseg-device.pyz" "$GUEST_PY"
 T1=$(date +%s)
 run_side x86 "$WORK" env PYTHONPATH="$WORK/nerveseg-device.pyz" "$PYTHON"
 T2=$(date +%s)
-"$PYTHON" "$REPO/scripts/arm64_agreement.py" compare --work "$WORK" --json "$CACHE/agreement.json"
+"$PYTHON" "$REPO/scripts/arm64_agreement.py" compare --work "$WORK" --json "$CACHE/agreement-$QEMU_CPU.json"
 log "setup $((T0 - START)) s, arm64 runs $((T1 - T0)) s, x86 runs $((T2 - T1)) s, total $(($(date +%s) - START)) s"
