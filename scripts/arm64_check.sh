@@ -31,7 +31,7 @@ ROOTFS=$CACHE/rootfs
 GUEST=/nerveseg               # the work folder as the chroot sees it
 WORK=$ROOTFS$GUEST            # ... and as the host sees it
 GUEST_PY=/opt/venv/bin/python
-BUNDLES=() FRAME_SETS=() SPLIT="" REAL_DIR="" REAL_COUNT=16 MAX_FRAMES=12 THREADS=1
+BUNDLES=() FRAME_SETS=() SPLIT="" REAL_DIR="" REAL_COUNT=16 MAX_FRAMES=12 THREADS=1 ONLY=all
 
 usage() {
     sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
@@ -44,6 +44,7 @@ Options:
   --real-count N    (default 16)
   --max-frames N    frames per --frames folder (default 12; emulation is slow)
   --threads N       ONNX Runtime threads on both sides (default 1)
+  --only fp32|int8  run only the bundles' files of this precision (default: all of them)
 EOF
 }
 
@@ -59,6 +60,7 @@ while [ $# -gt 0 ]; do
         --real-count) REAL_COUNT=$2; shift 2 ;;
         --max-frames) MAX_FRAMES=$2; shift 2 ;;
         --threads) THREADS=$2; shift 2 ;;
+        --only) ONLY=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument: $1" ;;
     esac
@@ -67,6 +69,7 @@ done
 [ ${#BUNDLES[@]} -gt 0 ] || die "give at least one --bundle"
 [ ${#FRAME_SETS[@]} -gt 0 ] || [ -n "$SPLIT$REAL_DIR" ] || die "give --split, --frames or --real"
 [ -z "$SPLIT" ] || [ -f "$SPLIT" ] || die "$SPLIT: no such file"
+case $ONLY in all|fp32|int8) ;; *) die "--only $ONLY: give fp32 or int8" ;; esac
 for b in "${BUNDLES[@]}"; do [ -f "$b/manifest.json" ] || die "$b: no manifest.json (not a bundle folder)"; done
 for f in "${FRAME_SETS[@]}" ${REAL_DIR:+"$REAL_DIR"}; do [ -d "$f" ] || die "$f: not a folder"; done
 case $CACHE in "$REPO"|"$REPO"/*) die "NERVESEG_ARM64_CACHE=$CACHE is inside the repository; put it outside" ;; esac
@@ -218,6 +221,7 @@ run_side() {
     shift 2
     for bundle in $(cd "$WORK/bundles" && ls -d */ | tr -d /); do
         while read -r precision path how; do
+            [ "$ONLY" = all ] || [ "$ONLY" = "$precision" ] || continue
             label=$(basename "$path" .onnx)
             for set in $(cd "$WORK/frames" && ls -d */ | tr -d /); do
                 out=$base/out/$side/$bundle/$label/$set
