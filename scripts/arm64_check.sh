@@ -34,7 +34,7 @@ GUEST_PY=/opt/venv/bin/python
 BUNDLES=() FRAME_SETS=() SPLIT="" REAL_DIR="" REAL_COUNT=16 MAX_FRAMES=12 THREADS=1 ONLY=all
 
 usage() {
-    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
     cat <<'EOF'
 Options:
   --bundle DIR      a bundle folder (repeat); every .onnx file in its manifest is run
@@ -42,7 +42,7 @@ Options:
   --frames DIR      a folder of frames (repeat; *_mask.* files left out); the first --max-frames, sorted by name
   --real DIR        a folder of real frames; --real-count of them, spread over the sorted list, copied to the cache
   --real-count N    (default 16)
-  --max-frames N    frames per --frames folder (default 12; emulation is slow)
+  --max-frames N    frames of --split and of each --frames folder (default 12; emulation is slow)
   --threads N       ONNX Runtime threads on both sides (default 1)
   --only fp32|int8  run only the bundles' files of this precision (default: all of them)
 EOF
@@ -132,6 +132,8 @@ in_guest() {
 rootfs() {
     if [ ! -e "$CACHE/.stage1-done" ]; then
         log "debootstrap --foreign --arch=arm64 $SUITE (downloads from $MIRROR)"
+        # a run killed outright leaves its bind mounts: removing the tree then would remove the host's /dev
+        ! grep -q " $ROOTFS/" /proc/mounts || die "something is still mounted under $ROOTFS; unmount it first"
         rm -rf "$ROOTFS"
         debootstrap --foreign --arch=arm64 --variant=minbase \
             --include=python3,python3-venv,ca-certificates "$SUITE" "$ROOTFS" "$MIRROR" >"$CACHE/stage1.log" 2>&1 \
@@ -141,7 +143,7 @@ rootfs() {
     if [ ! -e "$CACHE/.stage2-done" ]; then
         log "debootstrap second stage under qemu (slow: every package's scripts run emulated)"
         chroot "$ROOTFS" /debootstrap/debootstrap --second-stage >"$CACHE/stage2.log" 2>&1 \
-            || die "debootstrap second stage failed: see $CACHE/stage2.log"
+            || die "debootstrap second stage failed: see $CACHE/stage2.log (delete $CACHE to start afresh)"
         touch "$CACHE/.stage2-done"
     fi
     [ "$(in_guest uname -m)" = aarch64 ] || die "the chroot does not run as aarch64"
