@@ -140,6 +140,7 @@ def iter_tiff_page_results(path: str | os.PathLike) -> Iterator[np.ndarray | Inp
 
     A stream of frames (the device runtime) skips a bad page instead of ending. The file is opened here, not on
     the first `next`, so a file that cannot be opened at all, or holds no page, raises InputError at the call.
+    When tifffile could list only the first pages (a file cut short), one InputError after them says so.
     """
     path = Path(path)
     with _NOTES.collect() as listing:  # what tifffile found wrong while listing the pages

@@ -603,6 +603,18 @@ def _strict_json(path: Path) -> bool:
 # ------------------------------------------------------------------------------------------------ kills
 
 
+def kill_at(cmd: list[str], at: float) -> bool:
+    """Run `cmd` and kill -9 it `at` seconds in; False when it had finished by then."""
+    process = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        process.wait(timeout=at)
+        return False
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        return True
+
+
 def comparable(run_dir: Path) -> dict:
     """What must not depend on kills: tuned threshold, test metrics (PyTorch and ONNX), the training log."""
     log = [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
@@ -661,15 +673,7 @@ def pipeline_kills(work: Path, ref: Path, seconds: float, kills: int, rng: rando
         run_dir = work / f"pipeline-kill-{i:02d}"
         at = rng.uniform(0.5, seconds)
         watcher = BundleWatcher(run_dir / "bundle")
-        process = subprocess.Popen(nerveseg("pipeline", *TINY, "--run-dir", run_dir), cwd=REPO, env=ENV,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            process.wait(timeout=at)
-            killed = False
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            killed = True
+        killed = kill_at(nerveseg("pipeline", *TINY, "--run-dir", run_dir), at)
         stage = _stage_of(run_dir)
         # a run killed before it wrote config.toml holds nothing to resume: it is started again, as a user would
         cmd = nerveseg("pipeline", "--resume", "--run-dir", run_dir, "--device", "cpu") \
@@ -720,13 +724,7 @@ def export_kills(work: Path, ref: Path, kills: int, rng: random.Random):
     for i in range(kills):
         at = rng.uniform(0.3, seconds)
         watcher = BundleWatcher(run_dir / "bundle")
-        process = subprocess.Popen(nerveseg("export", "--run-dir", run_dir, "--replace", "--device", "cpu"),
-                                   cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            process.wait(timeout=at)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        kill_at(nerveseg("export", "--run-dir", run_dir, "--replace", "--device", "cpu"), at)
         watcher.stop()
         try:
             load_manifest(run_dir / "bundle")
@@ -787,15 +785,7 @@ def qat_kills(work: Path, ref: Path, kills: int, rng: random.Random):
         name = f"kill-{i:02d}"
         qat_dir = ref / "qat" / name
         at = rng.uniform(0.5, seconds)
-        process = subprocess.Popen(nerveseg(*qat, "--bits", QAT_BITS, "--name", name), cwd=REPO, env=ENV,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            process.wait(timeout=at)
-            killed = False
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            killed = True
+        killed = kill_at(nerveseg(*qat, "--bits", QAT_BITS, "--name", name), at)
         stage = _qat_stage(qat_dir)
         again = (qat_dir / "config.toml").is_file()
         resumed = run(nerveseg(*qat, "--name", name, "--resume") if again else

@@ -9,7 +9,6 @@ import resource
 import subprocess
 import threading
 
-import cv2
 import numpy as np
 import pytest
 import tifffile
@@ -17,6 +16,9 @@ import tifffile
 from conftest import load_script
 from device_helpers import device_cmd, device_env, make_bundle
 from device_runtime.cli import main
+
+
+faults = load_script("faults")  # the fault battery's own checks, shared
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +48,6 @@ def _strict_lines(path) -> list[dict]:
     text = path.read_text()
     assert text.endswith("\n")
     return [json.loads(line, parse_constant=refuse) for line in text.splitlines()]
-
-
-def _count_frames(path) -> int:
-    capture = cv2.VideoCapture(str(path))
-    count = 0
-    while capture.read()[0]:
-        count += 1
-    capture.release()
-    return count
 
 
 @pytest.mark.parametrize("flag,name", [("--masks", "m"), ("--overlays", "o"), ("--video", "v.mkv"),
@@ -87,7 +80,7 @@ def test_a_recording_whose_end_does_not_fit_fails_and_what_fits_plays(bundle, tm
                           "--video", str(video))
     line = _error_line(result.stderr)
     assert result.returncode == 2 and f"--video {video}: " in line and "file size limit" in line
-    assert 0 < _count_frames(video) < 20
+    assert 0 < faults.count_frames(video) < 20
 
 
 @pytest.fixture
@@ -113,7 +106,7 @@ def preview():
 def test_more_stream_clients_than_the_bound_get_exactly_the_bound_and_freed_places_are_taken(preview):
     """8 viewers on a bound of 4 (refused ones are closed at once and free no place); 2 served ones leave, 2 new
     viewers take their places, one more is refused. The same check as scripts/faults.py's preview case."""
-    assert load_script("faults").preview_bound(preview, clients=8, leave=2) == (4, 2, True)
+    assert faults.preview_bound(preview, clients=8, leave=2) == (4, 2, True)
 
 
 def _multi_page_tiff(path, cut: int | None):
