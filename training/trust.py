@@ -49,8 +49,8 @@ def safe_load(path, what: str = "checkpoint") -> object:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # what weights_only refuses; torch's text advises weights_only=False
         raise InputError(f"{path}: refused: the file holds pickled objects that could run code when loaded "
-                         f"({_refused_part(str(err))}); a nerveseg {what} holds only tensors and plain values, so "
-                         "this file was not written by nerveseg, or was altered") from None
+                         f"({_refused_part(str(err))}); nerveseg reads only tensors and plain values from a "
+                         f"{what}") from None
     except OSError as err:
         raise InputError(f"{path}: cannot read {what} ({err.strerror or err})") from None
     except Exception as err:  # not a torch file at all, a zip cut short, ...
