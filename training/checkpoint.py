@@ -83,10 +83,7 @@ def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: checkpoint not found")
-    try:
-        checkpoint = safe_load(path)  # weights_only=True: a checkpoint cannot run code (training/trust.py)
-    except Exception as err:
-        raise InputError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from None
+    checkpoint = safe_load(path)  # weights_only=True: a checkpoint cannot run code (training/trust.py)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise InputError(f"{path}: not a nerveseg checkpoint (expected format {FORMAT})")
     return checkpoint
