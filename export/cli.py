@@ -1,4 +1,5 @@
-"""The desktop command line, `nerveseg`: synth, train, tune, evaluate, export, qat, pipeline, sweep, cv-quant, report.
+"""The desktop command line, `nerveseg`: synth, train, tune, tune-temporal, evaluate, export, qat, pipeline, sweep,
+cv-quant, report.
 
 Every subcommand turns its flags into one config and calls one function. Bad input is reported on one
 line with a non-zero exit, never a traceback.
@@ -35,6 +36,23 @@ def _tune(args) -> None:
     averaged = " (flip-averaged)" if result["flip_tta"] else ""
     print(f"T* = {result['threshold']:.2f}{averaged}  morphology {result['morphology']}  validation Dice {v['dice']:.4f} "
           f"IoU {v['iou']:.4f} PA {v['pixel_accuracy']:.4f}  -> {Path(args.run_dir) / 'threshold.json'}")
+
+
+def _tune_temporal(args) -> None:
+    from training.temporal_tune import tune_temporal, validation_sequences
+
+    if not args.bundle and not args.run_dir:
+        raise SystemExit("nerveseg tune-temporal: give --run-dir RUN (tunes RUN/bundle) or --bundle BUNDLE")
+    bundle = Path(args.bundle) if args.bundle else Path(args.run_dir) / "bundle"
+    sequences, description = validation_sequences(args.run_dir, args.phantom, args.sequences, args.frames, args.seed,
+                                                  data=args.data, mask_label=args.mask_label)
+    result = tune_temporal(bundle, sequences, description, args.backend, args.threads, args.dice_tolerance,
+                           args.min_flicker_cut)
+    plain, chosen, params = result["plain"], result["chosen"], result["params"]
+    print(f"{description}: plain Dice {plain['dice']:.4f} flicker {plain['flicker']:.4f}; chosen alpha "
+          f"{params['alpha']} t_high {params['t_high']} t_low {params['t_low']}: Dice {chosen['dice']:.4f} flicker "
+          f"{chosen['flicker']:.4f} ({chosen['cut']:.0%} less) -> {'enabled' if params['enabled'] else 'disabled'} "
+          f"in {bundle / 'manifest.json'}")
 
 
 def _evaluate(args) -> None:
@@ -193,6 +211,25 @@ def get_args_parser() -> argparse.ArgumentParser:
             sub.add_argument("--flip-tta", action=argparse.BooleanOptionalAction,
                              help="tune (and so evaluate and export) with test-time flip averaging: each frame's "
                                   "probabilities averaged with its left-right mirror's (default: the run's config)")
+
+    temporal = commands.add_parser("tune-temporal", help="choose the device's temporal stabilisation on validation "
+                                   "sequences (pseudo-videos of the run's validation frames, or phantom sequences) "
+                                   "and write it into the bundle's manifest")
+    temporal.add_argument("--run-dir", help="the run: its validation frames, and its bundle (RUN/bundle)")
+    temporal.add_argument("--bundle", help="the bundle to tune (default RUN/bundle)")
+    temporal.add_argument("--phantom", action="store_true", help="phantom sequences instead of pseudo-videos")
+    temporal.add_argument("--data", help="pseudo-videos of every labelled frame under this folder instead")
+    temporal.add_argument("--mask-label", type=int, help="with --data: nerve = mask == L (default: mask > 0)")
+    temporal.add_argument("--sequences", type=int, default=20, help="at most this many sequences (default 20)")
+    temporal.add_argument("--frames", type=int, default=100, help="frames per sequence (default 100)")
+    temporal.add_argument("--seed", type=int, default=1, help="of the trajectories and speckle (default 1)")
+    temporal.add_argument("--dice-tolerance", type=float, default=0.005,
+                          help="mean Dice may fall at most this far below the plain one (default 0.005)")
+    temporal.add_argument("--min-flicker-cut", type=float, default=0.5,
+                          help="enable the filter only when it cuts the flicker by at least this share (default 0.5)")
+    temporal.add_argument("--backend", default="auto", help="as nerveseg-device --backend (default auto)")
+    temporal.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = one per core)")
+    temporal.set_defaults(func=_tune_temporal)
 
     qat = commands.add_parser("qat", help="fine-tune a tuned run with fake quantization (learned or fixed bits)")
     qat.add_argument("--run-dir", required=True, help="a trained and tuned float run")

@@ -1,0 +1,286 @@
+"""Temporal stabilisation measured: flicker, Dice against the moving truth, appear/vanish events, and its cost.
+
+    python scripts/temporal_eval.py quality --bundle runs/phantom-quick/bundle --phantom
+    python scripts/temporal_eval.py quality --run-dir runs/small-real --split test      # pseudo-videos of the
+                                                                                         # run's test frames
+    python scripts/temporal_eval.py quality --bundle B --data /path/to/labelled --mask-label 1
+    python scripts/temporal_eval.py timing --size 320                # the filter's added ms per frame, and the
+                                                                     # share of a device run outside inference
+    python scripts/temporal_eval.py gif --bundle runs/phantom-quick/bundle --out docs/figures/temporal_phantom.gif
+
+quality: the bundle runs over each sequence once (the device's backend, preprocessing and sigmoid); the same
+probabilities are then segmented frame by frame (plain) and through the temporal filter with the bundle's
+settings (or --alpha/--t-high/--t-low), at the model's resolution. Per sequence: mean Dice against the moving
+truth, flicker (share of mask pixels changed between consecutive frames beyond the true motion;
+device_runtime/sequence_metrics.py), appear/vanish events; the paired bootstrap interval (over sequences) of the
+difference filtered - plain. Phantom sequences default to seed 0; `nerveseg tune-temporal --phantom` tunes on
+seed 1, so the two never share a sequence.
+
+timing: phantom frames at --size, interleaved frame by frame: plain post-processing (threshold + morphology)
+against the filter (flow + warp + average + hysteresis + morphology); then whole device runs (an untrained
+DeepLabV3-MobileNetV3 bundle at --size, ONNX Runtime CPU) with the filter off and on, alternated.
+A benchmark, not a test: it prints figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from device_runtime.backends import open_backend  # noqa: E402
+from device_runtime.manifest import load_manifest  # noqa: E402
+from device_runtime.postprocess import Morphology, postprocess  # noqa: E402
+from device_runtime.sequence_metrics import sequence_scores  # noqa: E402
+from device_runtime.temporal import TemporalFilter, TemporalParams  # noqa: E402
+from training.bootstrap import paired_bootstrap_ci  # noqa: E402
+from training.temporal_tune import (  # noqa: E402
+    event_min_area,
+    filtered_masks,
+    motions_of,
+    plain_masks,
+    predict_sequence,
+    validation_sequences,
+)
+
+
+def settings_of(manifest, args) -> TemporalParams:
+    params = manifest.temporal.with_overrides(enabled=True, alpha=args.alpha, t_high=args.t_high, t_low=args.t_low)
+    if "temporal" not in manifest.metrics and args.alpha is None:
+        print("note: this bundle's temporal settings were never tuned (nerveseg tune-temporal); measuring "
+              f"the defaults {params.to_dict()}")
+    return params
+
+
+def quality(args) -> dict:
+    manifest = load_manifest(args.bundle)
+    params = settings_of(manifest, args)
+    sequences, description = validation_sequences(args.run_dir, args.phantom, args.sequences, args.frames,
+                                                  args.seed, args.split, args.data, args.mask_label)
+    print(f"bundle {args.bundle} (T* {manifest.threshold}, {manifest.morphology}), {description}")
+    print(f"filter: alpha {params.alpha}, t_high {params.thresholds(manifest.threshold)[1]}, t_low "
+          f"{params.thresholds(manifest.threshold)[0]}, reset below {params.reset_below}")
+    rows = []
+    net = open_backend(Path(args.bundle), manifest, args.backend, "auto", args.threads)
+    try:
+        for sequence in sequences:
+            started = time.perf_counter()
+            predicted = predict_sequence(net, manifest, sequence)
+            min_area = event_min_area(manifest.input_size)
+            plain = sequence_scores(plain_masks(predicted.prob, manifest), predicted.truth, predicted.motions, min_area)
+            masks, resets = filtered_masks(predicted.prob, motions_of(predicted.images), params, manifest)
+            stable = sequence_scores(masks, predicted.truth, predicted.motions, min_area)
+            rows.append({"name": sequence.name, "plain": plain, "stable": stable, "resets": int(resets[1:].sum())})
+            print(f"  {sequence.name:<22} Dice {plain['dice']:.3f} -> {stable['dice']:.3f}  flicker "
+                  f"{plain['flicker']:.4f} -> {stable['flicker']:.4f} (truth {plain['truth_flicker']:.4f})  events "
+                  f"{plain['appear'] + plain['vanish']} -> {stable['appear'] + stable['vanish']} (truth "
+                  f"{plain['truth_appear'] + plain['truth_vanish']})  resets {rows[-1]['resets']}  "
+                  f"{time.perf_counter() - started:.1f} s", flush=True)
+    finally:
+        net.close()
+    summary = summarise(rows)
+    print_summary(summary)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"description": description, "params": params.to_dict(),
+                                               "summary": summary, "sequences": rows}, indent=2) + "\n")
+    return summary
+
+
+def summarise(rows: list[dict]) -> dict:
+    column = lambda side, key: np.array([r[side][key] for r in rows], np.float64)  # noqa: E731
+    events = lambda side: column(side, "appear") + column(side, "vanish")  # noqa: E731
+    truth_events = column("plain", "truth_appear") + column("plain", "truth_vanish")
+    out = {"sequences": len(rows), "resets": int(sum(r["resets"] for r in rows)),
+           "truth_flicker": float(column("plain", "truth_flicker").mean()), "truth_events": int(truth_events.sum())}
+    for side in ("plain", "stable"):
+        out[side] = {"dice": float(column(side, "dice").mean()), "flicker": float(column(side, "flicker").mean()),
+                     "events": int(events(side).sum()),
+                     "event_error": float(np.abs(events(side) - truth_events).mean())}
+    out["dice_diff"] = out["stable"]["dice"] - out["plain"]["dice"]
+    out["dice_diff_ci"] = paired_bootstrap_ci(column("stable", "dice"), column("plain", "dice"))
+    out["flicker_diff_ci"] = paired_bootstrap_ci(column("stable", "flicker"), column("plain", "flicker"))
+    out["flicker_ratio"] = out["stable"]["flicker"] / out["plain"]["flicker"] if out["plain"]["flicker"] else float("nan")
+    out["halved_share"] = float(np.mean(column("stable", "flicker") <= 0.5 * column("plain", "flicker")))
+    return out
+
+
+def print_summary(s: dict) -> None:
+    print(f"\n{s['sequences']} sequences; resets inside them: {s['resets']}")
+    print(f"{'':<12}{'mean Dice':>10}{'flicker':>10}{'events':>8}{'|events - truth|':>18}")
+    for side, label in (("plain", "plain"), ("stable", "stabilised")):
+        row = s[side]
+        print(f"{label:<12}{row['dice']:>10.4f}{row['flicker']:>10.4f}{row['events']:>8}{row['event_error']:>18.2f}")
+    print(f"{'truth':<12}{'':>10}{s['truth_flicker']:>10.4f}{s['truth_events']:>8}")
+    low, high = s["dice_diff_ci"]
+    print(f"Dice stabilised - plain: {s['dice_diff']:+.4f} [{low:+.4f}, {high:+.4f}] (paired bootstrap over sequences, 95 %)")
+    low, high = s["flicker_diff_ci"]
+    print(f"flicker stabilised / plain: {s['flicker_ratio']:.3f} (difference {s['stable']['flicker'] - s['plain']['flicker']:+.4f} "
+          f"[{low:+.4f}, {high:+.4f}]); halved in {100 * s['halved_share']:.0f} % of the sequences")
+    earns = s["flicker_ratio"] <= 0.5 and s["dice_diff_ci"][1] >= 0
+    print(f"earns the default (flicker at least halved, Dice not lower beyond its interval): {'yes' if earns else 'no'}")
+
+
+# ----------------------------------------------------------------------------------------------- timing
+
+
+def timing(args) -> None:
+    from training.sequences import phantom_sequence
+
+    size = (args.size, args.size)
+    sequence = phantom_sequence(args.seed, 0, args.frames, size)
+    rng = np.random.default_rng(0)
+    morphology = Morphology(open_radius=1, close_radius=2, min_area=64, fill_holes=True)
+    params = TemporalParams(enabled=True, alpha=0.5, t_high=0.6, t_low=0.3)
+    stable = TemporalFilter(params, 0.5, morphology)
+    plain_ms, stable_ms = [], []
+    for t, (frame, truth) in enumerate(zip(sequence.frames, sequence.masks)):
+        image = frame.astype(np.float32) / 255
+        prob = np.clip(cv2.GaussianBlur(truth.astype(np.float32), (0, 0), 3) + 0.2 * rng.standard_normal(size), 0, 1
+                       ).astype(np.float32)
+        order = (0, 1) if t % 2 == 0 else (1, 0)  # alternate which runs first: caches and frequency treat both alike
+        for which in order:
+            started = time.perf_counter()
+            if which == 0:
+                postprocess(prob, 0.5, morphology)
+            else:
+                stable(image, prob)
+            (plain_ms if which == 0 else stable_ms).append(1e3 * (time.perf_counter() - started))
+    plain_ms, stable_ms = np.array(plain_ms[5:]), np.array(stable_ms[5:])  # the first frames allocate
+    print(f"{args.size}x{args.size}, {len(plain_ms)} frames, one thread of this machine (cv2 threads "
+          f"{cv2.getNumThreads()}):")
+    print(f"{'':<28}{'p50 ms':>8}{'p90 ms':>8}{'mean ms':>9}")
+    for label, values in (("plain (threshold + morph.)", plain_ms), ("stabilised (all of it)", stable_ms),
+                          ("added per frame", stable_ms - plain_ms)):
+        print(f"{label:<28}{np.median(values):>8.3f}{np.percentile(values, 90):>8.3f}{values.mean():>9.3f}")
+    if not args.no_runs:
+        device_runs(args, sequence)
+
+
+def device_runs(args, sequence) -> None:
+    """Whole `nerveseg-device` runs (in process, as the command does) with the filter off and on, alternated."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench_device
+
+    from device_runtime.config import RunConfig
+    from device_runtime.runner import run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        bundle = args.bundle or bench_device.make_bundle(folder / "bundle", args.size)
+        frames = folder / "frames"
+        frames.mkdir()
+        for t, frame in enumerate(sequence.frames):
+            cv2.imwrite(str(frames / f"{t:04d}.png"), frame)
+        rows = []
+        for attempt in range(args.repeat):
+            for enabled in (False, True):
+                cfg = RunConfig(bundle=Path(bundle), source=str(frames), backend="ort-cpu", threads=args.threads,
+                                warmup=5, quiet=True, temporal={"enabled": enabled})
+                summary = run(cfg)["timing"]
+                stages = summary["stages_ms"]
+                rows.append((enabled, attempt, summary["fps"], stages["inference"]["p50"],
+                             stages["postprocess"]["p50"], stages["frame"]["p50"], 100 * summary["outside_inference"]))
+    print(f"\ndevice runs ({len(sequence.frames)} frames each, bundle {bundle if args.bundle else 'untrained, made here'}):")
+    print(f"{'filter':<8}{'run':>4}{'fps':>8}{'infer p50':>11}{'post p50':>10}{'frame p50':>11}{'outside %':>11}")
+    for enabled, attempt, fps, inference, post, frame, outside in rows:
+        print(f"{'on' if enabled else 'off':<8}{attempt:>4}{fps:>8.2f}{inference:>11.2f}{post:>10.2f}{frame:>11.2f}"
+              f"{outside:>11.1f}")
+
+
+# ----------------------------------------------------------------------------------------------- gif
+
+
+def gif(args) -> None:
+    from PIL import Image
+
+    from device_runtime.overlay import OverlayRenderer
+    from training.sequences import phantom_sequence
+
+    manifest = load_manifest(args.bundle)
+    params = settings_of(manifest, args)
+    sequence = phantom_sequence(args.seed, args.index, args.frames)
+    net = open_backend(Path(args.bundle), manifest, args.backend, "auto", args.threads)
+    try:
+        predicted = predict_sequence(net, manifest, sequence)
+    finally:
+        net.close()
+    plain = plain_masks(predicted.prob, manifest)
+    stable, _ = filtered_masks(predicted.prob, motions_of(predicted.images), params, manifest)
+    renderer, side = OverlayRenderer(), args.panel
+    pictures = []
+    for t in range(len(predicted.images)):
+        frame = cv2.resize(sequence.frames[t], (side, side), interpolation=cv2.INTER_AREA)
+        truth = cv2.resize(predicted.truth[t], (side, side), interpolation=cv2.INTER_NEAREST)
+        panels = []
+        for label, masks in (("plain", plain), ("stabilised", stable)):
+            mask = cv2.resize(masks[t], (side, side), interpolation=cv2.INTER_NEAREST)
+            panel = renderer.render(frame, mask).copy()
+            contours, _ = cv2.findContours(truth, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            cv2.drawContours(panel, contours, -1, (80, 200, 80), 1)  # the truth, thin green
+            cv2.putText(panel, label, (4, side - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+            panels.append(panel)
+        pictures.append(Image.fromarray(cv2.cvtColor(np.hstack(panels), cv2.COLOR_BGR2RGB)))
+    palette = pictures[0].quantize(colors=args.colours)  # one palette for all frames: smaller, no flicker of its own
+    frames = [p.quantize(palette=palette, dither=Image.Dither.NONE) for p in pictures]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.gif")
+    frames[0].save(tmp, save_all=True, append_images=frames[1:], duration=int(1000 / args.fps), loop=0, optimize=True)
+    tmp.replace(out)
+    print(f"{out}: {len(frames)} frames of {2 * side}x{side}, {out.stat().st_size / 1024:.0f} KiB (amber: the mask; "
+          f"green: the truth)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parts = parser.add_subparsers(dest="part", required=True)
+    for name in ("quality", "gif"):
+        sub = parts.add_parser(name)
+        sub.add_argument("--bundle", type=Path, help="default RUN/bundle")
+        sub.add_argument("--run-dir", type=Path, help="pseudo-videos of this run's --split frames")
+        sub.add_argument("--alpha", type=float)
+        sub.add_argument("--t-high", type=float)
+        sub.add_argument("--t-low", type=float)
+        sub.add_argument("--backend", default="auto")
+        sub.add_argument("--threads", type=int, default=0)
+        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--frames", type=int, default=100 if name == "quality" else 60)
+    quality_parser, gif_parser = parts.choices["quality"], parts.choices["gif"]
+    quality_parser.add_argument("--phantom", action="store_true", help="phantom sequences")
+    quality_parser.add_argument("--data", type=Path, help="pseudo-videos of every labelled frame under this folder")
+    quality_parser.add_argument("--mask-label", type=int, help="with --data: nerve = mask == L (usgra-seg: 1)")
+    quality_parser.add_argument("--split", default="test", help="with --run-dir: which split's frames (default test)")
+    quality_parser.add_argument("--sequences", type=int, default=20)
+    quality_parser.add_argument("--json", type=Path, help="also write every sequence's scores here")
+    gif_parser.add_argument("--out", type=Path, default=REPO / "docs" / "figures" / "temporal_phantom.gif")
+    gif_parser.add_argument("--index", type=int, default=0, help="which phantom sequence of --seed")
+    gif_parser.add_argument("--panel", type=int, default=176, help="side of each panel in pixels")
+    gif_parser.add_argument("--colours", type=int, default=48)
+    gif_parser.add_argument("--fps", type=float, default=12)
+    time_parser = parts.add_parser("timing")
+    time_parser.add_argument("--size", type=int, default=320)
+    time_parser.add_argument("--frames", type=int, default=200)
+    time_parser.add_argument("--seed", type=int, default=0)
+    time_parser.add_argument("--repeat", type=int, default=2, help="device runs per setting")
+    time_parser.add_argument("--threads", type=int, default=0)
+    time_parser.add_argument("--bundle", type=Path, help="a bundle of input --size (default: an untrained one)")
+    time_parser.add_argument("--no-runs", action="store_true", help="only the filter's own cost")
+    args = parser.parse_args()
+    if args.part in ("quality", "gif") and args.bundle is None:
+        if args.run_dir is None:
+            parser.error("give --bundle or --run-dir")
+        args.bundle = args.run_dir / "bundle"
+    {"quality": quality, "timing": timing, "gif": gif}[args.part](args)
+
+
+if __name__ == "__main__":
+    main()

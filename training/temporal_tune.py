@@ -1,0 +1,183 @@
+"""Temporal stabilisation on videos with a known truth: run a bundle over them, score the masks with and without
+the filter, and choose its settings (`nerveseg tune-temporal`, scripts/temporal_eval.py).
+
+The bundle runs through the device runtime's own backend, preprocessing, sigmoid, post-processing and filter,
+at the model's resolution (where T* was tuned and the project's Dice is measured), so what is chosen here is
+exactly what the device computes. The optical flow does not depend on the settings: it is computed once per
+frame and shared by every candidate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from device_runtime.backends import open_backend
+from device_runtime.errors import InputError
+from device_runtime.manifest import Manifest, load_manifest, write_manifest
+from device_runtime.metrics import confusion_counts, dice
+from device_runtime.postprocess import postprocess_batch, sigmoid
+from device_runtime.preprocess import preprocess, resize_mask
+from device_runtime.sequence_metrics import events, flicker
+from device_runtime.temporal import Motion, MotionEstimator, TemporalFilter, TemporalParams
+
+from .sequences import Sequence, phantom_sequences, pseudo_videos, rescale_motions
+
+EVENT_MIN_SHARE = 0.002  # a nerve counts as present when its mask covers 0.2 % of the frame (a sliver does not)
+
+
+@dataclass
+class Predicted:
+    """A sequence as the network saw it. Shape: images, prob (T, h, w) float32; truth (T, h, w) uint8;
+    motions (T, 2, 3) between the model-resolution frames."""
+
+    name: str
+    images: np.ndarray
+    prob: np.ndarray
+    truth: np.ndarray
+    motions: np.ndarray
+
+
+def predict_sequence(net, manifest: Manifest, sequence: Sequence) -> Predicted:
+    """Run every frame through the backend as `device_runtime.pipeline.Segmenter` does."""
+    size = tuple(manifest.input_size)
+    count = len(sequence.frames)
+    images, prob = np.empty((count, *size), np.float32), np.empty((count, *size), np.float32)
+    for t, frame in enumerate(sequence.frames):
+        batch = preprocess(frame, size, out=net.input_buffer)
+        images[t] = batch[0, 0]
+        output = net.infer(batch)[0, 0]
+        prob[t] = sigmoid(output) if manifest.output_kind == "logits" else output
+    truth = np.stack([resize_mask(mask, size) for mask in sequence.masks])
+    return Predicted(sequence.name, images, prob, truth,
+                     rescale_motions(sequence.motions, sequence.frames.shape[1:], size))
+
+
+def motions_of(images: np.ndarray) -> list[Motion]:
+    """Similarity and flow of every frame to its predecessor (the flow always, whatever the reset level)."""
+    estimate = MotionEstimator()
+    out = []
+    for image in images:
+        motion = estimate(image)
+        out.append(Motion(motion.similarity, None if motion.map is None else motion.map.copy()))
+    return out
+
+
+def plain_masks(prob: np.ndarray, manifest: Manifest) -> np.ndarray:
+    return postprocess_batch(prob, manifest.threshold, manifest.morphology)
+
+
+def filtered_masks(prob: np.ndarray, motions: list[Motion], params: TemporalParams, manifest: Manifest
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(T, h, w) masks of the filter and (T,) bool resets, for precomputed motions."""
+    run = TemporalFilter(params, manifest.threshold, manifest.morphology)
+    masks, resets = np.empty(prob.shape, np.uint8), np.empty(len(prob), bool)
+    for t, (p, motion) in enumerate(zip(prob, motions)):
+        step = run.apply(p, motion)
+        masks[t], resets[t] = step.mask, step.reset
+    return masks, resets
+
+
+def event_min_area(size: tuple[int, int]) -> int:
+    return max(1, int(round(EVENT_MIN_SHARE * size[0] * size[1])))
+
+
+def quick_scores(masks: np.ndarray, predicted: Predicted) -> tuple[float, float]:
+    """(mean Dice, flicker) of one sequence's masks: what the search compares."""
+    return float(dice(confusion_counts(masks, predicted.truth))), flicker(masks, predicted.motions)
+
+
+def candidate_grid(threshold: float, reset_below: float = TemporalParams.reset_below) -> list[TemporalParams]:
+    """45 settings: alpha {1, 0.7, 0.5, 0.35, 0.25} x t_high {T*, +15 %, +30 % of the way to 1} x t_low {T*,
+    70 %, 40 % of T*}. The first (alpha 1, both at T*) is the plain segmentation, so it is always a candidate."""
+    highs = [round(threshold + f * (1 - threshold), 3) for f in (0.0, 0.15, 0.3)]
+    lows = [round(f * threshold, 3) for f in (1.0, 0.7, 0.4)]
+    return [TemporalParams(enabled=True, alpha=a, t_high=h, t_low=lo, reset_below=reset_below)
+            for a in (1.0, 0.7, 0.5, 0.35, 0.25) for h in highs for lo in lows]
+
+
+def choose(plain: dict, scored: list[tuple[TemporalParams, dict]], dice_tolerance: float,
+           min_flicker_cut: float) -> tuple[TemporalParams, dict]:
+    """The setting with the least flicker among those whose mean Dice is at most `dice_tolerance` below the
+    plain one (ties: the higher Dice); enabled when it cuts the flicker by at least `min_flicker_cut`."""
+    eligible = [(p, s) for p, s in scored if s["dice"] >= plain["dice"] - dice_tolerance]
+    params, score = min(eligible, key=lambda item: (item[1]["flicker"], -item[1]["dice"]))
+    cut = 1 - score["flicker"] / plain["flicker"] if plain["flicker"] > 0 else 0.0
+    return TemporalParams(**{**params.to_dict(), "enabled": bool(cut >= min_flicker_cut)}), {**score, "cut": cut}
+
+
+def search(bundle: Path, sequences: Iterable[Sequence], backend: str = "auto", threads: int = 0,
+           candidates: list[TemporalParams] | None = None) -> tuple[dict, list[tuple[TemporalParams, dict]], int]:
+    """Mean Dice and flicker over the sequences, plain and for every candidate; and the number of sequences."""
+    manifest = load_manifest(bundle)
+    candidates = candidate_grid(manifest.threshold, manifest.temporal.reset_below) if candidates is None else candidates
+    plain, per_candidate, count = [], [[] for _ in candidates], 0
+    net = open_backend(Path(bundle), manifest, backend, "auto", threads)
+    try:
+        for sequence in sequences:
+            predicted = predict_sequence(net, manifest, sequence)
+            motions = motions_of(predicted.images)
+            plain.append(quick_scores(plain_masks(predicted.prob, manifest), predicted))
+            for params, scores in zip(candidates, per_candidate):
+                scores.append(quick_scores(filtered_masks(predicted.prob, motions, params, manifest)[0], predicted))
+            count += 1
+    finally:
+        net.close()
+    mean = lambda rows: {"dice": float(np.mean([r[0] for r in rows])),  # noqa: E731
+                         "flicker": float(np.mean([r[1] for r in rows]))}
+    return mean(plain), [(p, mean(rows)) for p, rows in zip(candidates, per_candidate)], count
+
+
+def tune_temporal(bundle: str | Path, sequences: Iterable[Sequence], description: str, backend: str = "auto",
+                  threads: int = 0, dice_tolerance: float = 0.005, min_flicker_cut: float = 0.5) -> dict:
+    """Choose the settings on `sequences` and write them (and the scores) into the bundle's manifest."""
+    bundle = Path(bundle)
+    plain, scored, count = search(bundle, sequences, backend, threads)
+    params, chosen = choose(plain, scored, dice_tolerance, min_flicker_cut)
+    manifest = load_manifest(bundle)  # read again: verified as it is now, just before it is replaced
+    manifest.temporal = params
+    result = {"sequences": description, "count": count, "plain": plain, "chosen": chosen,
+              "rule": f"least flicker with mean Dice >= plain - {dice_tolerance}; enabled when it cuts flicker by "
+                      f">= {min_flicker_cut:.0%}"}
+    manifest.metrics = {**manifest.metrics, "temporal": result}
+    write_manifest(bundle, manifest)
+    return {**result, "params": params.to_dict()}
+
+
+def validation_sequences(run_dir: str | Path | None, phantom: bool, count: int, frames: int, seed: int,
+                         split: str = "val", data: str | Path | None = None,
+                         mask_label: int | None = None) -> tuple[Iterator[Sequence], str]:
+    """The sequences to tune or measure on, and a description of them.
+
+    phantom: phantom sequences (`count` of them, 256x256). Otherwise pseudo-videos of labelled frames: those of
+    the run's `split` (split.json; the run's mask_label) or, with `data`, every pair under that folder; at most
+    `count` frames, one video each.
+    """
+    if count < 1 or frames < 2:
+        raise InputError(f"need at least 1 sequence of at least 2 frames, got {count} of {frames}")
+    if phantom:
+        return phantom_sequences(count, seed, frames), f"{count} phantom sequences of {frames} frames, seed {seed}"
+    from .config import load_run_config
+    from .data import discover, load_split
+
+    if data is not None:
+        samples, where = discover(data), f"labelled frames under {data}"
+    elif run_dir is not None:
+        samples = load_split(Path(run_dir) / "split.json")[split]
+        mask_label = load_run_config(run_dir).mask_label if mask_label is None else mask_label
+        where = f"the {split} split of {run_dir}"
+    else:
+        raise InputError("give a run folder (its split's frames become pseudo-videos), a data folder, or --phantom")
+    if not samples:
+        raise InputError(f"no labelled frames in {where}")
+    samples = samples[:count]
+    return (pseudo_videos(samples, seed, frames, mask_label),
+            f"{len(samples)} pseudo-videos of {frames} frames from {where}, seed {seed}")
+
+
+def sequence_events(masks: np.ndarray, size: tuple[int, int]) -> tuple[int, int]:
+    """(appear, vanish) events at this project's presence level (`EVENT_MIN_SHARE` of the frame)."""
+    return events(masks, event_min_area(size))
