@@ -3,14 +3,14 @@
 The network sees each frame alone, so on a live stream a nerve near the threshold appears and vanishes from
 frame to frame and its edge jitters with the speckle. Per frame, at the model's resolution (where T* was tuned):
 
-1. change: the normalised correlation of this image and the previous one, both shrunk to 32x32 by area
-   averaging (speckle averages out, probe motion of a few pixels hardly matters) with each row's mean removed
-   (every ultrasound frame shares the bright skin line and the depth attenuation). Below `reset_below` the
-   scene changed (another patient, a preset change): the history is dropped.
-2. flow: DIS optical flow (Kroeger et al., "Fast Optical Flow using Dense Inverse Search", ECCV 2016; OpenCV's
-   ULTRAFAST preset) from this image back to the previous one; the running average and the previous mask are
-   warped along it to the current frame. A pixel whose source lies outside the previous frame has no history
-   and takes the current probability.
+1. flow: DIS optical flow (Kroeger et al., "Fast Optical Flow using Dense Inverse Search", ECCV 2016; OpenCV's
+   ULTRAFAST preset) from this image back to the previous one; the running average, the previous mask and the
+   previous image are warped along it to the current frame. A pixel whose source lies outside the previous
+   frame has no history and takes the current probability.
+2. change: the normalised correlation of this image and the previous one moved along the flow, both shrunk
+   to 32x32 by area averaging (speckle averages out) with each row's mean removed (every ultrasound frame
+   shares the bright skin line and the depth attenuation). The flow aligns a moving probe's frames; it cannot
+   align another scene (another patient, a preset change), so below `reset_below` the history is dropped.
 3. S = alpha * p + (1 - alpha) * warped S: the flow-warped moving average of MCMA (arXiv 2403.03120).
 4. hysteresis: a pixel joins the mask when S > t_high and stays in it while S > t_low; then the tuned morphology.
 
@@ -32,10 +32,14 @@ from .postprocess import Morphology, apply_morphology, postprocess
 from .sequence_metrics import mask_change
 
 COARSE = 32  # side of the shrunk images the change is measured on
-# DIS reads outside its buffers (a segfault now and then) on images whose pyramid is shallower than its preset's
-# finest scale (opencv_contrib#1507; OpenCV's own fix only reselects the scales): the ULTRAFAST preset (8-pixel
-# patches, finest scale 2) needs a longer side of at least 91 pixels and a shorter one of at least 32. Smaller
-# model inputs are enlarged by a whole factor for the flow, which is then shrunk back.
+# Two traps of OpenCV's DIS, both seen here as segfaults now and then:
+# - a flow buffer handed to calc() is read as the initial flow (OpenCV 5 has no switch for it), so an
+#   uninitialised one sends the patch search outside the image: the buffer is zeroed before each call (a zero
+#   start gives exactly the flow of no start);
+# - on images whose pyramid is shallower than the preset's finest scale it reads outside its buffers
+#   (opencv_contrib#1507): ULTRAFAST (8-pixel patches, finest scale 2) needs a longer side of at least 91
+#   pixels and a shorter one of at least 32, so smaller model inputs are enlarged by a whole factor for the
+#   flow, which is then shrunk back.
 FLOW_MIN_LONG, FLOW_MIN_SHORT = 96, 32
 
 
@@ -104,20 +108,14 @@ def _check_number(name: str, value, low: float, high: float, low_open: bool = Fa
         raise InputError(f"temporal {name} must be a number in {interval}, got {value!r}")
 
 
-class Motion(NamedTuple):
-    """How the current frame relates to the previous one.
-
-    similarity: coarse correlation in [-1, 1] (None on the first frame or a new size: nothing to compare).
-    map: (h, w, 2) float32 source coordinates in the previous frame for each current pixel (cv2.remap's map),
-        or None when there is no flow (first frame, new size, or a similarity below the reset level).
-    """
-
-    similarity: float | None
-    map: np.ndarray | None
-
-
 class MotionEstimator:
-    """Similarity and backward flow between consecutive model-resolution images (float32 in [0, 1])."""
+    """Backward flow between consecutive model-resolution images (float32 in [0, 1]), as a cv2.remap map.
+
+    The flow is measured on the image brought to a working size whose longer side lies in [96, 192): larger
+    inputs are halved (at 320x320 the flow's grid is then 8 input pixels wide: for a probe's smooth motion the
+    median error on phantom sequences grew from 1.0 to 1.2 pixels, for a quarter of DIS's time, 0.24 instead
+    of 0.92 ms here), smaller ones enlarged by a whole factor (see FLOW_MIN_LONG).
+    """
 
     def __init__(self):
         self._shape = None
@@ -126,48 +124,48 @@ class MotionEstimator:
         height, width = shape
         self._shape = shape
         self._dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST)
-        self._enlarge = max(1, -(-FLOW_MIN_LONG // max(shape)), -(-FLOW_MIN_SHORT // min(shape)))
-        if self._enlarge > 1:
-            self._large = [np.empty((height * self._enlarge, width * self._enlarge), np.uint8) for _ in range(2)]
-        self._grey = [np.empty(shape, np.uint8), np.empty(shape, np.uint8)]  # current, previous (swapped)
-        self._coarse = [None, None]
+        if max(shape) >= 2 * FLOW_MIN_LONG and min(shape) >= 2 * FLOW_MIN_SHORT:
+            self._scale = 0.5
+        else:
+            self._scale = float(max(1, -(-FLOW_MIN_LONG // max(shape)), -(-FLOW_MIN_SHORT // min(shape))))
+        work = (int(round(width * self._scale)), int(round(height * self._scale)))  # (width, height)
+        self._grey = [np.empty(shape, np.uint8) for _ in range(2)]  # current, previous (swapped each frame)
+        self._work = self._grey if self._scale == 1 else [np.empty(work[::-1], np.uint8) for _ in range(2)]
+        self._work_flow = np.empty((*work[::-1], 2), np.float32)
         self._flow = np.empty((height, width, 2), np.float32)
         self._map = np.empty((height, width, 2), np.float32)
         xs, ys = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
         self._grid = np.dstack([xs, ys])
 
-    def __call__(self, image: np.ndarray, reset_below: float = -np.inf) -> Motion:
-        """Compare `image` with the previous call's; the flow only when the similarity reaches `reset_below`."""
+    def __call__(self, image: np.ndarray) -> np.ndarray | None:
+        """(h, w, 2) float32: for each pixel of `image`, its source coordinates (x, y) in the previous call's
+        image; None on the first call and after a change of size. A buffer: valid until the next call."""
         first = image.shape != self._shape
         if first:
             self._allocate(image.shape)
         self._grey.reverse()
-        current = self._grey[0]
-        cv2.convertScaleAbs(image, dst=current, alpha=255.0)  # DIS works on 8-bit images
-        self._coarse.reverse()
-        self._coarse[0] = _coarse_profile(current)
+        cv2.convertScaleAbs(image, dst=self._grey[0], alpha=255.0)  # DIS works on 8-bit images
+        if self._work is not self._grey:
+            self._work.reverse()
+            cv2.resize(self._grey[0], self._work[0].shape[::-1], dst=self._work[0],
+                       interpolation=cv2.INTER_AREA if self._scale < 1 else cv2.INTER_LINEAR)
         if first:
-            return Motion(None, None)
-        similarity = _correlation(self._coarse[0], self._coarse[1])
-        if similarity < reset_below:
-            return Motion(similarity, None)
+            return None
         # calc(I0, I1): I0(x) ~ I1(x + flow(x)), so each current pixel learns where it was in the previous frame
-        if self._enlarge == 1:
-            self._dis.calc(current, self._grey[1], self._flow)
+        self._work_flow.fill(0)
+        self._dis.calc(self._work[0], self._work[1], self._work_flow)
+        if self._scale == 1:
+            np.copyto(self._flow, self._work_flow)
         else:
-            k = self._enlarge
-            for small, large in zip(self._grey, self._large):
-                cv2.resize(small, large.shape[::-1], dst=large, interpolation=cv2.INTER_LINEAR)
-            flow = self._dis.calc(self._large[0], self._large[1], None)
-            cv2.resize(flow, self._shape[::-1], dst=self._flow, interpolation=cv2.INTER_AREA)
-            self._flow *= np.float32(1 / k)
-        cv2.add(self._flow, self._grid, dst=self._map)
-        return Motion(similarity, self._map)
+            cv2.resize(self._work_flow, self._shape[::-1], dst=self._flow,
+                       interpolation=cv2.INTER_LINEAR if self._scale < 1 else cv2.INTER_AREA)
+            self._flow *= np.float32(1 / self._scale)
+        return cv2.add(self._flow, self._grid, dst=self._map)
 
 
-def _coarse_profile(grey: np.ndarray) -> np.ndarray:
-    """32x32 area average, each row's mean removed: what a cut changes and speckle or a small shift do not."""
-    small = cv2.resize(grey, (COARSE, COARSE), interpolation=cv2.INTER_AREA).astype(np.float32)
+def _coarse_profile(image: np.ndarray) -> np.ndarray:
+    """32x32 area average, each row's mean removed: what a cut changes and speckle does not."""
+    small = cv2.resize(image, (COARSE, COARSE), interpolation=cv2.INTER_AREA).astype(np.float32)
     return small - small.mean(axis=1, keepdims=True)
 
 
@@ -186,7 +184,7 @@ class Step(NamedTuple):
     prob: np.ndarray  # (h, w) float32 stabilised probabilities
     mask: np.ndarray  # (h, w) uint8 0/1: hysteresis, then morphology
     reset: bool  # the frame was segmented alone (first frame, new size, or a cut)
-    similarity: float | None
+    similarity: float | None  # coarse correlation with the previous image moved along the flow (None: none)
 
 
 class TemporalFilter:
@@ -207,43 +205,49 @@ class TemporalFilter:
         """image: (h, w) float32 model input in [0, 1]; prob: (h, w) float32 network probabilities."""
         if image.shape != prob.shape:
             raise ValueError(f"image shape {image.shape} differs from probability shape {prob.shape}")
-        return self.apply(prob, self.motion(image, self.params.reset_below))
+        return self.apply(image, prob, self.motion(image))
 
-    def apply(self, prob: np.ndarray, motion: Motion) -> Step:
-        """The filter with the motion given (the tuner computes it once per frame for many settings)."""
-        reset = motion.map is None or motion.similarity is None or motion.similarity < self.params.reset_below
+    def apply(self, image: np.ndarray, prob: np.ndarray, flow_map: np.ndarray | None) -> Step:
+        """The filter with the flow given (`MotionEstimator`'s map; the tuner measures it once for all settings)."""
         if prob.shape != self._shape:
             self._allocate(prob.shape)
-            reset = True
-        state, mask = self._state, self._mask  # state channels: running average S, ones, previous mask
-        if reset:
-            np.copyto(self._prob, prob)
-            np.copyto(mask, postprocess(prob, self.threshold, self.morphology))
-        else:
-            warped = cv2.remap(state, motion.map, None, cv2.INTER_LINEAR, dst=self._warped,
+            flow_map = None
+        similarity = None
+        if flow_map is not None:
+            # state channels: running average S, ones (where the warp found a source), mask, image
+            warped = cv2.remap(self._state, flow_map, None, cv2.INTER_LINEAR, dst=self._warped,
                                borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-            history, inside, kept = cv2.split(warped)
-            # S = alpha p + (1 - alpha) (warped S + (1 - inside) p): where the source fell outside the previous
-            # frame (inside < 1) the missing share of history is the current probability
+            history, inside, kept, before = cv2.split(warped)
+            missing = np.subtract(np.float32(1), inside, out=inside)  # share of each pixel with no source
+            # the previous image moved onto this one (the current image where nothing came from): still unlike
+            # it after the move, the scene has changed
+            before += missing * image
+            similarity = _correlation(_coarse_profile(before), _coarse_profile(image))
+        if similarity is None or similarity < self.params.reset_below:
+            np.copyto(self._prob, prob)
+            np.copyto(self._mask, postprocess(prob, self.threshold, self.morphology))
+        else:
+            # S = alpha p + (1 - alpha) (warped S + missing p): where the source fell outside the previous frame
+            # the missing share of history is the current probability
             alpha = np.float32(self.params.alpha)
-            np.multiply(inside, np.float32(-(1 - alpha)), out=inside)
-            inside += np.float32(1)  # now alpha + (1 - alpha)(1 - inside): the weight of p
-            np.multiply(prob, inside, out=self._prob)
+            missing *= np.float32(1 - alpha)
+            missing += alpha  # the weight of p
+            np.multiply(prob, missing, out=self._prob)
             history *= np.float32(1 - alpha)
             self._prob += history
             joined = self._prob > self.t_high
             joined |= (self._prob > self.t_low) & (kept > 0.5)
-            np.copyto(mask, apply_morphology(joined.view(np.uint8), self.morphology))
-        cv2.merge([self._prob, self._ones, mask.astype(np.float32)], dst=state)
-        return Step(self._prob, mask, reset, motion.similarity)
+            np.copyto(self._mask, apply_morphology(joined.view(np.uint8), self.morphology))
+        cv2.merge([self._prob, self._ones, self._mask.astype(np.float32), image], dst=self._state)
+        return Step(self._prob, self._mask, similarity is None or similarity < self.params.reset_below, similarity)
 
     def _allocate(self, shape: tuple[int, int]) -> None:
         self._shape = shape
         self._prob = np.empty(shape, np.float32)
         self._mask = np.empty(shape, np.uint8)
         self._ones = np.ones(shape, np.float32)
-        self._state = np.empty((*shape, 3), np.float32)
-        self._warped = np.empty((*shape, 3), np.float32)
+        self._state = np.empty((*shape, 4), np.float32)
+        self._warped = np.empty((*shape, 4), np.float32)
 
 
 class MaskChange:

@@ -46,7 +46,7 @@ from training.bootstrap import paired_bootstrap_ci  # noqa: E402
 from training.temporal_tune import (  # noqa: E402
     event_min_area,
     filtered_masks,
-    motions_of,
+    flows_of,
     plain_masks,
     predict_sequence,
     validation_sequences,
@@ -77,7 +77,7 @@ def quality(args) -> dict:
             predicted = predict_sequence(net, manifest, sequence)
             min_area = event_min_area(manifest.input_size)
             plain = sequence_scores(plain_masks(predicted.prob, manifest), predicted.truth, predicted.motions, min_area)
-            masks, resets = filtered_masks(predicted.prob, motions_of(predicted.images), params, manifest)
+            masks, resets = filtered_masks(predicted.images, predicted.prob, flows_of(predicted.images), params, manifest)
             stable = sequence_scores(masks, predicted.truth, predicted.motions, min_area)
             rows.append({"name": sequence.name, "plain": plain, "stable": stable, "resets": int(resets[1:].sum())})
             print(f"  {sequence.name:<22} Dice {plain['dice']:.3f} -> {stable['dice']:.3f}  flicker "
@@ -214,7 +214,7 @@ def gif(args) -> None:
     finally:
         net.close()
     plain = plain_masks(predicted.prob, manifest)
-    stable, _ = filtered_masks(predicted.prob, motions_of(predicted.images), params, manifest)
+    stable, _ = filtered_masks(predicted.images, predicted.prob, flows_of(predicted.images), params, manifest)
     renderer, side = OverlayRenderer(), args.panel
     pictures = []
     for t in range(len(predicted.images)):

@@ -12,7 +12,7 @@ from device_runtime.errors import InputError
 from device_runtime.manifest import MANIFEST_NAME, Manifest, describe_file, load_manifest, write_manifest
 from device_runtime.pipeline import Segmenter
 from device_runtime.postprocess import Morphology, postprocess
-from device_runtime.temporal import MaskChange, Motion, MotionEstimator, TemporalFilter, TemporalParams
+from device_runtime.temporal import MaskChange, MotionEstimator, TemporalFilter, TemporalParams
 from device_runtime.timing import Timings
 
 SIZE = 96
@@ -80,15 +80,18 @@ def square(dy: int, dx: int, inside: float = 0.9, outside: float = 0.05) -> np.n
     return prob
 
 
+GRID = np.dstack(np.meshgrid(np.arange(SIZE, dtype=np.float32), np.arange(SIZE, dtype=np.float32)))
+
+
 def test_a_moving_square_is_tracked_by_the_warp():
     scene, alpha = texture(), 0.3
-    warped, still = make_filter(alpha=alpha), make_filter(alpha=alpha)
-    identity = MotionEstimator()  # fed the first view each time: a flow of zero, i.e. no warp
+    warped, still = make_filter(alpha=alpha), make_filter(alpha=alpha, reset_below=-1)
     for t in range(10):
         dy, dx = t, 2 * t  # the scene slides 1 px down and 2 px right per frame
         image, prob = window(scene, -dy, -dx), square(-dy, -dx)
         tracked = warped(image, prob)
-        smeared = still.apply(prob, identity(window(scene, 0, 0)))
+        smeared = still.apply(image, prob, None if t == 0 else GRID)  # a flow of zero: no warp
+    assert not tracked.reset and tracked.similarity > 0.9  # the flow aligns the moved frames
     truth = prob > 0.5
     dice = lambda m: 2 * np.sum(m & truth) / (np.sum(m) + np.sum(truth))  # noqa: E731
     assert dice(tracked.mask.astype(bool)) > 0.95
@@ -96,17 +99,17 @@ def test_a_moving_square_is_tracked_by_the_warp():
     # the estimated flow points from each pixel back to where it was: (-2, -1) pixels
     motion = MotionEstimator()
     motion(window(scene, 0, 0))
-    flow = motion(window(scene, -1, -2)).map - np.dstack(np.meshgrid(np.arange(SIZE), np.arange(SIZE)))
+    flow = motion(window(scene, -1, -2)) - GRID
     np.testing.assert_allclose(np.median(flow[20:-20, 20:-20].reshape(-1, 2), axis=0), [-2, -1], atol=0.3)
 
 
 def test_pixels_coming_into_view_take_the_current_probability():
     filt = make_filter(alpha=0.5)
-    grid = np.dstack(np.meshgrid(np.arange(SIZE, dtype=np.float32), np.arange(SIZE, dtype=np.float32)))
-    filt.apply(uniform(0.2), Motion(None, None))
-    shifted = grid.copy()
+    filt.apply(uniform(0.5), uniform(0.2), None)
+    shifted = GRID.copy()
     shifted[..., 0] -= 10  # each pixel was 10 px further left: the ten leftmost columns have no source
-    step = filt.apply(uniform(0.8), Motion(1.0, shifted))
+    step = filt.apply(uniform(0.5), uniform(0.8), shifted)
+    assert not step.reset
     np.testing.assert_allclose(step.prob[:, :9], 0.8, atol=1e-6)
     np.testing.assert_allclose(step.prob[:, 11:], 0.5, atol=1e-6)
 
@@ -228,14 +231,14 @@ def test_mask_change_counts_the_changed_share():
     assert change(np.zeros((2, 2), np.uint8)) is None
 
 
-@pytest.mark.parametrize("size", [40, 64])
-def test_the_flow_of_a_small_image_is_measured_enlarged(size):
-    # DIS would read outside its buffers at this size (opencv_contrib#1507): it runs on a whole-factor enlargement
+@pytest.mark.parametrize("size", [40, 64, 200])
+def test_the_flow_is_measured_at_a_working_size_and_brought_back(size):
+    # 40, 64: DIS would read outside its buffers (opencv_contrib#1507), it runs on a whole-factor enlargement;
+    # 200: it runs on the halved image
     scene = texture(size=size + 40)
     view = lambda dy, dx: np.ascontiguousarray(scene[20 + dy:20 + dy + size, 20 + dx:20 + dx + size])  # noqa: E731
     motion = MotionEstimator()
     motion(view(0, 0))
-    step = motion(view(-1, -2))
-    flow = step.map - np.dstack(np.meshgrid(np.arange(size), np.arange(size)))
+    flow = motion(view(-1, -2)) - np.dstack(np.meshgrid(np.arange(size), np.arange(size)))
     inner = flow[8:-8, 8:-8].reshape(-1, 2)
     np.testing.assert_allclose(np.median(inner, axis=0), [-2, -1], atol=0.35)

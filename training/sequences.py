@@ -100,14 +100,20 @@ def _phantom_path(rng: np.random.Generator, frames: int, size: tuple[int, int], 
     pad = height * np.sin(np.radians(MAX_TURN)) + 2  # a rotated frame's bottom corners stay on the canvas
     low, high = width / 2 + pad, canvas_width - width / 2 - pad
     centre = nerve["cx"] if nerve is not None else rng.uniform(low, high)
-    x = np.full(frames, np.clip(centre + rng.uniform(-0.1, 0.1) * width, low, high))
     if nerve is not None and rng.random() < LEAVE_SHARE:
-        # a slide out and back (raised cosine) far enough that the nerve's far edge passes the frame's edge
-        start, length = rng.uniform(0.1, 0.3) * frames, rng.uniform(0.45, 0.65) * frames
-        bump = np.where((t >= start) & (t <= start + length), 0.5 * (1 - np.cos(2 * np.pi * (t - start) / length)), 0)
-        away = width / 2 + 1.3 * nerve["rx"] + 0.1 * width + abs(x[0] - centre)
-        direction = 1.0 if high - x[0] > x[0] - low else -1.0
-        x = x + direction * away * bump
+        # the nerve starts off-centre on the side the probe slides away from; the slide out and back (a raised
+        # cosine) goes far enough for its far edge to pass the frame's edge, at a peak speed of 1.5-2.5 % of
+        # the frame's width per frame (a brisk slide: about 1 cm/s over a 4 cm field at 25 frames/s is 1 %)
+        direction = 1.0 if high - centre > centre - low else -1.0
+        lead = rng.uniform(0.15, 0.3) * width
+        x = np.full(frames, np.clip(centre + direction * lead, low, high))
+        travel = width / 2 + 1.15 * nerve["rx"] + 0.05 * width - abs(x[0] - centre)
+        length = min(np.pi * travel / (rng.uniform(0.015, 0.025) * width), 0.9 * frames)
+        start = rng.uniform(0.05 * frames, max(0.05 * frames, 0.95 * frames - length))
+        inside = (t >= start) & (t <= start + length)
+        x += direction * travel * np.where(inside, 0.5 * (1 - np.cos(2 * np.pi * (t - start) / length)), 0)
+    else:
+        x = np.full(frames, np.clip(centre + rng.uniform(-0.1, 0.1) * width, low, high))
     x = np.clip(x + smooth_noise(rng, frames, 8, 0.02 * width), low, high)
     turn = np.clip(smooth_noise(rng, frames, 12, 2.0), -MAX_TURN, MAX_TURN)
     press = smooth_noise(rng, frames, 10, 0.01 * height)

@@ -22,7 +22,7 @@ from device_runtime.metrics import confusion_counts, dice
 from device_runtime.postprocess import postprocess_batch, sigmoid
 from device_runtime.preprocess import preprocess, resize_mask
 from device_runtime.sequence_metrics import events, flicker
-from device_runtime.temporal import Motion, MotionEstimator, TemporalFilter, TemporalParams
+from device_runtime.temporal import MotionEstimator, TemporalFilter, TemporalParams
 
 from .sequences import Sequence, phantom_sequences, pseudo_videos, rescale_motions
 
@@ -56,27 +56,23 @@ def predict_sequence(net, manifest: Manifest, sequence: Sequence) -> Predicted:
                      rescale_motions(sequence.motions, sequence.frames.shape[1:], size))
 
 
-def motions_of(images: np.ndarray) -> list[Motion]:
-    """Similarity and flow of every frame to its predecessor (the flow always, whatever the reset level)."""
+def flows_of(images: np.ndarray) -> list[np.ndarray | None]:
+    """The filter's flow map of every frame to its predecessor (None for the first)."""
     estimate = MotionEstimator()
-    out = []
-    for image in images:
-        motion = estimate(image)
-        out.append(Motion(motion.similarity, None if motion.map is None else motion.map.copy()))
-    return out
+    return [None if flow is None else flow.copy() for flow in map(estimate, images)]
 
 
 def plain_masks(prob: np.ndarray, manifest: Manifest) -> np.ndarray:
     return postprocess_batch(prob, manifest.threshold, manifest.morphology)
 
 
-def filtered_masks(prob: np.ndarray, motions: list[Motion], params: TemporalParams, manifest: Manifest
+def filtered_masks(images: np.ndarray, prob: np.ndarray, flows: list, params: TemporalParams, manifest: Manifest
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """(T, h, w) masks of the filter and (T,) bool resets, for precomputed motions."""
+    """(T, h, w) masks of the filter and (T,) bool resets, for precomputed flows (`flows_of`)."""
     run = TemporalFilter(params, manifest.threshold, manifest.morphology)
     masks, resets = np.empty(prob.shape, np.uint8), np.empty(len(prob), bool)
-    for t, (p, motion) in enumerate(zip(prob, motions)):
-        step = run.apply(p, motion)
+    for t, (image, p, flow) in enumerate(zip(images, prob, flows)):
+        step = run.apply(image, p, flow)
         masks[t], resets[t] = step.mask, step.reset
     return masks, resets
 
@@ -119,10 +115,11 @@ def search(bundle: Path, sequences: Iterable[Sequence], backend: str = "auto", t
     try:
         for sequence in sequences:
             predicted = predict_sequence(net, manifest, sequence)
-            motions = motions_of(predicted.images)
+            flows = flows_of(predicted.images)
             plain.append(quick_scores(plain_masks(predicted.prob, manifest), predicted))
             for params, scores in zip(candidates, per_candidate):
-                scores.append(quick_scores(filtered_masks(predicted.prob, motions, params, manifest)[0], predicted))
+                masks = filtered_masks(predicted.images, predicted.prob, flows, params, manifest)[0]
+                scores.append(quick_scores(masks, predicted))
             count += 1
     finally:
         net.close()
