@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -155,12 +156,14 @@ def timing(args) -> None:
                 stable(image, prob)
             (plain_ms if which == 0 else stable_ms).append(1e3 * (time.perf_counter() - started))
     plain_ms, stable_ms = np.array(plain_ms[5:]), np.array(stable_ms[5:])  # the first frames allocate
-    print(f"{args.size}x{args.size}, {len(plain_ms)} frames, one thread of this machine (cv2 threads "
-          f"{cv2.getNumThreads()}):")
-    print(f"{'':<28}{'p50 ms':>8}{'p90 ms':>8}{'mean ms':>9}")
-    for label, values in (("plain (threshold + morph.)", plain_ms), ("stabilised (all of it)", stable_ms),
-                          ("added per frame", stable_ms - plain_ms)):
-        print(f"{label:<28}{np.median(values):>8.3f}{np.percentile(values, 90):>8.3f}{values.mean():>9.3f}")
+    print(f"{args.size}x{args.size}, {len(plain_ms)} frames, interleaved; OpenCV threads {cv2.getNumThreads()}, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (a loaded machine preempts the process "
+          "mid-call: the minimum and the lower quartile are the cost, the median and p90 include waiting)")
+    print(f"{'':<28}{'min ms':>8}{'q25 ms':>8}{'p50 ms':>8}{'p90 ms':>8}")
+    for label, values in (("plain (threshold + morph.)", plain_ms), ("stabilised (all of it)", stable_ms)):
+        print(f"{label:<28}" + "".join(f"{np.percentile(values, q):>8.3f}" for q in (0, 25, 50, 90)))
+    added = [np.percentile(stable_ms, q) - np.percentile(plain_ms, q) for q in (0, 25, 50, 90)]
+    print(f"{'added per frame':<28}" + "".join(f"{v:>8.3f}" for v in added))
     if not args.no_runs:
         device_runs(args, sequence)
 
