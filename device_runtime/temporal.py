@@ -52,7 +52,8 @@ class TemporalParams:
         alpha: weight of the new frame in the running average, in (0, 1]; 1 = no averaging.
         t_high: a pixel joins the mask above this; None = the bundle's T*.
         t_low: a pixel in the mask leaves it below this; None = T*.
-        reset_below: drop the history when the coarse correlation of consecutive frames is below this, in [-1, 1].
+        reset_below: drop the history when the coarse correlation of the frame and the previous one moved along
+            the flow is below this, in [-1, 1].
     """
 
     enabled: bool = False
@@ -112,9 +113,9 @@ class MotionEstimator:
     """Backward flow between consecutive model-resolution images (float32 in [0, 1]), as a cv2.remap map.
 
     The flow is measured on the image brought to a working size whose longer side lies in [96, 192): larger
-    inputs are halved (at 320x320 the flow's grid is then 8 input pixels wide: for a probe's smooth motion the
-    median error on phantom sequences grew from 1.0 to 1.2 pixels, for a quarter of DIS's time, 0.24 instead
-    of 0.92 ms here), smaller ones enlarged by a whole factor (see FLOW_MIN_LONG).
+    inputs are halved (at 320x320 the flow's grid is then 8 input pixels wide, enough for a probe's smooth
+    motion, in a quarter of DIS's time at full size; `scripts/temporal_eval.py flow` measures its error against
+    the phantom's true motion), smaller ones enlarged by a whole factor (see FLOW_MIN_LONG).
     """
 
     def __init__(self):

@@ -49,6 +49,15 @@ def _tune_temporal(args) -> None:
     result = tune_temporal(bundle, sequences, description, args.backend, args.threads, args.dice_tolerance,
                            args.min_flicker_cut)
     plain, chosen, params = result["plain"], result["chosen"], result["params"]
+    print(f"{'alpha':>6}{'t_high':>8}{'t_low':>8}{'Dice':>8}{'flicker':>9}   (plain: Dice {plain['dice']:.4f}, "
+          f"flicker {plain['flicker']:.4f}; eligible first, least flicker first)")
+    for candidate, score in result["ranked"][:args.show]:
+        print(f"{candidate['alpha']:>6}{candidate['t_high']:>8}{candidate['t_low']:>8}{score['dice']:>8.4f}"
+              f"{score['flicker']:>9.4f}")
+    if args.table:
+        from device_runtime.fileio import write_json
+
+        write_json(args.table, {k: v for k, v in result.items()})
     print(f"{description}: plain Dice {plain['dice']:.4f} flicker {plain['flicker']:.4f}; chosen alpha "
           f"{params['alpha']} t_high {params['t_high']} t_low {params['t_low']}: Dice {chosen['dice']:.4f} flicker "
           f"{chosen['flicker']:.4f} ({chosen['cut']:.0%} less) -> {'enabled' if params['enabled'] else 'disabled'} "
@@ -227,6 +236,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                           help="mean Dice may fall at most this far below the plain one (default 0.005)")
     temporal.add_argument("--min-flicker-cut", type=float, default=0.5,
                           help="enable the filter only when it cuts the flicker by at least this share (default 0.5)")
+    temporal.add_argument("--show", type=int, default=5, help="print this many of the best settings (default 5)")
+    temporal.add_argument("--table", help="write every setting's scores to this JSON file")
     temporal.add_argument("--backend", default="auto", help="as nerveseg-device --backend (default auto)")
     temporal.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = one per core)")
     temporal.set_defaults(func=_tune_temporal)

@@ -7,6 +7,7 @@
     python scripts/temporal_eval.py timing --size 320                # the filter's added ms per frame, and the
                                                                      # share of a device run outside inference
     python scripts/temporal_eval.py gif --bundle runs/phantom-quick/bundle --out docs/figures/temporal_phantom.gif
+    python scripts/temporal_eval.py flow --size 320                  # the flow's error against the true motion
 
 quality: the bundle runs over each sequence once (the device's backend, preprocessing and sigmoid); the same
 probabilities are then segmented frame by frame (plain) and through the temporal filter with the bundle's
@@ -39,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from device_runtime.backends import open_backend  # noqa: E402
+from device_runtime.fileio import atomic_path  # noqa: E402
 from device_runtime.manifest import load_manifest  # noqa: E402
 from device_runtime.postprocess import Morphology, postprocess  # noqa: E402
 from device_runtime.sequence_metrics import sequence_scores  # noqa: E402
@@ -70,15 +72,25 @@ def quality(args) -> dict:
     print(f"bundle {args.bundle} (T* {manifest.threshold}, {manifest.morphology}), {description}")
     print(f"filter: alpha {params.alpha}, t_high {params.thresholds(manifest.threshold)[1]}, t_low "
           f"{params.thresholds(manifest.threshold)[0]}, reset below {params.reset_below}")
-    rows = []
+    rows, cuts, last = [], [], None
     net = open_backend(Path(args.bundle), manifest, args.backend, "auto", args.threads)
     try:
         for sequence in sequences:
             started = time.perf_counter()
             predicted = predict_sequence(net, manifest, sequence)
+            if last is not None:  # a cut: the previous sequence's last frame, then this one's first
+                cut = TemporalFilter(params, manifest.threshold, manifest.morphology)
+                cut(*last)
+                cuts.append(cut(predicted.images[0], predicted.prob[0]).reset)
+            last = (predicted.images[-1], predicted.prob[-1])
             min_area = event_min_area(manifest.input_size)
             plain = sequence_scores(plain_masks(predicted.prob, manifest), predicted.truth, predicted.motions, min_area)
-            masks, resets = filtered_masks(predicted.images, predicted.prob, flows_of(predicted.images), params, manifest)
+            flows = flows_of(predicted.images)
+            if args.no_warp:  # ablation: the same filter with a flow of zero everywhere
+                height, width = predicted.prob.shape[1:]
+                grid = np.dstack(np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32)))
+                flows = [None if flow is None else grid for flow in flows]
+            masks, resets = filtered_masks(predicted.images, predicted.prob, flows, params, manifest)
             stable = sequence_scores(masks, predicted.truth, predicted.motions, min_area)
             rows.append({"name": sequence.name, "plain": plain, "stable": stable, "resets": int(resets[1:].sum())})
             print(f"  {sequence.name:<22} Dice {plain['dice']:.3f} -> {stable['dice']:.3f}  flicker "
@@ -88,7 +100,7 @@ def quality(args) -> dict:
                   f"{time.perf_counter() - started:.1f} s", flush=True)
     finally:
         net.close()
-    summary = summarise(rows)
+    summary = {**summarise(rows), "cuts": len(cuts), "cuts_detected": int(sum(cuts))}
     print_summary(summary)
     if args.json:
         Path(args.json).write_text(json.dumps({"description": description, "params": params.to_dict(),
@@ -115,7 +127,8 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def print_summary(s: dict) -> None:
-    print(f"\n{s['sequences']} sequences; resets inside them: {s['resets']}")
+    print(f"\n{s['sequences']} sequences; resets inside them: {s['resets']}; cuts from one sequence to the next "
+          f"detected: {s['cuts_detected']} of {s['cuts']}")
     print(f"{'':<12}{'mean Dice':>10}{'flicker':>10}{'events':>8}{'|events - truth|':>18}")
     for side, label in (("plain", "plain"), ("stable", "stabilised")):
         row = s[side]
@@ -199,7 +212,57 @@ def device_runs(args, sequence) -> None:
               f"{outside:>11.1f}")
 
 
+# ----------------------------------------------------------------------------------------------- flow
+
+
+def flow(args) -> None:
+    """The filter's flow against the phantom's true motion, at the model size --size, and its time per call."""
+    from device_runtime.preprocess import preprocess
+    from device_runtime.temporal import MotionEstimator
+    from training.sequences import phantom_sequence, rescale_motions
+
+    size = (args.size, args.size)
+    grid = np.dstack(np.meshgrid(np.arange(args.size, dtype=np.float32), np.arange(args.size, dtype=np.float32)))
+    inner = slice(args.size // 8, args.size - args.size // 8)  # the edges hold pixels that entered the field
+    errors, times = [], []
+    for index in range(args.sequences):
+        sequence = phantom_sequence(args.seed, index, args.frames)
+        motions = rescale_motions(sequence.motions, sequence.frames.shape[1:], size)
+        estimate = MotionEstimator()
+        for t, frame in enumerate(sequence.frames):
+            image = preprocess(frame, size)[0, 0]
+            started = time.perf_counter()
+            flow_map = estimate(image)
+            times.append(1e3 * (time.perf_counter() - started))
+            if flow_map is None:
+                continue
+            back = cv2.invertAffineTransform(motions[t]).astype(np.float32)  # where each pixel truly came from
+            truth = grid @ back[:, :2].T + back[:, 2]
+            errors.append(float(np.median(np.linalg.norm((flow_map - truth)[inner, inner], axis=2))))
+    errors, times = np.array(errors), np.array(times[1:])
+    print(f"flow at {args.size}x{args.size} over {len(errors)} frame pairs of {args.sequences} phantom sequences: "
+          f"median end-point error per frame (pixels of the model input): median {np.median(errors):.2f}, "
+          f"p90 {np.percentile(errors, 90):.2f}, max {errors.max():.2f}; time per call min {times.min():.3f} ms, "
+          f"q25 {np.percentile(times, 25):.3f} ms")
+
+
 # ----------------------------------------------------------------------------------------------- gif
+
+
+def overlay_palette(greys: int):
+    """One fixed palette for every frame (small file, no flicker of its own): `greys` grey levels, the overlay's
+    amber tint over four of them, the amber outline, the truth's green and white for the labels."""
+    from PIL import Image
+
+    from device_runtime.overlay import COLOUR
+
+    amber = np.array(COLOUR[::-1], float)  # the overlay's BGR as RGB
+    colours = [np.full(3, v) for v in np.linspace(0, 255, greys)]
+    colours += [0.65 * np.full(3, v) + 0.35 * amber for v in np.linspace(40, 220, 4)]
+    colours += [amber, np.array([80.0, 200, 80]), np.full(3, 255.0)]
+    palette = Image.new("P", (1, 1))
+    palette.putpalette([int(round(c)) for colour in colours for c in colour])
+    return palette
 
 
 def gif(args) -> None:
@@ -220,7 +283,7 @@ def gif(args) -> None:
     stable, _ = filtered_masks(predicted.images, predicted.prob, flows_of(predicted.images), params, manifest)
     renderer, side = OverlayRenderer(), args.panel
     pictures = []
-    for t in range(len(predicted.images)):
+    for t in range(0, len(predicted.images), args.step):
         frame = cv2.resize(sequence.frames[t], (side, side), interpolation=cv2.INTER_AREA)
         truth = cv2.resize(predicted.truth[t], (side, side), interpolation=cv2.INTER_NEAREST)
         panels = []
@@ -232,15 +295,13 @@ def gif(args) -> None:
             cv2.putText(panel, label, (4, side - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
             panels.append(panel)
         pictures.append(Image.fromarray(cv2.cvtColor(np.hstack(panels), cv2.COLOR_BGR2RGB)))
-    palette = pictures[0].quantize(colors=args.colours)  # one palette for all frames: smaller, no flicker of its own
-    frames = [p.quantize(palette=palette, dither=Image.Dither.NONE) for p in pictures]
+    frames = [p.quantize(palette=overlay_palette(args.greys), dither=Image.Dither.NONE) for p in pictures]
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.gif")
-    frames[0].save(tmp, save_all=True, append_images=frames[1:], duration=int(1000 / args.fps), loop=0, optimize=True)
-    tmp.replace(out)
-    print(f"{out}: {len(frames)} frames of {2 * side}x{side}, {out.stat().st_size / 1024:.0f} KiB (amber: the mask; "
-          f"green: the truth)")
+    with atomic_path(out) as tmp:
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=int(1000 / args.fps),
+                       loop=0, optimize=True)
+    print(f"{out}: {len(frames)} frames of {2 * side}x{side} (every {args.step}. of sequence {args.index}, seed "
+          f"{args.seed}), {out.stat().st_size / 1024:.0f} KiB (amber: the mask; green: the truth)")
 
 
 def main() -> None:
@@ -256,7 +317,7 @@ def main() -> None:
         sub.add_argument("--backend", default="auto")
         sub.add_argument("--threads", type=int, default=0)
         sub.add_argument("--seed", type=int, default=0)
-        sub.add_argument("--frames", type=int, default=100 if name == "quality" else 60)
+        sub.add_argument("--frames", type=int, default=100)
     quality_parser, gif_parser = parts.choices["quality"], parts.choices["gif"]
     quality_parser.add_argument("--phantom", action="store_true", help="phantom sequences")
     quality_parser.add_argument("--data", type=Path, help="pseudo-videos of every labelled frame under this folder")
@@ -264,11 +325,19 @@ def main() -> None:
     quality_parser.add_argument("--split", default="test", help="with --run-dir: which split's frames (default test)")
     quality_parser.add_argument("--sequences", type=int, default=20)
     quality_parser.add_argument("--json", type=Path, help="also write every sequence's scores here")
+    quality_parser.add_argument("--no-warp", action="store_true",
+                                help="ablation: the filter without the optical flow (history not moved)")
     gif_parser.add_argument("--out", type=Path, default=REPO / "docs" / "figures" / "temporal_phantom.gif")
     gif_parser.add_argument("--index", type=int, default=0, help="which phantom sequence of --seed")
-    gif_parser.add_argument("--panel", type=int, default=176, help="side of each panel in pixels")
-    gif_parser.add_argument("--colours", type=int, default=48)
-    gif_parser.add_argument("--fps", type=float, default=12)
+    gif_parser.add_argument("--panel", type=int, default=144, help="side of each panel in pixels")
+    gif_parser.add_argument("--greys", type=int, default=12, help="grey levels of the palette (default 12)")
+    gif_parser.add_argument("--step", type=int, default=2, help="every this many frames (default 2)")
+    gif_parser.add_argument("--fps", type=float, default=10)
+    flow_parser = parts.add_parser("flow")
+    flow_parser.add_argument("--size", type=int, default=320)
+    flow_parser.add_argument("--sequences", type=int, default=6)
+    flow_parser.add_argument("--frames", type=int, default=100)
+    flow_parser.add_argument("--seed", type=int, default=0)
     time_parser = parts.add_parser("timing")
     time_parser.add_argument("--size", type=int, default=320)
     time_parser.add_argument("--frames", type=int, default=200)
@@ -282,7 +351,7 @@ def main() -> None:
         if args.run_dir is None:
             parser.error("give --bundle or --run-dir")
         args.bundle = args.run_dir / "bundle"
-    {"quality": quality, "timing": timing, "gif": gif}[args.part](args)
+    {"quality": quality, "timing": timing, "flow": flow, "gif": gif}[args.part](args)
 
 
 if __name__ == "__main__":

@@ -87,20 +87,27 @@ def quick_scores(masks: np.ndarray, predicted: Predicted) -> tuple[float, float]
 
 
 def candidate_grid(threshold: float, reset_below: float = TemporalParams.reset_below) -> list[TemporalParams]:
-    """45 settings: alpha {1, 0.7, 0.5, 0.35, 0.25} x t_high {T*, +15 %, +30 % of the way to 1} x t_low {T*,
-    70 %, 40 % of T*}. The first (alpha 1, both at T*) is the plain segmentation, so it is always a candidate."""
+    """105 settings: alpha {1, 0.7, 0.5, 0.35, 0.25, 0.15, 0.1} x t_high {T*, +15 %, +30 % of the way to 1} x
+    t_low {T*, 70 %, 40 %, 20 %, 10 % of T*}. The first (alpha 1, both at T*) is the plain segmentation, so it is
+    always a candidate."""
     highs = [round(threshold + f * (1 - threshold), 3) for f in (0.0, 0.15, 0.3)]
-    lows = [round(f * threshold, 3) for f in (1.0, 0.7, 0.4)]
+    lows = [round(f * threshold, 3) for f in (1.0, 0.7, 0.4, 0.2, 0.1)]
     return [TemporalParams(enabled=True, alpha=a, t_high=h, t_low=lo, reset_below=reset_below)
-            for a in (1.0, 0.7, 0.5, 0.35, 0.25) for h in highs for lo in lows]
+            for a in (1.0, 0.7, 0.5, 0.35, 0.25, 0.15, 0.1) for h in highs for lo in lows]
+
+
+FLICKER_SLACK = 0.1  # settings within 10 % of the least flicker count as equally steady; the best Dice wins
 
 
 def choose(plain: dict, scored: list[tuple[TemporalParams, dict]], dice_tolerance: float,
            min_flicker_cut: float) -> tuple[TemporalParams, dict]:
-    """The setting with the least flicker among those whose mean Dice is at most `dice_tolerance` below the
-    plain one (ties: the higher Dice); enabled when it cuts the flicker by at least `min_flicker_cut`."""
+    """Among the settings whose mean Dice is at most `dice_tolerance` below the plain one, those within
+    FLICKER_SLACK of the least flicker, and of these the best mean Dice (the flicker has a wide floor on which
+    Dice still differs). Enabled when it cuts the flicker by at least `min_flicker_cut`."""
     eligible = [(p, s) for p, s in scored if s["dice"] >= plain["dice"] - dice_tolerance]
-    params, score = min(eligible, key=lambda item: (item[1]["flicker"], -item[1]["dice"]))
+    steadiest = min(s["flicker"] for _, s in eligible)
+    steady = [(p, s) for p, s in eligible if s["flicker"] <= steadiest * (1 + FLICKER_SLACK)]
+    params, score = max(steady, key=lambda item: (item[1]["dice"], -item[1]["flicker"]))
     cut = 1 - score["flicker"] / plain["flicker"] if plain["flicker"] > 0 else 0.0
     return TemporalParams(**{**params.to_dict(), "enabled": bool(cut >= min_flicker_cut)}), {**score, "cut": cut}
 
@@ -137,11 +144,12 @@ def tune_temporal(bundle: str | Path, sequences: Iterable[Sequence], description
     manifest = load_manifest(bundle)  # read again: verified as it is now, just before it is replaced
     manifest.temporal = params
     result = {"sequences": description, "count": count, "plain": plain, "chosen": chosen,
-              "rule": f"least flicker with mean Dice >= plain - {dice_tolerance}; enabled when it cuts flicker by "
-                      f">= {min_flicker_cut:.0%}"}
+              "rule": f"mean Dice >= plain - {dice_tolerance}, flicker within {FLICKER_SLACK:.0%} of the least, then "
+                      f"the best Dice; enabled when it cuts flicker by >= {min_flicker_cut:.0%}"}
     manifest.metrics = {**manifest.metrics, "temporal": result}
     write_manifest(bundle, manifest)
-    return {**result, "params": params.to_dict()}
+    ranked = sorted(scored, key=lambda item: (item[1]["dice"] < plain["dice"] - dice_tolerance, item[1]["flicker"]))
+    return {**result, "params": params.to_dict(), "ranked": [(p.to_dict(), s) for p, s in ranked]}
 
 
 def validation_sequences(run_dir: str | Path | None, phantom: bool, count: int, frames: int, seed: int,
