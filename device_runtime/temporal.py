@@ -76,11 +76,13 @@ class TemporalParams:
     def thresholds(self, threshold: float) -> tuple[float, float]:
         """(t_low, t_high) for a bundle of T* = `threshold`; refused unless t_low <= T* <= t_high, because a
         reset frame is cut at T* and must not hold more (or less) than the filter would keep."""
-        low = threshold if self.t_low is None else self.t_low
-        high = threshold if self.t_high is None else self.t_high
+        low, high = self._resolved(threshold)
         if not low <= threshold <= high:
             raise InputError(f"temporal thresholds must enclose T* = {threshold}: got t_low {low}, t_high {high}")
         return float(low), float(high)
+
+    def _resolved(self, threshold: float) -> tuple[float, float]:
+        return (threshold if self.t_low is None else self.t_low), (threshold if self.t_high is None else self.t_high)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,6 +98,12 @@ class TemporalParams:
         if unknown:
             raise InputError(f"unknown temporal parameters {sorted(unknown)}")
         return cls(**data)
+
+    def describe(self, threshold: float) -> str:
+        """One line for people: on or off, and the settings as they apply to a bundle of T* = `threshold`."""
+        low, high = self._resolved(threshold)
+        return (f"{'on' if self.enabled else 'off'}: alpha {self.alpha}, t_high {high}, t_low {low}, reset below "
+                f"{self.reset_below}")
 
     def with_overrides(self, **overrides) -> "TemporalParams":
         """These settings with the given ones replaced; None values (a flag not given) leave a setting alone."""

@@ -39,7 +39,7 @@ def _tune(args) -> None:
 
 
 def _tune_temporal(args) -> None:
-    from training.temporal_tune import tune_temporal, validation_sequences
+    from training.temporal_tune import format_result, tune_temporal, validation_sequences
 
     if not args.bundle and not args.run_dir:
         raise SystemExit("nerveseg tune-temporal: give --run-dir RUN (tunes RUN/bundle) or --bundle BUNDLE")
@@ -48,20 +48,11 @@ def _tune_temporal(args) -> None:
                                                   data=args.data, mask_label=args.mask_label)
     result = tune_temporal(bundle, sequences, description, args.backend, args.threads, args.dice_tolerance,
                            args.min_flicker_cut)
-    plain, chosen, params = result["plain"], result["chosen"], result["params"]
-    print(f"{'alpha':>6}{'t_high':>8}{'t_low':>8}{'Dice':>8}{'flicker':>9}   (plain: Dice {plain['dice']:.4f}, "
-          f"flicker {plain['flicker']:.4f}; eligible first, least flicker first)")
-    for candidate, score in result["ranked"][:args.show]:
-        print(f"{candidate['alpha']:>6}{candidate['t_high']:>8}{candidate['t_low']:>8}{score['dice']:>8.4f}"
-              f"{score['flicker']:>9.4f}")
+    print(format_result(result, bundle, args.show))
     if args.table:
         from device_runtime.fileio import write_json
 
-        write_json(args.table, {k: v for k, v in result.items()})
-    print(f"{description}: plain Dice {plain['dice']:.4f} flicker {plain['flicker']:.4f}; chosen alpha "
-          f"{params['alpha']} t_high {params['t_high']} t_low {params['t_low']}: Dice {chosen['dice']:.4f} flicker "
-          f"{chosen['flicker']:.4f} ({chosen['cut']:.0%} less) -> {'enabled' if params['enabled'] else 'disabled'} "
-          f"in {bundle / 'manifest.json'}")
+        write_json(args.table, result)
 
 
 def _evaluate(args) -> None:

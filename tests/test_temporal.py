@@ -242,3 +242,8 @@ def test_the_flow_is_measured_at_a_working_size_and_brought_back(size):
     flow = motion(view(-1, -2)) - np.dstack(np.meshgrid(np.arange(size), np.arange(size)))
     inner = flow[8:-8, 8:-8].reshape(-1, 2)
     np.testing.assert_allclose(np.median(inner, axis=0), [-2, -1], atol=0.35)
+
+
+def test_describe_for_people():
+    assert TemporalParams().describe(0.4) == "off: alpha 0.5, t_high 0.4, t_low 0.4, reset below 0.5"
+    assert TemporalParams(enabled=True, t_low=0.1).describe(0.4).startswith("on: alpha 0.5, t_high 0.4, t_low 0.1")

@@ -88,3 +88,28 @@ def test_tune_temporal_writes_the_chosen_settings_into_the_manifest(tmp_path, ca
 def test_tune_temporal_needs_a_bundle_or_run(capsys):
     with pytest.raises(SystemExit, match="give --run-dir RUN"):
         desktop_main(["tune-temporal", "--phantom"])
+
+
+def test_candidates_enclose_t_star_and_include_the_plain_segmentation():
+    from training.temporal_tune import candidate_grid
+
+    grid = candidate_grid(0.4)
+    assert grid[0] == TemporalParams(enabled=True, alpha=1.0, t_high=0.4, t_low=0.4)
+    assert all(p.thresholds(0.4) for p in grid) and len(set(grid)) == len(grid) == 105
+
+
+def test_choose_takes_the_best_dice_among_the_near_steadiest():
+    from training.temporal_tune import choose
+
+    p = [TemporalParams(enabled=True, alpha=a) for a in (1.0, 0.7, 0.5, 0.3)]
+    plain = {"dice": 0.60, "flicker": 0.40}
+    scored = [(p[0], {"dice": 0.60, "flicker": 0.40}),
+              (p[1], {"dice": 0.58, "flicker": 0.100}),  # steadiest of all but loses Dice beyond the tolerance
+              (p[2], {"dice": 0.61, "flicker": 0.120}),  # steadiest of the eligible
+              (p[3], {"dice": 0.64, "flicker": 0.130})]  # within 10 % of it, and the best Dice: chosen
+    params, score = choose(plain, scored, dice_tolerance=0.005, min_flicker_cut=0.5)
+    assert params.alpha == 0.3 and params.enabled and score["cut"] == pytest.approx(1 - 0.13 / 0.4)
+    params, _ = choose(plain, scored, dice_tolerance=0.005, min_flicker_cut=0.8)
+    assert params.alpha == 0.3 and not params.enabled  # a 67 % cut is not the 80 % asked for
+    params, _ = choose(plain, scored[:1], dice_tolerance=0.005, min_flicker_cut=0.5)
+    assert params.alpha == 1.0 and not params.enabled  # nothing better than plain: the filter stays off

@@ -152,6 +152,22 @@ def tune_temporal(bundle: str | Path, sequences: Iterable[Sequence], description
     return {**result, "params": params.to_dict(), "ranked": [(p.to_dict(), s) for p, s in ranked]}
 
 
+def format_result(result: dict, bundle: Path, show: int = 5) -> str:
+    """The `show` best settings as a table, then one line: plain and chosen scores, and what was written."""
+    plain, chosen, params = result["plain"], result["chosen"], result["params"]
+    lines = []
+    if show:
+        lines.append(f"{'alpha':>6}{'t_high':>8}{'t_low':>8}{'Dice':>8}{'flicker':>9}   (Dice within the tolerance "
+                     "first, then the least flicker first)")
+        lines += [f"{c['alpha']:>6}{c['t_high']:>8}{c['t_low']:>8}{s['dice']:>8.4f}{s['flicker']:>9.4f}"
+                  for c, s in result["ranked"][:show]]
+    lines.append(f"{result['sequences']}: plain Dice {plain['dice']:.4f} flicker {plain['flicker']:.4f}; chosen alpha "
+                 f"{params['alpha']} t_high {params['t_high']} t_low {params['t_low']}: Dice {chosen['dice']:.4f} "
+                 f"flicker {chosen['flicker']:.4f} ({chosen['cut']:.0%} less) -> "
+                 f"{'enabled' if params['enabled'] else 'disabled'} in {Path(bundle) / 'manifest.json'}")
+    return "\n".join(lines)
+
+
 def validation_sequences(run_dir: str | Path | None, phantom: bool, count: int, frames: int, seed: int,
                          split: str = "val", data: str | Path | None = None,
                          mask_label: int | None = None) -> tuple[Iterator[Sequence], str]:
