@@ -32,15 +32,8 @@ from .postprocess import Morphology, apply_morphology, postprocess
 from .sequence_metrics import mask_change
 
 COARSE = 32  # side of the shrunk images the change is measured on
-# Two traps of OpenCV's DIS, both seen here as segfaults now and then:
-# - a flow buffer handed to calc() is read as the initial flow (OpenCV 5 has no switch for it), so an
-#   uninitialised one sends the patch search outside the image: the buffer is zeroed before each call (a zero
-#   start gives exactly the flow of no start);
-# - on images whose pyramid is shallower than the preset's finest scale it reads outside its buffers
-#   (opencv_contrib#1507): ULTRAFAST (8-pixel patches, finest scale 2) needs a longer side of at least 91
-#   pixels and a shorter one of at least 32, so smaller model inputs are enlarged by a whole factor for the
-#   flow, which is then shrunk back.
-FLOW_MIN_LONG, FLOW_MIN_SHORT = 96, 32
+HALVE_FROM = 192  # the flow of larger inputs is measured on the halved image
+FLOW_MIN_SIDE = 16  # DIS refuses images under 12 pixels: smaller inputs are enlarged by a whole factor for it
 
 
 @dataclass(frozen=True)
@@ -120,10 +113,13 @@ def _check_number(name: str, value, low: float, high: float, low_open: bool = Fa
 class MotionEstimator:
     """Backward flow between consecutive model-resolution images (float32 in [0, 1]), as a cv2.remap map.
 
-    The flow is measured on the image brought to a working size whose longer side lies in [96, 192): larger
-    inputs are halved (at 320x320 the flow's grid is then 8 input pixels wide, enough for a probe's smooth
-    motion, in a quarter of DIS's time at full size; `scripts/temporal_eval.py flow` measures its error against
-    the phantom's true motion), smaller ones enlarged by a whole factor (see FLOW_MIN_LONG).
+    Inputs from HALVE_FROM pixels on are halved for the flow (at 320x320 its grid is then 8 input pixels wide,
+    enough for a probe's smooth motion, in a quarter of DIS's time at full size; `scripts/temporal_eval.py flow`
+    measures its error against the phantom's true motion).
+
+    A flow buffer handed to DIS's calc() is read as the initial flow (OpenCV 5 has no switch for it): an
+    uninitialised one sent the patch search outside the image, a segfault now and then. So the buffer is zeroed
+    before each call (a zero start gives exactly the flow of no start).
     """
 
     def __init__(self):
@@ -133,10 +129,10 @@ class MotionEstimator:
         height, width = shape
         self._shape = shape
         self._dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST)
-        if max(shape) >= 2 * FLOW_MIN_LONG and min(shape) >= 2 * FLOW_MIN_SHORT:
+        if max(shape) >= HALVE_FROM and min(shape) >= 2 * FLOW_MIN_SIDE:
             self._scale = 0.5
         else:
-            self._scale = float(max(1, -(-FLOW_MIN_LONG // max(shape)), -(-FLOW_MIN_SHORT // min(shape))))
+            self._scale = float(max(1, -(-FLOW_MIN_SIDE // min(shape))))
         work = (int(round(width * self._scale)), int(round(height * self._scale)))  # (width, height)
         self._grey = [np.empty(shape, np.uint8) for _ in range(2)]  # current, previous (swapped each frame)
         self._work = self._grey if self._scale == 1 else [np.empty(work[::-1], np.uint8) for _ in range(2)]
