@@ -52,7 +52,8 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     temporal.add_argument("--temporal-high", type=float, help="a pixel joins the mask above this (>= T*)")
     temporal.add_argument("--temporal-low", type=float, help="a pixel leaves the mask below this (<= T*)")
     temporal.add_argument("--temporal-reset", type=float,
-                          help="start afresh when consecutive frames correlate below this, in [-1, 1]")
+                          help="start afresh when the previous frame, moved along the optical flow, correlates "
+                               "with this one below this, in [-1, 1]")
     out = parser.add_argument_group("outputs (any combination)")
     out.add_argument("--masks", dest="masks_dir", type=Path, help="folder for one mask per frame")
     out.add_argument("--mask-format", default="png", choices=MASK_FORMATS)

@@ -39,20 +39,9 @@ def _tune(args) -> None:
 
 
 def _tune_temporal(args) -> None:
-    from training.temporal_tune import format_result, tune_temporal, validation_sequences
+    from training.temporal_tune import main as tune_temporal_main
 
-    if not args.bundle and not args.run_dir:
-        raise SystemExit("nerveseg tune-temporal: give --run-dir RUN (tunes RUN/bundle) or --bundle BUNDLE")
-    bundle = Path(args.bundle) if args.bundle else Path(args.run_dir) / "bundle"
-    sequences, description = validation_sequences(args.run_dir, args.phantom, args.sequences, args.frames, args.seed,
-                                                  data=args.data, mask_label=args.mask_label)
-    result = tune_temporal(bundle, sequences, description, args.backend, args.threads, args.dice_tolerance,
-                           args.min_flicker_cut)
-    print(format_result(result, bundle, args.show))
-    if args.table:
-        from device_runtime.fileio import write_json
-
-        write_json(args.table, result)
+    tune_temporal_main(args)
 
 
 def _evaluate(args) -> None:
@@ -177,6 +166,7 @@ def _add_sweep_settings(parser: argparse.ArgumentParser, bits: str, learned: str
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    from training.temporal_tune import add_arguments as temporal_flags
     from training.train import get_args_parser as train_flags
 
     parser = argparse.ArgumentParser(prog="nerveseg", description="Ultrasound nerve segmentation, desktop side.")
@@ -212,26 +202,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                              help="tune (and so evaluate and export) with test-time flip averaging: each frame's "
                                   "probabilities averaged with its left-right mirror's (default: the run's config)")
 
-    temporal = commands.add_parser("tune-temporal", help="choose the device's temporal stabilisation on validation "
-                                   "sequences (pseudo-videos of the run's validation frames, or phantom sequences) "
-                                   "and write it into the bundle's manifest")
-    temporal.add_argument("--run-dir", help="the run: its validation frames, and its bundle (RUN/bundle)")
-    temporal.add_argument("--bundle", help="the bundle to tune (default RUN/bundle)")
-    temporal.add_argument("--phantom", action="store_true", help="phantom sequences instead of pseudo-videos")
-    temporal.add_argument("--data", help="pseudo-videos of every labelled frame under this folder instead")
-    temporal.add_argument("--mask-label", type=int, help="with --data: nerve = mask == L (default: mask > 0)")
-    temporal.add_argument("--sequences", type=int, default=20, help="at most this many sequences (default 20)")
-    temporal.add_argument("--frames", type=int, default=100, help="frames per sequence (default 100)")
-    temporal.add_argument("--seed", type=int, default=1, help="of the trajectories and speckle (default 1)")
-    temporal.add_argument("--dice-tolerance", type=float, default=0.005,
-                          help="mean Dice may fall at most this far below the plain one (default 0.005)")
-    temporal.add_argument("--min-flicker-cut", type=float, default=0.5,
-                          help="enable the filter only when it cuts the flicker by at least this share (default 0.5)")
-    temporal.add_argument("--show", type=int, default=5, help="print this many of the best settings (default 5)")
-    temporal.add_argument("--table", help="write every setting's scores to this JSON file")
-    temporal.add_argument("--backend", default="auto", help="as nerveseg-device --backend (default auto)")
-    temporal.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = one per core)")
-    temporal.set_defaults(func=_tune_temporal)
+    temporal_flags(commands.add_parser("tune-temporal", help="choose the device's temporal stabilisation on "
+                                       "validation sequences and write it into the bundle's manifest")
+                   ).set_defaults(func=_tune_temporal)
 
     qat = commands.add_parser("qat", help="fine-tune a tuned run with fake quantization (learned or fixed bits)")
     qat.add_argument("--run-dir", required=True, help="a trained and tuned float run")

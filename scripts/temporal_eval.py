@@ -121,7 +121,8 @@ def summarise(rows: list[dict]) -> dict:
     out["dice_diff"] = out["stable"]["dice"] - out["plain"]["dice"]
     out["dice_diff_ci"] = paired_bootstrap_ci(column("stable", "dice"), column("plain", "dice"))
     out["flicker_diff_ci"] = paired_bootstrap_ci(column("stable", "flicker"), column("plain", "flicker"))
-    out["flicker_ratio"] = out["stable"]["flicker"] / out["plain"]["flicker"] if out["plain"]["flicker"] else float("nan")
+    plain_flicker = out["plain"]["flicker"]
+    out["flicker_ratio"] = out["stable"]["flicker"] / plain_flicker if plain_flicker else float("nan")
     out["halved_share"] = float(np.mean(column("stable", "flicker") <= 0.5 * column("plain", "flicker")))
     return out
 
@@ -135,12 +136,15 @@ def print_summary(s: dict) -> None:
         print(f"{label:<12}{row['dice']:>10.4f}{row['flicker']:>10.4f}{row['events']:>8}{row['event_error']:>18.2f}")
     print(f"{'truth':<12}{'':>10}{s['truth_flicker']:>10.4f}{s['truth_events']:>8}")
     low, high = s["dice_diff_ci"]
-    print(f"Dice stabilised - plain: {s['dice_diff']:+.4f} [{low:+.4f}, {high:+.4f}] (paired bootstrap over sequences, 95 %)")
+    print(f"Dice stabilised - plain: {s['dice_diff']:+.4f} [{low:+.4f}, {high:+.4f}] (paired bootstrap over "
+          "sequences, 95 %)")
     low, high = s["flicker_diff_ci"]
-    print(f"flicker stabilised / plain: {s['flicker_ratio']:.3f} (difference {s['stable']['flicker'] - s['plain']['flicker']:+.4f} "
-          f"[{low:+.4f}, {high:+.4f}]); halved in {100 * s['halved_share']:.0f} % of the sequences")
+    difference = s["stable"]["flicker"] - s["plain"]["flicker"]
+    print(f"flicker stabilised / plain: {s['flicker_ratio']:.3f} (difference {difference:+.4f} [{low:+.4f}, "
+          f"{high:+.4f}]); halved in {100 * s['halved_share']:.0f} % of the sequences")
     earns = s["flicker_ratio"] <= 0.5 and s["dice_diff_ci"][1] >= 0
-    print(f"earns the default (flicker at least halved, Dice not lower beyond its interval): {'yes' if earns else 'no'}")
+    print("earns the default (flicker at least halved, Dice not lower beyond its interval): "
+          f"{'yes' if earns else 'no'}")
 
 
 # ----------------------------------------------------------------------------------------------- timing
@@ -205,7 +209,8 @@ def device_runs(args, sequence) -> None:
                 stages = summary["stages_ms"]
                 rows.append((enabled, attempt, summary["fps"], stages["inference"]["p50"],
                              stages["postprocess"]["p50"], stages["frame"]["p50"], 100 * summary["outside_inference"]))
-    print(f"\ndevice runs ({len(sequence.frames)} frames each, bundle {bundle if args.bundle else 'untrained, made here'}):")
+    made = bundle if args.bundle else "untrained, made here"
+    print(f"\ndevice runs ({len(sequence.frames)} frames each, bundle {made}):")
     print(f"{'filter':<8}{'run':>4}{'fps':>8}{'infer p50':>11}{'post p50':>10}{'frame p50':>11}{'outside %':>11}")
     for enabled, attempt, fps, inference, post, frame, outside in rows:
         print(f"{'on' if enabled else 'off':<8}{attempt:>4}{fps:>8.2f}{inference:>11.2f}{post:>10.2f}{frame:>11.2f}"

@@ -85,9 +85,17 @@ def test_tune_temporal_writes_the_chosen_settings_into_the_manifest(tmp_path, ca
     assert chosen.enabled == (record["chosen"]["cut"] >= 0.5)
 
 
-def test_tune_temporal_needs_a_bundle_or_run(capsys):
-    with pytest.raises(SystemExit, match="give --run-dir RUN"):
-        desktop_main(["tune-temporal", "--phantom"])
+@pytest.mark.parametrize("argv, needle", [
+    (["--phantom"], "give --run-dir RUN"),
+    (["--bundle", "b", "--phantom", "--data", "d"], "not both"),
+    (["--bundle", "b", "--phantom", "--min-flicker-cut", "2"], "--min-flicker-cut in [0, 1]"),
+    (["--bundle", "{tmp}/nowhere", "--phantom"], "nowhere: bundle folder not found"),
+    (["--run-dir", "{tmp}"], "split.json"),
+])
+def test_tune_temporal_bad_input_is_one_line(argv, needle, tmp_path, capsys):
+    assert desktop_main(["tune-temporal", *[a.format(tmp=tmp_path) for a in argv]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
 
 
 def test_candidates_enclose_t_star_and_include_the_plain_segmentation():
@@ -113,3 +121,22 @@ def test_choose_takes_the_best_dice_among_the_near_steadiest():
     assert params.alpha == 0.3 and not params.enabled  # a 67 % cut is not the 80 % asked for
     params, _ = choose(plain, scored[:1], dice_tolerance=0.005, min_flicker_cut=0.5)
     assert params.alpha == 1.0 and not params.enabled  # nothing better than plain: the filter stays off
+
+
+def test_eval_script_summary_by_hand():
+    from conftest import load_script
+
+    summarise = load_script("temporal_eval").summarise
+
+    def side(dice, flicker, appear, vanish):
+        return {"dice": dice, "flicker": flicker, "appear": appear, "vanish": vanish, "truth_appear": 1,
+                "truth_vanish": 1, "truth_flicker": 0.02}
+
+    rows = [{"plain": side(0.6, 0.4, 5, 5), "stable": side(0.7, 0.1, 1, 1), "resets": 0},
+            {"plain": side(0.5, 0.2, 0, 0), "stable": side(0.5, 0.15, 1, 1), "resets": 2}]
+    s = summarise(rows)
+    assert s["plain"]["dice"] == pytest.approx(0.55) and s["stable"]["dice"] == pytest.approx(0.6)
+    assert s["flicker_ratio"] == pytest.approx(0.125 / 0.3) and s["halved_share"] == 0.5
+    assert s["truth_events"] == 4 and s["plain"]["events"] == 10 and s["stable"]["events"] == 4
+    assert s["plain"]["event_error"] == pytest.approx((8 + 2) / 2) and s["stable"]["event_error"] == 0
+    assert s["resets"] == 2 and s["dice_diff_ci"][0] <= 0.05 <= s["dice_diff_ci"][1]

@@ -9,6 +9,7 @@ frame and shared by every candidate.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -17,6 +18,7 @@ import numpy as np
 
 from device_runtime.backends import open_backend
 from device_runtime.errors import InputError
+from device_runtime.fileio import write_json
 from device_runtime.manifest import Manifest, load_manifest, write_manifest
 from device_runtime.metrics import confusion_counts, dice
 from device_runtime.postprocess import postprocess_batch, sigmoid
@@ -202,3 +204,45 @@ def validation_sequences(run_dir: str | Path | None, phantom: bool, count: int, 
 def sequence_events(masks: np.ndarray, size: tuple[int, int]) -> tuple[int, int]:
     """(appear, vanish) events at this project's presence level (`EVENT_MIN_SHARE` of the frame)."""
     return events(masks, event_min_area(size))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of `nerveseg tune-temporal`."""
+    parser.add_argument("--run-dir", help="the run: its validation frames become pseudo-videos; its bundle RUN/bundle")
+    parser.add_argument("--bundle", help="the bundle to tune (default RUN/bundle)")
+    parser.add_argument("--phantom", action="store_true", help="phantom sequences instead of pseudo-videos")
+    parser.add_argument("--data", help="pseudo-videos of every labelled frame under this folder instead")
+    parser.add_argument("--mask-label", type=int, help="nerve = mask == L (default: the run's; with --data mask > 0)")
+    parser.add_argument("--sequences", type=int, default=20, help="at most this many sequences (default 20)")
+    parser.add_argument("--frames", type=int, default=100, help="frames per sequence (default 100)")
+    parser.add_argument("--seed", type=int, default=1, help="of the trajectories and speckle (default 1; "
+                        "scripts/temporal_eval.py measures on seed 0)")
+    parser.add_argument("--dice-tolerance", type=float, default=0.005,
+                        help="mean Dice may fall at most this far below the plain one (default 0.005)")
+    parser.add_argument("--min-flicker-cut", type=float, default=0.5,
+                        help="enable the filter only when it cuts the flicker by at least this share (default 0.5)")
+    parser.add_argument("--show", type=int, default=5, help="print this many of the best settings (default 5)")
+    parser.add_argument("--table", help="write every setting's scores to this JSON file")
+    parser.add_argument("--backend", default="auto", help="as nerveseg-device --backend (default auto)")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = one per core)")
+    return parser
+
+
+def main(args: argparse.Namespace) -> dict:
+    """`nerveseg tune-temporal`: choose, write into the manifest, print the table and the line."""
+    if not args.bundle and not args.run_dir:
+        raise InputError("tune-temporal: give --run-dir RUN (tunes RUN/bundle) or --bundle BUNDLE")
+    if args.phantom and args.data:
+        raise InputError("tune-temporal: give --phantom or --data, not both")
+    if args.dice_tolerance < 0 or not 0 <= args.min_flicker_cut <= 1 or args.threads < 0:
+        raise InputError(f"tune-temporal: --dice-tolerance must be >= 0 (got {args.dice_tolerance}), --min-flicker-cut "
+                         f"in [0, 1] (got {args.min_flicker_cut}), --threads >= 0 (got {args.threads})")
+    bundle = Path(args.bundle) if args.bundle else Path(args.run_dir) / "bundle"
+    sequences, description = validation_sequences(args.run_dir, args.phantom, args.sequences, args.frames, args.seed,
+                                                  data=args.data, mask_label=args.mask_label)
+    result = tune_temporal(bundle, sequences, description, args.backend, args.threads, args.dice_tolerance,
+                           args.min_flicker_cut)
+    print(format_result(result, bundle, args.show))
+    if args.table:
+        write_json(args.table, result)
+    return result
