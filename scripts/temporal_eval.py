@@ -26,7 +26,6 @@ A benchmark, not a test: it prints figures.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -40,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from device_runtime.backends import open_backend  # noqa: E402
-from device_runtime.fileio import atomic_path  # noqa: E402
+from device_runtime.fileio import atomic_path, write_json  # noqa: E402
 from device_runtime.manifest import load_manifest  # noqa: E402
 from device_runtime.postprocess import Morphology, postprocess  # noqa: E402
 from device_runtime.sequence_metrics import sequence_scores  # noqa: E402
@@ -58,10 +57,24 @@ from training.temporal_tune import (  # noqa: E402
 
 def settings_of(manifest, args) -> TemporalParams:
     params = manifest.temporal.with_overrides(enabled=True, alpha=args.alpha, t_high=args.t_high, t_low=args.t_low)
-    if "temporal" not in manifest.metrics and args.alpha is None:
+    if "temporal" not in manifest.metrics and (args.alpha, args.t_high, args.t_low) == (None, None, None):
         print("note: this bundle's temporal settings were never tuned (nerveseg tune-temporal); measuring "
               f"the defaults {params.to_dict()}")
     return params
+
+
+def score_sequence(predicted, params: TemporalParams, manifest, no_warp: bool = False) -> dict:
+    """Plain and stabilised scores of one predicted sequence, and the resets inside it."""
+    min_area = event_min_area(manifest.input_size)
+    plain = sequence_scores(plain_masks(predicted.prob, manifest), predicted.truth, predicted.motions, min_area)
+    flows = flows_of(predicted.images)
+    if no_warp:  # ablation: the same filter with a flow of zero everywhere
+        height, width = predicted.prob.shape[1:]
+        grid = np.dstack(np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32)))
+        flows = [None if flow is None else grid for flow in flows]
+    masks, resets = filtered_masks(predicted.images, predicted.prob, flows, params, manifest)
+    stable = sequence_scores(masks, predicted.truth, predicted.motions, min_area)
+    return {"name": predicted.name, "plain": plain, "stable": stable, "resets": int(resets[1:].sum())}
 
 
 def quality(args) -> dict:
@@ -70,8 +83,7 @@ def quality(args) -> dict:
     sequences, description = validation_sequences(args.run_dir, args.phantom, args.sequences, args.frames,
                                                   args.seed, args.split, args.data, args.mask_label)
     print(f"bundle {args.bundle} (T* {manifest.threshold}, {manifest.morphology}), {description}")
-    print(f"filter: alpha {params.alpha}, t_high {params.thresholds(manifest.threshold)[1]}, t_low "
-          f"{params.thresholds(manifest.threshold)[0]}, reset below {params.reset_below}")
+    print(f"filter: {params.describe(manifest.threshold)}{' (no warp)' if args.no_warp else ''}")
     rows, cuts, last = [], [], None
     net = open_backend(Path(args.bundle), manifest, args.backend, "auto", args.threads)
     try:
@@ -83,16 +95,8 @@ def quality(args) -> dict:
                 cut(*last)
                 cuts.append(cut(predicted.images[0], predicted.prob[0]).reset)
             last = (predicted.images[-1], predicted.prob[-1])
-            min_area = event_min_area(manifest.input_size)
-            plain = sequence_scores(plain_masks(predicted.prob, manifest), predicted.truth, predicted.motions, min_area)
-            flows = flows_of(predicted.images)
-            if args.no_warp:  # ablation: the same filter with a flow of zero everywhere
-                height, width = predicted.prob.shape[1:]
-                grid = np.dstack(np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32)))
-                flows = [None if flow is None else grid for flow in flows]
-            masks, resets = filtered_masks(predicted.images, predicted.prob, flows, params, manifest)
-            stable = sequence_scores(masks, predicted.truth, predicted.motions, min_area)
-            rows.append({"name": sequence.name, "plain": plain, "stable": stable, "resets": int(resets[1:].sum())})
+            rows.append(score_sequence(predicted, params, manifest, args.no_warp))
+            plain, stable = rows[-1]["plain"], rows[-1]["stable"]
             print(f"  {sequence.name:<22} Dice {plain['dice']:.3f} -> {stable['dice']:.3f}  flicker "
                   f"{plain['flicker']:.4f} -> {stable['flicker']:.4f} (truth {plain['truth_flicker']:.4f})  events "
                   f"{plain['appear'] + plain['vanish']} -> {stable['appear'] + stable['vanish']} (truth "
@@ -103,8 +107,8 @@ def quality(args) -> dict:
     summary = {**summarise(rows), "cuts": len(cuts), "cuts_detected": int(sum(cuts))}
     print_summary(summary)
     if args.json:
-        Path(args.json).write_text(json.dumps({"description": description, "params": params.to_dict(),
-                                               "summary": summary, "sequences": rows}, indent=2) + "\n")
+        write_json(args.json, {"description": description, "params": params.to_dict(), "summary": summary,
+                               "sequences": rows})
     return summary
 
 

@@ -23,7 +23,7 @@ from device_runtime.manifest import Manifest, load_manifest, write_manifest
 from device_runtime.metrics import confusion_counts, dice
 from device_runtime.postprocess import postprocess_batch, sigmoid
 from device_runtime.preprocess import preprocess, resize_mask
-from device_runtime.sequence_metrics import events, flicker
+from device_runtime.sequence_metrics import flicker
 from device_runtime.temporal import MotionEstimator, TemporalFilter, TemporalParams
 
 from .sequences import Sequence, phantom_sequences, pseudo_videos, rescale_motions
@@ -92,8 +92,9 @@ def candidate_grid(threshold: float, reset_below: float = TemporalParams.reset_b
     """105 settings: alpha {1, 0.7, 0.5, 0.35, 0.25, 0.15, 0.1} x t_high {T*, +15 %, +30 % of the way to 1} x
     t_low {T*, 70 %, 40 %, 20 %, 10 % of T*}. The first (alpha 1, both at T*) is the plain segmentation, so it is
     always a candidate."""
-    highs = [round(threshold + f * (1 - threshold), 3) for f in (0.0, 0.15, 0.3)]
-    lows = [round(f * threshold, 3) for f in (1.0, 0.7, 0.4, 0.2, 0.1)]
+    # rounded for people, but never across T*: a setting must enclose it (TemporalParams.thresholds)
+    highs = [max(round(threshold + f * (1 - threshold), 3), threshold) for f in (0.0, 0.15, 0.3)]
+    lows = [min(round(f * threshold, 3), threshold) for f in (1.0, 0.7, 0.4, 0.2, 0.1)]
     return [TemporalParams(enabled=True, alpha=a, t_high=h, t_low=lo, reset_below=reset_below)
             for a in (1.0, 0.7, 0.5, 0.35, 0.25, 0.15, 0.1) for h in highs for lo in lows]
 
@@ -199,11 +200,6 @@ def validation_sequences(run_dir: str | Path | None, phantom: bool, count: int, 
     samples = samples[:count]
     return (pseudo_videos(samples, seed, frames, mask_label),
             f"{len(samples)} pseudo-videos of {frames} frames from {where}, seed {seed}")
-
-
-def sequence_events(masks: np.ndarray, size: tuple[int, int]) -> tuple[int, int]:
-    """(appear, vanish) events at this project's presence level (`EVENT_MIN_SHARE` of the frame)."""
-    return events(masks, event_min_area(size))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
