@@ -45,6 +45,15 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pixel-spacing", dest="pixel_spacing_mm", type=float, help="mm per pixel: areas in mm²")
     parser.add_argument("--report-every", type=int, default=0, help="print timings every N frames")
     parser.add_argument("--quiet", action="store_true", help="do not print the summary")
+    temporal = parser.add_argument_group("temporal stabilisation (default: the bundle's manifest)")
+    temporal.add_argument("--temporal", dest="temporal_mode", choices=("on", "off"),
+                          help="carry the probabilities over frames (flow-warped average, hysteresis)")
+    temporal.add_argument("--temporal-alpha", type=float, help="weight of the new frame in the average, (0, 1]")
+    temporal.add_argument("--temporal-high", type=float, help="a pixel joins the mask above this (>= T*)")
+    temporal.add_argument("--temporal-low", type=float, help="a pixel leaves the mask below this (<= T*)")
+    temporal.add_argument("--temporal-reset", type=float,
+                          help="start afresh when the previous frame, moved along the optical flow, correlates "
+                               "with this one below this, in [-1, 1]")
     out = parser.add_argument_group("outputs (any combination)")
     out.add_argument("--masks", dest="masks_dir", type=Path, help="folder for one mask per frame")
     out.add_argument("--mask-format", default="png", choices=MASK_FORMATS)
@@ -113,6 +122,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if args.frames < 1:
             raise InputError(f"--frames must be at least 1, got {args.frames}")
         values.update(source=f"synthetic:{height}x{width}", loop=True, max_frames=args.warmup + args.frames)
+    temporal = {"enabled": {"on": True, "off": False}.get(args.temporal_mode), "alpha": args.temporal_alpha,
+                "t_high": args.temporal_high, "t_low": args.temporal_low, "reset_below": args.temporal_reset}
+    values["temporal"] = {name: value for name, value in temporal.items() if value is not None}
     return RunConfig(**values)
 
 

@@ -91,6 +91,7 @@ def backend_lines(bundle: Path | None, backend: str = "auto", precision: str = "
     lines.append(f"bundle       {bundle}: {manifest.architecture}, input {manifest.input_size}, T* {manifest.threshold}"
                  f" (verified)")
     lines += bundle_lines(manifest)
+    lines.append(f"temporal     {manifest.temporal.describe(manifest.threshold)} (nerveseg-device --temporal on|off)")
     why = f" ({auto_precision(manifest, chosen)[1]})" if precision == "auto" else ""
     lines.append(f"model        {model.path} at {effective}{why}")
     if chosen == "tensorrt":

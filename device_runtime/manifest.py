@@ -15,6 +15,7 @@ from pathlib import Path
 from .errors import InputError
 from .fileio import sha256_file, write_json
 from .postprocess import Morphology
+from .temporal import TemporalParams
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -59,6 +60,9 @@ class Manifest:
     training_config: dict = field(default_factory=dict)
     dataset: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # stabilisation over video frames (`device_runtime.temporal`; `nerveseg tune-temporal` tunes it); older
+    # bundles have none and get the defaults
+    temporal: TemporalParams = field(default_factory=TemporalParams)
 
     @property
     def input_shape(self) -> list:
@@ -92,6 +96,7 @@ class Manifest:
                 training_config=data.get("training_config", {}),
                 dataset=data.get("dataset", {}),
                 format_version=int(data["format_version"]),
+                temporal=TemporalParams.from_dict(data.get("temporal")),
             )
         except (KeyError, TypeError, ValueError, IndexError) as err:
             raise InputError(f"{where}: malformed manifest ({type(err).__name__}: {err})") from None

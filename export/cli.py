@@ -1,4 +1,5 @@
-"""The desktop command line, `nerveseg`: synth, train, tune, evaluate, export, qat, pipeline, sweep, cv-quant, report.
+"""The desktop command line, `nerveseg`: synth, train, tune, tune-temporal, evaluate, export, qat, pipeline, sweep,
+cv-quant, report.
 
 Every subcommand turns its flags into one config and calls one function. Bad input is reported on one
 line with a non-zero exit, never a traceback.
@@ -35,6 +36,12 @@ def _tune(args) -> None:
     averaged = " (flip-averaged)" if result["flip_tta"] else ""
     print(f"T* = {result['threshold']:.2f}{averaged}  morphology {result['morphology']}  validation Dice {v['dice']:.4f} "
           f"IoU {v['iou']:.4f} PA {v['pixel_accuracy']:.4f}  -> {Path(args.run_dir) / 'threshold.json'}")
+
+
+def _tune_temporal(args) -> None:
+    from training.temporal_tune import main as tune_temporal_main
+
+    tune_temporal_main(args)
 
 
 def _evaluate(args) -> None:
@@ -159,6 +166,7 @@ def _add_sweep_settings(parser: argparse.ArgumentParser, bits: str, learned: str
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    from training.temporal_tune import add_arguments as temporal_flags
     from training.train import get_args_parser as train_flags
 
     parser = argparse.ArgumentParser(prog="nerveseg", description="Ultrasound nerve segmentation, desktop side.")
@@ -193,6 +201,10 @@ def get_args_parser() -> argparse.ArgumentParser:
             sub.add_argument("--flip-tta", action=argparse.BooleanOptionalAction,
                              help="tune (and so evaluate and export) with test-time flip averaging: each frame's "
                                   "probabilities averaged with its left-right mirror's (default: the run's config)")
+
+    temporal_flags(commands.add_parser("tune-temporal", help="choose the device's temporal stabilisation on "
+                                       "validation sequences and write it into the bundle's manifest")
+                   ).set_defaults(func=_tune_temporal)
 
     qat = commands.add_parser("qat", help="fine-tune a tuned run with fake quantization (learned or fixed bits)")
     qat.add_argument("--run-dir", required=True, help="a trained and tuned float run")
