@@ -72,7 +72,9 @@ done
 case $ONLY in all|fp32|int8) ;; *) die "--only $ONLY: give fp32 or int8" ;; esac
 for b in "${BUNDLES[@]}"; do [ -f "$b/manifest.json" ] || die "$b: no manifest.json (not a bundle folder)"; done
 for f in "${FRAME_SETS[@]}" ${REAL_DIR:+"$REAL_DIR"}; do [ -d "$f" ] || die "$f: not a folder"; done
-case $CACHE in "$REPO"|"$REPO"/*) die "NERVESEG_ARM64_CACHE=$CACHE is inside the repository; put it outside" ;; esac
+case $CACHE in
+    "$REPO"|"$REPO"/*) die "NERVESEG_ARM64_CACHE=$CACHE is inside the repository; put it outside" ;;
+esac
 "$PYTHON" -c 'import device_runtime' 2>/dev/null || die "$PYTHON cannot import device_runtime (set PYTHONPATH)"
 mkdir -p "$CACHE"
 
@@ -169,7 +171,8 @@ guest_venv() {
         mv "$ROOTFS/opt/venv.partial" "$ROOTFS/opt/venv"
     fi
     # The host's CA bundle: where TLS to PyPI passes through a proxy with its own CA, only the host trusts it
-    cp -L "${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}" "$ROOTFS/etc/ssl/certs/host-ca-bundle.crt"
+    cp -L "${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}" \
+        "$ROOTFS/etc/ssl/certs/host-ca-bundle.crt"
     log "pip install $pins in the chroot (aarch64 wheels from PyPI)"
     # --only-binary: a wheel or nothing (building OpenCV under emulation would take hours)
     in_guest "$GUEST_PY" -m pip install --no-cache-dir --disable-pip-version-check --only-binary=:all: \
@@ -209,7 +212,8 @@ EOF
     if [ -n "$REAL_DIR" ]; then  # spread over the sorted list, so that the sizes and regions vary
         mkdir -p "$WORK/frames/real"
         find "$REAL_DIR" -maxdepth 1 -type f -iname '*.png' | sort \
-            | awk -v n="$REAL_COUNT" '{a[NR]=$0} END {for (k = 0; k < n && k < NR; k++) print a[int(k * NR / n) + 1]}' \
+            | awk -v n="$REAL_COUNT" '{a[NR] = $0}
+                END {for (k = 0; k < n && k < NR; k++) print a[int(k * NR / n) + 1]}' \
             | xargs -r cp -t "$WORK/frames/real"
     fi
 }
@@ -231,12 +235,14 @@ run_side() {
                 mkdir -p "$host_out"
                 log "$side: bundle $bundle ($(cat "$WORK/bundles/$bundle.source")) $path on $set"
                 "$@" "$base/arm64_agreement.py" probe --bundle "$base/bundles/$bundle" --model "$path" \
-                    --threads "$THREADS" --source "$base/frames/$set" --out "$out/probe.npz" >"$host_out/probe.log" 2>&1 \
+                    --threads "$THREADS" --source "$base/frames/$set" --out "$out/probe.npz" \
+                    >"$host_out/probe.log" 2>&1 \
                     || die "$side probe failed: see $host_out/probe.log"
                 [ "$how" = run ] || continue
                 "$@" "$base/nerveseg-device.pyz" run --bundle "$base/bundles/$bundle" --backend ort-cpu \
                     --precision "$precision" --threads "$THREADS" --source "$base/frames/$set" \
-                    --masks "$out/run/masks" --jsonl "$out/run/frames.jsonl" --summary-json "$out/run/summary.json" \
+                    --masks "$out/run/masks" --jsonl "$out/run/frames.jsonl" \
+                    --summary-json "$out/run/summary.json" \
                     --quiet >"$host_out/run.log" 2>&1 || die "$side run failed: see $host_out/run.log"
             done
         done < <("$PYTHON" "$REPO/scripts/arm64_agreement.py" files "$WORK/bundles/$bundle")
@@ -249,7 +255,10 @@ rootfs
 guest_venv
 mount_guest
 stage_inputs
-log "arm64 side (qemu -cpu $QEMU_CPU): $(in_guest "$GUEST_PY" -c 'import platform, numpy, cv2, onnxruntime as o; print(platform.machine(), "numpy", numpy.__version__, "cv2", cv2.__version__, "onnxruntime", o.__version__)')"
+VERSIONS='import platform, numpy, cv2, onnxruntime as o
+print(platform.machine(), "numpy", numpy.__version__, "cv2", cv2.__version__, "onnxruntime", o.__version__)'
+# stderr to a file: under qemu ONNX Runtime's import prints cpuinfo's complaints (docs/arm64.md)
+log "arm64 side (qemu -cpu $QEMU_CPU): $(in_guest "$GUEST_PY" -c "$VERSIONS" 2>"$CACHE/guest-import.log")"
 T0=$(date +%s)
 run_side arm64 "$GUEST" in_guest env PYTHONPATH="$GUEST/nerveseg-device.pyz" "$GUEST_PY"
 T1=$(date +%s)

@@ -83,3 +83,12 @@ def test_compare_refuses_different_frames(work, capsys):
     agreement.probe(work / "bundles" / "b0", "model.fp32.onnx", str(work / "frames" / "set0"), arm)
     assert agreement.main(["compare", "--work", str(work)]) == 1
     assert "different frames" in capsys.readouterr().err
+
+
+def test_verdict_is_decided_by_the_files_run_runs(capsys):
+    base = {"dice_min": 1.0}
+    probe_only_fails = [dict(base, run_dice_min=1.0), {"dice_min": 0.9}]
+    assert agreement.verdict(probe_only_fails) == 0
+    assert "not deciding: worst 0.9000" in capsys.readouterr().out
+    assert agreement.verdict([dict(base, run_dice_min=0.99, dice_min=0.99), {"dice_min": 1.0}]) == 2
+    assert agreement.verdict([{"dice_min": 0.99}]) == 2  # nothing run by `run`: every row decides
