@@ -17,7 +17,6 @@ each frame's Dice, both-empty = 1 as in the metrics), and max / mean |p_arm64 - 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -38,8 +37,12 @@ def bundle_files(bundle: Path) -> list[tuple[str, str, bool]]:
 
 
 def probe(bundle: Path, model: str, source: str, out: Path, threads: int = 1) -> int:
-    """Segment every frame of `source` with the bundle's file `model`; save names, probabilities and masks."""
+    """Segment every frame of `source` with the bundle's file `model`; save names, probabilities and masks.
+
+    The Segmenter is `run`'s, settings from the manifest: where a bundle turns temporal stabilisation on, the
+    probe carries it over the frames in the same order, and its probabilities are the filtered ones."""
     from device_runtime.backends import OnnxRuntimeBackend
+    from device_runtime.errors import InputError
     from device_runtime.fileio import atomic_path
     from device_runtime.manifest import load_manifest
     from device_runtime.pipeline import Segmenter
@@ -48,7 +51,7 @@ def probe(bundle: Path, model: str, source: str, out: Path, threads: int = 1) ->
 
     manifest = load_manifest(bundle)
     if model not in {f.path for f in manifest.files}:
-        raise SystemExit(f"{bundle}: the manifest lists no file {model}")
+        raise InputError(f"{bundle}: the manifest lists no file {model}")
     net = OnnxRuntimeBackend(bundle / model, manifest, "ort-cpu", [("CPUExecutionProvider", {})], threads)
     segment, timings = Segmenter(manifest, net), Timings(0)
     names, probs, model_masks, arrays = [], [], [], {}
