@@ -780,7 +780,7 @@ def qat_kills(work: Path, ref: Path, kills: int, rng: random.Random):
         return
     expected = qat_comparable(ref / "qat" / "kill-reference")
     print(f"uninterrupted qat --bits {QAT_BITS}: {seconds:.0f} s", flush=True)
-    passed = 0
+    passed, first_failure = 0, ""
     for i in range(kills):
         name = f"kill-{i:02d}"
         qat_dir = ref / "qat" / name
@@ -791,25 +791,31 @@ def qat_kills(work: Path, ref: Path, kills: int, rng: random.Random):
         resumed = run(nerveseg(*qat, "--name", name, "--resume") if again else
                       nerveseg(*qat, "--bits", QAT_BITS, "--name", name))
         finished = resumed.returncode == 0
-        got = qat_comparable(qat_dir) if finished else {}
-        differ = [key for key in expected if got.get(key) != expected[key]]
-        strict = _strict_lines(qat_dir / "metrics.jsonl") > 0
         stale = leftovers(qat_dir)
+        if finished:
+            got = qat_comparable(qat_dir)
+            differ = [key for key in expected if got[key] != expected[key]]
+            strict = _strict_lines(qat_dir / "metrics.jsonl") > 0
+            outcome = (f"{'equal' if not differ else 'DIFFER: ' + ', '.join(differ)}; metrics.jsonl "
+                       f"{'strict' if strict else 'NOT strict JSON'}")
+        else:
+            differ, strict = list(expected), False
+            outcome = f"not finished: {one_error_line(resumed.stderr) or resumed.stderr.strip()[-300:]}"
         ok = finished and not differ and strict and not stale
         passed += ok
-        print(f"  qat kill {i + 1}/{kills} at {at:5.1f} s ({'killed in ' + stage if killed else 'had finished'}); "
-              f"{'--resume' if again else 'restart'} exit {resumed.returncode}; "
-              f"{'equal' if not differ else 'DIFFER: ' + ', '.join(differ)}; metrics.jsonl "
-              f"{'strict' if strict else 'NOT strict JSON'}; stale temporaries {len(stale)}"
-              + ("" if finished else f"\n    {one_error_line(resumed.stderr) or resumed.stderr.strip()[-300:]}"),
-              flush=True)
+        line = (f"qat kill {i + 1}/{kills} at {at:5.1f} s ({'killed in ' + stage if killed else 'had finished'}); "
+                f"{'--resume' if again else 'restart'} exit {resumed.returncode}; {outcome}; "
+                f"stale temporaries {len(stale)}").replace(str(WORK), "W")
+        print(f"  {line}", flush=True)
+        first_failure = first_failure or ("" if ok else line)
         if ok:
             shutil.rmtree(qat_dir)
     shutil.rmtree(ref / "qat" / "kill-reference", ignore_errors=True)
     ROWS.append(Row(f"kill -9 at {kills} random moments of qat --bits {QAT_BITS}, each + --resume",
                     "0" if passed == kills else "!",
                     f"{passed}/{kills} finished with metrics.jsonl, bits.json and test_metrics.json equal to an "
-                    "uninterrupted run's, strict JSON, no stale temporaries", passed == kills, passed == kills))
+                    "uninterrupted run's, strict JSON, no stale temporaries"
+                    + (f" | first failure: {first_failure}" if first_failure else ""), passed == kills, passed == kills))
     print(f"{'PASS' if passed == kills else 'FAIL'}  qat kills: {ROWS[-1].message}", flush=True)
 
 
