@@ -156,19 +156,7 @@ def int8_files(staging: Path, source: BundleSource, model, qcfg, qat_dir: Path, 
     _save(cpu_form(graph), staging / CPU_NAME)
     written = [CPU_NAME] if x86_only else [TENSORRT_NAME, CPU_NAME]
 
-    images, frames_from = parity_frames(source.run_dir, cfg)
-    torch_device = resolve_device(device)
-    references = model_references(as_deployed(model, cfg.flip_tta), images, torch_device,
-                                  cfg.val_batch_size)
-    parity, refused = judge_files([staging / name for name in written], images, references, source.threshold,
-                                  source.morphology, frames_from)
-    for name, why in refused.items():
-        (staging / name).unlink()
-        print(f"{name} left out of the bundle: {why}", file=sys.stderr, flush=True)
-    kept = [name for name in written if name not in refused]
-    if not kept:
-        raise ParityError(f"no INT8 bundle: every INT8 file departs from the PyTorch fake-quant model by more than "
-                          f"the model departs from itself: " + "; ".join(f"{name}: {why}" for name, why in refused.items()))
+    parity, kept, refused = keep_passing(staging, written, source, model, device)
     runtimes = file_runtimes(kept)
     cpu_file = next(name for name in kept if "ort-cpu" in runtimes[name])  # what ONNX Runtime CPU runs
     timed = {"fp32": staging / FP32_NAME, "int8": staging / cpu_file}
@@ -204,6 +192,27 @@ def int8_files(staging: Path, source: BundleSource, model, qcfg, qat_dir: Path, 
                            "note": "measured at export, interleaved, batch 1"}}
     return BundleFiles(files, quantization, {"parity": parity, "latency_ms": latency}, test_graph=cpu_file,
                        test_key="int8", tensorrt_files=tuple(name for name in kept if name == TENSORRT_NAME))
+
+
+def keep_passing(staging: Path, written: list[str], source: BundleSource, model,
+                 device: str) -> tuple[dict, list[str], dict[str, str]]:
+    """Judge each INT8 file `written` into `staging` on the parity frames (export/int8_parity.py); remove the ones
+    the gate refuses, with one line each on stderr. Returns (the manifest's parity entries, the files kept, {file
+    left out: why}); ParityError when none is kept."""
+    cfg = source.cfg
+    images, frames_from = parity_frames(source.run_dir, cfg)
+    references = model_references(as_deployed(model, cfg.flip_tta), images, resolve_device(device),
+                                  cfg.val_batch_size)
+    parity, refused = judge_files([staging / name for name in written], images, references, source.threshold,
+                                  source.morphology, frames_from)
+    for name, why in refused.items():
+        (staging / name).unlink()
+        print(f"{name} left out of the bundle: {why}", file=sys.stderr, flush=True)
+    kept = [name for name in written if name not in refused]
+    if not kept:
+        raise ParityError("no INT8 bundle: every INT8 file departs from the PyTorch fake-quant model by more than the "
+                          "model departs from itself: " + "; ".join(f"{name}: {why}" for name, why in refused.items()))
+    return parity, kept, refused
 
 
 def file_runtimes(kept: list[str]) -> dict[str, list[str]]:
