@@ -104,11 +104,14 @@ def backend_lines(bundle: Path | None, backend: str = "auto", precision: str = "
 
 
 def bundle_lines(manifest) -> list[str]:
-    """The bundle's files (precision, size, which runtimes), its quantization (bits) and parity figures."""
+    """The bundle's files (precision, size, which runtimes; the INT8 files left out at export, and why), its
+    quantization (bits) and parity figures (with the INT8 gate's verdict)."""
     lines = ["  files"]
     for f in manifest.files:
         serves = f"  for {', '.join(f.runtimes)}" if f.runtimes else ""
         lines.append(f"    {f.path:<28}{f.precision:<6}{f.format:<6}{f.bytes / 1e6:>8.2f} MB{serves}")
+    for name, why in manifest.left_out().items():
+        lines.append(f"    {name:<28}left out at export by the parity gate: {why}")
     q = manifest.quantization
     if q.get("scheme", "none") != "none":
         lines.append(f"  quantization {q['scheme']}: mean weight bits {q.get('mean_weight_bits', '?')}, mean activation "
@@ -119,11 +122,17 @@ def bundle_lines(manifest) -> list[str]:
         for layer in q.get("layers", []):
             lines.append(f"    {layer['name']:<44} W{layer['weight_bits']} A{layer['activation_bits']}")
     for name, p in manifest.metrics.get("parity", {}).items():
+        if "max_prob_diff" not in p:  # the gate's rule, not a measurement
+            continue
         extra = "".join(f", {label} {p[key]:.2e}" for key, label in (("flipped_fraction", "flipped pixels"),
+                                                                     ("prob_diff_p99", "|dp| p99"),
                                                                      ("reference_max_prob_diff", "reference max |dp|"))
                         if key in p)
+        gate = p.get("gate", {})
+        verdict = (f"; gate: {'passed' if gate['passed'] else 'refused'} at {gate['worst_ratio']:.2f} of its allowance"
+                   if "worst_ratio" in gate else "")
         lines.append(f"  parity {name:<10} max |dp| {p['max_prob_diff']:.2e}, mask Dice {p['mask_dice']:.4f}{extra} "
-                     f"({p.get('frames', '?')} frames)")
+                     f"({p.get('frames', '?')} frames){verdict}")
     for backend, measured in manifest.metrics.get("latency_ms", {}).items():
         lines.append(f"  latency at export on {backend}: " + ", ".join(
             f"{k} {v:.1f} ms" for k, v in measured.items() if isinstance(v, (int, float))))

@@ -117,6 +117,12 @@ class Manifest:
                 return None
         return matches[0] if matches else None
 
+    def left_out(self) -> dict[str, str]:
+        """{file: why} of the INT8 files the exporter's parity gate left out of this bundle ({} when none was, and
+        for bundles written before the gate kept files one by one)."""
+        refused = self.quantization.get("refused", {})
+        return {str(k): str(v) for k, v in refused.items()} if isinstance(refused, dict) else {}
+
     def latency_ms(self, backend: str) -> dict:
         """{precision: median ms} measured at export on this backend (`metrics["latency_ms"]`), or {}."""
         measured = self.metrics.get("latency_ms", {}).get(backend, {})

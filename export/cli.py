@@ -55,6 +55,7 @@ def _evaluate(args) -> None:
 def _export(args) -> None:
     from .bundle import export_bundle
 
+    _retired_parity_flag(args)
     if args.qat:
         return _export_int8(args)
     if not args.checkpoint and not args.run_dir:
@@ -78,9 +79,9 @@ def _report(args) -> None:
 def _sweep(args) -> None:
     from .sweep import run_sweep, split_list
 
+    _retired_parity_flag(args)
     out = run_sweep(args.run_dir, split_list(args.bits), split_list(args.learned), split_list(args.target_bits),
-                    args.epochs, args.device, args.threads, args.latency_runs,
-                    bound_from_model=args.parity_bound_from_model, grid=args.grid)
+                    args.epochs, args.device, args.threads, args.latency_runs, grid=args.grid)
     print(f"report: {out / 'report.html'}")
 
 
@@ -88,10 +89,10 @@ def _cv_quant(args) -> None:
     from .cv_quant import run_cv_quant
     from .sweep import split_list
 
+    _retired_parity_flag(args)
     command = "nerveseg " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     run_cv_quant(args.cv_dir, split_list(args.bits), split_list(args.learned), split_list(args.target_bits),
-                 args.grid, args.epochs, args.device, args.threads, args.latency_runs, args.parity_bound_from_model,
-                 command)
+                 args.grid, args.epochs, args.device, args.threads, args.latency_runs, command)
 
 
 def _export_int8(args) -> None:
@@ -99,8 +100,7 @@ def _export_int8(args) -> None:
 
     if not args.run_dir or args.checkpoint:
         raise SystemExit("nerveseg export --qat NAME: give --run-dir RUN (the float run), not --checkpoint")
-    bundle, manifest = export_int8_bundle(args.run_dir, args.qat, args.out, args.device, replace=args.replace,
-                                          bound_from_model=args.parity_bound_from_model)
+    bundle, manifest = export_int8_bundle(args.run_dir, args.qat, args.out, args.device, replace=args.replace)
     print(format_summary(bundle, manifest))
     print_problems(manifest)
 
@@ -149,6 +149,18 @@ def _cv(args) -> None:
     run_cv(train.config_from_args(args), args.folds, args.max_new_folds)
 
 
+def _retired_parity_flag(args) -> None:
+    """`--parity-bound-from-model` (retired): the INT8 gate now always holds each file to the model's own
+    float32-vs-float64 disagreement, which is what the flag asked for; accepted so that old commands still run."""
+    if getattr(args, "parity_bound_from_model", False):
+        print("note: --parity-bound-from-model is no longer needed (every INT8 file is held to the fake-quant model's "
+              "own float32-vs-float64 noise floor, docs/QUANTIZATION.md); ignored", file=sys.stderr)
+
+
+def _add_retired_parity_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--parity-bound-from-model", action="store_true", help=argparse.SUPPRESS)
+
+
 def _add_sweep_settings(parser: argparse.ArgumentParser, bits: str, learned: str) -> None:
     """The flags `nerveseg sweep` and `nerveseg cv-quant` share: which QAT runs, and how each is exported and timed."""
     parser.add_argument("--bits", default=bits, help=f"uniform bitwidths (W = A), or WxAy entries (default {bits})")
@@ -160,8 +172,7 @@ def _add_sweep_settings(parser: argparse.ArgumentParser, bits: str, learned: str
                         help="activation grid of every run, as `nerveseg qat --grid` (x86 runs are named NAME-x86)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads of the report")
-    parser.add_argument("--parity-bound-from-model", action="store_true",
-                        help="export each run as `nerveseg export --parity-bound-from-model` does")
+    _add_retired_parity_flag(parser)
     parser.add_argument("--latency-runs", type=int, default=50, help="timed batch-1 runs per model in the report")
 
 
@@ -236,14 +247,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", help="a tuned checkpoint (default RUN/checkpoints/best.pt)")
     export.add_argument("--run-dir", help="the run whose best checkpoint to export")
     export.add_argument("--qat", metavar="NAME", help="export the QAT run RUN/qat/NAME as an INT8 bundle "
-                        "(default folder RUN/qat/NAME/bundle): FP32 + INT8 QDQ graphs, parity-checked")
+                        "(default folder RUN/qat/NAME/bundle): FP32 + the INT8 QDQ graphs that pass the parity gate")
     export.add_argument("--out", help="bundle folder (default RUN/bundle, or RUN/qat/NAME/bundle with --qat)")
     export.add_argument("--device", default="auto")
     export.add_argument("--replace", action="store_true",
                         help="replace an existing bundle at --out (atomically); without it an existing bundle is kept")
-    export.add_argument("--parity-bound-from-model", action="store_true",
-                        help="with --qat: where the fake-quant model agrees with itself (float32 vs float64) below the "
-                             "0.995 mask-Dice bound, hold each INT8 file to that agreement (recorded in the manifest)")
+    _add_retired_parity_flag(export)
     export.set_defaults(func=_export)
 
     sweep = commands.add_parser("sweep", help="QAT fine-tunes at several bitwidths from one float run, exported, "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from device_runtime.manifest import MANIFEST_NAME, load_manifest
 from qat.config import build_qat_config
 from qat.run import format_summary, run_qat
 from training import stages, train
@@ -15,6 +16,8 @@ from training.config import TrainConfig
 from .bundle import ParityError, export_bundle
 from .int8 import export_int8_bundle
 from .int8 import format_summary as format_int8
+from .report_data import SWEEP_STATE, read_json
+from .sweep import SweepState, refusal_key
 
 
 # The learned-bits run the pipeline shows: weight bits learned per layer from a 4-bit start, the mean held at 4
@@ -59,6 +62,7 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False, qat_epochs: int | None 
     print(f"bundle: {bundle_dir}   ({time.perf_counter() - start:.0f} s in all: float stages "
           f"{float_seconds:.0f} s, QAT {time.perf_counter() - start - float_seconds:.0f} s)")
     report_stage(run_dir, cfg, qat_epochs)
+    print(int8_bundles_summary(run_dir))
     print(f"({time.perf_counter() - start:.0f} s in all, report included)")
     return bundle_dir
 
@@ -85,12 +89,33 @@ def run_qat_stage(cfg: TrainConfig, run_dir: Path, resume: bool, epochs: int | N
 
 
 def int8_stage(run_dir: Path, qat_dir: Path, device: str, replace: bool = False) -> str:
-    """The QAT run as an INT8 bundle (RUN/qat/NAME/bundle); its summary, or the one line saying why ONNX
-    Runtime's INT8 graph was refused (parity below the bound: no INT8 bundle, the float bundle stands)."""
+    """The QAT run as an INT8 bundle (RUN/qat/NAME/bundle); its summary, or the one line saying why no INT8 file
+    passed the gate (no INT8 bundle, the float bundle stands; recorded in RUN/sweep.json as the sweep records its
+    own refusals, so the report stage does not export it again)."""
     try:
         bundle, manifest = export_int8_bundle(run_dir, qat_dir.name, device=device, replace=replace)
     except ParityError as err:
-        return f"INT8 bundle refused: {err}"
+        SweepState(run_dir, f"nerveseg pipeline --run-dir {run_dir}").update(
+            qat_dir.name, export_error=f"not exported: {err}", export_refused_for=refusal_key(qat_dir))
+        return f"no INT8 bundle for {qat_dir.name}: {err}"
     return format_int8(bundle, manifest)
+
+
+def int8_bundles_summary(run_dir: Path) -> str:
+    """One line per QAT run of the pipeline: the INT8 bundle written, where, and which INT8 files it holds (and
+    which the gate left out); or that none was written, and why (RUN/sweep.json)."""
+    state = (read_json(run_dir / SWEEP_STATE) or {}).get("runs", {})
+    lines = ["INT8 bundles:"]
+    for qat_dir in sorted(p for p in (run_dir / "qat").glob("*") if p.is_dir() and not p.name.startswith(".")):
+        bundle = qat_dir / "bundle"
+        if not (bundle / MANIFEST_NAME).is_file():
+            why = state.get(qat_dir.name, {}).get("export_error") or "not exported"
+            lines.append(f"  {qat_dir.name:<18} NO INT8 bundle ({why.removeprefix('not exported: ')})")
+            continue
+        manifest = load_manifest(bundle, verify=False)
+        held = [f.path for f in manifest.files if f.precision == "int8"]
+        left_out = "".join(f"; {name} left out ({why})" for name, why in manifest.quantization.get("refused", {}).items())
+        lines.append(f"  {qat_dir.name:<18} INT8 bundle written: {bundle} ({', '.join(held)}){left_out}")
+    return "\n".join(lines)
 
 

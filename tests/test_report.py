@@ -227,36 +227,39 @@ def test_interrupted_sweep_resumes_and_skips_finished_runs(swept, tmp_path, monk
     assert state["runs"]["learned-0.25"]["status"] == "finished"
 
 
-def test_a_parity_refusal_is_remembered_until_the_checkpoint_or_the_bound_changes(tmp_path, monkeypatch, capsys):
+def test_a_parity_refusal_is_remembered_until_the_checkpoint_or_the_rule_changes(tmp_path, monkeypatch, capsys):
     import os
 
     import export.int8
     from device_runtime.errors import InputError
     from export.bundle import ParityError
-    from export.sweep import SweepState, export_finished
+    from export.sweep import GATE_RULE, SweepState, export_finished
 
     qat_dir = tmp_path / "qat" / "w4a8"
     (qat_dir / "checkpoints").mkdir(parents=True)
     (qat_dir / "test_metrics.json").write_text("{}")
     checkpoint = qat_dir / "checkpoints" / "best.pt"
     checkpoint.write_bytes(b"weights")
-    calls, refusal = [], [ParityError("model.int8.onnx: mask Dice 0.990 < 0.995")]
+    calls, refusal = [], [ParityError("no INT8 bundle: every INT8 file departs ...")]
 
-    def refusing_export(run_dir, name, device, bound_from_model):
-        calls.append(bound_from_model)
+    def refusing_export(run_dir, name, device):
+        calls.append(name)
         raise refusal[0]
 
     monkeypatch.setattr(export.int8, "export_int8_bundle", refusing_export)
-    for _ in range(2):  # the second sweep remembers: same checkpoint, same bound
+    for _ in range(2):  # the second sweep remembers: same checkpoint, same rule
         export_finished(tmp_path, "cpu", SweepState(tmp_path, "sweep"))
-    assert calls == [False] and "refused earlier" in capsys.readouterr().err
-    export_finished(tmp_path, "cpu", SweepState(tmp_path, "sweep"), bound_from_model=True)  # the other bound
-    assert calls == [False, True]
+    assert calls == ["w4a8"] and "refused earlier" in capsys.readouterr().err
+    state = SweepState(tmp_path, "sweep")  # a refusal by the former rule (sweep.json of an older nerveseg)
+    state.update("w4a8", export_refused_for=state.data["runs"]["w4a8"]["export_refused_for"].replace(
+        GATE_RULE, "fixed bound"))
+    export_finished(tmp_path, "cpu", SweepState(tmp_path, "sweep"))
+    assert calls == ["w4a8"] * 2
     os.utime(checkpoint, ns=(1, 1))  # a retrained checkpoint
     refusal[0] = InputError("best.pt: not found")  # not a parity verdict: tried again every time
     export_finished(tmp_path, "cpu", SweepState(tmp_path, "sweep"))
     export_finished(tmp_path, "cpu", SweepState(tmp_path, "sweep"))
-    assert calls == [False, True, False, False]
+    assert calls == ["w4a8"] * 4
     assert strict_json(tmp_path / "sweep.json")["runs"]["w4a8"]["export_error"] == "not exported: best.pt: not found"
 
 
