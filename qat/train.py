@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from training.checkpoint import rng_state, set_rng_state, without_resume_state
+from training.checkpoint import finished_checkpoint, rng_state, set_rng_state, without_resume_state
 from training.config import TrainConfig
 from training.train import validate
 
@@ -149,7 +149,8 @@ def run_epochs(state: QatState, cfg: TrainConfig, qcfg: QatConfig, qat_dir: Path
         checkpoint = make_qat_checkpoint(cfg, qcfg, state.model, epoch=epoch + 1, best_val_dice=state.best_dice,
                                          optimizer=state.optimizer.state_dict(), rng=rng_state(), val=stats,
                                          bits=table)
-        save_qat_checkpoint(checkpoint, qat_dir / "checkpoints" / "last.pt")
+        final = epoch + 1 == qcfg.epochs  # nothing is resumed after the last epoch: no optimiser state kept
+        save_qat_checkpoint(finished_checkpoint(checkpoint) if final else checkpoint, qat_dir / "checkpoints" / "last.pt")
         if is_best:
             save_qat_checkpoint(without_resume_state(checkpoint), qat_dir / "checkpoints" / "best.pt")
         record = {"epoch": epoch + 1, "lr": {g["name"]: g["lr"] for g in state.optimizer.param_groups}, **stats}

@@ -24,9 +24,23 @@ def test_training_lowers_the_loss_and_writes_the_run(tiny_run):
         assert (tiny_run / name).is_file(), name
     checkpoint = read_checkpoint(tiny_run / "checkpoints" / "last.pt")
     assert checkpoint["arch"] == "mobilenet_v3_large" and checkpoint["input_size"] == [64, 64]
-    assert checkpoint["epoch"] == 2 and "rng" in checkpoint and "optimizer" in checkpoint
     best = read_checkpoint(tiny_run / "checkpoints" / "best.pt")  # what export and QAT read: no resume state
     assert not set(RESUME_ONLY) & set(best) and best["model"].keys() == checkpoint["model"].keys()
+    # the finished run's last.pt: the last weights and where it stopped, its optimiser state dropped (a third)
+    assert checkpoint["epoch"] == 2 and checkpoint["finished"] and not set(RESUME_ONLY) & set(checkpoint)
+    size = (tiny_run / "checkpoints" / "last.pt").stat().st_size
+    assert size < 1.05 * (tiny_run / "checkpoints" / "best.pt").stat().st_size
+
+
+def test_resume_of_a_finished_run_says_so_and_a_longer_one_is_refused(tiny_config, tiny_run, capsys):
+    last = tiny_run / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    assert train.main(tiny_config, resume=True) == tiny_run
+    assert "training finished earlier (2 epochs); nothing to train" in capsys.readouterr().out
+    assert last.read_bytes() == before
+    with pytest.raises(InputError, match=r"finished after 2 epochs .* cannot be continued to 3 epochs"):
+        train.main(tiny_config.replace(epochs=3), resume=True)
+    assert last.read_bytes() == before
 
 
 def test_a_finished_run_is_not_overwritten(tiny_config, tiny_run):
@@ -51,6 +65,8 @@ def test_resume_continues_exactly(tiny_config, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "train_one_epoch", crash_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         train.main(interrupted_cfg)
+    midway = read_checkpoint(tmp_path / "interrupted" / "checkpoints" / "last.pt")
+    assert midway["epoch"] == 1 and set(RESUME_ONLY) - {"averaged"} <= set(midway) and "finished" not in midway
     monkeypatch.setattr(train, "train_one_epoch", real_epoch)
     resumed = train.main(interrupted_cfg, resume=True)
 

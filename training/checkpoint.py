@@ -2,8 +2,11 @@
 
 Besides the weights they carry the architecture, the input size and normalisation, the resolved config,
 and (after `nerveseg tune`) the threshold and morphology, so that export needs nothing but the checkpoint.
-last.pt also carries what resuming needs (optimiser, schedule, scaler, RNG); best.pt, which is what tune, QAT
-and export read and what a user copies around, does not: the Adam moments alone are twice the weights.
+last.pt also carries what resuming needs (optimiser, schedule, scaler, RNG) while the run trains; best.pt, which
+is what tune, QAT and export read and what a user copies around, does not: the Adam moments alone are twice the
+weights. Once the last epoch is written that state has no use left, so the finished last.pt drops it too (a third
+of the size): it keeps the last weights and where the run stopped, which is what `--resume` of a finished run
+reads to say so (`finished_on_resume`).
 """
 
 from __future__ import annotations
@@ -66,6 +69,28 @@ RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng", "averaged")
 def without_resume_state(checkpoint: dict) -> dict:
     """The checkpoint best.pt keeps: everything but the state only a resume from last.pt reads."""
     return {key: value for key, value in checkpoint.items() if key not in RESUME_ONLY}
+
+
+def finished_checkpoint(checkpoint: dict) -> dict:
+    """last.pt of a run that has trained its last epoch: the weights and where it stopped, no resume state."""
+    return {**without_resume_state(checkpoint), "finished": True}
+
+
+def finished_on_resume(last: dict, epochs: int, path: str | Path) -> bool:
+    """Whether the run whose last checkpoint is `last` has nothing left to train for a budget of `epochs` (then
+    --resume says so and goes on to the next stage); False: it continues from `last`'s resume state.
+
+    Raises:
+        InputError: `last` is a finished run's (its optimiser state dropped) and more epochs are asked for: a
+            fresh optimiser would not continue the same run.
+    """
+    if last["epoch"] >= epochs:
+        return True
+    if last.get("finished"):
+        raise InputError(f"{path}: the run finished after {last['epoch']} epochs and its last checkpoint no longer "
+                         f"holds the optimiser state, so it cannot be continued to {epochs} epochs as the same run; "
+                         "start a new run (another --run-dir) for a longer schedule")
+    return False
 
 
 def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
