@@ -28,6 +28,13 @@ PIPELINE_LEARNED = {"bits": "learned-a8", "initial_bits": 4, "target_bits": 4.0,
 PIPELINE_UNIFORM = ("8", "W4A8")
 
 
+def pipeline_runs() -> list[str]:
+    """The QAT runs the pipeline makes and exports to INT8: the learned-bits run, then PIPELINE_UNIFORM's."""
+    from .sweep import plan
+
+    return [PIPELINE_LEARNED["name"]] + [job.name for job in plan(list(PIPELINE_UNIFORM), [], [])]
+
+
 def format_table(threshold: dict, test: dict, test_onnx: dict) -> str:
     rows = [("validation (T*, PyTorch)", threshold["validation"]), ("test (PyTorch)", test), ("test (ONNX, as deployed)", test_onnx)]
     lines = [f"{'split':<26}{'Dice':>8}{'IoU':>8}{'PA':>8}{'pooled':>8}{'frames':>8}"]

@@ -15,8 +15,19 @@ def test_pipeline_on_a_tiny_synthetic_set(tmp_path, capsys):
     run_dir = tmp_path / "run"
     code = main(["pipeline", "--input-size", "64", "64", "--epochs", "1", "--synth-count", "30",
                  "--batch-size", "4", "--device", "cpu", "--run-dir", str(run_dir), "--qat-epochs", "2"])
-    out = capsys.readouterr().out
-    assert code == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "Collecting tensor data" not in out  # ONNX Runtime's PTQ output went to RUN/ptq/, not here
+    assert (run_dir / "ptq" / "onnxruntime_quantization.log").is_file()
+    refused = [n for n in ("learned-a8-i4-t4", "w8a8", "w4a8") if not (run_dir / "qat" / n / "bundle").is_dir()]
+    if refused:  # an INT8 export the parity check refused: exit 3, and the last line names it
+        assert code == 3 and f"INT8 exports refused ({', '.join(refused)})" in captured.err.strip().splitlines()[-1]
+    else:
+        assert code == 0
+    # finished runs keep their weights, not the optimiser state: the checkpoints of a finished run weigh alike
+    for folder in (run_dir, *(run_dir / "qat").iterdir()):
+        last, best = folder / "checkpoints" / "last.pt", folder / "checkpoints" / "best.pt"
+        assert last.stat().st_size < 1.05 * best.stat().st_size, folder
     assert "test (ONNX, as deployed)" in out and "bundle:" in out and "QAT learned-a8-i4-t4 (mean bits W" in out
     assert f"report: {run_dir / 'report' / 'report.html'}" in out
     # the INT8 stage: a bundle with its parity and size, or the one line saying why parity refused it
