@@ -21,13 +21,17 @@ class OverlayRenderer:
         """(H, W[, C]) frame of any dtype and (H, W) 0/1 mask -> (H, W, 3) uint8 BGR."""
         shape = (*image.shape[:2], 3)
         bgr = self._to_bgr8(image, self._buffers.get("bgr", shape, np.uint8))
-        solid = self._buffers.get("solid", shape, np.uint8, fill=self.colour)
-        tinted = self._buffers.get("tinted", shape, np.uint8)
-        # tint only inside the mask: blend the whole picture once, then copy the blended pixels under the mask
-        cv2.addWeighted(bgr, 1.0 - self.alpha, solid, self.alpha, 0.0, dst=tinted)
-        cv2.copyTo(tinted, mask, bgr)
-        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(bgr, contours, -1, self.colour, max(1, min(bgr.shape[:2]) // 300))
+        x, y, w, h = cv2.boundingRect(mask)  # the tint and outline are drawn only where the nerve is
+        if w and h:
+            inside = (slice(y, y + h), slice(x, x + w))
+            picture, nerve = bgr[inside], mask[inside]
+            solid = self._buffers.get("solid", shape, np.uint8, fill=self.colour)[inside]
+            tinted = self._buffers.get("tinted", shape, np.uint8)[inside]
+            # tint only inside the mask: blend the box once, then copy the blended pixels under the mask
+            cv2.addWeighted(picture, 1.0 - self.alpha, solid, self.alpha, 0.0, dst=tinted)
+            cv2.copyTo(tinted, nerve, picture)
+            contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            cv2.drawContours(bgr, contours, -1, self.colour, max(1, min(bgr.shape[:2]) // 300))
         if stats is not None:
             self._label(bgr, stats)
         return bgr
