@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -117,14 +118,14 @@ def ort_output_to(log_path: Path):
             root.removeHandler(handler)
 
 
-def preprocess_for_ptq(fp32_onnx: str | Path, out_path: str | Path) -> Path:
+def preprocess_for_ptq(fp32_onnx: str | Path, out_path: str | Path, log_dir: str | Path | None = None) -> Path:
     """ONNX Runtime's documented step before quantize_static (shape inference and its basic graph optimisation):
     without it the exporter's Identity nodes hide the conv biases from the quantizer. The baseline gets every
     help ONNX Runtime's own instructions give it."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     out_path = Path(out_path)
-    with atomic_path(out_path) as tmp, ort_output_to(out_path.parent / ORT_LOG):
+    with atomic_path(out_path) as tmp, ort_output_to(Path(log_dir or out_path.parent) / ORT_LOG):
         quant_pre_process(str(fp32_onnx), str(tmp))
     return out_path
 
@@ -177,7 +178,27 @@ def ptq_baseline(fp32_onnx: str | Path, calibration_frames: np.ndarray, val_imag
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     frames = calibration_subset(calibration_frames)
-    prepared = preprocess_for_ptq(fp32_onnx, out_dir / "model.fp32.ptq-input.onnx")
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".prepare-") as tmp:  # a step, not a result: 20 MB less
+        prepared = preprocess_for_ptq(fp32_onnx, Path(tmp) / "model.fp32.ptq-input.onnx", log_dir=out_dir)
+        graphs, failed = _quantize_each(prepared, frames, out_dir, methods, val_images, val_masks, threshold,
+                                        morphology)
+    if not graphs:
+        raise InputError(f"{fp32_onnx}: every ONNX Runtime PTQ calibration failed: {failed}")
+    best = max(graphs.values(), key=lambda g: g.validation["dice"])  # first in METHODS order on a tie
+    for graph in {best.method: best, DEFAULT_METHOD: graphs.get(DEFAULT_METHOD)}.values():
+        if graph is not None:
+            graph.test, _, _ = evaluate_arrays(onnx_probabilities(graph.path, test_images), test_masks,
+                                               threshold, morphology)
+    return PtqBaseline(best, graphs, failed)
+
+
+def _quantize_each(prepared: Path, frames: np.ndarray, out_dir: Path, methods, val_images: np.ndarray,
+                   val_masks: np.ndarray, threshold: float, morphology: Morphology) -> tuple[dict, dict]:
+    """quantize_ptq with each calibration method, scored on validation: ({method: PtqGraph}, {method: why failed})."""
+    from training.evaluate import evaluate_arrays
+
+    from .parity import onnx_probabilities
+
     graphs = {}
     failed = {}
     for method in methods:
@@ -190,14 +211,7 @@ def ptq_baseline(fp32_onnx: str | Path, calibration_frames: np.ndarray, val_imag
             continue
         validation, _, _ = evaluate_arrays(onnx_probabilities(path, val_images), val_masks, threshold, morphology)
         graphs[method] = PtqGraph(method, path, validation)
-    if not graphs:
-        raise InputError(f"{fp32_onnx}: every ONNX Runtime PTQ calibration failed: {failed}")
-    best = max(graphs.values(), key=lambda g: g.validation["dice"])  # first in METHODS order on a tie
-    for graph in {best.method: best, DEFAULT_METHOD: graphs.get(DEFAULT_METHOD)}.values():
-        if graph is not None:
-            graph.test, _, _ = evaluate_arrays(onnx_probabilities(graph.path, test_images), test_masks,
-                                               threshold, morphology)
-    return PtqBaseline(best, graphs, failed)
+    return graphs, failed
 
 
 def ptq_of_run(run_dir: str | Path, fp32_onnx: str | Path, out_dir: str | Path,

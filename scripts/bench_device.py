@@ -71,7 +71,7 @@ def make_bundle(folder: Path, frames: list[Path], size: int = 256) -> Path:
                       dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     calibration = np.stack([frame_to_image(read_image(p), (size, size)) for p in frames[:16]])
     with tempfile.TemporaryDirectory() as tmp:
-        prepared = preprocess_for_ptq(folder / "model.fp32.onnx", Path(tmp) / "prepared.onnx")
+        prepared = preprocess_for_ptq(folder / "model.fp32.onnx", Path(tmp) / "prepared.onnx", log_dir=folder)
         quantize_ptq(prepared, folder / "model.int8.onnx", calibration, "MinMax")
     manifest = Manifest(architecture="deeplabv3_mobilenet_v3_large (untrained)", input_size=(size, size),
                         threshold=0.14, morphology=Morphology(open_radius=2, close_radius=2, min_area=50,
