@@ -162,7 +162,7 @@ def stage_costs(bundle: Path, paths: list[Path], precision: str, threads: int) -
             mark()
             output = net.infer(batch)
             mark()
-            result = segment.postprocess(output[0, 0], frame.shape[:2], *sector)
+            result = segment.postprocess(output[0, 0], frame.shape[:2], batch[0, 0], *sector)
             mark()
             picture = renderer.render(frame, result.mask, result.stats)
             mark()
