@@ -84,9 +84,8 @@ class Segmenter:
         height, width = frame_shape
         mask = self._buffers.get("mask", (height, width), np.uint8)
         cv2.resize(model_mask, (width, height), dst=mask, interpolation=cv2.INTER_NEAREST)
-        work = self._buffers.get("entropy", (3, *prob.shape), np.float32)
         stats = {**mask_geometry(mask, self._pixel_spacing, _components_if_upscaled(model_mask, mask)),
-                 **probability_stats(model_mask, prob, sector, work), "mask_change": self._mask_change(model_mask),
+                 **probability_stats(model_mask, prob, sector), "mask_change": self._mask_change(model_mask),
                  "temporal_reset": reset, "outside_sector": outside}
         return Result(mask, model_mask, prob, stats)
 
