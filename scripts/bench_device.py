@@ -19,6 +19,7 @@ exactly as on the device; torch is used here only to build the bundle. A benchma
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import re
@@ -138,9 +139,9 @@ def stage_costs(bundle: Path, paths: list[Path], precision: str, threads: int) -
     from device_runtime.pipeline import Segmenter
     from device_runtime.preprocess import preprocess
 
-    try:
+    if "sector" in inspect.signature(Segmenter.postprocess).parameters:
         from device_runtime.sector import imaging_sector
-    except ImportError:  # a runtime from before the sector: the step costs nothing there
+    else:  # a runtime from before the sector: the step costs nothing there
         imaging_sector = None
     manifest = load_manifest(bundle)
     model, _ = select_model(manifest, "ort-cpu", precision)
@@ -185,8 +186,7 @@ def stages(work: Path, bundle: Path, count: int, threads: int, images: Path, che
     precision; CPU ms per step (median over the rounds) and the CPU share outside inference. On a 2-core device
     every step's CPU is taken from the others (the decoder and the file writer run in their own threads), so
     these shares are what the time outside inference is made of."""
-    _, paths = frame_source(work, images)
-    paths = [paths[i % len(paths)] for i in range(count)]
+    paths = _frames(work, images, count)
     print(f"{count} frames from {paths[0].parent}; ONNX Runtime CPU, {threads or 'default'} threads; "
           f"{repeat} round(s), the runtimes in turns; CPU ms per frame (all threads), median over the rounds")
     for precision in ("int8", "fp32"):
@@ -195,8 +195,10 @@ def stages(work: Path, bundle: Path, count: int, threads: int, images: Path, che
             for label, checkout in checkouts.items():
                 result = subprocess.run(
                     [sys.executable, __file__, "stage-costs", "--bundle", str(bundle), "--threads", str(threads),
-                     "--precision", precision, "--paths", *map(str, paths)],
-                    env=dict(os.environ, BENCH_RUNTIME=str(checkout)), capture_output=True, text=True, check=True)
+                     "--precision", precision, "--work", str(work), "--images", str(images), "--stage-frames",
+                     str(count)], env=dict(os.environ, BENCH_RUNTIME=str(checkout)), capture_output=True, text=True)
+                if result.returncode:
+                    raise SystemExit(f"stage-costs in {checkout} failed: {result.stderr.strip()[-2000:]}")
                 runs[label].append(json.loads(result.stdout.splitlines()[-1]))
         cpu = {label: {name: sorted(r[name][1] for r in rounds)[len(rounds) // 2] for name in STEPS}
                for label, rounds in runs.items()}
@@ -208,6 +210,11 @@ def stages(work: Path, bundle: Path, count: int, threads: int, images: Path, che
                                                                                           LOOP_STEPS)):
             shares = "   ".join(f"{label} {_outside(steps, chosen):.1f} %" for label, steps in cpu.items())
             print(f"  CPU share outside inference, {title}: {shares}")
+
+
+def _frames(work: Path, images: Path, count: int) -> list[Path]:
+    _, paths = frame_source(work, images)
+    return [paths[i % len(paths)] for i in range(count)]
 
 
 def _outside(cpu: dict[str, float], steps) -> float:
@@ -297,14 +304,14 @@ def main() -> None:
     parser.add_argument("--outputs", default="jsonl,jsonl+masks", help=f"fps: any of {', '.join(OUTPUTS)}")
     parser.add_argument("--against", type=Path, help="stages, fps: another checkout (e.g. ../main) whose runtime runs "
                         "in turns with this one's on the same frames and bundle")
-    parser.add_argument("--paths", nargs="+", type=Path, help=argparse.SUPPRESS)  # stage-costs: the frames
     parser.add_argument("--images", type=Path, default=REAL_IMAGES, help="folder of real PNG frames, read in place")
     parser.add_argument("--bundle", type=Path, help="measure this bundle (e.g. runs/edge-real/bundle) instead of "
                         "the untrained one that prepare writes")
     args = parser.parse_args()
     bundle = args.bundle or args.work / "bundle"
     if args.part == "stage-costs":  # one round of `stages`, in the runtime of BENCH_RUNTIME
-        print(json.dumps(stage_costs(bundle, args.paths, args.precision, args.threads)))
+        print(json.dumps(stage_costs(bundle, _frames(args.work, args.images, args.stage_frames), args.precision,
+                                     args.threads)))
         return
     checkouts = {"this": REPO}
     if args.against:
