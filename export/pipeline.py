@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from qat.config import build_qat_config
+from qat.config import build_qat_config, load_qat_config
 from qat.run import format_summary, run_qat
 from training import stages, train
 from training.config import TrainConfig
@@ -85,9 +85,13 @@ def report_stage(run_dir: Path, cfg: TrainConfig, qat_epochs: int | None = None)
 
 def run_qat_stage(cfg: TrainConfig, run_dir: Path, resume: bool, epochs: int | None = None) -> Path:
     """QAT with learned weight bits (PIPELINE_LEARNED) on the recipe's [qat] schedule (RUN/qat/learned-a8-i4-t4;
-    `epochs` overrides its length); resumed when it was started."""
+    `epochs` overrides its length); resumed when it was started, on its own schedule unless `epochs` is given
+    (a run made with --qat-epochs 2 is not stretched to the recipe's 3 by a --resume without it)."""
+    qat_dir = Path(run_dir) / "qat" / PIPELINE_LEARNED["name"]
+    started = (qat_dir / "checkpoints" / "last.pt").is_file()
+    if resume and started and epochs is None:
+        epochs = load_qat_config(qat_dir / "config.toml").epochs
     qcfg = build_qat_config(cfg.recipe, run_dir=str(run_dir), device=cfg.device, epochs=epochs, **PIPELINE_LEARNED)
-    started = (qcfg.qat_dir / "checkpoints" / "last.pt").is_file()
     return run_qat(qcfg, resume=resume and started)
 
 

@@ -56,3 +56,23 @@ def test_bad_input_is_one_line_without_traceback(argv, message, tmp_path):
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_a_resumed_pipeline_keeps_its_qat_runs_own_schedule(tmp_path, monkeypatch):
+    """`nerveseg pipeline --qat-epochs 2`, then `--resume` without it: the finished 2-epoch QAT run is scored again,
+    not asked for the recipe's 3 epochs (which a finished run's slimmed last.pt refuses)."""
+    import export.pipeline as pipeline
+    from qat.config import to_toml
+    from training.config import build_config
+
+    cfg = build_config("quick", run_dir=str(tmp_path), device="cpu")
+    made = pipeline.build_qat_config(cfg.recipe, run_dir=str(tmp_path), device="cpu", epochs=2,
+                                     **pipeline.PIPELINE_LEARNED)
+    (made.qat_dir / "checkpoints").mkdir(parents=True)
+    (made.qat_dir / "checkpoints" / "last.pt").write_bytes(b"finished")
+    (made.qat_dir / "config.toml").write_text(to_toml(made))
+    asked = []
+    monkeypatch.setattr(pipeline, "run_qat", lambda qcfg, resume: asked.append((qcfg.epochs, resume)))
+    pipeline.run_qat_stage(cfg, tmp_path, resume=True)
+    pipeline.run_qat_stage(cfg, tmp_path, resume=True, epochs=4)  # asked for explicitly: as asked
+    assert asked == [(2, True), (4, True)]

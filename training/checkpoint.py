@@ -93,7 +93,7 @@ def finished_on_resume(last: dict, epochs: int, path: str | Path) -> bool:
     if last.get("finished"):
         raise InputError(f"{path}: the run finished after {last['epoch']} epochs and its last checkpoint no longer "
                          f"holds the optimiser state, so it cannot be continued to {epochs} epochs as the same run; "
-                         "start a new run (another --run-dir) for a longer schedule")
+                         f"ask for its own {last['epoch']} epochs, or start a new run for a longer schedule")
     return False
 
 
