@@ -113,7 +113,7 @@ def test_malformed_qat_file_is_one_line_error(float_run, tmp_path):
     (["sweep", "--run-dir", "{tmp}/missing", "--bits", "9"], "--bits 9"),
     (["sweep", "--run-dir", "{tmp}/missing", "--bits", "w9a2"], "w9a2"),
     (["sweep", "--run-dir", "{tmp}/missing", "--bits", "8", "--learned", "-1"], "non-negative"),
-    (["sweep", "--run-dir", "{tmp}/missing", "--bits", "8", "--grid", "arm"], "--grid 'arm'"),
+    (["sweep", "--run-dir", "{tmp}/missing", "--bits", "8", "--grid", "arm"], "invalid choice: 'arm'"),
 ])
 def test_bad_flags_are_one_line(argv, message, tmp_path):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
@@ -335,7 +335,8 @@ def _crowded_rows():
     rows = [row("float", "float", 32.0, 32.0, 0.48, size=2e7)]
     rows += [row(f"w{b}a{b}", "uniform", b, b, d, onnx=b >= 6) for b, d in ((8, .45), (6, .44), (5, 0), (4, .23),
                                                                            (3, 0), (2, 0))]
-    rows += [row("w8a8-p99.99", "uniform", 8, 8, .48), row("w4a8", "mixed", 4, 8, .44), row("w4a8-x86", "mixed", 4, 8, .47)]
+    rows += [row("w8a8-p99.99", "uniform", 8, 8, .48), row("w4a8", "mixed", 4, 8, .44),
+             row("w4a8-x86", "mixed", 4, 8, .47)]
     rows += [row(f"learned-a8-i4-t4{suffix}", "learned", 3.75 + i / 100, 8, .47 + i / 500, onnx=i == 0)
              for i, suffix in enumerate(("", "-p99", "-p99.99", "-e12", "-d0.5", "-x86"))]
     rows.append(row("ORT PTQ (Percentile)", "ptq", 8, 8, .48))
@@ -379,7 +380,8 @@ def test_log_axes_are_labelled_in_plain_numbers():
     plain_log_axis(ax.xaxis)
     ax.set_xlim(0.4, 30)
     labels = [ax.xaxis.get_major_formatter()(v, 0) for v in ax.xaxis.get_major_locator().tick_values(0.4, 30)]
-    assert {"0.5", "1", "2", "5", "10", "20"} <= set(labels) and not any("^" in label or "e" in label for label in labels)
+    assert {"0.5", "1", "2", "5", "10", "20"} <= set(labels)
+    assert not any("^" in label or "e" in label for label in labels)
 
 
 def test_the_page_fits_a_laptop_says_how_each_row_was_scored_and_tables_the_machine():

@@ -12,6 +12,7 @@ import torch
 from device_runtime.errors import InputError
 from training import train
 from training.checkpoint import RESUME_ONLY, read_checkpoint
+from training.config import build_config
 
 from conftest import REPO
 
@@ -131,10 +132,14 @@ def test_two_process_gloo_ddp_on_cpu(tmp_path, budget):
     last = read_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == last["epoch"]  # written by rank 0 only
     if "--steps" in budget:  # the schedule steps per batch: the budget counts optimiser steps, not epochs
-        assert last["scheduler"]["last_epoch"] == 12
+        # after exactly 12 steps the warm-up cosine ends at its floor (lr x min_lr_ratio); 11 would sit above it
+        # (a finished run's last.pt keeps no scheduler to count them: the logged lr does)
+        recipe = build_config("small")
+        for folder in (run_dir, run_dir / "phantom"):  # the stage ran under DDP first, on the same budget
+            logged = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])["lr"]
+            assert logged == pytest.approx(recipe.lr * recipe.min_lr_ratio), folder
         assert 1 < last["epoch"] < 12  # several steps per epoch on each rank, the last epoch cut at the budget
-        assert (run_dir / "phantom" / "done.json").is_file()  # the stage ran under DDP first and finished
-        assert read_checkpoint(run_dir / "phantom" / "checkpoints" / "last.pt")["scheduler"]["last_epoch"] == 12
+        assert (run_dir / "phantom" / "done.json").is_file()
     else:
         assert last["epoch"] == 1
 
