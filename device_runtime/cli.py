@@ -33,14 +33,16 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="auto: on TensorRT INT8 when the bundle has it, else FP16; on ONNX Runtime CUDA/CPU "
                              "whichever of FP32/INT8 the manifest measured faster, INT8 where unmeasured")
     parser.add_argument("--threads", type=int, default=0, metavar="N", help="ONNX Runtime threads (0 = one per core)")
-    parser.add_argument("--engine-cache", type=Path, metavar="FOLDER", help="folder for TensorRT engines (default: the bundle)")
+    parser.add_argument("--engine-cache", type=Path, metavar="FOLDER",
+                        help="folder for TensorRT engines (default: the bundle)")
     parser.add_argument("--workspace", dest="workspace_mib", type=int, default=1024, metavar="MIB",
                         help="TensorRT builder workspace in MiB")
 
 
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=0, metavar="N", help="frames left out of the timing statistics")
-    parser.add_argument("--pixel-spacing", dest="pixel_spacing_mm", type=float, metavar="MM", help="mm per pixel: areas in mm²")
+    parser.add_argument("--pixel-spacing", dest="pixel_spacing_mm", type=float, metavar="MM",
+                        help="mm per pixel: areas in mm²")
     parser.add_argument("--report-every", type=int, default=0, metavar="N",
                         help="print a timing line every N frames on stderr (0: only the summary)")
     parser.add_argument("--quiet", action="store_true", help="do not print the summary")
@@ -59,15 +61,18 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
                      help="file type of --masks (0/255 at the frame's size; tif: zlib-compressed)")
     out.add_argument("--video", dest="overlay_video", type=Path, metavar="FILE.mkv",
                      help="overlay video (.mkv: Matroska stays playable if the recording is cut short)")
-    out.add_argument("--video-fps", type=float, metavar="FPS", help="frame rate of --video (default: the source's, else 25)")
-    out.add_argument("--overlays", dest="overlay_dir", type=Path, metavar="FOLDER", help="folder for one overlay image per frame")
+    out.add_argument("--video-fps", type=float, metavar="FPS",
+                     help="frame rate of --video (default: the source's, else 25)")
+    out.add_argument("--overlays", dest="overlay_dir", type=Path, metavar="FOLDER",
+                     help="folder for one overlay image per frame")
     out.add_argument("--overlay-format", default="jpg", choices=OVERLAY_FORMATS, help="file type of --overlays")
     out.add_argument("--jsonl", type=Path, metavar="FILE", help="JSON Lines: stats and timings of each frame")
     out.add_argument("--summary-json", type=Path, metavar="FILE", help="the final timing summary as JSON")
     out.add_argument("--overwrite", action="store_true",
                      help="replace existing output files and write into non-empty output folders (default: refuse)")
     out.add_argument("--show", action="store_true", help="a live window (needs a display)")
-    out.add_argument("--mjpeg-port", type=int, metavar="PORT", help="serve an MJPEG preview on this port (0 = any free port)")
+    out.add_argument("--mjpeg-port", type=int, metavar="PORT",
+                     help="serve an MJPEG preview on this port (0 = any free port)")
     out.add_argument("--host", default="127.0.0.1", metavar="ADDRESS",
                      help="address of the MJPEG preview (0.0.0.0: reachable from the network)")
 
@@ -101,23 +106,28 @@ def get_args_parser() -> argparse.ArgumentParser:
     bench.set_defaults(warmup=10)
 
     engine = add_command("build-engine", "build (or rebuild) the TensorRT engine of a bundle")
-    engine.add_argument("--bundle", type=Path, required=True, metavar="FOLDER", help="bundle folder (manifest.json and model files)")
+    engine.add_argument("--bundle", type=Path, required=True, metavar="FOLDER",
+                        help="bundle folder (manifest.json and model files)")
     engine.add_argument("--precision", default="auto",  # checked by check_engine_precision: one line, no usage
                         help="auto, fp32, fp16 or int8; auto: int8 when the bundle has its INT8 QDQ ONNX (explicit "
                              "quantization, no calibrator; float layers in FP16), else fp16")
-    engine.add_argument("--engine-cache", type=Path, metavar="FOLDER", help="folder for the engine (default: the bundle)")
+    engine.add_argument("--engine-cache", type=Path, metavar="FOLDER",
+                        help="folder for the engine (default: the bundle)")
     engine.add_argument("--workspace", dest="workspace_mib", type=int, default=1024, metavar="MIB",
                         help="TensorRT builder workspace in MiB")
 
     info = add_command("info", "what this machine has, and which backend and model file would run")
-    info.add_argument("--bundle", type=Path, metavar="FOLDER", help="also verify this bundle and show which model file would run")
+    info.add_argument("--bundle", type=Path, metavar="FOLDER",
+                      help="also verify this bundle and show which model file would run")
     info.add_argument("--backend", default="auto", choices=BACKENDS, help="the backend a run would ask for")
     info.add_argument("--precision", default="auto", choices=PRECISIONS, help="the precision a run would ask for")
-    info.add_argument("--engine-cache", type=Path, metavar="FOLDER", help="folder of TensorRT engines (default: the bundle)")
+    info.add_argument("--engine-cache", type=Path, metavar="FOLDER",
+                      help="folder of TensorRT engines (default: the bundle)")
     info.add_argument("--layers", action="store_true", help="list the bits of every layer, not only their counts")
 
     pyz = add_command("build-pyz", "write the runtime as one file: python3 nerveseg-device.pyz ...")
-    pyz.add_argument("--out", type=Path, default=Path("nerveseg-device.pyz"), metavar="FILE", help="the archive to write")
+    pyz.add_argument("--out", type=Path, default=Path("nerveseg-device.pyz"), metavar="FILE",
+                     help="the archive to write")
     return parser
 
 

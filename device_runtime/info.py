@@ -132,7 +132,8 @@ def bundle_lines(manifest, layers: bool = False) -> list[str]:
             lines.append(f"    INT8 file {q['int8_file_bytes'] / 1e6:.2f} MB; packed at the learned bits "
                          f"{q.get('packed_bytes', 0) / 1e6:.2f} MB")
         if layers:
-            lines += [f"    {layer['name']:<44} W{layer['weight_bits']} A{layer['activation_bits']}" for layer in per_layer]
+            lines += [f"    {layer['name']:<44} W{layer['weight_bits']} A{layer['activation_bits']}"
+                      for layer in per_layer]
         elif per_layer:
             counts = Counter((layer["weight_bits"], layer["activation_bits"]) for layer in per_layer)
             lines.append("    layers by bits: " + ", ".join(f"W{w} A{a} x{n}" for (w, a), n in sorted(counts.items()))
@@ -146,7 +147,8 @@ def bundle_lines(manifest, layers: bool = False) -> list[str]:
     for backend, measured in manifest.metrics.get("latency_ms", {}).items():
         timed = ", ".join(f"{_LATENCY_NAMES.get(k, k)} {v:.1f} ms" for k, v in measured.items()
                           if isinstance(v, (int, float)) and k not in ("threads", "runs"))
-        how = ", ".join(f"{measured[k]:g} {k}" for k in ("threads", "runs") if isinstance(measured.get(k), (int, float)))
+        how = ", ".join(f"{measured[k]:g} {k}" for k in ("threads", "runs")
+                        if isinstance(measured.get(k), (int, float)))
         lines.append(f"  latency at export on {backend}{f' ({how}, median)' if how else ''}: {timed}")
     return lines
 

@@ -255,8 +255,8 @@ def _at(data: dict, dotted: str):
 
 def _bundle_hint(folder: Path) -> str:
     """What to point --bundle at when `folder` is not a bundle: a run folder's own bundles, or how to make one."""
-    inside = [p.parent for p in (folder / "bundle" / MANIFEST_NAME, *sorted(folder.glob(f"qat/*/bundle/{MANIFEST_NAME}")))
-              if p.is_file()]
+    candidates = (folder / "bundle" / MANIFEST_NAME, *sorted(folder.glob(f"qat/*/bundle/{MANIFEST_NAME}")))
+    inside = [p.parent for p in candidates if p.is_file()]
     if inside:
         return "this is a run folder; its bundles: " + ", ".join(str(p) for p in inside)
     if (folder / "checkpoints").is_dir():

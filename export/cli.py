@@ -172,11 +172,13 @@ def _add_sweep_settings(parser: argparse.ArgumentParser, bits: str, learned: str
                         help="bit-cost weights lambda of learned-bits runs, comma-separated (empty: none)")
     parser.add_argument("--target-bits", default="", metavar="BITS",
                         help="target mean bits of learned runs that pay only the excess, comma-separated (empty: none)")
-    parser.add_argument("--epochs", type=int, metavar="N", help="QAT epochs of every run (default: the recipe's [qat] table)")
+    parser.add_argument("--epochs", type=int, metavar="N",
+                        help="QAT epochs of every run (default: the recipe's [qat] table)")
     parser.add_argument("--grid", default="tensorrt", choices=GRIDS,
                         help="activation grid of every run, as `nerveseg qat --grid` (x86 runs are named NAME-x86)")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
-    parser.add_argument("--threads", type=int, default=2, metavar="N", help="ONNX Runtime intra-op threads of the report")
+    parser.add_argument("--threads", type=int, default=2, metavar="N",
+                        help="ONNX Runtime intra-op threads of the report")
     parser.add_argument("--parity-bound-from-model", action="store_true",
                         help="export each run as `nerveseg export --parity-bound-from-model` does")
     parser.add_argument("--latency-runs", type=int, default=50, metavar="N",
@@ -246,14 +248,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                              help="tune (and so evaluate and export) with test-time flip averaging: each frame's "
                                   "probabilities averaged with its left-right mirror's (default: the run's config)")
 
-    temporal_flags(add_command("tune-temporal", "choose the device's temporal stabilisation on validation sequences "
-                                                "and write it into the bundle's manifest")).set_defaults(func=_tune_temporal)
+    tune_temporal = add_command("tune-temporal", "choose the device's temporal stabilisation on validation "
+                                                 "sequences and write it into the bundle's manifest")
+    temporal_flags(tune_temporal).set_defaults(func=_tune_temporal)
 
     qat = add_command("qat", "fine-tune a tuned run with fake quantization (learned or fixed bits)")
     qat.add_argument("--run-dir", required=True, metavar="RUN", help="a trained and tuned float run")
-    qat.add_argument("--bits", help="learned (default), learned-aN (learned weight bits, activations fixed at N), N (2..8) "
+    qat.add_argument("--bits",
+                     help="learned (default), learned-aN (learned weight bits, activations fixed at N), N (2..8) "
                                     "or WxAy, e.g. W4A8")
-    qat.add_argument("--bit-weight", type=float, metavar="LAMBDA", help="lambda of the bit cost (default 0.25, QuantU-Net's)")
+    qat.add_argument("--bit-weight", type=float, metavar="LAMBDA",
+                     help="lambda of the bit cost (default 0.25, QuantU-Net's)")
     qat.add_argument("--target-bits", type=float, metavar="B",
                      help="penalise only mean bits above B; when the bits freeze, the mean weight bits are capped at B "
                           "(default: no target)")
@@ -271,7 +276,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="learning rate of the folded weights and biases (default: the recipe's [qat] table, 1e-4)")
     qat.add_argument("--distill", type=float, metavar="D",
                      help="weight of the float model as teacher: + D x BCE(QAT logits, float probabilities) (default 0)")
-    qat.add_argument("--name", help="RUN/qat/NAME (default from --bits: learned, w8a8, w4a4, w4a8; -x86 for --grid x86)")
+    qat.add_argument("--name",
+                     help="RUN/qat/NAME (default from --bits: learned, w8a8, w4a4, w4a8; -x86 for --grid x86)")
     qat.add_argument("--resume", action="store_true", help="continue RUN/qat/NAME from its last checkpoint")
     qat.add_argument("--device", default="auto", help=DEVICE_HELP)
     qat.set_defaults(func=_qat)
@@ -309,7 +315,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     report.add_argument("--run-dir", required=True, metavar="RUN", help="the float run whose qat/ runs to report")
     report.add_argument("--threads", type=int, default=2, metavar="N",
                         help="ONNX Runtime intra-op threads for scoring and timing")
-    report.add_argument("--latency-runs", type=int, default=50, metavar="N", help="timed batch-1 runs per model (0: no timing)")
+    report.add_argument("--latency-runs", type=int, default=50, metavar="N",
+                        help="timed batch-1 runs per model (0: no timing)")
     report.set_defaults(func=_report)
     return parser
 

@@ -286,7 +286,8 @@ def make_figures(rows: list[Row], threads: int) -> list[tuple[str, str, bytes]]:
     numbers = numbered(rows)
     made = [
         ("dice_vs_bits.png", "Test Dice against mean weight bits (uniform curve through one run per bitwidth, learned "
-                             "points, ORT PTQ, float line; bootstrap 95 % intervals)", figures.dice_vs_bits(rows, numbers)),
+                             "points, ORT PTQ, float line; bootstrap 95 % intervals)",
+         figures.dice_vs_bits(rows, numbers)),
         ("dice_vs_size.png", "Test Dice against packed model size", figures.dice_vs_size(rows, numbers)),
         ("dice_vs_latency.png", f"Test Dice against ONNX Runtime CPU latency ({threads} threads)",
          figures.dice_vs_latency(rows, threads, numbers)),

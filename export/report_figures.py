@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -127,7 +128,8 @@ def place_labels(fig: Figure, ax, drawn: list[tuple[float, float, Row]], numbers
         if row.dice_ci:
             (left, low), (right, high) = to_pixels((x, row.dice_ci[0])), to_pixels((x, row.dice_ci[1]))
             taken.append(Bbox([[left - 5, low], [right + 5, high]]))
-    grid = [(gx, gy) for gx in np.arange(frame.x0 + 8, frame.x1 - 8, 10) for gy in np.arange(frame.y0 + 8, frame.y1 - 8, 10)]
+    grid = [(gx, gy) for gx in np.arange(frame.x0 + 8, frame.x1 - 8, 10)
+            for gy in np.arange(frame.y0 + 8, frame.y1 - 8, 10)]
     texts = []
     for x, y, row in sorted(drawn, key=lambda d: numbers[d[2].name]):
         colour = STYLE[row.kind][0]
@@ -187,7 +189,10 @@ def _scatter(rows: list[Row], x_of, numbers: dict[str, int] | None, connect: boo
 
 def plain_log_axis(axis) -> None:
     """A log axis labelled in plain numbers (0.5, 1, 2, 5, 10, not 5x10^-1 or 2x10^1)."""
-    axis.axes.set_xscale("log") if axis.axis_name == "x" else axis.axes.set_yscale("log")
+    if axis.axis_name == "x":
+        axis.axes.set_xscale("log")
+    else:
+        axis.axes.set_yscale("log")
     axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     axis.set_minor_formatter(NullFormatter())
@@ -207,6 +212,8 @@ def dice_vs_bits(rows: list[Row], numbers: dict[str, int] | None = None) -> byte
 
 
 def dice_vs_bits_figure(rows: list[Row], numbers: dict[str, int] | None = None):
+    """dice_vs_bits as (Figure, number labels), or None: the float row is the dashed line (its x of 32 bits only
+    keeps it among the rows the key lists)."""
     # PTQ sits at 8 bits like W8A8: drawn 0.12 bit to the right so the two error bars stay readable
     dodge = {"ptq": 0.12}
     quantized = [r for r in rows if r.kind != "float" and r.mean_weight_bits is not None]
@@ -250,7 +257,7 @@ def layer_bits(row: Row) -> bytes | None:
     longest = max(len(layer["name"]) for layer in row.layers)
     strip_height = 0.8 + 0.06 * longest  # the cells and the rotated names under them
     fig = Figure(figsize=(13.5, 0.7 + strip_height * len(chunks)), dpi=110)
-    colours = plt_colormap("viridis", 7)  # one colour per bitwidth 2..8
+    colours = colormaps["viridis"].resampled(7)  # one colour per bitwidth 2..8
     top = 1 - 0.45 / fig.get_figheight()
     height = (top - 0.02) / len(chunks)
     image = None
@@ -267,17 +274,11 @@ def layer_bits(row: Row) -> bytes | None:
         ax.tick_params(length=0)
     mean = (f"mean W {row.mean_weight_bits:.2f} / A {row.mean_activation_bits:.2f} bits"
             if row.mean_weight_bits is not None and row.mean_activation_bits is not None else "")
-    fig.suptitle(f"{row.name}: bits per layer, in the model's order ({mean})", fontsize=10, y=1 - 0.12 / fig.get_figheight())
+    fig.suptitle(f"{row.name}: bits per layer, in the model's order ({mean})", fontsize=10,
+                 y=1 - 0.12 / fig.get_figheight())
     bar = fig.colorbar(image, cax=fig.add_axes((0.93, 0.25, 0.012, 0.5)), ticks=range(2, 9))
     bar.set_label("bits", fontsize=8)
     return _png(fig)
-
-
-def plt_colormap(name: str, count: int):
-    """A matplotlib colormap of `count` discrete colours (no pyplot state)."""
-    from matplotlib import colormaps
-
-    return colormaps[name].resampled(count)
 
 
 def threshold_curves(rows: list[Row]) -> bytes | None:

@@ -13,7 +13,8 @@ import html
 from .report_data import Row
 
 CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1340px}
-table{border-collapse:collapse;font-size:13px;margin:.6em 0}th,td{border:1px solid #bbb;padding:3px 7px;text-align:right}
+table{border-collapse:collapse;font-size:13px;margin:.6em 0}
+th,td{border:1px solid #bbb;padding:3px 7px;text-align:right}
 th{background:#eee;position:sticky;top:0}td.l,th.l{text-align:left}td.note{text-align:left;max-width:520px}
 tr.refused td{background:#fff4e5}details{margin:.6em 0}summary{cursor:pointer;font-weight:600}
 .figs{display:flex;flex-wrap:wrap;gap:1em}figure{margin:0;flex:0 1 100%}
@@ -132,7 +133,7 @@ def machine_rows(env: dict, data: dict) -> list[tuple[str, str]]:
         ("system", f"{env.get('os', '')}, Python {env.get('python', '')}"),
         ("libraries", libraries),
         ("ONNX Runtime threads", str(env.get("onnxruntime_threads", ""))),
-        ("data", f"{data.get('source', '')}" + (f", mask label {data['mask_label']}" if data.get("mask_label") else "")),
+        ("data", data.get("source", "") + (f", mask label {data['mask_label']}" if data.get("mask_label") else "")),
         ("frames", ", ".join(f"{side} {count}" for side, count in frames.items())),
         ("model", f"{data.get('architecture', '')}, input {'x'.join(map(str, data.get('input_size', [])))}, recipe "
                   f"{data.get('recipe', '')}, seed {data.get('seed', '')}"),
@@ -180,8 +181,8 @@ def render_markdown(title: str, records: list[dict], figs, check_lines, notes, c
     lines += [markdown_table(MAIN, records), "", "### Details of every row", "", markdown_table(DETAILS, records), ""]
     if check_lines:
         lines += ["## Checks", ""] + [f"- {c}" for c in check_lines] + [""]
-    lines += ["## Figures", "", "Points carry the row numbers (#) of the table; filled markers were scored through ONNX "
-              "Runtime, hollow ones as the fake-quant model.", ""]
+    lines += ["## Figures", "", "Points carry the row numbers (#) of the table; filled markers were scored through "
+              "ONNX Runtime, hollow ones as the fake-quant model.", ""]
     for name, caption, _ in figs:
         lines += [f"![{caption}](figures/{name})", "", f"*{caption}*", ""]
     lines += ["## How each row was made", ""] + [f"- **{n}**: `{c}`" for n, c in commands] + [""]

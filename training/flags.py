@@ -25,7 +25,8 @@ def recipes_table() -> str:
         cfg = build_config(name)
         budget = f"{cfg.steps} steps" if cfg.steps else f"{cfg.epochs} epochs"
         size = "x".join(map(str, cfg.input_size))
-        lines.append(f"  {name:<8}{cfg.arch:<20}{size:<10}{budget:<16}{cfg.batch_size:>6}{cfg.lr:>8g}  {cfg.pretrained}")
+        lines.append(f"  {name:<8}{cfg.arch:<20}{size:<10}{budget:<16}{cfg.batch_size:>6}{cfg.lr:>8g}  "
+                     f"{cfg.pretrained}")
     return "\n".join(lines)
 
 
@@ -42,15 +43,18 @@ def get_args_parser(parser=None, resumable: bool = True):
                         help="label value of the nerve in multi-label masks (default: any non-zero pixel)")
     parser.add_argument("--run-dir", metavar="FOLDER", help="run folder (default: runs/RECIPE-DATE-TIME)")
     if resumable:
-        parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from checkpoints/last.pt")
+        parser.add_argument("--resume", action="store_true",
+                            help="continue the run in --run-dir from checkpoints/last.pt")
     parser.add_argument("--arch", choices=["resnet50", "mobilenet_v3_large"], help=f"backbone of DeepLabV3 {recipe}")
     parser.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
                         help=f"the network's input size; every frame is resized to it {recipe}")
     parser.add_argument("--pretrained", metavar="START",
                         help="none, imagenet, phantom (train on the phantom first: training/pretrain.py), or a nerveseg "
                              f"checkpoint or backbone state dict to start the backbone from {recipe}")
-    parser.add_argument("--phantom-frames", type=int, metavar="N", help="--pretrained phantom: frames of the pre-training phantom")
-    parser.add_argument("--phantom-dir", metavar="FOLDER", help="--pretrained phantom: the pre-training's run folder, trained there once "
+    parser.add_argument("--phantom-frames", type=int, metavar="N",
+                        help="--pretrained phantom: frames of the pre-training phantom")
+    parser.add_argument("--phantom-dir", metavar="FOLDER",
+                        help="--pretrained phantom: the pre-training's run folder, trained there once "
                                               "and reused by every run naming it (default RUN/phantom)")
     parser.add_argument("--phantom-input-size", type=int, nargs=2, metavar=("H", "W"),
                         help="--pretrained phantom: the stage's input size (default: the recipe's; small: 256 256; else "
@@ -73,7 +77,8 @@ def get_args_parser(parser=None, resumable: bool = True):
     parser.add_argument("--swa-start", type=float, metavar="FRACTION",
                         help="stochastic weight averaging from this fraction of the step budget on, at a constant lr "
                              f"of --swa-lr-ratio x lr (0.75; 0 = off; warmup_cosine recipes) {recipe}")
-    parser.add_argument("--swa-lr-ratio", type=float, metavar="RATIO", help=f"SWA's constant lr over the recipe's lr {recipe}")
+    parser.add_argument("--swa-lr-ratio", type=float, metavar="RATIO",
+                        help=f"SWA's constant lr over the recipe's lr {recipe}")
     parser.add_argument("--flip-tta", action=argparse.BooleanOptionalAction,
                         help="deploy with test-time flip averaging: T*, evaluation and the exported graph average each "
                              "frame's probabilities with its left-right mirror's, at twice the inference (default: the "
@@ -81,7 +86,8 @@ def get_args_parser(parser=None, resumable: bool = True):
     parser.add_argument("--epochs", type=int, metavar="N", help=f"training epochs {recipe}")
     parser.add_argument("--steps", type=int, metavar="N",
                         help=f"budget in optimiser steps instead of epochs (0 = use --epochs) {recipe}")
-    parser.add_argument("--val-every", type=int, metavar="N", help=f"validate every N epochs (and after the last) {recipe}")
+    parser.add_argument("--val-every", type=int, metavar="N",
+                        help=f"validate every N epochs (and after the last) {recipe}")
     parser.add_argument("--group-by", choices=["auto", "prefix"],
                         help="prefix: '<subject>_<frame>' names in paired folders keep a subject on one side of the "
                              "split (default: auto, by subject only in the Kaggle layout)")
