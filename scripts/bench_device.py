@@ -251,7 +251,8 @@ def fps(work: Path, bundle: Path, repeat: int, checkouts: dict[str, Path], preci
                     print(f"--- {name}, {precision}, {label} (run {attempt} of {repeat})\n{result.stdout}", flush=True)
     print(f"{'outputs':<22}{'prec':>5}{'runtime':>10}{'run':>4}{'fps':>8}{'e2e p50':>9}{'inf p50':>9}{'outside %':>10}")
     for name, precision, label, attempt, rate, p50, inference, outside in rows:
-        print(f"{name:<22}{precision:>5}{label:>10}{attempt:>4}{rate:>8.1f}{p50:>9.2f}{inference:>9.2f}{outside:>10.1f}")
+        print(f"{name:<22}{precision:>5}{label:>10}{attempt:>4}{rate:>8.1f}{p50:>9.2f}{inference:>9.2f}"
+              f"{outside:>10.1f}")
     print("median share outside inference:")
     for name in configurations:
         for precision in precisions:
