@@ -1,16 +1,18 @@
 """Device runtime figures on this machine: where a frame's time goes, fps and the share outside inference, memory.
 
-    python scripts/bench_device.py prepare            # bundle: untrained DeepLabV3-MobileNetV3 256x256, FP32 + INT8
+    python scripts/bench_device.py prepare [--weights CKPT]  # bundle: DeepLabV3-MobileNetV3 256x256, FP32 + INT8
     python scripts/bench_device.py stages [--against ../main]  # each step of a frame, CPU ms: where the time goes
     python scripts/bench_device.py fps [--repeat 3]   # 500 frames through `nerveseg-device run`, ONNX Runtime CPU
     python scripts/bench_device.py fps --against ../main   # the same, another checkout's runtime interleaved
     python scripts/bench_device.py soak --frames 10000  # resident memory at the start and end of a long run
     python scripts/bench_device.py fps --bundle runs/edge-real/bundle   # a trained bundle of your own instead
 
-The bundle holds torchvision's deeplabv3_mobilenet_v3_large (num_classes=1, a 1-channel first convolution,
-weights=None, aux_loss=False) exported untrained to ONNX (opset 17, dynamic batch, "input" -> "logits"), and
-ONNX Runtime's quantize_static of it (QDQ, per channel, u8 activations, s8 weights, MinMax on 16 frames) as its
-INT8 file: untrained weights time the same as trained ones; the masks mean nothing. Frames are the usgra-seg
+The bundle holds DeepLabV3-MobileNetV3 (training.model, one input channel) exported to ONNX at 256x256 as the
+project exports it, and ONNX Runtime's quantize_static of it (QDQ, per channel, u8 activations, s8 weights, MinMax
+on 16 frames) as its INT8 file. Untrained by default: it times as a trained network does, but its output is one
+constant, so its masks are all of the frame or nothing, and post-processing, overlays and mask files cost what
+they would not. `prepare --weights RUN/checkpoints/best.pt` starts from a trained checkpoint (its T* and
+morphology) instead: masks the size of a nerve. Frames are the usgra-seg
 images (../shared/data/usgra-seg/images, read where they are, looped to 500 frames) when present, else
 synthetic 512x512 frames written to the work folder. The runtime runs as a subprocess through its command line,
 exactly as on the device; torch is used here only to build the bundle. A benchmark, not a test: it prints figures.
@@ -41,46 +43,38 @@ OUTPUTS = {  # what the fps runs write, per configuration (paths inside the work
 }
 
 
-def make_bundle(folder: Path, frames: list[Path], size: int = 256) -> Path:
+def make_bundle(folder: Path, frames: list[Path], size: int = 256, weights: Path | None = None) -> Path:
+    """FP32 and INT8 (ORT quantize_static, MinMax on 16 frames) of torchvision's untrained DeepLabV3-MobileNetV3,
+    or of the nerveseg checkpoint `weights` (with its T* and morphology), exported at size x size."""
     import numpy as np
-    import torch
-    from torch import nn
-    from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
 
     from device_runtime.imageio import read_image
     from device_runtime.manifest import Manifest, describe_file, write_manifest
     from device_runtime.postprocess import Morphology
     from device_runtime.preprocess import frame_to_image
+    from export.onnx_export import export_onnx
     from export.ptq import preprocess_for_ptq, quantize_ptq
-
-    model = deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=1, aux_loss=False)
-    stem = model.backbone["0"][0]
-    model.backbone["0"][0] = nn.Conv2d(1, stem.out_channels, stem.kernel_size, stem.stride, stem.padding,
-                                       bias=False)
-
-    class Logits(nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            return self.inner(x)["out"]
+    from training.checkpoint import load_model
+    from training.model import build_model
 
     folder.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(Logits(model).eval(), torch.zeros(1, 1, size, size), str(folder / "model.fp32.onnx"),
-                      input_names=["input"], output_names=["logits"], opset_version=17, dynamo=False,
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    if weights:
+        model, checkpoint, cfg = load_model(weights)
+        threshold, morphology = checkpoint["threshold"], Morphology.from_dict(checkpoint["morphology"])
+        architecture = f"{cfg.arch} ({weights})"
+    else:  # untrained: times as a trained one does, but its output is one constant: no mask, or all of the frame
+        model, threshold, architecture = build_model("mobilenet_v3_large"), 0.14, "mobilenet_v3_large (untrained)"
+        morphology = Morphology(open_radius=2, close_radius=2, min_area=50, fill_holes=True)
+    export_onnx(model.eval(), folder / "model.fp32.onnx", (size, size))
     calibration = np.stack([frame_to_image(read_image(p), (size, size)) for p in frames[:16]])
     with tempfile.TemporaryDirectory() as tmp:
         prepared = preprocess_for_ptq(folder / "model.fp32.onnx", Path(tmp) / "prepared.onnx", log_dir=folder)
         quantize_ptq(prepared, folder / "model.int8.onnx", calibration, "MinMax")
-    manifest = Manifest(architecture="deeplabv3_mobilenet_v3_large (untrained)", input_size=(size, size),
-                        threshold=0.14, morphology=Morphology(open_radius=2, close_radius=2, min_area=50,
-                                                              fill_holes=True),
+    manifest = Manifest(architecture=architecture, input_size=(size, size), threshold=threshold, morphology=morphology,
                         files=[describe_file(folder, "model.fp32.onnx", "fp32", "onnx"),
                                describe_file(folder, "model.int8.onnx", "int8", "onnx")])
     write_manifest(folder, manifest)
-    print(f"bundle {folder}: FP32 and INT8 (ORT quantize_static) at {size}x{size}")
+    print(f"bundle {folder}: {architecture}, FP32 and INT8 (ORT quantize_static) at {size}x{size}, T* {threshold:.2f}")
     return folder
 
 
@@ -305,6 +299,8 @@ def main() -> None:
     parser.add_argument("--outputs", default="jsonl,jsonl+masks", help=f"fps: any of {', '.join(OUTPUTS)}")
     parser.add_argument("--against", type=Path, help="stages, fps: another checkout (e.g. ../main) whose runtime runs "
                         "in turns with this one's on the same frames and bundle")
+    parser.add_argument("--weights", type=Path, help="prepare: a nerveseg checkpoint to export instead of an untrained "
+                        "network (e.g. RUN/checkpoints/best.pt)")
     parser.add_argument("--images", type=Path, default=REAL_IMAGES, help="folder of real PNG frames, read in place")
     parser.add_argument("--bundle", type=Path, help="measure this bundle (e.g. runs/edge-real/bundle) instead of "
                         "the untrained one that prepare writes")
@@ -318,7 +314,7 @@ def main() -> None:
     if args.against:
         checkouts[args.against.resolve().name] = args.against.resolve()
     if args.part in ("prepare", "all"):
-        make_bundle(args.work / "bundle", frame_source(args.work, args.images)[1])
+        make_bundle(args.work / "bundle", frame_source(args.work, args.images)[1], weights=args.weights)
     if args.part in ("stages", "all"):
         stages(args.work, bundle, args.stage_frames, args.threads, args.images, checkouts, args.repeat)
     if args.part in ("fps", "all"):
