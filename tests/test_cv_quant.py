@@ -50,9 +50,12 @@ def test_pool_without_a_float_row_is_refused():
 def test_bad_cv_dirs_are_one_line(tmp_path, capsys):
     assert cli_main(["cv-quant", "--cv-dir", str(tmp_path / "missing")]) == 2
     assert cli_main(["cv-quant", "--cv-dir", str(tmp_path)]) == 2  # a folder with no finished fold
-    assert cli_main(["cv-quant", "--cv-dir", str(tmp_path), "--grid", "arm"]) == 2
+    with pytest.raises(SystemExit) as refused:  # --grid offers choices: argparse refuses, with the usage exit code
+        cli_main(["cv-quant", "--cv-dir", str(tmp_path), "--grid", "arm"])
+    assert refused.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and "not found" in err[0] and "no finished fold" in err[1] and "--grid 'arm'" in err[2]
+    assert len(err) == 3 and "not found" in err[0] and "no finished fold" in err[1]
+    assert "--grid: invalid choice: 'arm'" in err[2]
     assert not list(tmp_path.iterdir())  # nothing written by a refused call
 
 
