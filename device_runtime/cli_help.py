@@ -14,7 +14,6 @@ from . import __version__
 from .errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK
 
 
-
 def exit_codes(refusals: bool) -> str:
     """The exit-status table of --help; `refusals`: the tool has artifacts a check may refuse (code 3)."""
     lines = ["exit status:",
@@ -48,7 +47,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line (argparse prints the whole usage first) and whose help shows
-    defaults; subcommand parsers made by `commands()` are of this class too."""
+    defaults; the subcommands `top_parser`'s add_command makes are of this class too."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)

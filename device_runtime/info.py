@@ -5,10 +5,10 @@ the system's GStreamer build?" and "will this use the GPU?" before anything is r
 from __future__ import annotations
 
 import importlib
-from collections import Counter
 import platform
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 from . import tensorrt_backend

@@ -20,8 +20,8 @@ from .buffers import BufferPool
 from .manifest import Manifest
 from .postprocess import binarize, mask_geometry, postprocess, probability_stats, sigmoid
 from .preprocess import preprocess
-from .temporal import MaskChange, TemporalFilter, TemporalParams
 from .sector import imaging_sector
+from .temporal import MaskChange, TemporalFilter, TemporalParams
 from .timing import Timings
 
 
