@@ -256,7 +256,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     qat.add_argument("--run-dir", required=True, metavar="RUN", help="a trained and tuned float run")
     qat.add_argument("--bits",
                      help="learned (default), learned-aN (learned weight bits, activations fixed at N), N (2..8) "
-                                    "or WxAy, e.g. W4A8")
+                          "or WxAy, e.g. W4A8")
     qat.add_argument("--bit-weight", type=float, metavar="LAMBDA",
                      help="lambda of the bit cost (default 0.25, QuantU-Net's)")
     qat.add_argument("--target-bits", type=float, metavar="B",

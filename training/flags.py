@@ -55,7 +55,7 @@ def get_args_parser(parser=None, resumable: bool = True):
                         help="--pretrained phantom: frames of the pre-training phantom")
     parser.add_argument("--phantom-dir", metavar="FOLDER",
                         help="--pretrained phantom: the pre-training's run folder, trained there once "
-                                              "and reused by every run naming it (default RUN/phantom)")
+                             "and reused by every run naming it (default RUN/phantom)")
     parser.add_argument("--phantom-input-size", type=int, nargs=2, metavar=("H", "W"),
                         help="--pretrained phantom: the stage's input size (default: the recipe's; small: 256 256; else "
                              "--input-size)")
