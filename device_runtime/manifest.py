@@ -150,7 +150,7 @@ def load_manifest(bundle_dir: str | os.PathLike, verify: bool = True) -> Manifes
     if not bundle_dir.is_dir():
         raise InputError(f"{bundle_dir}: bundle folder not found")
     if not path.is_file():
-        raise InputError(f"{path}: not found; a bundle folder holds manifest.json (written by 'nerveseg export')")
+        raise InputError(f"{path}: not found; {_bundle_hint(bundle_dir)}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -257,6 +257,17 @@ def _at(data: dict, dotted: str):
             return _MISSING
         data = data[key]
     return data
+
+
+def _bundle_hint(folder: Path) -> str:
+    """What to point --bundle at when `folder` is not a bundle: a run folder's own bundles, or how to make one."""
+    candidates = (folder / "bundle" / MANIFEST_NAME, *sorted(folder.glob(f"qat/*/bundle/{MANIFEST_NAME}")))
+    inside = [p.parent for p in candidates if p.is_file()]
+    if inside:
+        return "this is a run folder; its bundles: " + ", ".join(str(p) for p in inside)
+    if (folder / "checkpoints").is_dir():
+        return f"this is a run folder without a bundle; write one with 'nerveseg export --run-dir {folder}'"
+    return "a bundle folder holds manifest.json (written by 'nerveseg export')"
 
 
 def verify_bundle(bundle_dir: str | os.PathLike, manifest: Manifest) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from device_runtime.errors import InputError
+from device_runtime.errors import InputError, RefusedError
 from device_runtime.fileio import atomic_dir, write_json
 from device_runtime.manifest import Manifest, ModelFile, describe_file, write_manifest
 from device_runtime.postprocess import Morphology
@@ -31,8 +31,9 @@ from .portable import dataset_description as portable_dataset, portable_config
 FP32_NAME = "model.fp32.onnx"
 
 
-class ParityError(InputError):
-    """The exported graph does not reproduce the PyTorch model within tolerance; no bundle is written."""
+class ParityError(RefusedError):
+    """The exported graph does not reproduce the PyTorch model within tolerance; no bundle is written (the
+    command lines exit 3 for it: the run was fine, its export was refused)."""
 
 
 def run_dir_of(checkpoint_path: Path) -> Path:

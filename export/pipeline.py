@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from device_runtime.manifest import MANIFEST_NAME, load_manifest
-from qat.config import build_qat_config
+from qat.config import build_qat_config, load_qat_config
 from qat.run import format_summary, run_qat
 from training import stages, train
 from training.config import TrainConfig
@@ -29,6 +29,13 @@ from .sweep import SweepState, refusal_key
 # W4A8 as the fixed-bits run with the learned run's activations and nearest mean weight bits.
 PIPELINE_LEARNED = {"bits": "learned-a8", "initial_bits": 4, "target_bits": 4.0, "name": "learned-a8-i4-t4"}
 PIPELINE_UNIFORM = ("8", "W4A8")
+
+
+def pipeline_runs() -> list[str]:
+    """The QAT runs the pipeline makes and exports to INT8: the learned-bits run, then PIPELINE_UNIFORM's."""
+    from .sweep import plan
+
+    return [PIPELINE_LEARNED["name"]] + [job.name for job in plan(list(PIPELINE_UNIFORM), [], [])]
 
 
 def format_table(threshold: dict, test: dict, test_onnx: dict) -> str:
@@ -82,9 +89,13 @@ def report_stage(run_dir: Path, cfg: TrainConfig, qat_epochs: int | None = None)
 
 def run_qat_stage(cfg: TrainConfig, run_dir: Path, resume: bool, epochs: int | None = None) -> Path:
     """QAT with learned weight bits (PIPELINE_LEARNED) on the recipe's [qat] schedule (RUN/qat/learned-a8-i4-t4;
-    `epochs` overrides its length); resumed when it was started."""
+    `epochs` overrides its length); resumed when it was started, on its own schedule unless `epochs` is given
+    (a run made with --qat-epochs 2 is not stretched to the recipe's 3 by a --resume without it)."""
+    qat_dir = Path(run_dir) / "qat" / PIPELINE_LEARNED["name"]
+    started = (qat_dir / "checkpoints" / "last.pt").is_file()
+    if resume and started and epochs is None:
+        epochs = load_qat_config(qat_dir / "config.toml").epochs
     qcfg = build_qat_config(cfg.recipe, run_dir=str(run_dir), device=cfg.device, epochs=epochs, **PIPELINE_LEARNED)
-    started = (qcfg.qat_dir / "checkpoints" / "last.pt").is_file()
     return run_qat(qcfg, resume=resume and started)
 
 

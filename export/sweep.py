@@ -217,6 +217,21 @@ def export_finished(run_dir: Path, device: str, state: SweepState) -> None:
                      left_out=manifest.quantization.get("refused", {}))  # INT8 files the gate left out, and why
 
 
+def refused_exports(run_dir: Path, names: list[str]) -> dict[str, str]:
+    """{name: why} for the finished QAT runs among `names` left without an INT8 bundle: their exports were
+    refused (the reason as sweep.json recorded it, when it did)."""
+    runs = (read_json(Path(run_dir) / SWEEP_STATE) or {}).get("runs", {})
+    return {name: runs.get(name, {}).get("export_error") or "no INT8 bundle"
+            for name in names if is_finished(Path(run_dir) / "qat" / name)
+            and not (Path(run_dir) / "qat" / name / "bundle" / "manifest.json").is_file()}
+
+
+def refusal_line(refused: dict[str, str], attempted: int) -> str:
+    """The last line of a sweep or pipeline whose INT8 exports were not all written."""
+    return (f"incomplete: {len(refused)} of {attempted} INT8 exports refused ({', '.join(refused)}): no INT8 bundle "
+            "written for them; their report rows are the fake-quant model; reasons above and in sweep.json")
+
+
 def ensure_float_bundle(run_dir: Path, device: str) -> None:
     """The float run's FP32 bundle: the report's float row and the PTQ baseline are made from its graph."""
     if (run_dir / "bundle" / "manifest.json").is_file():

@@ -18,7 +18,7 @@ from device_runtime.errors import InputError
 from device_runtime.fileio import write_json, write_text
 from device_runtime.postprocess import Morphology
 from training.bootstrap import paired_bootstrap_ci
-from training.checkpoint import load_model, read_checkpoint
+from training.checkpoint import finished_on_resume, load_model, read_checkpoint
 from training.evaluate import evaluate_arrays, plot_examples
 from training.model import as_deployed
 from training.predict import predict_probabilities, resolve_device
@@ -76,6 +76,12 @@ def run_qat(qcfg: QatConfig, resume: bool = False) -> Path:
     qat_dir = qcfg.qat_dir
     device = resolve_device(qcfg.device)
     float_model, float_checkpoint, cfg = load_model(float_path)
+    last_path = qat_dir / "checkpoints" / "last.pt"
+    last = read_qat_checkpoint(last_path) if resume else None
+    if resume and finished_on_resume(last, qcfg.epochs, last_path):
+        print(f"qat {qat_dir.name}: training finished earlier ({qcfg.epochs} epochs); tuning and scoring its best "
+              "checkpoint again", flush=True)
+        return finish(qat_dir, cfg, device, flip_tta_of(float_checkpoint))
     batch_size = qcfg.batch_size or cfg.batch_size
     loader_cfg = cfg.replace(batch_size=batch_size, seed=cfg.seed + qcfg.seed)
 
@@ -93,7 +99,7 @@ def run_qat(qcfg: QatConfig, resume: bool = False) -> Path:
                         qcfg.target_bits, live_weights(model, cfg.input_size), qcfg.distill)
     state = QatState(model, build_optimizer(model, qcfg), criterion, teacher=teacher)
     if resume:
-        restore(state, read_qat_checkpoint(qat_dir / "checkpoints" / "last.pt"))
+        restore(state, last)
         rewrite_log(qat_dir / "metrics.jsonl", state.start_epoch)
     else:
         qat_dir.mkdir(parents=True, exist_ok=True)

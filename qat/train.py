@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from training.checkpoint import rng_state, set_rng_state, without_resume_state
+from training.checkpoint import finished_checkpoint, rng_state, set_rng_state, without_resume_state
 from training.config import TrainConfig
 from training.train import validate
 
@@ -149,12 +149,16 @@ def run_epochs(state: QatState, cfg: TrainConfig, qcfg: QatConfig, qat_dir: Path
         checkpoint = make_qat_checkpoint(cfg, qcfg, state.model, epoch=epoch + 1, best_val_dice=state.best_dice,
                                          optimizer=state.optimizer.state_dict(), rng=rng_state(), val=stats,
                                          bits=table)
-        save_qat_checkpoint(checkpoint, qat_dir / "checkpoints" / "last.pt")
-        if is_best:
-            save_qat_checkpoint(without_resume_state(checkpoint), qat_dir / "checkpoints" / "best.pt")
+        # as in training.train.finish_epoch: last.pt is written last, so a kill -9 before it redoes this epoch (a
+        # resume drops its log line); the finished last.pt (no weights, no optimiser) must never precede its best.pt
         record = {"epoch": epoch + 1, "lr": {g["name"]: g["lr"] for g in state.optimizer.param_groups}, **stats}
         with open(qat_dir / "metrics.jsonl", "a", encoding="utf-8") as log:
             log.write(json.dumps(record) + "\n")
+        if is_best:
+            save_qat_checkpoint(without_resume_state(checkpoint), qat_dir / "checkpoints" / "best.pt")
+        final = epoch + 1 == qcfg.epochs  # nothing is resumed after the last epoch: no optimiser state kept
+        last = finished_checkpoint(checkpoint, keep_weights=False) if final else checkpoint  # best.pt is what is used
+        save_qat_checkpoint(last, qat_dir / "checkpoints" / "last.pt")
         print(f"qat epoch {epoch + 1:>2}/{qcfg.epochs}  loss {stats['train_loss']:.4f} (task {stats['task']:.4f})  "
               f"val Dice@0.5 {stats['val_dice']:.4f}  best-T Dice {stats['val_best_dice']:.4f}  bits W "
               f"{stats['mean_weight_bits']:.2f} A {stats['mean_activation_bits']:.2f}"

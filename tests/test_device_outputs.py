@@ -263,3 +263,19 @@ def test_a_video_whose_first_frame_fails_leaves_no_file(bundle, tmp_path, monkey
     with pytest.raises(InputError, match="writing frame 1 failed .* nothing was recorded; no file is left"):
         run(RunConfig(bundle=bundle, overlay_video=video, quiet=True), source=source())
     assert not video.exists()
+
+
+@pytest.mark.parametrize("size", [256, 512, 1024])
+def test_the_label_is_white_on_a_dark_box_sized_by_the_frame(size):
+    """On bright tissue (a white frame) the label stays readable: its box is dark, its text white, and both
+    grow with the frame (3.2 % of its height)."""
+    picture = OverlayRenderer().render(np.full((size, size), 230, np.uint8), np.zeros((size, size), np.uint8),
+                                       {"area_px": 0, "area_mm2": None, "uncertainty": 0.25})
+    dark = np.all(picture < 100, axis=2)
+    rows, cols = np.nonzero(dark)
+    box_h, box_w = rows.max() + 1, cols.max() + 1
+    assert rows.min() == 0 and cols.min() == 0  # the top-left corner
+    assert 0.04 * size < box_h < 0.08 * size and box_w < size
+    box = picture[:box_h, :box_w]
+    assert np.median(box) < 100 and (box.min(axis=2) > 170).sum() > 0.02 * box_h * box_w  # light text on it
+    assert np.all(picture[box_h + 2:] == 230)  # nothing else drawn (no mask)

@@ -50,7 +50,9 @@ def test_checkpoint_loads_weights_only_and_keeps_the_export_contract(qat_run):
     assert checkpoint["threshold"] is not None and checkpoint["morphology"] is not None
     assert qcfg.bits == "learned" and cfg.input_size == (64, 64)
     assert not set(RESUME_ONLY) & set(checkpoint)  # best.pt is what export reads; resuming reads last.pt
-    assert {"optimizer", "rng"} <= set(torch.load(qat_run / "checkpoints" / "last.pt", weights_only=True))
+    last = torch.load(qat_run / "checkpoints" / "last.pt", weights_only=True)  # finished: where it stopped, no more
+    assert last["finished"] and last["epoch"] == 2 and not set(RESUME_ONLY) & set(last) and "model" not in last
+    assert (qat_run / "checkpoints" / "last.pt").stat().st_size < 1e5
     table = json.loads((qat_run / "bits.json").read_text())
     for row, (name, conv) in zip(table["layers"], quant_convs(model)):
         assert row["name"] == name and row["weight_bits"] == conv.weight_quant.export_params().bits
@@ -78,12 +80,25 @@ def test_resume_continues_exactly(tiny_run, qat_run, monkeypatch):
     with pytest.raises(InputError, match="already exists"):
         run_qat(cfg)
     run_qat(cfg, resume=True)
-    straight = read_qat_checkpoint(qat_run / "checkpoints" / "last.pt")
-    resumed = read_qat_checkpoint(tiny_run / "qat" / "resumed" / "checkpoints" / "last.pt")
-    for key, value in straight["model"].items():
+    straight = read_qat_checkpoint(qat_run / "checkpoints" / "best.pt")
+    resumed = read_qat_checkpoint(tiny_run / "qat" / "resumed" / "checkpoints" / "best.pt")
+    for key, value in straight["model"].items():  # best.pt: a finished run's last.pt keeps no weights
         assert torch.equal(value, resumed["model"][key]), key
+    resumed = read_qat_checkpoint(tiny_run / "qat" / "resumed" / "checkpoints" / "last.pt")
     lines = (tiny_run / "qat" / "resumed" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(l)["epoch"] for l in lines] == [1, 2]
+    assert resumed["finished"] and "optimizer" not in resumed and "rng" not in resumed  # slimmed at the end
+
+
+def test_resume_of_a_finished_qat_run_scores_it_again_without_training(tiny_run, qat_run, capsys):
+    cfg = QatConfig(run_dir=str(tiny_run), name=qat_run.name, **SMALL)
+    last = qat_run / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    assert run_qat(cfg, resume=True) == qat_run
+    assert "training finished earlier" in capsys.readouterr().out and last.read_bytes() == before
+    assert (qat_run / "test_metrics.json").is_file()
+    with pytest.raises(InputError, match="cannot be continued"):
+        run_qat(cfg.replace(epochs=cfg.epochs + 1), resume=True)
 
 
 def _toy_model() -> nn.Module:
