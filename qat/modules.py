@@ -98,7 +98,7 @@ class QuantConv2d(nn.Module):
         x = self.input_quant(x)
         # conv2d_live: the kernel taps that only read zero padding are skipped (same output, and their gradient
         # was exactly zero anyway); the weights are quantized whole, so the integers are those of the full kernel
-        if self.input_quant.observing:  # initialisation pass: float weights, float activations
+        if self.input_quant.observing or self.weight_quant.bypass:  # initialisation pass, or diagnosis: float weights
             y = conv2d_live(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         else:
             y = conv2d_live(x, self.quantized_weight(), self.quantized_bias(), self.stride, self.padding,
