@@ -69,7 +69,8 @@ def build_qat_model(arch: str, qcfg: QatConfig, float_model: nn.Module | None = 
     return prepare_qat(model, arch, weight_bits=weight_bits, activation_bits=setting.activation_bits,
                        learn_weight_bits=setting.learned,
                        learn_activation_bits=setting.learned and setting.learned_activations,
-                       b_min=qcfg.b_min, b_max=qcfg.b_max, init_steps=init_steps, grid=qcfg.grid)
+                       b_min=qcfg.b_min, b_max=qcfg.b_max, init_steps=init_steps, grid=qcfg.grid,
+                       activation_range=qcfg.activation_range)
 
 
 def load_qat_model(path: str | Path) -> tuple[nn.Module, dict, TrainConfig, QatConfig]:
