@@ -88,17 +88,21 @@ def test_a_quantizer_fixed_at_8_bits_is_never_tight():
         FakeQuant(narrow=False, bits=8, learn_bits=False).set_tight()
 
 
-@pytest.fixture(scope="module")
-def tight_model():
+def _tight_model(grid: str = "tensorrt"):
     from training.model import build_model
 
     torch.manual_seed(0)
     model = prepare_qat(build_model("mobilenet_v3_large").eval(), "mobilenet_v3_large", weight_bits=4,
                         activation_bits=3, learn_weight_bits=False, learn_activation_bits=False,
-                        activation_range="tight")
+                        activation_range="tight", grid=grid)
     frames = torch.from_numpy(np.random.default_rng(1).random((4, 1, 64, 64), dtype=np.float32))
     initialise_steps(model, [frames], 99.99, "mse")
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tight_model():
+    return _tight_model()
 
 
 def test_tight_ranges_reach_relu_tensors_and_hardswish_outputs(tight_model):
@@ -116,19 +120,22 @@ def test_tight_ranges_reach_relu_tensors_and_hardswish_outputs(tight_model):
     assert all(qmax - qmin == 7 for kind in ranges.values() for qmin, qmax in kind)
 
 
-def test_tight_graph_holds_the_fake_quant_integers(tight_model, tmp_path):
-    """The exported QDQ graph (TensorRT form, int8 with zero point 0 and a Clip to [-z, 2^b - 1 - z]) gives each
-    convolution exactly the integers the fake-quant model computes from the values it receives, it passes the
-    TensorRT lint, and the x86 file (u8 with zero point 128) computes the same outputs."""
+@pytest.mark.parametrize("grid", ["tensorrt", "x86"])
+def test_tight_graph_holds_the_fake_quant_integers(tight_model, grid, tmp_path):
+    """The exported QDQ graph (int8 with zero point 0 and a Clip to [-z, 2^b - 1 - z]) gives each convolution
+    exactly the integers the fake-quant model computes from the values it receives; the TensorRT form passes the
+    TensorRT lint, and the x86 file (u8 with zero point 128; on the x86 grid the ReLU'd tensors uint8 with zero
+    point 0 beside the tight ones) computes the same outputs."""
     from export.int8_graph import build_int8_model, quantizer_constants, quantizer_names
     from export.onnx_export import tensorrt_problems
     from export.qdq import cpu_form
 
-    graph = build_int8_model(tight_model, (64, 64), tmp_path / "twin.onnx")
+    model = tight_model if grid == "tensorrt" else _tight_model("x86")
+    graph = build_int8_model(model, (64, 64), tmp_path / "twin.onnx")
     onnx.save(graph, str(tmp_path / "s8.onnx"))
-    assert tensorrt_problems(tmp_path / "s8.onnx") == []
+    assert (tensorrt_problems(tmp_path / "s8.onnx") == []) == (grid == "tensorrt")
     producer = {o: n for n in graph.graph.node for o in n.output}
-    convs = quant_convs(tight_model)
+    convs = quant_convs(model)
     by_name = {n.name: n for n in graph.graph.node if n.op_type == "Conv"}
     wanted, feeds = [], []
     for name, _ in convs:
@@ -153,12 +160,16 @@ def test_tight_graph_holds_the_fake_quant_integers(tight_model, tmp_path):
         expected = conv.input_quant.quantize_integers(torch.from_numpy(x)).numpy()
         np.testing.assert_array_equal(q.astype(np.int32), expected, err_msg=name)
     assert shifted > 10, "tight ranges were exported (not only signed ones)"
-    names = quantizer_names(tight_model)
-    relu_quantizer = next(conv.input_quant for _, conv in convs if conv.input_quant.export_params()[1:3] == (0, 7))
-    scale_name = quantizer_constants(graph)[names[id(relu_quantizer)]]
+    names = quantizer_names(model)
+    hardswish = model.get_submodule("backbone.0.2").output_quant  # read by a depthwise conv: tight on both grids
+    shifted_quantizer = next(conv.input_quant for _, conv in convs if -4 < conv.input_quant.export_params().qmin < 0)
+    p = shifted_quantizer.export_params()
+    scale_name = quantizer_constants(graph)[names[id(shifted_quantizer)]]
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.graph.initializer}
     clip = next(n for n in graph.graph.node if n.op_type == "Clip" and n.input[1] == scale_name.replace(".scale", ".clip_min"))
-    assert inits[clip.input[1]] == 0 and inits[clip.input[2]] == np.float32(7) * inits[scale_name]
+    assert inits[clip.input[1]] == np.float32(p.qmin) * inits[scale_name]
+    assert inits[clip.input[2]] == np.float32(p.qmax) * inits[scale_name]
+    assert hardswish.tight and not hardswish.unsigned
     plain = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
     cpu = ort.InferenceSession(cpu_form(graph).SerializeToString(), options, providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(plain.run(None, {"input": frames})[0], cpu.run(None, {"input": frames})[0])
