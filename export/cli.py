@@ -138,7 +138,8 @@ def qat_config_from_args(args):
                             bit_epochs=args.bit_epochs, activation_range=args.activation_range,
                             activation_init=args.activation_init, bit_schedule=args.bit_schedule,
                             hold_fragile=args.hold_fragile, target_activation_bits=args.target_activation_bits,
-                            bias_correction=args.bias_correction)
+                            bias_correction=args.bias_correction,
+                            initial_activation_bits=args.initial_activation_bits)
 
 
 def _qat(args) -> None:
@@ -290,6 +291,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     qat.add_argument("--target-activation-bits", type=float, metavar="B",
                      help="learned runs: budget of mean activation bits, capped at the freeze (default: --target-bits, "
                           "as a penalty only)")
+    qat.add_argument("--initial-activation-bits", type=int, metavar="B",
+                     help="learned runs: every learned activation's bits start at B (default 8; 7 on a tight grid)")
     qat.add_argument("--bias-correction", action="store_true", default=None,
                      help="after the steps are set, give each convolution the float model's channel means (bias) "
                           "(default: off)")

@@ -23,7 +23,7 @@ ACTIVATION_INITS = ("percentile", "mse")  # FakeQuant.init_from_samples; see Qat
 RECIPE_KEYS = ("grid", "epochs", "bit_epochs", "observe_frames", "activation_percentile", "batch_size", "lr_weights",
                "lr_steps", "lr_bits", "bit_weight", "activation_bit_weight", "target_bits", "b_min", "b_max", "distill",
                "initial_bits", "activation_range", "activation_init", "bit_schedule", "hold_fragile",
-               "fragile_min_drop", "target_activation_bits", "bias_correction")
+               "fragile_min_drop", "target_activation_bits", "bias_correction", "initial_activation_bits")
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,9 @@ class QatConfig:
     # learned runs: the budget of mean activation bits (0: target_bits, and no cap); at the freeze the activation
     # mean is capped at it, as target_bits caps the weights
     target_activation_bits: float = 0.0
+    # learned runs: the bitwidth every learned activation starts from (0: 8, or 7 on a tight grid); the activation
+    # counterpart of initial_bits
+    initial_activation_bits: int = 0
     # after the steps are (re)initialised: move each convolution's bias so that its channels' means on the observed
     # training frames are the float model's (qat/bias_correction.py)
     bias_correction: bool = False
@@ -192,6 +195,11 @@ class QatConfig:
         if self.hold_fragile < 0 or self.fragile_min_drop < 0:
             raise InputError(f"--hold-fragile and fragile_min_drop must be >= 0, got {self.hold_fragile}, "
                              f"{self.fragile_min_drop}")
+        if self.initial_activation_bits and not (setting.learned and setting.learned_activations):
+            raise InputError(f"--initial-activation-bits is for learned activation bits; --bits {self.bits} fixes them")
+        if self.initial_activation_bits and not self.b_min <= self.initial_activation_bits <= self.b_max:
+            raise InputError(f"--initial-activation-bits must lie in [{self.b_min}, {self.b_max}], got "
+                             f"{self.initial_activation_bits}")
         if self.target_activation_bits and not setting.learned:
             raise InputError(f"--target-activation-bits is for learned bits; --bits {self.bits} fixes them")
         if self.target_activation_bits and not self.b_min <= self.target_activation_bits <= self.b_max:

@@ -119,9 +119,12 @@ class BitPlan:
                 taken = cap_activation_bits_(model, elements, qcfg.target_activation_bits, allowed)
                 by_reader = {name: conv.input_quant for name, conv in quant_convs(model)}
                 moved = [by_reader[name] for name, _, _ in taken]
-                if taken:
-                    say(f"mean activation bits capped at the budget {qcfg.target_activation_bits:g} by "
-                        f"{len(taken)} bit(s): " + ", ".join(f"{name} {b}->{c}" for name, b, c in taken))
+                if taken:  # often many: the count and the spread, bits.json has every layer
+                    firsts = {name: b for name, b, _ in reversed(taken)}
+                    lasts = {name: c for name, _, c in taken}
+                    say(f"mean activation bits capped at the budget {qcfg.target_activation_bits:g} by {len(taken)} "
+                        f"bit(s) over {len(lasts)} tensors (from {min(firsts.values())}-{max(firsts.values())} to "
+                        f"{min(lasts.values())}-{max(lasts.values())} bits; bits.json lists them)")
         elif qcfg.bit_schedule_steps and epoch > 0 and bits_at(qcfg, epoch) != bits_at(qcfg, epoch - 1):
             moved = self._set_floor(bits_at(qcfg, epoch))
             say(f"bit schedule: epoch {epoch + 1} at {bits_at(qcfg, epoch)} bits (floor), {len(moved)} quantizers "

@@ -349,3 +349,17 @@ def test_diagnosis_script_refuses_a_missing_run_in_one_line(tmp_path, monkeypatc
     monkeypatch.setattr("sys.argv", ["diag_lowbit.py", "--run-dir", str(tmp_path / "none")])
     with pytest.raises(SystemExit, match="best.pt: not found"):
         diag.main()
+
+
+def test_learned_activation_bits_start_at_their_initial_bits():
+    from qat.checkpoint import build_qat_model
+
+    for grid_range, expected in (("signed", 5), ("tight", 5)):
+        qcfg = build_qat_config("quick", bits="learned", initial_bits=4, initial_activation_bits=5,
+                                activation_range=grid_range)
+        model = build_qat_model("mobilenet_v3_large", qcfg)
+        learned = [q for q in activation_quantizers(model) if q.learns_bits]
+        assert learned and {q.bits() for q in learned} == {expected}
+        assert {conv.weight_quant.bits() for _, conv in quant_convs(model)} == {4}
+    with pytest.raises(InputError, match="learned activation bits"):
+        build_qat_config("quick", bits="learned-a8", initial_activation_bits=4)
