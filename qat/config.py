@@ -23,7 +23,8 @@ ACTIVATION_INITS = ("percentile", "mse")  # FakeQuant.init_from_samples; see Qat
 RECIPE_KEYS = ("grid", "epochs", "bit_epochs", "observe_frames", "activation_percentile", "batch_size", "lr_weights",
                "lr_steps", "lr_bits", "bit_weight", "activation_bit_weight", "target_bits", "b_min", "b_max", "distill",
                "initial_bits", "activation_range", "activation_init", "bit_schedule", "hold_fragile",
-               "fragile_min_drop", "target_activation_bits", "bias_correction", "initial_activation_bits")
+               "fragile_min_drop", "fragile_frames", "target_activation_bits", "bias_correction",
+               "initial_activation_bits")
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,9 @@ class QatConfig:
     # above fragile_min_drop, at 8 bits; counted at 8 in the mean bits
     hold_fragile: int = 0
     fragile_min_drop: float = 0.0
+    # training frames each candidate is scored on: the ranking costs (quantizers x frames) forward passes, about
+    # 140 x 16 on the edge model, a few training epochs' worth; the fragile few drop by 0.1-0.5 Dice, plain on 16
+    fragile_frames: int = 16
     # learned runs: the budget of mean activation bits (0: target_bits, and no cap); at the freeze the activation
     # mean is capped at it, as target_bits caps the weights
     target_activation_bits: float = 0.0
@@ -192,9 +196,9 @@ class QatConfig:
         if self.activation_init not in ACTIVATION_INITS:
             raise InputError(f"--activation-init must be one of {', '.join(ACTIVATION_INITS)}, got "
                              f"{self.activation_init!r}")
-        if self.hold_fragile < 0 or self.fragile_min_drop < 0:
-            raise InputError(f"--hold-fragile and fragile_min_drop must be >= 0, got {self.hold_fragile}, "
-                             f"{self.fragile_min_drop}")
+        if self.hold_fragile < 0 or self.fragile_min_drop < 0 or self.fragile_frames < 1:
+            raise InputError(f"--hold-fragile and fragile_min_drop must be >= 0 and fragile_frames >= 1, got "
+                             f"{self.hold_fragile}, {self.fragile_min_drop}, {self.fragile_frames}")
         if self.initial_activation_bits and not (setting.learned and setting.learned_activations):
             raise InputError(f"--initial-activation-bits is for learned activation bits; --bits {self.bits} fixes them")
         if self.initial_activation_bits and not self.b_min <= self.initial_activation_bits <= self.b_max:

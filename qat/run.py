@@ -96,7 +96,7 @@ def run_qat(qcfg: QatConfig, resume: bool = False) -> Path:
     model = build_qat_model(cfg.arch, qcfg, float_model.to(device), init_steps=not resume).to(device)
     observe = lambda: _observation_batches(train_images, qcfg.observe_frames, batch_size, device)  # noqa: E731
     plan = make_plan(model, qcfg, resume, observe, lambda m: validate(
-        m, train_images[:qcfg.observe_frames], train_masks[:qcfg.observe_frames], device, cfg.replace(amp=False))[
+        m, train_images[:qcfg.fragile_frames], train_masks[:qcfg.fragile_frames], device, cfg.replace(amp=False))[
         "val_best_dice"], lambda text: print(f"qat {qat_dir.name}: {text}", flush=True))
     elements = activation_elements(model, cfg.input_size)
     criterion = QatLoss(elements, cfg.bce_weight, cfg.dice_weight, qcfg.bit_weight, qcfg.activation_bit_weight,

@@ -149,9 +149,9 @@ def initialise(model: nn.Module, qcfg: QatConfig, observe: Callable[[], Iterable
 def make_plan(model: nn.Module, qcfg: QatConfig, resume: bool, observe: Callable[[], Iterable[torch.Tensor]],
               score: Callable[[nn.Module], float], say: Callable[[str], None]) -> BitPlan:
     """The run's BitPlan, right after prepare. `hold_fragile` N: a new run ranks its planned quantizers by their
-    one-at-a-time drop of `score` (Dice on training frames) at the bits the run gives them (learned runs: the
-    budget, or 4) and holds the N largest drops above `fragile_min_drop` at 8 bits, writing fragile.json; a resumed
-    run reads that file back. Then a new run starts its schedule."""
+    one-at-a-time drop of `score` (Dice on `fragile_frames` training frames) at the bits the run gives them (learned
+    runs: the budget, or 4) and holds the N largest drops above `fragile_min_drop` at 8 bits, writing fragile.json;
+    a resumed run reads that file back. Then a new run starts its schedule."""
     from device_runtime.fileio import write_json
 
     from .sensitivity import describe, observe as observe_float, rank_fragile
