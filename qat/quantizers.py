@@ -71,7 +71,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .ste import FakeQuantFunction, round_ste  # noqa: F401 (round_ste: qat.modules imports it from here)
+from .ste import FakeQuantFunction
 from .step_init import Observation, covering_grid, mse_activation_grid, mse_steps
 
 # ceil(b_c - CEIL_MARGIN): a range exactly at the top of a bitwidth's interval (e.g. q_max = 127 d) gives that
@@ -95,8 +95,6 @@ def integer_range(bits: int, narrow: bool, unsigned: bool = False) -> tuple[int,
         return 0, 2 ** bits - 1
     top = 2 ** (bits - 1) - 1
     return (-top if narrow else -top - 1), top
-
-
 
 
 class FakeQuant(nn.Module):
