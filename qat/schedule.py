@@ -35,6 +35,17 @@ def bits_at(qcfg: QatConfig, epoch: int) -> int:
     return floor
 
 
+def cosine_phase(qcfg: QatConfig, epoch: int) -> tuple[int, int]:
+    """(epochs into the cosine, its length) for 0-based `epoch`: the whole run, or with a bit schedule the stage
+    the epoch is in, so that each stage starts at the full learning rate. Measured: with one cosine over a
+    3-epoch run (8, then 4, then 3 bits) the 3-bit stage got the cosine's tail (a quarter of the rate), could not
+    recover from the re-initialisation, and predicted nothing (the same 3 bits without a schedule: 0.62 test Dice)."""
+    starts = [0] + [start - 1 for start, _ in qcfg.bit_schedule_steps]
+    begin = max(s for s in starts if s <= epoch)
+    end = min([s for s in starts if s > epoch] + [qcfg.epochs])
+    return epoch - begin, end - begin
+
+
 def at_final_bits(qcfg: QatConfig, epoch: int) -> bool:
     """Whether 0-based `epoch` trains at the bits the run deploys: learned bits frozen, a schedule at its end."""
     if qcfg.bit_setting.learned:

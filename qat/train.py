@@ -32,7 +32,7 @@ from .checkpoint import make_qat_checkpoint, save_qat_checkpoint
 from .config import QatConfig
 from .loss import QatLoss
 from .prepare import fake_quants, project_bits_, quant_convs
-from .schedule import BitPlan, at_final_bits
+from .schedule import BitPlan, at_final_bits, cosine_phase
 from .sensitivity import step_log
 
 
@@ -61,9 +61,10 @@ def build_optimizer(model: nn.Module, qcfg: QatConfig) -> torch.optim.Adam:
 
 
 def set_learning_rates(optimizer: torch.optim.Optimizer, qcfg: QatConfig, epoch: int) -> None:
-    """Cosine decay over the run for weights and steps; bits keep their rate while they learn. Computed
-    from the epoch alone, so a resumed run gets the same rates without any scheduler state."""
-    cosine = 0.5 * (1.0 + math.cos(math.pi * epoch / qcfg.epochs))
+    """Cosine decay over the run (a bit schedule: over each stage) for weights and steps; bits keep their rate while
+    they learn. Computed from the epoch alone, so a resumed run gets the same rates without any scheduler state."""
+    position, length = cosine_phase(qcfg, epoch)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * position / length))
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * (1.0 if group["name"] == "bits" else cosine)
 

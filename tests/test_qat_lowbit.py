@@ -363,3 +363,12 @@ def test_learned_activation_bits_start_at_their_initial_bits():
         assert {conv.weight_quant.bits() for _, conv in quant_convs(model)} == {4}
     with pytest.raises(InputError, match="learned activation bits"):
         build_qat_config("quick", bits="learned-a8", initial_activation_bits=4)
+
+
+def test_each_stage_of_a_bit_schedule_restarts_the_cosine():
+    from qat.schedule import cosine_phase
+
+    plain = build_qat_config("quick", bits="3", epochs=6)
+    assert [cosine_phase(plain, e) for e in range(6)] == [(e, 6) for e in range(6)]  # one cosine, as before
+    staged = build_qat_config("quick", bits="3", epochs=6, bit_schedule="4@2,3@4")
+    assert [cosine_phase(staged, e) for e in range(6)] == [(0, 1), (0, 2), (1, 2), (0, 3), (1, 3), (2, 3)]
