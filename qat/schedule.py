@@ -109,42 +109,53 @@ class BitPlan:
             self._set_floor(bits_at(self.qcfg, 0))
 
     def begin_epoch(self, epoch: int, weights: dict[str, int] | None, elements: dict[str, int],
-                    observe: Callable[[], Iterable[torch.Tensor]], say: Callable[[str], None]) -> None:
+                    observe: Callable[[], Iterable[torch.Tensor]], say: Callable[[str], None]) -> bool:
         """What changes before 0-based `epoch` trains: the bits freeze (and are capped to the budgets), or the
-        schedule lowers them; the steps of every quantizer whose bits moved are re-chosen for its new bits."""
-        qcfg, model = self.qcfg, self.model
-        moved: list[FakeQuant] = []
+        schedule lowers them; the steps of every quantizer whose bits moved are re-chosen for its new bits.
+        Returns whether a schedule stage began (the caller then restarts the optimiser's moments: those of the
+        stage before describe another network; each stage of a progressive schedule starts afresh)."""
+        qcfg = self.qcfg
+        stage = False
         if qcfg.bit_setting.learned:
-            if epoch != qcfg.bit_epochs:
-                return
-            learning = [q for q, _ in self.lowered() if q.learns_bits]
-            allowed = {id(q) for q in learning}
-            for q in learning:
-                q.freeze_bits()
-            if qcfg.target_bits > 0:
-                taken = cap_weight_bits_(model, weights, qcfg.target_bits, allowed)
-                if taken:
-                    say(f"bits frozen; mean weight bits capped at the target {qcfg.target_bits:g} by {len(taken)} "
-                        f"bit(s): " + ", ".join(f"{name} {b}->{c}" for name, b, c in taken))
-            if qcfg.target_activation_bits > 0:
-                taken = cap_activation_bits_(model, elements, qcfg.target_activation_bits, allowed)
-                by_reader = {name: conv.input_quant for name, conv in quant_convs(model)}
-                moved = [by_reader[name] for name, _, _ in taken]
-                if taken:  # often many: the count and the spread, bits.json has every layer
-                    firsts = {name: b for name, b, _ in reversed(taken)}
-                    lasts = {name: c for name, _, c in taken}
-                    say(f"mean activation bits capped at the budget {qcfg.target_activation_bits:g} by {len(taken)} "
-                        f"bit(s) over {len(lasts)} tensors (from {min(firsts.values())}-{max(firsts.values())} to "
-                        f"{min(lasts.values())}-{max(lasts.values())} bits; bits.json lists them)")
+            moved = self._freeze(weights, elements, say) if epoch == qcfg.bit_epochs else []
         elif qcfg.bit_schedule_steps and epoch > 0 and bits_at(qcfg, epoch) != bits_at(qcfg, epoch - 1):
-            moved = self._set_floor(bits_at(qcfg, epoch))
+            moved, stage = self._set_floor(bits_at(qcfg, epoch)), True
             say(f"bit schedule: epoch {epoch + 1} at {bits_at(qcfg, epoch)} bits (floor), {len(moved)} quantizers "
-                f"lowered, their steps re-initialised")
+                f"lowered, their steps re-initialised, the optimiser's moments restarted")
+        else:
+            moved = []
         activations = list({id(q): q for q in moved if not q.per_channel}.values())
         if activations:
-            initialise(model, qcfg, observe, only=activations)
+            initialise(self.model, qcfg, observe, only=activations)
         elif moved and qcfg.bias_correction:  # weights alone moved: their biases still follow
-            correct_biases(model, list(observe()))
+            correct_biases(self.model, list(observe()))
+        return stage
+
+    def _freeze(self, weights: dict[str, int] | None, elements: dict[str, int],
+                say: Callable[[str], None]) -> list[FakeQuant]:
+        """Learned runs: freeze every learning bitwidth, cap the means at their budgets; returns the activation
+        quantizers the cap lowered (their steps need data)."""
+        qcfg, model = self.qcfg, self.model
+        learning = [q for q, _ in self.lowered() if q.learns_bits]
+        allowed = {id(q) for q in learning}
+        for q in learning:
+            q.freeze_bits()
+        if qcfg.target_bits > 0:
+            taken = cap_weight_bits_(model, weights, qcfg.target_bits, allowed)
+            if taken:
+                say(f"bits frozen; mean weight bits capped at the target {qcfg.target_bits:g} by {len(taken)} "
+                    f"bit(s): " + ", ".join(f"{name} {b}->{c}" for name, b, c in taken))
+        if not qcfg.target_activation_bits > 0:
+            return []
+        taken = cap_activation_bits_(model, elements, qcfg.target_activation_bits, allowed)
+        if taken:  # often many: the count and the spread, bits.json has every layer
+            firsts = {name: b for name, b, _ in reversed(taken)}
+            lasts = {name: c for name, _, c in taken}
+            say(f"mean activation bits capped at the budget {qcfg.target_activation_bits:g} by {len(taken)} bit(s) "
+                f"over {len(lasts)} tensors (from {min(firsts.values())}-{max(firsts.values())} to "
+                f"{min(lasts.values())}-{max(lasts.values())} bits; bits.json lists them)")
+        by_reader = {name: conv.input_quant for name, conv in quant_convs(model)}
+        return [by_reader[name] for name, _, _ in taken]
 
 
 def initialise(model: nn.Module, qcfg: QatConfig, observe: Callable[[], Iterable[torch.Tensor]],

@@ -137,8 +137,9 @@ def run_epochs(state: QatState, cfg: TrainConfig, qcfg: QatConfig, qat_dir: Path
     plan = state.plan or BitPlan(state.model, qcfg)
     start = {"steps_start": step_log(state.model)} if state.start_epoch == 0 else {}  # as initialised from data
     for epoch in range(state.start_epoch, qcfg.epochs):
-        plan.begin_epoch(epoch, state.criterion.weights, state.criterion.elements, state.observe,
-                         lambda text: print(f"qat {qat_dir.name}: {text}", flush=True))
+        if plan.begin_epoch(epoch, state.criterion.weights, state.criterion.elements, state.observe,
+                            lambda text: print(f"qat {qat_dir.name}: {text}", flush=True)):
+            state.optimizer.state.clear()  # a new stage of the bit schedule: Adam starts afresh
         set_learning_rates(state.optimizer, qcfg, epoch)
         label = f"qat {qat_dir.name} epoch {epoch + 1}/{qcfg.epochs}"
         stats = train_one_epoch(state.model, make_loader(epoch), state.criterion, state.optimizer, device, label,
