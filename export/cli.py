@@ -135,7 +135,11 @@ def qat_config_from_args(args):
                             target_bits=args.target_bits, epochs=args.epochs, device=args.device,
                             activation_percentile=args.activation_percentile, grid=args.grid,
                             lr_weights=args.lr_weights, distill=args.distill, initial_bits=args.initial_bits,
-                            bit_epochs=args.bit_epochs)
+                            bit_epochs=args.bit_epochs, activation_range=args.activation_range,
+                            activation_init=args.activation_init, bit_schedule=args.bit_schedule,
+                            hold_fragile=args.hold_fragile, target_activation_bits=args.target_activation_bits,
+                            bias_correction=args.bias_correction,
+                            initial_activation_bits=args.initial_activation_bits)
 
 
 def _qat(args) -> None:
@@ -197,6 +201,8 @@ def _add_sweep_settings(parser: argparse.ArgumentParser, bits: str, learned: str
 
 
 GRIDS = ("tensorrt", "x86")  # qat.config.GRIDS, written here so that --help needs no torch (a test keeps them equal)
+ACTIVATION_RANGES = ("signed", "tight")  # qat.config.ACTIVATION_RANGES, likewise
+ACTIVATION_INITS = ("percentile", "mse")  # qat.config.ACTIVATION_INITS, likewise
 DEVICE_HELP = "where PyTorch runs: auto (a GPU when there is one), cpu, cuda, cuda:N"
 PIPELINE = """Every stage on one run folder, in order:
   1. train the recipe (default quick, on the synthetic phantom without --data)   RUN/checkpoints/
@@ -288,6 +294,25 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="learning rate of the folded weights and biases (default: the recipe's [qat] table, 1e-4)")
     qat.add_argument("--distill", type=float, metavar="D",
                      help="weight of the float model as teacher: + D x BCE(QAT logits, float probabilities) (default 0)")
+    qat.add_argument("--activation-range", choices=ACTIVATION_RANGES,
+                     help="tight: activations below 8 bits split their levels between negative and positive values as "
+                          "the data do (int8, zero point 0: both runtimes); default signed")
+    qat.add_argument("--activation-init", choices=ACTIVATION_INITS,
+                     help="mse: activation steps below 8 bits by squared error (default: the percentile)")
+    qat.add_argument("--bit-schedule", metavar="B@E,...",
+                     help="uniform runs: lower the bits in stages, e.g. 6@2,4@3,3@4 (8 bits before the first entry; "
+                          "default: none)")
+    qat.add_argument("--hold-fragile", type=int, metavar="N",
+                     help="hold the N tensors whose one-at-a-time Dice drop is largest at 8 bits (counted in the mean; "
+                          "default 0)")
+    qat.add_argument("--target-activation-bits", type=float, metavar="B",
+                     help="learned runs: budget of mean activation bits, capped at the freeze (default: --target-bits, "
+                          "as a penalty only)")
+    qat.add_argument("--initial-activation-bits", type=int, metavar="B",
+                     help="learned runs: every learned activation's bits start at B (default 8; 7 on a tight grid)")
+    qat.add_argument("--bias-correction", action="store_true", default=None,
+                     help="after the steps are set, give each convolution the float model's channel means (bias) "
+                          "(default: off)")
     qat.add_argument("--name",
                      help="RUN/qat/NAME (default from --bits: learned, w8a8, w4a4, w4a8; -x86 for --grid x86)")
     qat.add_argument("--resume", action="store_true", help="continue RUN/qat/NAME from its last checkpoint")

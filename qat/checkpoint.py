@@ -66,10 +66,14 @@ def build_qat_model(arch: str, qcfg: QatConfig, float_model: nn.Module | None = 
     setting = qcfg.bit_setting
     model = float_model if float_model is not None else build_model(arch)
     weight_bits = qcfg.initial_bits if setting.learned and qcfg.initial_bits else setting.weight_bits
-    return prepare_qat(model, arch, weight_bits=weight_bits, activation_bits=setting.activation_bits,
+    learned_activations = setting.learned and setting.learned_activations
+    activation_bits = qcfg.initial_activation_bits if learned_activations and qcfg.initial_activation_bits \
+        else setting.activation_bits
+    return prepare_qat(model, arch, weight_bits=weight_bits, activation_bits=activation_bits,
                        learn_weight_bits=setting.learned,
                        learn_activation_bits=setting.learned and setting.learned_activations,
-                       b_min=qcfg.b_min, b_max=qcfg.b_max, init_steps=init_steps, grid=qcfg.grid)
+                       b_min=qcfg.b_min, b_max=qcfg.b_max, init_steps=init_steps, grid=qcfg.grid,
+                       activation_range=qcfg.activation_range)
 
 
 def load_qat_model(path: str | Path) -> tuple[nn.Module, dict, TrainConfig, QatConfig]:

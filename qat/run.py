@@ -23,14 +23,14 @@ from training.evaluate import evaluate_arrays, plot_examples
 from training.model import as_deployed
 from training.predict import predict_probabilities, resolve_device
 from training.stages import flip_tta_of, split_arrays
-from training.train import Dist, augmented_train_set, build_loader, rewrite_log
+from training.train import Dist, augmented_train_set, build_loader, rewrite_log, validate
 from training.tune import plot_threshold_curve, tune
 
 from .bits import activation_elements, bits_table, live_weights
 from .checkpoint import build_qat_model, read_qat_checkpoint, save_qat_checkpoint
 from .config import QatConfig, load_qat_config, to_toml
 from .loss import QatLoss
-from .prepare import initialise_steps
+from .schedule import initialise, make_plan
 from .train import QatState, build_optimizer, restore, run_epochs
 
 
@@ -94,18 +94,21 @@ def run_qat(qcfg: QatConfig, resume: bool = False) -> Path:
     # preparing folds BatchNorm into float_model's own convolutions: the teacher is a copy taken before
     teacher = copy.deepcopy(float_model).to(device).eval().requires_grad_(False) if qcfg.distill > 0 else None
     model = build_qat_model(cfg.arch, qcfg, float_model.to(device), init_steps=not resume).to(device)
+    observe = lambda: _observation_batches(train_images, qcfg.observe_frames, batch_size, device)  # noqa: E731
+    plan = make_plan(model, qcfg, resume, observe, lambda m: validate(
+        m, train_images[:qcfg.fragile_frames], train_masks[:qcfg.fragile_frames], device, cfg.replace(amp=False))[
+        "val_best_dice"], lambda text: print(f"qat {qat_dir.name}: {text}", flush=True))
     elements = activation_elements(model, cfg.input_size)
     criterion = QatLoss(elements, cfg.bce_weight, cfg.dice_weight, qcfg.bit_weight, qcfg.activation_bit_weight,
                         qcfg.target_bits, live_weights(model, cfg.input_size), qcfg.distill)
-    state = QatState(model, build_optimizer(model, qcfg), criterion, teacher=teacher)
+    state = QatState(model, build_optimizer(model, qcfg), criterion, teacher=teacher, plan=plan, observe=observe)
     if resume:
         restore(state, last)
         rewrite_log(qat_dir / "metrics.jsonl", state.start_epoch)
     else:
         qat_dir.mkdir(parents=True, exist_ok=True)
         write_text(qat_dir / "config.toml", to_toml(qcfg))
-        seen = initialise_steps(model, _observation_batches(train_images, qcfg.observe_frames, batch_size, device),
-                                qcfg.activation_percentile)
+        seen = initialise(model, qcfg, observe)
         print(f"qat {qat_dir.name}: {cfg.arch}, bits {qcfg.bits}, steps initialised on {seen} training frames",
               flush=True)
 

@@ -3,8 +3,9 @@
 Schedule (QatConfig): the steps are initialised from training frames (qat.prepare.initialise_steps) before
 epoch 1; epochs 1..bit_epochs learn weights, steps and bits; from then on the integer bits are frozen (with
 `--target-bits B`, the weight mean capped at B: qat.bits.cap_weight_bits_) and weights and steps fine-tune.
-Uniform runs (`--bits 8`, `4`, `W4A8`) have their bits frozen from the start.
-Only epochs with frozen bits can become best.pt: what is kept must have the bits that are deployed.
+Uniform runs (`--bits 8`, `4`, `W4A8`) have their bits frozen from the start (`bit_schedule`: lowered in stages).
+Only epochs at the deployed bits can become best.pt (qat.schedule.at_final_bits). What changes at an epoch's
+start, and which quantizers are held at 8 bits, is qat/schedule.py's.
 
 Data loading, augmentation, validation and the metrics log are the float training's (training/train.py).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +31,9 @@ from training.train import validate
 from .checkpoint import make_qat_checkpoint, save_qat_checkpoint
 from .config import QatConfig
 from .loss import QatLoss
-from .bits import cap_weight_bits_
-from .prepare import fake_quants, freeze_bits_, project_bits_, quant_convs
+from .prepare import fake_quants, project_bits_, quant_convs
+from .schedule import BitPlan, at_final_bits, cosine_phase
+from .sensitivity import step_log
 
 
 def parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -58,9 +61,10 @@ def build_optimizer(model: nn.Module, qcfg: QatConfig) -> torch.optim.Adam:
 
 
 def set_learning_rates(optimizer: torch.optim.Optimizer, qcfg: QatConfig, epoch: int) -> None:
-    """Cosine decay over the run for weights and steps; bits keep their rate while they learn. Computed
-    from the epoch alone, so a resumed run gets the same rates without any scheduler state."""
-    cosine = 0.5 * (1.0 + math.cos(math.pi * epoch / qcfg.epochs))
+    """Cosine decay over the run (a bit schedule: over each stage) for weights and steps; bits keep their rate while
+    they learn. Computed from the epoch alone, so a resumed run gets the same rates without any scheduler state."""
+    position, length = cosine_phase(qcfg, epoch)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * position / length))
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * (1.0 if group["name"] == "bits" else cosine)
 
@@ -112,6 +116,8 @@ class QatState:
     start_epoch: int = 0
     best_dice: float = -1.0
     teacher: nn.Module | None = None  # the float model, when the loss distils it
+    plan: BitPlan | None = None  # the bits per epoch (None: built from the model, no held tensors)
+    observe: Callable[[], Iterable[torch.Tensor]] | None = None  # training frames for re-initialising steps
 
 
 def restore(state: QatState, checkpoint: dict) -> None:
@@ -128,12 +134,12 @@ def run_epochs(state: QatState, cfg: TrainConfig, qcfg: QatConfig, qat_dir: Path
 
     make_loader(epoch) gives the epoch's training loader; table_of(model) the bits table.
     """
+    plan = state.plan or BitPlan(state.model, qcfg)
+    start = {"steps_start": step_log(state.model)} if state.start_epoch == 0 else {}  # as initialised from data
     for epoch in range(state.start_epoch, qcfg.epochs):
-        if bits_frozen_at(qcfg, epoch) and freeze_bits_(state.model) and qcfg.target_bits > 0:
-            taken = cap_weight_bits_(state.model, state.criterion.weights, qcfg.target_bits)
-            if taken:
-                print(f"qat {qat_dir.name}: bits frozen; mean weight bits capped at the target {qcfg.target_bits:g} "
-                      f"by {len(taken)} bit(s): " + ", ".join(f"{name} {b}->{c}" for name, b, c in taken), flush=True)
+        if plan.begin_epoch(epoch, state.criterion.weights, state.criterion.elements, state.observe,
+                            lambda text: print(f"qat {qat_dir.name}: {text}", flush=True)):
+            state.optimizer.state.clear()  # a new stage of the bit schedule: Adam starts afresh
         set_learning_rates(state.optimizer, qcfg, epoch)
         label = f"qat {qat_dir.name} epoch {epoch + 1}/{qcfg.epochs}"
         stats = train_one_epoch(state.model, make_loader(epoch), state.criterion, state.optimizer, device, label,
@@ -142,7 +148,7 @@ def run_epochs(state: QatState, cfg: TrainConfig, qcfg: QatConfig, qat_dir: Path
         table = table_of(state.model)
         stats.update(mean_weight_bits=table["mean_weight_bits"], mean_activation_bits=table["mean_activation_bits"],
                      bits_frozen=bits_frozen_at(qcfg, epoch))
-        eligible = bits_frozen_at(qcfg, epoch)
+        eligible = at_final_bits(qcfg, epoch)
         is_best = eligible and stats["val_best_dice"] > state.best_dice
         if is_best:
             state.best_dice = stats["val_best_dice"]
@@ -151,7 +157,8 @@ def run_epochs(state: QatState, cfg: TrainConfig, qcfg: QatConfig, qat_dir: Path
                                          bits=table)
         # as in training.train.finish_epoch: last.pt is written last, so a kill -9 before it redoes this epoch (a
         # resume drops its log line); the finished last.pt (no weights, no optimiser) must never precede its best.pt
-        record = {"epoch": epoch + 1, "lr": {g["name"]: g["lr"] for g in state.optimizer.param_groups}, **stats}
+        record = {"epoch": epoch + 1, "lr": {g["name"]: g["lr"] for g in state.optimizer.param_groups}, **stats,
+                  "steps": step_log(state.model), **(start if epoch == 0 else {})}  # scripts/diag_lowbit.py
         with open(qat_dir / "metrics.jsonl", "a", encoding="utf-8") as log:
             log.write(json.dumps(record) + "\n")
         if is_best:

@@ -88,10 +88,12 @@ def test_flag_errors_are_one_line_with_exit_2(argv, message):
 
 
 def test_the_grids_offered_are_the_quantizers_grids():
-    from export.cli import GRIDS
-    from qat.config import GRIDS as QAT_GRIDS
+    from export import cli
+    from qat import config
 
-    assert tuple(GRIDS) == tuple(QAT_GRIDS)
+    assert tuple(cli.GRIDS) == tuple(config.GRIDS)
+    assert tuple(cli.ACTIVATION_RANGES) == tuple(config.ACTIVATION_RANGES)
+    assert tuple(cli.ACTIVATION_INITS) == tuple(config.ACTIVATION_INITS)
 
 
 # ------------------------------------------------------------------------------------------------ exit codes
