@@ -24,7 +24,8 @@ def exit_codes(refusals: bool) -> str:
     if refusals:
         lines += [f"  {EXIT_INCOMPLETE:<4} the command ran, but an artifact it asked for was refused by its own check "
                   "and not written",
-                  "       (an INT8 export below its parity bound); the last line says which; what was written stands"]
+                  "       (an INT8 bundle whose every INT8 file the parity gate refused); the last line says which;",
+                  "       what was written stands"]
     lines.append(f"  {EXIT_INTERRUPTED:<4} interrupted (Ctrl-C); files are written atomically, none is left "
                  "half-written")
     return "\n".join(lines)

@@ -19,8 +19,9 @@ class InputError(ValueError):
 
 
 class RefusedError(InputError):
-    """A requested artifact that its own check refused (an INT8 graph below its parity bound): the input was
-    fine, the result did not pass. The command lines exit with EXIT_INCOMPLETE for it, not EXIT_BAD_INPUT."""
+    """A requested artifact that its own check refused (an INT8 bundle whose every INT8 file the parity gate
+    refused): the input was fine, the result did not pass. The command lines exit with EXIT_INCOMPLETE for it,
+    not EXIT_BAD_INPUT."""
 
 
 def os_error_line(err: OSError) -> str:
