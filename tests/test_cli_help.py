@@ -171,7 +171,7 @@ def test_info_prints_rounded_figures_in_their_units():
     text = "\n".join(bundle_lines(manifest))
     assert "mean bits: weights 3.95, activations 8.00 over 5 layers" in text and "3.9545" not in text
     assert "layers by bits: W3 A8 x1, W4 A8 x4 (--layers: every layer)" in text and "conv1" not in text
-    assert "mask Dice 0.9987, max |dp| < 0.001, pixels flipped 0.02 % (10 frames)" in text
+    assert "mask Dice 0.9987, max |dp| < 0.001, pixels flipped 0.021 % (10 frames)" in text
     assert "latency at export on ort-cpu (2 threads, 20 runs, median): FP32 13.2 ms, INT8 8.3 ms" in text
     assert "threads 2" not in text.replace("(2 threads", "")
     assert "    conv1                                        W4 A8" in "\n".join(bundle_lines(manifest, layers=True))

@@ -162,16 +162,20 @@ def _old_format_checkpoint(cfg, path):
 
 
 def test_old_and_new_checkpoints_load_with_weights_only(tiny_config, tiny_run, tmp_path):
+    from training.checkpoint import rng_state, set_rng_state
+
     old = tmp_path / "old.pt"
     _old_format_checkpoint(tiny_config, old)
     assert set(torch.serialization.get_unsafe_globals_in_checkpoint(old)) >= {"numpy.ndarray", "numpy.dtype"}
     state = read_checkpoint(old)["rng"]["numpy"]
     np.random.set_state(state)  # the old tuple form still sets the generator
-    new = tiny_run / "checkpoints" / "last.pt"
-    assert torch.serialization.get_unsafe_globals_in_checkpoint(new) == []  # plain: no allowlist needed
-    from training.checkpoint import set_rng_state
-
-    set_rng_state(read_checkpoint(new)["rng"])
+    for new in tiny_run / "checkpoints" / "best.pt", tiny_run / "checkpoints" / "last.pt":  # as a run writes them
+        assert torch.serialization.get_unsafe_globals_in_checkpoint(new) == []  # plain: no allowlist needed
+    # a run's last.pt keeps its RNG state only until the run finishes (then it is slimmed): write one mid-run
+    mid_run = tmp_path / "mid_run.pt"
+    save_checkpoint(make_checkpoint(tiny_config, build_model("mobilenet_v3_large"), epoch=1, rng=rng_state()), mid_run)
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(mid_run) == []
+    set_rng_state(read_checkpoint(mid_run)["rng"])
 
 
 def test_the_float_run_being_trained_still_loads(tmp_path):
