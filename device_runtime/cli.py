@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .config import BACKENDS, MASK_FORMATS, OVERLAY_FORMATS, PRECISIONS, RunConfig
-from .errors import InputError, exit_code_of
+from .core.errors import InputError, exit_code_of
 
 
 class _Parser(argparse.ArgumentParser):
@@ -124,8 +124,8 @@ def _run(args) -> int:
 
 
 def _build_engine(args) -> int:
-    from . import tensorrt_backend
-    from .manifest import load_manifest
+    from .backends import tensorrt_backend
+    from .core.manifest import load_manifest
 
     manifest = load_manifest(args.bundle)
     precision = tensorrt_backend.engine_precision(manifest, args.precision)

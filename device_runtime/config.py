@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
+from .core.errors import InputError
 
 BACKENDS = ("auto", "tensorrt", "ort-tensorrt", "ort-cuda", "ort-cpu")
 PRECISIONS = ("auto", "fp32", "fp16", "int8")  # what runs; "auto" picks per backend (see backends.select_model)

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .backends import Backend
+from .backends.selection import Backend
 from .buffers import BufferPool
-from .manifest import Manifest
-from .postprocess import mask_geometry, postprocess, probability_stats, sigmoid
-from .preprocess import preprocess
+from .core.manifest import Manifest
+from .core.postprocess import mask_geometry, postprocess, probability_stats, sigmoid
+from .core.preprocess import preprocess
 from .timing import Timings
 
 

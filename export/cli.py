@@ -11,11 +11,11 @@ import shlex
 import sys
 from pathlib import Path
 
-from device_runtime.errors import exit_code_of
+from device_runtime.core.errors import exit_code_of
 
 
 def _synth(args) -> None:
-    from training.synth import write_phantom
+    from training.data.synth import write_phantom
 
     out = write_phantom(args.out, args.count, args.seed, tuple(args.size))
     print(f"wrote {args.count} phantom frames with masks to {out} (Kaggle layout: <subject>_<frame>[_mask].tif)")
@@ -46,7 +46,7 @@ def _evaluate(args) -> None:
 
 
 def _export(args) -> None:
-    from .bundle import export_bundle
+    from .bundle.writer import export_bundle
 
     if args.qat:
         return _export_int8(args)
@@ -62,14 +62,14 @@ def _export(args) -> None:
 
 
 def _report(args) -> None:
-    from .report import write_report
+    from .report.write import write_report
 
     out = write_report(args.run_dir, args.threads, args.latency_runs)
     print(f"report: {out / 'report.html'}")
 
 
 def _sweep(args) -> None:
-    from .sweep import run_sweep, split_list
+    from .workflows.sweep import run_sweep, split_list
 
     out = run_sweep(args.run_dir, split_list(args.bits), split_list(args.learned), split_list(args.target_bits),
                     args.epochs, args.device, args.threads, args.latency_runs,
@@ -78,8 +78,8 @@ def _sweep(args) -> None:
 
 
 def _cv_quant(args) -> None:
-    from .cv_quant import run_cv_quant
-    from .sweep import split_list
+    from .workflows.cv_quant import run_cv_quant
+    from .workflows.sweep import split_list
 
     command = "nerveseg " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     run_cv_quant(args.cv_dir, split_list(args.bits), split_list(args.learned), split_list(args.target_bits),
@@ -88,7 +88,7 @@ def _cv_quant(args) -> None:
 
 
 def _export_int8(args) -> None:
-    from .int8 import export_int8_bundle, format_summary, print_problems
+    from .bundle.int8 import export_int8_bundle, format_summary, print_problems
 
     if not args.run_dir or args.checkpoint:
         raise SystemExit("nerveseg export --qat NAME: give --run-dir RUN (the float run), not --checkpoint")
@@ -99,8 +99,9 @@ def _export_int8(args) -> None:
 
 
 def qat_config_from_args(args):
-    """The float run's recipe [qat] table plus the flags (with --resume, the QAT run's own config)."""
-    from qat.config import build_qat_config
+    """The float run's recipe [qat] table plus the flags (with --resume, the QAT run's own config). Every flag whose
+    name is a QatConfig field overrides it (None: the recipe's)."""
+    from qat.config import QatConfig, build_qat_config
     from training.config import load_run_config
 
     if args.resume:  # the run's own config; only --epochs and --device may change
@@ -110,11 +111,8 @@ def qat_config_from_args(args):
         saved = load_qat_config(Path(args.run_dir) / "qat" / name / "config.toml")
         return saved.replace(run_dir=args.run_dir, epochs=args.epochs or saved.epochs, device=args.device)
     recipe = load_run_config(args.run_dir).recipe
-    return build_qat_config(recipe, run_dir=args.run_dir, bits=args.bits, name=args.name, bit_weight=args.bit_weight,
-                            target_bits=args.target_bits, epochs=args.epochs, device=args.device,
-                            activation_percentile=args.activation_percentile, grid=args.grid,
-                            lr_weights=args.lr_weights, distill=args.distill, initial_bits=args.initial_bits,
-                            bit_epochs=args.bit_epochs)
+    fields = QatConfig.__dataclass_fields__
+    return build_qat_config(recipe, **{name: value for name, value in vars(args).items() if name in fields})
 
 
 def _qat(args) -> None:
@@ -127,7 +125,7 @@ def _qat(args) -> None:
 def _pipeline(args) -> None:
     from training import train
 
-    from .pipeline import run_pipeline
+    from .workflows.pipeline import run_pipeline
 
     run_pipeline(train.config_from_args(args), args.resume, args.qat_epochs)
 
@@ -135,7 +133,7 @@ def _pipeline(args) -> None:
 def _cv(args) -> None:
     from training import train
 
-    from .cv import run_cv
+    from .workflows.cv import run_cv
 
     if not args.run_dir:
         raise SystemExit("nerveseg cv: give --run-dir RUN (the folds go to RUN/fold-N/)")

@@ -6,30 +6,29 @@ epoch 1; epochs 1..bit_epochs learn weights, steps and bits; from then on the in
 Uniform runs (`--bits 8`, `4`, `W4A8`) have their bits frozen from the start.
 Only epochs with frozen bits can become best.pt: what is kept must have the bits that are deployed.
 
-Data loading, augmentation, validation and the metrics log are the float training's (training/train.py).
+The epoch loop, its write order and resume, the data loading, augmentation and validation are the float
+training's (training/loop.py, training/train.py); `QatEpochs` is what differs.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from training import loop
 from training.checkpoint import rng_state, set_rng_state, without_resume_state
 from training.config import TrainConfig
 from training.train import validate
 
-from .checkpoint import make_qat_checkpoint, save_qat_checkpoint
+from .bits import cap_weight_bits_
+from .checkpoint import make_qat_checkpoint
 from .config import QatConfig
 from .loss import QatLoss
-from .bits import cap_weight_bits_
 from .prepare import fake_quants, freeze_bits_, project_bits_, quant_convs
 
 
@@ -70,36 +69,30 @@ def bits_frozen_at(qcfg: QatConfig, epoch: int) -> bool:
     return not qcfg.bit_setting.learned or epoch >= qcfg.bit_epochs
 
 
-def train_one_epoch(model: nn.Module, loader, criterion: QatLoss, optimizer, device: torch.device, label: str,
-                    show: bool = True, teacher: nn.Module | None = None) -> dict:
-    """`teacher`: the float model (eval mode) whose probabilities the loss distils, or None."""
-    model.train()
-    totals = {"train_loss": 0.0, "task": 0.0, "bit_cost": 0.0}
-    if teacher is not None:
-        totals["distill"] = 0.0
-    seen, start = 0, time.perf_counter()
-    for image, mask in tqdm(loader, desc=label, leave=False, disable=None if show else True):
-        image, mask = image.to(device), mask.to(device)
+LOGGED_PARTS = ("task", "bit_cost", "distill")  # the mean bits are logged once per epoch, from the bits table
+PLAIN_STEPS = torch.amp.GradScaler("cpu", enabled=False)  # disabled: scale() and step() are the plain ones
+
+
+def qat_step(model: nn.Module, criterion: QatLoss, teacher: nn.Module | None = None):
+    """The QAT loss of one batch, for `training.loop.train_one_epoch`; its figures: the task loss, the bit cost and,
+    with a `teacher` (the float model, eval mode, whose probabilities the loss distils), the distillation term."""
+    def step_loss(image, mask):
         logits = model(image)["out"]
         teacher_logits = None
         if teacher is not None:
             with torch.no_grad():
                 teacher_logits = teacher(image)["out"]
         loss, parts = criterion(model, logits, mask, teacher_logits)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        project_bits_(model)
-        n = len(image)
-        totals["train_loss"] += float(loss.detach()) * n
-        totals["task"] += parts["task"] * n
-        totals["bit_cost"] += parts["bit_cost"] * n
-        if teacher is not None:
-            totals["distill"] += parts["distill"] * n
-        seen += n
-    elapsed = time.perf_counter() - start
-    stats = {k: v / max(seen, 1) for k, v in totals.items()}
-    return {**stats, "train_images_per_s": seen / max(elapsed, 1e-9), "train_seconds": elapsed}
+        return loss, {key: parts[key] for key in LOGGED_PARTS if key in parts}
+
+    return step_loss
+
+
+def train_one_epoch(model: nn.Module, loader, criterion: QatLoss, optimizer, device: torch.device, label: str,
+                    show: bool = True, teacher: nn.Module | None = None, epoch: int = 0) -> dict:
+    """One QAT epoch through the shared loop: plain float32 steps, the bits projected onto their range after each."""
+    return loop.train_one_epoch(model, loader, qat_step(model, criterion, teacher), optimizer, PLAIN_STEPS, device,
+                                epoch=epoch, label=label, show=show, after_step=lambda: project_bits_(model))
 
 
 @dataclass
@@ -122,40 +115,57 @@ def restore(state: QatState, checkpoint: dict) -> None:
     set_rng_state(checkpoint["rng"])
 
 
-def run_epochs(state: QatState, cfg: TrainConfig, qcfg: QatConfig, qat_dir: Path, make_loader, train_images,
-               val_images: np.ndarray, val_masks: np.ndarray, device: torch.device, table_of) -> None:
-    """Epochs start_epoch..epochs-1: train, validate (eval mode, as deployed), checkpoint, log.
+@dataclass
+class QatEpochs:
+    """What a QAT epoch does, for `training.loop.run_epochs`: bits frozen (and capped at the target) on schedule, the
+    cosine learning rates, steps, validation in eval mode every epoch with the bits table; only epochs with frozen bits
+    may become best.pt, so what is kept has the bits that are deployed.
 
     make_loader(epoch) gives the epoch's training loader; table_of(model) the bits table.
     """
-    for epoch in range(state.start_epoch, qcfg.epochs):
+
+    state: QatState
+    cfg: TrainConfig
+    qcfg: QatConfig
+    label: str  # the run's name, in messages
+    make_loader: Callable[[int], object]
+    val_images: np.ndarray
+    val_masks: np.ndarray
+    device: torch.device
+    table_of: Callable[[nn.Module], dict]
+    table: dict | None = None  # the bits table of the epoch just judged
+
+    def train(self, epoch: int) -> dict:
+        state, qcfg = self.state, self.qcfg
         if bits_frozen_at(qcfg, epoch) and freeze_bits_(state.model) and qcfg.target_bits > 0:
             taken = cap_weight_bits_(state.model, state.criterion.weights, qcfg.target_bits)
             if taken:
-                print(f"qat {qat_dir.name}: bits frozen; mean weight bits capped at the target {qcfg.target_bits:g} "
+                print(f"qat {self.label}: bits frozen; mean weight bits capped at the target {qcfg.target_bits:g} "
                       f"by {len(taken)} bit(s): " + ", ".join(f"{name} {b}->{c}" for name, b, c in taken), flush=True)
         set_learning_rates(state.optimizer, qcfg, epoch)
-        label = f"qat {qat_dir.name} epoch {epoch + 1}/{qcfg.epochs}"
-        stats = train_one_epoch(state.model, make_loader(epoch), state.criterion, state.optimizer, device, label,
-                                teacher=state.teacher)
-        stats.update(validate(state.model, val_images, val_masks, device, cfg.replace(amp=False)))
-        table = table_of(state.model)
-        stats.update(mean_weight_bits=table["mean_weight_bits"], mean_activation_bits=table["mean_activation_bits"],
-                     bits_frozen=bits_frozen_at(qcfg, epoch))
-        eligible = bits_frozen_at(qcfg, epoch)
-        is_best = eligible and stats["val_best_dice"] > state.best_dice
-        if is_best:
-            state.best_dice = stats["val_best_dice"]
-        checkpoint = make_qat_checkpoint(cfg, qcfg, state.model, epoch=epoch + 1, best_val_dice=state.best_dice,
-                                         optimizer=state.optimizer.state_dict(), rng=rng_state(), val=stats,
-                                         bits=table)
-        save_qat_checkpoint(checkpoint, qat_dir / "checkpoints" / "last.pt")
-        if is_best:
-            save_qat_checkpoint(without_resume_state(checkpoint), qat_dir / "checkpoints" / "best.pt")
-        record = {"epoch": epoch + 1, "lr": {g["name"]: g["lr"] for g in state.optimizer.param_groups}, **stats}
-        with open(qat_dir / "metrics.jsonl", "a", encoding="utf-8") as log:
-            log.write(json.dumps(record) + "\n")
-        print(f"qat epoch {epoch + 1:>2}/{qcfg.epochs}  loss {stats['train_loss']:.4f} (task {stats['task']:.4f})  "
-              f"val Dice@0.5 {stats['val_dice']:.4f}  best-T Dice {stats['val_best_dice']:.4f}  bits W "
-              f"{stats['mean_weight_bits']:.2f} A {stats['mean_activation_bits']:.2f}"
-              f"{'' if eligible else ' (learning)'}  {stats['train_images_per_s']:.1f} img/s", flush=True)
+        return train_one_epoch(state.model, self.make_loader(epoch), state.criterion, state.optimizer, self.device,
+                               f"qat {self.label} epoch {epoch + 1}/{qcfg.epochs}", teacher=state.teacher, epoch=epoch)
+
+    def judge(self, epoch: int, stats: dict) -> bool:
+        stats.update(validate(self.state.model, self.val_images, self.val_masks, self.device,
+                              self.cfg.replace(amp=False)))
+        self.table = self.table_of(self.state.model)
+        frozen = bits_frozen_at(self.qcfg, epoch)
+        stats.update(mean_weight_bits=self.table["mean_weight_bits"],
+                     mean_activation_bits=self.table["mean_activation_bits"], bits_frozen=frozen)
+        return frozen
+
+    def checkpoints(self, epoch: int, stats: dict, best_dice: float) -> tuple[dict, dict]:
+        state = self.state
+        last = make_qat_checkpoint(self.cfg, self.qcfg, state.model, epoch=epoch + 1, best_val_dice=best_dice,
+                                   optimizer=state.optimizer.state_dict(), rng=rng_state(), val=stats, bits=self.table)
+        return last, without_resume_state(last)
+
+    def learning_rate(self) -> dict:
+        return {group["name"]: group["lr"] for group in self.state.optimizer.param_groups}
+
+    def line(self, epoch: int, stats: dict, judged: bool) -> str:
+        return (f"qat epoch {epoch + 1:>2}/{self.qcfg.epochs}  loss {stats['train_loss']:.4f} (task {stats['task']:.4f})  "
+                f"val Dice@0.5 {stats['val_dice']:.4f}  best-T Dice {stats['val_best_dice']:.4f}  bits W "
+                f"{stats['mean_weight_bits']:.2f} A {stats['mean_activation_bits']:.2f}"
+                f"{'' if judged else ' (learning)'}  {stats['train_images_per_s']:.1f} img/s")

@@ -35,8 +35,8 @@ def make_bundle(folder: Path, size: int = 256) -> Path:
     from torch import nn
     from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
 
-    from device_runtime.manifest import Manifest, describe_file, write_manifest
-    from device_runtime.postprocess import Morphology
+    from device_runtime.core.manifest import Manifest, describe_file, write_manifest
+    from device_runtime.core.postprocess import Morphology
 
     model = deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=1, aux_loss=False)
     stem = model.backbone["0"][0]
@@ -66,7 +66,7 @@ def make_bundle(folder: Path, size: int = 256) -> Path:
 def make_frames(folder: Path, count: int = 500) -> Path:
     import cv2
 
-    from device_runtime.sources import synthetic_frames
+    from device_runtime.sources.files import synthetic_frames
 
     folder.mkdir(parents=True, exist_ok=True)
     real = sorted(REAL_IMAGES.glob("*.png")) if REAL_IMAGES.is_dir() else []

@@ -23,14 +23,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from device_runtime.errors import exit_code_of  # noqa: E402
-from device_runtime.fileio import write_json  # noqa: E402
-from device_runtime.manifest import load_manifest  # noqa: E402
-from export.bundle import FP32_NAME  # noqa: E402
-from export.cv_quant import finished_folds  # noqa: E402
-from export.parity import onnx_probabilities  # noqa: E402
+from device_runtime.core.errors import exit_code_of  # noqa: E402
+from device_runtime.core.fileio import write_json  # noqa: E402
+from device_runtime.core.manifest import load_manifest  # noqa: E402
+from export.bundle.parity import onnx_probabilities  # noqa: E402
+from export.bundle.writer import FP32_NAME  # noqa: E402
+from export.workflows.cv_quant import finished_folds  # noqa: E402
 from training.config import load_run_config  # noqa: E402
-from training.evaluate import evaluate_arrays  # noqa: E402
+from training.evaluation.evaluate import evaluate_arrays  # noqa: E402
 from training.stages import split_arrays  # noqa: E402
 
 MISS = 0.05

@@ -14,10 +14,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 pytest.importorskip("qat.run", reason="the qat training loop (branch qat) is not merged yet")
 
-from device_runtime.errors import InputError  # noqa: E402
-from device_runtime.manifest import load_manifest  # noqa: E402
-from export.int8 import CPU_NAME, TENSORRT_NAME, export_int8_bundle  # noqa: E402
-from export.int8_graph import layer_constants  # noqa: E402
+from device_runtime.core.errors import InputError  # noqa: E402
+from device_runtime.core.manifest import load_manifest  # noqa: E402
+from export.bundle.int8 import CPU_NAME, TENSORRT_NAME, export_int8_bundle  # noqa: E402
+from export.bundle.int8_graph import layer_constants  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_bundle_has_both_int8_files_parity_and_quantization(int8_bundle, qat_run
     q = loaded.quantization
     bits = json.loads((qat_run / "bits.json").read_text())
     assert q["layers"] == bits["layers"] and q["mean_weight_bits"] == pytest.approx(8.0)
-    # one byte per weight where FP32 stores four, the same taps cut from both (export.dead_taps); what keeps the file
+    # one byte per weight where FP32 stores four, the same taps cut from both (export.bundle.dead_taps); what keeps the file
     # ratio under 4 is the per-channel scales, float biases and graph structure (usgra-seg edge at 256: 3.90x)
     fp32_weights = {i.name: i for i in onnx.load(str(bundle / "model.fp32.onnx")).graph.initializer
                     if len(i.dims) == 4}
@@ -80,7 +80,7 @@ def test_bundle_has_both_int8_files_parity_and_quantization(int8_bundle, qat_run
 def test_failed_parity_keeps_the_previous_bundle(int8_bundle, qat_run):
     bundle, _ = int8_bundle
     before = {p.name: p.read_bytes() for p in bundle.iterdir()}
-    import export.int8 as module
+    import export.bundle.int8 as module
 
     with pytest.raises(InputError, match=r"mask Dice agreement .* < 1\.0.*; the graph run as written "
                                          r"\(ORT_DISABLE_ALL\) agrees at [01]\.\d{4}; no bundle written"):
@@ -94,8 +94,8 @@ def test_a_model_that_cannot_reproduce_itself_is_refused_unless_held_to_its_own_
     """Stand-in for a precision-sensitive model: its "float64 evaluation" made the complement of the float32 one,
     so the model agrees with itself at nearly 0; an impossible project bound (> 1) then refuses with the hint, and
     --parity-bound-from-model holds the files to the model's own agreement and records that."""
-    import export.int8 as module
-    from training.predict import predict_probabilities
+    import export.bundle.int8 as module
+    from training.evaluation.predict import predict_probabilities
 
     def complement(model, images, batch_size=8):
         return 1.0 - predict_probabilities(model, images, module.torch.device("cpu"), batch_size, amp=False)
@@ -123,8 +123,8 @@ def test_a_file_below_the_models_own_agreement_is_refused_naming_that_bound(qat_
     """Under --parity-bound-from-model the bound can be the model's own float32/float64 agreement, a long float
     that the user did not type: the refusal says where it comes from. Stand-ins: a float64 evaluation equal to the
     float32 one (own agreement 1.0, below an impossible project bound) and a file that agrees at 0.5."""
-    import export.int8 as module
-    from training.predict import predict_probabilities
+    import export.bundle.int8 as module
+    from training.evaluation.predict import predict_probabilities
 
     monkeypatch.setattr(module, "float64_probabilities", lambda model, images, batch_size=8: predict_probabilities(
         model, images, module.torch.device("cpu"), batch_size, amp=False))
@@ -180,8 +180,8 @@ def test_parity_is_held_to_the_closer_of_the_float32_and_float64_models(monkeypa
     against each are kept."""
     import numpy as np
 
-    import export.int8 as int8
-    from device_runtime.postprocess import Morphology
+    import export.bundle.int8 as int8
+    from device_runtime.core.postprocess import Morphology
 
     graph = np.zeros((2, 16, 16), np.float32)
     graph[:, 4:12, 4:12] = 0.9

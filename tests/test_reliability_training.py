@@ -11,12 +11,12 @@ import pytest
 import tifffile
 import torch
 
-from device_runtime.errors import InputError
-from device_runtime.fileio import write_json
+from device_runtime.core.errors import InputError
+from device_runtime.core.fileio import write_json
 from export.cli import main as nerveseg
 from training import train
 from training.checkpoint import make_checkpoint, read_checkpoint, save_checkpoint
-from training.data import discover, load_pairs, read_mask
+from training.data.dataset import discover, load_pairs, read_mask
 from training.finite import NonFiniteError
 from training.model import build_model
 
@@ -77,7 +77,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_finite_checkpoint(t
         return value * float("nan") if poisoned["on"] else value
 
     def epoch(*args, **kwargs):
-        poisoned["on"] = args[7] == 1  # the epoch argument: the second epoch diverges
+        poisoned["on"] = kwargs["epoch"] == 1  # the second epoch diverges
         return real_epoch(*args, **kwargs)
 
     monkeypatch.setattr(train.BCEDiceLoss, "forward", loss)
@@ -208,7 +208,7 @@ def test_write_json_turns_nan_and_inf_into_null(tmp_path):
 
 
 def test_every_json_of_a_run_and_its_bundle_is_strict(tiny_run):
-    from export.bundle import export_bundle
+    from export.bundle.writer import export_bundle
 
     bundle, _ = export_bundle(tiny_run / "checkpoints" / "best.pt", tiny_run.parent / "strict-bundle", device="cpu")
     files = list(tiny_run.rglob("*.json")) + list(bundle.rglob("*.json"))

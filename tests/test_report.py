@@ -33,7 +33,7 @@ def strict_json(path):
 
 
 def test_bootstrap_interval_of_known_cases():
-    from export.report_stats import mean_ci, paired_diff_ci
+    from export.report.stats import mean_ci, paired_diff_ci
 
     assert mean_ci(np.full(15, 0.7)) == pytest.approx((0.7, 0.7))
     # 400 frames, half at Dice 1 and half at 0: the mean's interval is 0.5 +- 1.96 * sqrt(0.25 / 400) = +-0.049
@@ -54,7 +54,7 @@ def test_bootstrap_interval_of_known_cases():
 @pytest.fixture(scope="module")
 def float_run(tiny_run, tmp_path_factory):
     """A copy of the shared tiny run with its FP32 bundle (the report's float row and the PTQ come from it)."""
-    from export.bundle import export_bundle
+    from export.bundle.writer import export_bundle
 
     run_dir = tmp_path_factory.mktemp("report") / "run"
     shutil.copytree(tiny_run, run_dir, ignore=shutil.ignore_patterns("qat", "report", "ptq", "bundle", "sweep.json"))
@@ -63,8 +63,8 @@ def float_run(tiny_run, tmp_path_factory):
 
 
 def test_no_qat_runs_gives_float_and_ptq_and_says_so(float_run):
-    pytest.importorskip("export.ptq")
-    from export.report import write_report
+    pytest.importorskip("export.report.ptq")
+    from export.report.write import write_report
 
     out = write_report(float_run, threads=1, latency_runs=3)
     results = strict_json(out / "results.json")
@@ -78,7 +78,7 @@ def test_no_qat_runs_gives_float_and_ptq_and_says_so(float_run):
 
 
 def test_incomplete_qat_run_is_listed_not_fatal_and_report_is_replaced(float_run, tmp_path):
-    from export.report import write_report
+    from export.report.write import write_report
 
     run_dir = tmp_path / "run"
     shutil.copytree(float_run, run_dir)
@@ -125,7 +125,7 @@ def test_bad_flags_are_one_line(argv, message, tmp_path):
 
 
 def test_sweep_plan_names():
-    from export.sweep import plan
+    from export.workflows.sweep import plan
 
     jobs = plan(["8", "W4A8"], ["0.25", "1.0"], ["4"])
     assert [j.name for j in jobs] == ["w8a8", "w4a8", "learned-0.25", "learned-1.0", "target-4"]
@@ -144,8 +144,8 @@ def swept(float_run, tmp_path_factory):
     """A tiny synthetic sweep: two QAT runs (W8A8 and learned lambda 0.25), 64x64, three epochs each (a learned
     run needs at least two: bits are learned, then frozen for the last epochs)."""
     pytest.importorskip("qat.run")
-    pytest.importorskip("export.int8")
-    from export.sweep import run_sweep
+    pytest.importorskip("export.bundle.int8")
+    from export.workflows.sweep import run_sweep
 
     run_dir = tmp_path_factory.mktemp("sweep") / "run"
     shutil.copytree(float_run, run_dir)
@@ -198,7 +198,7 @@ def test_tiny_sweep_report_has_every_row_column_and_figure(swept):
 def test_interrupted_sweep_resumes_and_skips_finished_runs(swept, tmp_path, monkeypatch):
     import qat.run
 
-    from export.sweep import run_sweep
+    from export.workflows.sweep import run_sweep
 
     source, _ = swept
     run_dir = tmp_path / "run"
@@ -230,10 +230,10 @@ def test_interrupted_sweep_resumes_and_skips_finished_runs(swept, tmp_path, monk
 def test_a_parity_refusal_is_remembered_until_the_checkpoint_or_the_bound_changes(tmp_path, monkeypatch, capsys):
     import os
 
-    import export.int8
-    from device_runtime.errors import InputError
-    from export.bundle import ParityError
-    from export.sweep import SweepState, export_finished
+    import export.bundle.int8
+    from device_runtime.core.errors import InputError
+    from export.bundle.writer import ParityError
+    from export.workflows.sweep import SweepState, export_finished
 
     qat_dir = tmp_path / "qat" / "w4a8"
     (qat_dir / "checkpoints").mkdir(parents=True)
@@ -246,7 +246,7 @@ def test_a_parity_refusal_is_remembered_until_the_checkpoint_or_the_bound_change
         calls.append(bound_from_model)
         raise refusal[0]
 
-    monkeypatch.setattr(export.int8, "export_int8_bundle", refusing_export)
+    monkeypatch.setattr(export.bundle.int8, "export_int8_bundle", refusing_export)
     for _ in range(2):  # the second sweep remembers: same checkpoint, same bound
         export_finished(tmp_path, "cpu", SweepState(tmp_path, "sweep"))
     assert calls == [False] and "refused earlier" in capsys.readouterr().err
@@ -261,8 +261,8 @@ def test_a_parity_refusal_is_remembered_until_the_checkpoint_or_the_bound_change
 
 
 def test_uniform_curve_takes_one_run_per_bitwidth_the_plain_name_first():
-    from export.report import uniform_curve_at
-    from export.report_data import Row, uniform_curve
+    from export.report.rows import Row, uniform_curve
+    from export.report.write import uniform_curve_at
 
     def row(name, bits, dice):
         return Row(name=name, kind="uniform", mean_weight_bits=bits, metrics={"dice": dice})
@@ -275,8 +275,8 @@ def test_uniform_curve_takes_one_run_per_bitwidth_the_plain_name_first():
 
 
 def test_a_learned_run_is_judged_against_the_fixed_run_with_its_activations_and_the_nearest_weight_bits():
-    from export.report import checks
-    from export.report_data import Row
+    from export.report.rows import Row
+    from export.report.write import checks
 
     def row(name, kind, w, a, dice, frames):
         return Row(name=name, kind=kind, mean_weight_bits=w, mean_activation_bits=a, metrics={"dice": dice},
@@ -309,7 +309,7 @@ def test_a_learned_run_is_judged_against_the_fixed_run_with_its_activations_and_
 def test_the_report_command_of_a_learned_run_reproduces_its_schedule():
     from pathlib import Path
 
-    from export.report_data import qat_command
+    from export.report.rows import qat_command
 
     config = {"bits": "learned-a8", "bit_weight": 0.25, "target_bits": 4.0, "initial_bits": 4, "epochs": 6,
               "bit_epochs": 2, "grid": "x86", "activation_percentile": 99.99}
