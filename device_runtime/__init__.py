@@ -4,3 +4,5 @@ Grouped along a frame's path: `sources` -> `pipeline` (preprocess, `backends`, p
 `runner`. What must behave identically on the desktop and on the device lives once in `core` (preprocess,
 postprocess, metrics, manifest, ...), the only part `training`, `qat` and `export` import.
 """
+
+__version__ = "0.1.0"  # the distribution's version (pyproject.toml reads it); --version of both tools

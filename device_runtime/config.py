@@ -6,10 +6,11 @@ fields it needs) and nothing else, so a test or the benchmark script can build o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .core.errors import InputError
+from .core.temporal import TemporalParams
 
 BACKENDS = ("auto", "tensorrt", "ort-tensorrt", "ort-cuda", "ort-cpu")
 PRECISIONS = ("auto", "fp32", "fp16", "int8")  # what runs; "auto" picks per backend (see backends.select_model)
@@ -32,6 +33,7 @@ class RunConfig:
         capture_timeout_s: how long one capture waits for a live frame before the loop checks for a stop.
         engine_cache: folder for TensorRT engines (None = the bundle folder).
         report_every: print a timing line every N frames (0 = only the summary at the end).
+        temporal: settings of `temporal.TemporalParams` that replace the bundle's (e.g. {"enabled": True}).
     """
 
     bundle: Path
@@ -62,8 +64,10 @@ class RunConfig:
     workspace_mib: int = 1024
     quiet: bool = False
     overwrite: bool = False  # replace existing output files / write into non-empty output folders (output_guard)
+    temporal: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        TemporalParams().with_overrides(**self.temporal)  # each value checked now; against T* when the bundle loads
         _check_choice("--backend", self.backend, BACKENDS)
         _check_choice("--precision", self.precision, PRECISIONS)
         _check_choice("--mask-format", self.mask_format, MASK_FORMATS)

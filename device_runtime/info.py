@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib
 import platform
 import sys
+import textwrap
+from collections import Counter
 from pathlib import Path
 
 from .backends import tensorrt_backend
@@ -75,7 +77,7 @@ def machine_lines() -> list[str]:
 
 
 def backend_lines(bundle: Path | None, backend: str = "auto", precision: str = "auto",
-                  engine_cache: Path | None = None) -> list[str]:
+                  engine_cache: Path | None = None, layers: bool = False) -> list[str]:
     availability = backend_availability()
     lines = ["backends"] + [f"  {name:<13}{'available' if not availability[name] else availability[name]}"
                             for name in BACKEND_ORDER]
@@ -88,9 +90,11 @@ def backend_lines(bundle: Path | None, backend: str = "auto", precision: str = "
         return lines
     manifest = load_manifest(bundle)  # verifies: a tampered bundle is reported here as it would be by run
     model, effective = select_model(manifest, chosen, precision)
-    lines.append(f"bundle       {bundle}: {manifest.architecture}, input {manifest.input_size}, T* {manifest.threshold}"
-                 f" (verified)")
-    lines += bundle_lines(manifest)
+    height, width = manifest.input_size
+    lines.append(f"bundle       {bundle}: {manifest.architecture}, input {height}x{width}, T* {manifest.threshold:.2f}"
+                 " (verified)")
+    lines += bundle_lines(manifest, layers)
+    lines.append(f"temporal     {manifest.temporal.describe(manifest.threshold)} (nerveseg-device --temporal on|off)")
     why = f" ({auto_precision(manifest, chosen)[1]})" if precision == "auto" else ""
     lines.append(f"model        {model.path} at {effective}{why}")
     if chosen == "tensorrt":
@@ -102,33 +106,65 @@ def backend_lines(bundle: Path | None, backend: str = "auto", precision: str = "
     return lines
 
 
-def bundle_lines(manifest) -> list[str]:
-    """The bundle's files (precision, size, which runtimes), its quantization (bits) and parity figures."""
+def _bits(value) -> str:
+    return f"{value:.2f}" if isinstance(value, (int, float)) else "?"
+
+
+def _prob(value: float) -> str:
+    """A probability difference rounded to 3 decimals, without rounding a small one down to a false 0.000."""
+    return "0" if value == 0 else "< 0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def bundle_lines(manifest, layers: bool = False) -> list[str]:
+    """The bundle's files (precision, size, which runtimes; the INT8 files left out at export, and why), its quantization (bits: counted per setting, or every
+    layer with `layers`), parity (with the INT8 gate's verdict) and the latency measured at export, in rounded figures."""
     lines = ["  files"]
     for f in manifest.files:
         serves = f"  for {', '.join(f.runtimes)}" if f.runtimes else ""
         lines.append(f"    {f.path:<28}{f.precision:<6}{f.format:<6}{f.bytes / 1e6:>8.2f} MB{serves}")
+    for name, why in manifest.left_out().items():
+        lines.append(f"    {name:<28}left out at export by the parity gate: {why}")
     q = manifest.quantization
     if q.get("scheme", "none") != "none":
-        lines.append(f"  quantization {q['scheme']}: mean weight bits {q.get('mean_weight_bits', '?')}, mean activation "
-                     f"bits {q.get('mean_activation_bits', '?')} over {len(q.get('layers', []))} layers")
+        per_layer = q.get("layers", [])
+        lines += textwrap.wrap(f"quantization {q['scheme']}", 110, initial_indent="  ", subsequent_indent="    ")
+        lines += [f"    mean bits: weights {_bits(q.get('mean_weight_bits'))}, activations "
+                  f"{_bits(q.get('mean_activation_bits'))} over {len(per_layer)} layers"]
         if q.get("int8_file_bytes"):
             lines.append(f"    INT8 file {q['int8_file_bytes'] / 1e6:.2f} MB; packed at the learned bits "
                          f"{q.get('packed_bytes', 0) / 1e6:.2f} MB")
-        for layer in q.get("layers", []):
-            lines.append(f"    {layer['name']:<44} W{layer['weight_bits']} A{layer['activation_bits']}")
+        if layers:
+            lines += [f"    {layer['name']:<44} W{layer['weight_bits']} A{layer['activation_bits']}"
+                      for layer in per_layer]
+        elif per_layer:
+            counts = Counter((layer["weight_bits"], layer["activation_bits"]) for layer in per_layer)
+            lines.append("    layers by bits: " + ", ".join(f"W{w} A{a} x{n}" for (w, a), n in sorted(counts.items()))
+                         + " (--layers: every layer)")
     for name, p in manifest.metrics.get("parity", {}).items():
-        extra = "".join(f", {label} {p[key]:.2e}" for key, label in (("flipped_fraction", "flipped pixels"),
-                                                                     ("reference_max_prob_diff", "reference max |dp|"))
-                        if key in p)
-        lines.append(f"  parity {name:<10} max |dp| {p['max_prob_diff']:.2e}, mask Dice {p['mask_dice']:.4f}{extra} "
-                     f"({p.get('frames', '?')} frames)")
+        if "max_prob_diff" not in p:  # the gate's rule, not a measurement
+            continue
+        extra = f", pixels flipped {100 * p['flipped_fraction']:.3f} %" if "flipped_fraction" in p else ""
+        if "prob_diff_p99" in p:
+            extra += f", |dp| p99 {_prob(p['prob_diff_p99'])}"
+        if "reference_max_prob_diff" in p:
+            extra += f", reference max |dp| {_prob(p['reference_max_prob_diff'])}"
+        gate = p.get("gate", {})
+        verdict = (f"; gate: {'passed' if gate['passed'] else 'refused'} at {gate['worst_ratio']:.2f} of its allowance"
+                   if "worst_ratio" in gate else "")
+        lines.append(f"  parity {name:<26} mask Dice {p['mask_dice']:.4f}, max |dp| {_prob(p['max_prob_diff'])}{extra} "
+                     f"({p.get('frames', '?')} frames){verdict}")
     for backend, measured in manifest.metrics.get("latency_ms", {}).items():
-        lines.append(f"  latency at export on {backend}: " + ", ".join(
-            f"{k} {v:.1f} ms" for k, v in measured.items() if isinstance(v, (int, float))))
+        timed = ", ".join(f"{_LATENCY_NAMES.get(k, k)} {v:.1f} ms" for k, v in measured.items()
+                          if isinstance(v, (int, float)) and k not in ("threads", "runs"))
+        how = ", ".join(f"{measured[k]:g} {k}" for k in ("threads", "runs")
+                        if isinstance(measured.get(k), (int, float)))
+        lines.append(f"  latency at export on {backend}{f' ({how}, median)' if how else ''}: {timed}")
     return lines
 
 
+_LATENCY_NAMES = {"fp32": "FP32", "int8": "INT8", "int8_tensorrt_form": "INT8 (TensorRT form)"}
+
+
 def report(bundle: Path | None = None, backend: str = "auto", precision: str = "auto",
-           engine_cache: Path | None = None) -> str:
-    return "\n".join(machine_lines() + backend_lines(bundle, backend, precision, engine_cache))
+           engine_cache: Path | None = None, layers: bool = False) -> str:
+    return "\n".join(machine_lines() + backend_lines(bundle, backend, precision, engine_cache, layers))

@@ -40,7 +40,7 @@ def run(cfg: RunConfig, source=None) -> dict:
                                                            cfg.reconnect_backoff_s))
         net = stack.enter_context(contextlib.closing(open_backend(
             cfg.bundle, manifest, cfg.backend, cfg.precision, cfg.threads, cfg.engine_cache, cfg.workspace_mib)))
-        segment = Segmenter(manifest, net, cfg.pixel_spacing_mm)
+        segment = Segmenter(manifest, net, cfg.pixel_spacing_mm, manifest.temporal.with_overrides(**cfg.temporal))
         outputs = stack.enter_context(open_outputs(cfg, source.fps, stop))
         timings, report = Timings(cfg.warmup), Report(cfg, source, net)
         while not stop.is_set() and timings.frames != cfg.max_frames:

@@ -20,6 +20,7 @@ from torch import nn
 from training.live_taps import live_window
 
 from .prepare import probe_forward, quant_convs
+from .quantizers import FakeQuant
 
 
 def conv_input_shapes(model: nn.Module, input_size: tuple[int, int]) -> dict[str, tuple[int, ...]]:
@@ -71,7 +72,8 @@ def mean_bits(model: nn.Module, elements: dict[str, int],
     return mean_weight_bits(model, weights), act_sum / act_count
 
 
-def cap_weight_bits_(model: nn.Module, weights: dict[str, int] | None, target: float) -> list[tuple[str, int, int]]:
+def cap_weight_bits_(model: nn.Module, weights: dict[str, int] | None, target: float,
+                     allowed: set[int] | None = None) -> list[tuple[str, int, int]]:
     """Lower frozen weight bitwidths one bit at a time until their mean (weighted by `weights`, the live weight
     counts the bit cost uses; None: every weight) is at most `target`; returns (layer, from, to) for each bit taken.
 
@@ -80,8 +82,9 @@ def cap_weight_bits_(model: nn.Module, weights: dict[str, int] | None, target: f
     whose learned continuous bitwidth b_c lies closest above its next lower integer (ceil put it on b, it was
     nearest to b - 1), so the cap keeps the order the training learned. The layer's steps are re-chosen for
     the new bits as at initialisation (the MSE-best clip of its weights); the fine-tuning epochs that follow
-    train at exactly these bits, which are the deployed ones."""
-    convs = quant_convs(model)
+    train at exactly these bits, which are the deployed ones. `allowed`: ids of the weight quantizers that may give
+    bits (None: all; a tensor held at 8 bits as fragile may not)."""
+    convs = [(name, conv) for name, conv in quant_convs(model) if allowed is None or id(conv.weight_quant) in allowed]
     taken = []
     while float(mean_weight_bits(model, weights).detach()) > target + 1e-9:
         lowerable = [(name, conv) for name, conv in convs if conv.weight_quant.bits() > conv.weight_quant.b_min]
@@ -94,6 +97,29 @@ def cap_weight_bits_(model: nn.Module, weights: dict[str, int] | None, target: f
         with torch.no_grad():
             quant.freeze_bits(bits - 1)
             quant.init_from_tensor(conv.weight)
+        taken.append((name, bits, bits - 1))
+    return taken
+
+
+def cap_activation_bits_(model: nn.Module, elements: dict[str, int], target: float,
+                         allowed: set[int]) -> list[tuple[str, int, int]]:
+    """The activation counterpart of cap_weight_bits_: lower frozen activation bitwidths (the quantizers in
+    `allowed`, ids) one bit at a time until the mean activation bits (conv inputs weighted by `elements`, as the bit
+    cost counts them) is at most `target`, taking each bit where the learned b_c lies nearest above the next lower
+    integer. Returns (quantizer's first reader, from, to) per bit; the caller re-initialises their steps from data
+    (qat.prepare.initialise_steps with `only`), as the steps of a lower bitwidth need the observed activations."""
+    readers: dict[int, tuple[str, FakeQuant]] = {}
+    for name, conv in quant_convs(model):
+        if id(conv.input_quant) in allowed:
+            readers.setdefault(id(conv.input_quant), (name, conv.input_quant))
+    taken = []
+    while float(mean_bits(model, elements)[1].detach()) > target + 1e-9:
+        lowerable = [(name, q) for name, q in readers.values() if q.bits() > q.b_min]
+        if not lowerable:
+            break
+        name, quant = min(lowerable, key=lambda item: float(item[1].continuous_bits().detach()) - (item[1].bits() - 1))
+        bits = quant.bits()
+        quant.freeze_bits(bits - 1)
         taken.append((name, bits, bits - 1))
     return taken
 

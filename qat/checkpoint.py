@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from device_runtime.core.errors import InputError
 from training.checkpoint import NORMALIZATION, save_checkpoint
 from training.config import TrainConfig, config_from_dict
 from training.model import build_model, build_model_of
+from training.trust import safe_load
 
 from .config import QatConfig, qat_config_from_dict
 from .prepare import prepare_qat
@@ -51,10 +51,7 @@ def read_qat_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: QAT checkpoint not found")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise InputError(f"{path}: cannot read QAT checkpoint ({type(err).__name__}: {err})") from None
+    checkpoint = safe_load(path, "QAT checkpoint")  # weights_only=True: it cannot run code (training/trust.py)
     if isinstance(checkpoint, dict) and checkpoint.get("format") in OLDER_FORMATS:
         raise InputError(f"{path}: a QAT checkpoint of {OLDER_FORMATS[checkpoint['format']]} "
                          f"({checkpoint['format']}); this nerveseg cannot load it: rerun `nerveseg qat`")
@@ -69,10 +66,14 @@ def build_qat_model(arch: str, qcfg: QatConfig, float_model: nn.Module | None = 
     setting = qcfg.bit_setting
     model = float_model if float_model is not None else build_model(arch)
     weight_bits = qcfg.initial_bits if setting.learned and qcfg.initial_bits else setting.weight_bits
-    return prepare_qat(model, arch, weight_bits=weight_bits, activation_bits=setting.activation_bits,
+    learned_activations = setting.learned and setting.learned_activations
+    activation_bits = qcfg.initial_activation_bits if learned_activations and qcfg.initial_activation_bits \
+        else setting.activation_bits
+    return prepare_qat(model, arch, weight_bits=weight_bits, activation_bits=activation_bits,
                        learn_weight_bits=setting.learned,
                        learn_activation_bits=setting.learned and setting.learned_activations,
-                       b_min=qcfg.b_min, b_max=qcfg.b_max, init_steps=init_steps, grid=qcfg.grid)
+                       b_min=qcfg.b_min, b_max=qcfg.b_max, init_steps=init_steps, grid=qcfg.grid,
+                       activation_range=qcfg.activation_range)
 
 
 def load_qat_model(path: str | Path) -> tuple[nn.Module, dict, TrainConfig, QatConfig]:

@@ -16,11 +16,15 @@ from device_runtime.core.errors import InputError
 from training.config import load_toml, recipe_path
 
 GRIDS = ("tensorrt", "x86")  # what prepare_qat(grid=...) builds; see QatConfig.grid
+ACTIVATION_RANGES = ("signed", "tight")  # prepare_qat(activation_range=...); see QatConfig.activation_range
+ACTIVATION_INITS = ("percentile", "mse")  # FakeQuant.init_from_samples; see QatConfig.activation_init
 
 # keys a recipe's [qat] table may set (the rest come from the command line: run, name, bits, device)
 RECIPE_KEYS = ("grid", "epochs", "bit_epochs", "observe_frames", "activation_percentile", "batch_size", "lr_weights",
                "lr_steps", "lr_bits", "bit_weight", "activation_bit_weight", "target_bits", "b_min", "b_max", "distill",
-               "initial_bits")
+               "initial_bits", "activation_range", "activation_init", "bit_schedule", "hold_fragile",
+               "fragile_min_drop", "fragile_frames", "target_activation_bits", "bias_correction",
+               "initial_activation_bits")
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,32 @@ def parse_bits(text: str) -> BitSetting:
     return BitSetting(False, numbers[0], numbers[-1])
 
 
+def parse_bit_schedule(text: str, setting: BitSetting, epochs: int) -> list[tuple[int, int]]:
+    """"B@E,B@E,..." -> [(E, B)], checked: a uniform run, bits falling in 2..8, epochs rising in 2..epochs, the last
+    entry at or below the run's bits (so the run reaches them) and at least one epoch left at them."""
+    where = f"--bit-schedule {text!r}"
+    if setting.learned:
+        raise InputError(f"{where}: a schedule lowers the bits of a uniform run (--bits N or WxAy); learned bits "
+                         f"find their own")
+    steps = []
+    for item in str(text).split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*@\s*(\d+)\s*", item)
+        if not match:
+            raise InputError(f"{where}: each entry is BITS@EPOCH (e.g. 6@2,4@3), got {item!r}")
+        bits, epoch = int(match.group(1)), int(match.group(2))
+        if not 2 <= bits <= 8 or not 2 <= epoch <= epochs:
+            raise InputError(f"{where}: bits must lie in 2..8 and epochs in 2..{epochs} (epoch 1 trains at 8 bits), "
+                             f"got {bits}@{epoch}")
+        steps.append((epoch, bits))
+    if any(b <= a for (a, _), (b, _) in zip(steps, steps[1:])) or any(b >= a for (_, a), (_, b) in zip(steps, steps[1:])):
+        raise InputError(f"{where}: epochs must rise and bits fall from one entry to the next")
+    lowest = min(setting.weight_bits, setting.activation_bits)
+    if steps[-1][1] > lowest or steps[-1][0] > epochs:
+        raise InputError(f"{where}: the last entry must reach the run's bits ({lowest} for --bits "
+                         f"W{setting.weight_bits}A{setting.activation_bits}), got {steps[-1][1]}")
+    return steps
+
+
 def default_run_name(bits: str, grid: str = "tensorrt") -> str:
     """RUN/qat/NAME without --name: learned, learned-a8, w8a8, w4a8 ...; "-x86" for the x86 grid."""
     return parse_bits(bits).default_name + ("-x86" if grid == "x86" else "")
@@ -101,6 +131,31 @@ class QatConfig:
     # learned runs: the weight bitwidth every layer starts from (0: 8, as before it existed). The bits learn both
     # ways from there: the task loss raises a layer whose clipping costs more than its bits, the bit cost lowers others
     initial_bits: int = 0
+    # -- low bits (docs/QUANTIZATION.md, "Low-bit activations"); the defaults are the behaviour before them --
+    # "tight": activations below 8 bits split their 2^b levels between negative and positive values as the data
+    # do ([-z, 2^b - 1 - z], inside int8 with zero point 0 below 8 bits: TensorRT and x86); "signed": [-2^(b-1), ...]
+    activation_range: str = "signed"
+    # "mse": activation steps below 8 bits by the squared-error search (8 bits keep the percentile)
+    activation_init: str = "percentile"
+    # uniform runs: "B@E,..." lowers the bits on the way to --bits: from epoch E (1-based) max(B, target) bits, 8
+    # before the first entry; the steps are re-initialised at each change; only epochs at the target become best
+    bit_schedule: str = ""
+    # hold the N quantizers whose one-at-a-time Dice drop (on training frames, at the run's bits) is largest, and
+    # above fragile_min_drop, at 8 bits; counted at 8 in the mean bits
+    hold_fragile: int = 0
+    fragile_min_drop: float = 0.0
+    # training frames each candidate is scored on: the ranking costs (quantizers x frames) forward passes, about
+    # 140 x 16 on the edge model, a few training epochs' worth; the fragile few drop by 0.1-0.5 Dice, plain on 16
+    fragile_frames: int = 16
+    # learned runs: the budget of mean activation bits (0: target_bits, and no cap); at the freeze the activation
+    # mean is capped at it, as target_bits caps the weights
+    target_activation_bits: float = 0.0
+    # learned runs: the bitwidth every learned activation starts from (0: 8, or 7 on a tight grid); the activation
+    # counterpart of initial_bits
+    initial_activation_bits: int = 0
+    # after the steps are (re)initialised: move each convolution's bias so that its channels' means on the observed
+    # training frames are the float model's (qat/bias_correction.py)
+    bias_correction: bool = False
     device: str = "auto"
     seed: int = 0
 
@@ -132,6 +187,35 @@ class QatConfig:
             raise InputError(f"--initial-bits is for learned bits; --bits {self.bits} fixes them")
         if self.target_bits and not self.b_min <= self.target_bits <= self.b_max:
             raise InputError(f"--target-bits must lie in [{self.b_min}, {self.b_max}], got {self.target_bits}")
+        self._check_low_bits(setting)
+
+    def _check_low_bits(self, setting: BitSetting) -> None:
+        if self.activation_range not in ACTIVATION_RANGES:
+            raise InputError(f"--activation-range must be one of {', '.join(ACTIVATION_RANGES)}, got "
+                             f"{self.activation_range!r}")
+        if self.activation_init not in ACTIVATION_INITS:
+            raise InputError(f"--activation-init must be one of {', '.join(ACTIVATION_INITS)}, got "
+                             f"{self.activation_init!r}")
+        if self.hold_fragile < 0 or self.fragile_min_drop < 0 or self.fragile_frames < 1:
+            raise InputError(f"--hold-fragile and fragile_min_drop must be >= 0 and fragile_frames >= 1, got "
+                             f"{self.hold_fragile}, {self.fragile_min_drop}, {self.fragile_frames}")
+        if self.initial_activation_bits and not (setting.learned and setting.learned_activations):
+            raise InputError(f"--initial-activation-bits is for learned activation bits; --bits {self.bits} fixes them")
+        if self.initial_activation_bits and not self.b_min <= self.initial_activation_bits <= self.b_max:
+            raise InputError(f"--initial-activation-bits must lie in [{self.b_min}, {self.b_max}], got "
+                             f"{self.initial_activation_bits}")
+        if self.target_activation_bits and not setting.learned:
+            raise InputError(f"--target-activation-bits is for learned bits; --bits {self.bits} fixes them")
+        if self.target_activation_bits and not self.b_min <= self.target_activation_bits <= self.b_max:
+            raise InputError(f"--target-activation-bits must lie in [{self.b_min}, {self.b_max}], got "
+                             f"{self.target_activation_bits}")
+        if self.bit_schedule:
+            parse_bit_schedule(self.bit_schedule, setting, self.epochs)
+
+    @property
+    def bit_schedule_steps(self) -> list[tuple[int, int]]:
+        """[(epoch, bits)] of `bit_schedule` (1-based epochs), [] without one."""
+        return parse_bit_schedule(self.bit_schedule, self.bit_setting, self.epochs) if self.bit_schedule else []
 
     @property
     def bit_setting(self) -> BitSetting:

@@ -30,7 +30,8 @@ from torch import nn
 
 from training.live_taps import conv2d_live
 
-from .quantizers import FakeQuant, round_ste
+from .quantizers import FakeQuant
+from .ste import round_ste
 
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 
@@ -98,11 +99,11 @@ class QuantConv2d(nn.Module):
         x = self.input_quant(x)
         # conv2d_live: the kernel taps that only read zero padding are skipped (same output, and their gradient
         # was exactly zero anyway); the weights are quantized whole, so the integers are those of the full kernel
-        if self.input_quant.observing:  # initialisation pass: float weights, float activations
+        if self.input_quant.observing or self.weight_quant.bypass:  # initialisation pass, or diagnosis: float weights
             y = conv2d_live(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        else:
-            y = conv2d_live(x, self.quantized_weight(), self.quantized_bias(), self.stride, self.padding,
-                            self.dilation, self.groups)
+        else:  # (diagnosis, input float: no int32 bias grid, which is the input step x the weight step)
+            bias = self.bias if self.input_quant.bypass else self.quantized_bias()
+            y = conv2d_live(x, self.quantized_weight(), bias, self.stride, self.padding, self.dilation, self.groups)
         return self.output_quant(y) if self.output_quant is not None else y
 
     def extra_repr(self) -> str:

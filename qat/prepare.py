@@ -26,7 +26,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models.mobilenetv3 import InvertedResidual
 from torchvision.ops.misc import SqueezeExcitation
 
-from .config import GRIDS
+from .config import ACTIVATION_RANGES, GRIDS
 from .modules import QuantConv2d, QuantGate, QuantHardswish, QuantResidual, activation_quantizer
 from .quantizers import FakeQuant
 
@@ -65,7 +65,7 @@ def set_submodule(model: nn.Module, name: str, value: nn.Module) -> None:
 
 def prepare_qat(model: nn.Module, arch: str = "", *, weight_bits: int = 8, activation_bits: int = 8,
                 learn_weight_bits: bool = True, learn_activation_bits: bool = True, b_min: int = 2, b_max: int = 8,
-                init_steps: bool = True, grid: str = "tensorrt") -> nn.Module:
+                init_steps: bool = True, grid: str = "tensorrt", activation_range: str = "signed") -> nn.Module:
     """Fold BN, replace every Conv2d (at the same attribute path) by a QuantConv2d, quantize the element-wise
     operations between them, and share one quantizer per tensor; in place, returned.
 
@@ -85,6 +85,9 @@ def prepare_qat(model: nn.Module, arch: str = "", *, weight_bits: int = 8, activ
         grid: "tensorrt" (every activation on a signed grid, zero point 0: one set of integers for TensorRT and
             x86) or "x86" (a quantizer whose every reader applies ReLU first is unsigned, [0, 2^b - 1]: ONNX
             Runtime's uint8 with zero point 0, which folds the ReLU into the integer convolution; no TensorRT).
+        activation_range: "signed" or "tight": every activation quantizer that can go below 8 bits (and is not
+            unsigned already) splits its 2^b levels between negative and positive values as the data do, chosen at
+            `initialise_steps` (FakeQuant.set_tight; at most 7 bits, inside int8 with zero point 0: both runtimes).
     """
     if grid not in GRIDS:
         raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got {grid!r}")
@@ -119,6 +122,13 @@ def prepare_qat(model: nn.Module, arch: str = "", *, weight_bits: int = 8, activ
     if grid == "x86":
         for quantizer in quantizers_read_only_through_relu(model):
             quantizer.set_unsigned()
+    if activation_range not in ACTIVATION_RANGES:
+        raise ValueError(f"activation_range must be one of {', '.join(ACTIVATION_RANGES)}, got {activation_range!r}")
+    if activation_range == "tight":
+        relu_read = {id(q) for q in quantizers_read_only_through_relu(model)}
+        for quantizer in activation_quantizers(model):
+            if not quantizer.unsigned and (quantizer.learns_bits or quantizer.bits() < 8):
+                quantizer.set_tight(id(quantizer) in relu_read)
     model.qat_arch = arch
     return model
 
@@ -283,20 +293,23 @@ def activation_quantizers(model: nn.Module) -> list[FakeQuant]:
 
 
 @torch.no_grad()
-def initialise_steps(model: nn.Module, batches: Iterable[torch.Tensor], percentile: float = 0.0) -> int:
+def initialise_steps(model: nn.Module, batches: Iterable[torch.Tensor], percentile: float = 0.0,
+                     init: str = "percentile", only: Iterable[FakeQuant] | None = None) -> int:
     """Observe the float activations of `batches` (eval mode) and set every activation quantizer's step so
     that its grid reaches the largest magnitude seen (FakeQuant.init_from_samples says why not an MSE search).
     `percentile` P > 0: the grid reaches the mean per-batch P-th percentile of |x| instead of the maximum.
-    Returns the number of frames seen.
+    `init` "mse": below 8 bits the squared-error search instead. `only`: set these quantizers' steps, leave the
+    others' (a schedule that lowers some bits re-initialises those). Returns the number of frames seen.
 
     Shape:
         each batch: (N, 1, H, W) float in [0, 1], on the model's device.
     """
     activation_quants = activation_quantizers(model)
+    chosen = {id(q) for q in (only if only is not None else activation_quants)}
     was_training = model.training
     model.eval()
     for q in activation_quants:
-        q.observing, q.observe_percentile = True, percentile
+        q.observing, q.observe_percentile, q.observe_init = True, percentile, init
     seen = 0
     try:
         for batch in batches:
@@ -308,7 +321,9 @@ def initialise_steps(model: nn.Module, batches: Iterable[torch.Tensor], percenti
     if seen == 0:
         raise ValueError("initialise_steps: no frames given")
     for q in activation_quants:
-        q.init_from_samples()
+        if id(q) in chosen:
+            q.init_from_samples()
+        q.observation = None
     model.train(was_training)
     return seen
 

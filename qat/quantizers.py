@@ -22,9 +22,7 @@ to the step is round(v) - v inside the range and qmin / qmax outside (v = x / st
 g = 1 / sqrt(N * qmax) with N the elements per step. The step is stored as log2(step): steps of different
 layers span orders of magnitude and the optimiser is Adam, whose update is about lr per step in the
 parameter's own units, so a log step moves by a relative amount and stays positive. Steps are initialised from
-data: weights by a mean-squared-error search over clipping levels of each channel's values; activations so
-that the grid reaches a high percentile (or the maximum) of the magnitudes seen on training frames while
-`observing` (see init_from_samples for why not MSE there).
+data (qat/step_init.py; init_from_samples says which rule where).
 
 Bitwidth, the parametrisation (Uhlich et al. 2020, "Mixed Precision DNNs: All you need is a good
 parametrization", ICLR): learning b directly (or the step and b) gives gradients whose size grows like 2^b
@@ -50,6 +48,13 @@ uint8 QuantizeLinear with zero point 0 computes at b = 8. TensorRT cannot run it
 zero point 0), so such a model is exported for x86 ONNX Runtime only. Same parametrisation with the unsigned
 count: b_c = log2(q_max / d + 1).
 
+Tight activation grids (`set_tight`, `activation_range = "tight"`, below 8 bits): the 2^b levels are split where
+the data lie, [-z, 2^b - 1 - z] with z = round(r 2^b) and the share r chosen from the observed values: 0 for a
+tensor never negative, a little for a hardswish output (minimum -0.375). A signed grid gives such a tensor b - 1
+bits of magnitude (3 bits: 4 levels instead of 8). Below 8 bits the range lies inside int8 with zero point 0 (the
+exporter's Clip keeps the b-bit range), so TensorRT and ONNX Runtime run it exactly; at most 7 bits. With the
+share r of the levels below zero, b_c = log2(q_max / d + 1) - log2(1 - r) (signed r = 1/2, unsigned 0).
+
 Ceil (not round) follows Uhlich et al.: the integer grid always covers the learned range. When the bits are
 frozen (`freeze_bits`, or a uniform `--bits` run) the integer b is stored in the buffer `frozen_bits` and the
 range parameter is no longer used; the step goes on learning by LSQ.
@@ -66,15 +71,13 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .ste import FakeQuantFunction
+from .step_init import Observation, covering_grid, mse_activation_grid, mse_steps
+
 # ceil(b_c - CEIL_MARGIN): a range exactly at the top of a bitwidth's interval (e.g. q_max = 127 d) gives that
 # bitwidth even when log2 rounds a hair above the integer.
 CEIL_MARGIN = 1e-4
-# values per row (weights: per channel) used by the step search; a random subset of longer rows
-SEARCH_COLUMNS = 1 << 8
-# clipping levels tried, as fractions of the largest magnitude, in the mean-squared-error step search
-CLIP_FRACTIONS = torch.linspace(0.05, 1.0, 20)
-# values per tensor and batch from which an activation percentile is estimated (observe_percentile)
-PERCENTILE_SAMPLE = 2_000_000
+TIGHT_MAX_BITS = 7  # [-z, 2^b - 1 - z] fits int8 with zero point 0 up to 7 bits
 
 
 class QuantParams(NamedTuple):
@@ -92,58 +95,6 @@ def integer_range(bits: int, narrow: bool, unsigned: bool = False) -> tuple[int,
         return 0, 2 ** bits - 1
     top = 2 ** (bits - 1) - 1
     return (-top if narrow else -top - 1), top
-
-
-class _FakeQuantFunction(torch.autograd.Function):
-    """clamp(round(x / scale), qmin, qmax) * scale, with the LSQ gradient for scale, the straight-through
-    gradient for x, and the gradient for the (integer, straight-through) bitwidth through the clip levels."""
-
-    @staticmethod
-    def forward(ctx, x, scale, bits, qmin: int, qmax: int, grad_factor: float):
-        ctx.save_for_backward(x, scale, bits)
-        ctx.qmin, ctx.qmax, ctx.grad_factor = qmin, qmax, grad_factor
-        return torch.clamp(torch.round(x / scale), qmin, qmax) * scale
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, scale, bits = ctx.saved_tensors
-        qmin, qmax = ctx.qmin, ctx.qmax
-        v = x / scale
-        below, above = v < qmin, v > qmax
-        inside = ~(below | above)
-        grad_x = grad * inside if ctx.needs_input_grad[0] else None
-        grad_scale = grad_bits = None
-        if ctx.needs_input_grad[1]:
-            local = torch.where(inside, torch.round(v) - v, torch.clamp(v, qmin, qmax))
-            grad_scale = (grad * local) * ctx.grad_factor
-            dims = [d for d in range(x.dim()) if scale.dim() == 0 or scale.shape[d] == 1]
-            grad_scale = grad_scale.sum(dim=dims, keepdim=True).reshape(scale.shape)
-        if ctx.needs_input_grad[2]:
-            # a clipped element equals qmax * scale (or qmin * scale). Signed grids: d qmax / db = ln2 * 2^(b-1)
-            # and d qmin / db = -ln2 * 2^(b-1); unsigned: d qmax / db = ln2 * 2^b, qmin = 0 does not move
-            if qmin == 0:
-                slope = math.log(2.0) * 2.0 ** float(bits)
-                grad_bits = (grad * scale * above.to(grad.dtype)).sum() * slope
-            else:
-                slope = math.log(2.0) * 2.0 ** (float(bits) - 1.0)
-                grad_bits = (grad * scale * (above.to(grad.dtype) - below.to(grad.dtype))).sum() * slope
-            grad_bits = grad_bits.reshape(bits.shape)
-        return grad_x, grad_scale, grad_bits, None, None, None
-
-
-class _RoundSTE(torch.autograd.Function):
-    """round(x) forward (half to even), identity backward."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
-round_ste = _RoundSTE.apply
 
 
 class FakeQuant(nn.Module):
@@ -169,6 +120,8 @@ class FakeQuant(nn.Module):
             raise ValueError(f"initial bits {bits} outside [{b_min}, {b_max}]")
         self.narrow, self.per_channel = narrow, channels is not None
         self.unsigned = False  # set_unsigned: [0, 2^b - 1] (a per-tensor quantizer whose readers all apply ReLU)
+        self.relu_read = False  # set_tight: every reader applies ReLU, the tight split stays at z = 0
+        self.bypass = False  # qat.sensitivity: hand x on unchanged (the float model's tensor), for diagnosis only
         self.b_min, self.b_max = b_min, b_max
         shape = (channels,) if channels is not None else ()
         self.log2_step = nn.Parameter(torch.zeros(shape))
@@ -176,28 +129,44 @@ class FakeQuant(nn.Module):
         self.log2_range = nn.Parameter(torch.zeros(()))
         # 0 while the bitwidth learns; otherwise the integer bitwidth in force (a buffer: it is state to save)
         self.register_buffer("frozen_bits", torch.tensor(0 if learn_bits else bits, dtype=torch.int64))
+        # a tight grid's share of the 2^b levels below zero (z = round(share x 2^b)); -1: not tight (set_tight)
+        self.register_buffer("negative_share", torch.tensor(-1.0))
         self.log2_range.requires_grad_(learn_bits)
         self.observing = False
         self.observe_percentile = 0.0  # P > 0: the grid reaches the mean per-batch P-th percentile of |x|, not the max
-        self._peak: float | None = None  # largest |x| seen while observing
-        self._percentiles: list[float] = []
+        self.observe_init = "percentile"  # or "mse": below 8 bits the squared-error search (init_from_samples)
+        self.observation: Observation | None = None  # what the observing pass saw (qat/step_init.py)
         self._set_range_for_bits(bits)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before tight grids existed have no negative_share: their grids were not tight
+        state_dict.setdefault(prefix + "negative_share", torch.tensor(-1.0))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- the bitwidth -------------------------------------------------------------------------------------
     @property
     def learns_bits(self) -> bool:
         return int(self.frozen_bits) == 0
 
+    @property
+    def tight(self) -> bool:
+        return float(self.negative_share) >= 0
+
     def step(self) -> torch.Tensor:
         """The step (scale), 0-d or [C]: a float32 number (the exported scale), in the module's dtype (a float64
-        evaluation of the model, export/int8.py's parity reference, uses the very same steps)."""
+        evaluation of the model, export/bundle/int8.py's parity reference, uses the very same steps)."""
         return torch.exp2(self.log2_step.float()).to(self.log2_step.dtype)
 
+    def _share(self) -> float:
+        """The share of the 2^b levels below zero: 1/2 on a signed grid, 0 unsigned, the learned split if tight."""
+        return float(self.negative_share) if self.tight else 0.0 if self.unsigned else 0.5
+
     def continuous_bits(self) -> torch.Tensor:
-        """b_c, differentiable in the step and range parameters (per-channel steps: in n only)."""
+        """b_c, differentiable in the step and range parameters (per-channel steps: in n only). Per tensor, with
+        share r of the levels below zero: q_max / d = (1 - r) 2^b - 1, so b_c = log2(q_max / d + 1) - log2(1 - r)."""
         if self.per_channel:
             return self.log2_range + 1.0
-        return torch.log2(torch.exp2(self.log2_range) / self.step() + 1.0) + self._sign_bit
+        return torch.log2(torch.exp2(self.log2_range) / self.step() + 1.0) - math.log2(1.0 - self._share())
 
     def bits_ste(self) -> torch.Tensor:
         """The integer bitwidth as a 0-d float tensor; its gradient passes straight to b_c (or is none)."""
@@ -211,10 +180,12 @@ class FakeQuant(nn.Module):
         """The integer bitwidth used by the forward pass now."""
         return int(self.bits_ste().detach().round())
 
-    @property
-    def _sign_bit(self) -> float:
-        """The bit a signed grid spends on the sign: b = log2(q_max / d + 1) + this."""
-        return 0.0 if self.unsigned else 1.0
+    def integer_range(self, bits: int) -> tuple[int, int]:
+        """(qmin, qmax) of this quantizer's grid at `bits`."""
+        if not self.tight:
+            return integer_range(bits, self.narrow, self.unsigned)
+        below = min(max(round(float(self.negative_share) * 2 ** bits), 0), 2 ** (bits - 1))
+        return -below, 2 ** bits - 1 - below
 
     @torch.no_grad()
     def set_unsigned(self) -> None:
@@ -226,21 +197,43 @@ class FakeQuant(nn.Module):
         self._set_range_for_bits(bits)
 
     @torch.no_grad()
-    def _set_range_for_bits(self, bits: int) -> None:
-        """Put the range at the top of `bits`' interval: q_max = (2^(b-1) - 1) * step (unsigned: 2^b - 1)."""
-        n = 2.0 ** (bits - self._sign_bit) - 1.0
-        if self.per_channel:
-            self.log2_range.fill_(math.log2(n + 1.0))
+    def set_tight(self, read_through_relu: bool = False) -> None:
+        """Below 8 bits, let the integer range follow the data: [-z, 2^b - 1 - z], z chosen from the observed values
+        at init_from_samples (a signed grid until then). The bits stay at or below TIGHT_MAX_BITS.
+        `read_through_relu`: every reader applies ReLU (qat.prepare.quantizers_read_only_through_relu), so z = 0
+        for good, [0, 2^b - 1], and the step is chosen for the positive part: ReLU's output, as the x86 grid's
+        unsigned quantizers do, but inside int8 with zero point 0."""
+        if self.per_channel or self.unsigned:
+            raise ValueError("only a signed activation quantizer can be made tight (weights stay symmetric; an "
+                             "unsigned one is tight already)")
+        if not self.learns_bits and self.bits() > TIGHT_MAX_BITS:
+            raise ValueError(f"a quantizer frozen at {self.bits()} bits stays signed (tight grids: <= {TIGHT_MAX_BITS})")
+        bits = min(self.bits(), TIGHT_MAX_BITS)
+        self.b_max = min(self.b_max, TIGHT_MAX_BITS)
+        self.b_min = min(self.b_min, self.b_max)
+        self.relu_read = read_through_relu
+        self.negative_share.fill_(0.0 if read_through_relu else 0.5)  # signed until the data choose a split
+        if self.learns_bits:
+            self._set_range_for_bits(bits)
         else:
-            self.log2_range.copy_(torch.log2(n * self.step()))
+            self.frozen_bits.fill_(bits)
+
+    @torch.no_grad()
+    def _set_range_for_bits(self, bits: int) -> None:
+        """Put the range at the top of `bits`' interval: q_max / d = (1 - r) 2^b - 1 (r: _share; narrow weights
+        2^(b-1) - 1)."""
+        if self.per_channel:
+            self.log2_range.fill_(math.log2(2.0 ** (bits - 1)))
+        else:
+            self.log2_range.copy_(torch.log2(((1.0 - self._share()) * 2.0 ** bits - 1.0) * self.step()))
 
     @torch.no_grad()
     def project_(self) -> None:
         """Keep the learned bitwidth inside [b_min, b_max] (call after every optimiser step)."""
         if not self.learns_bits:
             return
-        top = self._sign_bit
-        n_low, n_high = 2.0 ** (self.b_min - 1 - top) - 1.0 + 1e-2, 2.0 ** (self.b_max - top) - 1.0
+        keep = 1.0 - (0.5 if self.per_channel else self._share())
+        n_low, n_high = keep * 2.0 ** (self.b_min - 1) - 1.0 + 1e-2, keep * 2.0 ** self.b_max - 1.0
         if self.per_channel:
             self.log2_range.clamp_(math.log2(n_low + 1.0), math.log2(n_high + 1.0))
         else:
@@ -257,7 +250,7 @@ class FakeQuant(nn.Module):
     # -- the grid -----------------------------------------------------------------------------------------
     def export_params(self) -> QuantParams:
         bits = self.bits()
-        qmin, qmax = integer_range(bits, self.narrow, self.unsigned)
+        qmin, qmax = self.integer_range(bits)
         return QuantParams(self.step().detach(), qmin, qmax, bits)
 
     def _shaped(self, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -267,13 +260,15 @@ class FakeQuant(nn.Module):
         if self.observing:
             self._observe(x)
             return x
+        if self.bypass:
+            return x
         bits = self.bits_ste()
         b = int(bits.detach().round())
-        qmin, qmax = integer_range(b, self.narrow, self.unsigned)
+        qmin, qmax = self.integer_range(b)
         scale = self._shaped(self.step(), x)
         per_step = x.numel() // max(1, scale.numel())
         grad_factor = 1.0 / math.sqrt(per_step * qmax)
-        return _FakeQuantFunction.apply(x, scale, bits, qmin, qmax, grad_factor)
+        return FakeQuantFunction.apply(x, scale, bits, qmin, qmax, grad_factor, self._share())
 
     def quantize_integers(self, x: torch.Tensor) -> torch.Tensor:
         """round(x / scale) clamped to the grid, as float (exact small integers)."""
@@ -281,62 +276,57 @@ class FakeQuant(nn.Module):
         return torch.clamp(torch.round(x / self._shaped(p.scale, x)), p.qmin, p.qmax)
 
     # -- initialisation from data -------------------------------------------------------------------------
-    @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
-        # an unsigned grid reaches only up: the positive part is what it must cover
-        magnitude = (x.detach().clamp_min(0) if self.unsigned else x.detach().abs()).flatten()
-        self._peak = max(self._peak if self._peak is not None else 0.0, float(magnitude.max()))
-        if self.observe_percentile:
-            if magnitude.numel() > PERCENTILE_SAMPLE:  # torch.quantile takes at most 16M values; a fixed subset
-                pick = torch.randperm(magnitude.numel(), generator=torch.Generator().manual_seed(0))[:PERCENTILE_SAMPLE]
-                magnitude = magnitude[pick.to(magnitude.device)]
-            self._percentiles.append(float(torch.quantile(magnitude.float(), self.observe_percentile / 100.0)))
+        if self.observation is None:
+            self.observation = Observation(self.observe_percentile, self.unsigned or self.relu_read, sides=self.tight)
+        self.observation.add(x)
 
     @torch.no_grad()
     def init_from_samples(self) -> None:
-        """Set the step so that the grid reaches the largest observed magnitude (or a percentile), at the current bits.
+        """Set the step (and a tight grid's split) from what the observing pass saw, at the current bits.
 
-        Not the MSE-best clip used for weights: measured on usgra-seg (edge recipe, W8A8 before any
-        fine-tuning, 10 validation frames), MSE-chosen activation clips dropped the best-threshold Dice from
-        0.563 (float) to ~0.52, the observed maximum kept 0.547 (8-bit weights alone: 0.562). The
-        mean-squared error is dominated by the many small activations and clips the rare large ones that
-        carry the nerve. LSQ then learns the step from there (and shrinks it where clipping pays).
-        With `observe_percentile` P > 0 the grid reaches the mean over batches of the P-th percentile of |x|
-        instead (ONNX Runtime's Percentile calibration is the same idea); measured by
-        scripts/diag_activation_init.py, see docs/QUANTIZATION.md.
+        "percentile" (observe_init, the default): the grid reaches the largest observed magnitude, or with
+        `observe_percentile` P > 0 the mean over batches of the P-th percentile of |x| (ONNX Runtime's Percentile
+        calibration is the same idea; measured by scripts/diag_activation_init.py, see docs/QUANTIZATION.md).
+        Not the squared-error clip used for weights at 8 bits: measured on usgra-seg (edge recipe, W8A8 before
+        fine-tuning, 10 validation frames), MSE-chosen activation clips dropped the best-threshold Dice from 0.563
+        (float) to ~0.52, the observed maximum kept 0.547. The error is dominated by the many small activations and
+        clips the rare large ones. Below 8 bits the balance turns (qat/step_init.py): "mse" searches the step by
+        squared error there (and keeps the percentile at 8 bits). A tight grid chooses its split z as well: the
+        least squared error ("mse") or the smallest step reaching the percentile on both sides ("percentile").
         """
-        if self._peak is None:
+        seen, self.observation = self.observation, None
+        if seen is None:
             raise RuntimeError("init_from_samples: nothing observed; run frames through the model while observing")
-        peak = sum(self._percentiles) / len(self._percentiles) if self._percentiles else self._peak
-        peak, self._peak, self._percentiles = max(peak, 1e-8), None, []
         bits = self.bits()  # before the step moves: a per-tensor range is in value units
-        _, qmax = integer_range(bits, self.narrow, self.unsigned)
-        self.log2_step.fill_(math.log2(peak / qmax))
+        search = self.observe_init == "mse" and bits < 8
+        if self.tight and self.relu_read:  # [0, 2^b - 1]: the readers see ReLU's output
+            qmax = self.integer_range(bits)[1]
+            step = (mse_activation_grid(seen.values().clamp_min(0), [(0, qmax)])[2] if search
+                    else max(seen.reach_up, 1e-8) / qmax)
+        elif self.tight:
+            levels = 2 ** bits
+            if search:
+                splits = sorted({round(z) for z in torch.linspace(0, levels // 2, min(levels // 2 + 1, 17)).tolist()})
+                qmin, _, step = mse_activation_grid(seen.values(), [(-z, levels - 1 - z) for z in splits])
+                below = -qmin
+            else:
+                below, step = covering_grid(seen.reach_up, seen.reach_down, levels, levels // 2)
+            self.negative_share.fill_(below / levels)
+        elif search:
+            step = mse_activation_grid(seen.values(), [self.integer_range(bits)])[2]
+        else:
+            step = seen.reach / self.integer_range(bits)[1]
+        self.log2_step.fill_(math.log2(step))
         if self.learns_bits:
             self._set_range_for_bits(bits)
 
     @torch.no_grad()
     def init_from_tensor(self, w: torch.Tensor) -> None:
         """Set the step from a weight tensor (per channel when per_channel), MSE-best clip at the current bits."""
-        self._init_step(w.detach().reshape(w.shape[0], -1).float().cpu() if self.per_channel
-                        else w.detach().reshape(1, -1).float().cpu())
-
-    @torch.no_grad()
-    def _init_step(self, rows: torch.Tensor) -> None:
-        """rows: (R, M), one row per step. Chooses clip = fraction x max|row| minimising the squared error."""
+        rows = (w.detach().reshape(w.shape[0], -1) if self.per_channel else w.detach().reshape(1, -1)).float().cpu()
         bits = self.bits()
-        qmin, qmax = integer_range(bits, self.narrow, self.unsigned)
-        peak = rows.abs().amax(dim=1).clamp_min(1e-8)  # (R,), from every value
-        if rows.shape[1] > SEARCH_COLUMNS:  # the error is estimated on a fixed random subset
-            pick = torch.randperm(rows.shape[1], generator=torch.Generator().manual_seed(0))[:SEARCH_COLUMNS]
-            rows = rows[:, pick]
-        best_err = torch.full_like(peak, float("inf"))
-        best_step = peak / qmax
-        for fraction in CLIP_FRACTIONS.tolist():
-            step = (peak * fraction / qmax)[:, None]
-            err = ((torch.clamp(torch.round(rows / step), qmin, qmax) * step - rows) ** 2).mean(dim=1)
-            better = err < best_err
-            best_err, best_step = torch.where(better, err, best_err), torch.where(better, step[:, 0], best_step)
+        best_step = mse_steps(rows, *self.integer_range(bits))
         target = best_step if self.per_channel else best_step[0]
         self.log2_step.copy_(torch.log2(target).to(self.log2_step.device).reshape(self.log2_step.shape))
         if self.learns_bits:
@@ -344,6 +334,7 @@ class FakeQuant(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "per-channel" if self.per_channel else "per-tensor"
-        grid = "unsigned" if self.unsigned else "narrow signed" if self.narrow else "full signed"
+        grid = ("unsigned" if self.unsigned else "tight" if self.tight else "narrow signed" if self.narrow
+                else "full signed")
         state = "learned" if self.learns_bits else "frozen"
         return f"{kind}, {grid}, bits={self.bits()} ({state}, range [{self.b_min}, {self.b_max}])"

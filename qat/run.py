@@ -3,7 +3,7 @@
 RUN/qat/NAME/ gets config.toml, metrics.jsonl, checkpoints/{last,best}.pt, bits.json, threshold.json,
 threshold_curve.png, test_metrics.json and examples.png. T* and morphology are re-tuned on the validation
 split and the test split is scored with the quantized model (integer bits), by the same code as the float
-run (training.tune.tune, training.evaluate.evaluate_arrays).
+run (training.evaluation.tune.tune, training.evaluation.evaluate.evaluate_arrays).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from device_runtime.core.errors import InputError
 from device_runtime.core.fileio import write_json, write_text
 from device_runtime.core.postprocess import Morphology
-from training.checkpoint import load_model, read_checkpoint
+from training.checkpoint import finished_on_resume, load_model, read_checkpoint
 from training.evaluation.bootstrap import paired_bootstrap_ci
 from training.evaluation.evaluate import evaluate_arrays, plot_examples
 from training.evaluation.predict import predict_probabilities, resolve_device
@@ -25,13 +25,13 @@ from training.evaluation.tune import plot_threshold_curve, tune
 from training.loop import LOCK_NAME, LOG_NAME, exclusive_run, resume_from_last, rewrite_log, run_epochs
 from training.model import as_deployed
 from training.stages import flip_tta_of, split_arrays
-from training.train import Dist, augmented_train_set, build_loader
+from training.train import Dist, augmented_train_set, build_loader, validate
 
 from .bits import activation_elements, bits_table, live_weights
 from .checkpoint import build_qat_model, read_qat_checkpoint, save_qat_checkpoint
 from .config import QatConfig, load_qat_config, to_toml
 from .loss import QatLoss
-from .prepare import initialise_steps
+from .schedule import initialise, make_plan
 from .train import QatEpochs, QatState, build_optimizer, restore
 
 
@@ -80,6 +80,12 @@ def _run_qat(qcfg: QatConfig, float_path: Path, from_last: bool) -> Path:
     run_dir, qat_dir = Path(qcfg.run_dir), qcfg.qat_dir
     device = resolve_device(qcfg.device)
     float_model, float_checkpoint, cfg = load_model(float_path)
+    last_path = qat_dir / "checkpoints" / "last.pt"
+    last = read_qat_checkpoint(last_path) if from_last else None
+    if from_last and finished_on_resume(last, qcfg.epochs, last_path):
+        print(f"qat {qat_dir.name}: training finished earlier ({qcfg.epochs} epochs); tuning and scoring its best "
+              "checkpoint again", flush=True)
+        return finish(qat_dir, cfg, device, flip_tta_of(float_checkpoint))
     batch_size = qcfg.batch_size or cfg.batch_size
     loader_cfg = cfg.replace(batch_size=batch_size, seed=cfg.seed + qcfg.seed)
 
@@ -92,16 +98,19 @@ def _run_qat(qcfg: QatConfig, float_path: Path, from_last: bool) -> Path:
     # preparing folds BatchNorm into float_model's own convolutions: the teacher is a copy taken before
     teacher = copy.deepcopy(float_model).to(device).eval().requires_grad_(False) if qcfg.distill > 0 else None
     model = build_qat_model(cfg.arch, qcfg, float_model.to(device), init_steps=not from_last).to(device)
+    observe = lambda: _observation_batches(train_images, qcfg.observe_frames, batch_size, device)  # noqa: E731
+    plan = make_plan(model, qcfg, from_last, observe, lambda m: validate(
+        m, train_images[:qcfg.fragile_frames], train_masks[:qcfg.fragile_frames], device, cfg.replace(amp=False))[
+        "val_best_dice"], lambda text: print(f"qat {qat_dir.name}: {text}", flush=True))
     elements = activation_elements(model, cfg.input_size)
     criterion = QatLoss(elements, cfg.bce_weight, cfg.dice_weight, qcfg.bit_weight, qcfg.activation_bit_weight,
                         qcfg.target_bits, live_weights(model, cfg.input_size), qcfg.distill)
-    state = QatState(model, build_optimizer(model, qcfg), criterion, teacher=teacher)
+    state = QatState(model, build_optimizer(model, qcfg), criterion, teacher=teacher, plan=plan, observe=observe)
     if from_last:
-        restore(state, read_qat_checkpoint(qat_dir / "checkpoints" / "last.pt"))
+        restore(state, last)
     else:
         write_text(qat_dir / "config.toml", to_toml(qcfg))
-        seen = initialise_steps(model, _observation_batches(train_images, qcfg.observe_frames, batch_size, device),
-                                qcfg.activation_percentile)
+        seen = initialise(model, qcfg, observe)
         print(f"qat {qat_dir.name}: {cfg.arch}, bits {qcfg.bits}, steps initialised on {seen} training frames",
               flush=True)
     rewrite_log(qat_dir / LOG_NAME, state.start_epoch)  # lines of epochs after the checkpoint are trained again

@@ -3,8 +3,9 @@
 Schedule (QatConfig): the steps are initialised from training frames (qat.prepare.initialise_steps) before
 epoch 1; epochs 1..bit_epochs learn weights, steps and bits; from then on the integer bits are frozen (with
 `--target-bits B`, the weight mean capped at B: qat.bits.cap_weight_bits_) and weights and steps fine-tune.
-Uniform runs (`--bits 8`, `4`, `W4A8`) have their bits frozen from the start.
-Only epochs with frozen bits can become best.pt: what is kept must have the bits that are deployed.
+Uniform runs (`--bits 8`, `4`, `W4A8`) have their bits frozen from the start (`bit_schedule`: lowered in stages).
+Only epochs at the deployed bits can become best.pt (qat.schedule.at_final_bits). What changes at an epoch's
+start, and which quantizers are held at 8 bits, is qat/schedule.py's.
 
 The epoch loop, its write order and resume, the data loading, augmentation and validation are the float
 training's (training/loop.py, training/train.py); `QatEpochs` is what differs.
@@ -13,8 +14,8 @@ training's (training/loop.py, training/train.py); `QatEpochs` is what differs.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -25,11 +26,12 @@ from training.checkpoint import rng_state, set_rng_state, without_resume_state
 from training.config import TrainConfig
 from training.train import validate
 
-from .bits import cap_weight_bits_
 from .checkpoint import make_qat_checkpoint
 from .config import QatConfig
 from .loss import QatLoss
-from .prepare import fake_quants, freeze_bits_, project_bits_, quant_convs
+from .prepare import fake_quants, project_bits_, quant_convs
+from .schedule import BitPlan, at_final_bits, cosine_phase
+from .sensitivity import step_log
 
 
 def parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -57,9 +59,10 @@ def build_optimizer(model: nn.Module, qcfg: QatConfig) -> torch.optim.Adam:
 
 
 def set_learning_rates(optimizer: torch.optim.Optimizer, qcfg: QatConfig, epoch: int) -> None:
-    """Cosine decay over the run for weights and steps; bits keep their rate while they learn. Computed
-    from the epoch alone, so a resumed run gets the same rates without any scheduler state."""
-    cosine = 0.5 * (1.0 + math.cos(math.pi * epoch / qcfg.epochs))
+    """Cosine decay over the run (a bit schedule: over each stage) for weights and steps; bits keep their rate while
+    they learn. Computed from the epoch alone, so a resumed run gets the same rates without any scheduler state."""
+    position, length = cosine_phase(qcfg, epoch)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * position / length))
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * (1.0 if group["name"] == "bits" else cosine)
 
@@ -105,6 +108,8 @@ class QatState:
     start_epoch: int = 0
     best_dice: float = -1.0
     teacher: nn.Module | None = None  # the float model, when the loss distils it
+    plan: BitPlan | None = None  # the bits per epoch (None: built from the model, no held tensors)
+    observe: Callable[[], Iterable[torch.Tensor]] | None = None  # training frames for re-initialising steps
 
 
 def restore(state: QatState, checkpoint: dict) -> None:
@@ -134,14 +139,21 @@ class QatEpochs:
     device: torch.device
     table_of: Callable[[nn.Module], dict]
     table: dict | None = None  # the bits table of the epoch just judged
+    steps_start: dict | None = None  # the steps as initialised from data, before epoch 1 (scripts/diag_lowbit.py)
+    final_weights = False  # a finished run's last.pt keeps no weights: tuning and export read best.pt
+
+    def __post_init__(self):
+        self.plan = self.state.plan or BitPlan(self.state.model, self.qcfg)
+
+    def say(self, text: str) -> None:
+        print(f"qat {self.label}: {text}", flush=True)
 
     def train(self, epoch: int) -> dict:
         state, qcfg = self.state, self.qcfg
-        if bits_frozen_at(qcfg, epoch) and freeze_bits_(state.model) and qcfg.target_bits > 0:
-            taken = cap_weight_bits_(state.model, state.criterion.weights, qcfg.target_bits)
-            if taken:
-                print(f"qat {self.label}: bits frozen; mean weight bits capped at the target {qcfg.target_bits:g} "
-                      f"by {len(taken)} bit(s): " + ", ".join(f"{name} {b}->{c}" for name, b, c in taken), flush=True)
+        if epoch == 0:
+            self.steps_start = step_log(state.model)
+        if self.plan.begin_epoch(epoch, state.criterion.weights, state.criterion.elements, state.observe, self.say):
+            state.optimizer.state.clear()  # a new stage of the bit schedule: Adam starts afresh
         set_learning_rates(state.optimizer, qcfg, epoch)
         return train_one_epoch(state.model, self.make_loader(epoch), state.criterion, state.optimizer, self.device,
                                f"qat {self.label} epoch {epoch + 1}/{qcfg.epochs}", teacher=state.teacher, epoch=epoch)
@@ -150,16 +162,19 @@ class QatEpochs:
         stats.update(validate(self.state.model, self.val_images, self.val_masks, self.device,
                               self.cfg.replace(amp=False)))
         self.table = self.table_of(self.state.model)
-        frozen = bits_frozen_at(self.qcfg, epoch)
         stats.update(mean_weight_bits=self.table["mean_weight_bits"],
-                     mean_activation_bits=self.table["mean_activation_bits"], bits_frozen=frozen)
-        return frozen
+                     mean_activation_bits=self.table["mean_activation_bits"], bits_frozen=bits_frozen_at(self.qcfg, epoch))
+        return at_final_bits(self.qcfg, epoch)
 
     def checkpoints(self, epoch: int, stats: dict, best_dice: float) -> tuple[dict, dict]:
         state = self.state
         last = make_qat_checkpoint(self.cfg, self.qcfg, state.model, epoch=epoch + 1, best_val_dice=best_dice,
                                    optimizer=state.optimizer.state_dict(), rng=rng_state(), val=stats, bits=self.table)
         return last, without_resume_state(last)
+
+    def record(self, epoch: int) -> dict:
+        # the steps of every quantizer, per epoch, for scripts/diag_lowbit.py
+        return {"steps": step_log(self.state.model), **({"steps_start": self.steps_start} if epoch == 0 else {})}
 
     def learning_rate(self) -> dict:
         return {group["name"]: group["lr"] for group in self.state.optimizer.param_groups}

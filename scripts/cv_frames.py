@@ -2,7 +2,7 @@
 
 Each finished fold's bundle (fold.json is written after the export; model.fp32.onnx with the manifest's T* and
 morphology) scores the fold's held-out frames through ONNX Runtime exactly as `nerveseg cv` does
-(export.parity.onnx_probabilities, training.evaluate.evaluate_arrays), so each fold's mean equals its Dice in cv.json.
+(export.bundle.parity.onnx_probabilities, training.evaluation.evaluate.evaluate_arrays), so each fold's mean equals its Dice in cv.json.
 The frames are then grouped: by Dice band (and the share of all the Dice lost that falls there), by the size of the
 nerve (terciles of the mask's area at the input size) and by how many separate pieces the mask has; the misses
 (Dice < 0.05) are listed with the network's peak probability, which tells a silent miss (nothing above T*) from an

@@ -1,20 +1,22 @@
-"""The fault battery of issue 12: the real commands against injected faults, and kill -9 at random moments.
+"""The fault battery of issues 12 and 35: the real commands against injected faults, and kill -9 at random moments.
 
 Runs `nerveseg` and `nerveseg-device` as a user would (subprocesses, this checkout on PYTHONPATH) on a tiny
 phantom run, injecting: outputs that would overwrite what the user owns, read-only folders and full disks
 (small tmpfs mounts where this machine allows mounting, else skipped; RLIMIT_FSIZE as a second full-disk
-flavour), non-finite and colour data, a checkpoint that would run code, SIGTERM and kill -9 during a
-recording, and kill -9 at random moments of `nerveseg pipeline` (each followed by --resume) and of
+flavour, also for a disk full before the first frame), non-finite and colour data, a checkpoint that would run
+code, SIGTERM and kill -9 during a recording, more preview viewers than its bound, and kill -9 at random
+moments of `nerveseg pipeline` and of `nerveseg qat --bits learned-a8` (each followed by --resume) and of
 `nerveseg export --replace`. Prints one table row per case: case, exit code, the one-line message, whether
 the user's files are intact, and PASS/FAIL.
 
-    nice -n 10 python scripts/faults.py --kills 20 --export-kills 10       # the full battery
-    python scripts/faults.py --kills 0 --export-kills 0                    # the fault table only (minutes)
+    nice -n 10 python scripts/faults.py --kills 20                 # the full battery (20 + 20 + 10 kills)
+    python scripts/faults.py --kills 0 --export-kills 0            # the fault table only (minutes)
 
 The pipeline kills compare each resumed run with an uninterrupted one (same flags): threshold.json, test
 metrics, the ONNX test metrics of the bundle and metrics.jsonl without its timing columns must be equal, and a
 watcher verifies the bundle (sha256 of every file against its manifest) all along the run, so a bundle half
-old and half new would be seen. Exit status 1 if any row fails.
+old and half new would be seen. The QAT kills (--qat-kills, default as many as --kills) compare metrics.jsonl,
+bits.json and test_metrics.json with an uninterrupted QAT run's. Exit status 1 if any row fails.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 TINY = ["--input-size", "64", "64", "--epochs", "2", "--synth-count", "30", "--batch-size", "4", "--device", "cpu"]
+# a pipeline that ran to its end: 0, or 3 when an INT8 export was refused (deterministic: the reference's too)
+PIPELINE_FINISHED = (0, 3)
 TIMING_KEYS = {"train_images_per_s", "train_seconds"}
 
 
@@ -151,7 +155,7 @@ def make_reference(work: Path) -> tuple[Path, float]:
     run_dir = work / "reference"
     started = time.perf_counter()
     result = run(nerveseg("pipeline", *TINY, "--run-dir", run_dir))
-    if result.returncode != 0:
+    if result.returncode not in PIPELINE_FINISHED:
         sys.exit(f"faults: the reference pipeline failed:\n{result.stderr[-3000:]}")
     return run_dir, time.perf_counter() - started
 
@@ -437,6 +441,156 @@ def device_cases(work: Path, ref: Path):
             print(f"{'PASS' if ok else 'FAIL'}  {ROWS[-1].case}: {ROWS[-1].message}", flush=True)
 
 
+def full_disk_cases(work: Path, ref: Path):
+    """Issue 35: every output on a disk already full when the run starts (a filled tmpfs where mounting is
+    allowed, and RLIMIT_FSIZE of 4 KiB, which needs no root): exit non-zero before the first frame, one line
+    naming the path, no zero-byte file; then a JSONL cut by a file size limit or a disk filling mid-run."""
+    cases = work / "full-disk-cases"
+    cases.mkdir()
+    frames = frames_folder(cases)
+    base = ["run", "--bundle", ref / "bundle", "--quiet", "--source", frames]
+    outputs = [("--masks", "m"), ("--overlays", "o"), ("--video", "v.mkv"), ("--jsonl", "f.jsonl"),
+               ("--summary-json", "s.json")]
+    with tmpfs(cases / "full", size="1m", fill=_fill) as full:
+        for flag, name in outputs:
+            case = f"device: {flag} on a disk full before the first frame (tmpfs)"
+            if full is None:
+                skipped(case, "mount not allowed here")
+                continue
+            result = run(device(*base, flag, full / name))
+            record(case, result, _no_empty_files(full), extra_ok=str(full / name) in (one_error_line(result.stderr) or ""))
+    for flag, name in outputs:
+        out = cases / f"fsize-{name}"
+        result = run(device(*base, flag, out / name), fsize=4096)
+        record(f"device: {flag} under a 4 KiB file size limit (full before frame 1)", result, _no_empty_files(out),
+               extra_ok=str(out / name) in (one_error_line(result.stderr) or ""))
+
+    jsonl = cases / "limit.jsonl"
+    loop = ["run", "--bundle", ref / "bundle", "--quiet", "--source", "synthetic:96x128", "--loop",
+            "--max-frames", "20000"]
+    result = run(device(*loop, "--jsonl", jsonl), fsize=100_000)
+    record("device: --jsonl under a 100 kB file size limit", result, _strict_lines(jsonl) > 0,
+           extra_ok=str(jsonl) in (one_error_line(result.stderr) or ""),
+           message=f"{_strict_lines(jsonl)} lines, all strict JSON | {one_error_line(result.stderr)}")
+    with tmpfs(cases / "filling", size="256k") as filling:
+        if filling is None:
+            skipped("device: --jsonl on a disk filling during the run (256 KiB tmpfs)", "mount not allowed here")
+        else:
+            result = run(device(*loop, "--jsonl", filling / "f.jsonl"))
+            lines = _strict_lines(filling / "f.jsonl")
+            record("device: --jsonl on a disk filling during the run (256 KiB tmpfs)", result, lines > 0,
+                   extra_ok=str(filling / "f.jsonl") in (one_error_line(result.stderr) or ""),
+                   message=f"{lines} lines, all strict JSON | {one_error_line(result.stderr)}")
+
+
+def _fill(folder: Path) -> None:
+    """Fill a file system to the last byte."""
+    with open(folder / "filler", "wb", buffering=0) as handle:
+        with contextlib.suppress(OSError):
+            while True:
+                handle.write(bytes(4096))
+    with contextlib.suppress(OSError):  # the last partial block, if any
+        with open(folder / "filler-tail", "wb", buffering=0) as handle:
+            while True:
+                handle.write(b"x")
+
+
+def _no_empty_files(folder: Path) -> bool:
+    """Nothing the run left there but folders and the filler: no empty or partial output, no probe."""
+    return not [p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith("filler")]
+
+
+def _strict_lines(path: Path) -> int:
+    """How many lines `path` holds, every one strict JSON and the last one ended; -1 when any is not."""
+    def refuse(constant):
+        raise ValueError(constant)
+
+    try:
+        text = path.read_text()
+        if text and not text.endswith("\n"):
+            return -1
+        return len([json.loads(line, parse_constant=refuse) for line in text.splitlines()])
+    except (OSError, ValueError):
+        return -1
+
+
+def stream_client(port: int) -> "socket.socket":
+    """A viewer of the preview's /stream.mjpg (its request sent)."""
+    import socket
+
+    client = socket.create_connection(("127.0.0.1", port), timeout=5)
+    client.sendall(b"GET /stream.mjpg HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    return client
+
+
+def stream_served(client, timeout: float = 5.0) -> bool:
+    """Whether a picture arrives on this stream (True) or the server closes it (False)."""
+    received, deadline = b"", time.monotonic() + timeout
+    client.settimeout(0.2)
+    while time.monotonic() < deadline:
+        try:
+            chunk = client.recv(4096)
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            return False
+        if not chunk:
+            return False
+        received += chunk
+        if b"Content-Type: image/jpeg" in received:
+            return True
+    raise TimeoutError("neither a picture nor a close")
+
+
+def preview_bound(port: int, clients: int = 8, leave: int = 2) -> tuple[int, int, bool]:
+    """`clients` viewers at once; then `leave` served ones close and new viewers try until as many are served.
+    Returns (served at first, places taken after the leaving, whether one more viewer is then refused)."""
+    first = [stream_client(port) for _ in range(clients)]
+    served = [c for c in first if stream_served(c)]
+    for client in served[:leave]:
+        client.close()  # the server notices at its next write to them
+    taken, deadline = [], time.monotonic() + 10
+    while len(taken) < leave and time.monotonic() < deadline:
+        client = stream_client(port)
+        if stream_served(client):
+            taken.append(client)
+        else:
+            client.close()
+            time.sleep(0.05)
+    extra = stream_client(port)
+    refused = not stream_served(extra)
+    for client in first + taken + [extra]:
+        client.close()
+    return len(served), len(taken), refused
+
+
+def preview_case(work: Path, ref: Path):
+    """Issue 35: 8 viewers of a running preview whose bound is 4: exactly 4 are served, and places freed by
+    viewers that leave go to others."""
+    import re
+
+    process = subprocess.Popen(device("run", "--bundle", ref / "bundle", "--quiet", "--source", "synthetic:96x128",
+                                      "--loop", "--mjpeg-port", "0"), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    port = None
+    for line in process.stderr:  # "info: MJPEG preview at http://127.0.0.1:PORT/" comes before the first frame
+        found = re.search(r"MJPEG preview at http://127\.0\.0\.1:(\d+)/", line)
+        if found:
+            port = int(found.group(1))
+            break
+    try:
+        served, taken, refused = preview_bound(port) if port else (0, 0, False)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        err = process.communicate(timeout=60)[1]
+    ok = (served, taken, refused) == (4, 2, True) and process.returncode == 0
+    ROWS.append(Row("device: 8 preview clients, bound 4; 2 leave, 2 others come", process.returncode,
+                    f"{served} of 8 served; {taken} of 2 took the freed places; one more "
+                    f"{'refused' if refused else 'SERVED'}" + ("" if port else f" | no port: {err.strip()[-150:]}"),
+                    True, ok))
+    print(f"{'PASS' if ok else 'FAIL'}  {ROWS[-1].case}: {ROWS[-1].message}", flush=True)
+
+
 def _strict_json(path: Path) -> bool:
     def refuse(constant):
         raise ValueError(constant)
@@ -449,6 +603,18 @@ def _strict_json(path: Path) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ kills
+
+
+def kill_at(cmd: list[str], at: float) -> bool:
+    """Run `cmd` and kill -9 it `at` seconds in; False when it had finished by then."""
+    process = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        process.wait(timeout=at)
+        return False
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        return True
 
 
 def comparable(run_dir: Path) -> dict:
@@ -509,22 +675,14 @@ def pipeline_kills(work: Path, ref: Path, seconds: float, kills: int, rng: rando
         run_dir = work / f"pipeline-kill-{i:02d}"
         at = rng.uniform(0.5, seconds)
         watcher = BundleWatcher(run_dir / "bundle")
-        process = subprocess.Popen(nerveseg("pipeline", *TINY, "--run-dir", run_dir), cwd=REPO, env=ENV,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            process.wait(timeout=at)
-            killed = False
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            killed = True
+        killed = kill_at(nerveseg("pipeline", *TINY, "--run-dir", run_dir), at)
         stage = _stage_of(run_dir)
         # a run killed before it wrote config.toml holds nothing to resume: it is started again, as a user would
         cmd = nerveseg("pipeline", "--resume", "--run-dir", run_dir, "--device", "cpu") \
             if (run_dir / "config.toml").is_file() else nerveseg("pipeline", *TINY, "--run-dir", run_dir)
         resumed = run(cmd)
         watcher.stop()
-        finished = resumed.returncode == 0
+        finished = resumed.returncode in PIPELINE_FINISHED
         equal = finished and comparable(run_dir) == expected
         stale = leftovers(run_dir)
         ok = finished and equal and watcher.bad == 0 and not stale
@@ -568,13 +726,7 @@ def export_kills(work: Path, ref: Path, kills: int, rng: random.Random):
     for i in range(kills):
         at = rng.uniform(0.3, seconds)
         watcher = BundleWatcher(run_dir / "bundle")
-        process = subprocess.Popen(nerveseg("export", "--run-dir", run_dir, "--replace", "--device", "cpu"),
-                                   cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            process.wait(timeout=at)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        kill_at(nerveseg("export", "--run-dir", run_dir, "--replace", "--device", "cpu"), at)
         watcher.stop()
         try:
             load_manifest(run_dir / "bundle")
@@ -588,6 +740,85 @@ def export_kills(work: Path, ref: Path, kills: int, rng: random.Random):
                     f"bundle verified complete after {consistent}/{kills} kills and all along; the next export "
                     f"left {len(stale)} stale temporaries", consistent == kills and not stale, ok))
     print(f"{'PASS' if ok else 'FAIL'}  export kills: {ROWS[-1].message}", flush=True)
+
+
+QAT_BITS = "learned-a8"
+
+
+def qat_comparable(qat_dir: Path) -> dict:
+    """What must not depend on kills: the QAT log without its timing columns, the bits, the test metrics.
+    Compared as canonical JSON text, so that a NaN (which equals nothing) still compares."""
+    log = [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
+           for line in (qat_dir / "metrics.jsonl").read_text().splitlines()]
+    return {name: json.dumps(value, sort_keys=True) for name, value in
+            (("metrics.jsonl", log), ("bits.json", json.loads((qat_dir / "bits.json").read_text())),
+             ("test_metrics.json", json.loads((qat_dir / "test_metrics.json").read_text())))}
+
+
+def _qat_stage(qat_dir: Path) -> str:
+    if (qat_dir / "test_metrics.json").exists():
+        return "finish (test metrics written)"
+    if (qat_dir / "bits.json").exists():
+        return "finish (re-tuning)"
+    if (qat_dir / "checkpoints" / "last.pt").exists():
+        lines = len((qat_dir / "metrics.jsonl").read_text().splitlines()) if (qat_dir / "metrics.jsonl").exists() else 0
+        return f"training ({lines} epochs logged)"
+    if (qat_dir / "config.toml").exists():
+        return "epoch 1"
+    return "start-up"
+
+
+def qat_kills(work: Path, ref: Path, kills: int, rng: random.Random):
+    """Issue 35: kill -9 of `nerveseg qat --bits learned-a8` at random moments, each followed by `--resume` (or,
+    when it was killed before it wrote its config, by the same command again, as a user would): metrics.jsonl
+    (strict JSON), bits.json and test_metrics.json must equal an uninterrupted run's, no temporaries left."""
+    qat = ["qat", "--run-dir", ref, "--device", "cpu"]
+    started = time.perf_counter()
+    reference = run(nerveseg(*qat, "--bits", QAT_BITS, "--name", "kill-reference"))
+    seconds = time.perf_counter() - started
+    if reference.returncode != 0:
+        ROWS.append(Row(f"kill -9 at {kills} random moments of qat, each + --resume", reference.returncode,
+                        f"the uninterrupted QAT run failed: {reference.stderr.strip()[-150:]}", True, False))
+        return
+    expected = qat_comparable(ref / "qat" / "kill-reference")
+    print(f"uninterrupted qat --bits {QAT_BITS}: {seconds:.0f} s", flush=True)
+    passed, first_failure = 0, ""
+    for i in range(kills):
+        name = f"kill-{i:02d}"
+        qat_dir = ref / "qat" / name
+        at = rng.uniform(0.5, seconds)
+        killed = kill_at(nerveseg(*qat, "--bits", QAT_BITS, "--name", name), at)
+        stage = _qat_stage(qat_dir)
+        again = (qat_dir / "config.toml").is_file()
+        resumed = run(nerveseg(*qat, "--name", name, "--resume") if again else
+                      nerveseg(*qat, "--bits", QAT_BITS, "--name", name))
+        finished = resumed.returncode == 0
+        stale = leftovers(qat_dir)
+        if finished:
+            got = qat_comparable(qat_dir)
+            differ = [key for key in expected if got[key] != expected[key]]
+            strict = _strict_lines(qat_dir / "metrics.jsonl") > 0
+            outcome = (f"{'equal' if not differ else 'DIFFER: ' + ', '.join(differ)}; metrics.jsonl "
+                       f"{'strict' if strict else 'NOT strict JSON'}")
+        else:
+            differ, strict = list(expected), False
+            outcome = f"not finished: {one_error_line(resumed.stderr) or resumed.stderr.strip()[-300:]}"
+        ok = finished and not differ and strict and not stale
+        passed += ok
+        line = (f"qat kill {i + 1}/{kills} at {at:5.1f} s ({'killed in ' + stage if killed else 'had finished'}); "
+                f"{'--resume' if again else 'restart'} exit {resumed.returncode}; {outcome}; "
+                f"stale temporaries {len(stale)}").replace(str(WORK), "W")
+        print(f"  {line}", flush=True)
+        first_failure = first_failure or ("" if ok else line)
+        if ok:
+            shutil.rmtree(qat_dir)
+    shutil.rmtree(ref / "qat" / "kill-reference", ignore_errors=True)
+    ROWS.append(Row(f"kill -9 at {kills} random moments of qat --bits {QAT_BITS}, each + --resume",
+                    "0" if passed == kills else "!",
+                    f"{passed}/{kills} finished with metrics.jsonl, bits.json and test_metrics.json equal to an "
+                    "uninterrupted run's, strict JSON, no stale temporaries"
+                    + (f" | first failure: {first_failure}" if first_failure else ""), passed == kills, passed == kills))
+    print(f"{'PASS' if passed == kills else 'FAIL'}  qat kills: {ROWS[-1].message}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -612,6 +843,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, help="scratch folder (default: a new temporary folder, removed)")
     parser.add_argument("--kills", type=int, default=20, help="kill -9 moments of `nerveseg pipeline` (default 20)")
     parser.add_argument("--export-kills", type=int, default=10, help="kill -9 moments of `export --replace`")
+    parser.add_argument("--qat-kills", type=int, help="kill -9 moments of `nerveseg qat` (default: as --kills)")
     parser.add_argument("--seed", type=int, default=12)
     parser.add_argument("--only", choices=["export", "train", "device", "kills"], action="append",
                         help="run only these groups (repeatable)")
@@ -629,11 +861,16 @@ def main() -> int:
         train_cases(WORK, ref)
     if "device" in groups:
         device_cases(WORK, ref)
+        full_disk_cases(WORK, ref)
+        preview_case(WORK, ref)
     if "kills" in groups:
         if args.kills:
             pipeline_kills(WORK, ref, seconds, args.kills, rng)
         if args.export_kills:
             export_kills(WORK, ref, args.export_kills, rng)
+        qat_kill_count = args.kills if args.qat_kills is None else args.qat_kills
+        if qat_kill_count:
+            qat_kills(WORK, ref, qat_kill_count, rng)
     print_table()
     print(f"({time.perf_counter() - started:.0f} s; scratch folder {WORK})")
     if not args.work:

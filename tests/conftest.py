@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ def load_script(name: str):
     """A script of scripts/ as a module (they are run as files, not installed)."""
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there while the script runs
     spec.loader.exec_module(module)
     return module
 
@@ -46,3 +48,14 @@ def tiny_run(tiny_config) -> Path:
     stages.tune_run(run_dir, "cpu")
     stages.evaluate_run(run_dir, "cpu")
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_qat_run(tiny_run) -> Path:
+    """A W8A8 QAT run (1 epoch) of the tiny run, finished and tuned: RUN/qat/w8a8; shared by the INT8 tests."""
+    pytest.importorskip("qat.run", reason="the qat training loop is not installed")
+    from qat.config import QatConfig
+    from qat.run import run_qat
+
+    return run_qat(QatConfig(run_dir=str(tiny_run), name="w8a8", bits="w8a8", epochs=1, observe_frames=8,
+                             device="cpu"))

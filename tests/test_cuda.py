@@ -48,18 +48,19 @@ def test_pipeline_on_cuda(tmp_path, capsys):
     code = main(["pipeline", "--input-size", "64", "64", "--epochs", "2", "--synth-count", "30", "--batch-size", "4",
                  "--device", "cuda", "--run-dir", str(run_dir), "--qat-epochs", "2"])
     out = capsys.readouterr().out
-    assert code == 0, out
+    assert code == (3 if "INT8 bundle refused" in out else 0), out  # 3: a requested INT8 export was refused
     assert "test (ONNX, as deployed)" in out and "bundle:" in out
     assert (run_dir / "bundle" / "model.fp32.onnx").is_file()
-    assert ("INT8 bundle" in out and "parity model.int8.cpu.onnx" in out) or "INT8 bundle refused: model.int8" in out
+    assert "INT8 bundle written:" in out and "INT8 bundles:" in out
 
 
 @needs_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("averaging", [{"swa_start": 0.5}, {"weight_ema": 0.9}])
-def test_weight_averages_on_cuda(tmp_path, averaging):
+def test_weight_averages_on_cuda(tmp_path, averaging, monkeypatch):
     """SWA's equal average and the EMA on the GPU, where torch's foreach kernels refuse BatchNorm's int64 counter
     (found on an H100: `Integer division with addcdiv is no longer supported`)."""
+    monkeypatch.setattr(train, "finished_checkpoint", lambda checkpoint: checkpoint)  # keep last.pt's average to read
     cfg = build_config("small", run_dir=str(tmp_path / "avg"), input_size=(64, 64), steps=7, batch_size=8,
                        warmup_steps=2, val_every=100, synth_count=30, device="cuda", val_batch_size=8,
                        pretrained="none", **averaging)

@@ -324,3 +324,29 @@ def test_int8_file_missing_or_tampered_is_one_line(tmp_path):
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], result.stderr
+
+
+def test_a_bundle_whose_tensorrt_form_was_left_out_says_so_everywhere(tmp_path):
+    """An INT8 bundle whose export gate left the TensorRT form out (quantization["refused"]) and kept the x86 file:
+    TensorRT falls back to FP16 and says why, `--precision int8` on TensorRT is refused in one line saying why,
+    ONNX Runtime runs the x86 file, and `info` lists what the bundle holds and what was left out."""
+    from device_runtime.backends.selection import auto_precision
+    from device_runtime.info import bundle_lines
+
+    bundle = make_bundle(tmp_path / "b", int8=True)
+    manifest = load_manifest(bundle)
+    manifest.files[1].runtimes = ["ort-cpu", "ort-cuda"]
+    manifest.quantization["refused"] = {"model.int8.trt.onnx": "|dp| p50 0.1 > 3 x the model's own 0.001 + 0.0001"}
+    write_manifest(bundle, manifest)
+    loaded = load_manifest(bundle)
+    assert loaded.left_out() == manifest.quantization["refused"]
+    precision, why = auto_precision(loaded, "tensorrt")
+    assert precision == "fp16" and "TensorRT INT8 file was left out at export" in why
+    with pytest.raises(InputError, match=r"its TensorRT form was left out at export \(model\.int8\.trt\.onnx: \|dp\| "
+                                         r"p50 0\.1 > 3 x .*\); use --precision fp16"):
+        select_model(loaded, "tensorrt", "int8")
+    assert select_model(loaded, "ort-cpu", "int8")[0].path == "model.int8.onnx"
+    lines = "\n".join(bundle_lines(loaded))
+    assert "model.int8.trt.onnx" in lines and "left out at export by the parity gate: |dp| p50 0.1" in lines
+    # an older bundle (no "refused") and a bundle that left nothing out: no such line, the old reasons
+    assert load_manifest(make_bundle(tmp_path / "old", int8=True)).left_out() == {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import urllib.error
 import urllib.request
@@ -157,17 +158,42 @@ def test_every_sink_is_closed_even_if_one_fails(capsys):
                 raise OSError("disk full")
 
     Outputs([Sink("a", fail=True)], [Sink("b")]).close()
-    assert closed == ["a", "b"] and "disk full" in capsys.readouterr().err
+    assert closed == ["a", "b"] and "disk full" in capsys.readouterr().err  # a preview closing badly: a warning
+    closed.clear()
+    with pytest.raises(InputError, match="disk full"):  # a file not finished: the run fails
+        Outputs([Sink("a")], [Sink("b", fail=True), Sink("c")]).close()
+    assert closed == ["a", "b", "c"]
+
+
+def _disk_full_after(monkeypatch, good_writes: int):
+    """fileio.write_all writes `good_writes` times (not counting the probes before the first frame), then half of
+    the next data and fails, as a disk filling does."""
+    import errno
+
+    from device_runtime.core import fileio
+    from device_runtime.outputs import sinks as outputs
+
+    real, calls = fileio.write_all, []
+
+    def write_all(fd, data):
+        if bytes(data) != bytes(fileio.PROBE_BYTES):  # a probe writes zeros; they are let through
+            calls.append(fd)
+        if len(calls) > good_writes:
+            os.write(fd, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data)
+
+    monkeypatch.setattr(fileio, "write_all", write_all)
+    monkeypatch.setattr(outputs, "write_all", write_all)  # the JSONL's own reference
 
 
 def test_a_failing_file_output_stops_the_run_with_its_message(bundle, tmp_path, monkeypatch, capsys):
-    def refuse(path, image, *args):
-        return False  # what cv2.imwrite answers on a full disk
-
-    monkeypatch.setattr(cv2, "imwrite", refuse)
+    _disk_full_after(monkeypatch, good_writes=3)
     endless = FileSource(lambda: iter([(f"f{i}", disc_frame()) for i in range(1000)]), "many frames")
-    with pytest.raises(InputError, match="could not write the mask"):
+    with pytest.raises(InputError, match=r"--masks .*f3\.png: writing failed \(No space left on device\)"):
         run(RunConfig(bundle=bundle, masks_dir=tmp_path / "m", quiet=True), source=endless)
+    # whole masks or none: no half-written mask, no temporary left behind
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["f0.png", "f1.png", "f2.png"]
 
 
 def test_overlay_of_16_bit_and_colour_frames():
@@ -197,6 +223,69 @@ def test_outputs_never_overwrite_the_source_folder(bundle, tmp_path):
 
 
 def test_a_write_failing_on_the_last_frame_still_fails_the_run(bundle, tmp_path, monkeypatch):
-    monkeypatch.setattr(cv2, "imwrite", lambda *args: False)
-    with pytest.raises(InputError, match="could not write the mask"):
+    _disk_full_after(monkeypatch, good_writes=3)
+    with pytest.raises(InputError, match="f3.png: writing failed"):
         run(RunConfig(bundle=bundle, masks_dir=tmp_path / "m", quiet=True), source=source())
+
+
+def test_an_overwritten_mask_is_kept_when_its_new_write_fails(bundle, tmp_path, monkeypatch):
+    masks = tmp_path / "m"
+    masks.mkdir()
+    (masks / "f0.png").write_bytes(b"the earlier run's mask")
+    _disk_full_after(monkeypatch, good_writes=0)
+    with pytest.raises(InputError, match="f0.png: writing failed"):
+        run(RunConfig(bundle=bundle, masks_dir=masks, overwrite=True, quiet=True), source=source())
+    assert [p.name for p in masks.iterdir()] == ["f0.png"]
+    assert (masks / "f0.png").read_bytes() == b"the earlier run's mask"
+
+
+@pytest.mark.parametrize("good_lines", [0, 2])
+def test_a_jsonl_line_that_fails_is_cut_back_to_the_last_whole_line(bundle, tmp_path, monkeypatch, good_lines):
+    jsonl = tmp_path / "f.jsonl"
+    _disk_full_after(monkeypatch, good_writes=good_lines)
+    with pytest.raises(InputError) as failed:
+        run(RunConfig(bundle=bundle, jsonl=jsonl, quiet=True), source=source())
+    assert str(failed.value).startswith(f"--jsonl {jsonl}: writing the line of frame f{good_lines} failed")
+    if good_lines == 0:
+        assert not jsonl.exists()  # no empty file where a log was expected
+    else:
+        text = jsonl.read_text()
+        assert text.endswith("\n") and [json.loads(line)["name"] for line in text.splitlines()] == ["f0", "f1"]
+
+
+def test_a_video_whose_first_frame_fails_leaves_no_file(bundle, tmp_path, monkeypatch):
+    class Refusing:
+        def __init__(self, *args):
+            self.real = real(*args)
+
+        def isOpened(self):  # noqa: N802 (OpenCV's name)
+            return True
+
+        def write(self, picture):
+            return False
+
+        def release(self):
+            self.real.release()
+
+    real = cv2.VideoWriter
+    monkeypatch.setattr(cv2, "VideoWriter", Refusing)
+    video = tmp_path / "v.mkv"
+    with pytest.raises(InputError, match="writing frame 1 failed .* nothing was recorded; no file is left"):
+        run(RunConfig(bundle=bundle, overlay_video=video, quiet=True), source=source())
+    assert not video.exists()
+
+
+@pytest.mark.parametrize("size", [256, 512, 1024])
+def test_the_label_is_white_on_a_dark_box_sized_by_the_frame(size):
+    """On bright tissue (a white frame) the label stays readable: its box is dark, its text white, and both
+    grow with the frame (3.2 % of its height)."""
+    picture = OverlayRenderer().render(np.full((size, size), 230, np.uint8), np.zeros((size, size), np.uint8),
+                                       {"area_px": 0, "area_mm2": None, "uncertainty": 0.25})
+    dark = np.all(picture < 100, axis=2)
+    rows, cols = np.nonzero(dark)
+    box_h, box_w = rows.max() + 1, cols.max() + 1
+    assert rows.min() == 0 and cols.min() == 0  # the top-left corner
+    assert 0.04 * size < box_h < 0.08 * size and box_w < size
+    box = picture[:box_h, :box_w]
+    assert np.median(box) < 100 and (box.min(axis=2) > 170).sum() > 0.02 * box_h * box_w  # light text on it
+    assert np.all(picture[box_h + 2:] == 230)  # nothing else drawn (no mask)

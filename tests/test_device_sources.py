@@ -47,6 +47,28 @@ def test_folder_gives_every_image_in_name_order(image_folder):
     assert frames[1].image.dtype == np.uint16 and frames[2].image.shape == (48, 64, 3)
 
 
+def test_kaggle_masks_beside_their_frames_are_skipped_by_name_and_counted(tmp_path, capsys):
+    folder = tmp_path / "kaggle"
+    folder.mkdir()
+    for name in ("1_1", "1_2", "2_1"):
+        tifffile.imwrite(folder / f"{name}.tif", disc_frame())
+        tifffile.imwrite(folder / f"{name}_mask.tif", (disc_frame() > 100).astype(np.uint8) * 255)
+    tifffile.imwrite(folder / "scan_mask.tif", disc_frame())  # no scan.tif beside it: a frame of that name
+    for spec in (str(folder), str(folder / "*.tif")):
+        frames = drain(open_source(spec))
+        assert [f.name for f in frames] == ["1_1", "1_2", "2_1", "scan_mask"]
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"info: --source {spec}: 3 mask files (NAME_mask beside NAME, the Kaggle layout) skipped; "
+                       "4 frames"]
+
+
+def test_a_dataset_root_points_at_its_images_folder(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    with pytest.raises(InputError, match=f"holds no images .*; its frames may be in {tmp_path / 'images'}"):
+        open_source(str(tmp_path))
+
+
 def test_glob_selects_matching_files(image_folder):
     frames = drain(open_source(str(image_folder / "*.png")))
     assert [f.name for f in frames] == ["a"]

@@ -63,6 +63,22 @@ def test_pick_rows(dice, rows):
     assert _pick_rows(np.array(dice)) == rows
 
 
+def test_examples_show_frames_with_a_nerve_and_count_the_empty_ones():
+    from training.evaluation.evaluate import example_rows
+
+    masks = np.zeros((5, 8, 8), np.uint8)
+    masks[[1, 2, 4], 2:5, 2:5] = 1  # frames 0 and 3 have no nerve
+    preds = np.zeros_like(masks)
+    preds[3, 0, 0] = 1  # a false alarm on an empty frame
+    dice = np.array([1.0, 0.8, 0.3, 0.0, 0.5])
+    rows, caption = example_rows(dice, masks, preds)
+    assert rows == [("best", 1), ("median", 4), ("worst", 2)]  # frame 0's Dice 1 (empty, nothing predicted) is not best
+    assert caption == ("best, median and worst of the 3 frames with a nerve; 2 frames without one (not shown): "
+                       "nothing predicted on 1 of 2")
+    rows, caption = example_rows(np.ones(2), np.zeros((2, 4, 4)), np.zeros((2, 4, 4)))
+    assert rows == [("best", 1), ("worst", 0)] and caption == "none of the 2 frames has a nerve"
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 5])
 def test_examples_png(tmp_path, n):
     rng = np.random.default_rng(n)

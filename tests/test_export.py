@@ -10,10 +10,11 @@ from onnx import helper
 
 from device_runtime.core.errors import InputError
 from device_runtime.core.manifest import load_manifest
-from device_runtime.core.postprocess import Morphology
-from export.bundle.onnx_export import export_onnx, tensorrt_problems
-from export.bundle.parity import compare, onnx_probabilities, parity_failures
 from export.bundle.writer import FP32_NAME, export_bundle
+from export.bundle.onnx_export import export_onnx, tensorrt_problems
+from export.bundle.parity import (GATE_FACTOR, GATE_SLACK, PROB_QUANTILES, compare, onnx_probabilities, parity_failures,
+                                  quantile_key, tie_gate)
+from device_runtime.core.postprocess import Morphology
 from training.model import build_model
 
 
@@ -33,12 +34,34 @@ def test_onnx_matches_pytorch_with_dynamic_batch(tmp_path):
     assert parity_failures(result, "fp32") == []
 
 
-def test_a_parity_refusal_prints_the_bound_with_enough_digits_to_tell_them_apart():
-    assert parity_failures({"mask_dice": 0.99}, "int8") == ["mask Dice agreement 0.9900 < 0.9950"]
-    # a bound from the model's own agreement is a long float: four decimals would print "0.9949 < 0.9949"
-    assert parity_failures({"mask_dice": 0.99491}, "int8", 0.9949330048602629) == [
-        "mask Dice agreement 0.99491 < 0.99493"]
-    assert parity_failures({"mask_dice": 0.9996}, "int8") == []
+def test_pixel_statistics_are_pooled_over_frames():
+    """Two 2x2 frames; the second departs at one pixel by 0.5 (across T = 0.5): 1 of 8 pixels flipped, |dp| 0 at
+    7 of 8 pixels, so the median is 0 and the largest 0.5."""
+    reference = np.array([[[0.1, 0.2], [0.9, 0.8]], [[0.1, 0.2], [0.9, 0.8]]], np.float32)
+    other = reference.copy()
+    other[1, 1, 1] = 0.3
+    result = compare(reference, other, 0.5, Morphology())
+    assert result["frames"] == 2 and result["pixels"] == 8 and result["flipped_fraction"] == 1 / 8
+    assert result["prob_diff_p50"] == 0.0 and result["max_prob_diff"] == pytest.approx(0.5)
+    assert result["mean_prob_diff"] == pytest.approx(0.5 / 8)
+    assert result["mask_dice"] == pytest.approx((1 + 2 / 3) / 2)  # frame 2: masks of 2 and 1 pixels, 1 shared
+
+
+def test_the_int8_gate_allows_each_statistic_its_factor_of_the_noise_floor_plus_slack():
+    floor = {"flipped_fraction": 1e-3, **{quantile_key(q): 1e-2 for q in PROB_QUANTILES}}
+    allowed = {key: GATE_FACTOR * floor[key] + GATE_SLACK[key] for key in floor}
+    at_the_bound = dict(allowed)
+    verdict = tie_gate(at_the_bound, floor)
+    assert verdict["passed"] and verdict["worst_ratio"] == pytest.approx(1.0) and verdict["failures"] == []
+    above = dict(allowed, **{"prob_diff_p99": allowed["prob_diff_p99"] * 1.01})
+    verdict = tie_gate(above, floor)
+    assert not verdict["passed"] and verdict["ratio"]["prob_diff_p99"] == pytest.approx(1.01)
+    assert verdict["failures"] == [f"|dp| p99 {above['prob_diff_p99']:.2g} > {GATE_FACTOR:g} x the model's own 0.01 + "
+                                   f"{GATE_SLACK['prob_diff_p99']:g}"]
+    # a model that agrees with itself exactly still leaves the slack: float32 kernels differ without any tie
+    exact = {key: 0.0 for key in floor}
+    assert tie_gate({key: GATE_SLACK[key] for key in floor}, exact)["passed"]
+    assert not tie_gate(dict(exact, flipped_fraction=2 * GATE_SLACK["flipped_fraction"]), exact)["passed"]
 
 
 @pytest.mark.parametrize("arch", ["mobilenet_v3_large", "resnet50"])

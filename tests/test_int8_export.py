@@ -1,4 +1,5 @@
-"""INT8 bundles from a QAT run: parity or no bundle, manifest, both runtimes' files, bad input, the device."""
+"""INT8 bundles from a QAT run: the parity gate per file (a file refused is left out, no file left: no bundle),
+manifest, both runtimes' files, bad input, the device and what it says the bundle holds."""
 
 import json
 import shutil
@@ -14,29 +15,27 @@ REPO = Path(__file__).resolve().parents[1]
 
 pytest.importorskip("qat.run", reason="the qat training loop (branch qat) is not merged yet")
 
+from conftest import load_script  # noqa: E402
 from device_runtime.core.errors import InputError  # noqa: E402
 from device_runtime.core.manifest import load_manifest  # noqa: E402
-from export.bundle.int8 import CPU_NAME, TENSORRT_NAME, export_int8_bundle  # noqa: E402
+from export.bundle.writer import ParityError  # noqa: E402
+from export.bundle.int8 import CPU_NAME, TENSORRT_NAME, export_int8_bundle, format_summary  # noqa: E402
 from export.bundle.int8_graph import layer_constants  # noqa: E402
+from export.bundle.parity import GATE_FACTOR  # noqa: E402
+from export.bundle.qdq import cpu_form as module_cpu_form  # noqa: E402
+from training.data.dataset import load_split  # noqa: E402
+
+PLANT = load_script("parity_faults")  # the planted faults, edits of the exported graph
 
 
 @pytest.fixture(scope="module")
-def qat_run(tiny_run):
-    from qat.config import QatConfig
-    from qat.run import run_qat
-
-    return run_qat(QatConfig(run_dir=str(tiny_run), name="w8a8", bits="w8a8", epochs=1, observe_frames=8,
-                             device="cpu"))
-
-
-# the tiny run trains 2 epochs at 64x64: its probabilities hover near T* over much of each frame, so a 1-step
-# integer difference between PyTorch's and ONNX Runtime's float arithmetic flips pixels; real models meet 0.995
-TINY_MIN_MASK_DICE = 0.9
+def qat_run(tiny_qat_run):
+    return tiny_qat_run
 
 
 @pytest.fixture(scope="module")
 def int8_bundle(qat_run):
-    return export_int8_bundle(qat_run.parents[1], qat_run.name, device="cpu", min_mask_dice=TINY_MIN_MASK_DICE)
+    return export_int8_bundle(qat_run.parents[1], qat_run.name, device="cpu")
 
 
 def test_bundle_has_both_int8_files_parity_and_quantization(int8_bundle, qat_run):
@@ -48,11 +47,18 @@ def test_bundle_has_both_int8_files_parity_and_quantization(int8_bundle, qat_run
     checkpoint_threshold = json.loads((qat_run / "threshold.json").read_text())
     assert loaded.threshold == pytest.approx(checkpoint_threshold["threshold"])  # the QAT run's T*, not the float's
     assert loaded.morphology.to_dict() == checkpoint_threshold["morphology"]
+    # a faithful graph passes with no flag and no lowered bound, measured on every validation and training frame
+    split = load_split(qat_run.parents[1] / "split.json")
+    floor = loaded.metrics["parity"]["model_float32_vs_float64"]
+    assert floor["frames"] == len(split["val"]) + len(split["train"]) and floor["pixels"] == floor["frames"] * 64 * 64
+    assert floor["frames_from"] == {"val": len(split["val"]), "train": len(split["train"])}
     for name in (TENSORRT_NAME, CPU_NAME):
         parity = loaded.metrics["parity"][name]
-        assert parity["mask_dice"] >= TINY_MIN_MASK_DICE and 0 <= parity["flipped_fraction"] < 0.05
-        assert parity["min_mask_dice"] == TINY_MIN_MASK_DICE
-        assert "reference_max_prob_diff" in parity
+        assert parity["gate"]["passed"] and parity["gate"]["worst_ratio"] <= 1.0, parity["gate"]
+        assert parity["frames"] == floor["frames"] and {"prob_diff_p50", "prob_diff_p99.9", "flipped_fraction",
+                                                        "reference_max_prob_diff", "against_float64"} <= set(parity)
+    assert loaded.quantization["refused"] == {} and loaded.left_out() == {}
+    assert loaded.metrics["parity"]["gate"]["factor"] == GATE_FACTOR
     q = loaded.quantization
     bits = json.loads((qat_run / "bits.json").read_text())
     assert q["layers"] == bits["layers"] and q["mean_weight_bits"] == pytest.approx(8.0)
@@ -77,64 +83,99 @@ def test_bundle_has_both_int8_files_parity_and_quantization(int8_bundle, qat_run
     assert onnx_metrics["int8"]["dice"] == pytest.approx(loaded.metrics["test_onnx"]["int8"]["dice"])
 
 
-def test_failed_parity_keeps_the_previous_bundle(int8_bundle, qat_run):
+def test_no_file_passing_refuses_the_bundle_and_keeps_the_previous_one(int8_bundle, qat_run, monkeypatch):
     bundle, _ = int8_bundle
     before = {p.name: p.read_bytes() for p in bundle.iterdir()}
-    import export.bundle.int8 as module
+    import export.bundle.int8_parity as module
 
-    with pytest.raises(InputError, match=r"mask Dice agreement .* < 1\.0.*; the graph run as written "
-                                         r"\(ORT_DISABLE_ALL\) agrees at [01]\.\d{4}; no bundle written"):
-        module.export_int8_bundle(qat_run.parents[1], qat_run.name, device="cpu", min_mask_dice=1.0 + 1e-9,
-                                 replace=True)
+    monkeypatch.setattr(module, "tie_gate", lambda result, floor: {"passed": False, "worst_ratio": 2.0,
+                                                                    "failures": ["|dp| p50 1 > 0"]})
+    with pytest.raises(ParityError, match=r"no INT8 bundle: every INT8 file departs .*model\.int8\.onnx: on \d+ frames, "
+                                          r"as ONNX Runtime CPU runs it: \|dp\| p50 1 > 0; as written "
+                                          r"\(ORT_DISABLE_ALL\): \|dp\| p50 1 > 0"):
+        export_int8_bundle(qat_run.parents[1], qat_run.name, device="cpu", replace=True)
     assert {p.name: p.read_bytes() for p in bundle.iterdir()} == before
 
 
-def test_a_model_that_cannot_reproduce_itself_is_refused_unless_held_to_its_own_agreement(qat_run, tmp_path,
-                                                                                         monkeypatch):
-    """Stand-in for a precision-sensitive model: its "float64 evaluation" made the complement of the float32 one,
-    so the model agrees with itself at nearly 0; an impossible project bound (> 1) then refuses with the hint, and
-    --parity-bound-from-model holds the files to the model's own agreement and records that."""
+@pytest.fixture(scope="module")
+def tensorrt_form_refused(qat_run, tmp_path_factory):
+    """A bundle whose TensorRT form carries a planted fault (every weight scale x2) and whose x86 file is the
+    faithful one: the gate leaves the first out and keeps the second."""
     import export.bundle.int8 as module
-    from training.evaluation.predict import predict_probabilities
+    from export.bundle.int8_graph import build_int8_model
+    from export.bundle.qdq import cpu_form
 
-    def complement(model, images, batch_size=8):
-        return 1.0 - predict_probabilities(model, images, module.torch.device("cpu"), batch_size, amp=False)
+    faithful = {}
 
-    monkeypatch.setattr(module, "float64_probabilities", complement)
-    run_dir = qat_run.parents[1]
-    with pytest.raises(InputError, match="agrees with itself.*--parity-bound-from-model"):
-        module.export_int8_bundle(run_dir, qat_run.name, tmp_path / "strict", device="cpu", min_mask_dice=1.0 + 1e-9)
-    assert not (tmp_path / "strict").exists()
-    bundle, manifest = module.export_int8_bundle(run_dir, qat_run.name, tmp_path / "held", device="cpu",
-                                                 min_mask_dice=1.0 + 1e-9, bound_from_model=True)
-    parity = manifest.metrics["parity"]
-    own = parity["model_float32_vs_float64"]["mask_dice"]
-    for name in (CPU_NAME, TENSORRT_NAME):
-        assert parity[name]["bound_from_model"] and parity[name]["project_min_mask_dice"] == 1.0 + 1e-9
-        assert parity[name]["min_mask_dice"] == own <= parity[name]["mask_dice"]
-    assert "the model's own agreement" in module.format_summary(bundle, manifest)
-    # a file that meets the project's bound is held to it, flag or not
-    _, kept = module.export_int8_bundle(run_dir, qat_run.name, tmp_path / "met", device="cpu", min_mask_dice=0.0,
-                                        bound_from_model=True)
-    assert not any(kept.metrics["parity"][name]["bound_from_model"] for name in (CPU_NAME, TENSORRT_NAME))
+    def faulty_build(*args, **kwargs):
+        faithful["graph"] = build_int8_model(*args, **kwargs)
+        return PLANT.weight_scale_times(faithful["graph"], 2.0)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "build_int8_model", faulty_build)
+        patch.setattr(module, "cpu_form", lambda graph: cpu_form(faithful["graph"]))
+        return export_int8_bundle(qat_run.parents[1], qat_run.name, tmp_path_factory.mktemp("b") / "bundle",
+                                  device="cpu")
 
 
-def test_a_file_below_the_models_own_agreement_is_refused_naming_that_bound(qat_run, tmp_path, monkeypatch):
-    """Under --parity-bound-from-model the bound can be the model's own float32/float64 agreement, a long float
-    that the user did not type: the refusal says where it comes from. Stand-ins: a float64 evaluation equal to the
-    float32 one (own agreement 1.0, below an impossible project bound) and a file that agrees at 0.5."""
+def test_a_refused_file_is_left_out_and_the_device_says_what_the_bundle_holds(tensorrt_form_refused, capsys):
+    from device_runtime.backends.selection import auto_precision, select_model
+    from device_runtime.backends.tensorrt_backend import check_engine_precision, engine_precision
+
+    bundle, manifest = tensorrt_form_refused
+    loaded = load_manifest(bundle)
+    assert {f.path for f in loaded.files} == {"model.fp32.onnx", CPU_NAME} and not (bundle / TENSORRT_NAME).exists()
+    assert set(loaded.left_out()) == {TENSORRT_NAME} and "|dp|" in loaded.left_out()[TENSORRT_NAME]
+    assert not loaded.metrics["parity"][TENSORRT_NAME]["gate"]["passed"]  # measured and recorded all the same
+    assert loaded.metrics["parity"][CPU_NAME]["gate"]["passed"]
+    assert loaded.file("int8", "onnx", "ort-cuda", made_for=True).path == CPU_NAME  # the kept file serves ORT GPU too
+    assert [p for p in loaded.metrics["tensorrt_problems"] if p.startswith(TENSORRT_NAME)] == []
+    assert loaded.metrics["latency_ms"]["ort-cpu"]["int8_file"] == CPU_NAME
+    summary = format_summary(bundle, manifest)
+    assert f"holds {CPU_NAME} (+ model.fp32.onnx)" in summary and f"{TENSORRT_NAME} left out: " in summary
+    # TensorRT: FP16 from the float graph, saying why; --precision int8 refused in one line that says why
+    precision, why = auto_precision(loaded, "tensorrt")
+    assert precision == "fp16" and "left out at export" in why
+    assert engine_precision(loaded, "auto") == "fp16"
+    with pytest.raises(InputError, match="TensorRT form was left out at export"):
+        select_model(loaded, "tensorrt", "int8")
+    with pytest.raises(InputError, match="TensorRT form was left out at export"):
+        check_engine_precision(loaded, "int8")
+    assert select_model(loaded, "ort-cpu", "int8")[0].path == CPU_NAME
+    info = subprocess.run([sys.executable, "-m", "device_runtime", "info", "--bundle", str(bundle)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert info.returncode == 0, info.stderr
+    assert f"{TENSORRT_NAME}" in info.stdout and "left out at export by the parity gate" in info.stdout
+
+
+def test_an_x86_file_refused_leaves_the_tensorrt_form_for_every_backend(qat_run, tmp_path, monkeypatch):
     import export.bundle.int8 as module
-    from training.evaluation.predict import predict_probabilities
+    from device_runtime.backends.selection import select_model
 
-    monkeypatch.setattr(module, "float64_probabilities", lambda model, images, batch_size=8: predict_probabilities(
-        model, images, module.torch.device("cpu"), batch_size, amp=False))
-    monkeypatch.setattr(module, "parity_of", lambda path, images, references, threshold, morphology: {
-        "frames": len(images), "mask_dice": 0.5})
-    with pytest.raises(InputError, match=r"mask Dice agreement 0\.5000 < 1\.0000 \(the model's own float32-vs-float64 "
-                                         r"agreement, --parity-bound-from-model\); no bundle written"):
-        module.export_int8_bundle(qat_run.parents[1], qat_run.name, tmp_path / "b", device="cpu",
-                                  min_mask_dice=1.0 + 1e-9, bound_from_model=True)
-    assert not (tmp_path / "b").exists()
+    monkeypatch.setattr(module, "cpu_form", lambda graph: PLANT.bias_on_weight_grid(module_cpu_form(graph)))
+    bundle, manifest = export_int8_bundle(qat_run.parents[1], qat_run.name, tmp_path / "bundle", device="cpu")
+    loaded = load_manifest(bundle)
+    assert {f.path for f in loaded.files} == {"model.fp32.onnx", TENSORRT_NAME}
+    assert set(loaded.left_out()) == {CPU_NAME}
+    assert select_model(loaded, "ort-cpu", "int8")[0].path == TENSORRT_NAME
+    assert select_model(loaded, "tensorrt", "int8")[0].path == TENSORRT_NAME
+    # what --precision auto compares on ONNX Runtime CPU is the file it would run: the TensorRT form
+    assert loaded.metrics["latency_ms"]["ort-cpu"]["int8_file"] == TENSORRT_NAME
+    assert loaded.metrics["test_onnx"]["int8"]["images"] > 0
+
+
+def test_the_retired_flag_says_it_is_no_longer_needed(capsys):
+    import argparse
+
+    from export.cli import _retired_parity_flag, get_args_parser
+
+    args = get_args_parser().parse_args(["export", "--run-dir", "r", "--qat", "w8a8", "--parity-bound-from-model"])
+    _retired_parity_flag(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--parity-bound-from-model is no longer needed" in err[0]
+    _retired_parity_flag(argparse.Namespace(parity_bound_from_model=False))
+    assert capsys.readouterr().err == ""
+    assert "--parity-bound-from-model" not in get_args_parser().format_help()
 
 
 def test_bad_input_is_one_line(qat_run, tmp_path):
@@ -152,11 +193,11 @@ def test_bad_input_is_one_line(qat_run, tmp_path):
     checkpoint = read_qat_checkpoint(path)
     save_qat_checkpoint(dict(checkpoint, threshold=None), path)
     with pytest.raises(InputError, match="no tuned threshold"):
-        export_int8_bundle(copy, "w8a8", device="cpu", min_mask_dice=TINY_MIN_MASK_DICE)
+        export_int8_bundle(copy, "w8a8", device="cpu")
     other = dict(checkpoint, arch="resnet50", config=dict(checkpoint["config"], arch="resnet50"))
     save_qat_checkpoint(other, path)
     with pytest.raises(InputError, match="best.pt"):
-        export_int8_bundle(copy, "w8a8", device="cpu", min_mask_dice=TINY_MIN_MASK_DICE)
+        export_int8_bundle(copy, "w8a8", device="cpu")
     assert not (copy / "qat" / "w8a8" / "bundle").exists()
 
 
@@ -176,20 +217,19 @@ def test_device_runs_the_int8_bundle_and_says_what_it_took(int8_bundle):
 
 
 def test_parity_is_held_to_the_closer_of_the_float32_and_float64_models(monkeypatch):
-    """Both evaluations are the fake-quant model; a graph that reproduces one of them passes, and the figures
-    against each are kept."""
-    import numpy as np
-
-    import export.bundle.int8 as int8
+    """Both evaluations are the fake-quant model; a graph that reproduces one of them is measured against that one,
+    and the figures against each are kept."""
+    import export.bundle.int8_parity as module
     from device_runtime.core.postprocess import Morphology
 
     graph = np.zeros((2, 16, 16), np.float32)
     graph[:, 4:12, 4:12] = 0.9
-    monkeypatch.setattr(int8, "onnx_probabilities", lambda path, images, optimization="all": graph)
+    monkeypatch.setattr(module, "onnx_probabilities", lambda path, images, optimization="all": graph)
     shifted = np.zeros_like(graph)
     shifted[:, 4:12, 8:16] = 0.9
-    result = int8.parity_of(Path("model.onnx"), np.zeros((2, 16, 16), np.float32),
-                            {"float32": shifted, "float64": graph}, 0.5, Morphology(0, 0, 0, False))
-    assert result["mask_dice"] == 1.0 and "float64" in result["reference_model"]
+    result = module.parity_of(Path("model.onnx"), np.zeros((2, 16, 16), np.float32),
+                              {"float32": shifted, "float64": graph}, 0.5, Morphology(0, 0, 0, False))
+    assert result["mask_dice"] == 1.0 and result["max_prob_diff"] == 0.0 and "float64" in result["reference_model"]
     assert result["against_float32"]["mask_dice"] == pytest.approx(0.5)
-    assert result["against_float64"]["reference_mask_dice"] == 1.0
+    assert result["against_float32"]["flipped_fraction"] == pytest.approx(64 / 256)
+    assert result["reference_mask_dice"] == 1.0

@@ -117,3 +117,52 @@ def test_describe_file_checks_precision(bundle):
     folder, _ = bundle
     with pytest.raises(ValueError, match="precision"):
         describe_file(folder, MODEL, "int4", "onnx")
+
+
+@pytest.mark.parametrize(
+    "field,change",
+    [
+        ("input_name", lambda data: data.pop("input_name")),
+        ("model.input", lambda data: data.pop("model")),
+        ("threshold", lambda data: data.update(threshold="0.5")),
+        ("threshold", lambda data: data.update(threshold=float("nan"))),
+        ("threshold", lambda data: data.update(threshold=True)),
+        ("input_size", lambda data: data.update(input_size=["256", "256"])),
+        ("morphology.fill_holes", lambda data: data["morphology"].update(fill_holes="no")),
+        ("morphology.min_area", lambda data: data["morphology"].pop("min_area")),
+        ("output_kind", lambda data: data.update(output_kind="softmax")),
+        ("files", lambda data: data.update(files=[])),
+        ("files[0].precision", lambda data: data["files"][0].update(precision="int4")),
+        ("files[0].sha256", lambda data: data["files"][0].update(sha256=1234)),
+        ("files[0].bytes", lambda data: data["files"][0].update(bytes="12")),
+        ("model.input.name", lambda data: data["model"]["input"].update(name="images")),
+        ("model.input.shape", lambda data: data["model"]["input"].update(shape=["batch", 3, 256, 256])),
+        ("model.output.kind", lambda data: data["model"]["output"].update(kind="probabilities")),
+        ("metrics", lambda data: data.update(metrics=[1, 2])),
+    ],
+)
+def test_each_field_is_checked_by_presence_and_type(bundle, field, change):
+    folder, _ = bundle
+    edit_manifest(folder, change)
+    with pytest.raises(InputError) as refused:
+        load_manifest(folder)
+    message = str(refused.value)
+    assert message.startswith(f"{folder / MANIFEST_NAME}: malformed manifest: {field} must be"), message
+    assert "\n" not in message
+
+
+def test_fields_added_later_may_be_absent(bundle):
+    """Bundles written before a file's `runtimes` (and `bytes`) existed still load: both have defaults."""
+    folder, written = bundle
+    edit_manifest(folder, lambda data: [data["files"][0].pop(key) for key in ("runtimes", "bytes")])
+    assert load_manifest(folder).files[0].runtimes == []
+
+
+def test_a_manifest_with_a_text_threshold_is_refused_by_the_command_line(bundle, capsys):
+    from device_runtime.cli import main
+
+    folder, _ = bundle
+    edit_manifest(folder, lambda data: data.update(threshold="0.5"))
+    assert main(["run", "--bundle", str(folder), "--source", "synthetic:32x32", "--max-frames", "1"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and MANIFEST_NAME in lines[0] and "threshold must be a number" in lines[0]

@@ -101,6 +101,8 @@ def test_a_run_starts_from_the_phantom_backbone_and_reuses_a_finished_stage(phan
     real_build = train.build_model_of
     monkeypatch.setattr(train, "build_model_of", lambda cfg, *, pretrained, **kw: asked.append(pretrained)
                         or real_build(cfg, pretrained=pretrained, **kw))
+    # the run is continued past its end below: its last.pt keeps the resume state a finished run's would drop
+    monkeypatch.setattr(train, "finished_checkpoint", lambda checkpoint: checkpoint)
     run_dir = train.main(phantom_config)
     stage = run_dir / "phantom"
     assert asked == ["none", str(stage / "checkpoints" / "best.pt")]  # the stage from scratch, then the run from it

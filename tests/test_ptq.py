@@ -96,3 +96,19 @@ def test_uint8_rewrite_refuses_a_quantized_tensor_read_as_integers():
         [helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]), helper.make_tensor("z", TensorProto.INT8, [], [0])])
     with pytest.raises(ValueError, match="other than DequantizeLinear"):
         activations_to_uint8(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+
+
+def test_onnx_runtimes_calibration_output_goes_to_a_log_not_the_console(float_graph, frames, tmp_path, capfd):
+    import logging
+
+    from export.report.ptq import ORT_LOG
+
+    handlers = list(logging.getLogger().handlers)
+    quantize_ptq(float_graph, tmp_path / "ptq.onnx", frames[:4], "Entropy")
+    assert logging.getLogger().handlers == handlers  # the capture ended with the call
+    out, err = capfd.readouterr()
+    assert "histogram" not in out + err and "Number of" not in out + err
+    log = (tmp_path / ORT_LOG).read_text()
+    assert "quantize_static, Entropy calibration -> ptq.onnx" in log
+    assert "Collecting tensor data and making histogram" in log and "Number of tensors" in log
+    assert "WARNING root: Please consider pre-processing" in log  # the root logger's lines too

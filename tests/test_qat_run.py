@@ -56,7 +56,9 @@ def test_checkpoint_loads_weights_only_and_keeps_the_export_contract(qat_run):
     assert checkpoint["threshold"] is not None and checkpoint["morphology"] is not None
     assert qcfg.bits == "learned" and cfg.input_size == (64, 64)
     assert not set(RESUME_ONLY) & set(checkpoint)  # best.pt is what export reads; resuming reads last.pt
-    assert {"optimizer", "rng"} <= set(torch.load(qat_run / "checkpoints" / "last.pt", weights_only=True))
+    last = torch.load(qat_run / "checkpoints" / "last.pt", weights_only=True)  # finished: where it stopped, no more
+    assert last["finished"] and last["epoch"] == 2 and not set(RESUME_ONLY) & set(last) and "model" not in last
+    assert (qat_run / "checkpoints" / "last.pt").stat().st_size < 1e5
     table = json.loads((qat_run / "bits.json").read_text())
     for row, (name, conv) in zip(table["layers"], quant_convs(model)):
         assert row["name"] == name and row["weight_bits"] == conv.weight_quant.export_params().bits
@@ -84,12 +86,25 @@ def test_resume_continues_exactly(tiny_run, qat_run, monkeypatch):
     with pytest.raises(InputError, match="already exists"):
         run_qat(cfg)
     run_qat(cfg, resume=True)
-    straight = read_qat_checkpoint(qat_run / "checkpoints" / "last.pt")
-    resumed = read_qat_checkpoint(tiny_run / "qat" / "resumed" / "checkpoints" / "last.pt")
-    for key, value in straight["model"].items():
+    straight = read_qat_checkpoint(qat_run / "checkpoints" / "best.pt")
+    resumed = read_qat_checkpoint(tiny_run / "qat" / "resumed" / "checkpoints" / "best.pt")
+    for key, value in straight["model"].items():  # best.pt: a finished run's last.pt keeps no weights
         assert torch.equal(value, resumed["model"][key]), key
+    resumed = read_qat_checkpoint(tiny_run / "qat" / "resumed" / "checkpoints" / "last.pt")
     lines = (tiny_run / "qat" / "resumed" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(l)["epoch"] for l in lines] == [1, 2]
+    assert resumed["finished"] and "optimizer" not in resumed and "rng" not in resumed  # slimmed at the end
+
+
+def test_resume_of_a_finished_qat_run_scores_it_again_without_training(tiny_run, qat_run, capsys):
+    cfg = QatConfig(run_dir=str(tiny_run), name=qat_run.name, **SMALL)
+    last = qat_run / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    assert run_qat(cfg, resume=True) == qat_run
+    assert "training finished earlier" in capsys.readouterr().out and last.read_bytes() == before
+    assert (qat_run / "test_metrics.json").is_file()
+    with pytest.raises(InputError, match="cannot be continued"):
+        run_qat(cfg.replace(epochs=cfg.epochs + 1), resume=True)
 
 
 # One process of a QAT run, SIGKILLed at the call-th call of MODULE:ATTRIBUTE, before that call runs or once it has
@@ -160,9 +175,10 @@ def test_a_run_killed_again_and_again_resumes_to_the_same_run(tiny_run, qat_run)
     assert _log(qat_dir) == _log(qat_run)
     for file in ("bits.json", "threshold.json", "test_metrics.json"):
         assert json.loads((qat_dir / file).read_text()) == json.loads((qat_run / file).read_text()), file
-    straight = read_qat_checkpoint(qat_run / "checkpoints" / "last.pt")["model"]
-    resumed = read_qat_checkpoint(qat_dir / "checkpoints" / "last.pt")["model"]
-    assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+    straight = read_qat_checkpoint(qat_run / "checkpoints" / "best.pt")["model"]  # a finished last.pt keeps none
+    resumed = read_qat_checkpoint(qat_dir / "checkpoints" / "best.pt")["model"]
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[key], resumed[key]) for key in straight)
+    assert read_qat_checkpoint(qat_dir / "checkpoints" / "last.pt")["finished"]
     assert not list((qat_dir / "checkpoints").glob(".*.tmp"))  # the next write of last.pt removed it
 
 

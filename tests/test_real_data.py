@@ -17,7 +17,9 @@ def test_pipeline_runs_on_real_frames(real_data, tmp_path, capsys):
     code = main(["pipeline", "--data", str(real_data), "--mask-label", "1", "--recipe", "edge",
                  "--input-size", "64", "64", "--epochs", "1", "--qat-epochs", "2", "--batch-size", "16",
                  "--device", "cpu", "--run-dir", str(run_dir)])
-    assert code == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert code in (0, 3), captured.err  # 3: the run finished, an INT8 export was refused (named last)
+    assert code == 0 or "INT8 exports refused" in captured.err.strip().splitlines()[-1]
     split = json.loads((run_dir / "split.json").read_text())
     assert [len(split[k]) for k in ("train", "val", "test")] == [164, 20, 20]
     manifest = json.loads((run_dir / "bundle" / "manifest.json").read_text())

@@ -167,10 +167,14 @@ def test_old_and_new_checkpoints_load_with_weights_only(tiny_config, tiny_run, t
     assert set(torch.serialization.get_unsafe_globals_in_checkpoint(old)) >= {"numpy.ndarray", "numpy.dtype"}
     state = read_checkpoint(old)["rng"]["numpy"]
     np.random.set_state(state)  # the old tuple form still sets the generator
-    new = tiny_run / "checkpoints" / "last.pt"
-    assert torch.serialization.get_unsafe_globals_in_checkpoint(new) == []  # plain: no allowlist needed
-    from training.checkpoint import set_rng_state
+    from training.checkpoint import rng_state, set_rng_state
 
+    # a last.pt as a run writes it between epochs (the finished one of tiny_run keeps no RNG state)
+    new = tmp_path / "new.pt"
+    save_checkpoint(make_checkpoint(tiny_config, build_model("mobilenet_v3_large"), epoch=1, best_val_dice=0.5,
+                                    rng=rng_state()), new)
+    for path in (new, tiny_run / "checkpoints" / "last.pt", tiny_run / "checkpoints" / "best.pt"):
+        assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == [], path  # plain: no allowlist needed
     set_rng_state(read_checkpoint(new)["rng"])
 
 
@@ -191,12 +195,53 @@ class _RunsCode:
         return (print, ("this ran while loading",))
 
 
-def test_a_checkpoint_that_would_run_code_is_refused_in_one_line(tmp_path, capsys):
+def _refused_in_one_line(load, path, capsys) -> str:
+    with pytest.raises(InputError) as refused:
+        load(path)
+    message = str(refused.value)
+    assert "this ran" not in capsys.readouterr().out
+    assert "\n" not in message and message.startswith(f"{path}: refused")
+    assert "could run code" in message and "(print)" in message  # what the pickle names
+    assert "weights_only=False" not in message  # torch's advice, exactly wrong for this file
+    return message
+
+
+def _load_pretrained(path):
+    return build_model("mobilenet_v3_large", pretrained=str(path))
+
+
+def _load_qat(path):
+    from qat.checkpoint import read_qat_checkpoint
+
+    return read_qat_checkpoint(path)
+
+
+@pytest.mark.parametrize("load", [read_checkpoint, _load_qat, _load_pretrained],
+                         ids=["checkpoint", "qat-checkpoint", "pretrained-weights"])
+def test_a_file_that_would_run_code_is_refused_in_one_line_at_every_entry(load, tmp_path, capsys):
+    """Every torch.load of the project goes through training.trust.safe_load (export reads through the first two)."""
     path = tmp_path / "evil.pt"
     torch.save({"format": "nerveseg-checkpoint-1", "payload": _RunsCode()}, path)
-    with pytest.raises(InputError, match="cannot read checkpoint"):
+    _refused_in_one_line(load, path, capsys)
+
+
+def test_a_checkpoint_cut_short_is_one_line(tmp_path):
+    path = tmp_path / "cut.pt"
+    torch.save({"format": "nerveseg-checkpoint-1", "x": torch.zeros(1000)}, path)
+    path.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(InputError, match="cannot read checkpoint") as refused:
         read_checkpoint(path)
-    assert "this ran" not in capsys.readouterr().out
+    assert "\n" not in str(refused.value) and "could run code" not in str(refused.value)
+
+
+def test_export_of_a_checkpoint_that_would_run_code_says_one_line(tmp_path, capsys):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "nerveseg-checkpoint-1", "payload": _RunsCode()}, path)
+    assert nerveseg(["export", "--checkpoint", str(path), "--out", str(tmp_path / "b"), "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert "this ran" not in captured.out and len(lines) == 1 and "could run code" in lines[0], captured.err
+    assert not (tmp_path / "b").exists()
 
 
 # ------------------------------------------------------------------------------------------------ strict JSON

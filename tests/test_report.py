@@ -113,7 +113,7 @@ def test_malformed_qat_file_is_one_line_error(float_run, tmp_path):
     (["sweep", "--run-dir", "{tmp}/missing", "--bits", "9"], "--bits 9"),
     (["sweep", "--run-dir", "{tmp}/missing", "--bits", "w9a2"], "w9a2"),
     (["sweep", "--run-dir", "{tmp}/missing", "--bits", "8", "--learned", "-1"], "non-negative"),
-    (["sweep", "--run-dir", "{tmp}/missing", "--bits", "8", "--grid", "arm"], "--grid 'arm'"),
+    (["sweep", "--run-dir", "{tmp}/missing", "--bits", "8", "--grid", "arm"], "invalid choice: 'arm'"),
 ])
 def test_bad_flags_are_one_line(argv, message, tmp_path):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
@@ -227,42 +227,45 @@ def test_interrupted_sweep_resumes_and_skips_finished_runs(swept, tmp_path, monk
     assert state["runs"]["learned-0.25"]["status"] == "finished"
 
 
-def test_a_parity_refusal_is_remembered_until_the_checkpoint_or_the_bound_changes(tmp_path, monkeypatch, capsys):
+def test_a_parity_refusal_is_remembered_until_the_checkpoint_or_the_rule_changes(tmp_path, monkeypatch, capsys):
     import os
 
     import export.bundle.int8
     from device_runtime.core.errors import InputError
     from export.bundle.writer import ParityError
-    from export.workflows.sweep import SweepState, export_finished
+    from export.workflows.sweep import GATE_RULE, SweepState, export_finished
 
     qat_dir = tmp_path / "qat" / "w4a8"
     (qat_dir / "checkpoints").mkdir(parents=True)
     (qat_dir / "test_metrics.json").write_text("{}")
     checkpoint = qat_dir / "checkpoints" / "best.pt"
     checkpoint.write_bytes(b"weights")
-    calls, refusal = [], [ParityError("model.int8.onnx: mask Dice 0.990 < 0.995")]
+    calls, refusal = [], [ParityError("no INT8 bundle: every INT8 file departs ...")]
 
-    def refusing_export(run_dir, name, device, bound_from_model):
-        calls.append(bound_from_model)
+    def refusing_export(run_dir, name, device):
+        calls.append(name)
         raise refusal[0]
 
     monkeypatch.setattr(export.bundle.int8, "export_int8_bundle", refusing_export)
-    for _ in range(2):  # the second sweep remembers: same checkpoint, same bound
+    for _ in range(2):  # the second sweep remembers: same checkpoint, same rule
         export_finished(tmp_path, "cpu", SweepState(tmp_path, "sweep"))
-    assert calls == [False] and "refused earlier" in capsys.readouterr().err
-    export_finished(tmp_path, "cpu", SweepState(tmp_path, "sweep"), bound_from_model=True)  # the other bound
-    assert calls == [False, True]
+    assert calls == ["w4a8"] and "refused earlier" in capsys.readouterr().err
+    state = SweepState(tmp_path, "sweep")  # a refusal by the former rule (sweep.json of an older nerveseg)
+    state.update("w4a8", export_refused_for=state.data["runs"]["w4a8"]["export_refused_for"].replace(
+        GATE_RULE, "fixed bound"))
+    export_finished(tmp_path, "cpu", SweepState(tmp_path, "sweep"))
+    assert calls == ["w4a8"] * 2
     os.utime(checkpoint, ns=(1, 1))  # a retrained checkpoint
     refusal[0] = InputError("best.pt: not found")  # not a parity verdict: tried again every time
     export_finished(tmp_path, "cpu", SweepState(tmp_path, "sweep"))
     export_finished(tmp_path, "cpu", SweepState(tmp_path, "sweep"))
-    assert calls == [False, True, False, False]
+    assert calls == ["w4a8"] * 4
     assert strict_json(tmp_path / "sweep.json")["runs"]["w4a8"]["export_error"] == "not exported: best.pt: not found"
 
 
 def test_uniform_curve_takes_one_run_per_bitwidth_the_plain_name_first():
-    from export.report.rows import Row, uniform_curve
     from export.report.write import uniform_curve_at
+    from export.report.rows import Row, uniform_curve
 
     def row(name, bits, dice):
         return Row(name=name, kind="uniform", mean_weight_bits=bits, metrics={"dice": dice})
@@ -275,8 +278,8 @@ def test_uniform_curve_takes_one_run_per_bitwidth_the_plain_name_first():
 
 
 def test_a_learned_run_is_judged_against_the_fixed_run_with_its_activations_and_the_nearest_weight_bits():
-    from export.report.rows import Row
     from export.report.write import checks
+    from export.report.rows import Row
 
     def row(name, kind, w, a, dice, frames):
         return Row(name=name, kind=kind, mean_weight_bits=w, mean_activation_bits=a, metrics={"dice": dice},
@@ -317,3 +320,94 @@ def test_the_report_command_of_a_learned_run_reproduces_its_schedule():
     for flag in ("--bits learned-a8", "--target-bits 4", "--initial-bits 4", "--epochs 6", "--bit-epochs 2",
                  "--grid x86", "--name i4-b2"):
         assert flag in command, (flag, command)
+
+
+# ------------------------------------------------------------------------------------------------ the page and figures
+
+
+def _crowded_rows():
+    """A sweep's worth of rows, learned runs crowded at 3.75 bits and 0.47 Dice (issue 33's unreadable figure)."""
+    from export.report.rows import Row
+
+    def row(name, kind, w, a, dice, onnx=True, size=None):
+        return Row(name=name, kind=kind, mean_weight_bits=w, mean_activation_bits=a, metrics={"dice": dice},
+                   dice_ci=(max(0.0, dice - 0.1), dice + 0.1), packed_bytes=size or w * 6.5e5,
+                   onnx="graph.onnx" if onnx else None,
+                   scored_by="ONNX Runtime CPU, model.int8.cpu.onnx" if onnx else "fake-quant (PyTorch)")
+
+    rows = [row("float", "float", 32.0, 32.0, 0.48, size=2e7)]
+    rows += [row(f"w{b}a{b}", "uniform", b, b, d, onnx=b >= 6) for b, d in ((8, .45), (6, .44), (5, 0), (4, .23),
+                                                                           (3, 0), (2, 0))]
+    rows += [row("w8a8-p99.99", "uniform", 8, 8, .48), row("w4a8", "mixed", 4, 8, .44),
+             row("w4a8-x86", "mixed", 4, 8, .47)]
+    rows += [row(f"learned-a8-i4-t4{suffix}", "learned", 3.75 + i / 100, 8, .47 + i / 500, onnx=i == 0)
+             for i, suffix in enumerate(("", "-p99", "-p99.99", "-e12", "-d0.5", "-x86"))]
+    rows.append(row("ORT PTQ (Percentile)", "ptq", 8, 8, .48))
+    return rows
+
+
+def test_point_labels_never_overlap_and_every_point_is_numbered_as_its_row():
+    from matplotlib.text import Text
+
+    from export.report.figures import dice_vs_bits_figure
+    from export.report.page import numbered
+
+    rows = _crowded_rows()
+    numbers = numbered(rows)
+    fig, labels = dice_vs_bits_figure(rows, numbers)
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    boxes = [label.get_window_extent(renderer) for label in labels]
+    assert sorted(int(label.get_text()) for label in labels) == sorted(numbers[r.name] for r in rows[1:])
+    frame = ax.get_window_extent(renderer)
+    for i, box in enumerate(boxes):
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+        assert not any(box.overlaps(other) for other in boxes[i + 1:]), labels[i].get_text()
+    # no names on the axes: they live in the table of points beside them
+    names = {r.name for r in rows}
+    assert not [c for c in ax.findobj(Text) if c.get_text() in names]
+    key = next(t.get_text() for t in fig.texts if t.get_text().startswith(" #"))
+    assert all(r.name in key for r in rows) and "fake-quant" in key
+    # the uniform curve joins one run per bitwidth: w8a8 (not its variant w8a8-p99.99) at 8 bits
+    curve = next(line for line in ax.lines if line.get_linestyle() == "-" and line.get_marker() in ("None", None, "")
+                 and len(line.get_xdata()) > 2)
+    assert list(curve.get_xdata()) == [2, 3, 4, 5, 6, 8] and curve.get_ydata()[-1] == pytest.approx(0.45)
+
+
+def test_log_axes_are_labelled_in_plain_numbers():
+    from matplotlib.figure import Figure
+
+    from export.report.figures import plain_log_axis
+
+    ax = Figure().add_subplot()
+    plain_log_axis(ax.xaxis)
+    ax.set_xlim(0.4, 30)
+    labels = [ax.xaxis.get_major_formatter()(v, 0) for v in ax.xaxis.get_major_locator().tick_values(0.4, 30)]
+    assert {"0.5", "1", "2", "5", "10", "20"} <= set(labels)
+    assert not any("^" in label or "e" in label for label in labels)
+
+
+def test_the_page_fits_a_laptop_says_how_each_row_was_scored_and_tables_the_machine():
+    import html
+
+    from export.report.page import DETAILS, MAIN, numbered, render_html, render_markdown, scoring_sentence, status_text
+
+    rows = _crowded_rows()
+    rows[3].export_status = "INT8 export refused"  # w5a5, as the sweep records a parity refusal
+    rows[3].onnx, rows[3].scored_by = None, "fake-quant (PyTorch)"
+    from export.report.write import row_record
+
+    numbers = numbered(rows)
+    records = [{**row_record(r, 2), "number": numbers[r.name]} for r in rows]
+    env = {"date": "2026-12-04", "cpu": "AMD EPYC", "cpu_count": 2, "os": "Linux", "python": "3.11",
+           "libraries": {"onnxruntime": "1.32.0"}, "onnxruntime_threads": 2}
+    data = {"source": "usgra-seg", "mask_label": 1, "frames": {"train": 163, "val": 20, "test": 21},
+            "architecture": "mobilenet_v3_large", "input_size": [320, 320], "recipe": "small", "seed": 0}
+    page = render_html("t", records, [], [], [], [], env, data)
+    assert len(MAIN) <= 10 and len(DETAILS) > len(MAIN)  # the rest of each row is folded, not off-screen
+    assert page.count("<details>") == 1 and "<pre>" not in page and "<th class=l>libraries</th>" in page
+    assert status_text(records[3]) == "complete, INT8 export refused" and "class=refused" in page
+    sentence = scoring_sentence(records)
+    assert html.escape(sentence) in page
+    assert "w8a8" in sentence.split(";")[0] and "w5a5" in sentence.split(";")[1] and "fake-quant" in sentence
+    assert "| 1 | float |" in render_markdown("t", records, [], [], [], [], env, data)

@@ -2,8 +2,11 @@
 
 Besides the weights they carry the architecture, the input size and normalisation, the resolved config,
 and (after `nerveseg tune`) the threshold and morphology, so that export needs nothing but the checkpoint.
-last.pt also carries what resuming needs (optimiser, schedule, scaler, RNG); best.pt, which is what tune, QAT
-and export read and what a user copies around, does not: the Adam moments alone are twice the weights.
+last.pt also carries what resuming needs (optimiser, schedule, scaler, RNG) while the run trains; best.pt, which
+is what tune, QAT and export read and what a user copies around, does not: the Adam moments alone are twice the
+weights. Once the last epoch is written that state has no use left, so the finished last.pt drops it too (a third
+of the size; a QAT run's also its weights): it keeps where the run stopped, which is what `--resume` of a finished
+run reads to say so (`finished_on_resume`).
 """
 
 from __future__ import annotations
@@ -68,9 +71,35 @@ def without_resume_state(checkpoint: dict) -> dict:
     return {key: value for key, value in checkpoint.items() if key not in RESUME_ONLY}
 
 
+def finished_checkpoint(checkpoint: dict, keep_weights: bool = True) -> dict:
+    """last.pt of a run that has trained its last epoch: where it stopped and (`keep_weights`) its last weights,
+    no resume state. A QAT run keeps none: everything after it (tuning, export) reads best.pt."""
+    slim = {**without_resume_state(checkpoint), "finished": True}
+    if not keep_weights:
+        del slim["model"]
+    return slim
+
+
+def finished_on_resume(last: dict, epochs: int, path: str | Path) -> bool:
+    """Whether the run whose last checkpoint is `last` has nothing left to train for a budget of `epochs` (then
+    --resume says so and goes on to the next stage); False: it continues from `last`'s resume state.
+
+    Raises:
+        InputError: `last` is a finished run's (its optimiser state dropped) and more epochs are asked for: a
+            fresh optimiser would not continue the same run.
+    """
+    if last["epoch"] >= epochs:
+        return True
+    if last.get("finished"):
+        raise InputError(f"{path}: the run finished after {last['epoch']} epochs and its last checkpoint no longer "
+                         f"holds the optimiser state, so it cannot be continued to {epochs} epochs as the same run; "
+                         f"ask for its own {last['epoch']} epochs, or start a new run for a longer schedule")
+    return False
+
+
 def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
     """Write atomically; never a checkpoint with NaN/Inf weights; a full disk ends in one line, old file kept."""
-    check_finite_state(checkpoint["model"], path)
+    check_finite_state(checkpoint.get("model", {}), path)  # a finished QAT run's last.pt holds no weights
     with atomic_path(path) as tmp:
         try:
             torch.save(checkpoint, tmp)
@@ -83,10 +112,7 @@ def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: checkpoint not found")
-    try:
-        checkpoint = safe_load(path)  # weights_only=True: a checkpoint cannot run code (training/trust.py)
-    except Exception as err:
-        raise InputError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from None
+    checkpoint = safe_load(path)  # weights_only=True: a checkpoint cannot run code (training/trust.py)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise InputError(f"{path}: not a nerveseg checkpoint (expected format {FORMAT})")
     return checkpoint

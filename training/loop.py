@@ -29,7 +29,7 @@ from tqdm import tqdm
 from device_runtime.core.errors import InputError
 from device_runtime.core.fileio import dumps_strict, write_text
 
-from .checkpoint import save_checkpoint
+from .checkpoint import finished_checkpoint, save_checkpoint
 from .finite import check_finite_loss
 
 LOG_NAME = "metrics.jsonl"
@@ -84,8 +84,15 @@ class Epochs(Protocol):
         """Validation and whatever else the log line holds, added to `stats`; whether this epoch's model may become
         best.pt (it has "val_best_dice" then)."""
 
+    final_weights: bool
+    """Whether a finished run's last.pt keeps its weights (no resume state either way: nothing is resumed after the
+    last epoch)."""
+
     def checkpoints(self, epoch: int, stats: dict, best_dice: float) -> tuple[dict, dict]:
         """(last.pt, best.pt) as they would be written after this epoch."""
+
+    def record(self, epoch: int) -> dict:
+        """What the log line holds besides the epoch, the learning rate and `stats` (not in the checkpoints)."""
 
     def learning_rate(self):
         """The log line's "lr"."""
@@ -96,7 +103,8 @@ class Epochs(Protocol):
 
 def run_epochs(epochs: Epochs, run_dir: Path, start: int, stop: int, best_dice: float, writes: bool = True,
                barrier=None) -> float:
-    """Epochs start..stop-1: train, judge, write (see the module docstring); returns the best validation Dice.
+    """Epochs start..stop-1 of a run of `stop` epochs: train, judge, write (see the module docstring; the last.pt of
+    epoch `stop` is the finished one, `training.checkpoint.finished_checkpoint`); returns the best validation Dice.
     `writes` is False on the processes of a distributed run other than the first; `barrier()` ends each epoch."""
     for epoch in range(start, stop):
         stats = epochs.train(epoch)
@@ -106,7 +114,9 @@ def run_epochs(epochs: Epochs, run_dir: Path, start: int, stop: int, best_dice: 
             if is_best:
                 best_dice = stats["val_best_dice"]
             last, best = epochs.checkpoints(epoch, stats, best_dice)
-            record = {"epoch": epoch + 1, "lr": epochs.learning_rate(), **stats}
+            if epoch + 1 == stop:  # nothing is resumed after the last epoch: no optimiser state kept
+                last = finished_checkpoint(last, keep_weights=epochs.final_weights)
+            record = {"epoch": epoch + 1, "lr": epochs.learning_rate(), **stats, **epochs.record(epoch)}
             write_epoch(Path(run_dir), record, last, best if is_best else None)
             print(epochs.line(epoch, stats, judged), flush=True)
         if barrier is not None:

@@ -21,6 +21,7 @@ from device_runtime.core.errors import InputError
 
 from .config import DECODERS, TORCHVISION_ASPP_RATES, TrainConfig
 from .live_taps import skip_dead_taps
+from .trust import safe_load
 
 _BUILDERS = {"resnet50": deeplabv3_resnet50, "mobilenet_v3_large": deeplabv3_mobilenet_v3_large}
 # the backbone block whose output the skip decoder reads: half the output stride of the ASPP's input
@@ -75,10 +76,7 @@ def _imagenet_state(arch: str) -> dict:
 def _file_state(path: Path) -> dict:
     if not path.is_file():
         raise InputError(f"{path}: pretrained weights file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise InputError(f"{path}: cannot load weights ({type(err).__name__}: {err})") from None
+    state = safe_load(path, "weights file")  # weights_only=True: it cannot run code (training/trust.py)
     state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise InputError(f"{path}: expected a state dict of tensors")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,13 +27,15 @@ from device_runtime.core.fileio import dumps_strict, write_text
 
 from . import pretrain
 from .batchnorm import recalibrate_batchnorm
-from .checkpoint import make_checkpoint, read_checkpoint, rng_state, set_rng_state, without_resume_state
+from .checkpoint import (finished_on_resume, make_checkpoint, read_checkpoint, rng_state, set_rng_state,
+                         without_resume_state)
 from .config import TrainConfig, to_toml
 from .data.dataset import (
     SegmentationDataset, discover, group_by_prefix, load_pairs, load_split, save_split, split_samples)
 from .data.synth import write_phantom
 from .data.transforms import AugmentConfig, build_train_transform
 from .evaluation.predict import autocast, predict_probabilities, resolve_device
+from .flags import config_from_args, get_args_parser  # noqa: F401 (the command line's flags; torch-free there)
 from .loop import LOG_NAME, exclusive_run, resume_from_last, rewrite_log, run_epochs, train_one_epoch
 from .losses import BCEDiceLoss
 from .model import build_model_of
@@ -313,6 +314,7 @@ class FloatEpochs:
     val_masks: np.ndarray
     show: bool = True
     average_step: Callable[[], None] | None = None
+    final_weights = True  # a finished run's last.pt keeps its last weights (best.pt holds the average, if any)
 
     @property
     def per_step(self) -> bool:
@@ -354,6 +356,9 @@ class FloatEpochs:
         if trainer.averaged is not None:  # last.pt resumes both; best.pt holds the average, which was validated
             last["averaged"] = trainer.averaged.state_dict()
         return last, {**without_resume_state(last), "model": trainer.judged.state_dict()}
+
+    def record(self, epoch: int) -> dict:
+        return {}
 
     def learning_rate(self) -> float:
         return self.trainer.optimizer.param_groups[0]["lr"]
@@ -428,10 +433,15 @@ def _train(cfg: TrainConfig, ddp: Dist, device: torch.device, resume: bool, spli
     torch.manual_seed(cfg.seed)
     workers = loader_workers(cfg, device, ddp)
     budget = plan_budget(cfg, len(build_loader(train_set, cfg, ddp, 0, 0)))
+    last = run_dir / "checkpoints" / "last.pt"
+    if resume and finished_on_resume(read_checkpoint(last), budget.epochs, last):
+        if ddp.main:
+            print(f"{run_dir}: training finished earlier ({budget.epochs} epochs); nothing to train", flush=True)
+        return run_dir
     # a resumed run restores its own weights over the starting backbone: none is loaded (nor needs to exist)
     trainer = build_trainer(cfg, device, budget, pretrained="none" if resume else None)
     if resume:
-        restore(trainer, run_dir / "checkpoints" / "last.pt")
+        restore(trainer, last)
     if ddp.main:  # lines of epochs after the checkpoint (or of a start killed before it) are trained again
         rewrite_log(run_dir / LOG_NAME, trainer.start_epoch)
     model = trainer.model
@@ -453,94 +463,6 @@ def _train(cfg: TrainConfig, ddp: Dist, device: torch.device, resume: bool, spli
     trainer.best_dice = run_epochs(epochs, run_dir, trainer.start_epoch, budget.epochs, trainer.best_dice,
                                    writes=ddp.main, barrier=ddp.barrier)
     return run_dir
-
-
-def get_args_parser(parser=None, resumable: bool = True):
-    """Flags of `nerveseg train` (also used by `nerveseg pipeline` and, without --resume, `nerveseg cv`).
-    None means "the recipe's value"."""
-    import argparse
-
-    parser = parser or argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default="quick", help="paper, edge, small, quick, or a .toml file (default quick)")
-    parser.add_argument("--data", help="dataset root (paired images/ + masks/, or Kaggle layout); default: synthetic phantom")
-    parser.add_argument("--mask-label", type=int, help="label value of the nerve in multi-label masks (default: mask > 0)")
-    parser.add_argument("--run-dir", help="run folder (default runs/<recipe>-<time>)")
-    if resumable:
-        parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from checkpoints/last.pt")
-    parser.add_argument("--arch", choices=["resnet50", "mobilenet_v3_large"])
-    parser.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"))
-    parser.add_argument("--pretrained", help="none, imagenet, phantom (train on the phantom first: training/pretrain.py), "
-                                             "or a nerveseg checkpoint or backbone state dict to start the backbone from")
-    parser.add_argument("--phantom-frames", type=int, help="--pretrained phantom: frames of the pre-training phantom")
-    parser.add_argument("--phantom-dir", help="--pretrained phantom: the pre-training's run folder, trained there once "
-                                              "and reused by every run naming it (default RUN/phantom)")
-    parser.add_argument("--phantom-input-size", type=int, nargs=2, metavar=("H", "W"),
-                        help="--pretrained phantom: the stage's input size (default: the recipe's; small: 256 256; else "
-                             "--input-size)")
-    parser.add_argument("--phantom-batch-size", type=int,
-                        help="--pretrained phantom: the stage's batch size (default: the recipe's; 0 = --batch-size)")
-    parser.add_argument("--phantom-steps", type=int,
-                        help="--pretrained phantom: the stage's optimiser steps (default: the recipe's; 0 = the run's "
-                             "own budget)")
-    parser.add_argument("--phantom-head", action="store_const", const=True,
-                        help="--pretrained phantom: start the ASPP head and classifier from the stage too, not only "
-                             "the backbone")
-    parser.add_argument("--aspp-rates", type=int, nargs="+", metavar="RATE",
-                        help="dilation rates of the ASPP's 3x3 branches (torchvision's 12 24 36; 3 6 9 fit a 256x256 frame)")
-    parser.add_argument("--decoder", choices=["none", "skip"],
-                        help="skip: a light DeepLabV3+ decoder, logits from a map twice as fine (default: the recipe's)")
-    parser.add_argument("--weight-ema", type=float, metavar="DECAY",
-                        help="validate, keep and deploy a moving average of the weights, this decay per step (0.99; "
-                             "0 = off)")
-    parser.add_argument("--swa-start", type=float, metavar="FRACTION",
-                        help="stochastic weight averaging from this fraction of the step budget on, at a constant lr "
-                             "of --swa-lr-ratio x lr (0.75; 0 = off; warmup_cosine recipes)")
-    parser.add_argument("--swa-lr-ratio", type=float, metavar="RATIO", help="SWA's constant lr over the recipe's lr")
-    parser.add_argument("--flip-tta", action=argparse.BooleanOptionalAction,
-                        help="deploy with test-time flip averaging: T*, evaluation and the exported graph average each "
-                             "frame's probabilities with its left-right mirror's, at twice the inference (default: the "
-                             "recipe's)")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--steps", type=int, help="budget in optimiser steps instead of epochs (0 = use --epochs)")
-    parser.add_argument("--val-every", type=int, help="validate every N epochs (and after the last)")
-    parser.add_argument("--group-by", choices=["auto", "prefix"],
-                        help="prefix: '<subject>_<frame>' names in paired folders keep a subject on one side of the split")
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--synth-count", type=int, help="frames of the synthetic phantom")
-    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--workers", type=int, help="data loader worker processes (default: automatic)")
-    parser.add_argument("--no-amp", dest="amp", action="store_const", const=False, help="no mixed precision on CUDA")
-    parser.add_argument("--compile", dest="torch_compile", action="store_const", const=True,
-                        help="train under torch.compile: faster steps after a compile of a minute or two (on a CPU: a "
-                             "C++ compiler)")
-    return parser
-
-
-CONFIG_FLAGS = frozenset(TrainConfig.__dataclass_fields__) - {"recipe"}
-
-
-def config_from_args(args) -> TrainConfig:
-    """The recipe plus the flags; with --resume, the run's own config.toml (only --epochs, --steps, --device
-    and --workers may change, and --compile may be added, so the continued run is the same run)."""
-    from .config import build_config, load_run_config
-
-    if args.resume:
-        if not args.run_dir:
-            raise InputError("--resume needs --run-dir, the run folder to continue")
-        cfg = load_run_config(args.run_dir)
-        changes = {k: getattr(args, k) for k in ("epochs", "steps", "device", "workers", "torch_compile")
-                   if getattr(args, k, None) is not None}
-        if args.epochs is not None and args.steps is None:
-            changes["steps"] = 0  # as in build_config: an explicit --epochs replaces a step budget
-        return cfg.replace(run_dir=args.run_dir, **changes)
-    # every flag whose name is a config field overrides it (None: the recipe's); --recipe picks the recipe
-    overrides = {name: value for name, value in vars(args).items() if name in CONFIG_FLAGS}
-    cfg = build_config(args.recipe, **overrides)  # lists from nargs flags become tuples there (config._coerce)
-    if not cfg.run_dir:
-        cfg = cfg.replace(run_dir=str(Path("runs") / f"{Path(args.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"))
-    return cfg
 
 
 if __name__ == "__main__":  # torchrun --nproc_per_node=N -m training.train --recipe paper --data DIR

@@ -9,8 +9,14 @@ New checkpoints keep the numpy state as a tensor and plain values (see `numpy_st
 
 from __future__ import annotations
 
+import pickle
+import re
+import warnings
+
 import numpy as np
 import torch
+
+from device_runtime.core.errors import InputError
 
 
 def _numpy_array_globals() -> list:
@@ -28,10 +34,39 @@ def _numpy_array_globals() -> list:
     return allowed
 
 
-def safe_load(path) -> object:
-    """torch.load with weights_only=True and numpy's array-reconstruction globals allowed (old checkpoints)."""
-    with torch.serialization.safe_globals(_numpy_array_globals()):
-        return torch.load(path, map_location="cpu", weights_only=True)
+def safe_load(path, what: str = "checkpoint") -> object:
+    """torch.load with weights_only=True and numpy's array-reconstruction globals allowed (old checkpoints).
+
+    Every checkpoint and weights file the project reads comes through here.
+
+    Raises:
+        InputError: one line naming the file: it holds objects that could run code (refused, never loaded),
+            or it cannot be read as a `what` (not a torch file, cut short).
+    """
+    try:
+        with torch.serialization.safe_globals(_numpy_array_globals()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols on stderr; the error says enough
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # what weights_only refuses; torch's text advises weights_only=False
+        raise InputError(f"{path}: refused: the file holds pickled objects that could run code when loaded "
+                         f"({_refused_part(str(err))}); nerveseg reads only tensors and plain values from a "
+                         f"{what}") from None
+    except OSError as err:
+        raise InputError(f"{path}: cannot read {what} ({err.strerror or err})") from None
+    except Exception as err:  # not a torch file at all, a zip cut short, ...
+        first = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else ""
+        raise InputError(f"{path}: cannot read {what} (not a PyTorch file, or cut short: "
+                         f"{type(err).__name__}: {first})") from None
+
+
+def _refused_part(message: str) -> str:
+    """What the weights-only unpickler refused ("posix.system", "Unsupported operand 149"), from its long text."""
+    found = re.search(r"GLOBAL ([\w.]+)", message)
+    if found:
+        return found.group(1)
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return next((line for line in lines[1:] if not line.startswith(("Please file", "Check the documentation"))),
+                "refused by weights-only loading")
 
 
 def numpy_state_to_plain(state: tuple) -> dict:

@@ -83,6 +83,8 @@ def auto_precision(manifest: Manifest, backend: str) -> tuple[str, str]:
     if backend in _TENSORRT_KINDS:
         if manifest.file("int8", "onnx", backend, made_for=True):
             return "int8", "the bundle has an INT8 graph"
+        if int8 and manifest.left_out():
+            return "fp16", "the bundle's TensorRT INT8 file was left out at export; its INT8 graph is for ONNX Runtime"
         return "fp16", ("the bundle's INT8 graph is for ONNX Runtime only (x86 grid)" if int8 else
                         "the bundle has no INT8 graph")
     if not int8:
@@ -119,7 +121,7 @@ def select_model(manifest: Manifest, backend: str, precision: str) -> tuple[Mode
             raise InputError("--precision int8: the bundle lists no INT8 (QDQ) ONNX file; export one "
                              "('nerveseg export --qat NAME'), or use --precision fp16 (TensorRT) or fp32")
         if backend in _TENSORRT_KINDS and not manifest.file("int8", "onnx", backend, made_for=True):
-            raise tensorrt_backend.not_for_tensorrt(int8)
+            raise tensorrt_backend.not_for_tensorrt(int8, manifest)
         return int8, precision
     raise InputError(f"--precision {precision!r} is not one of auto, fp32, fp16, int8")
 

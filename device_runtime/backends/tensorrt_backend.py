@@ -60,11 +60,21 @@ def engine_precision(manifest: Manifest, precision: str) -> str:
     return "int8" if manifest.file("int8", "onnx", "tensorrt", made_for=True) else "fp16"
 
 
-def not_for_tensorrt(int8: ModelFile) -> InputError:
-    """The one-line refusal of an INT8 file made for ONNX Runtime only (a QAT run with --grid x86)."""
+def not_for_tensorrt(int8: ModelFile, manifest: Manifest) -> InputError:
+    """The one-line refusal of an INT8 file made for ONNX Runtime only: a QAT run with --grid x86, or a bundle
+    whose TensorRT form the exporter's parity gate left out."""
+    if manifest.left_out():
+        return InputError(f"--precision int8: the bundle's INT8 file {int8.path} is for {', '.join(int8.runtimes)} "
+                          f"only; its TensorRT form was left out at export ({left_out_phrase(manifest)}); use "
+                          "--precision fp16")
     return InputError(f"--precision int8: the bundle's INT8 file {int8.path} is for {', '.join(int8.runtimes)} only "
                       "(unsigned activations, a QAT run with --grid x86), which TensorRT's symmetric int8 cannot "
                       "hold; use --precision fp16, or export a --grid tensorrt QAT run")
+
+
+def left_out_phrase(manifest: Manifest) -> str:
+    """"model.int8.onnx: <why>; ..." of the INT8 files the export's parity gate left out."""
+    return "; ".join(f"{name}: {why}" for name, why in manifest.left_out().items())
 
 
 def check_engine_precision(manifest: Manifest, precision: str) -> ModelFile:
@@ -79,7 +89,7 @@ def check_engine_precision(manifest: Manifest, precision: str) -> ModelFile:
     model = manifest.file(wanted, "onnx", "tensorrt", made_for=True)  # of two INT8 files, the signed (TensorRT) one
     other_int8 = manifest.file("int8", "onnx") if model is None and wanted == "int8" else None
     if other_int8 is not None:
-        raise not_for_tensorrt(other_int8)
+        raise not_for_tensorrt(other_int8, manifest)
     if model is None:
         hint = "export an INT8 (QDQ) bundle, or use --precision fp16" if wanted == "int8" else "re-export the bundle"
         raise InputError(f"--precision {precision}: the bundle lists no {wanted.upper()} ONNX file; {hint}")

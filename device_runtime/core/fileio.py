@@ -26,12 +26,16 @@ _LEGACY_STALE_S = 3600.0  # temporaries of the old naming (no pid): stale when a
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, sweep: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed over `path`, on error removed.
 
     Example:
         with atomic_path("runs/a/checkpoints/last.pt") as tmp:
             torch.save(state, tmp)
+
+    Args:
+        sweep: first remove temporaries of `path` left by killed writers. Per-frame files pass False: the
+            sweep lists the folder, which for a folder of thousands of masks would cost more than the frame.
 
     Raises:
         InputError: the folder cannot be created or written, or `path` is a folder (the message names the path).
@@ -40,7 +44,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     if path.is_dir():
         raise InputError(f"{path}: is a folder; give a file name")
     _make_parent(path)
-    remove_stale_temporaries(path)
+    if sweep:
+        remove_stale_temporaries(path)
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
@@ -206,11 +211,15 @@ def describe_os_error(err: OSError) -> str:
     return err.strerror or str(err)
 
 
+PROBE_BYTES = 64 << 10  # more than a first mask or overlay, about a video's header and first frames
+
+
 def check_writable_file(path: str | os.PathLike, flag: str) -> Path:
     """Fail now, before long work, if a file cannot be written at `path` (its folder is created if needed).
 
     Raises:
-        InputError: `path` is a folder, its parent is not a folder or not writable (named, with the reason).
+        InputError: `path` is a folder, its parent is not a folder, or it does not take real bytes now
+            (read-only, permission, a full disk, a file size limit): named, with the reason.
     """
     path = Path(path)
     if path.is_dir():
@@ -219,16 +228,63 @@ def check_writable_file(path: str | os.PathLike, flag: str) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise InputError(f"{flag} {path}: cannot create its folder ({describe_os_error(err)})") from None
+    probe_write(path.parent, f".{path.name}.{os.getpid()}.", f"{flag} {path}")
+    return path
+
+
+def probe_write(folder: Path, prefix: str, what: str, size: int = PROBE_BYTES) -> None:
+    """Prove that `folder` takes `size` real bytes now: a temporary is written, flushed to the disk, removed.
+
+    Creating an empty file proves nothing: a full disk still has inodes, so the file appears and only its
+    first write fails (the zero-byte masks and videos of a run started on a full disk).
+
+    Raises:
+        InputError: "`what`: cannot write here (reason)".
+    """
     probe = None
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
+        fd, probe = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
+        try:
+            write_all(fd, bytes(size))
+            os.fsync(fd)  # where space is only claimed on the way to the disk (NFS, some FUSE), it is claimed now
+        finally:
+            os.close(fd)
     except OSError as err:
-        raise InputError(f"{flag} {path}: cannot write here ({describe_os_error(err)})") from None
+        raise InputError(f"{what}: cannot write here ({describe_os_error(err)})") from None
     finally:
         if probe is not None:
             os.unlink(probe)
-    return path
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written; a write that stops short and then writes nothing is an error.
+
+    Raises:
+        OSError: the write failed (ENOSPC, EFBIG, EIO, ...); part of `data` may have been written.
+    """
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written == 0:
+            raise OSError(errno.ENOSPC, "the write stopped short")
+        view = view[written:]
+
+
+def write_bytes(path: str | os.PathLike, data: bytes, what: str) -> None:
+    """Write a per-frame file whole or not at all: a temporary beside it, every byte checked, then a rename.
+
+    A failed write (full disk, file size limit) leaves neither an empty nor a cut file, and an older file
+    of that name (an --overwrite run) is kept. A kill -9 mid-write can leave one hidden temporary.
+
+    Raises:
+        InputError: "`what` PATH: writing failed (reason)".
+    """
+    with atomic_path(path, sweep=False) as tmp:
+        try:
+            with open(tmp, "wb") as handle:
+                write_all(handle.fileno(), data)
+        except OSError as err:
+            raise InputError(f"{what} {path}: writing failed ({describe_os_error(err)})") from None
 
 
 def strict_json(obj):

@@ -11,7 +11,11 @@ them either way.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -23,6 +27,37 @@ from .errors import InputError
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+class _TifffileNotes(logging.Handler):
+    """tifffile logs what it finds wrong in a damaged file as warnings, which Python's last-resort handler
+    prints as lines of their own before our one-line error. This handler takes them instead (an application
+    that configures logging still gets them), and the reads below put them into their own error line."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self._local = threading.local()  # sources read in their own threads
+
+    def emit(self, record: logging.LogRecord) -> None:
+        notes = getattr(self._local, "notes", None)
+        if notes is not None:
+            notes.append(re.sub(r"^<[^>]*>\s*", "", record.getMessage()))  # without tifffile's "<TiffPages @8>"
+
+    @contextlib.contextmanager
+    def collect(self) -> Iterator[list[str]]:
+        self._local.notes = notes = []
+        try:
+            yield notes
+        finally:
+            self._local.notes = None
+
+
+_NOTES = _TifffileNotes()
+logging.getLogger("tifffile").addHandler(_NOTES)
+
+
+def _noted(notes: list[str]) -> str:
+    return f"; tifffile: {notes[0]}" if notes else ""
 
 
 def _rgb_to_bgr(array: np.ndarray) -> np.ndarray:
@@ -71,21 +106,22 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
-    try:
-        if path.suffix.lower() in TIFF_SUFFIXES:
-            with tifffile.TiffFile(path) as tif:
-                try:
-                    array = _rgb_to_bgr(tif.pages[0].asarray())
-                except ValueError as err:
-                    if not _needs_codec(err):
-                        raise
-                    array = _opencv_tiff_pages(path, err)[0]
-        else:
-            array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    except InputError:
-        raise
-    except Exception as err:  # tifffile raises many types for corrupt files; all mean "unreadable"
-        raise InputError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from None
+    with _NOTES.collect() as notes:
+        try:
+            if path.suffix.lower() in TIFF_SUFFIXES:
+                with tifffile.TiffFile(path) as tif:
+                    try:
+                        array = _rgb_to_bgr(tif.pages[0].asarray())
+                    except ValueError as err:
+                        if not _needs_codec(err):
+                            raise
+                        array = _opencv_tiff_pages(path, err)[0]
+            else:
+                array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        except InputError:
+            raise
+        except Exception as err:  # tifffile raises many types for corrupt files; all mean "unreadable"
+            raise InputError(f"{path}: cannot decode image ({type(err).__name__}: {err}{_noted(notes)})") from None
     if array is None:
         raise InputError(f"{path}: cannot decode image (not a valid {path.suffix or 'image'} file)")
     return _check_frame(np.asarray(array), path)
@@ -104,36 +140,45 @@ def iter_tiff_page_results(path: str | os.PathLike) -> Iterator[np.ndarray | Inp
 
     A stream of frames (the device runtime) skips a bad page instead of ending. The file is opened here, not on
     the first `next`, so a file that cannot be opened at all, or holds no page, raises InputError at the call.
+    When tifffile could list only the first pages (a file cut short), one InputError after them says so.
     """
     path = Path(path)
-    try:
-        tif = tifffile.TiffFile(path)
-    except Exception as err:  # tifffile raises many types for a file that is not a TIFF
-        raise InputError(f"{path}: cannot open TIFF ({type(err).__name__}: {err})") from None
-    if len(tif.pages) == 0:  # tifffile only logs a warning for a header whose first page offset is bad
+    with _NOTES.collect() as listing:  # what tifffile found wrong while listing the pages
+        try:
+            tif = tifffile.TiffFile(path)
+            count = len(tif.pages)
+        except Exception as err:  # tifffile raises many types for a file that is not a TIFF
+            raise InputError(f"{path}: cannot open TIFF ({type(err).__name__}: {err}{_noted(listing)})") from None
+    if count == 0:  # tifffile only logs a warning for a header whose first page offset is bad
         tif.close()
-        raise InputError(f"{path}: TIFF holds no readable page")
+        raise InputError(f"{path}: TIFF holds no readable page{_noted(listing)}")
 
     def pages() -> Iterator[np.ndarray | InputError]:
         fallback: list[np.ndarray] | None = None  # every page through OpenCV, once tifffile lacked a codec
         with tif:
-            for index in range(len(tif.pages)):
-                try:
-                    if fallback is None:
-                        try:
-                            array = _rgb_to_bgr(tif.pages[index].asarray())
-                        except ValueError as err:
-                            if not _needs_codec(err):
-                                raise
-                            fallback = _opencv_tiff_pages(path, err)
-                    if fallback is not None:
-                        if index >= len(fallback):
-                            raise InputError(f"{path}: OpenCV decoded only {len(fallback)} of {len(tif.pages)} pages")
-                        array = fallback[index]
-                    yield _check_frame(array, path)
-                except InputError as err:
-                    yield InputError(f"{err} (page {index})")
-                except Exception as err:  # a corrupt page, whatever tifffile raises for it
-                    yield InputError(f"{path}: cannot decode page {index} ({type(err).__name__}: {err})")
+            for index in range(count):
+                with _NOTES.collect() as notes:
+                    try:
+                        if fallback is None:
+                            try:
+                                array = _rgb_to_bgr(tif.pages[index].asarray())
+                            except ValueError as err:
+                                if not _needs_codec(err):
+                                    raise
+                                fallback = _opencv_tiff_pages(path, err)
+                        if fallback is not None:
+                            if index >= len(fallback):
+                                raise InputError(f"{path}: OpenCV decoded only {len(fallback)} of {count} pages")
+                            array = fallback[index]
+                        page = _check_frame(array, path)
+                    except InputError as err:
+                        page = InputError(f"{err} (page {index})")
+                    except Exception as err:  # a corrupt page, whatever tifffile raises for it
+                        page = InputError(f"{path}: cannot decode page {index} ({type(err).__name__}: {err}"
+                                          f"{_noted(notes)})")
+                yield page  # outside the collection: the consumer's own logging is not ours to take
+            if listing:  # the page list broke off (a file cut short): the pages after it are lost, and counted
+                yield InputError(f"{path}: no page after page {count - 1} can be read ({listing[0]}; "
+                                 "the file may be cut short)")
 
     return pages()

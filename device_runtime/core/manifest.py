@@ -15,6 +15,7 @@ from pathlib import Path
 from .errors import InputError
 from .fileio import sha256_file, write_json
 from .postprocess import Morphology
+from .temporal import TemporalParams
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -59,6 +60,9 @@ class Manifest:
     training_config: dict = field(default_factory=dict)
     dataset: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # stabilisation over video frames (`device_runtime.core.temporal`; `nerveseg tune-temporal` tunes it); older
+    # bundles have none and get the defaults
+    temporal: TemporalParams = field(default_factory=TemporalParams)
 
     @property
     def input_shape(self) -> list:
@@ -92,6 +96,7 @@ class Manifest:
                 training_config=data.get("training_config", {}),
                 dataset=data.get("dataset", {}),
                 format_version=int(data["format_version"]),
+                temporal=TemporalParams.from_dict(data.get("temporal")),
             )
         except (KeyError, TypeError, ValueError, IndexError) as err:
             raise InputError(f"{where}: malformed manifest ({type(err).__name__}: {err})") from None
@@ -111,6 +116,12 @@ class Manifest:
             if made_for:
                 return None
         return matches[0] if matches else None
+
+    def left_out(self) -> dict[str, str]:
+        """{file: why} of the INT8 files the exporter's parity gate left out of this bundle ({} when none was, and
+        for bundles written before the gate kept files one by one)."""
+        refused = self.quantization.get("refused", {})
+        return {str(k): str(v) for k, v in refused.items()} if isinstance(refused, dict) else {}
 
     def latency_ms(self, backend: str) -> dict:
         """{precision: median ms} measured at export on this backend (`metrics["latency_ms"]`), or {}."""
@@ -139,7 +150,7 @@ def load_manifest(bundle_dir: str | os.PathLike, verify: bool = True) -> Manifes
     if not bundle_dir.is_dir():
         raise InputError(f"{bundle_dir}: bundle folder not found")
     if not path.is_file():
-        raise InputError(f"{path}: not found; a bundle folder holds manifest.json (written by 'nerveseg export')")
+        raise InputError(f"{path}: not found; {_bundle_hint(bundle_dir)}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -152,10 +163,111 @@ def load_manifest(bundle_dir: str | os.PathLike, verify: bool = True) -> Manifes
             f"{path}: bundle format version {version!r}, this runtime reads version {FORMAT_VERSION}; "
             "re-export the bundle with a matching nerveseg"
         )
+    check_fields(data, str(path))
     manifest = Manifest.from_dict(data, str(path))
     if verify:
         verify_bundle(bundle_dir, manifest)
     return manifest
+
+
+_MISSING = object()
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _text(value) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def _one_of(*choices):
+    return lambda value: isinstance(value, str) and value in choices
+
+
+# every field the runtime reads, with what it must be; the writer (Manifest.to_dict) writes all of them
+_FIELDS = (
+    ("architecture", _text, "a text"),
+    ("input_size", lambda v: isinstance(v, list) and len(v) == 2 and all(_count(x) for x in v),
+     "[height, width] in whole pixels"),
+    ("threshold", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0,
+     "a number in [0, 1]"),
+    ("morphology.open_radius", _count, "a whole number >= 0"),
+    ("morphology.close_radius", _count, "a whole number >= 0"),
+    ("morphology.min_area", _count, "a whole number >= 0"),
+    ("morphology.fill_holes", lambda v: isinstance(v, bool), "true or false"),
+    ("files", lambda v: isinstance(v, list) and len(v) > 0, "a non-empty list of model files"),
+    ("input_name", _text, "a text (the ONNX input's name)"),
+    ("output_name", _text, "a text (the ONNX output's name)"),
+    ("output_kind", _one_of("logits", "probabilities"), '"logits" or "probabilities"'),
+    ("model.input", lambda v: isinstance(v, dict), "an object (name, shape, dtype, range)"),
+    ("model.output", lambda v: isinstance(v, dict), "an object (name, kind)"),
+)
+_FILE_FIELDS = {
+    "path": (_text, "a text"),
+    "sha256": (lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v),
+               "64 lower-case hex digits"),
+    "precision": (_one_of(*PRECISIONS), " or ".join(PRECISIONS)),
+    "format": (_one_of("onnx", "tensorrt"), '"onnx" or "tensorrt"'),
+}
+_FILE_OPTIONAL = {  # absent from bundles written before these fields existed
+    "bytes": (_count, "a whole number >= 0"),
+    "runtimes": (lambda v: isinstance(v, list) and all(_text(x) for x in v), "a list of backend names"),
+}
+_OPTIONAL_OBJECTS = ("preprocessing", "quantization", "metrics", "training_config", "dataset")
+
+
+def check_fields(data: dict, where: str) -> None:
+    """Refuse a manifest whose fields are missing or of the wrong type, before anything reads them: one line
+    naming the manifest and the field (a threshold written as "0.5" would otherwise run, compared as text).
+
+    Raises:
+        InputError: "WHERE: malformed manifest: FIELD must be WHAT, got VALUE".
+    """
+    def need(ok: bool, field: str, expected: str, value) -> None:
+        if not ok:
+            got = "nothing (it is missing)" if value is _MISSING else f"{type(value).__name__} {value!r:.60}"
+            raise InputError(f"{where}: malformed manifest: {field} must be {expected}, got {got}")
+
+    for field, check, expected in _FIELDS:
+        value = _at(data, field)
+        need(value is not _MISSING and check(value), field, expected, value)
+    height, width = data["input_size"]
+    for field, expected in (("model.input.name", data["input_name"]), ("model.output.name", data["output_name"]),
+                            ("model.output.kind", data["output_kind"]), ("model.input.dtype", "float32"),
+                            ("model.input.shape", ["batch", 1, height, width]), ("model.input.range", [0.0, 1.0])):
+        value = _at(data, field)
+        need(value == expected, field, f"{expected!r}, as the rest of the manifest says", value)
+    for index, entry in enumerate(data["files"]):
+        need(isinstance(entry, dict), f"files[{index}]", "an object", entry)
+        for key in entry.keys() - _FILE_FIELDS.keys() - _FILE_OPTIONAL.keys():
+            need(False, f"files[{index}].{key}", "absent (not a field of a model file)", entry[key])
+        for key, (check, expected) in (_FILE_FIELDS | _FILE_OPTIONAL).items():
+            value = entry.get(key, _MISSING)
+            need((value is _MISSING and key in _FILE_OPTIONAL) or (value is not _MISSING and check(value)),
+                 f"files[{index}].{key}", expected, value)
+    for field in _OPTIONAL_OBJECTS:
+        need(isinstance(data.get(field, {}), dict), field, "an object", data.get(field))
+
+
+def _at(data: dict, dotted: str):
+    """data["a"]["b"] for "a.b", or _MISSING."""
+    for key in dotted.split("."):
+        if not isinstance(data, dict) or key not in data:
+            return _MISSING
+        data = data[key]
+    return data
+
+
+def _bundle_hint(folder: Path) -> str:
+    """What to point --bundle at when `folder` is not a bundle: a run folder's own bundles, or how to make one."""
+    candidates = (folder / "bundle" / MANIFEST_NAME, *sorted(folder.glob(f"qat/*/bundle/{MANIFEST_NAME}")))
+    inside = [p.parent for p in candidates if p.is_file()]
+    if inside:
+        return "this is a run folder; its bundles: " + ", ".join(str(p) for p in inside)
+    if (folder / "checkpoints").is_dir():
+        return f"this is a run folder without a bundle; write one with 'nerveseg export --run-dir {folder}'"
+    return "a bundle folder holds manifest.json (written by 'nerveseg export')"
 
 
 def verify_bundle(bundle_dir: str | os.PathLike, manifest: Manifest) -> None:

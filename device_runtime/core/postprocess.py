@@ -195,8 +195,10 @@ def mask_geometry(mask: np.ndarray, pixel_spacing_mm: float | None = None, compo
     return stats
 
 
-def probability_stats(mask: np.ndarray, prob: np.ndarray) -> dict:
-    """The probabilistic half of `frame_stats`: mean_prob inside the (H, W) mask (None when empty), uncertainty.
+def probability_stats(mask: np.ndarray, prob: np.ndarray, region: np.ndarray | None = None) -> dict:
+    """The probabilistic half of `frame_stats`: mean_prob inside the (H, W) mask (None when empty), uncertainty
+    (over `region`, a (H, W) uint8 0/1 mask, when given: the ultrasound image without its black border, whose
+    certain zeros would otherwise make any frame look confident).
 
     The device computes these at the model's resolution, where the probabilities live (at the frame's size
     they would only be interpolated), and the geometry at the frame's size.
@@ -210,4 +212,9 @@ def probability_stats(mask: np.ndarray, prob: np.ndarray) -> dict:
     else:
         fg = mask.astype(bool)
         mean_prob = float(prob[fg].mean()) if fg.any() else None
-    return {"mean_prob": mean_prob, "uncertainty": float(binary_entropy(prob).mean(dtype=np.float64))}
+    entropy = binary_entropy(prob)
+    if region is not None and cv2.countNonZero(region):
+        uncertainty = cv2.mean(entropy, mask=region)[0]
+    else:
+        uncertainty = float(entropy.mean(dtype=np.float64))
+    return {"mean_prob": mean_prob, "uncertainty": float(uncertainty)}

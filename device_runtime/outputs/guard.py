@@ -10,8 +10,8 @@ Rules (README, "Outputs never destroy"):
   There is one rule for all outputs; the JSONL is not appended to.
 - The video is Matroska (.mkv): its frames stay playable when the recording is cut short (kill -9, power loss),
   where an MP4 without its closing index plays nothing.
-- Every output path is checked for writability now, so that a read-only folder fails before the first frame,
-  not after the last (the summary).
+- Every output path is proven writable now, with real bytes (`fileio.probe_write`), so that a read-only folder or
+  a full disk fails before the first frame, not after the last (the summary), and leaves no empty file behind.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..core.errors import InputError
-from ..core.fileio import check_writable_file, describe_os_error
+from ..core.fileio import check_writable_file, describe_os_error, probe_write
 
 VIDEO_SUFFIX = ".mkv"
 
@@ -114,8 +114,7 @@ def check_outputs(cfg: RunConfig) -> None:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise InputError(f"{flag} {folder}: cannot create the folder ({describe_os_error(err)})") from None
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise InputError(f"{flag} {folder}: cannot write here (permission denied or read-only)")
+        probe_write(folder, f".nerveseg-probe.{os.getpid()}.", f"{flag} {folder}")
 
 
 def _suffixes(fmt: str) -> tuple[str, ...]:

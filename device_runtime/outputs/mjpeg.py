@@ -38,25 +38,29 @@ IDLE_TIMEOUT_S = 10.0
 
 
 class _BoundedServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer that closes connections beyond `max_clients` before starting a thread for them."""
+    """ThreadingHTTPServer that closes connections beyond `max_clients` before starting a thread for them.
+
+    The connections held are a set, not a count: socketserver also calls `shutdown_request` for a connection
+    that `verify_request` refused, and a count would take that close for the end of a held one, letting a
+    further viewer in each time (8 clients on a bound of 4 once got 6 served)."""
 
     max_clients = MAX_CLIENTS
 
     def __init__(self, *args, **kwargs):
-        self._active = 0
-        self._count_lock = threading.Lock()
+        self._held: set = set()
+        self._held_lock = threading.Lock()
         super().__init__(*args, **kwargs)
 
     def verify_request(self, request, client_address) -> bool:
-        with self._count_lock:
-            if self._active >= self.max_clients:
+        with self._held_lock:
+            if len(self._held) >= self.max_clients:
                 return False  # socketserver closes it: one thread and socket per viewer, bounded
-            self._active += 1
+            self._held.add(request)
             return True
 
     def shutdown_request(self, request) -> None:
-        with self._count_lock:
-            self._active = max(0, self._active - 1)
+        with self._held_lock:
+            self._held.discard(request)  # a refused connection was never held: it frees no place
         super().shutdown_request(request)
 
 

@@ -21,13 +21,17 @@ class OverlayRenderer:
         """(H, W[, C]) frame of any dtype and (H, W) 0/1 mask -> (H, W, 3) uint8 BGR."""
         shape = (*image.shape[:2], 3)
         bgr = self._to_bgr8(image, self._buffers.get("bgr", shape, np.uint8))
-        solid = self._buffers.get("solid", shape, np.uint8, fill=self.colour)
-        tinted = self._buffers.get("tinted", shape, np.uint8)
-        # tint only inside the mask: blend the whole picture once, then copy the blended pixels under the mask
-        cv2.addWeighted(bgr, 1.0 - self.alpha, solid, self.alpha, 0.0, dst=tinted)
-        cv2.copyTo(tinted, mask, bgr)
-        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(bgr, contours, -1, self.colour, max(1, min(bgr.shape[:2]) // 300))
+        x, y, w, h = cv2.boundingRect(mask)  # the tint and outline are drawn only where the nerve is
+        if w and h:
+            inside = (slice(y, y + h), slice(x, x + w))
+            picture, nerve = bgr[inside], mask[inside]
+            solid = self._buffers.get("solid", shape, np.uint8, fill=self.colour)[inside]
+            tinted = self._buffers.get("tinted", shape, np.uint8)[inside]
+            # tint only inside the mask: blend the box once, then copy the blended pixels under the mask
+            cv2.addWeighted(picture, 1.0 - self.alpha, solid, self.alpha, 0.0, dst=tinted)
+            cv2.copyTo(tinted, nerve, picture)
+            contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            cv2.drawContours(bgr, contours, -1, self.colour, max(1, min(bgr.shape[:2]) // 300))
         if stats is not None:
             self._label(bgr, stats)
         return bgr
@@ -47,9 +51,26 @@ class OverlayRenderer:
         return bgr
 
     def _label(self, bgr: np.ndarray, stats: dict) -> None:
-        area = f"{stats['area_mm2']:.1f} mm2" if stats.get("area_mm2") is not None else f"{stats['area_px']} px"
-        text = f"nerve {area}  uncertainty {stats['uncertainty']:.2f}"
-        scale = max(0.4, min(bgr.shape[:2]) / 900)
-        origin = (8, int(24 * scale / 0.6))
-        cv2.putText(bgr, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)
-        cv2.putText(bgr, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
+        """The nerve's area and the frame's uncertainty, white on a dark translucent box in the top-left corner:
+        legible on bright tissue and on the black border alike, its size a fixed share of the frame's."""
+        if stats.get("area_px"):
+            area = f"{stats['area_mm2']:.1f} mm2" if stats.get("area_mm2") is not None else f"{stats['area_px']} px"
+            text = f"nerve {area}   uncertainty {stats['uncertainty']:.2f}"
+        else:
+            text = f"no nerve found   uncertainty {stats['uncertainty']:.2f}"
+        height, width = bgr.shape[:2]
+        (unit_w, unit_h), _ = cv2.getTextSize(text, _FONT, 1.0, 1)
+        # text 3.2 % of the frame's height (16 px on a 512-pixel frame), narrowed to fit the frame's width
+        scale = max(0.3, min(LABEL_HEIGHT * height / unit_h, 0.9 * width / unit_w))
+        thickness = max(1, round(scale * 1.4))
+        (text_w, text_h), baseline = cv2.getTextSize(text, _FONT, scale, thickness)
+        pad = max(2, text_h // 3)
+        right, bottom = min(width, text_w + 3 * pad), min(height, text_h + baseline + 2 * pad)
+        box = bgr[:bottom, :right]
+        cv2.convertScaleAbs(box, dst=box, alpha=1.0 - BOX_OPACITY)  # darken in place: no copy of the frame
+        cv2.putText(bgr, text, (pad + pad // 2, pad + text_h), _FONT, scale, (255, 255, 255), thickness, cv2.LINE_AA)
+
+
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+LABEL_HEIGHT = 0.032  # the label's capital height as a share of the frame's height
+BOX_OPACITY = 0.65  # how much of the picture under the label's box is darkened away

@@ -9,6 +9,7 @@ and the JSONL its last line.
 
 from __future__ import annotations
 
+import io
 import os
 import queue
 import sys
@@ -24,7 +25,7 @@ import tifffile
 from ..buffers import BufferPool
 from ..config import RunConfig
 from ..core.errors import InputError
-from ..core.fileio import describe_os_error, dumps_strict
+from ..core.fileio import describe_os_error, dumps_strict, write_all, write_bytes
 from ..pipeline import Result
 from ..sources.frame import Frame
 from ..timing import Timings
@@ -33,7 +34,10 @@ from .overlay import OverlayRenderer
 
 
 class MaskSink:
-    """One mask per frame at the frame's size, 0/255 uint8, named after the frame (PNG or TIFF)."""
+    """One mask per frame at the frame's size, 0/255 uint8, named after the frame (PNG or TIFF).
+
+    Encoded in memory and written whole (`fileio.write_bytes`): OpenCV's imwrite reports success for a PNG on a
+    full disk and leaves an empty file."""
 
     def __init__(self, folder: Path, fmt: str = "png"):
         self.folder, self.fmt = _make_folder(folder, "--masks"), fmt
@@ -44,9 +48,12 @@ class MaskSink:
         np.multiply(result.mask, 255, out=scaled)  # 0/255: visible in any viewer; > 0 is the nerve
         path = self.folder / f"{frame.name}.{self.fmt}"
         if self.fmt == "tif":
-            tifffile.imwrite(path, scaled, compression="zlib")
-        elif not cv2.imwrite(str(path), scaled):
-            raise OSError(f"{path}: could not write the mask")
+            encoded = io.BytesIO()
+            tifffile.imwrite(encoded, scaled, compression="zlib")
+            data = encoded.getvalue()
+        else:
+            data = _encode(scaled, ".png", path, "mask")
+        write_bytes(path, data, "--masks")
 
     def close(self) -> None:
         pass
@@ -58,11 +65,17 @@ class OverlayImageSink:
 
     def write(self, frame: Frame, result: Result, overlay, timing) -> None:
         path = self.folder / f"{frame.name}.{self.fmt}"
-        if not cv2.imwrite(str(path), overlay()):
-            raise OSError(f"{path}: could not write the overlay")
+        write_bytes(path, _encode(overlay(), f".{self.fmt}", path, "overlay"), "--overlays")
 
     def close(self) -> None:
         pass
+
+
+def _encode(picture: np.ndarray, suffix: str, path: Path, what: str) -> bytes:
+    ok, encoded = cv2.imencode(suffix, picture)
+    if not ok:
+        raise InputError(f"{path}: OpenCV could not encode the {what} as {suffix}")
+    return encoded.tobytes()
 
 
 class VideoWriteError(OSError):
@@ -73,9 +86,10 @@ class OverlayVideoSink:
     """A Matroska (.mkv, mp4v) video of the overlays. Opened at the first frame, whose size it keeps.
 
     Matroska, because a recording cut short (kill -9, power loss) still plays up to its last complete cluster;
-    an MP4 plays nothing until its index is written at the end. A failed write (OpenCV >= 5 reports it) ends
-    the recording at once: it is reported once, the writer is closed so the frames before stay playable, and the
-    run fails. OpenCV 4 does not report failures, so there the free space is checked every `_CHECK_EVERY` frames.
+    an MP4 plays nothing until its index is written at the end. A failed write ends the recording at once: it is
+    reported once, the writer is closed so the frames before stay playable, and the run fails. OpenCV reports
+    few failures (FFmpeg buffers its writes, and the flush at release reports nothing; OpenCV 4 reports none),
+    so the room left (free space, the file size limit) is also checked every `_CHECK_EVERY` frames and at the end.
     """
 
     _CHECK_EVERY = 25
@@ -101,18 +115,26 @@ class OverlayVideoSink:
         if (picture.shape[1], picture.shape[0]) != self._size:
             picture = cv2.resize(picture, self._size, interpolation=cv2.INTER_AREA)
         ok = self._writer.write(picture)  # OpenCV >= 5: a bool; OpenCV 4: None (no report)
-        if ok is False or (ok is None and self.frames % self._CHECK_EVERY == 0 and _disk_full(self.path)):
-            self.close()  # what was recorded stays playable
+        room = _out_of_room(self.path) if ok is False or self.frames % self._CHECK_EVERY == 0 else ""
+        if ok is False or room:
             self._failed = True
+            self.close()  # what was recorded stays playable
+            kept = "what reached the disk stays playable" if self.frames else "nothing was recorded; no file is left"
             raise VideoWriteError(f"--video {self.path}: writing frame {self.frames + 1} failed "
-                                  f"({_write_failure_reason(self.path)}); the recording stops there and what "
-                                  "reached the disk stays playable")
+                                  f"({room or 'an I/O error or a quota'}); the recording stops there and {kept}")
         self.frames += 1
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.release()  # writes Matroska's cues and duration; without them the file still plays
-            self._writer = None
+        if self._writer is None:
+            return
+        self._writer.release()  # flushes FFmpeg's buffer, writes Matroska's cues and duration; reports nothing
+        self._writer = None
+        if self.frames == 0:
+            self.path.unlink(missing_ok=True)  # no frame: the file holds at most a header that plays nothing
+        elif not self._failed and (room := _out_of_room(self.path)):
+            self._failed = True
+            raise VideoWriteError(f"--video {self.path}: the last frames may not have reached the disk ({room}); "
+                                  "what did stays playable")
 
 
 def _quiet_opencv_warnings() -> None:
@@ -124,39 +146,80 @@ def _quiet_opencv_warnings() -> None:
         pass
 
 
-def _disk_full(path: Path) -> bool:
+def _out_of_room(path: Path) -> str:
+    """Why writes to `path` fail or are about to: "no space left on the device" (under 1 MiB free) or "the file
+    size limit (RLIMIT_FSIZE) reached"; "" while there is room."""
     try:
         st = os.statvfs(path.parent)
+        if st.f_bavail * st.f_frsize < (1 << 20):
+            return "no space left on the device"
     except OSError:
-        return False
-    return st.f_bavail * st.f_frsize < (1 << 20)
+        pass
+    try:
+        import resource  # POSIX only
 
-
-def _write_failure_reason(path: Path) -> str:
-    return "no space left on the device" if _disk_full(path) else "file size limit, quota or I/O error"
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and path.stat().st_size >= limit:
+            return "the file size limit (RLIMIT_FSIZE) reached"
+    except (ImportError, OSError):
+        pass
+    return ""
 
 
 class JsonlSink:
-    """One JSON object per frame: its name, size, stats and stage timings; flushed line by line."""
+    """One JSON object per frame: its name, size, stats and stage timings; each line one write, unbuffered.
+
+    Lines reach the file whole: a write that fails or stops short (full disk, file size limit) is cut back to
+    the last complete line, so the file always parses line by line, and the run fails naming the file. (A kill
+    -9 can still cut the line being written, which the kernel may stop between pages.)
+    """
 
     def __init__(self, path: Path, overwrite: bool = False):
         path = Path(path)
         _make_folder(path.parent, "--jsonl")
-        self.path = path
-        try:  # "x": an existing file is never truncated unless the user said --overwrite (checked before, too)
-            self._file = open(path, "w" if overwrite else "x", encoding="utf-8", buffering=1)  # a crash loses no line
+        self.path, self.lines, self._end = path, 0, 0
+        # O_EXCL: an existing file is never truncated unless the user said --overwrite (checked before, too)
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+        try:
+            self._fd = os.open(path, flags, 0o644)
         except OSError as err:
             raise InputError(f"--jsonl {path}: cannot write ({describe_os_error(err)})") from None
 
     def write(self, frame: Frame, result: Result, overlay, timing) -> None:
+        if self._fd is None:
+            return  # cut back after a failed write: no line after the gap
         record = {"frame": frame.index, "name": frame.name, "height": int(frame.image.shape[0]),
                   "width": int(frame.image.shape[1]), **result.stats, "timings_ms": timing()}
-        self._file.write(dumps_strict(record, separators=(",", ":")) + "\n")  # NaN -> null: strict JSON
+        line = (dumps_strict(record, separators=(",", ":")) + "\n").encode()  # NaN -> null: strict JSON
+        try:
+            write_all(self._fd, line)
+        except OSError as err:
+            self._cut_back()
+            raise InputError(f"--jsonl {self.path}: writing the line of frame {frame.name} failed "
+                             f"({describe_os_error(err)}); the file ends at its last complete line "
+                             f"({self.lines} lines)") from None
+        self._end += len(line)
+        self.lines += 1
+
+    def _cut_back(self) -> None:
+        """Truncate to the last complete line; a file left empty is removed (it holds no frame)."""
+        os.ftruncate(self._fd, self._end)  # shrinking needs no space, also on a full disk
+        os.close(self._fd)
+        self._fd = None
+        if self._end == 0:
+            self.path.unlink(missing_ok=True)
 
     def close(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.fsync(fd)
+        except OSError as err:
+            raise InputError(f"--jsonl {self.path}: the last lines did not reach the disk "
+                             f"({describe_os_error(err)})") from None
+        finally:
+            os.close(fd)
 
 
 class WindowSink:
@@ -209,14 +272,14 @@ class SinkGroup:
         for sink in self.sinks:
             sink.write(frame, result, overlay, timing)
 
-    def close(self) -> list[str]:
+    def close(self) -> list[Exception]:
         """Close every sink even if one fails (the others' files still get finished); returns the failures."""
         errors = []
         for sink in self.sinks:
             try:
                 sink.close()
             except Exception as err:  # collected: the caller reports them after all are closed
-                errors.append(f"{type(sink).__name__}: {err}")
+                errors.append(err)
         return errors
 
 
@@ -261,7 +324,7 @@ class BackgroundWriter:
             raise InputError(f"writing outputs failed: {err}") from None
         raise err
 
-    def close(self) -> list[str]:
+    def close(self) -> list[Exception]:
         self._queue.put(None)
         self._thread.join()
         return self.group.close()
@@ -288,17 +351,28 @@ class Outputs:
             self.files.write(frame, result, timing)
 
     def close(self) -> None:
-        errors = self.live.close() + (self.files.close() if self.files is not None else [])
-        if errors:
-            print("warning: closing outputs: " + "; ".join(errors), file=sys.stderr)
+        """Close every sink. Raises the first failed write, else the first file sink that failed to close (a
+        video or JSONL whose last bytes did not reach the disk): a file not complete fails the run."""
+        errors = self.live.close()
+        if errors:  # a window or preview that closes badly loses nothing
+            print("warning: closing outputs: " + "; ".join(f"{type(e).__name__}: {e}" for e in errors),
+                  file=sys.stderr)
         if self.files is not None:
+            file_errors = self.files.close()
             self.files.raise_failure()  # a write that failed on the last frames still fails the run
+            if file_errors:
+                raise InputError(str(file_errors[0])) from None
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            self.close()
+        except Exception:
+            if exc_type is None:
+                raise
+            # the run already ends with its own one line; a close failing behind it (the same full disk) adds none
 
 
 def open_outputs(cfg: RunConfig, source_fps: float | None, stop: threading.Event) -> Outputs:

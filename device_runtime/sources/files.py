@@ -1,8 +1,9 @@
 """Where frames come from. File sources give every frame in order; live sources give the newest.
 
 `dispatch.open_source(spec)` understands:
-    a folder                     every image in it (tif, tiff, png, jpg, jpeg), sorted by name
-    a glob ("scans/*.png")       every matching image, sorted
+    a folder                     every image in it (tif, tiff, png, jpg, jpeg), sorted by name; in the Kaggle 2016
+                                 layout, NAME_mask.tif beside NAME.tif is a mask, not a frame: skipped, counted
+    a glob ("scans/*.png")       every matching image, sorted (masks skipped as for a folder)
     an image file                one frame; a TIFF gives every page (multi-page TIFF)
     a video file (.mp4, .avi...) every frame
     0, 1, ... or /dev/videoN     a V4L2/USB capture device
@@ -20,6 +21,7 @@ import glob
 import os
 import queue
 import re
+import sys
 import threading
 import time
 from pathlib import Path
@@ -190,16 +192,31 @@ def synthetic_source(spec: str) -> FileSource:
     return FileSource(lambda: _cycle(frames), f"synthetic {height}x{width}")
 
 
-def _sorted_images(paths) -> list[Path]:
-    return sorted(p for p in map(Path, paths) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+def _sorted_images(paths, spec: str) -> list[Path]:
+    """The image files among `paths`, sorted, without the Kaggle layout's masks (NAME_mask.ext beside NAME.ext,
+    as training.data pairs them); one line on stderr says how many masks were left out."""
+    images = sorted(p for p in map(Path, paths) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    frames = {(p.parent, p.stem) for p in images}
+    masks = [p for p in images if p.stem.endswith("_mask") and (p.parent, p.stem[:-len("_mask")]) in frames]
+    if masks:
+        print(f"info: --source {spec}: {len(masks)} mask files (NAME_mask beside NAME, the Kaggle layout) skipped; "
+              f"{len(images) - len(masks)} frames", file=sys.stderr, flush=True)
+    skipped = set(masks)
+    return [p for p in images if p not in skipped]
+
+
+def _no_images(path: Path) -> str:
+    """Why a folder gave no frames, and where they may be (a dataset root with images/ beside masks/)."""
+    hint = f"; its frames may be in {path / 'images'}" if (path / "images").is_dir() else ""
+    return f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)}){hint}"
 
 
 def file_source(spec: str, loop: bool) -> FileSource:
     path = Path(spec)
     if path.is_dir():
-        files = _sorted_images(path.iterdir())
+        files = _sorted_images(path.iterdir(), spec)
         if not files:
-            raise InputError(f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            raise InputError(_no_images(path))
         return FileSource(lambda: _image_files(files), f"folder {path} ({len(files)} files)", loop=loop)
     if path.is_file():
         suffix = path.suffix.lower()
@@ -215,7 +232,7 @@ def file_source(spec: str, loop: bool) -> FileSource:
         raise InputError(f"{path}: unknown source type {suffix!r}; expected an image, a TIFF, a video "
                          f"({', '.join(VIDEO_SUFFIXES)}) or a folder")
     if glob.has_magic(spec):
-        files = _sorted_images(glob.glob(os.path.expanduser(spec), recursive=True))
+        files = _sorted_images(glob.glob(os.path.expanduser(spec), recursive=True), spec)
         if not files:
             raise InputError(f"source {spec!r}: the pattern matches no images ({', '.join(IMAGE_SUFFIXES)})")
         return FileSource(lambda: _image_files(files), f"glob {spec} ({len(files)} files)", loop=loop)

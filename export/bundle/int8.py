@@ -1,4 +1,4 @@
-"""`nerveseg export --run-dir RUN --qat NAME`: a trained QAT run -> an INT8 bundle, checked, or no bundle.
+"""`nerveseg export --run-dir RUN --qat NAME`: a trained QAT run -> an INT8 bundle of the files that pass the gate.
 
 The bundle holds
     model.fp32.onnx      the float run's model (reference and fallback)
@@ -10,14 +10,13 @@ The bundle holds
 One set of integers, two files: the exact rewrite (export.bundle.qdq) costs nothing, and each runtime gets the form its
 kernels want; a single s8 file ran 2.7x slower than FP32 on ONNX Runtime x86, a single u8 file is not TensorRT's.
 
-Parity, or no bundle: on the validation frames ONNX Runtime (CPU, the optimisation level the device runs)
-must give, for EACH INT8 file, final masks with mean per-frame Dice >= 0.995 against the PyTorch fake-quant
-model. Below that the export stops with one line and the previous bundle stays (atomic_dir).
+Parity, per file (export/bundle/int8_parity.py): each INT8 file, run by ONNX Runtime CPU as the device runs it, is held
+to the fake-quant model's own float32-vs-float64 disagreement on the parity frames (export.bundle.parity.tie_gate). A
+file the gate refuses is left out with one line saying why; the bundle is written with the files that pass, and
+refused (the previous bundle kept, atomic_dir) only when none does.
 """
 
 from __future__ import annotations
-
-import copy
 
 import json
 import platform
@@ -25,30 +24,26 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from device_runtime.core.errors import InputError
-from device_runtime.core.fileio import atomic_dir, write_json
-from device_runtime.core.manifest import Manifest, describe_file, write_manifest
+from device_runtime.core.fileio import write_json
+from device_runtime.core.manifest import Manifest, describe_file
 from device_runtime.core.postprocess import Morphology
 from training.checkpoint import load_model
-from training.evaluation.evaluate import evaluate_arrays
-from training.evaluation.predict import predict_probabilities, resolve_device
 from training.model import as_deployed
-from training.stages import flip_tta_of, split_arrays
+from training.evaluation.predict import resolve_device
+from training.stages import flip_tta_of
 
+from .writer import FP32_NAME, BundleFiles, BundleSource, ParityError, protected_paths, write_bundle
 from .int8_graph import INT8_OPSET, build_int8_model, layer_constants
+from .int8_parity import FLOOR_KEY, judge_files, model_references, parity_frames
 from .latency import interleaved_latency
-from .onnx_export import export_onnx, tensorrt_problems
-from .out_guard import check_bundle_out
-from .parity import TOLERANCE, compare, onnx_probabilities, parity_failures
 from .portable import portable_config
 from .qdq import cpu_form
-from .writer import FP32_NAME, ParityError, dataset_description, protected_paths
 
 TENSORRT_NAME = "model.int8.onnx"
 CPU_NAME = "model.int8.cpu.onnx"
-# which backend runs which INT8 file (device_runtime.backends.selection picks by these): TensorRT wants signed
+# which backend runs which INT8 file (device_runtime.backends picks by these): TensorRT wants signed
 # activations; ONNX Runtime's CUDA provider runs Q/DQ around float kernels, where the form does not matter
 INT8_FILES = {TENSORRT_NAME: ["tensorrt", "ort-tensorrt", "ort-cuda"], CPU_NAME: ["ort-cpu"]}
 # a --grid x86 run: unsigned activations do not fit TensorRT's int8, so one file, for ONNX Runtime only
@@ -115,71 +110,12 @@ def packed_bytes(bits_table: dict, model, graph=None) -> dict:
             "packed_scale_bias_bytes": scales + biases + activation_scales}
 
 
-def parity_of(path: Path, images: np.ndarray, references: dict[str, np.ndarray], threshold: float,
-              morphology: Morphology) -> dict:
-    """Device-level figures (all optimisations, as the runtime runs) against the closer of the `references`
-    (evaluations of the fake-quant model by precision, see PARITY REFERENCES), with the QDQ reference-level
-    ones (ORT_DISABLE_ALL) and the figures against each reference under `against_<precision>`."""
-    deployed = onnx_probabilities(path, images, optimization="all")
-    exact = onnx_probabilities(path, images, optimization="none")
-    against = {}
-    for precision, reference in references.items():
-        against[precision] = compare(reference, deployed, threshold, morphology)
-        level = compare(reference, exact, threshold, morphology)
-        against[precision].update({f"reference_{k}": v for k, v in level.items() if k != "frames"})
-    closer = max(against, key=lambda precision: against[precision]["mask_dice"])
-    result = dict(against[closer])
-    result.update({f"against_{precision}": figures for precision, figures in against.items()})
-    result["reference_model"] = f"the PyTorch fake-quant model in {closer} (the closer of {' / '.join(against)})"
-    result["optimization"] = "ORT_ENABLE_ALL (reference_*: ORT_DISABLE_ALL)"
-    return result
-
-
-@torch.no_grad()
-def float64_probabilities(model: torch.nn.Module, images: np.ndarray, batch_size: int = 8) -> np.ndarray:
-    """(N, H, W) probabilities of the fake-quant model evaluated in float64 on the CPU: the same integer grids
-    and float32 steps, without float32's accumulation error. It is the closest evaluation of the integer model
-    that integer kernels (ONNX Runtime's QLinearConv, TensorRT) compute."""
-    exact = copy.deepcopy(model).cpu().double().eval()
-    out = np.empty(images.shape, np.float32)
-    for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).double()[:, None]
-        out[start:start + len(batch)] = torch.sigmoid(exact(batch)["out"][:, 0]).float().numpy()
-    return out
-
-
-# PARITY REFERENCES: which evaluation of the fake-quant model a file is held to: the closer of two. Measured on
-# usgra-seg (edge, 20 validation frames): the PyTorch model in float32 and in float64 agree with each other at mask
-# Dice 0.989 only (about 150 roundings: a value within float32 error of a rounding tie goes either way, and the
-# difference spreads), so no file can match both at 0.995, and which one a file follows depends on the kernels that
-# run it. W8A8: ONNX Runtime runs the x86 file on integer kernels (QLinearConv accumulates exactly in int32): 0.997
-# against float64, 0.990 against float32; the signed TensorRT form, emulated in float32: 0.996 against float32,
-# 0.990 against float64. Learned bits (Clip before QuantizeLinear below 8 bits, so fewer fused kernels): the x86
-# file 0.996 against float32, 0.989 against float64. Both evaluations are the model; the gate asks the graph to
-# reproduce one of them as well as the bound, and the manifest records both and the model's own agreement.
-
-
-# PARITY BOUND: the mask metric is discontinuous. The morphology removes components below a size, so a blob near
-# that size appears or vanishes whole on a tiny probability change, and a frame whose mask is that blob scores
-# per-frame Dice 0. Measured on usgra-seg (learned-a8-t4, 20 validation frames): the PyTorch model in float32 vs
-# float64 0.934 (one frame: 307 pixels against none; pooled Dice 0.980), the x86 file against float64 0.977,
-# flipped pixels 1.3e-3. No runtime can reproduce such a model to 0.995 when PyTorch cannot reproduce itself;
-# the default still refuses (and says why), `bound_from_model` takes the model's own agreement as the bound and
-# the manifest records it (`bound_from_model` per file). The graph's integers are checked exactly by the tests.
-
-
 def export_int8_bundle(run_dir: str | Path, qat_name: str, out_dir: str | Path | None = None,
-                       device: str = "auto", min_mask_dice: float = TOLERANCE["int8"]["mask_dice"],
-                       replace: bool = False, bound_from_model: bool = False) -> tuple[Path, Manifest]:
+                       device: str = "auto", replace: bool = False) -> tuple[Path, Manifest]:
     """Export RUN/qat/NAME as an INT8 bundle (default RUN/qat/NAME/bundle); returns the folder and manifest.
 
-    `min_mask_dice`: the parity bound (0.995, the project's). Only the tests lower it, for 2-epoch 64x64 models
-    whose probability maps sit near T* over much of the frame, where any 1-step integer difference flips pixels.
-    `bound_from_model` (`--parity-bound-from-model`): where the fake-quant model agrees with itself (float32 vs
-    float64) below `min_mask_dice`, hold each file to that agreement instead (see PARITY BOUND).
-    """
-    from qat.bits import bits_table
-
+    Written by the float export's path (export.bundle.writer.write_bundle): the float run's model.fp32.onnx, checked,
+    and beside it the INT8 files that pass the gate (`int8_files`); the QAT run's T* and morphology decide."""
     run_dir = Path(run_dir)
     float_path = run_dir / "checkpoints" / "best.pt"
     if not float_path.is_file():
@@ -187,116 +123,106 @@ def export_int8_bundle(run_dir: str | Path, qat_name: str, out_dir: str | Path |
     qat_dir, qat_path = qat_paths(run_dir, qat_name)
     float_model, float_checkpoint, float_cfg = load_model(float_path)
     model, checkpoint, cfg, qcfg = load_qat(qat_path, float_cfg.arch)
+    # the QAT run tuned T* as its float run deploys: every graph of the bundle averages alike (or none does)
+    cfg = cfg.replace(flip_tta=flip_tta_of(checkpoint))
+    source = BundleSource(
+        run_dir, cfg, as_deployed(float_model, cfg.flip_tta), float(checkpoint["threshold"]),
+        Morphology.from_dict(checkpoint["morphology"]), {**protected_paths(run_dir, float_path), "QAT checkpoint": qat_path},
+        {"validation": checkpoint.get("validation", {}), "test": _test_metrics(qat_dir),
+         "float_run": {"threshold": float_checkpoint.get("threshold"), "morphology": float_checkpoint.get("morphology"),
+                       "validation": float_checkpoint.get("validation", {}),
+                       "note": "model.fp32.onnx is the float run's model; the bundle's T* and morphology are the QAT "
+                               "run's"}})
     # the QAT run's test_metrics_onnx.json gets the int8 entry when the bundle goes to its default place; a
     # bundle written elsewhere (--out) leaves the run folder untouched (its manifest holds the same figures)
-    write_run_metrics = out_dir is None
-    out_dir = Path(out_dir) if out_dir else qat_dir / "bundle"
-    # the same rule as the float export (export/out_guard.py): a new folder, or an existing bundle with `replace`
-    protected = {**protected_paths(run_dir, float_path), "QAT checkpoint": qat_path}
-    if check_bundle_out(out_dir, protected, replace):
-        print(f"replacing the bundle {out_dir} (atomically, once the new one is complete)", flush=True)
-    threshold, morphology = float(checkpoint["threshold"]), Morphology.from_dict(checkpoint["morphology"])
-    flip_tta = flip_tta_of(checkpoint)  # the QAT run tuned T* as its float run deploys: every graph averages alike
-    input_size = tuple(cfg.input_size)
-    torch_device = resolve_device(device)
+    bundle, manifest = write_bundle(source, Path(out_dir) if out_dir else qat_dir / "bundle", device, replace,
+                                    add=lambda staging: int8_files(staging, source, model, qcfg, qat_dir, device))
+    if out_dir is None:
+        _add_onnx_test_metrics(qat_dir / "test_metrics_onnx.json", "int8", manifest.metrics["test_onnx"]["int8"])
+    return bundle, manifest
+
+
+def int8_files(staging: Path, source: BundleSource, model, qcfg, qat_dir: Path, device: str) -> BundleFiles:
+    """The INT8 graphs of the QAT `model` written into `staging`, each judged by the gate; the refused ones
+    removed again (one line each on stderr); ParityError when none is left."""
+    from qat.bits import bits_table
+
+    cfg, input_size = source.cfg, tuple(source.cfg.input_size)
+    graph = build_int8_model(model, input_size, staging / ".int8-float-twin.onnx", cfg.flip_tta)
+    (staging / ".int8-float-twin.onnx").unlink()
+    x86_only = qcfg.grid == "x86"
+    if not x86_only:
+        _save(graph, staging / TENSORRT_NAME)
+    _save(cpu_form(graph), staging / CPU_NAME)
+    written = [CPU_NAME] if x86_only else [TENSORRT_NAME, CPU_NAME]
+
+    parity, kept, refused = keep_passing(staging, written, source, model, device)
+    runtimes = file_runtimes(kept)
+    cpu_file = next(name for name in kept if "ort-cpu" in runtimes[name])  # what ONNX Runtime CPU runs
+    timed = {"fp32": staging / FP32_NAME, "int8": staging / cpu_file}
+    if TENSORRT_NAME in kept and cpu_file != TENSORRT_NAME:
+        timed["int8_tensorrt_form"] = staging / TENSORRT_NAME
+    timing = interleaved_latency(timed, input_size, threads=EXPORT_TIMING_THREADS, rounds=20)
+    files = []
+    for name in kept:
+        files.append(describe_file(staging, name, "int8", "onnx"))
+        files[-1].runtimes = list(runtimes[name])
+    fp32_bytes = (staging / FP32_NAME).stat().st_size
     table = bits_table(model, input_size)
+    quantization = {
+        "scheme": X86_SCHEME if x86_only else SCHEME,
+        "grid": qcfg.grid,
+        "opset": INT8_OPSET,
+        "qat_run": f"qat/{qat_dir.name}",  # relative: bundles travel, machine paths stay home
+        "qat_config": portable_config(_plain(qcfg)),  # run_dir is a machine path
+        "files": runtimes,
+        "refused": refused,  # INT8 files the gate left out, and why
+        "layers": table["layers"],
+        "mean_weight_bits": table["mean_weight_bits"],
+        "mean_activation_bits": table["mean_activation_bits"],
+        "mean_bits": table["mean_weight_bits"],  # what the stored model costs per weight
+        "fp32_file_bytes": fp32_bytes,
+        "int8_file_bytes": files[0].bytes,
+        "int8_compression": fp32_bytes / files[0].bytes,
+        **packed_bytes(table, model, graph),
+    }
+    latency = {"ort-cpu": {**{key: timing[key]["median_ms"] for key in timed}, "int8_file": cpu_file,
+                           "threads": EXPORT_TIMING_THREADS, "runs": timing["fp32"]["runs"],
+                           "machine": f"{platform.machine()} {platform.processor()}".strip(),
+                           "note": "measured at export, interleaved, batch 1"}}
+    return BundleFiles(files, quantization, {"parity": parity, "latency_ms": latency}, test_graph=cpu_file,
+                       test_key="int8", tensorrt_files=tuple(name for name in kept if name == TENSORRT_NAME))
 
-    with atomic_dir(out_dir, replace=True) as staging:
-        fp32_path = export_onnx(as_deployed(float_model, flip_tta), staging / FP32_NAME, input_size)
-        graph = build_int8_model(model, input_size, staging / ".int8-float-twin.onnx", flip_tta)
-        (staging / ".int8-float-twin.onnx").unlink()
-        x86_only = qcfg.grid == "x86"
-        int8_files = X86_INT8_FILES if x86_only else INT8_FILES
-        tensorrt_path, cpu_path = staging / TENSORRT_NAME, staging / CPU_NAME
-        if not x86_only:
-            _save(graph, tensorrt_path)
-        _save(cpu_form(graph), cpu_path)
 
-        val_images, _, _ = split_arrays(run_dir, "val", cfg)
-        deployed = as_deployed(model, flip_tta)
-        references = {  # see PARITY REFERENCES
-            "float32": predict_probabilities(deployed.to(torch_device), val_images, torch_device, cfg.val_batch_size,
-                                             amp=False),
-            "float64": float64_probabilities(deployed, val_images),
-        }
-        parity = {"model_float32_vs_float64": compare(references["float64"], references["float32"], threshold,
-                                                      morphology)}
-        own = parity["model_float32_vs_float64"]["mask_dice"]
-        for path in [staging / name for name in int8_files]:
-            parity[path.name] = result = parity_of(path, val_images, references, threshold, morphology)
-            bound = min_mask_dice  # the model's own agreement only where the file misses the project's bound
-            if bound_from_model and own < min_mask_dice and parity_failures(result, "int8", min_mask_dice):
-                bound = own
-            result.update(min_mask_dice=bound, project_min_mask_dice=min_mask_dice,
-                          bound_from_model=bound < min_mask_dice)
-            own_bound = "the model's own float32-vs-float64 agreement, --parity-bound-from-model"
-            failures = parity_failures(result, "int8", bound, own_bound if result["bound_from_model"] else "")
-            if failures:
-                hint = ("" if bound_from_model or own >= min_mask_dice else
-                        f" (the fake-quant model agrees with itself, float32 vs float64, at only {own:.4f}; "
-                        "--parity-bound-from-model holds each file to that)")
-                written = result.get("reference_mask_dice")  # the QDQ graph run op by op: graph or kernels?
-                level = ("" if written is None else
-                         f"; the graph run as written (ORT_DISABLE_ALL) agrees at {written:.4f}")
-                raise ParityError(f"{path.name}: ONNX Runtime disagrees with the PyTorch fake-quant model (in float32 "
-                                  f"and in float64) on {result['frames']} validation frames: {'; '.join(failures)}"
-                                  f"{level}; no bundle written{hint}")
-        test_images, test_masks, _ = split_arrays(run_dir, "test", cfg)
-        test_int8, _, _ = evaluate_arrays(onnx_probabilities(cpu_path, test_images), test_masks, threshold, morphology)
-        timed = {"fp32": fp32_path, "int8": cpu_path} | ({} if x86_only else {"int8_tensorrt_form": tensorrt_path})
-        timing = interleaved_latency(timed, input_size, threads=EXPORT_TIMING_THREADS, rounds=20)
-        problems = [] if x86_only else [f"{TENSORRT_NAME}: {p}" for p in tensorrt_problems(tensorrt_path)]
-        problems += [f"{FP32_NAME}: {p}" for p in tensorrt_problems(fp32_path)]
-        files = [describe_file(staging, FP32_NAME, "fp32", "onnx")]
-        for name, runtimes in int8_files.items():
-            entry = describe_file(staging, name, "int8", "onnx")
-            entry.runtimes = list(runtimes)
-            files.append(entry)
-        fp32_bytes, int8_bytes = files[0].bytes, files[1].bytes
-        quantization = {
-            "scheme": X86_SCHEME if x86_only else SCHEME,
-            "grid": qcfg.grid,
-            "opset": INT8_OPSET,
-            "qat_run": f"qat/{qat_dir.name}",  # relative: bundles travel, machine paths stay home
-            "qat_config": portable_config(_plain(qcfg)),  # run_dir is a machine path
-            "files": {name: runtimes for name, runtimes in int8_files.items()},
-            "layers": table["layers"],
-            "mean_weight_bits": table["mean_weight_bits"],
-            "mean_activation_bits": table["mean_activation_bits"],
-            "mean_bits": table["mean_weight_bits"],  # what the stored model costs per weight
-            "fp32_file_bytes": fp32_bytes,
-            "int8_file_bytes": int8_bytes,
-            "int8_compression": fp32_bytes / int8_bytes,
-            **packed_bytes(table, model, graph),
-        }
-        qat_test = _test_metrics(qat_dir)
-        manifest = Manifest(
-            architecture=cfg.arch,
-            input_size=input_size,
-            threshold=threshold,
-            morphology=morphology,
-            files=files,
-            quantization=quantization,
-            metrics={"validation": checkpoint.get("validation", {}), "test": qat_test,
-                     "test_onnx": {"int8": test_int8},
-                     "float_run": {"threshold": float_checkpoint.get("threshold"),
-                                   "morphology": float_checkpoint.get("morphology"),
-                                   "validation": float_checkpoint.get("validation", {}),
-                                   "note": "model.fp32.onnx is the float run's model; the bundle's T* and "
-                                           "morphology are the QAT run's"},
-                     "parity": parity,
-                     "latency_ms": {"ort-cpu": {**{key: timing[key]["median_ms"] for key in timed},
-                                                "threads": EXPORT_TIMING_THREADS, "runs": timing["fp32"]["runs"],
-                                                "machine": f"{platform.machine()} {platform.processor()}".strip(),
-                                                "note": "measured at export, interleaved, batch 1"}},
-                     "tensorrt_problems": problems},
-            training_config=portable_config(cfg.to_dict()),
-            dataset=dataset_description(run_dir, cfg),
-        )
-        write_manifest(staging, manifest)
-    if write_run_metrics:
-        _add_onnx_test_metrics(qat_dir / "test_metrics_onnx.json", "int8", test_int8)
-    return out_dir, manifest
+def keep_passing(staging: Path, written: list[str], source: BundleSource, model,
+                 device: str) -> tuple[dict, list[str], dict[str, str]]:
+    """Judge each INT8 file `written` into `staging` on the parity frames (export/bundle/int8_parity.py); remove the ones
+    the gate refuses, with one line each on stderr. Returns (the manifest's parity entries, the files kept, {file
+    left out: why}); ParityError when none is kept."""
+    cfg = source.cfg
+    images, frames_from = parity_frames(source.run_dir, cfg)
+    references = model_references(as_deployed(model, cfg.flip_tta), images, resolve_device(device),
+                                  cfg.val_batch_size)
+    parity, refused = judge_files([staging / name for name in written], images, references, source.threshold,
+                                  source.morphology, frames_from)
+    for name, why in refused.items():
+        (staging / name).unlink()
+        print(f"{name} left out of the bundle: {why}", file=sys.stderr, flush=True)
+    kept = [name for name in written if name not in refused]
+    if not kept:
+        raise ParityError("no INT8 bundle: every INT8 file departs from the PyTorch fake-quant model by more than the "
+                          "model departs from itself: " + "; ".join(f"{name}: {why}" for name, why in refused.items()))
+    return parity, kept, refused
+
+
+def file_runtimes(kept: list[str]) -> dict[str, list[str]]:
+    """{file: the backends that run it} of the INT8 files kept. Both: each runtime its own form (INT8_FILES).
+    One: it serves every backend it can run on; ONNX Runtime runs either form on any provider (the TensorRT form
+    on x86 only slowly, which the export-time timing tells --precision auto), TensorRT only the signed one."""
+    if set(kept) == set(INT8_FILES):
+        return {name: list(INT8_FILES[name]) for name in kept}
+    (name,) = kept
+    return {name: INT8_FILES[TENSORRT_NAME] + ["ort-cpu"] if name == TENSORRT_NAME else X86_INT8_FILES[CPU_NAME]}
 
 
 def _save(model, path: Path) -> None:
@@ -338,36 +264,39 @@ def _add_onnx_test_metrics(path: Path, key: str, metrics: dict) -> None:
 
 
 def format_summary(bundle: Path, manifest: Manifest) -> str:
-    """What `nerveseg export --qat` and the pipeline print: parity of each INT8 file, sizes, test Dice, timing."""
+    """What `nerveseg export --qat` and the pipeline print: which INT8 files the bundle holds, each file's gate
+    figures against the model's own noise floor, the files left out and why, sizes, test Dice, timing."""
     q, m = manifest.quantization, manifest.metrics
-    lines = [f"INT8 bundle {bundle}: T* {manifest.threshold:.2f}, mean bits W {q['mean_weight_bits']:.2f} "
-             f"A {q['mean_activation_bits']:.2f}"]
-    int8_files = q.get("files", INT8_FILES)
-    for name in int8_files:
+    held = list(q.get("files", INT8_FILES))
+    lines = [f"INT8 bundle written: {bundle} holds {', '.join(held)} (+ {FP32_NAME}); T* {manifest.threshold:.2f}, "
+             f"mean bits W {q['mean_weight_bits']:.2f} A {q['mean_activation_bits']:.2f}"]
+    floor = m["parity"][FLOOR_KEY]
+    lines.append(f"  the fake-quant model against itself (float32 draws vs float64), on {floor['frames']} frames: "
+                 f"{_gate_figures(floor)}")
+    for name in held:
         p = m["parity"][name]
-        lines.append(f"  parity {name}: mask Dice {p['mask_dice']:.4f} (>= {p['min_mask_dice']:.4g}), max |dp| "
-                     f"{p['max_prob_diff']:.3f}, flipped pixels {p['flipped_fraction']:.2e}; against the fake-quant "
-                     f"model in float32 {p['against_float32']['mask_dice']:.4f}, in float64 "
-                     f"{p['against_float64']['mask_dice']:.4f}; reference level (ORT_DISABLE_ALL) "
-                     f"{p['reference_mask_dice']:.4f}")
-    own = m["parity"]["model_float32_vs_float64"]
-    lines.append(f"  the fake-quant model itself, float32 vs float64: mask Dice {own['mask_dice']:.4f}, "
-                 f"max |dp| {own['max_prob_diff']:.3f}")
-    held = [name for name in int8_files if m["parity"][name].get("bound_from_model")]
-    if held:
-        lines.append(f"  parity bound of {', '.join(held)}: the model's own agreement ({own['mask_dice']:.4f}), not "
-                     f"{m['parity'][held[0]]['project_min_mask_dice']} (--parity-bound-from-model)")
+        lines.append(f"  {name} kept, {p['gate']['worst_ratio']:.2f} of the gate's allowance: {_gate_figures(p)}")
+    for name, why in q.get("refused", {}).items():
+        lines.append(f"  {name} left out: {why}")
+    if q.get("grid") == "x86":
+        lines.append("  no TensorRT file (--grid x86: unsigned activations do not fit TensorRT's int8)")
     lines.append(f"  size: FP32 {q['fp32_file_bytes'] / 1e6:.2f} MB, INT8 file {q['int8_file_bytes'] / 1e6:.2f} MB "
                  f"({q['int8_compression']:.2f}x smaller), packed at learned bits {q['packed_bytes'] / 1e6:.2f} MB")
-    t = m["test_onnx"]["int8"]
-    lines.append(f"  test through {CPU_NAME} (ORT CPU): Dice {t['dice']:.4f} IoU {t['iou']:.4f} "
-                 f"PA {t['pixel_accuracy']:.4f} ({t['images']} frames)")
     lat = m["latency_ms"]["ort-cpu"]
+    cpu_file = lat.get("int8_file", CPU_NAME)
+    t = m["test_onnx"]["int8"]
+    lines.append(f"  test through {cpu_file} (ORT CPU): Dice {t['dice']:.4f} IoU {t['iou']:.4f} "
+                 f"PA {t['pixel_accuracy']:.4f} ({t['images']} frames)")
     tensorrt_form = (f", INT8 TensorRT form (s8) {lat['int8_tensorrt_form']:.1f} ms" if "int8_tensorrt_form" in lat
-                     else "; no TensorRT file (--grid x86)")
-    lines.append(f"  ORT CPU {lat['threads']} threads at export: FP32 {lat['fp32']:.1f} ms, INT8 ({CPU_NAME}) "
+                     else "")
+    lines.append(f"  ORT CPU {lat['threads']} threads at export: FP32 {lat['fp32']:.1f} ms, INT8 ({cpu_file}) "
                  f"{lat['int8']:.1f} ms{tensorrt_form}")
     return "\n".join(lines)
+
+
+def _gate_figures(p: dict) -> str:
+    return (f"flipped pixels {p['flipped_fraction']:.1e}, |dp| median {p['prob_diff_p50']:.1e} p99 "
+            f"{p['prob_diff_p99']:.1e} p99.9 {p['prob_diff_p99.9']:.1e} max {p['max_prob_diff']:.3f}")
 
 
 def print_problems(manifest: Manifest) -> None:

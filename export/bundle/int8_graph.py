@@ -174,13 +174,15 @@ class _Builder:
             self.initializers.append(tensor)
         return tensor.name
 
-    def activation_qdq(self, name: str, source: str, params, target: str, clip: bool = True) -> list:
+    def activation_qdq(self, name: str, source: str, params, target: str, clip: bool = True,
+                       unsigned: bool = False) -> list:
         """[Clip] -> Q -> DQ of quantizer `name` on `source`, the dequantized tensor written as `target`.
-        `clip=False` where the input is known to lie inside the b-bit range already."""
+        `clip=False` where the input is known to lie inside the b-bit range already. `unsigned`: the quantizer is on
+        the x86 grid (uint8, zero point 0); otherwise int8 with zero point 0, which also holds a tight grid's
+        [-z, 2^b - 1 - z] below 8 bits (qat FakeQuant.set_tight), the Clip keeping its b-bit range."""
         scale = np.float32(params.scale.detach().cpu().reshape(()).numpy())
         if not (np.isfinite(scale) and scale > 0):
             raise ValueError(f"{name}: activation scale {scale} is not positive and finite")
-        unsigned = params.qmin == 0  # the x86 grid (qat.prepare, grid="x86"): uint8, zero point 0
         full = (UINT8_QMIN, UINT8_QMAX) if unsigned else (INT8_QMIN, INT8_QMAX)
         if params.qmin < full[0] or params.qmax > full[1]:
             raise ValueError(f"{name}: integer range [{params.qmin}, {params.qmax}] does not fit "
@@ -276,7 +278,7 @@ def build_int8_model(model: nn.Module, input_size: tuple[int, int], work_path, f
                 renamed[node.output[0]] = node.input[0]
                 continue
             ordered += builder.activation_qdq(quantizer, node.input[0], quantizers[quantizer].export_params(),
-                                              node.output[0])
+                                              node.output[0], unsigned=quantizers[quantizer].unsigned)
             dequantized_by[node.output[0]] = quantizer
         elif node.op_type == "Conv":
             k, name, module = conv_of[id(node)]
@@ -299,7 +301,7 @@ def build_int8_model(model: nn.Module, input_size: tuple[int, int], work_path, f
             node.output[0] = f"{original}.float"
             ordered.append(node)
             ordered += builder.activation_qdq(quantizer, node.output[0], quantizers[quantizer].export_params(),
-                                              original, clip=False)
+                                              original, clip=False, unsigned=quantizers[quantizer].unsigned)
             dequantized_by[original] = quantizer
         else:
             ordered.append(node)
@@ -316,7 +318,7 @@ def build_int8_model(model: nn.Module, input_size: tuple[int, int], work_path, f
     cut = drop_dead_taps(graph_model)  # after the integers are in: the int8 kernels are cut, their scales kept
     if cut:
         report_cut("INT8 graph", input_size, cut)
-    graph_model.producer_name = "nerveseg export.int8"
+    graph_model.producer_name = "nerveseg export.bundle.int8"
     onnx.checker.check_model(graph_model)
     return graph_model
 

@@ -1,6 +1,6 @@
 """Where `nerveseg export --out` may write: a new (or empty) folder, or an existing nerveseg bundle.
 
-A bundle folder is replaced whole (by an atomic exchange, see `device_runtime.fileio.atomic_dir`), so anything
+A bundle folder is replaced whole (by an atomic exchange, see `device_runtime.core.fileio.atomic_dir`), so anything
 in it that is not part of a bundle would be deleted with it. Hence the rule: `--out` is refused when it is a
 file, a run folder, a dataset, the folder holding any of them, or any folder with something foreign in it;
 an existing bundle is replaced only when the caller says so (`--replace`).

@@ -13,9 +13,10 @@ from device_runtime.core.postprocess import Morphology, postprocess_batch, sigmo
 
 # Largest probability difference allowed between ONNX Runtime and PyTorch, per precision, and the least
 # mean Dice between the two sets of masks after threshold and morphology.
-# INT8: ONNX Runtime's fused integer kernels do not reproduce the QDQ reference bit for bit (it requantizes
-# inside QLinearConv), so only the final masks are held to a bound; the largest difference is reported.
-TOLERANCE = {"fp32": {"max_prob_diff": 1e-4, "mask_dice": 0.999}, "int8": {"mask_dice": 0.995}}
+# INT8 files are held to the fake-quant model's own noise floor instead (`tie_gate`).
+TOLERANCE = {"fp32": {"max_prob_diff": 1e-4, "mask_dice": 0.999}}
+# the quantiles of the probability error |dp| that `compare` reports and the INT8 gate holds (`tie_gate`)
+PROB_QUANTILES = (0.5, 0.9, 0.99, 0.999)
 OPTIMIZATION_LEVELS = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,  # what the device runtime runs
                        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}  # the QDQ reference: every op as written
 
@@ -34,38 +35,67 @@ def onnx_probabilities(onnx_path: str | Path, images: np.ndarray, batch_size: in
 
 
 def compare(reference_prob: np.ndarray, onnx_prob: np.ndarray, threshold: float, morphology: Morphology) -> dict:
-    """Largest and mean probability difference, and the mean Dice between the two sets of final masks."""
+    """How far `onnx_prob` departs from `reference_prob`, pooled over every pixel of every frame: the share of
+    pixels whose final label (threshold, then morphology) differs, the distribution of the probability error
+    |dp| (its `PROB_QUANTILES`, largest, mean), and the mean per-frame Dice between the two sets of final masks."""
     reference_masks = postprocess_batch(reference_prob, threshold, morphology)
     onnx_masks = postprocess_batch(onnx_prob, threshold, morphology)
     difference = np.abs(reference_prob.astype(np.float64) - onnx_prob)
+    quantiles = np.quantile(difference, PROB_QUANTILES)
     return {
         "frames": int(len(reference_prob)),
+        "pixels": int(difference.size),
         "max_prob_diff": float(difference.max()),
         "mean_prob_diff": float(difference.mean()),
+        **{quantile_key(q): float(value) for q, value in zip(PROB_QUANTILES, quantiles)},
         "mask_dice": float(metrics.dice(metrics.confusion_counts(onnx_masks, reference_masks))),
         "flipped_fraction": float(np.mean(reference_masks != onnx_masks)),  # pixels whose final label differs
     }
 
 
-def parity_failures(result: dict, precision: str, min_mask_dice: float | None = None,
-                    bound_source: str = "") -> list[str]:
-    """What `result` misses of the precision's tolerance (`min_mask_dice` in place of its mask bound where given;
-    `bound_source` says in the message where that bound came from, when the user did not type it)."""
-    limits = dict(TOLERANCE[precision], **({} if min_mask_dice is None else {"mask_dice": min_mask_dice}))
+def quantile_key(q: float) -> str:
+    """0.999 -> "prob_diff_p99.9": the manifest's name of a quantile of |dp|."""
+    return f"prob_diff_p{100 * q:g}"
+
+
+def parity_failures(result: dict, precision: str = "fp32") -> list[str]:
+    """What `result` misses of the precision's tolerance (`TOLERANCE`)."""
+    limits = TOLERANCE[precision]
     failures = []
-    if "max_prob_diff" in limits and result["max_prob_diff"] > limits["max_prob_diff"]:
+    if result["max_prob_diff"] > limits["max_prob_diff"]:
         failures.append(f"largest probability difference {result['max_prob_diff']:.2e} > {limits['max_prob_diff']:.0e}")
     if result["mask_dice"] < limits["mask_dice"]:
-        value, limit = distinct_digits(result["mask_dice"], limits["mask_dice"])
-        failures.append(f"mask Dice agreement {value} < {limit}" + (f" ({bound_source})" if bound_source else ""))
+        failures.append(f"mask Dice agreement {result['mask_dice']:.4f} < {limits['mask_dice']:.4f}")
     return failures
 
 
-def distinct_digits(value: float, limit: float) -> tuple[str, str]:
-    """Both numbers with 4 decimals, or as many more (up to 9) as it takes for the printed pair to differ: a bound
-    taken from the model's own agreement is a long float (0.99493...), and "0.9949 < 0.9949" explains nothing."""
-    for decimals in range(4, 10):
-        shown = f"{value:.{decimals}f}", f"{limit:.{decimals}f}"
-        if shown[0] != shown[1]:
-            break
-    return shown
+# THE INT8 GATE (docs/QUANTIZATION.md, "How the INT8 parity gate decides"). The fake-quant model rounds about 150
+# tensors; a value within float32 error of a rounding tie goes either way, and one flipped integer spreads through
+# every receptive field that reads it. So the model disagrees with itself: evaluated in float32 and in float64 (the
+# same grids), it gives different probabilities, and no runtime can be asked to be closer to it than that. A graph
+# that computes something else (a scale off by a factor, a missing clamp, a wrong zero point...) departs on every
+# frame, by far more. The gate measures both the same way, pooled over the parity frames, and allows each statistic
+# GATE_FACTOR times the model's own value plus a slack for what float32 kernels differ by without any tie.
+# Measured (docs): faithful graphs and one-ulp nudges of every scale reach at most ~1.8x the floor; every planted
+# fault at least ~10x (all layers) / ~2-40x (one layer).
+GATE_FACTOR = 3.0
+GATE_SLACK = {"flipped_fraction": 1e-3,  # about one small blob per 20 frames of 256x256 appearing or vanishing whole
+              **{quantile_key(q): 1e-4 for q in PROB_QUANTILES}}  # float32 kernels' own spread, no tie involved
+
+
+def tie_gate(result: dict, floor: dict) -> dict:
+    """The gate's verdict on one file: `result` = compare(reference, file) against the closer evaluation of the
+    fake-quant model, `floor` = compare(model in float64, model in float32) on the same frames.
+
+    Returns {"allowed": {statistic: GATE_FACTOR x floor + slack}, "ratio": {statistic: value / allowed},
+    "worst_ratio", "passed", "failures": [one phrase per statistic over its allowance]}."""
+    allowed = {key: GATE_FACTOR * floor[key] + slack for key, slack in GATE_SLACK.items()}
+    ratio = {key: result[key] / allowed[key] for key in allowed}
+    failures = [f"{_label(key)} {result[key]:.2g} > {GATE_FACTOR:g} x the model's own {floor[key]:.2g} + "
+                f"{GATE_SLACK[key]:g}" for key in allowed if ratio[key] > 1.0]
+    return {"allowed": allowed, "ratio": ratio, "worst_ratio": max(ratio.values()), "passed": not failures,
+            "failures": failures}
+
+
+def _label(key: str) -> str:
+    return "flipped pixels" if key == "flipped_fraction" else f"|dp| {key.removeprefix('prob_diff_')}"

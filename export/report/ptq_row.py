@@ -1,6 +1,6 @@
 """The report's PTQ row: ONNX Runtime's own quantize_static of the float graph, made once and kept in RUN/ptq/.
 
-`export.ptq.cached_ptq_of_run` (branch int8) quantizes with each calibration (MinMax, Percentile, Entropy) on
+`export.report.ptq.cached_ptq_of_run` (branch int8) quantizes with each calibration (MinMax, Percentile, Entropy) on
 training frames, picks the best by validation Dice, and caches the result in RUN/ptq/ptq.json keyed by the float
 graph's sha256 and the frame count; scripts/bench_int8.py shares the same folder, so the calibration (minutes on
 real data) runs once for both.

@@ -21,7 +21,7 @@ from device_runtime.core.manifest import MANIFEST_NAME, Manifest, load_manifest
 KINDS = ("float", "ptq", "uniform", "mixed", "learned")  # the report's row order
 UNIFORM_NAME = re.compile(r"^w(\d)a(\d)$")
 SWEEP_STATE = "sweep.json"  # RUN/sweep.json: written by `nerveseg sweep`, read here for commands and export errors
-PTQ_DIR = "ptq"  # RUN/ptq/: the ORT quantize_static baseline (see export/report_ptq.py)
+PTQ_DIR = "ptq"  # RUN/ptq/: the ORT quantize_static baseline (see export/report/ptq_row.py)
 CPU_BACKEND = "ort-cpu"  # the device runtime's name for ONNX Runtime's CPU provider
 
 
@@ -52,6 +52,7 @@ class Row:
     command: str = ""
     settings: dict = field(default_factory=dict)  # a QAT run's config.toml (grid, epochs, ...), for like-for-like pairs
     note: str = ""
+    export_status: str = ""  # QAT runs: "INT8 bundle", "INT8 export refused" (parity) or "not exported"
     layers: list = field(default_factory=list)  # bits.json "layers"
     sweep: dict | None = None  # threshold.json "sweep" (Dice etc. against T on validation)
     run_dir: Path | None = None
@@ -199,11 +200,13 @@ def qat_row(run_dir: Path, qat_dir: Path, names: list[str] | None, sweep_state: 
     manifest = load_bundle(bundle_dir)
     if manifest is None:
         row.note = state.get("export_error") or "not exported: scored as the fake-quant PyTorch model"
+        row.export_status = "INT8 export refused" if state.get("export_refused_for") else "not exported"
         if row.layers:  # weights at their learned bits, no scales: what a packed export would hold at least
             row.packed_bytes = int(round(sum(layer.get("live_params", layer["params"]) * layer["weight_bits"]
                                              for layer in row.layers) / 8))
         return row
     fill_from_bundle(row, manifest, bundle_dir)
+    row.export_status = "INT8 bundle"
     return row
 
 
@@ -274,7 +277,7 @@ def float_command(run_dir: Path, cfg) -> str:
 
 def ptq_row(run_dir: Path) -> Row | None:
     """ONNX Runtime's own quantize_static of the float graph, its best calibration, as RUN/ptq/ptq.json records it
-    (export.ptq.cached_ptq_of_run: {"key", "best", "graphs": {method: {"path", "validation", "test"}}, "failed"})."""
+    (export.report.ptq.cached_ptq_of_run: {"key", "best", "graphs": {method: {"path", "validation", "test"}}, "failed"})."""
     ptq_dir = run_dir / PTQ_DIR
     record = ptq_dir / "ptq.json"
     result = read_json(record)

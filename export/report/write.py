@@ -11,15 +11,13 @@ in one interleaved run, and writes RUN/report/:
                   order, so runs of several float models, e.g. the folds of `nerveseg cv-quant`, can be pooled),
                   plus the machine, libraries and dataset
 
-The folder is built aside and swapped in by renames (device_runtime.fileio.atomic_dir), so an existing report
+The folder is built aside and swapped in by renames (device_runtime.core.fileio.atomic_dir), so an existing report
 is replaced whole or not at all.
 """
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
 import io
 import json
 import math
@@ -37,49 +35,23 @@ from training.config import load_run_config
 from training.data.dataset import load_split
 from training.stages import split_arrays
 
-from ..bundle.latency import interleaved_latency
 from . import figures
-from .measure import onnx_test_scores
-from .ptq_row import ensure_ptq
+from .page import numbered, render_html, render_markdown
 from .rows import Row, float_row, ptq_row, qat_rows, sort_rows, uniform_curve
+from .ptq_row import ensure_ptq
+from ..bundle.latency import interleaved_latency
+from .measure import onnx_test_scores
 from .stats import LEVEL, mean_ci, paired_diff_ci
 
 REPORT_DIR = "report"
 LIBRARIES = ("torch", "torchvision", "onnx", "onnxruntime", "numpy", "opencv-python-headless", "matplotlib")
 
-# (key in results.csv/json, table header, how the table prints it)
-COLUMNS = [
-    ("name", "model", str),
-    ("kind", "kind", str),
-    ("status", "status", str),
-    ("scored_by", "scored by", str),
-    ("mean_weight_bits", "W bits", lambda v: f"{v:.2f}"),
-    ("mean_activation_bits", "A bits", lambda v: f"{v:.2f}"),
-    ("dice", "Dice", lambda v: f"{v:.4f}"),
-    ("dice_ci", "Dice 95 % CI", lambda v: f"[{v[0]:.3f}, {v[1]:.3f}]"),
-    ("delta_dice_vs_float", "ΔDice vs float", lambda v: f"{v:+.4f}"),
-    ("delta_ci", "Δ 95 % CI", lambda v: f"[{v[0]:+.3f}, {v[1]:+.3f}]"),
-    ("iou", "IoU", lambda v: f"{v:.4f}"),
-    ("pixel_accuracy", "PA", lambda v: f"{v:.4f}"),
-    ("pooled_dice", "pooled Dice", lambda v: f"{v:.4f}"),
-    ("test_frames", "frames", str),
-    ("threshold", "T*", lambda v: f"{v:.2f}"),
-    ("fp32_bytes", "FP32 MB", lambda v: f"{v / 1e6:.2f}"),
-    ("int8_bytes", "INT8 MB", lambda v: f"{v / 1e6:.2f}"),
-    ("packed_bytes", "packed MB", lambda v: f"{v / 1e6:.2f}"),
-    ("latency_ms", "latency ms", lambda v: f"{v:.1f}"),
-    ("parity_mask_dice", "parity mask Dice", lambda v: f"{v:.4f}"),
-    ("parity_max_prob_diff", "parity max |dp|", lambda v: f"{v:.1e}"),
-    ("parity_flip_fraction", "pixels flipped", lambda v: f"{v:.1e}"),
-    ("epochs", "epochs", str),
-    ("note", "note", str),
-]
 CSV_KEYS = ["name", "kind", "status", "scored_by", "mean_weight_bits", "mean_activation_bits", "dice", "dice_ci_low",
             "dice_ci_high", "delta_dice_vs_float", "delta_ci_low", "delta_ci_high", "iou", "pixel_accuracy",
             "pooled_dice", "test_frames", "threshold", "fp32_bytes", "int8_bytes", "packed_bytes", "latency_ms",
             "latency_threads", "parity_mask_dice", "parity_max_prob_diff", "parity_flip_fraction", "epochs",
-            "command", "note"]
-FLIP_KEYS = ("flipped_fraction",)  # export.parity.compare: share of pixels whose final label differs
+            "export_status", "command", "note"]
+FLIP_KEYS = ("flipped_fraction",)  # export.bundle.parity.compare: share of pixels whose final label differs
 
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -173,7 +145,8 @@ def row_record(row: Row, threads: int) -> dict:
         "int8_bytes": row.int8_bytes, "packed_bytes": row.packed_bytes, "latency_ms": row.latency_ms,
         "latency_threads": threads if row.latency_ms is not None else None,
         "parity_mask_dice": row.parity.get("mask_dice"), "parity_max_prob_diff": row.parity.get("max_prob_diff"),
-        "parity_flip_fraction": flip, "epochs": row.epochs, "command": row.command, "note": row.note,
+        "parity_flip_fraction": flip, "epochs": row.epochs, "export_status": row.export_status,
+        "command": row.command, "note": row.note,
     }
     return {k: _plain(v) for k, v in record.items()}
 
@@ -299,30 +272,6 @@ def dataset(run_dir: Path, cfg) -> dict:
 # ------------------------------------------------------------------------------------------------ writers
 
 
-def _cell(row_values: dict, key: str, fmt) -> str:
-    value = row_values.get(key)
-    if value is None or value == "":
-        return "–"
-    return fmt(value)
-
-
-def table_cells(rows: list[Row], threads: int) -> tuple[list[str], list[list[str]]]:
-    headers = [header for _, header, _ in COLUMNS]
-    body = []
-    for row in rows:
-        record = row_record(row, threads)
-        record["dice_ci"], record["delta_ci"] = row.dice_ci, row.delta_ci
-        body.append([_cell(record, key, fmt) for key, _, fmt in COLUMNS])
-    return headers, body
-
-
-def markdown_table(headers: list[str], body: list[list[str]]) -> str:
-    def line(cells):
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-
-    return "\n".join([line(headers), line(["---"] * len(headers))] + [line(cells) for cells in body])
-
-
 def results_csv(records: list[dict]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_KEYS, lineterminator="\n")
@@ -333,74 +282,23 @@ def results_csv(records: list[dict]) -> str:
 
 
 def make_figures(rows: list[Row], threads: int) -> list[tuple[str, str, bytes]]:
-    """(file name, caption, PNG bytes) of every figure that has something to show."""
+    """(file name, caption, PNG bytes) of every figure that has something to show; points numbered as the rows."""
+    numbers = numbered(rows)
     made = [
-        ("dice_vs_bits.png", "Test Dice against mean weight bits (uniform curve, learned points, ORT PTQ, float line; "
-                             "bootstrap 95 % intervals)", figures.dice_vs_bits(rows)),
-        ("dice_vs_size.png", "Test Dice against packed model size", figures.dice_vs_size(rows)),
+        ("dice_vs_bits.png", "Test Dice against mean weight bits (uniform curve through one run per bitwidth, learned "
+                             "points, ORT PTQ, float line; bootstrap 95 % intervals)",
+         figures.dice_vs_bits(rows, numbers)),
+        ("dice_vs_size.png", "Test Dice against packed model size", figures.dice_vs_size(rows, numbers)),
         ("dice_vs_latency.png", f"Test Dice against ONNX Runtime CPU latency ({threads} threads)",
-         figures.dice_vs_latency(rows, threads)),
+         figures.dice_vs_latency(rows, threads, numbers)),
         ("threshold_curves.png", "Validation Dice against threshold: float, W8A8 and learned runs",
          figures.threshold_curves(rows)),
     ]
     for row in rows:
         if row.kind == "learned":
-            made.append((f"bits_{row.name}.png", f"Per-layer bits of {row.name}", figures.layer_bits(row)))
+            made.append((f"bits_{row.name}.png", f"Bits per layer of {row.name} (#{numbers[row.name]})",
+                         figures.layer_bits(row)))
     return [(name, caption, png) for name, caption, png in made if png is not None]
-
-
-def _html_table(headers, body) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    lines = ["".join(f"<td>{html.escape(c)}</td>" for c in cells) for cells in body]
-    return f"<table><thead><tr>{head}</tr></thead><tbody>" + "".join(f"<tr>{x}</tr>" for x in lines) + "</tbody></table>"
-
-
-CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1500px}
-table{border-collapse:collapse;font-size:12px;margin:1em 0}th,td{border:1px solid #bbb;padding:3px 6px;text-align:right}
-th{background:#eee;position:sticky;top:0}td:first-child,td:nth-child(2),td:nth-child(3),td:nth-child(4),td:last-child{text-align:left}
-.figs{display:flex;flex-wrap:wrap;gap:1em}figure{margin:0;flex:0 1 calc(50% - 1em)}figure.wide{flex-basis:100%}
-figcaption{font-size:13px;color:#444}img{max-width:100%;border:1px solid #ddd}
-code{font-size:12px;background:#f4f4f4;padding:1px 3px}td:last-child{min-width:340px}li{margin:.25em 0}"""
-
-
-def render_html(title: str, headers, body, figs, check_lines, notes, commands, env, data) -> str:
-    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
-    if notes:
-        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
-    parts.append("<h2>Results (test split, as deployed)</h2>" + _html_table(headers, body))
-    if check_lines:
-        parts.append("<h2>Checks</h2><ul>" + "".join(f"<li>{html.escape(c)}</li>" for c in check_lines) + "</ul>")
-    parts.append("<h2>Figures</h2><div class='figs'>")
-    for name, caption, png in figs:
-        data64 = base64.b64encode(png).decode("ascii")
-        wide = " class='wide'" if name.startswith("bits_") else ""  # a bar pair per layer needs the width
-        parts.append(f"<figure{wide}><img alt='{html.escape(caption)}' src='data:image/png;base64,{data64}'>"
-                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    parts.append("</div>")
-    parts.append("<h2>How each row was made</h2><ul>"
-                 + "".join(f"<li><b>{html.escape(n)}</b>: <code>{html.escape(c)}</code></li>" for n, c in commands)
-                 + "</ul>")
-    parts.append("<h2>Machine, libraries, data</h2><pre>" + html.escape(json.dumps({"machine": env, "dataset": data},
-                                                                                     indent=2)) + "</pre>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
-
-
-def render_markdown(title, headers, body, figs, check_lines, notes, commands, env, data) -> str:
-    lines = [f"# {title}", ""]
-    if notes:
-        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
-    lines += ["## Results (test split, as deployed)", "", markdown_table(headers, body), ""]
-    if check_lines:
-        lines += ["## Checks", ""] + [f"- {c}" for c in check_lines] + [""]
-    lines += ["## Figures", ""]
-    for name, caption, _ in figs:
-        lines += [f"![{caption}](figures/{name})", "", f"*{caption}*", ""]
-    lines += ["## How each row was made", ""] + [f"- **{n}**: `{c}`" for n, c in commands] + [""]
-    lines += ["## Machine, libraries, data", "", "```json", json.dumps({"machine": env, "dataset": data}, indent=2),
-              "```", ""]
-    return "\n".join(lines)
 
 
 def write_report(run_dir: str | Path, threads: int = 2, latency_runs: int = 50, make_ptq: bool = True) -> Path:
@@ -409,19 +307,21 @@ def write_report(run_dir: str | Path, threads: int = 2, latency_runs: int = 50, 
     rows, context = collect(run_dir, threads, latency_runs, make_ptq)
     cfg = context["cfg"]
     env, data = environment(threads), dataset(run_dir, cfg)
-    headers, body = table_cells(rows, threads)
+    numbers = numbered(rows)
     records = [row_record(r, threads) for r in rows]
+    shown = [{**record, "number": numbers[row.name]} for row, record in zip(rows, records)]
     figs = make_figures(rows, threads)
     check_lines = checks(rows)
     notes = list(context["notes"])
     notes.append(f"Dice, IoU, PA: mean over {context['test_frames']} test frames at each model's own T* and morphology; "
                  f"95 % intervals by bootstrap over frames ({int(LEVEL * 100)} %, paired for differences). Latency: "
                  f"median of {latency_runs} batch-1 runs on ONNX Runtime CPU with {threads} intra-op threads, all "
-                 "models interleaved in one run. 'fake-quant' rows were scored as the PyTorch fake-quant model.")
+                 "models interleaved in one run. Rows scored through ONNX Runtime ran the graph the device runs; "
+                 "'fake-quant' rows (no INT8 bundle) were scored as the PyTorch fake-quant model.")
     commands = [(r.name, r.command) for r in rows if r.command]
     title = f"nerveseg accuracy vs bitwidth: {run_dir.name} ({cfg.recipe} recipe, {cfg.arch})"
-    page = render_html(title, headers, body, figs, check_lines, notes, commands, env, data)
-    markdown = render_markdown(title, headers, body, figs, check_lines, notes, commands, env, data)
+    page = render_html(title, shown, figs, check_lines, notes, commands, env, data)
+    markdown = render_markdown(title, shown, figs, check_lines, notes, commands, env, data)
     results = {"run_dir": str(run_dir), "machine": env, "dataset": data, "notes": notes, "checks": check_lines,
                "test_names": context["test_names"],
                "rows": [dict(record, per_image_dice=None if row.per_image is None else row.per_image.tolist())

@@ -196,7 +196,7 @@ def format_markdown(cfg: TrainConfig, folds: list[dict], summary: dict, k: int, 
 
 def plot_cv(folds: list[dict], summary: dict, path: Path, title: str) -> None:
     """cv.png: each fold's test metrics as points, the mean +- sd as a bar with an error line."""
-    from matplotlib.figure import Figure  # a bare Figure: no pyplot state (see training/tune.py)
+    from matplotlib.figure import Figure  # a bare Figure: no pyplot state (see training/evaluation/tune.py)
 
     fig = Figure(figsize=(7, 4.2), dpi=120)
     ax = fig.add_subplot()

@@ -135,8 +135,7 @@ def format_markdown(cv_dir: Path, records: list[dict], folds: int, threads: int)
 
 
 def run_cv_quant(cv_dir: str | Path, bits: list[str], learned: list[str], target_bits: list[str], grid: str,
-                 epochs: int | None, device: str, threads: int, latency_runs: int, bound_from_model: bool,
-                 command: str) -> dict:
+                 epochs: int | None, device: str, threads: int, latency_runs: int, command: str) -> dict:
     """Sweep every finished fold (resuming what is done), then pool; returns cv_quant.json's content."""
     from .sweep import plan, run_sweep
 
@@ -148,7 +147,7 @@ def run_cv_quant(cv_dir: str | Path, bits: list[str], learned: list[str], target
     for index, fold_dir in enumerate(folds, start=1):
         print(f"cv-quant: fold {index}/{len(folds)}: {fold_dir}", flush=True)
         run_sweep(fold_dir, bits, learned, target_bits, epochs, device, threads, latency_runs,
-                  command=f"{command}  (fold {fold_dir.name})", bound_from_model=bound_from_model, grid=grid)
+                  command=f"{command}  (fold {fold_dir.name})", grid=grid)
         results.append(read_fold_results(fold_dir))
     records = pool(results)
     out = {"cv_dir": str(cv_dir), "folds": [p.name for p in folds], "command": command, "threads": threads,

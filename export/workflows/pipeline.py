@@ -7,14 +7,17 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from qat.config import build_qat_config
+from device_runtime.core.manifest import MANIFEST_NAME, load_manifest
+from qat.config import build_qat_config, load_qat_config
 from qat.run import format_summary, run_qat
 from training import stages, train
 from training.config import TrainConfig
 
+from ..bundle.writer import ParityError, export_bundle
 from ..bundle.int8 import export_int8_bundle
 from ..bundle.int8 import format_summary as format_int8
-from ..bundle.writer import ParityError, export_bundle
+from ..report.rows import SWEEP_STATE, read_json
+from .sweep import SweepState, refusal_key
 
 
 # The learned-bits run the pipeline shows: weight bits learned per layer from a 4-bit start, the mean held at 4
@@ -26,6 +29,13 @@ from ..bundle.writer import ParityError, export_bundle
 # W4A8 as the fixed-bits run with the learned run's activations and nearest mean weight bits.
 PIPELINE_LEARNED = {"bits": "learned-a8", "initial_bits": 4, "target_bits": 4.0, "name": "learned-a8-i4-t4"}
 PIPELINE_UNIFORM = ("8", "W4A8")
+
+
+def pipeline_runs() -> list[str]:
+    """The QAT runs the pipeline makes and exports to INT8: the learned-bits run, then PIPELINE_UNIFORM's."""
+    from .sweep import plan
+
+    return [PIPELINE_LEARNED["name"]] + [job.name for job in plan(list(PIPELINE_UNIFORM), [], [])]
 
 
 def format_table(threshold: dict, test: dict, test_onnx: dict) -> str:
@@ -59,6 +69,7 @@ def run_pipeline(cfg: TrainConfig, resume: bool = False, qat_epochs: int | None 
     print(f"bundle: {bundle_dir}   ({time.perf_counter() - start:.0f} s in all: float stages "
           f"{float_seconds:.0f} s, QAT {time.perf_counter() - start - float_seconds:.0f} s)")
     report_stage(run_dir, cfg, qat_epochs)
+    print(int8_bundles_summary(run_dir))
     print(f"({time.perf_counter() - start:.0f} s in all, report included)")
     return bundle_dir
 
@@ -78,19 +89,44 @@ def report_stage(run_dir: Path, cfg: TrainConfig, qat_epochs: int | None = None)
 
 def run_qat_stage(cfg: TrainConfig, run_dir: Path, resume: bool, epochs: int | None = None) -> Path:
     """QAT with learned weight bits (PIPELINE_LEARNED) on the recipe's [qat] schedule (RUN/qat/learned-a8-i4-t4;
-    `epochs` overrides its length); resumed when it was started."""
+    `epochs` overrides its length); resumed when it was started, on its own schedule unless `epochs` is given
+    (a run made with --qat-epochs 2 is not stretched to the recipe's 3 by a --resume without it)."""
+    qat_dir = Path(run_dir) / "qat" / PIPELINE_LEARNED["name"]
+    started = (qat_dir / "checkpoints" / "last.pt").is_file()
+    if resume and started and epochs is None:
+        epochs = load_qat_config(qat_dir / "config.toml").epochs
     qcfg = build_qat_config(cfg.recipe, run_dir=str(run_dir), device=cfg.device, epochs=epochs, **PIPELINE_LEARNED)
-    started = (qcfg.qat_dir / "checkpoints" / "last.pt").is_file()
     return run_qat(qcfg, resume=resume and started)
 
 
 def int8_stage(run_dir: Path, qat_dir: Path, device: str, replace: bool = False) -> str:
-    """The QAT run as an INT8 bundle (RUN/qat/NAME/bundle); its summary, or the one line saying why ONNX
-    Runtime's INT8 graph was refused (parity below the bound: no INT8 bundle, the float bundle stands)."""
+    """The QAT run as an INT8 bundle (RUN/qat/NAME/bundle); its summary, or the one line saying why no INT8 file
+    passed the gate (no INT8 bundle, the float bundle stands; recorded in RUN/sweep.json as the sweep records its
+    own refusals, so the report stage does not export it again)."""
     try:
         bundle, manifest = export_int8_bundle(run_dir, qat_dir.name, device=device, replace=replace)
     except ParityError as err:
-        return f"INT8 bundle refused: {err}"
+        SweepState(run_dir, f"nerveseg pipeline --run-dir {run_dir}").update(
+            qat_dir.name, export_error=f"not exported: {err}", export_refused_for=refusal_key(qat_dir))
+        return f"no INT8 bundle for {qat_dir.name}: {err}"
     return format_int8(bundle, manifest)
+
+
+def int8_bundles_summary(run_dir: Path) -> str:
+    """One line per QAT run of the pipeline: the INT8 bundle written, where, and which INT8 files it holds (and
+    which the gate left out); or that none was written, and why (RUN/sweep.json)."""
+    state = (read_json(run_dir / SWEEP_STATE) or {}).get("runs", {})
+    lines = ["INT8 bundles:"]
+    for qat_dir in sorted(p for p in (run_dir / "qat").glob("*") if p.is_dir() and not p.name.startswith(".")):
+        bundle = qat_dir / "bundle"
+        if not (bundle / MANIFEST_NAME).is_file():
+            why = state.get(qat_dir.name, {}).get("export_error") or "not exported"
+            lines.append(f"  {qat_dir.name:<18} NO INT8 bundle ({why.removeprefix('not exported: ')})")
+            continue
+        manifest = load_manifest(bundle, verify=False)
+        held = [f.path for f in manifest.files if f.precision == "int8"]
+        left_out = "".join(f"; {name} left out ({why})" for name, why in manifest.quantization.get("refused", {}).items())
+        lines.append(f"  {qat_dir.name:<18} INT8 bundle written: {bundle} ({', '.join(held)}){left_out}")
+    return "\n".join(lines)
 
 

@@ -175,40 +175,61 @@ def train_job(run_dir: Path, job: Job, qcfg, epochs: int | None, state: SweepSta
     state.update(job.name, status="finished", seconds=round(time.perf_counter() - start, 1))
 
 
-def refusal_key(qat_dir: Path, bound_from_model: bool) -> str:
-    """What a parity refusal depends on: the QAT checkpoint (its size and time) and which bound judged it."""
+# the rule that judged a refusal: refusals by an earlier rule (the 0.995 mask-Dice bound, "fixed bound" / "model
+# bound" in older sweep.json files) are retried under this one
+GATE_RULE = "noise-floor gate"
+
+
+def refusal_key(qat_dir: Path) -> str:
+    """What a parity refusal depends on: the QAT checkpoint (its size and time) and the rule that judged it."""
     stat = (qat_dir / "checkpoints" / "best.pt").stat()
-    return f"{stat.st_size}:{stat.st_mtime_ns}:{'model' if bound_from_model else 'fixed'} bound"
+    return f"{stat.st_size}:{stat.st_mtime_ns}:{GATE_RULE}"
 
 
-def export_finished(run_dir: Path, device: str, state: SweepState, bound_from_model: bool = False) -> None:
+def export_finished(run_dir: Path, device: str, state: SweepState) -> None:
     """INT8 bundle of every finished QAT run that has none; an export the exporter refuses is recorded, not fatal.
-    `bound_from_model`: `nerveseg export --parity-bound-from-model` for each.
 
-    A parity refusal is deterministic (the same checkpoint, the same bound, the same integers): it is remembered
-    in sweep.json and not retried by the next sweep or cv-quant (each retry is an export and a parity run); a
-    changed checkpoint or the other bound tries again. Other refusals (a missing file, say) are retried."""
-    from ..bundle.int8 import export_int8_bundle
+    A parity refusal (no INT8 file passed the gate) is deterministic (the same checkpoint, the same rule, the same
+    integers): it is remembered in sweep.json and not retried by the next sweep or cv-quant (each retry is an
+    export and a parity run); a changed checkpoint or another rule tries again. Other refusals (a missing file,
+    say) are retried."""
     from ..bundle.writer import ParityError
+    from ..bundle.int8 import export_int8_bundle
 
     for qat_dir in sorted(p for p in (run_dir / "qat").glob("*") if p.is_dir() and not p.name.startswith(".")):
         if not is_finished(qat_dir) or (qat_dir / "bundle" / "manifest.json").is_file():
             continue
-        key = refusal_key(qat_dir, bound_from_model)
+        key = refusal_key(qat_dir)
         earlier = state.data["runs"].get(qat_dir.name, {})
         if earlier.get("export_refused_for") == key:
-            print(f"sweep: {qat_dir.name} not exported (refused earlier, same checkpoint and bound; not retried): "
+            print(f"sweep: {qat_dir.name} not exported (refused earlier, same checkpoint and rule; not retried): "
                   f"{earlier.get('export_error', '')}", file=sys.stderr)
             continue
         print(f"sweep: exporting {qat_dir.name} to INT8")
         try:
-            bundle, _ = export_int8_bundle(run_dir, qat_dir.name, device=device, bound_from_model=bound_from_model)
-        except InputError as err:  # e.g. parity below the exporter's limit: the run stays, scored as fake-quant
+            bundle, manifest = export_int8_bundle(run_dir, qat_dir.name, device=device)
+        except InputError as err:  # e.g. no INT8 file passed the gate: the run stays, scored as fake-quant
             print(f"sweep: {qat_dir.name} not exported: {err}", file=sys.stderr)
             state.update(qat_dir.name, export_error=f"not exported: {err}",
                          export_refused_for=key if isinstance(err, ParityError) else None)
             continue
-        state.update(qat_dir.name, export_error=None, export_refused_for=None, bundle=str(bundle))
+        state.update(qat_dir.name, export_error=None, export_refused_for=None, bundle=str(bundle),
+                     left_out=manifest.quantization.get("refused", {}))  # INT8 files the gate left out, and why
+
+
+def refused_exports(run_dir: Path, names: list[str]) -> dict[str, str]:
+    """{name: why} for the finished QAT runs among `names` left without an INT8 bundle: their exports were
+    refused (the reason as sweep.json recorded it, when it did)."""
+    runs = (read_json(Path(run_dir) / SWEEP_STATE) or {}).get("runs", {})
+    return {name: runs.get(name, {}).get("export_error") or "no INT8 bundle"
+            for name in names if is_finished(Path(run_dir) / "qat" / name)
+            and not (Path(run_dir) / "qat" / name / "bundle" / "manifest.json").is_file()}
+
+
+def refusal_line(refused: dict[str, str], attempted: int) -> str:
+    """The last line of a sweep or pipeline whose INT8 exports were not all written."""
+    return (f"incomplete: {len(refused)} of {attempted} INT8 exports refused ({', '.join(refused)}): no INT8 bundle "
+            "written for them; their report rows are the fake-quant model; reasons above and in sweep.json")
 
 
 def ensure_float_bundle(run_dir: Path, device: str) -> None:
@@ -224,11 +245,11 @@ def ensure_float_bundle(run_dir: Path, device: str) -> None:
 
 def run_sweep(run_dir: str | Path, bits: list[str], learned: list[str], target_bits: list[str] | None = None,
               epochs: int | None = None, device: str = "auto", threads: int = 2, latency_runs: int = 50,
-              command: str | None = None, bound_from_model: bool = False, grid: str = "tensorrt") -> Path:
+              command: str | None = None, grid: str = "tensorrt") -> Path:
     """Train (or resume, or skip) every run, export each, make the PTQ baseline, write the report; returns
     the report folder."""
-    from ..report.ptq_row import ensure_ptq
     from ..report.write import write_report
+    from ..report.ptq_row import ensure_ptq
     from training.config import load_run_config
     from training.stages import best_checkpoint
 
@@ -249,6 +270,6 @@ def run_sweep(run_dir: str | Path, bits: list[str], learned: list[str], target_b
     for index, (job, qcfg) in enumerate(zip(jobs, configs), 1):
         print(f"sweep: run {index}/{len(jobs)}", flush=True)
         train_job(run_dir, job, qcfg, epochs, state)
-    export_finished(run_dir, device, state, bound_from_model)
+    export_finished(run_dir, device, state)
     ensure_ptq(run_dir)
     return write_report(run_dir, threads, latency_runs, make_ptq=False)

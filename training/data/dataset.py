@@ -233,7 +233,7 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
 
     Palette PNGs (LabelMe, usgra-seg) give their palette indices (0 bg, 1 nerve, 2 vessel...), not the
     colours that OpenCV would expand them to; other colour masks are read only when grey (equal channels),
-    and refused otherwise (training/mask_colour.py), never turned into luminance.
+    and refused otherwise (training/data/mask_colour.py), never turned into luminance.
 
     Returns:
         (H, W) array in the stored dtype.

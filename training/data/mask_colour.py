@@ -4,7 +4,7 @@ Rule: a mask stored with colour channels (RGB/BGR, with or without alpha) is rea
 colour channels are equal at every pixel (a grey mask saved as RGB); the value of any channel is the label.
 Any other colour mask is refused, naming the file: a weighted grey of (0, 255, 0) and of (255, 0, 0) differ, so a
 nerve painted in colour would silently become another label, or background. Palette PNGs (LabelMe, usgra-seg)
-are not colour masks: their palette indices are the labels (`training.data.read_mask` reads them with Pillow).
+are not colour masks: their palette indices are the labels (`training.data.dataset.read_mask` reads them with Pillow).
 """
 
 from __future__ import annotations

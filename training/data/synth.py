@@ -76,7 +76,7 @@ def _fascicles(rng: np.random.Generator) -> np.ndarray:
     return np.array(found, np.float32).reshape(-1, 3)
 
 
-def _make_subject(rng: np.random.Generator, size: tuple[int, int]) -> _Subject:
+def make_subject(rng: np.random.Generator, size: tuple[int, int]) -> _Subject:
     """One subject's anatomy: texture, fascia, nerves, vessels and blobs placed apart from each other."""
     h, w = size
     s = min(h, w)
@@ -128,7 +128,8 @@ def _ellipse(cy, cx, ry, rx, angle, shape) -> tuple[tuple[slice, slice], np.ndar
 
 def _draw_nerve(refl: np.ndarray, mask: np.ndarray, nerve: dict, dy: float, dx: float, rng) -> None:
     """Paint one nerve into `refl` and its filled outline into `mask`, in place."""
-    scale, turn = rng.uniform(0.95, 1.05), rng.normal(0, 3)  # the probe rocks a little between frames
+    # the probe rocks a little between frames; without an rng the nerve is drawn as it lies (a still scene)
+    scale, turn = (rng.uniform(0.95, 1.05), rng.normal(0, 3)) if rng is not None else (1.0, 0.0)
     box, u, v = _ellipse(nerve["cy"] + dy, nerve["cx"] + dx, nerve["ry"] * scale, nerve["rx"] * scale,
                          nerve["angle"] + turn, refl.shape)
     theta = np.arctan2(v, u)
@@ -148,9 +149,27 @@ def _draw_nerve(refl: np.ndarray, mask: np.ndarray, nerve: dict, dy: float, dx: 
 
 def _render(subject: _Subject, rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """One frame of a subject: (H, W) uint8 image and (H, W) uint8 0/1 mask."""
+    s, m = min(size), subject.margin
+    dy, dx = np.clip(rng.normal(0, 0.015 * s, 2), -m, m)  # probe motion; the skin stays under the probe
+    refl, mask = anatomy(subject, size, dy, dx, rng)
+    return render_image(refl, subject, rng), mask
+
+
+def skin_line(height: int, scale: int) -> np.ndarray:
+    """(height, 1) reflectivity of the skin line at the top of a frame whose shorter side is `scale` pixels."""
+    yy = np.arange(height, dtype=np.float32)[:, None]
+    return 0.9 * np.exp(-((yy / (0.025 * scale)) ** 2))
+
+
+def anatomy(subject: _Subject, size: tuple[int, int], dy: float, dx: float, rng: np.random.Generator | None,
+             skin: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Reflectivity (with the vessels' posterior enhancement) and nerve mask of a subject seen from (dy, dx).
+
+    With an rng, nerves rock and now and then leave the imaging plane; without one the scene is drawn still
+    (`training.data.sequences` moves the probe over it). `skin`: draw the skin line at the top.
+    """
     h, w = size
     s, m = min(h, w), subject.margin
-    dy, dx = np.clip(rng.normal(0, 0.015 * s, 2), -m, m)  # probe motion; the skin stays under the probe
     oy, ox = int(round(m + dy)), int(round(m + dx))
     refl = subject.texture[oy:oy + h, ox:ox + w].copy()
     yy = np.arange(h, dtype=np.float32)[:, None]
@@ -158,13 +177,14 @@ def _render(subject: _Subject, rng: np.random.Generator, size: tuple[int, int]) 
     for depth, thick, amp, cycles, phase, bright in subject.bands:
         centre = depth + dy + amp * np.sin(2 * np.pi * cycles * xx / w + phase)
         refl += bright * np.exp(-(((yy - centre) / thick) ** 2))
-    refl = np.maximum(refl, 0.9 * np.exp(-((yy / (0.025 * s)) ** 2)))  # skin line
+    if skin:
+        refl = np.maximum(refl, skin_line(h, s))
     for cy, cx, ry, rx, angle, bright in subject.blobs:
         box, u, v = _ellipse(cy + dy, cx + dx, ry, rx, angle, (h, w))
         refl[box] += (bright - refl[box]) * np.clip((1 - np.hypot(u, v)) / 0.2, 0, 1)
     mask = np.zeros((h, w), bool)
     for nerve in subject.nerves:
-        if rng.random() >= NERVE_DROPOUT:
+        if rng is None or rng.random() >= NERVE_DROPOUT:
             _draw_nerve(refl, mask, nerve, dy, dx, rng)
     gain = np.ones((h, w), np.float32)
     for cy, cx, r, enhance in subject.vessels:
@@ -175,21 +195,38 @@ def _render(subject: _Subject, rng: np.random.Generator, size: tuple[int, int]) 
         lateral = np.clip(1 - np.abs(xx - cx) / r, 0, 1) ** 0.5
         below = np.where(yy > cy, np.exp(-(yy - cy - r) / (0.35 * h)), 0)
         gain *= 1 + enhance * lateral * np.minimum(below, 1)
-    return _image(refl * gain, subject, rng), mask.astype(np.uint8)
+    return refl * gain, mask.astype(np.uint8)
 
 
-def _image(refl: np.ndarray, subject: _Subject, rng: np.random.Generator) -> np.ndarray:
-    """Reflectivity -> displayed frame: attenuation, Rayleigh speckle, log compression, blur, 8 bit."""
+def speckle_field(white: np.ndarray) -> np.ndarray:
+    """(2, H, W) white complex Gaussian noise -> the field a transducer sees: blurred by its point spread,
+    lateral grain longer than axial (the grain is sized for the frame's shorter side at 256 pixels)."""
+    scale = min(white.shape[1:]) / 256
+    return np.stack([cv2.GaussianBlur(f, (0, 0), 1.6 * scale, sigmaY=0.9 * scale) for f in white])
+
+
+def speckle(field_: np.ndarray, contrast: float) -> np.ndarray:
+    """(2, H, W) field from `speckle_field` -> (H, W) multiplicative speckle of mean 1 and the given contrast.
+
+    The magnitude of a smoothed complex Gaussian field is Rayleigh distributed; `contrast` 1 = fully developed.
+    """
+    rayleigh = np.hypot(field_[0], field_[1])
+    return 1 + contrast * (rayleigh / float(rayleigh.mean()) - 1)
+
+
+def render_image(refl: np.ndarray, subject: _Subject, rng: np.random.Generator, field_: np.ndarray | None = None
+           ) -> np.ndarray:
+    """Reflectivity -> displayed frame: attenuation, Rayleigh speckle, log compression, blur, 8 bit.
+
+    `field_`: the (2, H, W) speckle field (`speckle_field`; a sequence correlates it over frames); None draws a
+    fresh one.
+    """
     h, w = refl.shape
     scale = min(h, w) / 256
-    # speckle: the magnitude of a smoothed complex Gaussian field is Rayleigh distributed; lateral grain is
-    # longer than axial, as with a real transducer
-    field_ = rng.standard_normal((2, h, w), dtype=np.float32)
-    re, im = (cv2.GaussianBlur(f, (0, 0), 1.6 * scale, sigmaY=0.9 * scale) for f in field_)
-    rayleigh = np.hypot(re, im)
-    speckle = 1 + subject.speckle * (rayleigh / float(rayleigh.mean()) - 1)
+    if field_ is None:
+        field_ = speckle_field(rng.standard_normal((2, h, w), dtype=np.float32))
     depth = np.arange(h, dtype=np.float32)[:, None] / h
-    signal = refl * np.exp(-subject.alpha * depth) * speckle * subject.gain
+    signal = refl * np.exp(-subject.alpha * depth) * speckle(field_, subject.speckle) * subject.gain
     shown = np.log1p(6 * np.clip(signal, 0, None)) / np.log1p(6)  # log compression, as scanners display
     shown = cv2.GaussianBlur(shown.astype(np.float32), (0, 0), 0.6 * scale)
     shown += 0.015 * rng.standard_normal(shown.shape, dtype=np.float32)
@@ -223,7 +260,7 @@ def generate_phantom(count: int, seed: int = 0, size: tuple[int, int] = (256, 25
     for i in range(count):
         subject_no, frame_no = divmod(i, frames_per_subject)
         if frame_no == 0:
-            subject = _make_subject(np.random.default_rng([seed, subject_no + 1]), size)
+            subject = make_subject(np.random.default_rng([seed, subject_no + 1]), size)
         images[i], masks[i] = _render(subject, np.random.default_rng([seed, subject_no + 1, frame_no + 1]), size)
         names.append(f"{subject_no + 1}_{frame_no + 1}")
     return images, masks, names
@@ -241,7 +278,7 @@ def write_phantom(out_dir: str | os.PathLike, count: int, seed: int = 0, size: t
     """
     out_dir = Path(out_dir)
     size = _check(count, seed, size, frames_per_subject)
-    record = {"generator": "training.synth.generate_phantom", "count": count, "seed": seed, "size": list(size),
+    record = {"generator": "training.data.synth.generate_phantom", "count": count, "seed": seed, "size": list(size),
               "frames_per_subject": frames_per_subject}
     try:
         if json.loads((out_dir / RECORD).read_text(encoding="utf-8")) == record:

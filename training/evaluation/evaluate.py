@@ -60,6 +60,27 @@ def _pick_rows(per_image_dice: np.ndarray) -> list[tuple[str, int]]:
     return rows
 
 
+def example_rows(per_image_dice: np.ndarray, masks: np.ndarray, preds: np.ndarray) -> tuple[list[tuple[str, int]], str]:
+    """The frames examples.png shows, and its caption. Best, median and worst are chosen among the frames with a
+    nerve: a frame without one scores Dice 1 whenever nothing is predicted there, which shows nothing; the
+    caption counts those frames (and how many of them stayed empty) instead.
+
+    Shape: per_image_dice (N,); masks, preds (N, H, W).
+    """
+    has_nerve = masks.reshape(len(masks), -1).any(axis=1)
+    with_nerve = np.flatnonzero(has_nerve)
+    empty = len(masks) - len(with_nerve)
+    if not len(with_nerve):  # nothing to choose among: all frames, as they are
+        return _pick_rows(per_image_dice), f"none of the {len(masks)} frames has a nerve"
+    rows = [(label, int(with_nerve[i])) for label, i in _pick_rows(per_image_dice[with_nerve])]
+    caption = f"best, median and worst of the {len(with_nerve)} frames with a nerve"
+    if empty:
+        clean = int((~preds[~has_nerve].reshape(empty, -1).any(axis=1)).sum())
+        caption += (f"; {empty} frame{'s' if empty > 1 else ''} without one (not shown): nothing predicted on "
+                    f"{clean} of {empty}")
+    return rows, caption
+
+
 def _outline(mask: np.ndarray, thickness: int) -> np.ndarray:
     """Inner boundary of a 0/1 mask, `thickness` pixels wide, as bool."""
     mask = mask.astype(np.uint8)
@@ -80,7 +101,7 @@ def _overlay(grey: np.ndarray, fill: np.ndarray | None, fill_colour, outline: np
 
 def plot_examples(images, masks, preds, per_image_dice, path: str | os.PathLike,
                   names: list[str] | None = None) -> None:
-    """examples.png: the best, median and worst frames by Dice, one row each.
+    """examples.png: the best, median and worst frames with a nerve by Dice, one row each (`example_rows`).
 
     Columns: the frame; the ground truth (green fill and outline); the prediction (magenta fill) with the
     ground-truth outline on top, so misses and false alarms are visible at a glance.
@@ -108,9 +129,10 @@ def plot_examples(images, masks, preds, per_image_dice, path: str | os.PathLike,
     # Same figure path as tune.plot_threshold_curve: a bare Figure, no pyplot state (see the comment there).
     from matplotlib.figure import Figure
 
-    rows = _pick_rows(per_image_dice)
+    rows, caption = example_rows(per_image_dice, masks, preds)
     thickness = max(1, images.shape[1] // 128)  # a 1-pixel line vanishes when 256 px are drawn at 3 inches
-    fig = Figure(figsize=(9, 3.1 * len(rows)), dpi=100)
+    fig = Figure(figsize=(9, 3.1 * len(rows) + 0.4), dpi=100)
+    fig.suptitle(caption, fontsize=10)
     axes = fig.subplots(len(rows), 3, squeeze=False)
     for (label, i), ax_row in zip(rows, axes):
         grey = np.clip(to_unit_float(images[i]), 0.0, 1.0).astype(np.float64)

@@ -1,0 +1,213 @@
+"""Which bits each quantizer trains at, epoch by epoch: the freeze of learned bits (with the weight and activation
+budgets), a uniform run's progressive lowering (`bit_schedule`), and the tensors held at 8 bits as fragile.
+
+Progressive lowering: a network quantized straight to 3 bits starts far from its float function; lowering the
+bits in stages (8 -> 6 -> 4 -> 3), each stage starting from the one before, keeps it near. Zhuang et al. 2018
+("Towards Effective Low-bitwidth Convolutional Neural Networks", CVPR: progressive quantization), and the
+incremental precision schedules of Fromm et al. 2018 / Jung et al. 2019 ("Learning to quantize deep networks by
+optimizing quantization intervals with task loss", CVPR). At each stage the steps are re-chosen for the new bits
+from the current model, as at the start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .bias_correction import correct_biases
+from .bits import cap_activation_bits_, cap_weight_bits_
+from .config import QatConfig
+from .prepare import activation_quantizers, initialise_steps, quant_convs
+from .quantizers import TIGHT_MAX_BITS, FakeQuant
+
+
+def bits_at(qcfg: QatConfig, epoch: int) -> int:
+    """The schedule's floor for 0-based `epoch`: 8 before its first entry, 0 (none) without a schedule."""
+    steps = qcfg.bit_schedule_steps
+    if not steps:
+        return 0
+    floor = 8
+    for start, bits in steps:
+        if epoch + 1 >= start:
+            floor = bits
+    return floor
+
+
+def cosine_phase(qcfg: QatConfig, epoch: int) -> tuple[int, int]:
+    """(epochs into the cosine, its length) for 0-based `epoch`: the whole run, or with a bit schedule the stage
+    the epoch is in, so that each stage starts at the full learning rate. Measured: with one cosine over a
+    3-epoch run (8, then 4, then 3 bits) the 3-bit stage got the cosine's tail (a quarter of the rate), could not
+    recover from the re-initialisation, and predicted nothing (the same 3 bits without a schedule: 0.62 test Dice)."""
+    starts = [0] + [start - 1 for start, _ in qcfg.bit_schedule_steps]
+    begin = max(s for s in starts if s <= epoch)
+    end = min([s for s in starts if s > epoch] + [qcfg.epochs])
+    return epoch - begin, end - begin
+
+
+def at_final_bits(qcfg: QatConfig, epoch: int) -> bool:
+    """Whether 0-based `epoch` trains at the bits the run deploys: learned bits frozen, a schedule at its end."""
+    if qcfg.bit_setting.learned:
+        return epoch >= qcfg.bit_epochs
+    steps = qcfg.bit_schedule_steps
+    return not steps or epoch + 1 >= steps[-1][0]
+
+
+class BitPlan:
+    """The quantizers a run lowers and their targets (built right after prepare, before any state is loaded).
+
+    Uniform runs: every weight quantizer to the run's weight bits, every activation quantizer prepared at the run's
+    activation bits to those (the fixed 8-bit ones stay). `hold` moves quantizers to 8 bits for good."""
+
+    def __init__(self, model: nn.Module, qcfg: QatConfig):
+        self.model, self.qcfg = model, qcfg
+        setting = qcfg.bit_setting
+        self.targets: dict[int, tuple[FakeQuant, int]] = {}
+        self.weight_owner = {id(conv.weight_quant): conv for _, conv in quant_convs(model)}
+        for _, conv in quant_convs(model):
+            self.targets[id(conv.weight_quant)] = (conv.weight_quant, setting.weight_bits)
+        for q in activation_quantizers(model):
+            if q.learns_bits or q.bits() < 8:
+                self.targets[id(q)] = (q, q.bits() if not q.learns_bits else setting.activation_bits)
+        self.held: set[int] = set()
+
+    def _frozen_at(self, q: FakeQuant, bits: int) -> None:
+        """Freeze q at `bits`; a weight quantizer's steps are re-chosen for them at once (an activation's need data)."""
+        q.freeze_bits(bits)
+        if q.per_channel:
+            q.init_from_tensor(self.weight_owner[id(q)].weight)
+
+    def hold(self, quantizers: Iterable[FakeQuant]) -> None:
+        """Keep these at 8 bits, signed, from now on (a tight grid cannot hold 8 bits in int8). Call before the
+        activation steps are initialised and before the optimiser is built (their bits no longer learn)."""
+        for q in quantizers:
+            with torch.no_grad():
+                q.negative_share.fill_(-1.0)
+            q.b_max = 8
+            self._frozen_at(q, 8)
+            self.held.add(id(q))
+
+    def lowered(self) -> list[tuple[FakeQuant, int]]:
+        return [(q, bits) for key, (q, bits) in self.targets.items() if key not in self.held]
+
+    def _set_floor(self, floor: int) -> list[FakeQuant]:
+        """Freeze every planned quantizer at max(floor, target) (tight ones at most 7); returns those that moved."""
+        moved = []
+        for q, target in self.lowered():
+            bits = max(floor, target)
+            if q.tight:
+                bits = min(bits, TIGHT_MAX_BITS)
+            if q.bits() != bits:
+                self._frozen_at(q, bits)
+                moved.append(q)
+        return moved
+
+    def start(self) -> None:
+        """Before the steps are first initialised: a scheduled run starts at its first floor (8 bits)."""
+        if self.qcfg.bit_schedule_steps:
+            self._set_floor(bits_at(self.qcfg, 0))
+
+    def begin_epoch(self, epoch: int, weights: dict[str, int] | None, elements: dict[str, int],
+                    observe: Callable[[], Iterable[torch.Tensor]], say: Callable[[str], None]) -> bool:
+        """What changes before 0-based `epoch` trains: the bits freeze (and are capped to the budgets), or the
+        schedule lowers them; the steps of every quantizer whose bits moved are re-chosen for its new bits.
+        Returns whether a schedule stage began (the caller then restarts the optimiser's moments: those of the
+        stage before describe another network; each stage of a progressive schedule starts afresh)."""
+        qcfg = self.qcfg
+        stage = False
+        if qcfg.bit_setting.learned:
+            moved = self._freeze(weights, elements, say) if epoch == qcfg.bit_epochs else []
+        elif qcfg.bit_schedule_steps and epoch > 0 and bits_at(qcfg, epoch) != bits_at(qcfg, epoch - 1):
+            moved, stage = self._set_floor(bits_at(qcfg, epoch)), True
+            say(f"bit schedule: epoch {epoch + 1} at {bits_at(qcfg, epoch)} bits (floor), {len(moved)} quantizers "
+                f"lowered, their steps re-initialised, the optimiser's moments restarted")
+        else:
+            moved = []
+        activations = list({id(q): q for q in moved if not q.per_channel}.values())
+        if activations:
+            initialise(self.model, qcfg, observe, only=activations)
+        elif moved and qcfg.bias_correction:  # weights alone moved: their biases still follow
+            correct_biases(self.model, list(observe()))
+        return stage
+
+    def _freeze(self, weights: dict[str, int] | None, elements: dict[str, int],
+                say: Callable[[str], None]) -> list[FakeQuant]:
+        """Learned runs: freeze every learning bitwidth, cap the means at their budgets; returns the activation
+        quantizers the cap lowered (their steps need data)."""
+        qcfg, model = self.qcfg, self.model
+        learning = [q for q, _ in self.lowered() if q.learns_bits]
+        allowed = {id(q) for q in learning}
+        for q in learning:
+            q.freeze_bits()
+        if qcfg.target_bits > 0:
+            taken = cap_weight_bits_(model, weights, qcfg.target_bits, allowed)
+            if taken:
+                say(f"bits frozen; mean weight bits capped at the target {qcfg.target_bits:g} by {len(taken)} "
+                    f"bit(s): " + ", ".join(f"{name} {b}->{c}" for name, b, c in taken))
+        if not qcfg.target_activation_bits > 0:
+            return []
+        taken = cap_activation_bits_(model, elements, qcfg.target_activation_bits, allowed)
+        if taken:  # often many: the count and the spread, bits.json has every layer
+            firsts = {name: b for name, b, _ in reversed(taken)}
+            lasts = {name: c for name, _, c in taken}
+            say(f"mean activation bits capped at the budget {qcfg.target_activation_bits:g} by {len(taken)} bit(s) "
+                f"over {len(lasts)} tensors (from {min(firsts.values())}-{max(firsts.values())} to "
+                f"{min(lasts.values())}-{max(lasts.values())} bits; bits.json lists them)")
+        by_reader = {name: conv.input_quant for name, conv in quant_convs(model)}
+        return [by_reader[name] for name, _, _ in taken]
+
+
+def initialise(model: nn.Module, qcfg: QatConfig, observe: Callable[[], Iterable[torch.Tensor]],
+               only: list[FakeQuant] | None = None) -> int:
+    """Set the activation steps from the observed training frames (all, or `only` these), then, with
+    `bias_correction`, the biases; returns the frames seen."""
+    seen = initialise_steps(model, observe(), qcfg.activation_percentile, qcfg.activation_init, only=only)
+    if qcfg.bias_correction:
+        correct_biases(model, list(observe()))
+    return seen
+
+
+def make_plan(model: nn.Module, qcfg: QatConfig, resume: bool, observe: Callable[[], Iterable[torch.Tensor]],
+              score: Callable[[nn.Module], float], say: Callable[[str], None]) -> BitPlan:
+    """The run's BitPlan, right after prepare. `hold_fragile` N: a new run ranks its planned quantizers by their
+    one-at-a-time drop of `score` (Dice on `fragile_frames` training frames) at the bits the run gives them (learned
+    runs: the budget, or 4) and holds the N largest drops above `fragile_min_drop` at 8 bits, writing fragile.json;
+    a resumed run reads that file back. Then a new run starts its schedule."""
+    from device_runtime.core.fileio import write_json
+
+    from .sensitivity import describe, observe as observe_float, rank_fragile
+
+    plan = BitPlan(model, qcfg)
+    path = qcfg.qat_dir / "fragile.json"
+    if qcfg.hold_fragile and resume:
+        names = {id(info.quantizer): info.name for info in describe(model)}
+        held = {row["name"] for row in _read_held(path)}
+        plan.hold(q for q, _ in plan.lowered() if names[id(q)] in held)
+    elif qcfg.hold_fragile:
+        learned_bits = round(qcfg.target_activation_bits or qcfg.target_bits or 4)
+        candidates = [(q, max(q.b_min, learned_bits) if qcfg.bit_setting.learned else bits)
+                      for q, bits in plan.lowered()]
+        seen = observe_float(model, observe(), qcfg.activation_percentile)
+        ranked = rank_fragile(model, candidates, score, seen, qcfg.activation_init, qcfg.activation_range == "tight")
+        held = [(info, bits, drop) for info, bits, drop in ranked[:qcfg.hold_fragile] if drop > qcfg.fragile_min_drop]
+        plan.hold(info.quantizer for info, _, _ in held)
+        rows = [{"name": info.name, "kind": info.kind, "bits": bits, "drop": round(drop, 5)} for info, bits, drop in ranked]
+        qcfg.qat_dir.mkdir(parents=True, exist_ok=True)
+        write_json(path, {"held": rows[:len(held)], "ranked": rows})
+        say(f"held at 8 bits as fragile ({len(held)}): " + ", ".join(f"{i.name} ({i.kind}, -{d:.3f})" for i, _, d in held))
+    if not resume:
+        plan.start()
+    return plan
+
+
+def _read_held(path) -> list[dict]:
+    """The rows of fragile.json's "held" list; a missing or unreadable file is one line."""
+    import json
+
+    from device_runtime.core.errors import InputError
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))["held"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InputError(f"{path}: cannot read the tensors held at 8 bits ({type(err).__name__}: {err})") from None

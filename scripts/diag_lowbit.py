@@ -1,0 +1,275 @@
+"""Why low-bit activations collapse: tables of per-tensor sensitivity, activation ranges, whole-model drift and a QAT
+run's trajectories (issue 33; docs/QUANTIZATION.md, "Low-bit activations").
+
+    PYTHONPATH=. python scripts/diag_lowbit.py --run-dir RUN [--qat NAME] [--tables sensitivity ranges drift
+        trajectory] [--variants 4:pct 3:pct 3:mse-tight] [--val-frames N] [--observe-frames 32] [--top 25]
+        [--json OUT]
+
+RUN is a tuned float run (checkpoints/best.pt). Everything is measured on its validation split, best-threshold Dice
+(the QAT log's val_best_dice), the model in eval mode with BatchNorm folded as QAT folds it.
+
+- sensitivity: one quantizer at a time at b bits, every other tensor float; the drop against the float model. A
+  variant is BITS:INIT[-tight]: INIT pct = the step QAT picks today (the activation_percentile of |x| at b bits,
+  signed grid), mse = the squared-error search; -tight = the integer range split as the data are (FakeQuant
+  .set_tight). Weights (per channel, the MSE clip QAT uses) are measured once per bitwidth.
+- ranges: each activation's float distribution on the observed training frames, the step the percentile rule
+  picks at 4 and 3 bits, the relative squared error (what readers see: through ReLU where they all apply it) of
+  that grid and of the MSE-tight one, and the share of non-zero values that round to zero.
+- drift: every quantizer at once at WbAb, no fine-tuning (pct signed, mse-tight, mse-tight with bias correction):
+  the Dice, and per convolution the shift of its output channels' means in units of their float standard
+  deviation (folded BatchNorm cannot re-normalise a shifted channel) and the ratio of standard deviations.
+- trajectory: RUN/qat/NAME/metrics.jsonl per epoch: losses, Dice, mean bits, and how far the steps moved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from device_runtime.core.errors import InputError
+from qat.bias_correction import conv_output_moments, correct_biases
+from qat.prepare import initialise_steps, prepare_qat
+from qat.quantizers import integer_range
+from device_runtime.core.fileio import write_json
+from qat.sensitivity import describe, observe, only_quantizers, relu_read_ids, sensitivity
+from qat.step_init import mse_activation_grid
+from training.checkpoint import load_model
+from training.stages import split_arrays
+from training.train import validate
+
+TABLES = ("sensitivity", "ranges", "drift", "trajectory")
+
+
+def parse_variant(text: str) -> tuple[int, str, bool]:
+    bits, _, rest = text.partition(":")
+    init, _, tight = rest.partition("-")
+    if not bits.isdigit() or not 2 <= int(bits) <= 8 or init not in ("pct", "mse") or tight not in ("", "tight"):
+        raise InputError(f"--variants: each is BITS:pct|mse[-tight], e.g. 3:mse-tight, got {text!r}")
+    return int(bits), "percentile" if init == "pct" else "mse", tight == "tight"
+
+
+def _batches(images: np.ndarray, count: int, size: int = 8):
+    frames = torch.from_numpy(np.ascontiguousarray(images[:count]))[:, None]
+    return [frames[i:i + size] for i in range(0, len(frames), size)]
+
+
+def _row(cells, widths) -> str:
+    return "  ".join(str(c)[:w].ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+
+def table_sensitivity(ctx, variants, top: int) -> dict:
+    """Dice drop per quantizer and variant; the rows with the largest drop, then a summary per kind."""
+    columns, weights_done = {}, {}
+    for variant in variants:
+        bits, init, tight = parse_variant(variant)
+        acts = [i for i in ctx.infos if not i.is_weight]
+        columns[variant] = sensitivity(ctx.model, acts, bits, ctx.score, ctx.seen, init, tight)
+        if bits not in weights_done:
+            weights_done[bits] = sensitivity(ctx.model, [i for i in ctx.infos if i.is_weight], bits, ctx.score, ctx.seen)
+        columns[variant].update(weights_done[bits])
+        print(f"  [{variant}: {time.perf_counter() - ctx.start:.0f} s]", file=sys.stderr, flush=True)
+    drops = {v: {name: ctx.float_dice - d for name, d in col.items()} for v, col in columns.items()}
+    worst = sorted(ctx.infos, key=lambda i: -max(drops[v][i.name] for v in variants))
+    widths = [44, 18] + [12] * len(variants)
+    print(f"\nSensitivity: Dice drop, one tensor at a time (float best-T Dice {ctx.float_dice:.4f}); top {top}")
+    print(_row(["quantizer", "kind"] + list(variants), widths))
+    for info in worst[:top]:
+        print(_row([info.name, info.kind] + [f"{drops[v][info.name]:+.4f}" for v in variants], widths))
+    print("\nBy kind: mean / max drop (n)")
+    by_kind = defaultdict(list)
+    for info in ctx.infos:
+        by_kind[info.kind].append(info.name)
+    for kind, names in sorted(by_kind.items(), key=lambda kv: -max(drops[variants[-1]][n] for n in kv[1])):
+        cells = [f"{statistics.mean(drops[v][n] for n in names):+.3f}/{max(drops[v][n] for n in names):+.3f}"
+                 for v in variants]
+        print(_row([kind, f"n={len(names)}"] + cells, [44, 18] + [14] * len(variants)))
+    return {"float_dice": ctx.float_dice, "drops": drops, "kinds": {i.name: i.kind for i in ctx.infos}}
+
+
+def _errors(values: torch.Tensor, relu: bool, bits: int) -> dict:
+    """Relative squared error of the percentile-signed grid and of the MSE-tight one at `bits`, and the share of
+    non-zero values the percentile grid rounds to zero."""
+    seen_by_readers = values.clamp_min(0) if relu else values
+    energy = float((seen_by_readers ** 2).mean()) or 1e-12
+    qmin, qmax = integer_range(bits, narrow=False)
+    reach = float(torch.quantile(values.abs(), 0.9999))
+    step = max(reach, 1e-8) / qmax
+    q = torch.clamp(torch.round(values / step), qmin, qmax) * step
+    q = q.clamp_min(0) if relu else q
+    levels = 2 ** bits
+    ranges = [(0, levels - 1)] if relu else [(-z, levels - 1 - z) for z in range(0, levels // 2 + 1)]
+    t_min, t_max, t_step = mse_activation_grid(seen_by_readers, ranges)
+    tight = torch.clamp(torch.round(seen_by_readers / t_step), t_min, t_max) * t_step
+    nonzero = seen_by_readers != 0
+    return {"step_pct": step, "err_pct": float(((q - seen_by_readers) ** 2).mean()) / energy,
+            "zeroed_pct": float(((q == 0) & nonzero).sum()) / max(int(nonzero.sum()), 1),
+            "err_tight": float(((tight - seen_by_readers) ** 2).mean()) / energy, "range_tight": [t_min, t_max]}
+
+
+def table_ranges(ctx, top: int, order: list[str] | None) -> dict:
+    relu = relu_read_ids(ctx.model)
+    rows = {}
+    for info in ctx.infos:
+        if info.is_weight:
+            continue
+        v = ctx.seen[id(info.quantizer)].values()
+        p = torch.quantile(v, torch.tensor([0.01, 0.5, 0.99, 0.9999])).tolist()
+        rows[info.name] = {"kind": info.kind, "min": float(v.min()), "p1": p[0], "p50": p[1], "p99": p[2],
+                           "p9999": p[3], "max": float(v.max()), "neg": float((v < 0).float().mean()),
+                           "zero": float((v == 0).float().mean()), "relu_read": id(info.quantizer) in relu,
+                           **{f"b{b}": _errors(v, id(info.quantizer) in relu, b) for b in (4, 3)}}
+    names = [n for n in (order or rows) if n in rows][:top]
+    widths = [44, 16, 8, 8, 8, 8, 6, 6, 9, 8, 8, 8, 8, 8]
+    print(f"\nActivation ranges (float, training frames) and grids at 4 / 3 bits; top {top}")
+    print(_row(["quantizer", "kind", "min", "p50", "p99.99", "max", "neg", "relu", "step3pct", "err4pct",
+                "err4tgt", "err3pct", "err3tgt", "zero3pct"], widths))
+    for n in names:
+        r = rows[n]
+        print(_row([n, r["kind"], f"{r['min']:.3g}", f"{r['p50']:.3g}", f"{r['p9999']:.3g}", f"{r['max']:.3g}",
+                    f"{r['neg']:.2f}", "y" if r["relu_read"] else "", f"{r['b3']['step_pct']:.3g}",
+                    f"{r['b4']['err_pct']:.3f}", f"{r['b4']['err_tight']:.3f}", f"{r['b3']['err_pct']:.3f}",
+                    f"{r['b3']['err_tight']:.3f}", f"{r['b3']['zeroed_pct']:.2f}"], widths))
+    print("\nBy kind: median relative error at 3 bits, percentile-signed -> MSE-tight; median share zeroed")
+    by_kind = defaultdict(list)
+    for r in rows.values():
+        by_kind[r["kind"]].append(r)
+    for kind, rs in sorted(by_kind.items()):
+        print(f"  {kind:<20} n={len(rs):<3} err3 {statistics.median(r['b3']['err_pct'] for r in rs):.3f} -> "
+              f"{statistics.median(r['b3']['err_tight'] for r in rs):.3f}   zeroed "
+              f"{statistics.median(r['b3']['zeroed_pct'] for r in rs):.2f}   min {min(r['min'] for r in rs):.3g}")
+    return rows
+
+
+def table_drift(ctx, bits_list, frames) -> dict:
+    with only_quantizers(ctx.model):
+        reference = conv_output_moments(ctx.model, frames)
+    found = {}
+    print("\nWhole model at WbAb, no fine-tuning: best-T Dice; output drift |mean shift| / float std per conv")
+    for bits in bits_list:
+        for init, tight, corrected in (("percentile", False, False), ("mse", True, False), ("mse", True, True)):
+            model = prepare_qat(copy.deepcopy(ctx.float_model), weight_bits=bits, activation_bits=bits,
+                                learn_weight_bits=False, learn_activation_bits=False,
+                                activation_range="tight" if tight else "signed").eval()
+            initialise_steps(model, ctx.observe_batches, ctx.percentile, init)
+            if corrected:  # on the training frames the steps came from; the drift below is on validation
+                correct_biases(model, ctx.observe_batches)
+            moments = conv_output_moments(model, frames)
+            drift = {n: float(((moments[n][0] - m) .abs() / s.clamp_min(1e-6)).mean()) for n, (m, s) in reference.items()}
+            ratio = {n: float((moments[n][1] / s.clamp_min(1e-6)).median()) for n, (m, s) in reference.items()}
+            dice = ctx.score(model)
+            label = f"W{bits}A{bits} {'mse-tight' if tight else 'pct-signed'}{'+bias-corr' if corrected else ''}"
+            worst = sorted(drift, key=lambda n: -drift[n])[:5]
+            print(f"  {label:<29} Dice {dice:.4f} ({dice - ctx.float_dice:+.4f})  drift median "
+                  f"{statistics.median(drift.values()):.3f} max {max(drift.values()):.3f}  std ratio median "
+                  f"{statistics.median(ratio.values()):.3f}\n    largest drift: "
+                  + ", ".join(f"{n} {drift[n]:.2f}" for n in worst))
+            found[label] = {"dice": dice, "drift": drift, "std_ratio": ratio}
+    return found
+
+
+def table_trajectory(qat_dir: Path) -> list:
+    path = qat_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise InputError(f"{path}: not found (give --qat NAME of a run under RUN/qat/)")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    print(f"\nQAT trajectory: {path}")
+    print(f"{'ep':>3} {'loss':>7} {'task':>7} {'bitcost':>7} {'Dice@.5':>7} {'best-T':>7} {'W':>5} {'A':>5}  steps moved "
+          f"since the previous epoch (epoch 1: since initialised; median / max |d log2 step|, activations), bits changed")
+    previous = records[0].get("steps_start") if records else None
+    for r in records:
+        steps = r.get("steps", {})
+        moved = ""
+        if previous and steps:
+            acts = [n for n in steps if not n.endswith("weight_quant") and n in previous]
+            deltas = {n: abs(steps[n][1] - previous[n][1]) for n in acts}
+            changed = sum(steps[n][0] != previous[n][0] for n in steps if n in previous)
+            top = max(deltas, key=deltas.get) if deltas else ""
+            moved = (f"{statistics.median(deltas.values()):.3f} / {deltas[top]:.3f} ({top}); {changed} bits changed"
+                     if deltas else "")
+        elif not steps:
+            moved = "(no step log: a run before scripts/diag_lowbit.py)"
+        print(f"{r['epoch']:>3} {r['train_loss']:>7.4f} {r.get('task', float('nan')):>7.4f} "
+              f"{r.get('bit_cost', float('nan')):>7.4f} {r['val_dice']:>7.4f} {r['val_best_dice']:>7.4f} "
+              f"{r.get('mean_weight_bits', float('nan')):>5.2f} {r.get('mean_activation_bits', float('nan')):>5.2f}  {moved}")
+        previous = steps or previous
+    return records
+
+
+class Context:
+    """The float model, its diagnosis copy (every quantizer at 8 bits, BN folded), the frames and the score."""
+
+    def __init__(self, run_dir: Path, val_frames: int, observe_frames: int, percentile: float):
+        self.start = time.perf_counter()
+        self.float_model, _, cfg = load_model(run_dir / "checkpoints" / "best.pt")
+        self.cfg = cfg.replace(amp=False)
+        train, _, _ = split_arrays(run_dir, "train", cfg)
+        val, val_masks, _ = split_arrays(run_dir, "val", cfg)
+        self.val, self.val_masks = val[:val_frames or None], val_masks[:val_frames or None]
+        self.percentile = percentile
+        self.observe_batches = _batches(train, observe_frames)
+        self.model = prepare_qat(copy.deepcopy(self.float_model), weight_bits=8, activation_bits=8,
+                                 learn_weight_bits=False, learn_activation_bits=False).eval()
+        self.infos = describe(self.model)
+        self.seen = observe(self.model, self.observe_batches, percentile)
+        initialise_steps(self.model, self.observe_batches, percentile)  # 8-bit steps: the int32 bias grids of s_in s_w
+        self.float_dice = self.score(self.float_model)
+
+    def score(self, model) -> float:
+        return validate(model, self.val, self.val_masks, torch.device("cpu"), self.cfg)["val_best_dice"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", required=True, help="a tuned float run")
+    parser.add_argument("--qat", metavar="NAME", help="a QAT run RUN/qat/NAME whose metrics.jsonl to read")
+    parser.add_argument("--tables", nargs="+", choices=TABLES, default=list(TABLES),
+                        help="default: all (trajectory only with --qat)")
+    parser.add_argument("--variants", nargs="+", default=["4:pct", "3:pct", "3:mse-tight"])
+    parser.add_argument("--drift-bits", nargs="+", type=int, default=[4, 3])
+    parser.add_argument("--val-frames", type=int, default=0, help="validation frames scored (0: all)")
+    parser.add_argument("--observe-frames", type=int, default=32, help="training frames the steps are set from")
+    parser.add_argument("--percentile", type=float, default=99.99, help="as QAT's activation_percentile")
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--json", help="also write every figure to this file")
+    args = parser.parse_args()
+    try:
+        for variant in args.variants:
+            parse_variant(variant)
+        run_dir = Path(args.run_dir)
+        if not (run_dir / "checkpoints" / "best.pt").is_file():
+            raise InputError(f"{run_dir / 'checkpoints' / 'best.pt'}: not found (a tuned float run is needed)")
+        found = {}
+        if "trajectory" in args.tables and args.qat:
+            found["trajectory"] = table_trajectory(run_dir / "qat" / args.qat)
+        if set(args.tables) - {"trajectory"}:
+            ctx = Context(run_dir, args.val_frames, args.observe_frames, args.percentile)
+            with only_quantizers(ctx.model):
+                folded = ctx.score(ctx.model)
+            print(f"float best-T Dice {ctx.float_dice:.4f} on {len(ctx.val)} validation frames; BN folded, every "
+                  f"quantizer bypassed {folded:.4f}; {len(ctx.infos)} quantizers")
+            if "sensitivity" in args.tables:
+                found["sensitivity"] = table_sensitivity(ctx, args.variants, args.top)
+            if "ranges" in args.tables:
+                drops = found.get("sensitivity", {}).get("drops", {})
+                order = sorted(drops[args.variants[-1]], key=lambda n: -drops[args.variants[-1]][n]) if drops else None
+                found["ranges"] = table_ranges(ctx, args.top, order)
+            if "drift" in args.tables:
+                found["drift"] = table_drift(ctx, args.drift_bits, _batches(ctx.val, len(ctx.val)))
+            print(f"\n[{time.perf_counter() - ctx.start:.0f} s]", file=sys.stderr)
+    except InputError as err:
+        raise SystemExit(f"error: {err}") from None
+    if args.json:
+        write_json(args.json, found)
+
+
+if __name__ == "__main__":
+    main()
