@@ -122,9 +122,10 @@ def restore(state: QatState, checkpoint: dict) -> None:
 
 @dataclass
 class QatEpochs:
-    """What a QAT epoch does, for `training.loop.run_epochs`: bits frozen (and capped at the target) on schedule, the
-    cosine learning rates, steps, validation in eval mode every epoch with the bits table; only epochs with frozen bits
-    may become best.pt, so what is kept has the bits that are deployed.
+    """What a QAT epoch does, for `training.loop.run_epochs`: first what the run's `BitPlan` changes at the epoch's
+    start (the freeze and the budgets' caps, or a schedule's next stage, which restarts Adam's moments), then the
+    cosine learning rates, steps, validation in eval mode every epoch with the bits table; only epochs at the deployed
+    bits may become best.pt (`qat.schedule.at_final_bits`). The log line also holds every quantizer's step.
 
     make_loader(epoch) gives the epoch's training loader; table_of(model) the bits table.
     """
