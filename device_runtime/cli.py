@@ -11,9 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli_help import top_parser
+from .core.cli_help import top_parser
 from .config import BACKENDS, MASK_FORMATS, OVERLAY_FORMATS, PRECISIONS, RunConfig
-from .errors import InputError, exit_code_of
+from .core.errors import InputError, exit_code_of
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -155,8 +155,8 @@ def _run(args) -> int:
 
 
 def _build_engine(args) -> int:
-    from . import tensorrt_backend
-    from .manifest import load_manifest
+    from .backends import tensorrt_backend
+    from .core.manifest import load_manifest
 
     manifest = load_manifest(args.bundle)
     precision = tensorrt_backend.engine_precision(manifest, args.precision)

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError
-from .temporal import TemporalParams
+from .core.errors import InputError
+from .core.temporal import TemporalParams
 
 BACKENDS = ("auto", "tensorrt", "ort-tensorrt", "ort-cuda", "ort-cpu")
 PRECISIONS = ("auto", "fp32", "fp16", "int8")  # what runs; "auto" picks per backend (see backends.select_model)

@@ -11,12 +11,12 @@ import textwrap
 from collections import Counter
 from pathlib import Path
 
-from . import tensorrt_backend
-from .backends import BACKEND_ORDER, auto_precision, backend_availability, resolve_backend, select_model
-from .errors import InputError
-from .live import cv2_video_backends
-from .manifest import load_manifest
-from .outputs import display_unavailable
+from .backends import tensorrt_backend
+from .backends.selection import BACKEND_ORDER, auto_precision, backend_availability, resolve_backend, select_model
+from .core.errors import InputError
+from .core.manifest import load_manifest
+from .outputs.sinks import display_unavailable
+from .sources.live import cv2_video_backends
 
 
 def _version(module_name: str) -> str:

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .backends import Backend
+from .backends.selection import Backend
 from .buffers import BufferPool
-from .manifest import Manifest
-from .postprocess import binarize, mask_geometry, postprocess, probability_stats, sigmoid
-from .preprocess import preprocess
+from .core.manifest import Manifest
+from .core.postprocess import binarize, mask_geometry, postprocess, probability_stats, sigmoid
+from .core.preprocess import preprocess
+from .core.temporal import MaskChange, TemporalFilter, TemporalParams
 from .sector import imaging_sector
-from .temporal import MaskChange, TemporalFilter, TemporalParams
 from .timing import Timings
 
 

@@ -14,8 +14,8 @@ import tempfile
 import zipapp
 from pathlib import Path
 
-from .errors import InputError
-from .fileio import atomic_path
+from .core.errors import InputError
+from .core.fileio import atomic_path
 
 _MAIN = '''"""nerveseg-device as a zipapp."""
 import sys
@@ -27,11 +27,18 @@ sys.exit(main())
 
 
 def _copy_python_files(package: str, target: Path) -> int:
-    """Copy a package's .py files and licence (importlib.resources: works from a folder and inside a zipapp)."""
+    """Copy a package's .py files and licence, subpackages included (importlib.resources: works from a folder and
+    inside a zipapp)."""
+    return _copy_tree(importlib.resources.files(package), target)
+
+
+def _copy_tree(folder, target: Path) -> int:
     target.mkdir(parents=True)
     count = 0
-    for entry in importlib.resources.files(package).iterdir():
-        if entry.is_file() and (entry.name.endswith(".py") or entry.name == "LICENSE"):
+    for entry in folder.iterdir():
+        if entry.is_dir() and entry.name != "__pycache__" and entry.joinpath("__init__.py").is_file():
+            count += _copy_tree(entry, target / entry.name)
+        elif entry.is_file() and (entry.name.endswith(".py") or entry.name == "LICENSE"):
             (target / entry.name).write_bytes(entry.read_bytes())
             count += 1
     return count

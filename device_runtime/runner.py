@@ -12,17 +12,17 @@ import signal
 import sys
 import threading
 
-from .backends import open_backend
 import numpy as np
 
+from .backends.selection import open_backend
 from .config import RunConfig
-from .errors import InputError
-from .fileio import write_json
-from .manifest import load_manifest
-from .output_guard import check_outputs
-from .outputs import open_outputs
+from .core.errors import InputError
+from .core.fileio import write_json
+from .core.manifest import load_manifest
+from .outputs.guard import check_outputs
+from .outputs.sinks import open_outputs
 from .pipeline import Segmenter
-from .sources import open_source
+from .sources.dispatch import open_source
 from .timing import END_TO_END, Timings, format_table, rss_bytes
 
 _MIB = 1 << 20
@@ -33,7 +33,9 @@ def run(cfg: RunConfig, source=None) -> dict:
     with contextlib.ExitStack() as stack:
         stop = stack.enter_context(stop_on_signals())  # first, so a signal during start-up also ends cleanly
         manifest = load_manifest(cfg.bundle)  # trust: format version, sha256 of every file, before anything runs
-        check_outputs(cfg)  # before the backend speaks: a refused output is the one line the user sees
+        # once, before the backend speaks: a refused output is the one line the user sees; nothing the run reads
+        # or the user keeps is overwritten, and every path is writable
+        check_outputs(cfg)
         source = stack.enter_context(source or open_source(cfg.source, cfg.loop, cfg.queue_size,
                                                            cfg.reconnect_backoff_s))
         net = stack.enter_context(contextlib.closing(open_backend(

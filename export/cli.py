@@ -12,11 +12,11 @@ import shlex
 import sys
 from pathlib import Path
 
-from device_runtime.errors import EXIT_INCOMPLETE, EXIT_OK, exit_code_of
+from device_runtime.core.errors import EXIT_INCOMPLETE, EXIT_OK, exit_code_of
 
 
 def _synth(args) -> None:
-    from training.synth import write_phantom
+    from training.data.synth import write_phantom
 
     out = write_phantom(args.out, args.count, args.seed, tuple(args.size))
     print(f"wrote {args.count} phantom frames with masks to {out} (Kaggle layout: <subject>_<frame>[_mask].tif)")
@@ -39,7 +39,7 @@ def _tune(args) -> None:
 
 
 def _tune_temporal(args) -> None:
-    from training.temporal_tune import main as tune_temporal_main
+    from training.evaluation.temporal_tune import main as tune_temporal_main
 
     tune_temporal_main(args)
 
@@ -53,7 +53,7 @@ def _evaluate(args) -> None:
 
 
 def _export(args) -> None:
-    from .bundle import export_bundle
+    from .bundle.writer import export_bundle
 
     _retired_parity_flag(args)
     if args.qat:
@@ -70,14 +70,14 @@ def _export(args) -> None:
 
 
 def _report(args) -> None:
-    from .report import write_report
+    from .report.write import write_report
 
     out = write_report(args.run_dir, args.threads, args.latency_runs)
     print(f"report: {out / 'report.html'}")
 
 
 def _sweep(args) -> int:
-    from .sweep import plan, run_sweep, split_list
+    from .workflows.sweep import plan, run_sweep, split_list
 
     _retired_parity_flag(args)
     out = run_sweep(args.run_dir, split_list(args.bits), split_list(args.learned), split_list(args.target_bits),
@@ -90,7 +90,7 @@ def _sweep(args) -> int:
 def _exports_written(prog: str, run_dir, names: list[str]) -> int:
     """EXIT_OK when every finished run among `names` has its INT8 bundle; else one last line on stderr naming the
     refused ones, and EXIT_INCOMPLETE (the rest of what the command wrote stands)."""
-    from .sweep import refused_exports, refusal_line
+    from .workflows.sweep import refused_exports, refusal_line
 
     refused = refused_exports(Path(run_dir), names)
     if not refused:
@@ -100,8 +100,8 @@ def _exports_written(prog: str, run_dir, names: list[str]) -> int:
 
 
 def _cv_quant(args) -> None:
-    from .cv_quant import run_cv_quant
-    from .sweep import split_list
+    from .workflows.cv_quant import run_cv_quant
+    from .workflows.sweep import split_list
 
     _retired_parity_flag(args)
     command = "nerveseg " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -110,7 +110,7 @@ def _cv_quant(args) -> None:
 
 
 def _export_int8(args) -> None:
-    from .int8 import export_int8_bundle, format_summary, print_problems
+    from .bundle.int8 import export_int8_bundle, format_summary, print_problems
 
     if not args.run_dir or args.checkpoint:
         raise SystemExit("nerveseg export --qat NAME: give --run-dir RUN (the float run), not --checkpoint")
@@ -120,8 +120,9 @@ def _export_int8(args) -> None:
 
 
 def qat_config_from_args(args):
-    """The float run's recipe [qat] table plus the flags (with --resume, the QAT run's own config)."""
-    from qat.config import build_qat_config
+    """The float run's recipe [qat] table plus the flags (with --resume, the QAT run's own config). Every flag whose
+    name is a QatConfig field overrides it (None: the recipe's)."""
+    from qat.config import QatConfig, build_qat_config
     from training.config import load_run_config
 
     if args.resume:  # the run's own config; only --epochs and --device may change
@@ -131,15 +132,8 @@ def qat_config_from_args(args):
         saved = load_qat_config(Path(args.run_dir) / "qat" / name / "config.toml")
         return saved.replace(run_dir=args.run_dir, epochs=args.epochs or saved.epochs, device=args.device)
     recipe = load_run_config(args.run_dir).recipe
-    return build_qat_config(recipe, run_dir=args.run_dir, bits=args.bits, name=args.name, bit_weight=args.bit_weight,
-                            target_bits=args.target_bits, epochs=args.epochs, device=args.device,
-                            activation_percentile=args.activation_percentile, grid=args.grid,
-                            lr_weights=args.lr_weights, distill=args.distill, initial_bits=args.initial_bits,
-                            bit_epochs=args.bit_epochs, activation_range=args.activation_range,
-                            activation_init=args.activation_init, bit_schedule=args.bit_schedule,
-                            hold_fragile=args.hold_fragile, target_activation_bits=args.target_activation_bits,
-                            bias_correction=args.bias_correction,
-                            initial_activation_bits=args.initial_activation_bits)
+    fields = QatConfig.__dataclass_fields__
+    return build_qat_config(recipe, **{name: value for name, value in vars(args).items() if name in fields})
 
 
 def _qat(args) -> None:
@@ -152,7 +146,7 @@ def _qat(args) -> None:
 def _pipeline(args) -> int:
     from training import train
 
-    from .pipeline import pipeline_runs, run_pipeline
+    from .workflows.pipeline import pipeline_runs, run_pipeline
 
     cfg = train.config_from_args(args)
     run_pipeline(cfg, args.resume, args.qat_epochs)
@@ -162,7 +156,7 @@ def _pipeline(args) -> int:
 def _cv(args) -> None:
     from training import train
 
-    from .cv import run_cv
+    from .workflows.cv import run_cv
 
     if not args.run_dir:
         raise SystemExit("nerveseg cv: give --run-dir RUN (the folds go to RUN/fold-N/)")
@@ -220,9 +214,9 @@ it and the exit status is 3. --resume continues any stage."""
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    from device_runtime.cli_help import top_parser
+    from device_runtime.core.cli_help import top_parser
     from training.flags import get_args_parser as train_flags, recipes_table
-    from training.temporal_tune import add_arguments as temporal_flags
+    from training.evaluation.temporal_tune import add_arguments as temporal_flags
 
     parser, add_command = top_parser(
         "nerveseg", "Ultrasound nerve segmentation, desktop side: train DeepLabV3, tune its threshold, quantize it "

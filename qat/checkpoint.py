@@ -12,7 +12,7 @@ from pathlib import Path
 
 from torch import nn
 
-from device_runtime.errors import InputError
+from device_runtime.core.errors import InputError
 from training.checkpoint import NORMALIZATION, save_checkpoint
 from training.config import TrainConfig, config_from_dict
 from training.model import build_model, build_model_of

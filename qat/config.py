@@ -12,7 +12,7 @@ from pathlib import Path
 
 import tomli_w
 
-from device_runtime.errors import InputError
+from device_runtime.core.errors import InputError
 from training.config import load_toml, recipe_path
 
 GRIDS = ("tensorrt", "x86")  # what prepare_qat(grid=...) builds; see QatConfig.grid

@@ -154,7 +154,7 @@ class FakeQuant(nn.Module):
 
     def step(self) -> torch.Tensor:
         """The step (scale), 0-d or [C]: a float32 number (the exported scale), in the module's dtype (a float64
-        evaluation of the model, export/int8.py's parity reference, uses the very same steps)."""
+        evaluation of the model, export/bundle/int8.py's parity reference, uses the very same steps)."""
         return torch.exp2(self.log2_step.float()).to(self.log2_step.dtype)
 
     def _share(self) -> float:

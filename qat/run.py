@@ -3,7 +3,7 @@
 RUN/qat/NAME/ gets config.toml, metrics.jsonl, checkpoints/{last,best}.pt, bits.json, threshold.json,
 threshold_curve.png, test_metrics.json and examples.png. T* and morphology are re-tuned on the validation
 split and the test split is scored with the quantized model (integer bits), by the same code as the float
-run (training.tune.tune, training.evaluate.evaluate_arrays).
+run (training.evaluation.tune.tune, training.evaluation.evaluate.evaluate_arrays).
 """
 
 from __future__ import annotations
@@ -14,24 +14,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from device_runtime.errors import InputError
-from device_runtime.fileio import write_json, write_text
-from device_runtime.postprocess import Morphology
-from training.bootstrap import paired_bootstrap_ci
+from device_runtime.core.errors import InputError
+from device_runtime.core.fileio import write_json, write_text
+from device_runtime.core.postprocess import Morphology
 from training.checkpoint import finished_on_resume, load_model, read_checkpoint
-from training.evaluate import evaluate_arrays, plot_examples
+from training.evaluation.bootstrap import paired_bootstrap_ci
+from training.evaluation.evaluate import evaluate_arrays, plot_examples
+from training.evaluation.predict import predict_probabilities, resolve_device
+from training.evaluation.tune import plot_threshold_curve, tune
+from training.loop import LOCK_NAME, LOG_NAME, exclusive_run, resume_from_last, rewrite_log, run_epochs
 from training.model import as_deployed
-from training.predict import predict_probabilities, resolve_device
 from training.stages import flip_tta_of, split_arrays
-from training.train import Dist, augmented_train_set, build_loader, rewrite_log, validate
-from training.tune import plot_threshold_curve, tune
+from training.train import Dist, augmented_train_set, build_loader, validate
 
 from .bits import activation_elements, bits_table, live_weights
 from .checkpoint import build_qat_model, read_qat_checkpoint, save_qat_checkpoint
 from .config import QatConfig, load_qat_config, to_toml
 from .loss import QatLoss
 from .schedule import initialise, make_plan
-from .train import QatState, build_optimizer, restore, run_epochs
+from .train import QatEpochs, QatState, build_optimizer, restore
 
 
 def tuned_float_checkpoint(run_dir: Path) -> Path:
@@ -45,12 +46,11 @@ def tuned_float_checkpoint(run_dir: Path) -> Path:
     return path
 
 
-def check_qat_dir(qat_dir: Path, resume: bool) -> None:
-    last = qat_dir / "checkpoints" / "last.pt"
-    if resume and not last.is_file():
-        raise InputError(f"{last}: nothing to resume (no last checkpoint in {qat_dir})")
-    if not resume and qat_dir.exists() and any(qat_dir.iterdir()):
+def check_qat_dir(qat_dir: Path, resume: bool) -> bool:
+    """Whether to continue from last.pt (`training.loop.resume_from_last`); a new run needs an empty folder."""
+    if not resume and qat_dir.exists() and any(p.name != LOCK_NAME for p in qat_dir.iterdir()):
         raise InputError(f"{qat_dir}: already exists; pass --resume to continue it or choose another --name")
+    return resume_from_last(qat_dir, resume)
 
 
 def resolve_config(qcfg: QatConfig, resume: bool) -> QatConfig:
@@ -69,16 +69,20 @@ def _observation_batches(images: np.ndarray, count: int, batch_size: int, device
 
 def run_qat(qcfg: QatConfig, resume: bool = False) -> Path:
     """Fine-tune RUN's best checkpoint with fake quantization; returns RUN/qat/NAME."""
-    run_dir = Path(qcfg.run_dir)
-    float_path = tuned_float_checkpoint(run_dir)
-    check_qat_dir(qcfg.qat_dir, resume)
+    float_path = tuned_float_checkpoint(Path(qcfg.run_dir))
+    from_last = check_qat_dir(qcfg.qat_dir, resume)  # False after a kill before the first checkpoint: start again
     qcfg = resolve_config(qcfg, resume)
-    qat_dir = qcfg.qat_dir
+    with exclusive_run(qcfg.qat_dir):
+        return _run_qat(qcfg, float_path, from_last)
+
+
+def _run_qat(qcfg: QatConfig, float_path: Path, from_last: bool) -> Path:
+    run_dir, qat_dir = Path(qcfg.run_dir), qcfg.qat_dir
     device = resolve_device(qcfg.device)
     float_model, float_checkpoint, cfg = load_model(float_path)
     last_path = qat_dir / "checkpoints" / "last.pt"
-    last = read_qat_checkpoint(last_path) if resume else None
-    if resume and finished_on_resume(last, qcfg.epochs, last_path):
+    last = read_qat_checkpoint(last_path) if from_last else None
+    if from_last and finished_on_resume(last, qcfg.epochs, last_path):
         print(f"qat {qat_dir.name}: training finished earlier ({qcfg.epochs} epochs); tuning and scoring its best "
               "checkpoint again", flush=True)
         return finish(qat_dir, cfg, device, flip_tta_of(float_checkpoint))
@@ -93,27 +97,28 @@ def run_qat(qcfg: QatConfig, resume: bool = False) -> Path:
     torch.manual_seed(cfg.seed + qcfg.seed)
     # preparing folds BatchNorm into float_model's own convolutions: the teacher is a copy taken before
     teacher = copy.deepcopy(float_model).to(device).eval().requires_grad_(False) if qcfg.distill > 0 else None
-    model = build_qat_model(cfg.arch, qcfg, float_model.to(device), init_steps=not resume).to(device)
+    model = build_qat_model(cfg.arch, qcfg, float_model.to(device), init_steps=not from_last).to(device)
     observe = lambda: _observation_batches(train_images, qcfg.observe_frames, batch_size, device)  # noqa: E731
-    plan = make_plan(model, qcfg, resume, observe, lambda m: validate(
+    plan = make_plan(model, qcfg, from_last, observe, lambda m: validate(
         m, train_images[:qcfg.fragile_frames], train_masks[:qcfg.fragile_frames], device, cfg.replace(amp=False))[
         "val_best_dice"], lambda text: print(f"qat {qat_dir.name}: {text}", flush=True))
     elements = activation_elements(model, cfg.input_size)
     criterion = QatLoss(elements, cfg.bce_weight, cfg.dice_weight, qcfg.bit_weight, qcfg.activation_bit_weight,
                         qcfg.target_bits, live_weights(model, cfg.input_size), qcfg.distill)
     state = QatState(model, build_optimizer(model, qcfg), criterion, teacher=teacher, plan=plan, observe=observe)
-    if resume:
+    if from_last:
         restore(state, last)
-        rewrite_log(qat_dir / "metrics.jsonl", state.start_epoch)
     else:
-        qat_dir.mkdir(parents=True, exist_ok=True)
         write_text(qat_dir / "config.toml", to_toml(qcfg))
         seen = initialise(model, qcfg, observe)
         print(f"qat {qat_dir.name}: {cfg.arch}, bits {qcfg.bits}, steps initialised on {seen} training frames",
               flush=True)
+    rewrite_log(qat_dir / LOG_NAME, state.start_epoch)  # lines of epochs after the checkpoint are trained again
 
-    run_epochs(state, cfg, qcfg, qat_dir, lambda epoch: build_loader(train_set, loader_cfg, Dist(), epoch, 0),
-               train_images, val_images, val_masks, device, lambda m: bits_table(m, cfg.input_size))
+    epochs = QatEpochs(state, cfg, qcfg, qat_dir.name,
+                       lambda epoch: build_loader(train_set, loader_cfg, Dist(), epoch, 0), val_images, val_masks,
+                       device, lambda m: bits_table(m, cfg.input_size))
+    state.best_dice = run_epochs(epochs, qat_dir, state.start_epoch, qcfg.epochs, state.best_dice)
     return finish(qat_dir, cfg, device, flip_tta_of(float_checkpoint))
 
 

@@ -174,7 +174,7 @@ def make_plan(model: nn.Module, qcfg: QatConfig, resume: bool, observe: Callable
     one-at-a-time drop of `score` (Dice on `fragile_frames` training frames) at the bits the run gives them (learned
     runs: the budget, or 4) and holds the N largest drops above `fragile_min_drop` at 8 bits, writing fragile.json;
     a resumed run reads that file back. Then a new run starts its schedule."""
-    from device_runtime.fileio import write_json
+    from device_runtime.core.fileio import write_json
 
     from .sensitivity import describe, observe as observe_float, rank_fragile
 
@@ -205,7 +205,7 @@ def _read_held(path) -> list[dict]:
     """The rows of fragile.json's "held" list; a missing or unreadable file is one line."""
     import json
 
-    from device_runtime.errors import InputError
+    from device_runtime.core.errors import InputError
 
     try:
         return json.loads(path.read_text(encoding="utf-8"))["held"]

@@ -7,28 +7,26 @@ Uniform runs (`--bits 8`, `4`, `W4A8`) have their bits frozen from the start (`b
 Only epochs at the deployed bits can become best.pt (qat.schedule.at_final_bits). What changes at an epoch's
 start, and which quantizers are held at 8 bits, is qat/schedule.py's.
 
-Data loading, augmentation, validation and the metrics log are the float training's (training/train.py).
+The epoch loop, its write order and resume, the data loading, augmentation and validation are the float
+training's (training/loop.py, training/train.py); `QatEpochs` is what differs.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from training.checkpoint import finished_checkpoint, rng_state, set_rng_state, without_resume_state
+from training import loop
+from training.checkpoint import rng_state, set_rng_state, without_resume_state
 from training.config import TrainConfig
 from training.train import validate
 
-from .checkpoint import make_qat_checkpoint, save_qat_checkpoint
+from .checkpoint import make_qat_checkpoint
 from .config import QatConfig
 from .loss import QatLoss
 from .prepare import fake_quants, project_bits_, quant_convs
@@ -74,36 +72,30 @@ def bits_frozen_at(qcfg: QatConfig, epoch: int) -> bool:
     return not qcfg.bit_setting.learned or epoch >= qcfg.bit_epochs
 
 
-def train_one_epoch(model: nn.Module, loader, criterion: QatLoss, optimizer, device: torch.device, label: str,
-                    show: bool = True, teacher: nn.Module | None = None) -> dict:
-    """`teacher`: the float model (eval mode) whose probabilities the loss distils, or None."""
-    model.train()
-    totals = {"train_loss": 0.0, "task": 0.0, "bit_cost": 0.0}
-    if teacher is not None:
-        totals["distill"] = 0.0
-    seen, start = 0, time.perf_counter()
-    for image, mask in tqdm(loader, desc=label, leave=False, disable=None if show else True):
-        image, mask = image.to(device), mask.to(device)
+LOGGED_PARTS = ("task", "bit_cost", "distill")  # the mean bits are logged once per epoch, from the bits table
+PLAIN_STEPS = torch.amp.GradScaler("cpu", enabled=False)  # disabled: scale() and step() are the plain ones
+
+
+def qat_step(model: nn.Module, criterion: QatLoss, teacher: nn.Module | None = None):
+    """The QAT loss of one batch, for `training.loop.train_one_epoch`; its figures: the task loss, the bit cost and,
+    with a `teacher` (the float model, eval mode, whose probabilities the loss distils), the distillation term."""
+    def step_loss(image, mask):
         logits = model(image)["out"]
         teacher_logits = None
         if teacher is not None:
             with torch.no_grad():
                 teacher_logits = teacher(image)["out"]
         loss, parts = criterion(model, logits, mask, teacher_logits)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        project_bits_(model)
-        n = len(image)
-        totals["train_loss"] += float(loss.detach()) * n
-        totals["task"] += parts["task"] * n
-        totals["bit_cost"] += parts["bit_cost"] * n
-        if teacher is not None:
-            totals["distill"] += parts["distill"] * n
-        seen += n
-    elapsed = time.perf_counter() - start
-    stats = {k: v / max(seen, 1) for k, v in totals.items()}
-    return {**stats, "train_images_per_s": seen / max(elapsed, 1e-9), "train_seconds": elapsed}
+        return loss, {key: parts[key] for key in LOGGED_PARTS if key in parts}
+
+    return step_loss
+
+
+def train_one_epoch(model: nn.Module, loader, criterion: QatLoss, optimizer, device: torch.device, label: str,
+                    show: bool = True, teacher: nn.Module | None = None, epoch: int = 0) -> dict:
+    """One QAT epoch through the shared loop: plain float32 steps, the bits projected onto their range after each."""
+    return loop.train_one_epoch(model, loader, qat_step(model, criterion, teacher), optimizer, PLAIN_STEPS, device,
+                                epoch=epoch, label=label, show=show, after_step=lambda: project_bits_(model))
 
 
 @dataclass
@@ -128,45 +120,68 @@ def restore(state: QatState, checkpoint: dict) -> None:
     set_rng_state(checkpoint["rng"])
 
 
-def run_epochs(state: QatState, cfg: TrainConfig, qcfg: QatConfig, qat_dir: Path, make_loader, train_images,
-               val_images: np.ndarray, val_masks: np.ndarray, device: torch.device, table_of) -> None:
-    """Epochs start_epoch..epochs-1: train, validate (eval mode, as deployed), checkpoint, log.
+@dataclass
+class QatEpochs:
+    """What a QAT epoch does, for `training.loop.run_epochs`: first what the run's `BitPlan` changes at the epoch's
+    start (the freeze and the budgets' caps, or a schedule's next stage, which restarts Adam's moments), then the
+    cosine learning rates, steps, validation in eval mode every epoch with the bits table; only epochs at the deployed
+    bits may become best.pt (`qat.schedule.at_final_bits`). The log line also holds every quantizer's step.
 
     make_loader(epoch) gives the epoch's training loader; table_of(model) the bits table.
     """
-    plan = state.plan or BitPlan(state.model, qcfg)
-    start = {"steps_start": step_log(state.model)} if state.start_epoch == 0 else {}  # as initialised from data
-    for epoch in range(state.start_epoch, qcfg.epochs):
-        if plan.begin_epoch(epoch, state.criterion.weights, state.criterion.elements, state.observe,
-                            lambda text: print(f"qat {qat_dir.name}: {text}", flush=True)):
+
+    state: QatState
+    cfg: TrainConfig
+    qcfg: QatConfig
+    label: str  # the run's name, in messages
+    make_loader: Callable[[int], object]
+    val_images: np.ndarray
+    val_masks: np.ndarray
+    device: torch.device
+    table_of: Callable[[nn.Module], dict]
+    table: dict | None = None  # the bits table of the epoch just judged
+    steps_start: dict | None = None  # the steps as initialised from data, before epoch 1 (scripts/diag_lowbit.py)
+    final_weights = False  # a finished run's last.pt keeps no weights: tuning and export read best.pt
+
+    def __post_init__(self):
+        self.plan = self.state.plan or BitPlan(self.state.model, self.qcfg)
+
+    def say(self, text: str) -> None:
+        print(f"qat {self.label}: {text}", flush=True)
+
+    def train(self, epoch: int) -> dict:
+        state, qcfg = self.state, self.qcfg
+        if epoch == 0:
+            self.steps_start = step_log(state.model)
+        if self.plan.begin_epoch(epoch, state.criterion.weights, state.criterion.elements, state.observe, self.say):
             state.optimizer.state.clear()  # a new stage of the bit schedule: Adam starts afresh
         set_learning_rates(state.optimizer, qcfg, epoch)
-        label = f"qat {qat_dir.name} epoch {epoch + 1}/{qcfg.epochs}"
-        stats = train_one_epoch(state.model, make_loader(epoch), state.criterion, state.optimizer, device, label,
-                                teacher=state.teacher)
-        stats.update(validate(state.model, val_images, val_masks, device, cfg.replace(amp=False)))
-        table = table_of(state.model)
-        stats.update(mean_weight_bits=table["mean_weight_bits"], mean_activation_bits=table["mean_activation_bits"],
-                     bits_frozen=bits_frozen_at(qcfg, epoch))
-        eligible = at_final_bits(qcfg, epoch)
-        is_best = eligible and stats["val_best_dice"] > state.best_dice
-        if is_best:
-            state.best_dice = stats["val_best_dice"]
-        checkpoint = make_qat_checkpoint(cfg, qcfg, state.model, epoch=epoch + 1, best_val_dice=state.best_dice,
-                                         optimizer=state.optimizer.state_dict(), rng=rng_state(), val=stats,
-                                         bits=table)
-        # as in training.train.finish_epoch: last.pt is written last, so a kill -9 before it redoes this epoch (a
-        # resume drops its log line); the finished last.pt (no weights, no optimiser) must never precede its best.pt
-        record = {"epoch": epoch + 1, "lr": {g["name"]: g["lr"] for g in state.optimizer.param_groups}, **stats,
-                  "steps": step_log(state.model), **(start if epoch == 0 else {})}  # scripts/diag_lowbit.py
-        with open(qat_dir / "metrics.jsonl", "a", encoding="utf-8") as log:
-            log.write(json.dumps(record) + "\n")
-        if is_best:
-            save_qat_checkpoint(without_resume_state(checkpoint), qat_dir / "checkpoints" / "best.pt")
-        final = epoch + 1 == qcfg.epochs  # nothing is resumed after the last epoch: no optimiser state kept
-        last = finished_checkpoint(checkpoint, keep_weights=False) if final else checkpoint  # best.pt is what is used
-        save_qat_checkpoint(last, qat_dir / "checkpoints" / "last.pt")
-        print(f"qat epoch {epoch + 1:>2}/{qcfg.epochs}  loss {stats['train_loss']:.4f} (task {stats['task']:.4f})  "
-              f"val Dice@0.5 {stats['val_dice']:.4f}  best-T Dice {stats['val_best_dice']:.4f}  bits W "
-              f"{stats['mean_weight_bits']:.2f} A {stats['mean_activation_bits']:.2f}"
-              f"{'' if eligible else ' (learning)'}  {stats['train_images_per_s']:.1f} img/s", flush=True)
+        return train_one_epoch(state.model, self.make_loader(epoch), state.criterion, state.optimizer, self.device,
+                               f"qat {self.label} epoch {epoch + 1}/{qcfg.epochs}", teacher=state.teacher, epoch=epoch)
+
+    def judge(self, epoch: int, stats: dict) -> bool:
+        stats.update(validate(self.state.model, self.val_images, self.val_masks, self.device,
+                              self.cfg.replace(amp=False)))
+        self.table = self.table_of(self.state.model)
+        stats.update(mean_weight_bits=self.table["mean_weight_bits"],
+                     mean_activation_bits=self.table["mean_activation_bits"], bits_frozen=bits_frozen_at(self.qcfg, epoch))
+        return at_final_bits(self.qcfg, epoch)
+
+    def checkpoints(self, epoch: int, stats: dict, best_dice: float) -> tuple[dict, dict]:
+        state = self.state
+        last = make_qat_checkpoint(self.cfg, self.qcfg, state.model, epoch=epoch + 1, best_val_dice=best_dice,
+                                   optimizer=state.optimizer.state_dict(), rng=rng_state(), val=stats, bits=self.table)
+        return last, without_resume_state(last)
+
+    def record(self, epoch: int) -> dict:
+        # the steps of every quantizer, per epoch, for scripts/diag_lowbit.py
+        return {"steps": step_log(self.state.model), **({"steps_start": self.steps_start} if epoch == 0 else {})}
+
+    def learning_rate(self) -> dict:
+        return {group["name"]: group["lr"] for group in self.state.optimizer.param_groups}
+
+    def line(self, epoch: int, stats: dict, judged: bool) -> str:
+        return (f"qat epoch {epoch + 1:>2}/{self.qcfg.epochs}  loss {stats['train_loss']:.4f} (task {stats['task']:.4f})  "
+                f"val Dice@0.5 {stats['val_dice']:.4f}  best-T Dice {stats['val_best_dice']:.4f}  bits W "
+                f"{stats['mean_weight_bits']:.2f} A {stats['mean_activation_bits']:.2f}"
+                f"{'' if judged else ' (learning)'}  {stats['train_images_per_s']:.1f} img/s")

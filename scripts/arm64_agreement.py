@@ -28,8 +28,8 @@ SIDES = ("arm64", "x86")
 
 def bundle_files(bundle: Path) -> list[tuple[str, str, bool]]:
     """(precision, relative path, whether `run --backend ort-cpu --precision P` runs it) of each ONNX file."""
-    from device_runtime.backends import select_model
-    from device_runtime.manifest import load_manifest
+    from device_runtime.backends.selection import select_model
+    from device_runtime.core.manifest import load_manifest
 
     manifest = load_manifest(bundle)  # checks every file's sha256
     chosen = {p: select_model(manifest, "ort-cpu", p)[0].path for p in ("fp32", "int8") if manifest.file(p)}
@@ -41,12 +41,12 @@ def probe(bundle: Path, model: str, source: str, out: Path, threads: int = 1) ->
 
     The Segmenter is `run`'s, settings from the manifest: where a bundle turns temporal stabilisation on, the
     probe carries it over the frames in the same order, and its probabilities are the filtered ones."""
-    from device_runtime.backends import OnnxRuntimeBackend
-    from device_runtime.errors import InputError
-    from device_runtime.fileio import atomic_path
-    from device_runtime.manifest import load_manifest
+    from device_runtime.core.ort_session import OnnxRuntimeBackend
+    from device_runtime.core.errors import InputError
+    from device_runtime.core.fileio import atomic_path
+    from device_runtime.core.manifest import load_manifest
     from device_runtime.pipeline import Segmenter
-    from device_runtime.sources import open_source
+    from device_runtime.sources.dispatch import open_source
     from device_runtime.timing import Timings
 
     manifest = load_manifest(bundle)
@@ -72,7 +72,7 @@ def probe(bundle: Path, model: str, source: str, out: Path, threads: int = 1) ->
 
 def mask_dice(a: list[np.ndarray], b: list[np.ndarray]) -> np.ndarray:
     """Per-frame Dice of two lists of binary masks (each pair of one shape); both empty = 1."""
-    from device_runtime.metrics import confusion_counts, dice
+    from device_runtime.core.metrics import confusion_counts, dice
 
     return np.array([float(dice(confusion_counts(x, y), reduction="none")) for x, y in zip(a, b)])
 
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--work", type=Path, required=True)
     c.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    from device_runtime.errors import InputError
+    from device_runtime.core.errors import InputError
 
     try:
         if args.command == "files":
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise InputError(f"{args.work}/out/x86: no probe results to compare")
             print(format_rows(rows))
             if args.json:
-                from device_runtime.fileio import write_json
+                from device_runtime.core.fileio import write_json
 
                 write_json(args.json, rows)
             return verdict(rows)

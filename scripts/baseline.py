@@ -13,15 +13,15 @@ import json
 import sys
 from pathlib import Path
 
-from device_runtime.errors import exit_code_of
-from device_runtime.fileio import write_json
-from device_runtime.postprocess import Morphology
-from export.onnx_export import export_onnx
-from export.parity import onnx_probabilities
+from device_runtime.core.errors import exit_code_of
+from device_runtime.core.fileio import write_json
+from device_runtime.core.postprocess import Morphology
+from export.bundle.onnx_export import export_onnx
+from export.bundle.parity import onnx_probabilities
 from training import train
 from training.checkpoint import load_model
 from training.config import build_config
-from training.evaluate import evaluate_arrays
+from training.evaluation.evaluate import evaluate_arrays
 from training.stages import split_arrays
 
 RECIPE = str(Path(__file__).with_name("baseline.toml"))

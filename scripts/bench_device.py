@@ -48,12 +48,12 @@ def make_bundle(folder: Path, frames: list[Path], size: int = 256, weights: Path
     or of the nerveseg checkpoint `weights` (with its T* and morphology), exported at size x size."""
     import numpy as np
 
-    from device_runtime.imageio import read_image
-    from device_runtime.manifest import Manifest, describe_file, write_manifest
-    from device_runtime.postprocess import Morphology
-    from device_runtime.preprocess import frame_to_image
-    from export.onnx_export import export_onnx
-    from export.ptq import preprocess_for_ptq, quantize_ptq
+    from device_runtime.core.imageio import read_image
+    from device_runtime.core.manifest import Manifest, describe_file, write_manifest
+    from device_runtime.core.postprocess import Morphology
+    from device_runtime.core.preprocess import frame_to_image
+    from export.bundle.onnx_export import export_onnx
+    from export.report.ptq import preprocess_for_ptq, quantize_ptq
     from training.checkpoint import load_model
     from training.model import build_model
 
@@ -85,7 +85,7 @@ def frame_source(work: Path, images: Path = REAL_IMAGES) -> tuple[str, list[Path
         return str(images), real
     import cv2
 
-    from device_runtime.sources import synthetic_frames
+    from device_runtime.sources.files import synthetic_frames
 
     folder = work / "frames"
     if not folder.is_dir():
@@ -118,6 +118,17 @@ LOOP_STEPS = ("preprocess", "find the image (sector)", "postprocess + stats")  #
 JSONL_MASKS = ("decode (imread)", *LOOP_STEPS, "mask PNG encode+write", "JSON line")  # what `--jsonl --masks` costs
 
 
+def _runtime(room: str, flat: str):
+    """device_runtime's module by its place in the rooms (core/, backends/, ...), or by its flat name in a checkout
+    from before them (BENCH_RUNTIME may name one: the rival of a comparison)."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"device_runtime.{room}")
+    except ModuleNotFoundError:
+        return importlib.import_module(f"device_runtime.{flat}")
+
+
 def stage_costs(bundle: Path, paths: list[Path], precision: str, threads: int) -> dict[str, list[float]]:
     """{step: [wall ms, CPU ms]} per frame, mean over `paths`, every step run one after the other in this process
     (with the device_runtime this process imports). CPU is time.process_time: every thread of the process,
@@ -125,13 +136,14 @@ def stage_costs(bundle: Path, paths: list[Path], precision: str, threads: int) -
     import cv2
     import numpy as np
 
-    from device_runtime.backends import OnnxRuntimeBackend, select_model
-    from device_runtime.fileio import dumps_strict
-    from device_runtime.imageio import read_image
-    from device_runtime.manifest import load_manifest
-    from device_runtime.overlay import OverlayRenderer
-    from device_runtime.pipeline import Segmenter
-    from device_runtime.preprocess import preprocess
+    OnnxRuntimeBackend = _runtime("core.ort_session", "backends").OnnxRuntimeBackend
+    select_model = _runtime("backends.selection", "backends").select_model
+    dumps_strict = _runtime("core.fileio", "fileio").dumps_strict
+    read_image = _runtime("core.imageio", "imageio").read_image
+    load_manifest = _runtime("core.manifest", "manifest").load_manifest
+    OverlayRenderer = _runtime("outputs.overlay", "overlay").OverlayRenderer
+    Segmenter = _runtime("pipeline", "pipeline").Segmenter
+    preprocess = _runtime("core.preprocess", "preprocess").preprocess
 
     if "sector" in inspect.signature(Segmenter.postprocess).parameters:
         from device_runtime.sector import imaging_sector

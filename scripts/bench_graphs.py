@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from device_runtime.errors import InputError, exit_code_of  # noqa: E402
+from device_runtime.core.errors import InputError, exit_code_of  # noqa: E402
 
 
 def input_size(path: Path) -> tuple[int, int]:
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def run() -> None:
-        from export.latency import interleaved_latency
+        from export.bundle.latency import interleaved_latency
 
         graphs = {}
         for item in args.graphs:

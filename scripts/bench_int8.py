@@ -35,15 +35,15 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from device_runtime.manifest import load_manifest  # noqa: E402
-from device_runtime.postprocess import Morphology  # noqa: E402
+from device_runtime.core.manifest import load_manifest  # noqa: E402
+from device_runtime.core.postprocess import Morphology  # noqa: E402
 
 BOOTSTRAP_SAMPLES = 2000
 
 
 def bootstrap(per_image: np.ndarray, other: np.ndarray | None = None, seed: int = 0) -> tuple[float, float, float]:
-    """Mean (or mean paired difference to `other`) and its 95 % percentile-bootstrap interval (training.bootstrap)."""
-    from training.bootstrap import bootstrap_ci, paired_bootstrap_ci
+    """Mean (or mean paired difference to `other`) and its 95 % percentile-bootstrap interval (training.evaluation.bootstrap)."""
+    from training.evaluation.bootstrap import bootstrap_ci, paired_bootstrap_ci
 
     if other is None:
         return (float(np.mean(per_image)), *bootstrap_ci(per_image, n=BOOTSTRAP_SAMPLES, seed=seed))
@@ -51,8 +51,8 @@ def bootstrap(per_image: np.ndarray, other: np.ndarray | None = None, seed: int 
 
 
 def test_scores(onnx_path: Path, images, masks, threshold: float, morphology: Morphology):
-    from export.parity import onnx_probabilities
-    from training.evaluate import evaluate_arrays
+    from export.bundle.parity import onnx_probabilities
+    from training.evaluation.evaluate import evaluate_arrays
 
     summary, per_image, _ = evaluate_arrays(onnx_probabilities(onnx_path, images), masks, threshold, morphology)
     return summary, per_image
@@ -85,10 +85,10 @@ def main() -> int:
     parser.add_argument("--calibration-frames", type=int, default=64)
     args = parser.parse_args()
 
-    from export.latency import interleaved_latency
-    from export.ptq import cached_ptq_of_run
+    from export.bundle.latency import interleaved_latency
+    from export.report.ptq import cached_ptq_of_run
     from training.checkpoint import load_model
-    from training.data import load_split
+    from training.data.dataset import load_split
     from training.stages import split_arrays
 
     run_dir = args.run_dir
@@ -171,7 +171,7 @@ def main() -> int:
 
     # 5. parity
     print("\n== parity on the validation frames (ONNX Runtime CPU vs the PyTorch fake-quant model)")
-    from export.int8 import format_summary
+    from export.bundle.int8 import format_summary
 
     for name, (folder, manifest) in bundles.items():
         for line in format_summary(folder, manifest).splitlines():

@@ -37,13 +37,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from training.config import build_config
-from training.data import SegmentationDataset
-from training.losses import BCEDiceLoss
+from training.data.dataset import SegmentationDataset
+from training.data.synth import generate_phantom
+from training.data.transforms import AugmentConfig, build_train_transform
+from training.evaluation.predict import autocast
 from training.live_taps import whole_kernels
+from training.losses import BCEDiceLoss
 from training.model import build_model_of
-from training.predict import autocast
-from training.synth import generate_phantom
-from training.transforms import AugmentConfig, build_train_transform
 
 
 def make_loader(cfg, frames: int, workers: int) -> DataLoader:
@@ -117,7 +117,7 @@ def step_rate(cfg, loader: DataLoader, device: torch.device, steps: int, amp: bo
 def validation_cpu_seconds(cfg, train_frames: int, val_frames: int) -> float:
     """CPU seconds of one validation as `nerveseg train` does it: re-estimate BatchNorm, then predict."""
     from training.batchnorm import recalibrate_batchnorm
-    from training.predict import predict_probabilities
+    from training.evaluation.predict import predict_probabilities
 
     model = build_model_of(cfg)
     images = np.random.default_rng(0).random((train_frames + val_frames, *cfg.input_size), dtype=np.float32)

@@ -2,7 +2,7 @@
 
 Each finished fold's bundle (fold.json is written after the export; model.fp32.onnx with the manifest's T* and
 morphology) scores the fold's held-out frames through ONNX Runtime exactly as `nerveseg cv` does
-(export.parity.onnx_probabilities, training.evaluate.evaluate_arrays), so each fold's mean equals its Dice in cv.json.
+(export.bundle.parity.onnx_probabilities, training.evaluation.evaluate.evaluate_arrays), so each fold's mean equals its Dice in cv.json.
 The frames are then grouped: by Dice band (and the share of all the Dice lost that falls there), by the size of the
 nerve (terciles of the mask's area at the input size) and by how many separate pieces the mask has; the misses
 (Dice < 0.05) are listed with the network's peak probability, which tells a silent miss (nothing above T*) from an
@@ -23,14 +23,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from device_runtime.errors import exit_code_of  # noqa: E402
-from device_runtime.fileio import write_json  # noqa: E402
-from device_runtime.manifest import load_manifest  # noqa: E402
-from export.bundle import FP32_NAME  # noqa: E402
-from export.cv_quant import finished_folds  # noqa: E402
-from export.parity import onnx_probabilities  # noqa: E402
+from device_runtime.core.errors import exit_code_of  # noqa: E402
+from device_runtime.core.fileio import write_json  # noqa: E402
+from device_runtime.core.manifest import load_manifest  # noqa: E402
+from export.bundle.parity import onnx_probabilities  # noqa: E402
+from export.bundle.writer import FP32_NAME  # noqa: E402
+from export.workflows.cv_quant import finished_folds  # noqa: E402
 from training.config import load_run_config  # noqa: E402
-from training.evaluate import evaluate_arrays  # noqa: E402
+from training.evaluation.evaluate import evaluate_arrays  # noqa: E402
 from training.stages import split_arrays  # noqa: E402
 
 MISS = 0.05

@@ -35,11 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from device_runtime.errors import InputError
+from device_runtime.core.errors import InputError
 from qat.bias_correction import conv_output_moments, correct_biases
 from qat.prepare import initialise_steps, prepare_qat
 from qat.quantizers import integer_range
-from device_runtime.fileio import write_json
+from device_runtime.core.fileio import write_json
 from qat.sensitivity import describe, observe, only_quantizers, relu_read_ids, sensitivity
 from qat.step_init import mse_activation_grid
 from training.checkpoint import load_model

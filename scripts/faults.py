@@ -269,7 +269,7 @@ def export_cases(work: Path, ref: Path):
     (run_copy / "bundle" / "my-notes.txt").unlink()
 
     result = run(nerveseg("export", "--run-dir", run_copy, "--replace", "--device", "cpu"))
-    from device_runtime.manifest import load_manifest
+    from device_runtime.core.manifest import load_manifest
 
     load_manifest(run_copy / "bundle")
     record("export --replace an existing bundle", result, not leftovers(run_copy), expect_ok=True,
@@ -642,8 +642,8 @@ class BundleWatcher:
         self._thread.start()
 
     def _verify(self) -> bool:
-        from device_runtime.errors import InputError
-        from device_runtime.manifest import load_manifest
+        from device_runtime.core.errors import InputError
+        from device_runtime.core.manifest import load_manifest
 
         if not self.folder.exists():
             return True
@@ -715,7 +715,7 @@ def _stage_of(run_dir: Path) -> str:
 
 
 def export_kills(work: Path, ref: Path, kills: int, rng: random.Random):
-    from device_runtime.manifest import load_manifest
+    from device_runtime.core.manifest import load_manifest
 
     run_dir = work / "export-kill-run"
     shutil.copytree(ref, run_dir)

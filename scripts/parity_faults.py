@@ -2,7 +2,7 @@
 
     python scripts/parity_faults.py --run-dir RUN --qat NAME [--frames N]
 
-Each fault is an edit of the exported QDQ graph (TensorRT form, export.int8_graph) with the onnx helpers, the way
+Each fault is an edit of the exported QDQ graph (TensorRT form, export.bundle.int8_graph) with the onnx helpers, the way
 an exporter bug would write it: a weight scale off by a factor, a missing or wrong clamp of the b-bit range, a bias
 on the wrong grid, per-tensor instead of per-channel weight scales, a wrong zero point, a dropped activation; most
 in every layer (a bug of the exporter) and in one layer. The ties-only edits move every scale by one float32 ulp:
@@ -55,7 +55,7 @@ def _pick(items: list, where: str) -> list:
 
 
 def _clips(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """The Clip nodes that keep a quantizer below 8 bits inside its b-bit range (export.int8_graph)."""
+    """The Clip nodes that keep a quantizer below 8 bits inside its b-bit range (export.bundle.int8_graph)."""
     return [n for n in model.graph.node if n.op_type == "Clip" and n.input[1].endswith(".clip_min")]
 
 
@@ -174,8 +174,8 @@ TIES = {
 
 
 def measure(graph: onnx.ModelProto, work: Path, images, references, threshold, morphology) -> dict:
-    """The gate's figures and verdict of one graph (export.int8_parity.judge_files on that one file)."""
-    from export.int8_parity import judge_files
+    """The gate's figures and verdict of one graph (export.bundle.int8_parity.judge_files on that one file)."""
+    from export.bundle.int8_parity import judge_files
 
     path = work / "planted.onnx"
     onnx.save(graph, str(path))
@@ -208,11 +208,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from device_runtime.postprocess import Morphology
-    from export.int8 import load_qat, qat_paths
-    from export.int8_graph import build_int8_model
-    from export.int8_parity import PARITY_FRAMES, model_references, parity_frames
-    from export.qdq import cpu_form
+    from device_runtime.core.postprocess import Morphology
+    from export.bundle.int8 import load_qat, qat_paths
+    from export.bundle.int8_graph import build_int8_model
+    from export.bundle.int8_parity import PARITY_FRAMES, model_references, parity_frames
+    from export.bundle.qdq import cpu_form
     from training.checkpoint import load_model
     from training.model import as_deployed
     from training.stages import flip_tta_of

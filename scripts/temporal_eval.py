@@ -13,7 +13,7 @@ quality: the bundle runs over each sequence once (the device's backend, preproce
 probabilities are then segmented frame by frame (plain) and through the temporal filter with the bundle's
 settings (or --alpha/--t-high/--t-low), at the model's resolution. Per sequence: mean Dice against the moving
 truth, flicker (share of mask pixels changed between consecutive frames beyond the true motion;
-device_runtime/sequence_metrics.py), appear/vanish events; the paired bootstrap interval (over sequences) of the
+device_runtime/core/sequence_metrics.py), appear/vanish events; the paired bootstrap interval (over sequences) of the
 difference filtered - plain. Phantom sequences default to seed 0; `nerveseg tune-temporal --phantom` tunes on
 seed 1, so the two never share a sequence.
 
@@ -38,21 +38,15 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from device_runtime.backends import open_backend  # noqa: E402
-from device_runtime.fileio import atomic_path, write_json  # noqa: E402
-from device_runtime.manifest import load_manifest  # noqa: E402
-from device_runtime.postprocess import Morphology, postprocess  # noqa: E402
-from device_runtime.sequence_metrics import sequence_scores  # noqa: E402
-from device_runtime.temporal import TemporalFilter, TemporalParams  # noqa: E402
-from training.bootstrap import paired_bootstrap_ci  # noqa: E402
-from training.temporal_tune import (  # noqa: E402
-    event_min_area,
-    filtered_masks,
-    flows_of,
-    plain_masks,
-    predict_sequence,
-    validation_sequences,
-)
+from device_runtime.backends.selection import open_backend  # noqa: E402
+from device_runtime.core.fileio import atomic_path, write_json  # noqa: E402
+from device_runtime.core.manifest import load_manifest  # noqa: E402
+from device_runtime.core.postprocess import Morphology, postprocess  # noqa: E402
+from device_runtime.core.sequence_metrics import sequence_scores  # noqa: E402
+from device_runtime.core.temporal import TemporalFilter, TemporalParams  # noqa: E402
+from training.evaluation.bootstrap import paired_bootstrap_ci  # noqa: E402
+from training.evaluation.temporal_tune import (event_min_area, filtered_masks, flows_of, plain_masks, predict_sequence,
+                                               validation_sequences)
 
 
 def settings_of(manifest, args) -> TemporalParams:
@@ -155,7 +149,7 @@ def print_summary(s: dict) -> None:
 
 
 def timing(args) -> None:
-    from training.sequences import phantom_sequence
+    from training.data.sequences import phantom_sequence
 
     size = (args.size, args.size)
     sequence = phantom_sequence(args.seed, 0, args.frames, size)
@@ -226,9 +220,9 @@ def device_runs(args, sequence) -> None:
 
 def flow(args) -> None:
     """The filter's flow against the phantom's true motion, at the model size --size, and its time per call."""
-    from device_runtime.preprocess import preprocess
-    from device_runtime.temporal import MotionEstimator
-    from training.sequences import phantom_sequence, rescale_motions
+    from device_runtime.core.preprocess import preprocess
+    from device_runtime.core.temporal import MotionEstimator
+    from training.data.sequences import phantom_sequence, rescale_motions
 
     size = (args.size, args.size)
     grid = np.dstack(np.meshgrid(np.arange(args.size, dtype=np.float32), np.arange(args.size, dtype=np.float32)))
@@ -263,7 +257,7 @@ def overlay_palette(greys: int):
     amber tint over four of them, the amber outline, the truth's green and white for the labels."""
     from PIL import Image
 
-    from device_runtime.overlay import COLOUR
+    from device_runtime.outputs.overlay import COLOUR
 
     amber = np.array(COLOUR[::-1], float)  # the overlay's BGR as RGB
     colours = [np.full(3, v) for v in np.linspace(0, 255, greys)]
@@ -277,8 +271,8 @@ def overlay_palette(greys: int):
 def gif(args) -> None:
     from PIL import Image
 
-    from device_runtime.overlay import OverlayRenderer
-    from training.sequences import phantom_sequence
+    from device_runtime.outputs.overlay import OverlayRenderer
+    from training.data.sequences import phantom_sequence
 
     manifest = load_manifest(args.bundle)
     params = settings_of(manifest, args)

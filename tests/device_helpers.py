@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from device_runtime.manifest import Manifest, describe_file, write_manifest
-from device_runtime.postprocess import Morphology
+from device_runtime.core.manifest import Manifest, describe_file, write_manifest
+from device_runtime.core.postprocess import Morphology
 
 REPO = Path(__file__).resolve().parents[1]
 GAIN = 20.0

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from training.bootstrap import bootstrap_ci, paired_bootstrap_ci
+from training.evaluation.bootstrap import bootstrap_ci, paired_bootstrap_ci
 
 
 def test_interval_of_a_normal_mean_matches_the_textbook_one():

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import device_runtime
-from device_runtime.errors import EXIT_BAD_INPUT, EXIT_INCOMPLETE, EXIT_OK
+from device_runtime.core.errors import EXIT_BAD_INPUT, EXIT_INCOMPLETE, EXIT_OK
 
 from conftest import REPO
 
@@ -108,7 +108,7 @@ def _finished_qat(run_dir, name, exported: bool) -> None:
 
 
 def test_a_pipeline_whose_int8_export_was_refused_exits_3_and_says_which_last(tmp_path, monkeypatch, capsys):
-    import export.pipeline
+    import export.workflows.pipeline
     from export.cli import main
 
     run_dir = tmp_path / "run"
@@ -116,7 +116,7 @@ def test_a_pipeline_whose_int8_export_was_refused_exits_3_and_says_which_last(tm
     _finished_qat(run_dir, "w8a8", exported=False)
     _finished_qat(run_dir, "w4a8", exported=True)
     (run_dir / "sweep.json").write_text(json.dumps({"runs": {"w8a8": {"export_error": "not exported: parity 0.98"}}}))
-    monkeypatch.setattr(export.pipeline, "run_pipeline", lambda cfg, resume, qat_epochs: run_dir / "bundle")
+    monkeypatch.setattr(export.workflows.pipeline, "run_pipeline", lambda cfg, resume, qat_epochs: run_dir / "bundle")
     assert main(["pipeline", "--run-dir", str(run_dir), "--device", "cpu"]) == EXIT_INCOMPLETE
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("nerveseg pipeline: incomplete: 1 of 3 INT8 exports refused (w8a8)")
@@ -126,14 +126,14 @@ def test_a_pipeline_whose_int8_export_was_refused_exits_3_and_says_which_last(tm
 
 
 def test_a_refused_int8_export_exits_3_not_2(tmp_path, monkeypatch, capsys):
-    import export.int8
-    from export.bundle import ParityError
+    import export.bundle.int8
+    from export.bundle.writer import ParityError
     from export.cli import main
 
     def refuse(*args, **kwargs):
         raise ParityError("model.int8.onnx: ONNX Runtime disagrees with the fake-quant model; no bundle written")
 
-    monkeypatch.setattr(export.int8, "export_int8_bundle", refuse)
+    monkeypatch.setattr(export.bundle.int8, "export_int8_bundle", refuse)
     assert main(["export", "--run-dir", str(tmp_path), "--qat", "w8a8"]) == EXIT_INCOMPLETE
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("nerveseg: refused: model.int8.onnx")
@@ -157,8 +157,8 @@ def test_bundle_pointed_at_a_run_folder_suggests_its_bundles(tmp_path, capsys):
 
 def test_info_prints_rounded_figures_in_their_units():
     from device_runtime.info import bundle_lines
-    from device_runtime.manifest import Manifest
-    from device_runtime.postprocess import Morphology
+    from device_runtime.core.manifest import Manifest
+    from device_runtime.core.postprocess import Morphology
 
     layers = [{"name": f"conv{i}", "weight_bits": 4 if i else 3, "activation_bits": 8} for i in range(5)]
     manifest = Manifest(architecture="fake", input_size=(64, 64), threshold=0.5, morphology=Morphology(), files=[],

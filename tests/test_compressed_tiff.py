@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from device_runtime.imageio import iter_tiff_pages, read_image
+from device_runtime.core.imageio import iter_tiff_pages, read_image
 
 from conftest import REPO
 
@@ -58,7 +58,7 @@ def test_without_imagecodecs_opencv_decodes_lzw(tmp_path):
         import sys
         sys.modules["imagecodecs"] = None  # as if not installed
         import numpy as np, tifffile
-        from device_runtime.imageio import iter_tiff_pages, read_image
+        from device_runtime.core.imageio import iter_tiff_pages, read_image
         try:
             tifffile.imread({str(grey)!r})
             raise SystemExit("tifffile decoded LZW without imagecodecs: this test proves nothing")
@@ -80,10 +80,10 @@ def test_without_imagecodecs_opencv_decodes_lzw(tmp_path):
 def test_lzw_dataset_trains_and_runs_on_the_device(tmp_path, capsys):
     """An LZW-compressed Kaggle-layout dataset: train (tiny), tune, export, then `nerveseg-device run` on LZW frames."""
     from device_runtime.cli import main as device_main
-    from export.bundle import export_bundle
+    from export.bundle.writer import export_bundle
     from training import stages, train
     from training.config import build_config
-    from training.synth import generate_phantom
+    from training.data.synth import generate_phantom
 
     data = tmp_path / "lzw"
     data.mkdir()

@@ -1,6 +1,6 @@
 import pytest
 
-from device_runtime.errors import InputError
+from device_runtime.core.errors import InputError
 from training.config import build_config, config_from_dict, load_toml, to_toml
 
 

@@ -9,8 +9,8 @@ from export.cli import main
 from training import train
 from training.checkpoint import read_checkpoint
 from training.config import build_config
+from training.evaluation.predict import predict_probabilities, strict_float32
 from training.model import build_model_of
-from training.predict import predict_probabilities, strict_float32
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

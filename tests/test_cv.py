@@ -9,12 +9,12 @@ from pathlib import Path
 import cv2
 import pytest
 
-from conftest import SCRIPTS, load_script
-from device_runtime.errors import InputError
+from conftest import load_script
+from device_runtime.core.errors import InputError
 from export.cli import main as cli_main
-from export.cv import make_folds
-from training.data import Sample, discover, group_by_prefix, split_samples
-from training.synth import generate_phantom
+from export.workflows.cv import make_folds
+from training.data.dataset import Sample, discover, group_by_prefix, split_samples
+from training.data.synth import generate_phantom
 
 cv_frames = load_script("cv_frames")
 
@@ -169,15 +169,3 @@ def test_cv_frames_groups_the_lost_dice_and_refuses_a_folder_without_folds(tmp_p
     assert cv_frames.main([str(tmp_path)]) == 2
     assert "no finished fold" in capsys.readouterr().err
     assert not (tmp_path / "frames.json").exists()
-
-
-@pytest.mark.parametrize("name, runs", [("cv_flip_tta", 1), ("cv_ensemble", 2)])  # how many cv folders each takes
-def test_post_hoc_cv_scripts_refuse_folders_without_finished_folds(name, runs, tmp_path, capsys, monkeypatch):
-    monkeypatch.syspath_prepend(str(SCRIPTS))  # cv_ensemble imports cv_flip_tta as a script would
-    script = load_script(name)
-    (tmp_path / "fold-1").mkdir()  # a fold that never finished (no fold.json), e.g. stopped while training
-    assert script.main([str(tmp_path)] * runs) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no finished fold" in err[0]
-    assert script.main([str(tmp_path / "missing")] * runs) == 2
-    assert "not found" in capsys.readouterr().err

@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from device_runtime.errors import InputError
+from device_runtime.core.errors import InputError
 from export.cli import main as cli_main
-from export.cv_quant import PTQ_KEY, pool
+from export.workflows.cv_quant import PTQ_KEY, pool
 
 
 def _row(name, kind, per_image, bits=None, latency=None):

@@ -12,9 +12,9 @@ import pytest
 import tifffile
 import torch
 
-from device_runtime.errors import InputError
-from training.data import (DataError, Sample, SegmentationDataset, discover, load_pairs, load_split, save_split,
-                           split_samples)
+from device_runtime.core.errors import InputError
+from training.data.dataset import (
+    DataError, Sample, SegmentationDataset, discover, load_pairs, load_split, save_split, split_samples)
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared/data/usgra-seg"
 

@@ -1,4 +1,4 @@
-"""export.dead_taps: kernels cut to the taps that read pixels give the same output (float and int8 weights), and
+"""export.bundle.dead_taps: kernels cut to the taps that read pixels give the same output (float and int8 weights), and
 the exported edge model loses exactly the ASPP kernels that read only padding."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from export.dead_taps import drop_dead_taps
+from export.bundle.dead_taps import drop_dead_taps
 from training.live_taps import LiveTapConv2d, conv2d_live, live_taps, whole_kernels
 
 
@@ -80,7 +80,7 @@ def test_cut_kernels_give_the_same_output(int8):
 def test_exported_edge_model_loses_the_kernel_taps_that_read_padding(tmp_path):
     """At 64x64 (a 4x4 map) ASPP's rates 12, 24 and 36 read only padding outside the centre, and so do the outer
     taps of the last blocks' dilated 5x5 depthwise kernels (at 256x256 only the rate-24 and rate-36 kernels)."""
-    from export.onnx_export import export_onnx
+    from export.bundle.onnx_export import export_onnx
     from training.model import LogitsOnly, build_model
 
     torch.manual_seed(0)

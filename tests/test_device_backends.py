@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from device_helpers import GAIN, disc_frame, fake_tensorrt_modules, make_bundle, tiny_onnx
-from device_runtime import tensorrt_backend as trt_backend
-from device_runtime.backends import open_backend, resolve_backend, select_model
+from device_runtime.backends import tensorrt_backend as trt_backend
+from device_runtime.backends.selection import open_backend, resolve_backend, select_model
 from device_runtime.config import RunConfig
-from device_runtime.errors import InputError
-from device_runtime.manifest import describe_file, load_manifest, write_manifest
-from device_runtime.metrics import confusion_counts, dice
+from device_runtime.core.errors import InputError
+from device_runtime.core.manifest import describe_file, load_manifest, write_manifest
+from device_runtime.core.metrics import confusion_counts, dice
 from device_runtime.runner import run
-from device_runtime.sources import FileSource
+from device_runtime.sources.files import FileSource
 
 
 @pytest.fixture(scope="module")
@@ -266,10 +266,10 @@ def test_tensorrt_run_end_to_end(bundle, tmp_path):
 def test_auto_hands_over_when_a_listed_provider_cannot_start(bundle, monkeypatch, capsys):
     """A GPU build of ONNX Runtime lists CUDA even where its libraries are missing; auto then goes on to CPU,
     while an explicit --backend ort-cuda is refused."""
-    from device_runtime import backends
+    from device_runtime.backends import selection
 
     claims = {"tensorrt": "not installed", "ort-tensorrt": "no provider", "ort-cuda": "", "ort-cpu": ""}
-    monkeypatch.setattr(backends, "backend_availability", lambda: claims)
+    monkeypatch.setattr(selection, "backend_availability", lambda: claims)
     manifest = load_manifest(bundle)
     net = open_backend(bundle, manifest, "auto")
     assert net.name == "onnxruntime CPUExecutionProvider"
@@ -294,7 +294,7 @@ def test_two_int8_files_each_serve_their_runtime(tmp_path):
     assert select_model(manifest, "ort-cpu", "int8")[0].path == "model.int8.cpu.onnx"
     assert select_model(manifest, "tensorrt", "auto")[0].path == "model.int8.onnx"
     assert select_model(manifest, "ort-cuda", "int8")[0].path == "model.int8.onnx"
-    from device_runtime.tensorrt_backend import check_engine_precision, engine_precision
+    from device_runtime.backends.tensorrt_backend import check_engine_precision, engine_precision
 
     assert engine_precision(manifest, "auto") == "int8"
     assert check_engine_precision(manifest, "int8").path == "model.int8.onnx"
@@ -330,7 +330,7 @@ def test_a_bundle_whose_tensorrt_form_was_left_out_says_so_everywhere(tmp_path):
     """An INT8 bundle whose export gate left the TensorRT form out (quantization["refused"]) and kept the x86 file:
     TensorRT falls back to FP16 and says why, `--precision int8` on TensorRT is refused in one line saying why,
     ONNX Runtime runs the x86 file, and `info` lists what the bundle holds and what was left out."""
-    from device_runtime.backends import auto_precision
+    from device_runtime.backends.selection import auto_precision
     from device_runtime.info import bundle_lines
 
     bundle = make_bundle(tmp_path / "b", int8=True)

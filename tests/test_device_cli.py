@@ -183,5 +183,9 @@ def test_build_pyz_command(tmp_path, capsys):
 
     names = zipfile.ZipFile(tmp_path / "x.pyz").namelist()
     assert "__main__.py" in names and "device_runtime/runner.py" in names and "tifffile/tifffile.py" in names
+    package = Path(__file__).resolve().parents[1] / "device_runtime"
+    modules = {f"device_runtime/{p.relative_to(package).as_posix()}" for p in package.rglob("*.py")}
+    assert any("/" in name.removeprefix("device_runtime/") for name in modules)  # the subpackages are there
+    assert modules <= set(names), sorted(modules - set(names))  # every module, subpackages included
     assert not any(name.startswith(("training/", "export/", "qat/")) for name in names)
     assert np.any([name == "tifffile/LICENSE" for name in names])

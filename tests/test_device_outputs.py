@@ -15,12 +15,12 @@ import tifffile
 
 from device_helpers import disc_frame, make_bundle
 from device_runtime.config import RunConfig
-from device_runtime.errors import InputError
-from device_runtime.mjpeg import MjpegServer
-from device_runtime.outputs import Outputs, WindowSink
-from device_runtime.overlay import OverlayRenderer
+from device_runtime.core.errors import InputError
+from device_runtime.outputs.mjpeg import MjpegServer
+from device_runtime.outputs.overlay import OverlayRenderer
+from device_runtime.outputs.sinks import Outputs, WindowSink
 from device_runtime.runner import run
-from device_runtime.sources import FileSource
+from device_runtime.sources.files import FileSource
 from device_runtime.timing import STAGES
 
 SIZES = [(48, 64), (48, 64), (60, 50), (48, 64)]  # one frame of another size: outputs follow each frame
@@ -170,7 +170,8 @@ def _disk_full_after(monkeypatch, good_writes: int):
     the next data and fails, as a disk filling does."""
     import errno
 
-    from device_runtime import fileio, outputs
+    from device_runtime.core import fileio
+    from device_runtime.outputs import sinks as outputs
 
     real, calls = fileio.write_all, []
 
@@ -203,6 +204,15 @@ def test_overlay_of_16_bit_and_colour_frames():
         picture = renderer.render(frame, mask, {"area_px": 100, "area_mm2": None, "uncertainty": 0.1})
         assert picture.shape == (48, 64, 3) and picture.dtype == np.uint8
         assert picture[15, 15].tolist() != picture[40, 60].tolist()  # tinted inside the mask
+
+
+def test_outputs_are_checked_once_per_run(bundle, tmp_path, monkeypatch):
+    from device_runtime.outputs import guard
+
+    calls, real = [], guard.source_files
+    monkeypatch.setattr(guard, "source_files", lambda spec: calls.append(spec) or real(spec))
+    run(RunConfig(bundle=bundle, masks_dir=tmp_path / "m", jsonl=tmp_path / "f.jsonl", quiet=True), source=source())
+    assert len(calls) == 1 and len(list((tmp_path / "m").iterdir())) == len(SIZES)
 
 
 def test_outputs_never_overwrite_the_source_folder(bundle, tmp_path):

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from device_runtime.manifest import Manifest
+from device_runtime.core.manifest import Manifest
+from device_runtime.core.postprocess import Morphology, frame_stats, mask_geometry, sigmoid
 from device_runtime.pipeline import Segmenter
-from device_runtime.postprocess import Morphology, frame_stats, mask_geometry, sigmoid
 from device_runtime.timing import END_TO_END, FRAME, Histogram, Timings
 
 

@@ -10,9 +10,9 @@ import pytest
 import tifffile
 
 from device_helpers import disc_frame
-from device_runtime.errors import InputError
-from device_runtime.live import LiveSource, is_live_spec
-from device_runtime.sources import open_source
+from device_runtime.core.errors import InputError
+from device_runtime.sources.dispatch import open_source
+from device_runtime.sources.live import LiveSource, is_live_spec
 
 
 def drain(source, limit: int = 1000) -> list:

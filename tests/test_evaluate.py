@@ -1,11 +1,11 @@
-"""training.evaluate: test metrics of the deployed post-processing, and the examples figure."""
+"""training.evaluation.evaluate: test metrics of the deployed post-processing, and the examples figure."""
 
 import cv2
 import numpy as np
 import pytest
 
-from device_runtime.postprocess import Morphology
-from training.evaluate import _pick_rows, evaluate_arrays, plot_examples
+from device_runtime.core.postprocess import Morphology
+from training.evaluation.evaluate import _pick_rows, evaluate_arrays, plot_examples
 
 # image 0: the prediction covers the one target pixel and one more (Dice 2/3, IoU 1/2, PA 3/4);
 # image 1: nothing predicted, nothing there (1, 1, 1)
@@ -64,7 +64,7 @@ def test_pick_rows(dice, rows):
 
 
 def test_examples_show_frames_with_a_nerve_and_count_the_empty_ones():
-    from training.evaluate import example_rows
+    from training.evaluation.evaluate import example_rows
 
     masks = np.zeros((5, 8, 8), np.uint8)
     masks[[1, 2, 4], 2:5, 2:5] = 1  # frames 0 and 3 have no nerve

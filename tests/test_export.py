@@ -8,13 +8,13 @@ import pytest
 import torch
 from onnx import helper
 
-from device_runtime.errors import InputError
-from device_runtime.manifest import load_manifest
-from export.bundle import FP32_NAME, export_bundle
-from export.onnx_export import export_onnx, tensorrt_problems
-from export.parity import (GATE_FACTOR, GATE_SLACK, PROB_QUANTILES, compare, onnx_probabilities,
-                           parity_failures, quantile_key, tie_gate)
-from device_runtime.postprocess import Morphology
+from device_runtime.core.errors import InputError
+from device_runtime.core.manifest import load_manifest
+from export.bundle.writer import FP32_NAME, export_bundle
+from export.bundle.onnx_export import export_onnx, tensorrt_problems
+from export.bundle.parity import (GATE_FACTOR, GATE_SLACK, PROB_QUANTILES, compare, onnx_probabilities, parity_failures,
+                                  quantile_key, tie_gate)
+from device_runtime.core.postprocess import Morphology
 from training.model import build_model
 
 
@@ -108,7 +108,7 @@ def test_bundle_verifies_and_records_parity_and_metrics(bundle, tiny_run):
 def test_failed_export_keeps_the_previous_bundle(bundle, monkeypatch):
     bundle_dir, _ = bundle
     before = {p.name: p.read_bytes() for p in bundle_dir.iterdir()}
-    import export.bundle as module
+    import export.bundle.writer as module
 
     monkeypatch.setattr(module, "parity_failures", lambda result, precision: ["forced failure"])
     with pytest.raises(InputError, match="forced failure"):
@@ -171,7 +171,7 @@ def test_tensorrt_lint_requires_per_channel_weight_scales_on_axis_0(tmp_path):
 def test_tensorrt_lint_refuses_bad_scales_and_unsigned_or_wide_integers(tmp_path):
     assert any("positive and finite" in p for p in tensorrt_problems(_qdq_conv_graph(tmp_path, [0.1, -0.2])))
     assert any("positive and finite" in p for p in tensorrt_problems(_qdq_conv_graph(tmp_path, [0.1, float("inf")])))
-    from export.qdq import activations_to_uint8
+    from export.bundle.qdq import activations_to_uint8
 
     path = _qdq_conv_graph(tmp_path, [0.1, 0.2])
     onnx.save(activations_to_uint8(onnx.load(str(path))), path)  # the x86 variant: u8/128 activations
@@ -184,7 +184,7 @@ def test_tensorrt_lint_refuses_onnxruntime_ptq_int32_biases(tmp_path):
     import numpy as np
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    from export.ptq import _reader
+    from export.report.ptq import _reader
 
     model = build_model("mobilenet_v3_large").eval()
     float_path = export_onnx(model, tmp_path / "m.onnx", (64, 64))

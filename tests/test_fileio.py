@@ -2,8 +2,8 @@ import stat
 
 import pytest
 
-from device_runtime.errors import InputError
-from device_runtime.fileio import atomic_dir
+from device_runtime.core.errors import InputError
+from device_runtime.core.fileio import atomic_dir
 
 
 def test_a_new_folder_appears_whole_and_readable(tmp_path):
@@ -41,7 +41,7 @@ def test_replace_swaps_the_old_folder_out_on_success_only(tmp_path):
 def test_temporaries_of_dead_writers_are_removed_by_the_next_write_live_ones_kept(tmp_path):
     import subprocess
 
-    from device_runtime.fileio import write_text
+    from device_runtime.core.fileio import write_text
 
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -62,7 +62,7 @@ def test_temporaries_of_dead_writers_are_removed_by_the_next_write_live_ones_kep
 
 def test_replace_exchanges_the_folders_in_one_step(tmp_path, monkeypatch):
     """The bundle path never disappears: no rename of the old folder away is ever seen."""
-    import device_runtime.fileio as fileio
+    import device_runtime.core.fileio as fileio
 
     (tmp_path / "bundle").mkdir()
     (tmp_path / "bundle" / "a").write_text("old")

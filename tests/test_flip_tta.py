@@ -11,14 +11,14 @@ from torch import nn
 
 from conftest import load_script
 
-from device_runtime.backends import open_backend
-from device_runtime.manifest import load_manifest
+from device_runtime.backends.selection import open_backend
+from device_runtime.core.manifest import load_manifest
 from device_runtime.pipeline import Segmenter
 from device_runtime.timing import Timings
-from export.bundle import FP32_NAME, export_bundle
+from export.bundle.onnx_export import export_onnx, tensorrt_problems
+from export.bundle.parity import onnx_probabilities
+from export.bundle.writer import FP32_NAME, export_bundle
 from export.cli import main as cli_main
-from export.onnx_export import export_onnx, tensorrt_problems
-from export.parity import onnx_probabilities
 from training import pretrain, stages
 from training.config import build_config
 from training.model import FLIP_LOGIT_LIMIT, FlipAveraged, as_deployed, build_model
@@ -132,7 +132,7 @@ def test_tune_without_the_flag_follows_the_config_and_no_flip_tta_overrides_it(f
 
 
 def test_qat_and_the_int8_bundle_of_a_flip_tuned_run_average_too(flip_run):
-    from export.int8 import CPU_NAME, TENSORRT_NAME, export_int8_bundle
+    from export.bundle.int8 import CPU_NAME, TENSORRT_NAME, export_int8_bundle
     from qat.config import QatConfig
     from qat.run import run_qat
 
@@ -188,7 +188,7 @@ def test_bench_graphs_times_the_plain_and_the_averaged_graph_side_by_side(flip_r
 
 
 def test_ort_ptq_quantizes_the_network_and_leaves_the_averaging_in_float(tmp_path):
-    from export.ptq import flip_averaging_nodes, preprocess_for_ptq, quantize_ptq
+    from export.report.ptq import flip_averaging_nodes, preprocess_for_ptq, quantize_ptq
 
     torch.manual_seed(0)
     model = build_model("mobilenet_v3_large").eval()

@@ -16,14 +16,14 @@ REPO = Path(__file__).resolve().parents[1]
 pytest.importorskip("qat.run", reason="the qat training loop (branch qat) is not merged yet")
 
 from conftest import load_script  # noqa: E402
-from device_runtime.errors import InputError  # noqa: E402
-from device_runtime.manifest import load_manifest  # noqa: E402
-from export.bundle import ParityError  # noqa: E402
-from export.int8 import CPU_NAME, TENSORRT_NAME, export_int8_bundle, format_summary  # noqa: E402
-from export.int8_graph import layer_constants  # noqa: E402
-from export.parity import GATE_FACTOR  # noqa: E402
-from export.qdq import cpu_form as module_cpu_form  # noqa: E402
-from training.data import load_split  # noqa: E402
+from device_runtime.core.errors import InputError  # noqa: E402
+from device_runtime.core.manifest import load_manifest  # noqa: E402
+from export.bundle.writer import ParityError  # noqa: E402
+from export.bundle.int8 import CPU_NAME, TENSORRT_NAME, export_int8_bundle, format_summary  # noqa: E402
+from export.bundle.int8_graph import layer_constants  # noqa: E402
+from export.bundle.parity import GATE_FACTOR  # noqa: E402
+from export.bundle.qdq import cpu_form as module_cpu_form  # noqa: E402
+from training.data.dataset import load_split  # noqa: E402
 
 PLANT = load_script("parity_faults")  # the planted faults, edits of the exported graph
 
@@ -62,7 +62,7 @@ def test_bundle_has_both_int8_files_parity_and_quantization(int8_bundle, qat_run
     q = loaded.quantization
     bits = json.loads((qat_run / "bits.json").read_text())
     assert q["layers"] == bits["layers"] and q["mean_weight_bits"] == pytest.approx(8.0)
-    # one byte per weight where FP32 stores four, the same taps cut from both (export.dead_taps); what keeps the file
+    # one byte per weight where FP32 stores four, the same taps cut from both (export.bundle.dead_taps); what keeps the file
     # ratio under 4 is the per-channel scales, float biases and graph structure (usgra-seg edge at 256: 3.90x)
     fp32_weights = {i.name: i for i in onnx.load(str(bundle / "model.fp32.onnx")).graph.initializer
                     if len(i.dims) == 4}
@@ -86,7 +86,7 @@ def test_bundle_has_both_int8_files_parity_and_quantization(int8_bundle, qat_run
 def test_no_file_passing_refuses_the_bundle_and_keeps_the_previous_one(int8_bundle, qat_run, monkeypatch):
     bundle, _ = int8_bundle
     before = {p.name: p.read_bytes() for p in bundle.iterdir()}
-    import export.int8_parity as module
+    import export.bundle.int8_parity as module
 
     monkeypatch.setattr(module, "tie_gate", lambda result, floor: {"passed": False, "worst_ratio": 2.0,
                                                                     "failures": ["|dp| p50 1 > 0"]})
@@ -101,9 +101,9 @@ def test_no_file_passing_refuses_the_bundle_and_keeps_the_previous_one(int8_bund
 def tensorrt_form_refused(qat_run, tmp_path_factory):
     """A bundle whose TensorRT form carries a planted fault (every weight scale x2) and whose x86 file is the
     faithful one: the gate leaves the first out and keeps the second."""
-    import export.int8 as module
-    from export.int8_graph import build_int8_model
-    from export.qdq import cpu_form
+    import export.bundle.int8 as module
+    from export.bundle.int8_graph import build_int8_model
+    from export.bundle.qdq import cpu_form
 
     faithful = {}
 
@@ -119,8 +119,8 @@ def tensorrt_form_refused(qat_run, tmp_path_factory):
 
 
 def test_a_refused_file_is_left_out_and_the_device_says_what_the_bundle_holds(tensorrt_form_refused, capsys):
-    from device_runtime.backends import auto_precision, select_model
-    from device_runtime.tensorrt_backend import check_engine_precision, engine_precision
+    from device_runtime.backends.selection import auto_precision, select_model
+    from device_runtime.backends.tensorrt_backend import check_engine_precision, engine_precision
 
     bundle, manifest = tensorrt_form_refused
     loaded = load_manifest(bundle)
@@ -149,8 +149,8 @@ def test_a_refused_file_is_left_out_and_the_device_says_what_the_bundle_holds(te
 
 
 def test_an_x86_file_refused_leaves_the_tensorrt_form_for_every_backend(qat_run, tmp_path, monkeypatch):
-    import export.int8 as module
-    from device_runtime.backends import select_model
+    import export.bundle.int8 as module
+    from device_runtime.backends.selection import select_model
 
     monkeypatch.setattr(module, "cpu_form", lambda graph: PLANT.bias_on_weight_grid(module_cpu_form(graph)))
     bundle, manifest = export_int8_bundle(qat_run.parents[1], qat_run.name, tmp_path / "bundle", device="cpu")
@@ -219,8 +219,8 @@ def test_device_runs_the_int8_bundle_and_says_what_it_took(int8_bundle):
 def test_parity_is_held_to_the_closer_of_the_float32_and_float64_models(monkeypatch):
     """Both evaluations are the fake-quant model; a graph that reproduces one of them is measured against that one,
     and the figures against each are kept."""
-    import export.int8_parity as module
-    from device_runtime.postprocess import Morphology
+    import export.bundle.int8_parity as module
+    from device_runtime.core.postprocess import Morphology
 
     graph = np.zeros((2, 16, 16), np.float32)
     graph[:, 4:12, 4:12] = 0.9

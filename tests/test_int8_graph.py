@@ -10,9 +10,9 @@ from onnx import numpy_helper
 
 pytest.importorskip("qat.prepare", reason="the qat package (branch qat) is not merged yet")
 
-from export.int8_graph import build_int8_model, layer_constants, quantizer_constants, quantizer_names  # noqa: E402
-from export.onnx_export import tensorrt_problems  # noqa: E402
-from export.qdq import cpu_form  # noqa: E402
+from export.bundle.int8_graph import build_int8_model, layer_constants, quantizer_constants, quantizer_names  # noqa: E402
+from export.bundle.onnx_export import tensorrt_problems  # noqa: E402
+from export.bundle.qdq import cpu_form  # noqa: E402
 
 SIZE = (64, 64)
 THREE_BIT = "backbone.4.block.0.0"  # an expansion conv in the middle of the backbone
@@ -65,7 +65,7 @@ def test_weights_are_the_fake_quant_integers_exactly(qat_model, graphs):
     for name, conv in quant_convs(qat_model):
         integers, full = inits[layers[name]["weight_int8"]], conv.weight_integers().numpy()
         assert integers.dtype == np.int8
-        if integers.shape != full.shape:  # cut to the taps that read pixels (export.dead_taps): the centre here
+        if integers.shape != full.shape:  # cut to the taps that read pixels (export.bundle.dead_taps): the centre here
             cut_h, cut_w = integers.shape[2:]
             top, left = (full.shape[2] - cut_h) // 2, (full.shape[3] - cut_w) // 2
             full = full[:, :, top:top + cut_h, left:left + cut_w]

@@ -1,19 +1,13 @@
-"""device_runtime.manifest: the bundle round-trips, and the runtime refuses a bundle that does not verify."""
+"""device_runtime.core.manifest: the bundle round-trips, and the runtime refuses a bundle that does not verify."""
 
 import json
 
 import pytest
 
-from device_runtime.errors import InputError
-from device_runtime.manifest import (
-    FORMAT_VERSION,
-    MANIFEST_NAME,
-    Manifest,
-    describe_file,
-    load_manifest,
-    write_manifest,
-)
-from device_runtime.postprocess import Morphology
+from device_runtime.core.errors import InputError
+from device_runtime.core.manifest import (
+    FORMAT_VERSION, MANIFEST_NAME, Manifest, describe_file, load_manifest, write_manifest)
+from device_runtime.core.postprocess import Morphology
 
 MODEL = "model.fp32.onnx"
 

@@ -1,20 +1,12 @@
-"""device_runtime.metrics on 2x2 masks whose answers can be checked by hand."""
+"""device_runtime.core.metrics on 2x2 masks whose answers can be checked by hand."""
 
 import numpy as np
 import pytest
 
-from device_runtime.metrics import (
-    THRESHOLD_GRID,
-    confusion_counts,
-    confusion_counts_over_thresholds,
-    dice,
-    iou,
-    objective,
-    pixel_accuracy,
-    pooled_dice,
-    summary,
-)
-from device_runtime.postprocess import binarize
+from device_runtime.core.metrics import (
+    THRESHOLD_GRID, confusion_counts, confusion_counts_over_thresholds, dice, iou, objective, pixel_accuracy,
+    pooled_dice, summary)
+from device_runtime.core.postprocess import binarize
 
 HALF = ([[1, 1], [0, 0]], [[1, 0], [0, 0]])  # prediction covers the target and one more pixel
 

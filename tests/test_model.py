@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from device_runtime.errors import InputError
+from device_runtime.core.errors import InputError
 from training.losses import BCEDiceLoss, soft_dice_loss
 from training.model import LogitsOnly, build_model
 

@@ -24,10 +24,10 @@ W4A4_FAULTS = list(PLANT.FAULTS)
 def _case(run_dir, qat_name, work):
     import torch
 
-    from device_runtime.postprocess import Morphology
-    from export.int8 import load_qat, qat_paths
-    from export.int8_graph import build_int8_model
-    from export.int8_parity import model_references, parity_frames
+    from device_runtime.core.postprocess import Morphology
+    from export.bundle.int8 import load_qat, qat_paths
+    from export.bundle.int8_graph import build_int8_model
+    from export.bundle.int8_parity import model_references, parity_frames
     from training.checkpoint import load_model
     from training.model import as_deployed
     from training.stages import flip_tta_of
@@ -77,7 +77,7 @@ def test_a_planted_fault_is_refused_w4a4(w4a4, fault):
 
 @pytest.mark.parametrize("case", ["w8a8", "w4a4"])
 def test_the_faithful_files_and_ties_only_edits_pass(case, request, capsys):
-    from export.qdq import cpu_form
+    from export.bundle.qdq import cpu_form
 
     graph, measure = request.getfixturevalue(case)
     rows = {"TensorRT form": graph, "x86 file": cpu_form(graph)}

@@ -65,7 +65,7 @@ def test_bad_input_is_one_line_without_traceback(argv, message, tmp_path):
 def test_a_resumed_pipeline_keeps_its_qat_runs_own_schedule(tmp_path, monkeypatch):
     """`nerveseg pipeline --qat-epochs 2`, then `--resume` without it: the finished 2-epoch QAT run is scored again,
     not asked for the recipe's 3 epochs (which a finished run's slimmed last.pt refuses)."""
-    import export.pipeline as pipeline
+    import export.workflows.pipeline as pipeline
     from qat.config import to_toml
     from training.config import build_config
 

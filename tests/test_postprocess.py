@@ -1,23 +1,14 @@
-"""device_runtime.postprocess: threshold, morphology in its documented order, and per-frame statistics."""
+"""device_runtime.core.postprocess: threshold, morphology in its documented order, and per-frame statistics."""
 
 import warnings
 
 import numpy as np
 import pytest
 
-from device_runtime.errors import InputError
-from device_runtime.postprocess import (
-    Morphology,
-    apply_morphology,
-    binarize,
-    binary_entropy,
-    fill_holes,
-    frame_stats,
-    postprocess,
-    postprocess_batch,
-    remove_small_components,
-    sigmoid,
-)
+from device_runtime.core.errors import InputError
+from device_runtime.core.postprocess import (
+    Morphology, apply_morphology, binarize, binary_entropy, fill_holes, frame_stats, postprocess, postprocess_batch,
+    remove_small_components, sigmoid)
 
 # 5x5 square without its corners: unchanged by an opening with the radius-1 kernel (a 3x3 cross)
 ROUNDED = np.array(

@@ -1,13 +1,13 @@
-"""device_runtime.preprocess (frame -> network input) and device_runtime.imageio (files -> frames)."""
+"""device_runtime.core.preprocess (frame -> network input) and device_runtime.core.imageio (files -> frames)."""
 
 import cv2
 import numpy as np
 import pytest
 import tifffile
 
-from device_runtime.errors import InputError
-from device_runtime.imageio import iter_tiff_pages, read_image
-from device_runtime.preprocess import preprocess, resize_mask, to_gray, to_unit_float
+from device_runtime.core.errors import InputError
+from device_runtime.core.imageio import iter_tiff_pages, read_image
+from device_runtime.core.preprocess import preprocess, resize_mask, to_gray, to_unit_float
 
 
 @pytest.mark.parametrize(

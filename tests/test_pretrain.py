@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from device_runtime.errors import InputError
+from device_runtime.core.errors import InputError
 from training import pretrain, train
 from training.checkpoint import read_checkpoint
 from training.config import build_config, load_run_config, to_toml
@@ -174,7 +174,7 @@ def test_the_backbone_really_is_loaded(phantom_config):
 
 
 def test_a_bundle_says_phantom_but_not_where_the_stage_was():
-    from export.portable import portable_config
+    from export.bundle.portable import portable_config
 
     out = portable_config({"run_dir": "/site/run", "data": "/site/data", "phantom_dir": "/site/run/phantom",
                            "pretrained": "phantom"})

@@ -5,10 +5,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from device_runtime.postprocess import Morphology
-from export.onnx_export import export_onnx
-from export.ptq import METHODS, calibration_subset, ptq_baseline, quantize_ptq
-from export.qdq import activations_to_uint8, qdq_summary
+from device_runtime.core.postprocess import Morphology
+from export.bundle.onnx_export import export_onnx
+from export.bundle.qdq import activations_to_uint8, qdq_summary
+from export.report.ptq import METHODS, calibration_subset, ptq_baseline, quantize_ptq
 from training.model import build_model
 
 
@@ -69,7 +69,7 @@ def test_baseline_picks_the_best_validation_dice(tiny_run, tmp_path):
 def test_uint8_rewrite_is_exact_and_keeps_weights_signed(float_graph, frames, tmp_path):
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    from export.ptq import _reader
+    from export.report.ptq import _reader
 
     signed = tmp_path / "s8.onnx"  # TensorRT's form: symmetric signed activations, zero point 0
     quantize_static(str(float_graph), str(signed), _reader(frames), quant_format=QuantFormat.QDQ, per_channel=True,
@@ -101,7 +101,7 @@ def test_uint8_rewrite_refuses_a_quantized_tensor_read_as_integers():
 def test_onnx_runtimes_calibration_output_goes_to_a_log_not_the_console(float_graph, frames, tmp_path, capfd):
     import logging
 
-    from export.ptq import ORT_LOG
+    from export.report.ptq import ORT_LOG
 
     handlers = list(logging.getLogger().handlers)
     quantize_ptq(float_graph, tmp_path / "ptq.onnx", frames[:4], "Entropy")

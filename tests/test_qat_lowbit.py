@@ -15,7 +15,7 @@ from qat.config import build_qat_config, parse_bits, parse_bit_schedule
 from qat.prepare import activation_quantizers, initialise_steps, prepare_qat, quant_convs
 from qat.quantizers import FakeQuant
 from qat.step_init import quantization_mse
-from device_runtime.errors import InputError
+from device_runtime.core.errors import InputError
 
 
 def _observed(values: torch.Tensor, bits: int, init: str, percentile: float = 0.0, tight: bool = False,
@@ -126,9 +126,9 @@ def test_tight_graph_holds_the_fake_quant_integers(tight_model, grid, tmp_path):
     exactly the integers the fake-quant model computes from the values it receives; the TensorRT form passes the
     TensorRT lint, and the x86 file (u8 with zero point 128; on the x86 grid the ReLU'd tensors uint8 with zero
     point 0 beside the tight ones) computes the same outputs."""
-    from export.int8_graph import build_int8_model, quantizer_constants, quantizer_names
-    from export.onnx_export import tensorrt_problems
-    from export.qdq import cpu_form
+    from export.bundle.int8_graph import build_int8_model, quantizer_constants, quantizer_names
+    from export.bundle.onnx_export import tensorrt_problems
+    from export.bundle.qdq import cpu_form
 
     model = tight_model if grid == "tensorrt" else _tight_model("x86")
     graph = build_int8_model(model, (64, 64), tmp_path / "twin.onnx")

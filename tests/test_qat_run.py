@@ -1,13 +1,18 @@
 """The QAT loop end to end on the tiny phantom run: files, resume, the bit cost, and every bad input."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from device_runtime.errors import InputError
+from device_runtime.core.errors import InputError
 from export.cli import main as cli
 from qat import train as qat_train
 from qat.checkpoint import load_qat_model, read_qat_checkpoint
@@ -19,6 +24,7 @@ from qat.run import run_qat
 from qat.train import build_optimizer, train_one_epoch
 from training.checkpoint import RESUME_ONLY
 
+REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(epochs=2, bit_epochs=1, observe_frames=8, batch_size=12, device="cpu")
 
 
@@ -99,6 +105,81 @@ def test_resume_of_a_finished_qat_run_scores_it_again_without_training(tiny_run,
     assert (qat_run / "test_metrics.json").is_file()
     with pytest.raises(InputError, match="cannot be continued"):
         run_qat(cfg.replace(epochs=cfg.epochs + 1), resume=True)
+
+
+# One process of a QAT run, SIGKILLed at the call-th call of MODULE:ATTRIBUTE, before that call runs or once it has
+# returned. No handler runs and nothing is flushed: what is on disk is what a kill -9 leaves. "fresh" starts the run
+# with the given QatConfig fields; otherwise the arguments are a `nerveseg` command line.
+KILLED_PROCESS = """
+import importlib, json, os, signal, sys
+import torch
+target, call, when, threads, *command = sys.argv[1:]
+torch.set_num_threads(int(threads))
+module_name, attribute = target.split(":")
+module = importlib.import_module(module_name)
+real, calls = getattr(module, attribute), []
+def killing(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == int(call) and when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    result = real(*args, **kwargs)
+    if len(calls) == int(call):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+setattr(module, attribute, killing)
+if command[0] == "fresh":
+    from qat.config import QatConfig
+    from qat.run import run_qat
+    run_qat(QatConfig(**json.loads(command[1])))
+else:
+    from export.cli import main
+    main(command)
+"""
+# (where the kill falls, what is killed, which call, before/after it, (last.pt's epoch, log lines) it leaves)
+KILLS = [
+    ("before epoch 1's last.pt", "training.loop:save_checkpoint", 1, "before", (0, 1)),
+    ("between epoch 2's best.pt and last.pt", "training.loop:save_checkpoint", 3, "before", (1, 2)),
+    ("while writing epoch 2's last.pt", "torch:save", 2, "after", (1, 2)),
+    ("before bits.json", "qat.run:write_json", 1, "before", (2, 2)),
+]
+TIMING = ("train_images_per_s", "train_seconds")
+
+
+def _log(qat_dir):
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in (qat_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_killed_again_and_again_resumes_to_the_same_run(tiny_run, qat_run):
+    """kill -9 at four moments, each in the process that resumed the last kill (the first resume starts again: no
+    checkpoint was written yet), then one last --resume: the same log, bits, threshold, test metrics and weights as
+    the run that was never stopped."""
+    name = "killed"
+    qat_dir, resume = tiny_run / "qat" / name, ["qat", "--run-dir", str(tiny_run), "--name", name, "--resume",
+                                                "--device", "cpu"]
+    for number, (point, target, call, when, left) in enumerate(KILLS):
+        command = ["fresh", json.dumps({**SMALL, "run_dir": str(tiny_run), "name": name})] if number == 0 else resume
+        killed = subprocess.run([sys.executable, "-c", KILLED_PROCESS, target, str(call), when,
+                                 str(torch.get_num_threads()), *command],
+                                cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                                text=True, timeout=1200)
+        assert killed.returncode == -signal.SIGKILL, (point, killed.stderr[-2000:])
+        last = qat_dir / "checkpoints" / "last.pt"
+        last_epoch = torch.load(last, weights_only=True)["epoch"] if last.exists() else 0
+        assert (last_epoch, len(_log(qat_dir))) == left, point  # the log is a line ahead of last.pt, or done
+        assert not (qat_dir / "bits.json").exists(), point
+        if target == "torch:save":
+            assert list((qat_dir / "checkpoints").glob(".last.pt.*.tmp")), "the kill left a half-written temporary"
+
+    assert cli(resume) == 0
+    assert _log(qat_dir) == _log(qat_run)
+    for file in ("bits.json", "threshold.json", "test_metrics.json"):
+        assert json.loads((qat_dir / file).read_text()) == json.loads((qat_run / file).read_text()), file
+    straight = read_qat_checkpoint(qat_run / "checkpoints" / "best.pt")["model"]  # a finished last.pt keeps none
+    resumed = read_qat_checkpoint(qat_dir / "checkpoints" / "best.pt")["model"]
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[key], resumed[key]) for key in straight)
+    assert read_qat_checkpoint(qat_dir / "checkpoints" / "last.pt")["finished"]
+    assert not list((qat_dir / "checkpoints").glob(".*.tmp"))  # the next write of last.pt removed it
 
 
 def _toy_model() -> nn.Module:
@@ -328,7 +409,7 @@ def test_a_qat_checkpoint_rebuilds_the_float_runs_aspp_rates(tmp_path, tiny_conf
 def test_qat_fine_tunes_under_the_float_runs_own_augmentation(tiny_run, monkeypatch):
     import training.train
     from training.config import load_run_config
-    from training.transforms import AugmentConfig
+    from training.data.transforms import AugmentConfig
 
     seen = []
     real = training.train.build_train_transform
@@ -365,3 +446,12 @@ def test_a_distilled_run_logs_the_term_and_keeps_the_setting(tiny_run, capsys):
     assert cli(["qat", "--run-dir", str(tiny_run), "--bits", "8", "--distill", "-1", "--name", "bad"]) != 0
     err = capsys.readouterr().err.strip()
     assert "--distill must be >= 0" in err and len(err.splitlines()) == 1
+
+
+def test_every_qat_flag_is_a_config_field():
+    """`qat_config_from_args` takes the flags whose names are QatConfig fields: a flag that is none would be ignored."""
+    from export.cli import get_args_parser
+
+    commands = next(a for a in get_args_parser()._actions if a.dest == "command")
+    flags = {action.dest for action in commands.choices["qat"]._actions} - {"help", "resume"}
+    assert "lr_weights" in flags and flags <= set(QatConfig.__dataclass_fields__)

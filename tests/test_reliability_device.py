@@ -242,7 +242,7 @@ class _FailingWriter:
 
 
 def test_a_video_write_error_is_reported_once_and_fails_the_run(bundle, tmp_path, capsys, monkeypatch):
-    import device_runtime.outputs as outputs
+    import device_runtime.outputs.sinks as outputs
 
     monkeypatch.setattr(outputs.cv2, "VideoWriter", _FailingWriter)
     video = tmp_path / "v.mkv"
@@ -322,7 +322,7 @@ def _get(port: int, host_header: str, path: str = "/", timeout: float = 5.0) -> 
 @pytest.mark.parametrize("host,allowed", [("127.0.0.1:8080", True), ("localhost", True), ("[::1]:9", True),
                                           ("evil.example:8080", False), ("127.0.0.1.evil.example", False)])
 def test_preview_on_localhost_checks_the_host_header(host, allowed):
-    from device_runtime.mjpeg import MjpegServer
+    from device_runtime.outputs.mjpeg import MjpegServer
 
     server = MjpegServer(port=0)
     try:
@@ -335,7 +335,7 @@ def test_preview_on_localhost_checks_the_host_header(host, allowed):
 def test_preview_bounds_its_clients_and_drops_idle_ones():
     import socket
 
-    from device_runtime.mjpeg import MjpegServer
+    from device_runtime.outputs.mjpeg import MjpegServer
 
     server = MjpegServer(port=0, max_clients=2, idle_timeout_s=0.5)
     port = server._server.server_address[1]

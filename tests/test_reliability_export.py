@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from device_runtime.errors import InputError
-from device_runtime.manifest import load_manifest
-from export.bundle import export_bundle
+from device_runtime.core.errors import InputError
+from device_runtime.core.manifest import load_manifest
+from export.bundle.writer import export_bundle
 from export.cli import main as nerveseg
 
 
@@ -95,7 +95,7 @@ def test_the_bundle_holds_no_path_of_the_machine(run, tmp_path):
 
 
 def test_a_swap_killed_half_way_by_the_old_two_rename_scheme_is_repaired(tmp_path):
-    from device_runtime.fileio import atomic_dir
+    from device_runtime.core.fileio import atomic_dir
 
     (tmp_path / ".bundle.old").mkdir()  # the old code was killed after parking the bundle, before the swap
     (tmp_path / ".bundle.old" / "manifest.json").write_text("{}")

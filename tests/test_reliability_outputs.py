@@ -85,7 +85,7 @@ def test_a_recording_whose_end_does_not_fit_fails_and_what_fits_plays(bundle, tm
 
 @pytest.fixture
 def preview():
-    from device_runtime.mjpeg import MjpegServer
+    from device_runtime.outputs.mjpeg import MjpegServer
 
     server = MjpegServer(port=0, max_clients=4)
     stop = threading.Event()

@@ -11,12 +11,12 @@ import pytest
 import tifffile
 import torch
 
-from device_runtime.errors import InputError
-from device_runtime.fileio import write_json
+from device_runtime.core.errors import InputError
+from device_runtime.core.fileio import write_json
 from export.cli import main as nerveseg
 from training import train
 from training.checkpoint import make_checkpoint, read_checkpoint, save_checkpoint
-from training.data import discover, load_pairs, read_mask
+from training.data.dataset import discover, load_pairs, read_mask
 from training.finite import NonFiniteError
 from training.model import build_model
 
@@ -77,7 +77,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_finite_checkpoint(t
         return value * float("nan") if poisoned["on"] else value
 
     def epoch(*args, **kwargs):
-        poisoned["on"] = args[7] == 1  # the epoch argument: the second epoch diverges
+        poisoned["on"] = kwargs["epoch"] == 1  # the second epoch diverges
         return real_epoch(*args, **kwargs)
 
     monkeypatch.setattr(train.BCEDiceLoss, "forward", loss)
@@ -162,20 +162,20 @@ def _old_format_checkpoint(cfg, path):
 
 
 def test_old_and_new_checkpoints_load_with_weights_only(tiny_config, tiny_run, tmp_path):
-    from training.checkpoint import rng_state, set_rng_state
-
     old = tmp_path / "old.pt"
     _old_format_checkpoint(tiny_config, old)
     assert set(torch.serialization.get_unsafe_globals_in_checkpoint(old)) >= {"numpy.ndarray", "numpy.dtype"}
     state = read_checkpoint(old)["rng"]["numpy"]
     np.random.set_state(state)  # the old tuple form still sets the generator
-    for new in tiny_run / "checkpoints" / "best.pt", tiny_run / "checkpoints" / "last.pt":  # as a run writes them
-        assert torch.serialization.get_unsafe_globals_in_checkpoint(new) == []  # plain: no allowlist needed
-    # a run's last.pt keeps its RNG state only until the run finishes (then it is slimmed): write one mid-run
-    mid_run = tmp_path / "mid_run.pt"
-    save_checkpoint(make_checkpoint(tiny_config, build_model("mobilenet_v3_large"), epoch=1, rng=rng_state()), mid_run)
-    assert torch.serialization.get_unsafe_globals_in_checkpoint(mid_run) == []
-    set_rng_state(read_checkpoint(mid_run)["rng"])
+    from training.checkpoint import rng_state, set_rng_state
+
+    # a last.pt as a run writes it between epochs (the finished one of tiny_run keeps no RNG state)
+    new = tmp_path / "new.pt"
+    save_checkpoint(make_checkpoint(tiny_config, build_model("mobilenet_v3_large"), epoch=1, best_val_dice=0.5,
+                                    rng=rng_state()), new)
+    for path in (new, tiny_run / "checkpoints" / "last.pt", tiny_run / "checkpoints" / "best.pt"):
+        assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == [], path  # plain: no allowlist needed
+    set_rng_state(read_checkpoint(new)["rng"])
 
 
 def test_the_float_run_being_trained_still_loads(tmp_path):
@@ -253,7 +253,7 @@ def test_write_json_turns_nan_and_inf_into_null(tmp_path):
 
 
 def test_every_json_of_a_run_and_its_bundle_is_strict(tiny_run):
-    from export.bundle import export_bundle
+    from export.bundle.writer import export_bundle
 
     bundle, _ = export_bundle(tiny_run / "checkpoints" / "best.pt", tiny_run.parent / "strict-bundle", device="cpu")
     files = list(tiny_run.rglob("*.json")) + list(bundle.rglob("*.json"))

@@ -33,7 +33,7 @@ def strict_json(path):
 
 
 def test_bootstrap_interval_of_known_cases():
-    from export.report_stats import mean_ci, paired_diff_ci
+    from export.report.stats import mean_ci, paired_diff_ci
 
     assert mean_ci(np.full(15, 0.7)) == pytest.approx((0.7, 0.7))
     # 400 frames, half at Dice 1 and half at 0: the mean's interval is 0.5 +- 1.96 * sqrt(0.25 / 400) = +-0.049
@@ -54,7 +54,7 @@ def test_bootstrap_interval_of_known_cases():
 @pytest.fixture(scope="module")
 def float_run(tiny_run, tmp_path_factory):
     """A copy of the shared tiny run with its FP32 bundle (the report's float row and the PTQ come from it)."""
-    from export.bundle import export_bundle
+    from export.bundle.writer import export_bundle
 
     run_dir = tmp_path_factory.mktemp("report") / "run"
     shutil.copytree(tiny_run, run_dir, ignore=shutil.ignore_patterns("qat", "report", "ptq", "bundle", "sweep.json"))
@@ -63,8 +63,8 @@ def float_run(tiny_run, tmp_path_factory):
 
 
 def test_no_qat_runs_gives_float_and_ptq_and_says_so(float_run):
-    pytest.importorskip("export.ptq")
-    from export.report import write_report
+    pytest.importorskip("export.report.ptq")
+    from export.report.write import write_report
 
     out = write_report(float_run, threads=1, latency_runs=3)
     results = strict_json(out / "results.json")
@@ -78,7 +78,7 @@ def test_no_qat_runs_gives_float_and_ptq_and_says_so(float_run):
 
 
 def test_incomplete_qat_run_is_listed_not_fatal_and_report_is_replaced(float_run, tmp_path):
-    from export.report import write_report
+    from export.report.write import write_report
 
     run_dir = tmp_path / "run"
     shutil.copytree(float_run, run_dir)
@@ -125,7 +125,7 @@ def test_bad_flags_are_one_line(argv, message, tmp_path):
 
 
 def test_sweep_plan_names():
-    from export.sweep import plan
+    from export.workflows.sweep import plan
 
     jobs = plan(["8", "W4A8"], ["0.25", "1.0"], ["4"])
     assert [j.name for j in jobs] == ["w8a8", "w4a8", "learned-0.25", "learned-1.0", "target-4"]
@@ -144,8 +144,8 @@ def swept(float_run, tmp_path_factory):
     """A tiny synthetic sweep: two QAT runs (W8A8 and learned lambda 0.25), 64x64, three epochs each (a learned
     run needs at least two: bits are learned, then frozen for the last epochs)."""
     pytest.importorskip("qat.run")
-    pytest.importorskip("export.int8")
-    from export.sweep import run_sweep
+    pytest.importorskip("export.bundle.int8")
+    from export.workflows.sweep import run_sweep
 
     run_dir = tmp_path_factory.mktemp("sweep") / "run"
     shutil.copytree(float_run, run_dir)
@@ -198,7 +198,7 @@ def test_tiny_sweep_report_has_every_row_column_and_figure(swept):
 def test_interrupted_sweep_resumes_and_skips_finished_runs(swept, tmp_path, monkeypatch):
     import qat.run
 
-    from export.sweep import run_sweep
+    from export.workflows.sweep import run_sweep
 
     source, _ = swept
     run_dir = tmp_path / "run"
@@ -230,10 +230,10 @@ def test_interrupted_sweep_resumes_and_skips_finished_runs(swept, tmp_path, monk
 def test_a_parity_refusal_is_remembered_until_the_checkpoint_or_the_rule_changes(tmp_path, monkeypatch, capsys):
     import os
 
-    import export.int8
-    from device_runtime.errors import InputError
-    from export.bundle import ParityError
-    from export.sweep import GATE_RULE, SweepState, export_finished
+    import export.bundle.int8
+    from device_runtime.core.errors import InputError
+    from export.bundle.writer import ParityError
+    from export.workflows.sweep import GATE_RULE, SweepState, export_finished
 
     qat_dir = tmp_path / "qat" / "w4a8"
     (qat_dir / "checkpoints").mkdir(parents=True)
@@ -246,7 +246,7 @@ def test_a_parity_refusal_is_remembered_until_the_checkpoint_or_the_rule_changes
         calls.append(name)
         raise refusal[0]
 
-    monkeypatch.setattr(export.int8, "export_int8_bundle", refusing_export)
+    monkeypatch.setattr(export.bundle.int8, "export_int8_bundle", refusing_export)
     for _ in range(2):  # the second sweep remembers: same checkpoint, same rule
         export_finished(tmp_path, "cpu", SweepState(tmp_path, "sweep"))
     assert calls == ["w4a8"] and "refused earlier" in capsys.readouterr().err
@@ -264,8 +264,8 @@ def test_a_parity_refusal_is_remembered_until_the_checkpoint_or_the_rule_changes
 
 
 def test_uniform_curve_takes_one_run_per_bitwidth_the_plain_name_first():
-    from export.report import uniform_curve_at
-    from export.report_data import Row, uniform_curve
+    from export.report.write import uniform_curve_at
+    from export.report.rows import Row, uniform_curve
 
     def row(name, bits, dice):
         return Row(name=name, kind="uniform", mean_weight_bits=bits, metrics={"dice": dice})
@@ -278,8 +278,8 @@ def test_uniform_curve_takes_one_run_per_bitwidth_the_plain_name_first():
 
 
 def test_a_learned_run_is_judged_against_the_fixed_run_with_its_activations_and_the_nearest_weight_bits():
-    from export.report import checks
-    from export.report_data import Row
+    from export.report.write import checks
+    from export.report.rows import Row
 
     def row(name, kind, w, a, dice, frames):
         return Row(name=name, kind=kind, mean_weight_bits=w, mean_activation_bits=a, metrics={"dice": dice},
@@ -312,7 +312,7 @@ def test_a_learned_run_is_judged_against_the_fixed_run_with_its_activations_and_
 def test_the_report_command_of_a_learned_run_reproduces_its_schedule():
     from pathlib import Path
 
-    from export.report_data import qat_command
+    from export.report.rows import qat_command
 
     config = {"bits": "learned-a8", "bit_weight": 0.25, "target_bits": 4.0, "initial_bits": 4, "epochs": 6,
               "bit_epochs": 2, "grid": "x86", "activation_percentile": 99.99}
@@ -327,7 +327,7 @@ def test_the_report_command_of_a_learned_run_reproduces_its_schedule():
 
 def _crowded_rows():
     """A sweep's worth of rows, learned runs crowded at 3.75 bits and 0.47 Dice (issue 33's unreadable figure)."""
-    from export.report_data import Row
+    from export.report.rows import Row
 
     def row(name, kind, w, a, dice, onnx=True, size=None):
         return Row(name=name, kind=kind, mean_weight_bits=w, mean_activation_bits=a, metrics={"dice": dice},
@@ -349,8 +349,8 @@ def _crowded_rows():
 def test_point_labels_never_overlap_and_every_point_is_numbered_as_its_row():
     from matplotlib.text import Text
 
-    from export.report_figures import dice_vs_bits_figure
-    from export.report_page import numbered
+    from export.report.figures import dice_vs_bits_figure
+    from export.report.page import numbered
 
     rows = _crowded_rows()
     numbers = numbered(rows)
@@ -377,7 +377,7 @@ def test_point_labels_never_overlap_and_every_point_is_numbered_as_its_row():
 def test_log_axes_are_labelled_in_plain_numbers():
     from matplotlib.figure import Figure
 
-    from export.report_figures import plain_log_axis
+    from export.report.figures import plain_log_axis
 
     ax = Figure().add_subplot()
     plain_log_axis(ax.xaxis)
@@ -390,12 +390,12 @@ def test_log_axes_are_labelled_in_plain_numbers():
 def test_the_page_fits_a_laptop_says_how_each_row_was_scored_and_tables_the_machine():
     import html
 
-    from export.report_page import DETAILS, MAIN, numbered, render_html, render_markdown, scoring_sentence, status_text
+    from export.report.page import DETAILS, MAIN, numbered, render_html, render_markdown, scoring_sentence, status_text
 
     rows = _crowded_rows()
     rows[3].export_status = "INT8 export refused"  # w5a5, as the sweep records a parity refusal
     rows[3].onnx, rows[3].scored_by = None, "fake-quant (PyTorch)"
-    from export.report import row_record
+    from export.report.write import row_record
 
     numbers = numbered(rows)
     records = [{**row_record(r, 2), "number": numbers[r.name]} for r in rows]

@@ -6,9 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
-from device_runtime.manifest import Manifest
+from device_runtime.core.manifest import Manifest
 from device_runtime.pipeline import Segmenter
-from device_runtime.postprocess import Morphology
+from device_runtime.core.postprocess import Morphology
 from device_runtime.sector import imaging_sector
 from device_runtime.timing import Timings
 
@@ -72,7 +72,7 @@ def test_a_prediction_on_the_border_is_dropped_and_reported():
 def test_every_expert_nerve_pixel_of_usgra_seg_lies_inside_the_image_found(real_data):
     from PIL import Image
 
-    from device_runtime.preprocess import frame_to_image
+    from device_runtime.core.preprocess import frame_to_image
 
     lost, shares = [], []
     for path in sorted((real_data / "images").glob("*.png")):

@@ -1,4 +1,4 @@
-"""training.sequences (videos with a known truth) and device_runtime.sequence_metrics, on small hand-checked cases."""
+"""training.data.sequences (videos with a known truth) and device_runtime.core.sequence_metrics, on small hand-checked cases."""
 
 from __future__ import annotations
 
@@ -6,24 +6,11 @@ import cv2
 import numpy as np
 import pytest
 
-from device_runtime.errors import InputError
-from device_runtime.sequence_metrics import (
-    changed_share,
-    events,
-    flicker,
-    mask_change,
-    move_mask,
-    presence,
-    sequence_scores,
-)
-from training.sequences import (
-    affine,
-    phantom_sequence,
-    pseudo_video,
-    relative_motions,
-    rescale_motions,
-    smooth_noise,
-)
+from device_runtime.core.errors import InputError
+from device_runtime.core.sequence_metrics import (changed_share, events, flicker, mask_change, move_mask, presence,
+                                                  sequence_scores)
+from training.data.sequences import (affine, phantom_sequence, pseudo_video, relative_motions, rescale_motions,
+                                     smooth_noise)
 
 IDENTITY = np.eye(2, 3)
 

@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
-from device_runtime.errors import InputError
+from device_runtime.core.errors import InputError
 from training import train
 from training.checkpoint import read_checkpoint
 from training.config import build_config
-from training.transforms import AugmentConfig, Blur, Gamma, Speckle, build_train_transform
+from training.data.transforms import AugmentConfig, Blur, Gamma, Speckle, build_train_transform
 
 OFF = dict(rotation=0.0, hflip=False, vflip=False, intensity_shift=0.0, contrast=0.0)
 
@@ -85,7 +85,7 @@ def test_step_budget_resumes_exactly(step_config, tmp_path, monkeypatch, averagi
     real_epoch = train.train_one_epoch
 
     def crash_in_second_epoch(*args, **kwargs):
-        if args[7] == 1:
+        if kwargs["epoch"] == 1:
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from device_runtime.errors import InputError
-from training.data import discover, load_pairs, split_samples
-from training.synth import generate_phantom, write_phantom
+from device_runtime.core.errors import InputError
+from training.data.dataset import discover, load_pairs, split_samples
+from training.data.synth import generate_phantom, write_phantom
 
 SMALL = dict(size=(64, 64), frames_per_subject=4)
 
@@ -91,3 +91,20 @@ def test_write_phantom_reuses_the_same_and_refuses_another(tmp_path):
 def test_bad_arguments(kwargs):
     with pytest.raises(InputError):
         generate_phantom(**kwargs)
+
+
+def test_calibration_data_holds_the_phantom_frames_its_readme_names():
+    """calibration_data/ is 16 sample frames for a device run without a camera; its README says how they are made."""
+    from pathlib import Path
+
+    from device_runtime.core.imageio import read_image
+
+    folder = Path(__file__).resolve().parents[1] / "calibration_data"
+    committed = sorted(folder.glob("*.png"))
+    images, _, names = generate_phantom(16, seed=2016, size=(256, 256), frames_per_subject=1)
+    assert sorted(f"phantom_{name}.png" for name in names) == [p.name for p in committed]
+    for image, name in zip(images, names):
+        stored = read_image(folder / f"phantom_{name}.png")
+        assert stored.shape == (256, 256) and stored.dtype == np.uint8
+        # identical here; another OpenCV/CPU may round a blur differently by one grey level
+        assert np.abs(stored.astype(int) - image).max() <= 1

@@ -1,4 +1,4 @@
-"""device_runtime.temporal: the filter's arithmetic on hand-made sequences, its settings, and the manifest field."""
+"""device_runtime.core.temporal: the filter's arithmetic on hand-made sequences, its settings, and the manifest field."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import cv2
 import numpy as np
 import pytest
 
-from device_runtime.errors import InputError
-from device_runtime.manifest import MANIFEST_NAME, Manifest, describe_file, load_manifest, write_manifest
+from device_runtime.core.errors import InputError
+from device_runtime.core.manifest import MANIFEST_NAME, Manifest, describe_file, load_manifest, write_manifest
 from device_runtime.pipeline import Segmenter
-from device_runtime.postprocess import Morphology, postprocess
-from device_runtime.temporal import MaskChange, MotionEstimator, TemporalFilter, TemporalParams
+from device_runtime.core.postprocess import Morphology, postprocess
+from device_runtime.core.temporal import MaskChange, MotionEstimator, TemporalFilter, TemporalParams
 from device_runtime.timing import Timings
 
 SIZE = 96

@@ -9,8 +9,8 @@ import pytest
 
 from device_helpers import disc_frame, make_bundle, run_device
 from device_runtime.cli import main as device_main
-from device_runtime.manifest import load_manifest
-from device_runtime.temporal import TemporalParams
+from device_runtime.core.manifest import load_manifest
+from device_runtime.core.temporal import TemporalParams
 from export.cli import main as desktop_main
 
 
@@ -46,7 +46,7 @@ def test_off_by_default_and_the_bundle_can_turn_it_on(tmp_path, frames):
     assert {json.loads(line)["temporal_reset"] for line in jsonl.read_text().splitlines()} == {None}
     manifest = load_manifest(bundle)
     manifest.temporal = TemporalParams(enabled=True)
-    from device_runtime.manifest import write_manifest
+    from device_runtime.core.manifest import write_manifest
 
     write_manifest(bundle, manifest)
     for flag, expected in (([], True), (["--temporal", "off"], None)):
@@ -99,7 +99,7 @@ def test_tune_temporal_bad_input_is_one_line(argv, needle, tmp_path, capsys):
 
 
 def test_candidates_enclose_t_star_and_include_the_plain_segmentation():
-    from training.temporal_tune import candidate_grid
+    from training.evaluation.temporal_tune import candidate_grid
 
     grid = candidate_grid(0.4)
     assert grid[0] == TemporalParams(enabled=True, alpha=1.0, t_high=0.4, t_low=0.4)
@@ -109,7 +109,7 @@ def test_candidates_enclose_t_star_and_include_the_plain_segmentation():
 
 
 def test_choose_takes_the_best_dice_among_the_near_steadiest():
-    from training.temporal_tune import choose
+    from training.evaluation.temporal_tune import choose
 
     p = [TemporalParams(enabled=True, alpha=a) for a in (1.0, 0.7, 0.5, 0.3)]
     plain = {"dice": 0.60, "flicker": 0.40}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from device_runtime.errors import InputError
+from device_runtime.core.errors import InputError
 from training import train
 from training.checkpoint import RESUME_ONLY, read_checkpoint
 from training.config import build_config
@@ -59,7 +59,7 @@ def test_resume_continues_exactly(tiny_config, tmp_path, monkeypatch):
     real_epoch = train.train_one_epoch
 
     def crash_in_second_epoch(*args, **kwargs):
-        if args[7] == 1:  # the epoch argument
+        if kwargs["epoch"] == 1:
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
@@ -150,3 +150,11 @@ def test_a_batch_of_one_frame_per_process_is_refused(tiny_config, batch_size, wo
     with pytest.raises(InputError, match=f"--batch-size {batch_size}.*at least 2 frames per step"):
         train.build_loader(dataset, tiny_config.replace(batch_size=batch_size), train.Dist(0, world, 0), 0, 0)
     assert len(train.build_loader(dataset, tiny_config.replace(batch_size=2 * world), train.Dist(0, world, 0), 0, 0))
+
+
+def test_every_train_flag_is_a_config_field():
+    """`config_from_args` takes the flags whose names are TrainConfig fields: a flag that is none would be ignored."""
+    from training.config import TrainConfig
+
+    flags = {action.dest for action in train.get_args_parser()._actions} - {"help", "recipe", "resume"}
+    assert "flip_tta" in flags and flags <= set(TrainConfig.__dataclass_fields__)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from device_runtime.errors import InputError
-from training.transforms import AugmentConfig, IntensityJitter, build_train_transform
+from device_runtime.core.errors import InputError
+from training.data.transforms import AugmentConfig, IntensityJitter, build_train_transform
 
 OFF = dict(rotation=0.0, hflip=False, vflip=False, intensity_shift=0.0, contrast=0.0)
 
@@ -94,7 +94,7 @@ def test_config_rejects_bad_values(bad):
 def test_batch_through_dataset_and_loader():
     import numpy as np
 
-    from training.data import SegmentationDataset
+    from training.data.dataset import SegmentationDataset
 
     images = np.random.default_rng(0).random((4, 16, 16), dtype=np.float32)
     masks = (images > 0.7).astype(np.uint8)

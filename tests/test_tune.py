@@ -1,4 +1,4 @@
-"""training.tune: T* by equation 4 and the morphology search, on probability maps built by hand."""
+"""training.evaluation.tune: T* by equation 4 and the morphology search, on probability maps built by hand."""
 
 import json
 
@@ -6,16 +6,11 @@ import cv2
 import numpy as np
 import pytest
 
-from device_runtime.metrics import THRESHOLD_GRID
-from device_runtime.postprocess import Morphology, apply_morphology
-from training.evaluate import evaluate_arrays
-from training.tune import (
-    default_morphology_grid,
-    plot_threshold_curve,
-    search_morphology,
-    sweep_thresholds,
-    tune,
-)
+from device_runtime.core.metrics import THRESHOLD_GRID
+from device_runtime.core.postprocess import Morphology, apply_morphology
+from training.evaluation.evaluate import evaluate_arrays
+from training.evaluation.tune import (
+    default_morphology_grid, plot_threshold_curve, search_morphology, sweep_thresholds, tune)
 
 
 def disc(size=32, radius=6):

@@ -11,10 +11,10 @@ from torch import nn
 
 pytest.importorskip("qat.prepare", reason="the qat package is not merged yet")
 
-from device_runtime.errors import InputError  # noqa: E402
-from export.int8_graph import (activation_quantizers_by_name, build_int8_model, quantizer_constants,  # noqa: E402
-                               quantizer_names)
-from export.qdq import constant_values, cpu_form  # noqa: E402
+from device_runtime.core.errors import InputError  # noqa: E402
+from export.bundle.int8_graph import (
+    activation_quantizers_by_name, build_int8_model, quantizer_constants, quantizer_names)
+from export.bundle.qdq import constant_values, cpu_form  # noqa: E402
 from qat.quantizers import FakeQuant  # noqa: E402
 
 SIZE = (64, 64)
@@ -193,10 +193,10 @@ def test_onnx_runtime_folds_every_relu_into_the_integer_convolution(x86_graph, t
 
 
 def test_x86_bundle_has_one_int8_file_and_tensorrt_refuses_it(tiny_run):
-    from device_runtime.backends import auto_precision, select_model
-    from device_runtime.tensorrt_backend import check_engine_precision, engine_precision
-    from device_runtime.manifest import load_manifest
-    from export.int8 import CPU_NAME, export_int8_bundle, format_summary
+    from device_runtime.backends.selection import auto_precision, select_model
+    from device_runtime.backends.tensorrt_backend import check_engine_precision, engine_precision
+    from device_runtime.core.manifest import load_manifest
+    from export.bundle.int8 import CPU_NAME, export_int8_bundle, format_summary
     from qat.config import QatConfig
     from qat.run import run_qat
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from device_runtime.errors import InputError
-from device_runtime.fileio import atomic_path
+from device_runtime.core.errors import InputError
+from device_runtime.core.fileio import atomic_path
 
 from .config import TrainConfig, config_from_dict
 from .finite import check_finite_state, non_finite_tensors

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import tomli_w
 
-from device_runtime.errors import InputError
+from device_runtime.core.errors import InputError
 
 RECIPE_DIR = Path(__file__).parent / "configs"
 ARCHITECTURES = ("resnet50", "mobilenet_v3_large")

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import torch
 
-from device_runtime.errors import InputError
+from device_runtime.core.errors import InputError
 
 
 class NonFiniteError(InputError):

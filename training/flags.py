@@ -10,7 +10,7 @@ import argparse
 import time
 from pathlib import Path
 
-from device_runtime.errors import InputError
+from device_runtime.core.errors import InputError
 
 from .config import TrainConfig, build_config, load_run_config
 
@@ -105,6 +105,9 @@ def get_args_parser(parser=None, resumable: bool = True):
     return parser
 
 
+CONFIG_FLAGS = frozenset(TrainConfig.__dataclass_fields__) - {"recipe"}  # the flags are named after the fields
+
+
 def config_from_args(args) -> TrainConfig:
     """The recipe plus the flags; with --resume, the run's own config.toml (only --epochs, --steps, --device
     and --workers may change, and --compile may be added, so the continued run is the same run)."""
@@ -117,11 +120,8 @@ def config_from_args(args) -> TrainConfig:
         if args.epochs is not None and args.steps is None:
             changes["steps"] = 0  # as in build_config: an explicit --epochs replaces a step budget
         return cfg.replace(run_dir=args.run_dir, **changes)
-    overrides = {name: getattr(args, name, None) for name in (
-        "data", "mask_label", "run_dir", "arch", "input_size", "pretrained", "epochs", "batch_size", "lr",
-        "seed", "synth_count", "device", "workers", "amp", "steps", "val_every", "group_by", "aspp_rates",
-        "decoder", "weight_ema", "swa_start", "swa_lr_ratio", "torch_compile", "phantom_frames", "phantom_dir",
-        "phantom_head", "phantom_input_size", "phantom_batch_size", "phantom_steps", "flip_tta")}
+    # every flag whose name is a config field overrides it (None: the recipe's); --recipe picks the recipe
+    overrides = {name: value for name, value in vars(args).items() if name in CONFIG_FLAGS}
     cfg = build_config(args.recipe, **overrides)  # lists from nargs flags become tuples there (config._coerce)
     if not cfg.run_dir:
         cfg = cfg.replace(run_dir=str(Path("runs") / f"{Path(args.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"))

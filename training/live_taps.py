@@ -8,7 +8,7 @@ nothing. `conv2d_live` convolves with the live span of the kernel only (the padd
 products it skips were exactly zero, and their weights' gradients were exactly zero too, so training and export
 are unchanged, and a training step of the edge model at 256x256 costs about 15 % less CPU (2.3 against 2.7
 CPU-s, batch 16, one thread, measured here). The parameters keep their full shape: checkpoints are unchanged.
-export/dead_taps.py cuts the same taps out of exported ONNX graphs.
+export/bundle/dead_taps.py cuts the same taps out of exported ONNX graphs.
 """
 
 from __future__ import annotations

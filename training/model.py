@@ -17,7 +17,7 @@ from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights
 from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large, deeplabv3_resnet50
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
-from device_runtime.errors import InputError
+from device_runtime.core.errors import InputError
 
 from .config import DECODERS, TORCHVISION_ASPP_RATES, TrainConfig
 from .live_taps import skip_dead_taps

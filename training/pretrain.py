@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from device_runtime.errors import InputError
+from device_runtime.core.errors import InputError
 
 from .config import TrainConfig, changed_settings, load_run_config
 

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from device_runtime.errors import InputError
-from device_runtime.fileio import write_json
-from device_runtime.postprocess import Morphology
+from device_runtime.core.errors import InputError
+from device_runtime.core.fileio import write_json
+from device_runtime.core.postprocess import Morphology
 
 from .checkpoint import load_model, save_checkpoint
 from .config import TrainConfig
-from .data import load_pairs, load_split
-from .evaluate import evaluate_arrays, plot_examples
+from .data.dataset import load_pairs, load_split
+from .evaluation.evaluate import evaluate_arrays, plot_examples
+from .evaluation.predict import predict_probabilities, resolve_device
+from .evaluation.tune import plot_threshold_curve, tune
 from .model import as_deployed
-from .predict import predict_probabilities, resolve_device
-from .tune import plot_threshold_curve, tune
 
 
 def best_checkpoint(run_dir: Path) -> Path:

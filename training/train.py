@@ -9,38 +9,36 @@ mode; every `val_every` epochs and after the last), save checkpoints, repeat. Th
 from __future__ import annotations
 
 import contextlib
-import itertools
-import json
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
-from tqdm import tqdm
 
-from device_runtime import metrics
-from device_runtime.errors import InputError
-from device_runtime.fileio import dumps_strict, write_text
+from device_runtime.core import metrics
+from device_runtime.core.errors import InputError
+from device_runtime.core.fileio import dumps_strict, write_text
 
-from .checkpoint import (finished_checkpoint, finished_on_resume, make_checkpoint, read_checkpoint, rng_state,
-                         save_checkpoint, set_rng_state, without_resume_state)
-from .config import TrainConfig, to_toml
-from .finite import check_finite_loss
-from .flags import config_from_args, get_args_parser  # noqa: F401 (the command line's flags; torch-free there)
-from .data import SegmentationDataset, discover, group_by_prefix, load_pairs, load_split, save_split, split_samples
-from .losses import BCEDiceLoss
 from . import pretrain
 from .batchnorm import recalibrate_batchnorm
+from .checkpoint import (finished_on_resume, make_checkpoint, read_checkpoint, rng_state, set_rng_state,
+                         without_resume_state)
+from .config import TrainConfig, to_toml
+from .data.dataset import (
+    SegmentationDataset, discover, group_by_prefix, load_pairs, load_split, save_split, split_samples)
+from .data.synth import write_phantom
+from .data.transforms import AugmentConfig, build_train_transform
+from .evaluation.predict import autocast, predict_probabilities, resolve_device
+from .flags import config_from_args, get_args_parser  # noqa: F401 (the command line's flags; torch-free there)
+from .loop import LOG_NAME, exclusive_run, resume_from_last, rewrite_log, run_epochs, train_one_epoch
+from .losses import BCEDiceLoss
 from .model import build_model_of
-from .predict import autocast, predict_probabilities, resolve_device
-from .synth import write_phantom
-from .transforms import AugmentConfig, build_train_transform
 
 
 @dataclass
@@ -193,38 +191,15 @@ def memory_format(cfg: TrainConfig, device: torch.device) -> torch.memory_format
     return torch.channels_last if device.type == "cuda" or cfg.channels_last else torch.contiguous_format
 
 
-def train_one_epoch(model, loader, criterion, optimizer, scaler, device, cfg: TrainConfig, epoch: int,
-                    show: bool, max_steps: int | None = None, step_scheduler=None, epochs: int | None = None,
-                    after_step=None) -> dict:
-    """One pass over `loader` (at most `max_steps` batches); `step_scheduler` is stepped after every
-    optimiser step (per-step schedules), the per-epoch ones are stepped by the caller; `after_step()` is called
-    after every optimiser step too (the weight average's update)."""
-    model.train()
-    total_loss, seen, start = 0.0, 0, time.perf_counter()
-    layout = memory_format(cfg, device)
-    steps = len(loader) if max_steps is None else min(max_steps, len(loader))
-    batches = tqdm(itertools.islice(loader, steps), desc=f"epoch {epoch + 1}/{epochs or cfg.epochs}", total=steps,
-                   leave=False, disable=None if show else True)
-    for batch, (image, mask) in enumerate(batches):
-        image = image.to(device, non_blocking=True).to(memory_format=layout)
-        mask = mask.to(device, non_blocking=True)
-        with autocast(device, cfg.amp):
-            logits = model(image)["out"]
-        loss = criterion(logits, mask)  # in float32: the loss casts its inputs
-        value = check_finite_loss(loss, epoch, batch)  # stops on NaN/Inf before the step (training/finite.py)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        if step_scheduler is not None:
-            step_scheduler.step()
-        if after_step is not None:
-            after_step()
-        total_loss += value * len(image)  # the loss was read once above: one CPU-GPU sync per batch
-        seen += len(image)
-    elapsed = time.perf_counter() - start
-    return {"train_loss": total_loss / max(seen, 1), "train_images_per_s": seen / max(elapsed, 1e-9),
-            "train_seconds": elapsed}
+def float_step(net: torch.nn.Module, criterion: BCEDiceLoss, device: torch.device, amp: bool):
+    """The float loss of one batch, for `loop.train_one_epoch`: the forward under autocast (CUDA), the loss in float32
+    (it casts its inputs)."""
+    def step_loss(image, mask):
+        with autocast(device, amp):
+            logits = net(image)["out"]
+        return criterion(logits, mask), {}
+
+    return step_loss
 
 
 def validate(model, images: np.ndarray, masks: np.ndarray, device, cfg: TrainConfig) -> dict:
@@ -242,53 +217,10 @@ def validate(model, images: np.ndarray, masks: np.ndarray, device, cfg: TrainCon
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> bool:
-    """Whether to continue from last.pt. A run killed before its first checkpoint (config.toml, no last.pt)
-    resumes by starting again, so `--resume` after any kill finishes the run."""
-    last = run_dir / "checkpoints" / "last.pt"
-    if resume and not last.is_file():
-        if (run_dir / "config.toml").is_file():
-            print(f"note: {last} does not exist yet (stopped before the first epoch ended); starting the run again",
-                  flush=True)
-            return False
-        raise InputError(f"{last}: nothing to resume (no last checkpoint in {run_dir})")
-    if not resume and last.is_file():
+    """Whether to continue from last.pt (`loop.resume_from_last`); a trained run is not started over by mistake."""
+    if not resume and (run_dir / "checkpoints" / "last.pt").is_file():
         raise InputError(f"{run_dir}: already holds a trained run; pass --resume to continue it or pick another --run-dir")
-    return resume
-
-
-@contextlib.contextmanager
-def exclusive_run(run_dir: Path):
-    """Hold RUN/.training.lock while training: a second process training into the same folder (a cv run twice, a
-    resume started beside the run) is refused instead of interleaving checkpoints and log lines. An advisory lock
-    (flock) that the kernel drops when the process ends, so a killed run leaves no stale lock behind."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no flock; training there runs unguarded
-        yield
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".training.lock", "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InputError(f"{run_dir}: another process is training in this run folder; wait for it to end, or "
-                             "stop it first") from None
-        yield
-
-
-def rewrite_log(log_path: Path, upto_epoch: int) -> None:
-    """On resume, drop log lines of epochs after the checkpoint (they will be trained again)."""
-    if log_path.is_file():
-        lines = [l for l in log_path.read_text().splitlines() if _epoch_of(l) <= upto_epoch]
-        write_text(log_path, "".join(line + "\n" for line in lines))
-
-
-def _epoch_of(line: str) -> float:
-    """The epoch of a metrics.jsonl line; a torn line (a kill or full disk mid-write) sorts last: dropped."""
-    try:
-        return json.loads(line)["epoch"]
-    except (ValueError, KeyError, TypeError):
-        return float("inf")
+    return resume_from_last(run_dir, resume)
 
 
 @dataclass
@@ -365,34 +297,77 @@ def restore(trainer: Trainer, path: Path) -> None:
     set_rng_state(state["rng"])
 
 
-def finish_epoch(trainer: Trainer, cfg: TrainConfig, run_dir: Path, epoch: int, stats: dict,
-                 epochs: int | None = None) -> None:
-    """Checkpoints (last always, best when validation improved) and one line of metrics.jsonl; an epoch
-    without validation (see `val_every`) only saves last.pt, for resuming."""
-    validated = "val_best_dice" in stats
-    is_best = validated and stats["val_best_dice"] > trainer.best_dice
-    if validated:
-        trainer.best_dice = max(trainer.best_dice, stats["val_best_dice"])
-    checkpoint = make_checkpoint(cfg, trainer.model, epoch=epoch + 1, best_val_dice=trainer.best_dice,
-                                 optimizer=trainer.optimizer.state_dict(), scheduler=trainer.scheduler.state_dict(),
-                                 scaler=trainer.scaler.state_dict(), rng=rng_state(), val=stats)
-    if trainer.averaged is not None:  # last.pt resumes both; best.pt holds the average, which was validated
-        checkpoint["averaged"] = trainer.averaged.state_dict()
-    # order matters under kill -9: last.pt is written last, so whatever came before it (the log line, best.pt)
-    # is redone by a resume from the previous last.pt; the other way round, a resumed run would miss the line,
-    # or keep an older best.pt while believing this epoch's score was saved
-    record = {"epoch": epoch + 1, "lr": trainer.optimizer.param_groups[0]["lr"], **stats}
-    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as log:
-        log.write(dumps_strict(record) + "\n")  # strict JSON: a NaN metric becomes null
-    if is_best:
-        save_checkpoint({**without_resume_state(checkpoint), "model": trainer.judged.state_dict()},
-                        run_dir / "checkpoints" / "best.pt")
-    final = epoch + 1 == (epochs or cfg.epochs)  # nothing is resumed after the last epoch: no optimiser state kept
-    save_checkpoint(finished_checkpoint(checkpoint) if final else checkpoint, run_dir / "checkpoints" / "last.pt")
-    shown = (f"val Dice@0.5 {stats['val_dice']:.4f}  best-T Dice {stats['val_best_dice']:.4f}" if validated
-             else "(not validated)")
-    print(f"epoch {epoch + 1:>3}/{epochs or cfg.epochs}  loss {stats['train_loss']:.4f}  {shown}  "
-          f"{stats['train_images_per_s']:.1f} img/s", flush=True)
+@dataclass
+class FloatEpochs:
+    """What an epoch of float training does, for `loop.run_epochs`: steps under the recipe's schedule and weight
+    average, validation every `val_every` epochs and after the last, checkpoints with the scheduler, scaler and
+    average (best.pt holds the average, which was validated)."""
+
+    trainer: Trainer
+    cfg: TrainConfig
+    budget: Budget
+    make_loader: Callable[[int], DataLoader]
+    net: torch.nn.Module  # what steps: the model, or its DDP / torch.compile wrapper
+    device: torch.device
+    train_images: np.ndarray
+    val_images: np.ndarray
+    val_masks: np.ndarray
+    show: bool = True
+    average_step: Callable[[], None] | None = None
+    final_weights = True  # a finished run's last.pt keeps its last weights (best.pt holds the average, if any)
+
+    @property
+    def per_step(self) -> bool:
+        return self.cfg.scheduler == "warmup_cosine"
+
+    def train(self, epoch: int) -> dict:
+        trainer, cfg = self.trainer, self.cfg
+        scheduler = trainer.scheduler if self.per_step else None
+
+        def after_step():
+            if scheduler is not None:
+                scheduler.step()
+            if self.average_step is not None:
+                self.average_step()
+
+        step_loss = float_step(self.net, trainer.criterion, self.device, cfg.amp)
+        stats = train_one_epoch(self.net, self.make_loader(epoch), step_loss, trainer.optimizer, trainer.scaler,
+                                self.device, epoch=epoch, label=f"epoch {epoch + 1}/{self.budget.epochs}",
+                                show=self.show, max_steps=self.budget.steps_in(epoch),
+                                layout=memory_format(cfg, self.device), after_step=after_step)
+        if not self.per_step:
+            trainer.scheduler.step()
+        return stats
+
+    def judge(self, epoch: int, stats: dict) -> bool:
+        last = epoch + 1 == self.budget.epochs
+        if not (last or (epoch + 1) % self.cfg.val_every == 0):  # validation costs a pass over train + val frames
+            return False
+        if self.cfg.recalibrate_bn:  # rank 0's statistics reach the other ranks: DDP broadcasts buffers
+            recalibrate_batchnorm(self.trainer.judged, self.train_images, self.device, self.cfg.batch_size)
+        stats.update(validate(self.trainer.judged, self.val_images, self.val_masks, self.device, self.cfg))
+        return True
+
+    def checkpoints(self, epoch: int, stats: dict, best_dice: float) -> tuple[dict, dict]:
+        trainer = self.trainer
+        last = make_checkpoint(self.cfg, trainer.model, epoch=epoch + 1, best_val_dice=best_dice,
+                               optimizer=trainer.optimizer.state_dict(), scheduler=trainer.scheduler.state_dict(),
+                               scaler=trainer.scaler.state_dict(), rng=rng_state(), val=stats)
+        if trainer.averaged is not None:  # last.pt resumes both; best.pt holds the average, which was validated
+            last["averaged"] = trainer.averaged.state_dict()
+        return last, {**without_resume_state(last), "model": trainer.judged.state_dict()}
+
+    def record(self, epoch: int) -> dict:
+        return {}
+
+    def learning_rate(self) -> float:
+        return self.trainer.optimizer.param_groups[0]["lr"]
+
+    def line(self, epoch: int, stats: dict, judged: bool) -> str:
+        shown = (f"val Dice@0.5 {stats['val_dice']:.4f}  best-T Dice {stats['val_best_dice']:.4f}" if judged
+                 else "(not validated)")
+        return (f"epoch {epoch + 1:>3}/{self.budget.epochs}  loss {stats['train_loss']:.4f}  {shown}  "
+                f"{stats['train_images_per_s']:.1f} img/s")
 
 
 def main(cfg: TrainConfig, resume: bool = False, splits: dict | None = None) -> Path:
@@ -465,11 +440,10 @@ def _train(cfg: TrainConfig, ddp: Dist, device: torch.device, resume: bool, spli
         return run_dir
     # a resumed run restores its own weights over the starting backbone: none is loaded (nor needs to exist)
     trainer = build_trainer(cfg, device, budget, pretrained="none" if resume else None)
-    per_step = cfg.scheduler == "warmup_cosine"
     if resume:
         restore(trainer, last)
     if ddp.main:  # lines of epochs after the checkpoint (or of a start killed before it) are trained again
-        rewrite_log(run_dir / "metrics.jsonl", trainer.start_epoch)
+        rewrite_log(run_dir / LOG_NAME, trainer.start_epoch)
     model = trainer.model
     net = model if ddp.world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -484,29 +458,17 @@ def _train(cfg: TrainConfig, ddp: Dist, device: torch.device, resume: bool, spli
             if trainer.scheduler.last_epoch >= first:
                 trainer.averaged.update_parameters(model)
 
-    for epoch in range(trainer.start_epoch, budget.epochs):
-        loader = build_loader(train_set, cfg, ddp, epoch, workers)
-        stats = train_one_epoch(net, loader, trainer.criterion, trainer.optimizer, trainer.scaler, device, cfg,
-                                epoch, ddp.main, max_steps=budget.steps_in(epoch),
-                                step_scheduler=trainer.scheduler if per_step else None, epochs=budget.epochs,
-                                after_step=average_step)
-        if not per_step:
-            trainer.scheduler.step()
-        if ddp.main:
-            last = epoch + 1 == budget.epochs
-            if last or (epoch + 1) % cfg.val_every == 0:  # validation costs a pass over train + val frames
-                if cfg.recalibrate_bn:  # rank 0's statistics reach the other ranks: DDP broadcasts buffers
-                    recalibrate_batchnorm(trainer.judged, train_images, device, cfg.batch_size)
-                stats.update(validate(trainer.judged, val_images, val_masks, device, cfg))
-            finish_epoch(trainer, cfg, run_dir, epoch, stats, budget.epochs)
-        ddp.barrier()
+    epochs = FloatEpochs(trainer, cfg, budget, lambda epoch: build_loader(train_set, cfg, ddp, epoch, workers), net,
+                         device, train_images, val_images, val_masks, show=ddp.main, average_step=average_step)
+    trainer.best_dice = run_epochs(epochs, run_dir, trainer.start_epoch, budget.epochs, trainer.best_dice,
+                                   writes=ddp.main, barrier=ddp.barrier)
     return run_dir
 
 
 if __name__ == "__main__":  # torchrun --nproc_per_node=N -m training.train --recipe paper --data DIR
     import sys
 
-    from device_runtime.errors import exit_code_of
+    from device_runtime.core.errors import exit_code_of
 
     arguments = get_args_parser().parse_args()
     sys.exit(exit_code_of(lambda: main(config_from_args(arguments), arguments.resume), "training.train"))

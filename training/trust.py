@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 import torch
 
-from device_runtime.errors import InputError
+from device_runtime.core.errors import InputError
 
 
 def _numpy_array_globals() -> list:

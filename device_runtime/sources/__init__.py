@@ -1,0 +1,1 @@
+"""Where frames come from: files, folders, videos, the synthetic generator (files), cameras and streams (live)."""

@@ -1,0 +1,1 @@
+"""Frames and masks: datasets on disk, the synthetic phantom, augmentation, colour-mask rules."""
