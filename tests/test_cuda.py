@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from export.cli import main
-from training import train
+from training import loop, train
 from training.checkpoint import read_checkpoint
 from training.config import build_config
 from training.evaluation.predict import predict_probabilities, strict_float32
@@ -60,7 +60,7 @@ def test_pipeline_on_cuda(tmp_path, capsys):
 def test_weight_averages_on_cuda(tmp_path, averaging, monkeypatch):
     """SWA's equal average and the EMA on the GPU, where torch's foreach kernels refuse BatchNorm's int64 counter
     (found on an H100: `Integer division with addcdiv is no longer supported`)."""
-    monkeypatch.setattr(train, "finished_checkpoint", lambda checkpoint: checkpoint)  # keep last.pt's average to read
+    monkeypatch.setattr(loop, "finished_checkpoint", lambda checkpoint, keep_weights=True: checkpoint)  # keep last.pt's average to read
     cfg = build_config("small", run_dir=str(tmp_path / "avg"), input_size=(64, 64), steps=7, batch_size=8,
                        warmup_steps=2, val_every=100, synth_count=30, device="cuda", val_batch_size=8,
                        pretrained="none", **averaging)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from device_runtime.core.errors import InputError
-from training import pretrain, train
+from training import loop, pretrain, train
 from training.checkpoint import read_checkpoint
 from training.config import build_config, load_run_config, to_toml
 
@@ -102,7 +102,7 @@ def test_a_run_starts_from_the_phantom_backbone_and_reuses_a_finished_stage(phan
     monkeypatch.setattr(train, "build_model_of", lambda cfg, *, pretrained, **kw: asked.append(pretrained)
                         or real_build(cfg, pretrained=pretrained, **kw))
     # the run is continued past its end below: its last.pt keeps the resume state a finished run's would drop
-    monkeypatch.setattr(train, "finished_checkpoint", lambda checkpoint: checkpoint)
+    monkeypatch.setattr(loop, "finished_checkpoint", lambda checkpoint, keep_weights=True: checkpoint)
     run_dir = train.main(phantom_config)
     stage = run_dir / "phantom"
     assert asked == ["none", str(stage / "checkpoints" / "best.pt")]  # the stage from scratch, then the run from it

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from device_runtime.core.errors import InputError
-from training import train
+from training import loop, train
 from training.checkpoint import read_checkpoint
 from training.config import build_config
 from training.data.transforms import AugmentConfig, Blur, Gamma, Speckle, build_train_transform
@@ -61,7 +61,7 @@ def step_config(tmp_path_factory):
 
 
 def test_step_budget_schedule_and_sparse_validation(step_config, monkeypatch):
-    monkeypatch.setattr(train, "finished_checkpoint", lambda checkpoint: checkpoint)  # keep its schedule to read
+    monkeypatch.setattr(loop, "finished_checkpoint", lambda checkpoint, keep_weights=True: checkpoint)  # keep its schedule to read
     run_dir = train.main(step_config)
     log = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     split = json.loads((run_dir / "split.json").read_text())
@@ -106,7 +106,7 @@ def averaged_weights(last: dict) -> dict:
 
 
 def test_weight_average_is_what_is_validated_and_kept(step_config, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "finished_checkpoint", lambda checkpoint: checkpoint)  # keep last.pt's average to read
+    monkeypatch.setattr(loop, "finished_checkpoint", lambda checkpoint, keep_weights=True: checkpoint)  # keep last.pt's average to read
     cfg = step_config.replace(run_dir=str(tmp_path / "ema"), weight_ema=0.9, val_every=100)  # only the last epoch
     run_dir = train.main(cfg)
     last = read_checkpoint(run_dir / "checkpoints" / "last.pt")
@@ -122,7 +122,7 @@ def test_weight_average_is_what_is_validated_and_kept(step_config, tmp_path, mon
 
 
 def test_swa_holds_the_lr_and_averages_only_the_tail(step_config, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "finished_checkpoint", lambda checkpoint: checkpoint)  # keep its optimiser and average
+    monkeypatch.setattr(loop, "finished_checkpoint", lambda checkpoint, keep_weights=True: checkpoint)  # keep its optimiser and average
     cfg = step_config.replace(run_dir=str(tmp_path / "swa"), swa_start=0.5, swa_lr_ratio=0.2, val_every=100)
     budget = train.Budget(steps_per_epoch=3, total_steps=7)
     assert train.swa_first_step(cfg, budget) == 4 and train.swa_first_step(step_config, budget) is None
