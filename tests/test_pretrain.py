@@ -204,3 +204,27 @@ def test_a_second_process_cannot_train_into_a_run_folder_in_use(phantom_config, 
         holder.wait()
     train.main(phantom_config.replace(run_dir=str(run_dir), pretrained="none"))  # the kernel dropped the lock
     assert (run_dir / "checkpoints" / "last.pt").is_file()
+
+
+def test_a_run_killed_in_its_phantom_stage_resumes_with_resume(phantom_config, monkeypatch, capsys):
+    """`--resume` after a kill during the stage: the run's config.toml is written before the stage, so --resume
+    finds the run, the stage continues from its own last checkpoint, and the run trains."""
+    calls = []
+
+    def killed(cfg, *args):
+        calls.append(cfg.run_dir)
+        raise KeyboardInterrupt  # as kill -9 during the stage: nothing after it runs
+
+    monkeypatch.setattr(train, "pretrain_on_phantom", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(phantom_config)
+    run_dir = Path(phantom_config.run_dir)
+    assert load_run_config(run_dir) == phantom_config and not (run_dir / "checkpoints").exists()
+    monkeypatch.undo()
+    args = train.get_args_parser().parse_args(["--run-dir", str(run_dir), "--resume"])
+    resumed = train.config_from_args(args)
+    assert resumed == phantom_config
+    train.main(resumed, resume=True)
+    assert (run_dir / pretrain.phantom_config(resumed).run_dir / "checkpoints" / "best.pt").is_file()
+    assert (run_dir / "checkpoints" / "best.pt").is_file()
+    assert "starting the run again" in capsys.readouterr().out

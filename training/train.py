@@ -382,6 +382,10 @@ def main(cfg: TrainConfig, resume: bool = False, splits: dict | None = None) -> 
             resume = check_run_dir(Path(cfg.run_dir), resume)
         resuming = resume and (Path(cfg.run_dir) / "checkpoints" / "last.pt").is_file()
         if pretrain.uses_phantom(cfg) and not resuming:  # a resumed run does not need the stage any more (_train)
+            if ddp.main:  # the run's config first, so that --resume after a kill in the stage knows the run
+                pretrain.check_stage(pretrain.phantom_config(cfg))  # a stage of other settings: refused, nothing written
+                with exclusive_run(Path(cfg.run_dir)):
+                    write_text(Path(cfg.run_dir) / "config.toml", to_toml(cfg))
             pretrain_on_phantom(cfg, ddp, device)
         with exclusive_run(Path(cfg.run_dir)) if ddp.main else contextlib.nullcontext():
             return _train(cfg, ddp, device, resume, splits)
