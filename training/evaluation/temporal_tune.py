@@ -204,23 +204,30 @@ def validation_sequences(run_dir: str | Path | None, phantom: bool, count: int, 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The flags of `nerveseg tune-temporal`."""
-    parser.add_argument("--run-dir", help="the run: its validation frames become pseudo-videos; its bundle RUN/bundle")
-    parser.add_argument("--bundle", help="the bundle to tune (default RUN/bundle)")
+    parser.add_argument("--run-dir", metavar="RUN",
+                        help="the run: its validation frames become pseudo-videos; its bundle RUN/bundle")
+    parser.add_argument("--bundle", metavar="FOLDER", help="the bundle to tune (default RUN/bundle)")
     parser.add_argument("--phantom", action="store_true", help="phantom sequences instead of pseudo-videos")
-    parser.add_argument("--data", help="pseudo-videos of every labelled frame under this folder instead")
-    parser.add_argument("--mask-label", type=int, help="nerve = mask == L (default: the run's; with --data mask > 0)")
-    parser.add_argument("--sequences", type=int, default=20, help="at most this many sequences (default 20)")
-    parser.add_argument("--frames", type=int, default=100, help="frames per sequence (default 100)")
-    parser.add_argument("--seed", type=int, default=1, help="of the trajectories and speckle (default 1; "
-                        "scripts/temporal_eval.py measures on seed 0)")
-    parser.add_argument("--dice-tolerance", type=float, default=0.005,
+    parser.add_argument("--data", metavar="FOLDER",
+                        help="pseudo-videos of every labelled frame under this folder instead")
+    parser.add_argument("--mask-label", type=int, metavar="L",
+                        help="nerve = mask == L (default: the run's; with --data mask > 0)")
+    parser.add_argument("--sequences", type=int, default=20, metavar="N",
+                        help="at most this many sequences (default 20)")
+    parser.add_argument("--frames", type=int, default=100, metavar="N", help="frames per sequence (default 100)")
+    parser.add_argument("--seed", type=int, default=1, metavar="SEED",
+                        help="of the trajectories and speckle (default 1; scripts/temporal_eval.py measures on "
+                             "seed 0)")
+    parser.add_argument("--dice-tolerance", type=float, default=0.005, metavar="D",
                         help="mean Dice may fall at most this far below the plain one (default 0.005)")
-    parser.add_argument("--min-flicker-cut", type=float, default=0.5,
+    parser.add_argument("--min-flicker-cut", type=float, default=0.5, metavar="SHARE",
                         help="enable the filter only when it cuts the flicker by at least this share (default 0.5)")
-    parser.add_argument("--show", type=int, default=5, help="print this many of the best settings (default 5)")
-    parser.add_argument("--table", help="write every setting's scores to this JSON file")
-    parser.add_argument("--backend", default="auto", help="as nerveseg-device --backend (default auto)")
-    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = one per core)")
+    parser.add_argument("--show", type=int, default=5, metavar="N",
+                        help="print this many of the best settings (default 5)")
+    parser.add_argument("--table", metavar="FILE", help="write every setting's scores to this JSON file")
+    parser.add_argument("--backend", default="auto", metavar="BACKEND",
+                        help="as nerveseg-device --backend (default auto)")
+    parser.add_argument("--threads", type=int, default=0, metavar="N", help="ONNX Runtime threads (0 = one per core)")
     return parser
 
 
