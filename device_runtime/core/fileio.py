@@ -323,6 +323,17 @@ def write_json(path: str | os.PathLike, obj) -> None:
     write_text(path, dumps_strict(obj, indent=2, sort_keys=False) + "\n")
 
 
+def read_json_object(path: Path, what: str) -> dict:
+    """The JSON object in `path`; one-line InputError naming the file and `what` it should hold otherwise."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: cannot read {what} ({err})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: malformed {what} (expected a JSON object)")
+    return data
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

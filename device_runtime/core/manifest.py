@@ -7,13 +7,12 @@ model input is not what this runtime feeds (float32, 1 channel, N x 1 x H x W, v
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import InputError
-from .fileio import sha256_file, write_json
+from .fileio import read_json_object, sha256_file, write_json
 from .postprocess import Morphology
 from .temporal import TemporalParams
 
@@ -151,12 +150,7 @@ def load_manifest(bundle_dir: str | os.PathLike, verify: bool = True) -> Manifes
         raise InputError(f"{bundle_dir}: bundle folder not found")
     if not path.is_file():
         raise InputError(f"{path}: not found; {_bundle_hint(bundle_dir)}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: cannot read manifest ({err})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: malformed manifest (expected a JSON object)")
+    data = read_json_object(path, "manifest")
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise InputError(

@@ -34,7 +34,7 @@ from training.model import as_deployed
 from training.evaluation.predict import resolve_device
 from training.stages import flip_tta_of
 
-from .writer import FP32_NAME, BundleFiles, BundleSource, ParityError, protected_paths, write_bundle
+from .writer import FP32_NAME, BundleFiles, BundleSource, ParityError, protected_paths, test_metrics_of, write_bundle
 from .int8_graph import INT8_OPSET, build_int8_model, layer_constants
 from .int8_parity import FLOOR_KEY, judge_files, model_references, parity_frames
 from .latency import interleaved_latency
@@ -128,7 +128,7 @@ def export_int8_bundle(run_dir: str | Path, qat_name: str, out_dir: str | Path |
     source = BundleSource(
         run_dir, cfg, as_deployed(float_model, cfg.flip_tta), float(checkpoint["threshold"]),
         Morphology.from_dict(checkpoint["morphology"]), {**protected_paths(run_dir, float_path), "QAT checkpoint": qat_path},
-        {"validation": checkpoint.get("validation", {}), "test": _test_metrics(qat_dir),
+        {"validation": checkpoint.get("validation", {}), "test": test_metrics_of(qat_dir),
          "float_run": {"threshold": float_checkpoint.get("threshold"), "morphology": float_checkpoint.get("morphology"),
                        "validation": float_checkpoint.get("validation", {}),
                        "note": "model.fp32.onnx is the float run's model; the bundle's T* and morphology are the QAT "
@@ -242,13 +242,6 @@ def _plain(obj) -> dict:
     from dataclasses import asdict, is_dataclass
 
     return json.loads(json.dumps(asdict(obj), default=str)) if is_dataclass(obj) else {}
-
-
-def _test_metrics(qat_dir: Path) -> dict:
-    path = qat_dir / "test_metrics.json"
-    if not path.is_file():
-        return {}
-    return {k: v for k, v in json.loads(path.read_text()).items() if k != "per_image"}
 
 
 def _add_onnx_test_metrics(path: Path, key: str, metrics: dict) -> None:

@@ -7,7 +7,6 @@ Broken files that should be readable (a malformed JSON) are bad input: one Input
 
 from __future__ import annotations
 
-import json
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from device_runtime.core.errors import InputError
+from device_runtime.core.fileio import read_json_object
 from device_runtime.core.manifest import MANIFEST_NAME, Manifest, load_manifest
 
 KINDS = ("float", "ptq", "uniform", "mixed", "learned")  # the report's row order
@@ -60,15 +60,7 @@ class Row:
 
 def read_json(path: Path) -> dict | None:
     """A JSON object from `path`, None when the file does not exist; InputError when it is not a JSON object."""
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: cannot read it as JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path, "JSON") if path.is_file() else None
 
 
 def read_toml(path: Path) -> dict | None:
