@@ -18,6 +18,7 @@ from device_runtime.core.errors import InputError
 from device_runtime.core.fileio import write_json, write_text
 from device_runtime.core.postprocess import Morphology
 from training.checkpoint import finished_on_resume, load_model, read_checkpoint
+from training.data.loader import Dist, build_loader
 from training.evaluation.bootstrap import paired_bootstrap_ci
 from training.evaluation.evaluate import evaluate_arrays, plot_examples
 from training.evaluation.predict import predict_probabilities, resolve_device
@@ -25,7 +26,7 @@ from training.evaluation.tune import plot_threshold_curve, tune
 from training.loop import LOCK_NAME, LOG_NAME, exclusive_run, resume_from_last, rewrite_log, run_epochs
 from training.model import as_deployed
 from training.stages import flip_tta_of, split_arrays
-from training.train import Dist, augmented_train_set, build_loader, validate
+from training.train import augmented_train_set, validate
 
 from .bits import activation_elements, bits_table, live_weights
 from .checkpoint import build_qat_model, read_qat_checkpoint, save_qat_checkpoint

@@ -129,7 +129,7 @@ def validation_cpu_seconds(cfg, train_frames: int, val_frames: int) -> float:
 
 def run_cost(recipes: list[str], train_frames: int, val_frames: int, steps: int, rounds: int) -> None:
 
-    from training.train import plan_budget
+    from training.schedule import plan_budget
 
     configs = {r: build_config(r) for r in recipes}
     loaders = {r: make_loader(c, max(train_frames, 2 * c.batch_size), 0) for r, c in configs.items()}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from device_runtime.core.errors import InputError
-from training import loop, train
+from training import loop, schedule, train
 from training.checkpoint import read_checkpoint
 from training.config import build_config
 from training.data.transforms import AugmentConfig, Blur, Gamma, Speckle, build_train_transform
@@ -19,7 +19,7 @@ OFF = dict(rotation=0.0, hflip=False, vflip=False, intensity_shift=0.0, contrast
 
 
 def test_warmup_cosine_shape():
-    f = [train.warmup_cosine(s, 10, 110, 0.05) for s in range(111)]
+    f = [schedule.warmup_cosine(s, 10, 110, 0.05) for s in range(111)]
     assert f[0] == pytest.approx(0.01) and f[10] == pytest.approx(1.0)
     assert all(a < b for a, b in zip(f[:10], f[1:11]))  # rising during warm-up
     assert all(a >= b for a, b in zip(f[10:], f[11:]))  # then never rising
@@ -27,10 +27,10 @@ def test_warmup_cosine_shape():
 
 
 def test_budget_in_steps_cuts_the_last_epoch():
-    b = train.Budget(steps_per_epoch=7, total_steps=30)
+    b = schedule.Budget(steps_per_epoch=7, total_steps=30)
     assert b.epochs == 5 and [b.steps_in(e) for e in range(5)] == [7, 7, 7, 7, 2]
     cfg = build_config("quick", steps=0, epochs=3)
-    assert train.plan_budget(cfg, 4).total_steps == 12
+    assert schedule.plan_budget(cfg, 4).total_steps == 12
 
 
 def test_adamw_decays_only_weights():
@@ -72,7 +72,7 @@ def test_step_budget_schedule_and_sparse_validation(step_config, monkeypatch):
     assert validated == sorted({e for e in range(1, epochs + 1) if e % 2 == 0} | {epochs})  # every 2nd and the last
     last = read_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert last["scheduler"]["last_epoch"] == 7  # stepped once per optimiser step
-    lr = step_config.lr * train.warmup_cosine(7, 7 // 4, 7, step_config.min_lr_ratio)  # warm-up capped at a quarter
+    lr = step_config.lr * schedule.warmup_cosine(7, 7 // 4, 7, step_config.min_lr_ratio)  # warm-up capped at a quarter
     assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(lr)
     assert (run_dir / "checkpoints" / "best.pt").is_file()
 
@@ -124,9 +124,9 @@ def test_weight_average_is_what_is_validated_and_kept(step_config, tmp_path, mon
 def test_swa_holds_the_lr_and_averages_only_the_tail(step_config, tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "finished_checkpoint", lambda checkpoint, keep_weights=True: checkpoint)  # keep its optimiser and average
     cfg = step_config.replace(run_dir=str(tmp_path / "swa"), swa_start=0.5, swa_lr_ratio=0.2, val_every=100)
-    budget = train.Budget(steps_per_epoch=3, total_steps=7)
-    assert train.swa_first_step(cfg, budget) == 4 and train.swa_first_step(step_config, budget) is None
-    factors = train.build_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), cfg,
+    budget = schedule.Budget(steps_per_epoch=3, total_steps=7)
+    assert schedule.swa_first_step(cfg, budget) == 4 and schedule.swa_first_step(step_config, budget) is None
+    factors = schedule.build_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), cfg,
                                     budget).lr_lambdas[0]
     assert [factors(s) for s in (4, 5, 6, 7)] == pytest.approx([0.2] * 4)  # constant once averaging starts
     assert factors(2) > 0.2  # still decaying before

@@ -11,6 +11,7 @@ import torch
 
 from device_runtime.core.errors import InputError
 from training import train
+from training.data import loader
 from training.checkpoint import RESUME_ONLY, read_checkpoint
 from training.config import build_config
 
@@ -148,8 +149,8 @@ def test_two_process_gloo_ddp_on_cpu(tmp_path, budget):
 def test_a_batch_of_one_frame_per_process_is_refused(tiny_config, batch_size, world):
     dataset = train.augmented_train_set(tiny_config, *np.zeros((2, 4 * world, 64, 64), np.float32))
     with pytest.raises(InputError, match=f"--batch-size {batch_size}.*at least 2 frames per step"):
-        train.build_loader(dataset, tiny_config.replace(batch_size=batch_size), train.Dist(0, world, 0), 0, 0)
-    assert len(train.build_loader(dataset, tiny_config.replace(batch_size=2 * world), train.Dist(0, world, 0), 0, 0))
+        loader.build_loader(dataset, tiny_config.replace(batch_size=batch_size), loader.Dist(0, world, 0), 0, 0)
+    assert len(loader.build_loader(dataset, tiny_config.replace(batch_size=2 * world), loader.Dist(0, world, 0), 0, 0))
 
 
 def test_every_train_flag_is_a_config_field():

@@ -2,15 +2,13 @@
 
 Reads top to bottom: prepare the data, build the loaders, train one epoch, validate as deployed (eval
 mode; every `val_every` epochs and after the last), save checkpoints, repeat. The budget is `epochs`, or
-`steps` optimiser steps when given (the last epoch then stops at the budget). Several GPUs: `torchrun --nproc_per_node=N -m training.train ...`
-(DistributedDataParallel; the recipe's batch size is the global batch, split over the processes).
+`steps` optimiser steps when given (the last epoch then stops at the budget; training.schedule). Several GPUs:
+`torchrun --nproc_per_node=N -m training.train ...` (training.data.loader).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader
 
 from device_runtime.core import metrics
 from device_runtime.core.errors import InputError
@@ -34,41 +32,13 @@ from .data.dataset import (
     SegmentationDataset, discover, group_by_prefix, load_pairs, load_split, save_split, split_samples)
 from .data.synth import write_phantom
 from .data.transforms import AugmentConfig, build_train_transform
+from .data.loader import Dist, build_loader, loader_workers, setup_distributed
 from .evaluation.predict import autocast, predict_probabilities, resolve_device
 from .flags import config_from_args, get_args_parser  # noqa: F401 (the command line's flags; torch-free there)
 from .loop import LOG_NAME, exclusive_run, resume_from_last, rewrite_log, run_epochs, train_one_epoch
 from .losses import BCEDiceLoss
 from .model import build_model_of
-
-
-@dataclass
-class Dist:
-    """Where this process stands in a torchrun job (world 1 without torchrun)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-
-def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist(), resolve_device(device_name)
-    local_rank = int(os.environ["LOCAL_RANK"])
-    use_cuda = torch.cuda.is_available() and device_name != "cpu"
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    return Dist(dist.get_rank(), world, local_rank), device
+from .schedule import Budget, build_optimizer, build_scheduler, plan_budget, swa_first_step
 
 
 def prepare_split(cfg: TrainConfig, run_dir: Path, resume: bool, splits: dict | None = None) -> dict:
@@ -83,107 +53,6 @@ def prepare_split(cfg: TrainConfig, run_dir: Path, resume: bool, splits: dict | 
         splits = split_samples(group_by_prefix(samples) if cfg.group_by == "prefix" else samples, cfg.seed)
     save_split(split_path, splits, root, seed=cfg.seed)
     return splits
-
-
-def loader_workers(cfg: TrainConfig, device: torch.device, ddp: Dist) -> int:
-    """On CUDA, augmentation must keep the GPU fed: several worker processes. On a CPU-only run the
-    cores are busy with the network itself, and workers would only compete with it."""
-    if cfg.workers >= 0:
-        return cfg.workers
-    if device.type != "cuda":
-        return 0
-    return max(1, min(8, (os.cpu_count() or 2) // ddp.world - 1))
-
-
-def build_loader(dataset: SegmentationDataset, cfg: TrainConfig, ddp: Dist, epoch: int, workers: int) -> DataLoader:
-    """A loader whose order depends only on (seed, epoch), so a resumed run sees the same batches."""
-    batch = cfg.batch_size // ddp.world
-    if batch < 2:  # one frame per process: BatchNorm in DeepLabV3's image-pooling branch cannot train on it
-        where = f" over {ddp.world} processes leaves {batch} frame(s) per process;" if ddp.world > 1 else ":"
-        raise InputError(f"--batch-size {cfg.batch_size}{where} DeepLabV3's image-pooling BatchNorm needs at least 2 "
-                         f"frames per step: use --batch-size {2 * ddp.world} or more")
-    # a last batch of one frame would break BatchNorm in DeepLabV3's image-pooling branch: drop remainders
-    drop_last = len(dataset) // ddp.world > batch
-    if ddp.world > 1:
-        sampler = DistributedSampler(dataset, ddp.world, ddp.rank, shuffle=True, seed=cfg.seed, drop_last=True)
-        sampler.set_epoch(epoch)
-    else:
-        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-    return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=drop_last,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How long a run trains: whole epochs, the last one possibly cut at `total_steps`."""
-
-    steps_per_epoch: int
-    total_steps: int
-
-    @property
-    def epochs(self) -> int:
-        return math.ceil(self.total_steps / self.steps_per_epoch)
-
-    def steps_in(self, epoch: int) -> int:
-        return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
-
-
-def plan_budget(cfg: TrainConfig, steps_per_epoch: int) -> Budget:
-    steps_per_epoch = max(1, steps_per_epoch)
-    return Budget(steps_per_epoch, cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch)
-
-
-def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
-    """lr factor at `step`: linear from 0.01 to 1 over `warmup` steps, then cosine from 1 down to `floor`
-    at `total`. Warm-up keeps Adam's first, badly estimated moments from throwing a from-scratch network
-    (with freshly initialised BatchNorm) far off; the decay to a small lr settles it.
-
-    Example:
-        warmup_cosine(0, 10, 110, 0.0) == 0.01; warmup_cosine(10, 10, 110, 0.0) == 1.0;
-        warmup_cosine(60, 10, 110, 0.0) == 0.5; warmup_cosine(110, 10, 110, 0.0) == 0.0.
-    """
-    if step < warmup:
-        return 0.01 + 0.99 * step / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def swa_first_step(cfg: TrainConfig, budget: Budget) -> int | None:
-    """The optimiser step from which stochastic weight averaging averages (None: no SWA). SWA (Izmailov et al.
-    2018, "Averaging weights leads to wider optima and better generalization") averages the weights visited at a
-    constant, moderate lr: points around one minimum, whose mean generalises like an ensemble of them. At least the
-    last step is averaged, however short the run."""
-    if cfg.swa_start <= 0:
-        return None
-    return min(budget.total_steps - 1, max(1, round(cfg.swa_start * budget.total_steps)))
-
-
-def build_scheduler(optimizer, cfg: TrainConfig, budget: Budget):
-    """`cosine`: the paper's per-epoch cosine (stepped once an epoch); `warmup_cosine`: stepped every
-    optimiser step; `none`: constant."""
-    if cfg.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=budget.epochs)
-    if cfg.scheduler == "warmup_cosine":
-        # a short run (tests, a quick --epochs 2) must not spend itself warming up: at most a quarter of it
-        warmup = min(cfg.warmup_steps, budget.total_steps // 4)
-        start = swa_first_step(cfg, budget)
-        if start is not None:  # SWA: the decay ends where averaging starts, at the constant averaging lr
-            return torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda step: warmup_cosine(step, warmup, start, cfg.swa_lr_ratio))
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup, budget.total_steps, cfg.min_lr_ratio))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-
-
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam (the paper's), or AdamW with decay on convolution weights only: decaying BatchNorm scales and
-    biases only fights the normalisation."""
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    rest = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
 
 
 def memory_format(cfg: TrainConfig, device: torch.device) -> torch.memory_format:
