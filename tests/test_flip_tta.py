@@ -55,6 +55,22 @@ def test_the_output_is_the_logit_of_the_mean_of_the_two_probabilities(scale):
     assert not np.allclose(plain, mirrored)  # the mirror did change something to average
 
 
+def test_no_tensor_of_the_averaging_graph_is_infinite_where_both_logits_saturate(tmp_path):
+    """ONNX Runtime's Percentile and Entropy calibrators read the range of every tensor, the float tail included, and
+    stop on an infinite one (on usgra-seg they failed so, and PTQ fell back to MinMax alone)."""
+    import onnxruntime as ort
+
+    model = onnx.load(str(export_onnx(FlipAveraged(FixedLogits(400.0)), tmp_path / "f.onnx", (5, 7))))
+    names = [out for node in model.graph.node for out in node.output]
+    del model.graph.output[:]
+    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((2, 1, 5, 7), dtype=np.float32)
+    values = dict(zip(names, session.run(None, {session.get_inputs()[0].name: x})))
+    floats = {name: v for name, v in values.items() if np.issubdtype(v.dtype, np.floating)}
+    assert len(floats) > 5 and [name for name, v in floats.items() if not np.isfinite(v).all()] == []
+
+
 def test_a_mirrored_frame_gives_the_mirrored_output():
     net = FixedLogits(3.0)
     x = torch.rand(1, 1, 4, 6, generator=torch.Generator().manual_seed(1))

@@ -112,3 +112,20 @@ def test_onnx_runtimes_calibration_output_goes_to_a_log_not_the_console(float_gr
     assert "quantize_static, Entropy calibration -> ptq.onnx" in log
     assert "Collecting tensor data and making histogram" in log and "Number of tensors" in log
     assert "WARNING root: Please consider pre-processing" in log  # the root logger's lines too
+
+
+def test_warnings_raised_inside_onnx_runtimes_tools_go_to_the_log_too(tmp_path, capfd):
+    """numpy's "invalid value encountered in divide" from ONNX Runtime's range code reached the pipeline's stderr."""
+    import warnings
+
+    from export.report.ptq import ORT_LOG, ort_output_to
+
+    with ort_output_to(tmp_path / ORT_LOG):
+        np.divide(np.zeros(1), np.zeros(1))  # numpy's RuntimeWarning, as quant_utils raises it
+        warnings.warn("from inside", UserWarning)
+    with pytest.warns(UserWarning):  # and the caller's warnings are its own again afterwards
+        warnings.warn("after", UserWarning)
+    out, err = capfd.readouterr()
+    assert "invalid value" not in out + err and "from inside" not in out + err
+    log = (tmp_path / ORT_LOG).read_text()
+    assert "RuntimeWarning: invalid value encountered in divide" in log and "UserWarning: from inside" in log

@@ -225,9 +225,11 @@ class LogitsOnly(nn.Module):
         return self.model(x)["out"]
 
 
-# Where FlipAveraged clips its logits: sigmoid(+-30) is 1 and 0 in float32 (and the tuned T* lies in [0.01, 0.99]),
-# so the clip changes no mask; it keeps the graph's output finite where both probabilities round to 1 or 0
-FLIP_LOGIT_LIMIT = 30.0
+# Where FlipAveraged clips the network's logits (and its own output): a probability moves by at most
+# sigmoid(-16) = 1.1e-7, and the tuned T* lies in [0.01, 0.99]. Clipped before the sigmoids, no tensor of the graph
+# is infinite: ONNX Runtime's CPU sigmoid returns 0 below about -17.3, so a wider clip would still leave log(0) there,
+# and its histogram calibrators (Percentile, Entropy) stop on an infinite range
+FLIP_LOGIT_LIMIT = 16.0
 
 
 class FlipAveraged(nn.Module):
@@ -251,6 +253,7 @@ class FlipAveraged(nn.Module):
         n, width = x.shape[0], int(x.shape[-1])  # the width as a constant: the graph's input size is fixed
         reversed_columns = torch.arange(width - 1, -1, -1, device=x.device)
         logits = self.model(torch.cat([x, x.index_select(3, reversed_columns)]))["out"]
+        logits = logits.clamp(-FLIP_LOGIT_LIMIT, FLIP_LOGIT_LIMIT)
         plain, mirrored = logits[:n], logits[n:].index_select(3, reversed_columns)
         averaged = (torch.log(torch.sigmoid(plain) + torch.sigmoid(mirrored))
                     - torch.log(torch.sigmoid(-plain) + torch.sigmoid(-mirrored)))

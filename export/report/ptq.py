@@ -16,6 +16,7 @@ import json
 import logging
 import sys
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -103,8 +104,9 @@ def calibration_subset(frames: np.ndarray, count: int = CALIBRATION_FRAMES) -> n
 @contextlib.contextmanager
 def ort_output_to(log_path: Path):
     """Send what ONNX Runtime's quantization tools print (print(): "Collecting tensor data and making histogram
-    ...", bin counts, percentiles; the root logger's warnings) to `log_path` (appended), not into the output of
-    the command that runs them: the pipeline's output stays its own lines, and nothing is lost."""
+    ...", bin counts, percentiles; the root logger's warnings; numpy's RuntimeWarnings from its range code) to
+    `log_path` (appended), not into the output of the command that runs them: the pipeline's output stays its own
+    lines, and nothing is lost."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", encoding="utf-8") as log:
         handler = logging.StreamHandler(log)
@@ -112,7 +114,10 @@ def ort_output_to(log_path: Path):
         root = logging.getLogger()
         root.addHandler(handler)  # a root with a handler also keeps logging.warning() from adding one on stderr
         try:
-            with contextlib.redirect_stdout(log):
+            with contextlib.redirect_stdout(log), warnings.catch_warnings():  # catch_warnings restores showwarning
+                warnings.simplefilter("always")
+                warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: log.write(
+                    warnings.formatwarning(message, category, filename, lineno, line))
                 yield
         finally:
             root.removeHandler(handler)
