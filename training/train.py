@@ -30,9 +30,9 @@ from .checkpoint import (finished_on_resume, make_checkpoint, read_checkpoint, r
 from .config import TrainConfig, to_toml
 from .data.dataset import (
     SegmentationDataset, discover, group_by_prefix, load_pairs, load_split, save_split, split_samples)
+from .data.loader import Dist, build_loader, loader_workers, setup_distributed
 from .data.synth import write_phantom
 from .data.transforms import AugmentConfig, build_train_transform
-from .data.loader import Dist, build_loader, loader_workers, setup_distributed
 from .evaluation.predict import autocast, predict_probabilities, resolve_device
 from .flags import config_from_args, get_args_parser  # noqa: F401 (the command line's flags; torch-free there)
 from .loop import LOG_NAME, exclusive_run, resume_from_last, rewrite_log, run_epochs, train_one_epoch
