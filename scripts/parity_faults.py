@@ -173,29 +173,43 @@ TIES = {
 }
 
 
-def measure(graph: onnx.ModelProto, work: Path, images, references, threshold, morphology) -> dict:
-    """The gate's figures and verdict of one graph (export.bundle.int8_parity.judge_files on that one file)."""
+def measure(graph: onnx.ModelProto, work: Path, images, references, threshold, morphology, model) -> dict:
+    """The gate's figures and verdict of one graph (export.bundle.int8_parity.judge_files on that one file);
+    `model`: the fake-quant model as deployed."""
     from export.bundle.int8_parity import judge_files
 
     path = work / "planted.onnx"
     onnx.save(graph, str(path))
-    parity, _ = judge_files([path], images, references, threshold, morphology, {"frames": len(images)})
+    parity, _ = judge_files([path], images, references, threshold, morphology, {"frames": len(images)}, model)
     return parity[path.name]
 
 
 def table(rows: dict[str, dict]) -> str:
-    """graph -> its worst statistic (at the level, fused or as written, where it is worst) against its allowance
-    -> refused?"""
-    lines = [f"{'graph':<44}{'worst statistic':<28}{'value':>9}{'allowed':>9}{'ratio':>8}  verdict"]
+    """graph -> its worst statistic (at the level, fused or as written, where it is worst) against its allowance;
+    the layer check's worst quantizer (the share of its integers that differ, teacher-forced) against its bound;
+    each check's verdict and the gate's (refused when either refuses)."""
+    lines = [f"{'graph':<44}{'worst statistic':<28}{'value':>9}{'allowed':>9}{'ratio':>8}  {'stats':<8}"
+             f"{'worst layer':<34}{'mismatch':>9}{'max|d|':>7}{'ratio':>9}  {'layers':<8}gate"]
     for name, result in rows.items():
         level = max(("deployed", "as_written"), key=lambda lv: result["gate"][lv]["worst_ratio"])
         gate = result["gate"][level]
         key = max(gate["ratio"], key=gate["ratio"].get)
         value = result[key if level == "deployed" else f"reference_{key}"]
         where = "fused" if level == "deployed" else "as written"
+        statistics = result["gate"]["deployed"]["passed"] and result["gate"]["as_written"]["passed"]
+        layers = result["layers"]
+        worst = layers["worst"] or {"name": "-", "mismatch_fraction": 0.0, "max_abs_diff": 0}
+        shown = layers["refused_at"] or worst["name"]  # the first quantizer refused, if any
+        row = next((r for r in layers["quantizers"] if r["name"] == shown), worst)
         lines.append(f"{name:<44}{f'{key} ({where})':<28}{value:>9.1e}{gate['allowed'][key]:>9.1e}"
-                     f"{gate['ratio'][key]:>8.2f}  {'passed' if result['gate']['passed'] else 'REFUSED'}")
+                     f"{gate['ratio'][key]:>8.2f}  {_verdict(statistics):<8}{shown[-33:]:<34}"
+                     f"{row['mismatch_fraction']:>9.1e}{row['max_abs_diff']:>7}{layers['worst_ratio']:>9.2f}  "
+                     f"{_verdict(layers['passed']):<8}{_verdict(result['gate']['passed'])}")
     return "\n".join(lines)
+
+
+def _verdict(passed: bool) -> str:
+    return "passed" if passed else "REFUSED"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     graph = build_int8_model(model, tuple(cfg.input_size), args.work / "twin.onnx", flip)
     images, _ = parity_frames(args.run_dir, cfg, args.frames or PARITY_FRAMES)
-    references = model_references(as_deployed(model, flip), images, torch.device("cpu"), cfg.val_batch_size)
+    deployed = as_deployed(model, flip)
+    references = model_references(deployed, images, torch.device("cpu"), cfg.val_batch_size)
     rows = {"faithful: TensorRT form": graph, "faithful: x86 file": cpu_form(graph)}
     rows.update({f"ties: {name}": edit(graph) for name, edit in TIES.items()})
     for name, edit in FAULTS.items():
@@ -232,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             rows[f"fault: {name}"] = edit(graph)
         except ValueError as err:  # e.g. no quantizer below 8 bits: no clamp to drop
             print(f"fault: {name}: not applicable ({err})")
-    results = {name: measure(g, args.work, images, references, threshold, morphology) for name, g in rows.items()}
+    results = {name: measure(g, args.work, images, references, threshold, morphology, deployed)
+               for name, g in rows.items()}
     print(f"{args.run_dir} qat/{args.qat}: {len(images)} frames {tuple(cfg.input_size)}")
     print(table(results))
     return 0

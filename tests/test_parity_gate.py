@@ -8,6 +8,9 @@ its floor is wide and only the faults that stand out of that chaos are asserted 
 a bias on the weight grid or per-tensor weight scales in every layer at 1.1-1.3x the allowance, one layer's within it.
 """
 
+from types import SimpleNamespace
+
+import onnx
 import pytest
 
 from conftest import load_script
@@ -27,7 +30,8 @@ def _case(run_dir, qat_name, work):
     from device_runtime.core.postprocess import Morphology
     from export.bundle.int8 import load_qat, qat_paths
     from export.bundle.int8_graph import build_int8_model
-    from export.bundle.int8_parity import model_references, parity_frames
+    from export.bundle.int8_parity import judge_files, model_references, parity_frames
+    from export.bundle.layer_parity import layer_check
     from training.checkpoint import load_model
     from training.model import as_deployed
     from training.stages import flip_tta_of
@@ -37,13 +41,26 @@ def _case(run_dir, qat_name, work):
     flip = flip_tta_of(checkpoint)
     graph = build_int8_model(model, tuple(cfg.input_size), work / "twin.onnx", flip)
     images, _ = parity_frames(run_dir, cfg)
-    references = model_references(as_deployed(model, flip), images, torch.device("cpu"), cfg.val_batch_size)
+    deployed = as_deployed(model, flip)
+    references = model_references(deployed, images, torch.device("cpu"), cfg.val_batch_size)
+
+    threshold, morphology = float(checkpoint["threshold"]), Morphology.from_dict(checkpoint["morphology"])
 
     def measure(edited):
-        return PLANT.measure(edited, work, images, references, float(checkpoint["threshold"]),
-                             Morphology.from_dict(checkpoint["morphology"]))
+        return PLANT.measure(edited, work, images, references, threshold, morphology, deployed)
 
-    return graph, measure
+    def judge(edited):  # (parity entries, {file: why refused}) of one edited file
+        path = work / "judged.onnx"
+        onnx.save(edited, str(path))
+        return judge_files([path], images, references, threshold, morphology, {"frames": len(images)}, deployed)
+
+    def check_layers(edited, model=deployed):  # the teacher-forced check alone (export/bundle/layer_parity.py)
+        path = work / "layers.onnx"
+        onnx.save(edited, str(path))
+        return layer_check(path, model, images)
+
+    return SimpleNamespace(graph=graph, measure=measure, judge=judge, layers=check_layers, qat_model=model,
+                           flip=flip)
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +80,13 @@ def w4a4(tiny_run, tmp_path_factory):
 
 @pytest.mark.parametrize("fault", W8A8_FAULTS)
 def test_a_planted_fault_is_refused_w8a8(w8a8, fault):
-    graph, measure = w8a8
-    result = measure(PLANT.FAULTS[fault](graph))
+    result = w8a8.measure(PLANT.FAULTS[fault](w8a8.graph))
     assert not result["gate"]["passed"], PLANT.table({fault: result})
 
 
 @pytest.mark.parametrize("fault", W4A4_FAULTS)
 def test_a_planted_fault_is_refused_w4a4(w4a4, fault):
-    graph, measure = w4a4
-    result = measure(PLANT.FAULTS[fault](graph))
+    result = w4a4.measure(PLANT.FAULTS[fault](w4a4.graph))
     assert not result["gate"]["passed"], PLANT.table({fault: result})
 
 
@@ -79,10 +94,11 @@ def test_a_planted_fault_is_refused_w4a4(w4a4, fault):
 def test_the_faithful_files_and_ties_only_edits_pass(case, request, capsys):
     from export.bundle.qdq import cpu_form
 
-    graph, measure = request.getfixturevalue(case)
+    fixture = request.getfixturevalue(case)
+    graph = fixture.graph
     rows = {"TensorRT form": graph, "x86 file": cpu_form(graph)}
     rows.update({f"ties: {name}": edit(graph) for name, edit in PLANT.TIES.items()})
-    results = {name: measure(edited) for name, edited in rows.items()}
+    results = {name: fixture.measure(edited) for name, edited in rows.items()}
     with capsys.disabled():  # the table the report quotes (pytest -s, or scripts/parity_faults.py)
         print(f"\n{case}\n{PLANT.table(results)}")
     assert all(result["gate"]["passed"] for result in results.values()), PLANT.table(results)
@@ -92,10 +108,66 @@ def test_a_nudge_moves_every_scale_by_one_ulp_and_nothing_else(w8a8):
     import numpy as np
     from onnx import numpy_helper
 
-    graph, _ = w8a8
+    graph = w8a8.graph
     before = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
     after = {i.name: numpy_helper.to_array(i) for i in PLANT.TIES["activation scales +1 ulp"](graph).graph.initializer}
     moved = [name for name in before if not np.array_equal(before[name], after[name])]
     assert moved and all(name.endswith(".scale") for name in moved)
     for name in moved:
         assert after[name] == np.nextafter(before[name], np.float32(np.inf), dtype=np.float32)
+
+
+# THE LAYER CHECK (export/bundle/layer_parity.py): teacher-forced, each quantizer's integers against the model's.
+# The one-layer faults issue 32 names; on this W8A8 model the end-to-end statistics let most of them through.
+ONE_LAYER_FAULTS = ["bias on the s_w grid (one layer)", "per-tensor weight scales (one layer)",
+                    "zero point 1 at dequantize (one)", "weight scale x1.25 (one layer)", "ReLU dropped (one)"]
+# the faults that edit one convolution's constants: the first quantizer refused is that convolution's output
+CONV_FAULTS = {"bias on the s_w grid (one layer)", "per-tensor weight scales (one layer)",
+               "weight scale x1.25 (one layer)"}
+
+
+@pytest.mark.parametrize("fault", ONE_LAYER_FAULTS)
+def test_the_layer_check_refuses_a_fault_in_one_layer_and_names_its_quantizer(w8a8, fault):
+    result = w8a8.layers(PLANT.FAULTS[fault](w8a8.graph))
+    assert not result["passed"] and result["unchecked"] == []
+    named = result["refused_at"]
+    assert named in result["failure"] and w8a8.qat_model.get_submodule(named) is not None
+    if fault in CONV_FAULTS:
+        conv, _ = PLANT._pick(PLANT._weight_layers(w8a8.graph), "one")[0]
+        assert named == f"{conv.name}.output_quant"
+    row = next(r for r in result["quantizers"] if r["name"] == named)
+    assert row["mismatch_fraction"] > 10 * result["bound"], row  # measured: 2e-2 or more
+
+
+@pytest.mark.parametrize("graph", ["TensorRT form", "x86 file", *PLANT.TIES])
+def test_the_layer_check_passes_the_faithful_files_and_one_ulp_nudges(w8a8, graph):
+    from export.bundle.qdq import cpu_form
+    from qat.prepare import activation_quantizers
+
+    edits = {"TensorRT form": lambda g: g, "x86 file": cpu_form, **PLANT.TIES}
+    result = w8a8.layers(edits[graph](w8a8.graph))
+    assert result["passed"] and result["unchecked"] == [] and result["failure"] is None, result["worst"]
+    assert result["worst"]["mismatch_fraction"] <= result["bound"] and result["worst"]["max_abs_diff"] <= 1
+    assert len(result["quantizers"]) == len(activation_quantizers(w8a8.qat_model))  # every one checked
+
+
+def test_the_gate_refuses_a_file_the_layer_check_refuses_and_says_where(w8a8):
+    parity, refused = w8a8.judge(PLANT.FAULTS["bias on the s_w grid (one layer)"](w8a8.graph))
+    (entry,), (why,) = [v for k, v in parity.items() if k == "judged.onnx"], refused.values()
+    assert not entry["gate"]["passed"] and not entry["layers"]["passed"]
+    assert f"layer by layer (teacher-forced, {entry['layers']['frames']} frames): {entry['layers']['refused_at']}: " in why
+
+
+def test_a_quantizer_missing_from_the_file_is_unchecked_and_a_foreign_file_is_an_error(w8a8):
+    from training.model import as_deployed
+
+    graph = onnx.ModelProto.FromString(w8a8.graph.SerializeToString())
+    first = next(n for n in graph.graph.node if n.op_type == "QuantizeLinear" and n.name)
+    name, first.name = first.name, ""
+    result = w8a8.layers(graph)
+    assert result["unchecked"] == [name] and result["passed"]
+    assert name not in [row["name"] for row in result["quantizers"]]
+    # flip-averaged or not where the graph is the other: a batch of 2 against 1, an error, not a silent skip
+    other = w8a8.qat_model if w8a8.flip else as_deployed(w8a8.qat_model, True)
+    with pytest.raises(ValueError, match=r"quantizer .*: the graph's integers have shape .* the file is not this"):
+        w8a8.layers(w8a8.graph, model=other)

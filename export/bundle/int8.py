@@ -201,10 +201,10 @@ def keep_passing(staging: Path, written: list[str], source: BundleSource, model,
     left out: why}); ParityError when none is kept."""
     cfg = source.cfg
     images, frames_from = parity_frames(source.run_dir, cfg)
-    references = model_references(as_deployed(model, cfg.flip_tta), images, resolve_device(device),
-                                  cfg.val_batch_size)
+    deployed = as_deployed(model, cfg.flip_tta)
+    references = model_references(deployed, images, resolve_device(device), cfg.val_batch_size)
     parity, refused = judge_files([staging / name for name in written], images, references, source.threshold,
-                                  source.morphology, frames_from)
+                                  source.morphology, frames_from, deployed)
     for name, why in refused.items():
         (staging / name).unlink()
         print(f"{name} left out of the bundle: {why}", file=sys.stderr, flush=True)
@@ -268,7 +268,8 @@ def format_summary(bundle: Path, manifest: Manifest) -> str:
                  f"{_gate_figures(floor)}")
     for name in held:
         p = m["parity"][name]
-        lines.append(f"  {name} kept, {p['gate']['worst_ratio']:.2f} of the gate's allowance: {_gate_figures(p)}")
+        lines.append(f"  {name} kept, {p['gate']['worst_ratio']:.2f} of the gate's allowance: {_gate_figures(p)}"
+                     f"{_layer_figures(p.get('layers'))}")
     for name, why in q.get("refused", {}).items():
         lines.append(f"  {name} left out: {why}")
     if q.get("grid") == "x86":
@@ -290,6 +291,16 @@ def format_summary(bundle: Path, manifest: Manifest) -> str:
 def _gate_figures(p: dict) -> str:
     return (f"flipped pixels {p['flipped_fraction']:.1e}, |dp| median {p['prob_diff_p50']:.1e} p99 "
             f"{p['prob_diff_p99']:.1e} p99.9 {p['prob_diff_p99.9']:.1e} max {p['max_prob_diff']:.3f}")
+
+
+def _layer_figures(layers: dict | None) -> str:
+    """The teacher-forced layer check's worst quantizer (export/bundle/layer_parity.py); bundles written before it
+    have none."""
+    if not layers or not layers.get("worst"):
+        return ""
+    worst = layers["worst"]
+    return (f"; layer by layer, the worst quantizer {worst['name']} differs in {worst['mismatch_fraction']:.1e} of "
+            f"its integers (bound {layers['bound']:g})")
 
 
 def print_problems(manifest: Manifest) -> None:

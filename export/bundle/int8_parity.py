@@ -17,6 +17,7 @@ from device_runtime.core.postprocess import Morphology
 from training.data.dataset import load_pairs, load_split
 from training.evaluation.predict import predict_probabilities
 
+from .layer_parity import LAYER_BOUND, LAYER_FRAMES, LAYER_SLACK, layer_check
 from .parity import GATE_FACTOR, GATE_SLACK, compare, onnx_probabilities, tie_gate
 
 # Validation frames first, then training frames up to this many in all: the gate's statistics are pooled over
@@ -123,25 +124,33 @@ def parity_of(path: Path, images: np.ndarray, references: dict[str, np.ndarray],
 
 
 def judge_files(paths: list[Path], images: np.ndarray, references: dict[str, np.ndarray], threshold: float,
-                morphology: Morphology, frames_from: dict) -> tuple[dict, dict[str, str]]:
-    """Every file measured and judged: (the manifest's parity entries: one per file with its `gate` verdict, the
-    model's own floor under FLOOR_KEY and the rule under "gate"; {name: why} of the files the gate refused).
+                morphology: Morphology, frames_from: dict,
+                model: torch.nn.Module) -> tuple[dict, dict[str, str]]:
+    """Every file measured and judged: (the manifest's parity entries: one per file with its `gate` verdict and its
+    teacher-forced per-quantizer check under `layers`, the model's own floor under FLOOR_KEY and the rule under
+    "gate"; {name: why} of the files the gate refused). `model`: the fake-quant model as the bundle runs it (as_deployed).
 
     A file must pass both as ONNX Runtime CPU fuses it (what `ort-cpu` runs; ONNX Runtime can run any INT8 file of
     the bundle) and as written (every Q/DQ executed: the explicit-quantization semantics TensorRT and the CUDA
-    provider implement). A wrong graph fails both; a file that fails only the first is let down by the kernels."""
+    provider implement). A wrong graph fails both; a file that fails only the first is let down by the kernels.
+    And every layer of it must compute the model's integers from what that layer reads (layer_parity.layer_check):
+    the end-to-end statistics cannot see a fault in one layer of a model whose ties cascade."""
     floor = noise_floor(references, threshold, morphology)
     parity = {FLOOR_KEY: {**floor, "frames_from": frames_from},
               "gate": {"factor": GATE_FACTOR, "slack": dict(GATE_SLACK), "tie_nudges": list(TIE_NUDGES),
                        "rule": "each statistic <= factor x the model's own (the largest of its float32 draws against "
                                "float64) + slack, both as ONNX Runtime CPU runs the file and as written "
-                               "(ORT_DISABLE_ALL)"}}
+                               "(ORT_DISABLE_ALL); and, teacher-forced layer by layer on the first "
+                               f"{LAYER_FRAMES} frames, at most {LAYER_BOUND:g} x its elements + {LAYER_SLACK} of each "
+                               "activation quantizer's integers differing from the model's "
+                               "(export/bundle/layer_parity.py)"}}
     refused = {}
     for path in paths:
         result = parity_of(path, images, references, threshold, morphology)
         deployed = tie_gate(result, floor)
         written = tie_gate({key: result[f"reference_{key}"] for key in GATE_SLACK}, floor)
-        result["gate"] = {"passed": deployed["passed"] and written["passed"],
+        layers = result["layers"] = layer_check(path, model, images)
+        result["gate"] = {"passed": deployed["passed"] and written["passed"] and layers["passed"],
                           "worst_ratio": max(deployed["worst_ratio"], written["worst_ratio"]),
                           "deployed": deployed, "as_written": written}
         result["frames_from"] = frames_from
@@ -150,5 +159,6 @@ def judge_files(paths: list[Path], images: np.ndarray, references: dict[str, np.
             refused[path.name] = (
                 f"on {result['frames']} frames, as ONNX Runtime CPU runs it: "
                 f"{'; '.join(deployed['failures']) or 'within the allowance'}; as written (ORT_DISABLE_ALL): "
-                f"{'; '.join(written['failures']) or 'within the allowance (the fused kernels depart, not the graph)'}")
+                f"{'; '.join(written['failures']) or 'within the allowance (the fused kernels depart, not the graph)'}"
+                f"; layer by layer (teacher-forced, {layers['frames']} frames): {layers['failure'] or 'passed'}")
     return parity, refused
