@@ -57,6 +57,9 @@ def test_bundle_has_both_int8_files_parity_and_quantization(int8_bundle, qat_run
         assert parity["gate"]["passed"] and parity["gate"]["worst_ratio"] <= 1.0, parity["gate"]
         assert parity["frames"] == floor["frames"] and {"prob_diff_p50", "prob_diff_p99.9", "flipped_fraction",
                                                         "reference_max_prob_diff", "against_float64"} <= set(parity)
+        layers = parity["layers"]  # the teacher-forced check of every activation quantizer (export/bundle/layer_parity.py)
+        assert layers["passed"] and layers["unchecked"] == [] and layers["worst"]["mismatch_fraction"] <= layers["bound"]
+        assert len(layers["quantizers"]) > 50 and all(row["max_abs_diff"] <= 1 for row in layers["quantizers"])
     assert loaded.quantization["refused"] == {} and loaded.left_out() == {}
     assert loaded.metrics["parity"]["gate"]["factor"] == GATE_FACTOR
     q = loaded.quantization
@@ -133,6 +136,9 @@ def test_a_refused_file_is_left_out_and_the_device_says_what_the_bundle_holds(te
     assert loaded.metrics["latency_ms"]["ort-cpu"]["int8_file"] == CPU_NAME
     summary = format_summary(bundle, manifest)
     assert f"holds {CPU_NAME} (+ model.fp32.onnx)" in summary and f"{TENSORRT_NAME} left out: " in summary
+    # every weight scale x2: the layer check refuses the first convolution's output, and says so
+    assert "layer by layer (teacher-forced, 4 frames): backbone.0.0.output_quant: " in loaded.left_out()[TENSORRT_NAME]
+    assert f"{CPU_NAME} kept" in summary and "layer by layer, the worst quantizer " in summary
     # TensorRT: FP16 from the float graph, saying why; --precision int8 refused in one line that says why
     precision, why = auto_precision(loaded, "tensorrt")
     assert precision == "fp16" and "left out at export" in why

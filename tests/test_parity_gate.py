@@ -6,6 +6,8 @@ in one layer or all, departs a hundred times further than the model departs from
 the hard case: one flipped tie cascades (40 % of its last layers' integers differ between float32 and float64), so
 its floor is wide and only the faults that stand out of that chaos are asserted there: measured (docs/QUANTIZATION.md)
 a bias on the weight grid or per-tensor weight scales in every layer at 1.1-1.3x the allowance, one layer's within it.
+The teacher-forced layer check (export/bundle/layer_parity.py) cuts that cascade: on W8A8 it refuses each one-layer
+fault and names its quantizer, and accepts the faithful files and every one-ulp nudge.
 """
 
 from types import SimpleNamespace

@@ -11,7 +11,8 @@ One set of integers, two files: the exact rewrite (export.bundle.qdq) costs noth
 kernels want; a single s8 file ran 2.7x slower than FP32 on ONNX Runtime x86, a single u8 file is not TensorRT's.
 
 Parity, per file (export/bundle/int8_parity.py): each INT8 file, run by ONNX Runtime CPU as the device runs it, is held
-to the fake-quant model's own float32-vs-float64 disagreement on the parity frames (export.bundle.parity.tie_gate). A
+to the fake-quant model's own float32-vs-float64 disagreement on the parity frames (export.bundle.parity.tie_gate), and
+each of its activation quantizers to the model's integers, teacher-forced (export.bundle.layer_parity). A
 file the gate refuses is left out with one line saying why; the bundle is written with the files that pass, and
 refused (the previous bundle kept, atomic_dir) only when none does.
 """

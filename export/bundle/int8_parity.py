@@ -1,5 +1,6 @@
 """Is each INT8 file the fake-quant model? Its probabilities on the parity frames against the model's own two
-evaluations, judged by the gate (export.bundle.parity.tie_gate, docs/QUANTIZATION.md "How the INT8 parity gate decides").
+evaluations, judged by the gate (export.bundle.parity.tie_gate, docs/QUANTIZATION.md "How the INT8 parity gate decides"),
+and its integers quantizer by quantizer, teacher-forced on a few frames (export.bundle.layer_parity.layer_check).
 
 Per file, not per bundle: a file the gate refuses is left out of the bundle and the others stay
 (export/bundle/int8.py); only a bundle with no INT8 file left is refused.
