@@ -155,7 +155,7 @@ def test_the_layer_check_passes_the_faithful_files_and_one_ulp_nudges(w8a8, grap
 
 def test_the_gate_refuses_a_file_the_layer_check_refuses_and_says_where(w8a8):
     parity, refused = w8a8.judge(PLANT.FAULTS["bias on the s_w grid (one layer)"](w8a8.graph))
-    (entry,), (why,) = [v for k, v in parity.items() if k == "judged.onnx"], refused.values()
+    entry, (why,) = parity["judged.onnx"], refused.values()
     assert not entry["gate"]["passed"] and not entry["layers"]["passed"]
     assert f"layer by layer (teacher-forced, {entry['layers']['frames']} frames): {entry['layers']['refused_at']}: " in why
 
