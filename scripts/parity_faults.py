@@ -186,10 +186,11 @@ def measure(graph: onnx.ModelProto, work: Path, images, references, threshold, m
 
 def table(rows: dict[str, dict]) -> str:
     """graph -> its worst statistic (at the level, fused or as written, where it is worst) against its allowance;
-    the layer check's worst quantizer (the share of its integers that differ, teacher-forced) against its bound;
+    the layer check's first quantizer refused, else its worst (the share of its integers that differ, teacher-forced;
+    its ratio to the allowance);
     each check's verdict and the gate's (refused when either refuses)."""
-    lines = [f"{'graph':<44}{'worst statistic':<28}{'value':>9}{'allowed':>9}{'ratio':>8}  {'stats':<8}"
-             f"{'worst layer':<34}{'mismatch':>9}{'max|d|':>7}{'ratio':>9}  {'layers':<8}gate"]
+    lines = [f"{'graph':<46}{'worst statistic':<28}{'value':>9}{'allowed':>9}{'ratio':>8}  {'stats':<8}"
+             f"{'quantizer (first refused, else worst)':<40}{'mismatch':>9}{'max|d|':>7}{'ratio':>9}  {'layers':<8}gate"]
     for name, result in rows.items():
         level = max(("deployed", "as_written"), key=lambda lv: result["gate"][lv]["worst_ratio"])
         gate = result["gate"][level]
@@ -201,9 +202,9 @@ def table(rows: dict[str, dict]) -> str:
         worst = layers["worst"] or {"name": "-", "mismatch_fraction": 0.0, "max_abs_diff": 0}
         shown = layers["refused_at"] or worst["name"]  # the first quantizer refused, if any
         row = next((r for r in layers["quantizers"] if r["name"] == shown), worst)
-        lines.append(f"{name:<44}{f'{key} ({where})':<28}{value:>9.1e}{gate['allowed'][key]:>9.1e}"
-                     f"{gate['ratio'][key]:>8.2f}  {_verdict(statistics):<8}{shown[-33:]:<34}"
-                     f"{row['mismatch_fraction']:>9.1e}{row['max_abs_diff']:>7}{layers['worst_ratio']:>9.2f}  "
+        lines.append(f"{name:<46}{f'{key} ({where})':<28}{value:>9.1e}{gate['allowed'][key]:>9.1e}"
+                     f"{gate['ratio'][key]:>8.2f}  {_verdict(statistics):<8}{shown[-39:]:<40}"
+                     f"{row['mismatch_fraction']:>9.1e}{row['max_abs_diff']:>7}{row.get('ratio', 0.0):>9.2f}  "
                      f"{_verdict(layers['passed']):<8}{_verdict(result['gate']['passed'])}")
     return "\n".join(lines)
 
