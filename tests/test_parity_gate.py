@@ -51,10 +51,10 @@ def _case(run_dir, qat_name, work):
     def measure(edited):
         return PLANT.measure(edited, work, images, references, threshold, morphology, deployed)
 
-    def judge(edited):  # (parity entries, {file: why refused}) of one edited file
+    def judge(edited, model=deployed):  # (parity entries, {file: why refused}) of one edited file
         path = work / "judged.onnx"
         onnx.save(edited, str(path))
-        return judge_files([path], images, references, threshold, morphology, {"frames": len(images)}, deployed)
+        return judge_files([path], images, references, threshold, morphology, {"frames": len(images)}, model)
 
     def check_layers(edited, model=deployed):  # the teacher-forced check alone (export/bundle/layer_parity.py)
         path = work / "layers.onnx"
@@ -173,3 +173,6 @@ def test_a_quantizer_missing_from_the_file_is_unchecked_and_a_foreign_file_is_an
     other = w8a8.qat_model if w8a8.flip else as_deployed(w8a8.qat_model, True)
     with pytest.raises(ValueError, match=r"quantizer .*: the graph's integers have shape .* the file is not this"):
         w8a8.layers(w8a8.graph, model=other)
+    # through the gate: that file is left out with the reason, the export goes on with the others
+    _, refused = w8a8.judge(w8a8.graph, model=other)
+    assert "the file is not this model's graph" in refused["judged.onnx"]
