@@ -176,3 +176,29 @@ def test_a_quantizer_missing_from_the_file_is_unchecked_and_a_foreign_file_is_an
     # through the gate: that file is left out with the reason, the export goes on with the others
     _, refused = w8a8.judge(w8a8.graph, model=other)
     assert "the file is not this model's graph" in refused["judged.onnx"]
+
+
+def test_the_layer_check_evaluates_the_weight_integers_the_graph_holds(w8a8):
+    """Weights within float32 error of a rounding tie round the other way in float64; the layer check pins them to
+    the float32 model's integers first (it refused a faithful W4A8 file before: 2 channels off by 1-2 steps)."""
+    import copy
+
+    import torch
+
+    from export.bundle.layer_parity import pinned_to_float32_integers
+    from qat.modules import QuantConv2d
+
+    model = copy.deepcopy(w8a8.qat_model).cpu().float()
+    conv = next(m for m in model.modules() if isinstance(m, QuantConv2d))
+    with torch.no_grad():  # every weight of channel 0 half a step between two integers, as float32 holds it
+        step = conv.weight_quant.step().reshape(-1)[0]
+        halves = torch.arange(conv.weight[0].numel(), dtype=torch.float64) % 20 - 10 + 0.5
+        conv.weight[0] = (halves * step.double()).float().reshape(conv.weight[0].shape)
+    as_float32 = conv.weight_integers()
+
+    def float64_integers(m):
+        twin = next(c for c in copy.deepcopy(m).double().modules() if isinstance(c, QuantConv2d))
+        return twin.weight_integers()
+
+    assert (float64_integers(model) != as_float32).any()  # the premise: float64 alone rounds some differently
+    assert torch.equal(float64_integers(pinned_to_float32_integers(copy.deepcopy(model))), as_float32)
