@@ -160,7 +160,7 @@ def _cv(args) -> None:
 
     if not args.run_dir:
         raise SystemExit("nerveseg cv: give --run-dir RUN (the folds go to RUN/fold-N/)")
-    run_cv(train.config_from_args(args), args.folds, args.max_new_folds)
+    run_cv(train.config_from_args(args), args.folds, args.max_new_folds, args.only_folds)
 
 
 def _retired_parity_flag(args) -> None:
@@ -246,6 +246,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     cv.add_argument("--folds", type=int, default=5, metavar="K", help="number of folds")
     cv.add_argument("--max-new-folds", type=int, metavar="N", help="train at most N unfinished folds in this call (a "
                                                                    "long CV in sessions; finished folds always count)")
+    cv.add_argument("--only-folds", type=int, nargs="+", metavar="F",
+                    help="train only these folds (1..K) in this call, the others left for later (a CV spread over "
+                         "machines or sessions; finished folds always count)")
     cv.epilog = recipes + "\n\n" + cv.epilog
     train_flags(cv, resumable=False).set_defaults(func=_cv, resume=False)
 

@@ -72,8 +72,10 @@ def test_cv_runs_every_fold_resumes_and_refuses_another_config(tmp_path, capsys)
     run = tmp_path / "cv"
     args = ["cv", "--data", str(data), "--folds", "2", "--recipe", "quick", "--group-by", "prefix", "--run-dir",
             str(run), "--input-size", "64", "64", "--steps", "1", "--batch-size", "2", "--device", "cpu"]
-    assert cli_main([*args, "--max-new-folds", "1"]) == 0  # one fold now, the other later
-    assert json.loads((run / "cv.json").read_text())["finished"] == 1 and not (run / "fold-2").exists()
+    assert cli_main([*args, "--only-folds", "2"]) == 0  # fold 2 now, fold 1 later (or on another machine)
+    assert json.loads((run / "cv.json").read_text())["finished"] == 1 and not (run / "fold-1").exists()
+    assert cli_main([*args, "--max-new-folds", "0"]) == 0  # nothing new allowed: fold 1 still waits
+    assert json.loads((run / "cv.json").read_text())["finished"] == 1 and not (run / "fold-1").exists()
     assert cli_main(args) == 0
     report = json.loads((run / "cv.json").read_text())
     assert len(report["per_fold"]) == 2 and report["summary"]["folds"] == 2
@@ -119,6 +121,16 @@ def test_cv_runs_every_fold_resumes_and_refuses_another_config(tmp_path, capsys)
         dice = [f["dice"] for f in frames if f["fold"] == f"fold-{fold['fold']}"]
         assert sum(dice) / len(dice) == pytest.approx(fold["test_onnx"]["dice"], abs=1e-9)
     assert f"{len(held_out)} frames, mean Dice" in capsys.readouterr().out
+
+
+def test_cv_refuses_a_fold_it_does_not_have(tmp_path, capsys):
+    run = tmp_path / "cv"
+    args = ["cv", "--data", str(_paired_dataset(tmp_path / "data", subjects=3)), "--folds", "3", "--recipe", "quick",
+            "--run-dir", str(run), "--only-folds", "2", "4", "--device", "cpu"]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert "--only-folds 4: no such fold; there are 3 (1..3)" in err and "Traceback" not in err
+    assert not run.exists()  # refused before anything was written
 
 
 @pytest.mark.slow

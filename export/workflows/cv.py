@@ -233,11 +233,14 @@ def _check_same_config(run_dir: Path, cfg: TrainConfig) -> None:
                          "re-run it with the same flags, or use another --run-dir")
 
 
-def run_cv(cfg: TrainConfig, folds: int, max_new: int | None = None) -> dict:
+def run_cv(cfg: TrainConfig, folds: int, max_new: int | None = None, only: list[int] | None = None) -> dict:
     """Every fold (finished ones read back); cv.json, cv.md and cv.png in cfg.run_dir, rewritten after each
-    fold; returns cv.json's content."""
+    fold; returns cv.json's content. `max_new` caps the folds trained in this call, `only` names them."""
     if not cfg.data:
         raise InputError("nerveseg cv needs --data DIR (cross-validation of the phantom says nothing)")
+    outside = sorted(set(only or []) - set(range(1, folds + 1)))
+    if outside:
+        raise InputError(f"--only-folds {' '.join(map(str, outside))}: no such fold; there are {folds} (1..{folds})")
     samples = discover(cfg.data)
     if cfg.group_by == "prefix":
         samples = group_by_prefix(samples)
@@ -258,6 +261,9 @@ def run_cv(cfg: TrainConfig, folds: int, max_new: int | None = None) -> dict:
             print(f"fold {index}/{folds}: finished before, read back", flush=True)
         elif max_new is not None and max_new <= 0:
             print(f"fold {index}/{folds}: left for a later call (--max-new-folds)", flush=True)
+            continue
+        elif only and index not in only:
+            print(f"fold {index}/{folds}: left for a later call (--only-folds)", flush=True)
             continue
         else:
             max_new = None if max_new is None else max_new - 1
