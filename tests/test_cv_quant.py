@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import load_script
 from device_runtime.core.errors import InputError
 from export.cli import main as cli_main
 from export.workflows.cv_quant import PTQ_KEY, pool
@@ -89,3 +90,32 @@ def test_tiny_cv_quant_sweeps_every_fold_and_pools(tmp_path, capsys):
     capsys.readouterr()
     assert cli_main(args) == 0
     assert capsys.readouterr().out.count("w8a8-x86 finished earlier; skipped") == 2
+
+
+def test_pool_folds_script_pools_kept_results_files_as_cv_quant_does(tmp_path, capsys):
+    """scripts/pool_folds.py: folds' results.json kept after their folders are gone pool to cv-quant's records."""
+    pool_folds = load_script("pool_folds")
+    folds = [{"test_names": ["a", "b"], "rows": [_row("float", "float", [0.5, 0.7], 32.0),
+                                                  _row("w4a4-low-x86", "uniform", [0.4, 0.7], 4.0),
+                                                  {**_row("w3a3-low-x86", "uniform", [0.0, 0.0], 3.0),
+                                                   "per_image_dice": None}]},  # not scored: left out
+             {"test_names": ["c"], "rows": [_row("float", "float", [0.9], 32.0),
+                                            _row("w4a4-low-x86", "uniform", [0.6], 4.0)]}]
+    paths = []
+    for index, results in enumerate(folds, start=1):
+        paths.append(tmp_path / f"fold-{index}.json")
+        paths[-1].write_text(json.dumps(results))
+    out = tmp_path / "pooled.md"
+    assert pool_folds.main([*map(str, paths), "--out", str(out)]) == 0
+    table = out.read_text()
+    assert table == capsys.readouterr().out.rstrip("\n") + "\n"
+    expected = pool(folds)
+    low = next(r for r in expected if r["model"] == "w4a4-low-x86")
+    assert low["vs_float"]["delta"] == pytest.approx(-0.4 / 3)
+    assert f"| w4a4-low-x86 | 2 | 3 | 4.00 | {low['dice']:.4f} |" in table and "w3a3-low-x86" not in table
+    assert "Latency" not in table and f"Fold columns, in order: {paths[0]}, {paths[1]}" in table
+
+    paths[1].write_text(json.dumps({"test_names": ["c"], "rows": [_row("float", "float", [0.9, 0.1])]}))
+    assert pool_folds.main(list(map(str, paths))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(paths[1]) in err[0] and "do not match its 1 test frames" in err[0]

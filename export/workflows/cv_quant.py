@@ -45,7 +45,11 @@ def finished_folds(cv_dir: Path) -> list[Path]:
 
 
 def read_fold_results(fold_dir: Path) -> dict:
-    path = fold_dir / REPORT_DIR / "results.json"
+    return read_results_file(fold_dir / REPORT_DIR / "results.json")
+
+
+def read_results_file(path: Path) -> dict:
+    """A report's results.json (the rows with their per-frame test Dice), checked."""
     try:
         results = json.loads(path.read_text())
     except FileNotFoundError:
@@ -54,6 +58,13 @@ def read_fold_results(fold_dir: Path) -> dict:
         raise InputError(f"{path}: not readable JSON ({err})") from None
     if not isinstance(results, dict) or "rows" not in results or "test_names" not in results:
         raise InputError(f"{path}: no per-frame Dice (a report older than cv-quant); run `nerveseg report` again")
+    for row in results["rows"]:
+        scored = row.get("per_image_dice") if isinstance(row, dict) else None
+        if not isinstance(row, dict) or not isinstance(row.get("name"), str) or not (
+                scored is None or (isinstance(scored, list) and len(scored) == len(results["test_names"])
+                                   and all(isinstance(v, (int, float)) for v in scored))):
+            raise InputError(f"{path}: a row without a name or with per-frame Dice that do not match its "
+                             f"{len(results['test_names'])} test frames")
     return results
 
 
@@ -115,12 +126,14 @@ def _diff(entry: dict | None) -> str:
     return f"{entry['delta']:+.4f} [{entry['ci'][0]:+.3f}, {entry['ci'][1]:+.3f}]"
 
 
-def format_markdown(cv_dir: Path, records: list[dict], folds: int, threads: int) -> str:
+def format_markdown(cv_dir: Path, records: list[dict], folds: int, threads: int | None) -> str:
+    """cv_quant.md's table; `threads` None where the timings' thread count is not known (pooled kept files)."""
+    timing = (f" Latency: mean over folds of the median batch-1 time in each fold's interleaved timing, {threads} "
+              "threads." if threads is not None else "")
     lines = [f"# Quantization across the folds of {cv_dir.name}", "",
              f"{folds} folds; every model scored on each fold's held-out frames as its report scored it (ONNX Runtime "
              f"CPU as deployed, or the fake-quant model where an export was refused); per-frame Dice pooled over the "
-             f"folds; 95 % percentile bootstrap over frames (paired for differences). Latency: mean over folds of the "
-             f"median batch-1 time in each fold's interleaved timing, {threads} threads.", "",
+             f"folds; 95 % percentile bootstrap over frames (paired for differences).{timing}", "",
              "| model | folds | frames | W bits | Dice | 95 % CI | vs float [95 % CI] | vs ORT PTQ [95 % CI] | "
              "latency ms | per-fold Dice | scored by |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
