@@ -119,3 +119,36 @@ def test_pool_folds_script_pools_kept_results_files_as_cv_quant_does(tmp_path, c
     assert pool_folds.main(list(map(str, paths))) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(paths[1]) in err[0] and "do not match its 1 test frames" in err[0]
+
+
+def test_gate_table_lists_every_int8_file_of_every_fold_beside_its_models_floor(tmp_path, capsys):
+    """scripts/gate_table.py: one row per INT8 file (kept or left out) with the model's own floor, and a finished
+    QAT run without a bundle with sweep.json's reason; a manifest without parity figures is refused in one line."""
+    gate_table = load_script("gate_table")
+    figures = {"frames": 163, "flipped_fraction": 2.8e-5, "prob_diff_p99.9": 4.6e-2}
+    floor = {**figures, "flipped_fraction": 2.3e-3, "prob_diff_p99.9": 1.0e-1}
+    parity = {"model_float32_vs_float64": floor, "gate": {"rule": "..."},
+              "model.int8.onnx": {**figures, "gate": {"passed": True, "worst_ratio": 0.14},
+                                  "layers": {"worst": {"name": "backbone.1.output_quant"}, "worst_ratio": 0.22}},
+              "model.int8.cpu.onnx": {**figures, "gate": {"passed": False, "worst_ratio": 3.5},
+                                      "layers": {"worst": None, "failure": "stem out differs"}}}
+    fold = tmp_path / "cv" / "fold-1"
+    (fold / "qat" / "w8a8" / "bundle").mkdir(parents=True)
+    (fold / "fold.json").write_text("{}")
+    (fold / "qat" / "w8a8" / "bundle" / "manifest.json").write_text(json.dumps({"metrics": {"parity": parity}}))
+    (fold / "qat" / "learned").mkdir()
+    (fold / "qat" / "learned" / "test_metrics.json").write_text("{}")
+    (fold / "sweep.json").write_text(json.dumps({"runs": {"learned": {"export_error": "not exported: refused"}}}))
+    out = tmp_path / "gate.md"
+    assert gate_table.main([str(tmp_path / "cv"), "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert "| fold-1 | w8a8 | model.int8.onnx | kept | 163 | 2.8e-05 / 2.3e-03 | 4.6e-02 / 1.0e-01 | 0.14 | " \
+           "backbone.1.output_quant, 0.22 |" in lines
+    assert "| fold-1 | w8a8 | model.int8.cpu.onnx | LEFT OUT | 163 | 2.8e-05 / 2.3e-03 | 4.6e-02 / 1.0e-01 | 3.50 | " \
+           "stem out differs |" in lines
+    assert "| fold-1 | learned | – | NO BUNDLE | | | | | not exported: refused |" in lines
+    capsys.readouterr()
+    (fold / "qat" / "w8a8" / "bundle" / "manifest.json").write_text(json.dumps({"metrics": {}}))
+    assert gate_table.main([str(tmp_path / "cv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "manifest.json: not an INT8 bundle's manifest with parity figures" in err[0]
