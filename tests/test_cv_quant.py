@@ -152,3 +152,32 @@ def test_gate_table_lists_every_int8_file_of_every_fold_beside_its_models_floor(
     assert gate_table.main([str(tmp_path / "cv")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "manifest.json: not an INT8 bundle's manifest with parity figures" in err[0]
+
+
+def test_seed_spread_prints_each_rows_spread_and_the_verdicts_that_differ(tmp_path, capsys):
+    """scripts/seed_spread.py: Dice per seed and its spread, each row's difference from float per seed; verdict
+    lines compared with their figures masked."""
+    seed_spread = load_script("seed_spread")
+    runs = []
+    for seed, (base, learned, verdict) in enumerate([(0.80, 0.81, "YES"), (0.83, 0.80, "YES"), (0.47, 0.60, "NO")]):
+        run = tmp_path / f"demo-s{seed}"
+        (run / "report").mkdir(parents=True)
+        rows = [_row("float", "float", [base]), _row(f"ORT PTQ (cal{seed})", "ptq", [base - 0.1]),
+                _row("learned", "learned", [learned], 3.96)]
+        checks = [f"learned: Dice {learned:.4f} at 3.9{seed} weight bits", f"within 0.01 Dice of float: {verdict}"]
+        (run / "report" / "results.json").write_text(json.dumps({"test_names": ["a"], "rows": rows, "checks": checks}))
+        runs.append(run)
+    out = tmp_path / "spread.md"
+    assert seed_spread.main([*map(str, runs), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| float | 0.800 / 0.830 / 0.470 | 0.360 | – / – / – | – |" in text
+    assert f"| {PTQ_KEY} | 0.700 / 0.730 / 0.370 | 0.360 | -0.100 / -0.100 / -0.100 | 0.000 |" in text
+    assert "| learned | 0.810 / 0.800 / 0.600 | 0.210 | +0.010 / -0.030 / +0.130 | 0.160 |" in text
+    assert "Verdicts that differ between runs:" in text and "learned: Dice" not in text  # figures alone differ there
+    assert [line for line in text.splitlines() if line.startswith("- ")] == [
+        "- demo-s0: within 0.01 Dice of float: YES", "- demo-s1: within 0.01 Dice of float: YES",
+        "- demo-s2: within 0.01 Dice of float: NO"]
+    (runs[2] / "report" / "results.json").write_text(json.dumps({"test_names": ["a"], "rows": [], "checks": []}))
+    capsys.readouterr()
+    assert seed_spread.main(list(map(str, runs))) == 2
+    assert "every run needs a scored float row" in capsys.readouterr().err
