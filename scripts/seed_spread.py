@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from device_runtime.core.errors import InputError, exit_code_of  # noqa: E402
 from device_runtime.core.fileio import write_text  # noqa: E402
 from export.report.write import REPORT_DIR  # noqa: E402
-from export.workflows.cv_quant import model_key, read_results_file  # noqa: E402
+from export.workflows.cv_quant import PTQ_KEY, model_key, read_results_file  # noqa: E402
 
 NUMBER = re.compile(r"[-+]?\d+(\.\d+)?(e[-+]?\d+)?")
 
@@ -40,13 +40,14 @@ def spread_table(runs: list[Path]) -> str:
     if "float" not in by_model or any(row is None for row in by_model["float"]):
         raise InputError(f"{', '.join(map(str, runs))}: every run needs a scored float row")
     floats = by_model["float"]
-    names = " | ".join(run.name for run in runs)
+    names = " / ".join(run.name for run in runs)
     lines = [f"| model | Dice: {names} | spread | - float: {names} | spread | scored by |",
              "|---" * 6 + "|"]
     for key, rows in by_model.items():
         dice = [row["dice"] if row else None for row in rows]
         delta = [row["dice"] - base["dice"] if row and key != "float" else None for row, base in zip(rows, floats)]
-        lines.append(f"| {key} | {_figures(dice)} | {_spread(dice)} | {_figures(delta, signed=True)} | "
+        label = "ORT PTQ (best calibration per run)" if key == PTQ_KEY else key
+        lines.append(f"| {label} | {_figures(dice)} | {_spread(dice)} | {_figures(delta, signed=True)} | "
                      f"{_spread(delta)} | {'; '.join(sorted({row.get('scored_by') or '' for row in rows if row}))} |")
     masked = [[verdict_words(line) for line in result.get("checks", [])] for result in results]
     if all(words == masked[0] for words in masked):

@@ -171,7 +171,9 @@ def test_seed_spread_prints_each_rows_spread_and_the_verdicts_that_differ(tmp_pa
     assert seed_spread.main([*map(str, runs), "--out", str(out)]) == 0
     text = out.read_text()
     assert "| float | 0.800 / 0.830 / 0.470 | 0.360 | – / – / – | – |" in text
-    assert f"| {PTQ_KEY} | 0.700 / 0.730 / 0.370 | 0.360 | -0.100 / -0.100 / -0.100 | 0.000 |" in text
+    assert "| model | Dice: demo-s0 / demo-s1 / demo-s2 | spread | - float: demo-s0 / demo-s1 / demo-s2 | spread | " \
+           "scored by |\n|---|---|---|---|---|---|" in text
+    assert "| ORT PTQ (best calibration per run) | 0.700 / 0.730 / 0.370 | 0.360 | -0.100 / -0.100 / -0.100 | 0.000 |" in text
     assert "| learned | 0.810 / 0.800 / 0.600 | 0.210 | +0.010 / -0.030 / +0.130 | 0.160 |" in text
     assert "Verdicts that differ between runs:" in text and "learned: Dice" not in text  # figures alone differ there
     assert [line for line in text.splitlines() if line.startswith("- ")] == [
