@@ -37,6 +37,8 @@ class TrainConfig:
     synth_count: int = 240
     seed: int = 0
     group_by: str = "auto"  # "prefix": paired-folder names "<subject>_<frame>" keep a subject on one side
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train / val / test shares of the frames (by subject
+    # where there are subjects); `nerveseg cv` makes its own folds
     # model
     arch: str = "mobilenet_v3_large"
     input_size: tuple[int, int] = (256, 256)
@@ -127,6 +129,9 @@ class TrainConfig:
         if self.phantom_head and self.pretrained != "phantom":
             raise InputError(f"phantom_head starts the head from the phantom pre-training; it needs pretrained = "
                              f"'phantom', got {self.pretrained!r}")
+        if len(self.split) != 3 or min(self.split) <= 0 or abs(sum(self.split) - 1.0) > 1e-6:
+            raise InputError(f"split must be three positive shares (train, val, test) summing to 1, got "
+                             f"{list(self.split)}")
         if self.mask_label is not None and self.mask_label < 1:
             raise InputError(f"mask_label {self.mask_label} would train the background as the nerve (0 is the "
                              "background label); give the nerve's label, e.g. 1, or none for any non-zero pixel")
@@ -161,7 +166,7 @@ def _coerce(data: dict, where: str) -> dict:
     if unknown:
         raise InputError(f"{where}: unknown config keys {unknown}; known keys: {sorted(fields)}")
     out = dict(data)
-    for key in ("input_size", "phantom_input_size", "objective_weights", "scale", "aspp_rates"):
+    for key in ("input_size", "phantom_input_size", "objective_weights", "scale", "aspp_rates", "split"):
         if key in out:
             out[key] = tuple(out[key])
     if out.get("mask_label", None) == "":

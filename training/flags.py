@@ -91,6 +91,9 @@ def get_args_parser(parser=None, resumable: bool = True):
     parser.add_argument("--group-by", choices=["auto", "prefix"],
                         help="prefix: '<subject>_<frame>' names in paired folders keep a subject on one side of the "
                              "split (default: auto, by subject only in the Kaggle layout)")
+    parser.add_argument("--split", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
+                        help=f"shares of the frames for training, validation and test, by subject where there are "
+                             f"subjects {recipe}")
     parser.add_argument("--batch-size", type=int, metavar="N", help=f"frames per optimiser step {recipe}")
     parser.add_argument("--lr", type=float, help=f"peak learning rate {recipe}")
     parser.add_argument("--seed", type=int, help=f"seed of the split, the phantom and the training {recipe}")

@@ -40,6 +40,7 @@ def phantom_config(cfg: TrainConfig) -> TrainConfig:
     (phantom_head): a run that takes the backbone alone starts from the same stage with either decoder (ablation (j)
     measured the skip decoder on the plain stage's backbone). Never with flip_tta, which only deployment reads."""
     return cfg.replace(data="", mask_label=None, group_by="auto", synth_count=cfg.phantom_frames, pretrained="none",
+                       split=TrainConfig.split,  # the stage's held-out frames only pick its checkpoint
                        phantom_dir="", phantom_head=False, run_dir=str(phantom_dir(cfg)),
                        input_size=cfg.phantom_input_size or cfg.input_size, phantom_input_size=(),
                        batch_size=cfg.phantom_batch_size or cfg.batch_size, phantom_batch_size=0,

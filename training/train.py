@@ -50,7 +50,8 @@ def prepare_split(cfg: TrainConfig, run_dir: Path, resume: bool, splits: dict | 
     root = Path(cfg.data) if cfg.data else write_phantom(run_dir / "synthetic", cfg.synth_count, cfg.seed)
     if splits is None:
         samples = discover(root)
-        splits = split_samples(group_by_prefix(samples) if cfg.group_by == "prefix" else samples, cfg.seed)
+        splits = split_samples(group_by_prefix(samples) if cfg.group_by == "prefix" else samples, cfg.seed,
+                               cfg.split)
     save_split(split_path, splits, root, seed=cfg.seed)
     return splits
 
