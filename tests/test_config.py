@@ -29,7 +29,8 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
 @pytest.mark.parametrize("changes, message", [({"arch": "vgg"}, "arch"), ({"input_size": (30, 64)}, "input_size"),
                                               ({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"),
                                               ({"split": (0.8, 0.2, 0.0)}, "split must be three positive shares"),
-                                              ({"split": (0.5, 0.1, 0.1)}, "split must be three positive shares")])
+                                              ({"split": (0.5, 0.1, 0.1)}, "split must be three positive shares"),
+                                              ({"split": ("a", 0.1, 0.1)}, "split must be three positive shares")])
 def test_bad_values_are_named(changes, message):
     with pytest.raises(InputError, match=message):
         build_config("quick", **changes)

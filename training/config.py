@@ -129,7 +129,8 @@ class TrainConfig:
         if self.phantom_head and self.pretrained != "phantom":
             raise InputError(f"phantom_head starts the head from the phantom pre-training; it needs pretrained = "
                              f"'phantom', got {self.pretrained!r}")
-        if len(self.split) != 3 or min(self.split) <= 0 or abs(sum(self.split) - 1.0) > 1e-6:
+        if (len(self.split) != 3 or not all(isinstance(v, (int, float)) for v in self.split)
+                or min(self.split) <= 0 or abs(sum(self.split) - 1.0) > 1e-6):
             raise InputError(f"split must be three positive shares (train, val, test) summing to 1, got "
                              f"{list(self.split)}")
         if self.mask_label is not None and self.mask_label < 1:
