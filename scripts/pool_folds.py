@@ -21,13 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from device_runtime.core.errors import exit_code_of  # noqa: E402
 from device_runtime.core.fileio import write_text  # noqa: E402
-from export.report.write import REPORT_DIR  # noqa: E402
-from export.workflows.cv_quant import format_markdown, pool, read_results_file  # noqa: E402
-
-
-def results_path(arg: str) -> Path:
-    path = Path(arg)
-    return path / REPORT_DIR / "results.json" if path.is_dir() else path
+from export.workflows.cv_quant import format_markdown, pool, read_fold_results, read_results_file  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> None:
-    paths = [results_path(a) for a in args.results]
-    records = pool([read_results_file(p) for p in paths])
+    paths = [Path(a) for a in args.results]
+    records = pool([read_fold_results(p) if p.is_dir() else read_results_file(p) for p in paths])
     markdown = format_markdown(Path("pooled"), records, len(paths), threads=None)
     markdown += "\nFold columns, in order: " + ", ".join(str(p) for p in paths) + "\n"
     print(markdown)

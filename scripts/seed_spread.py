@@ -20,8 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from device_runtime.core.errors import InputError, exit_code_of  # noqa: E402
 from device_runtime.core.fileio import write_text  # noqa: E402
-from export.report.write import REPORT_DIR  # noqa: E402
-from export.workflows.cv_quant import PTQ_KEY, model_key, read_results_file  # noqa: E402
+from export.workflows.cv_quant import PTQ_KEY, model_key, read_fold_results  # noqa: E402
 
 NUMBER = re.compile(r"[-+]?\d+(\.\d+)?(e[-+]?\d+)?")
 
@@ -32,7 +31,7 @@ def verdict_words(line: str) -> str:
 
 
 def spread_table(runs: list[Path]) -> str:
-    results = [read_results_file(run / REPORT_DIR / "results.json") for run in runs]
+    results = [read_fold_results(run) for run in runs]  # RUN/report/results.json, checked
     by_model: dict[str, list[dict | None]] = {}
     for index, result in enumerate(results):
         for row in result["rows"]:
