@@ -4,7 +4,8 @@ Issue 32 asks that the phantom demo give the same verdicts over three fresh runs
 each run's report/results.json and prints one line per model (ORT PTQ matched by kind, its calibration may differ):
 test Dice per seed, largest minus smallest; the paired difference of each quantized row from float per seed and its
 spread; how each row was scored (ONNX Runtime where its INT8 bundle was written, else the fake-quant model); and the
-report's verdict lines compared with their figures masked (the same words on every seed, or the lines that differ). No model is run.
+report's verdict lines compared with their figures masked (the same words on every seed, or the lines that differ).
+No model is run.
 
     PYTHONPATH=. python scripts/seed_spread.py runs/demo-s0 runs/demo-s1 runs/demo-s2 [--out spread.md]
 """
