@@ -67,18 +67,34 @@ def conv_output_moments(model: nn.Module, batches: Iterable[torch.Tensor]) -> di
 
 
 @torch.no_grad()
-def correct_biases(model: nn.Module, batches: Iterable[torch.Tensor]) -> float:
+def own_moments(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """conv_output_moments of the model as it is, quantizers on, over the first BIAS_FRAMES frames of `batches`: the
+    reference that `correct_biases` restores after bits move in the middle of a run."""
+    return conv_output_moments(model, [torch.cat(list(batches))[:BIAS_FRAMES]])
+
+
+@torch.no_grad()
+def correct_biases(model: nn.Module, batches: Iterable[torch.Tensor],
+                   reference: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> float:
     """Move every convolution's bias so that its output channels' means on `batches` (the first BIAS_FRAMES frames)
-    are the float model's (the same model with every quantizer bypassed); returns the largest remaining shift in
-    float standard deviations.
+    are the reference's: by default the float model's (the same model with every quantizer bypassed), as before any
+    fine-tuning; returns the largest remaining shift in reference standard deviations.
+
+    `reference` (from `own_moments`, taken before some bits move in the middle of a run: the freeze of a learned run,
+    a bit schedule's next stage) restores the means the fine-tuned model had. Fine-tuning moves the biases on
+    purpose, to where the quantized network needs them; a correction towards the float model would undo that
+    (measured on usgra-seg fold 2's learned W4A4 run, its best checkpoint: validation Dice 0.702 as trained, 0.586
+    after a correction towards the float model, docs/QUANTIZATION.md), while towards its own means it moves only
+    what the new bits shifted.
 
     In one pass over all frames at once, layer by layer in forward order: each convolution's correction is
     measured on inputs that the corrections below it already moved, and applied to the output the layers above
     it read. (Correcting every layer at once from one measurement overshoots: a deep chain's means move again
     when the layers below them move; on the quick phantom model at W4A4 that took the Dice from 0.43 to 0.17.)"""
     frames = torch.cat(list(batches))[:BIAS_FRAMES]
-    with only_quantizers(model):
-        reference = conv_output_moments(model, [frames])
+    if reference is None:
+        with only_quantizers(model):
+            reference = conv_output_moments(model, [frames])
     convs = quant_convs(model)
     owner = {id(conv.output_quant): (name, conv) for name, conv in convs if conv.output_quant is not None}
     active: list = [None]

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from .bias_correction import correct_biases
+from .bias_correction import correct_biases, own_moments
 from .bits import cap_activation_bits_, cap_weight_bits_
 from .config import QatConfig
 from .prepare import activation_quantizers, initialise_steps, quant_convs
@@ -116,9 +116,14 @@ class BitPlan:
         stage before describe another network; each stage of a progressive schedule starts afresh)."""
         qcfg = self.qcfg
         stage = False
-        if qcfg.bit_setting.learned:
-            moved = self._freeze(weights, elements, say) if epoch == qcfg.bit_epochs else []
-        elif qcfg.bit_schedule_steps and epoch > 0 and bits_at(qcfg, epoch) != bits_at(qcfg, epoch - 1):
+        freeze = qcfg.bit_setting.learned and epoch == qcfg.bit_epochs
+        next_stage = (not qcfg.bit_setting.learned and bool(qcfg.bit_schedule_steps) and epoch > 0
+                      and bits_at(qcfg, epoch) != bits_at(qcfg, epoch - 1))
+        # the fine-tuned model's own channel means, which the bias correction restores once the bits have moved
+        reference = own_moments(self.model, observe()) if (freeze or next_stage) and qcfg.bias_correction else None
+        if freeze:
+            moved = self._freeze(weights, elements, say)
+        elif next_stage:
             moved, stage = self._set_floor(bits_at(qcfg, epoch)), True
             say(f"bit schedule: epoch {epoch + 1} at {bits_at(qcfg, epoch)} bits (floor), {len(moved)} quantizers "
                 f"lowered, their steps re-initialised, the optimiser's moments restarted")
@@ -126,9 +131,9 @@ class BitPlan:
             moved = []
         activations = list({id(q): q for q in moved if not q.per_channel}.values())
         if activations:
-            initialise(self.model, qcfg, observe, only=activations)
+            initialise(self.model, qcfg, observe, only=activations, reference=reference)
         elif moved and qcfg.bias_correction:  # weights alone moved: their biases still follow
-            correct_biases(self.model, list(observe()))
+            correct_biases(self.model, list(observe()), reference)
         return stage
 
     def _freeze(self, weights: dict[str, int] | None, elements: dict[str, int],
@@ -159,12 +164,13 @@ class BitPlan:
 
 
 def initialise(model: nn.Module, qcfg: QatConfig, observe: Callable[[], Iterable[torch.Tensor]],
-               only: list[FakeQuant] | None = None) -> int:
+               only: list[FakeQuant] | None = None, reference: dict | None = None) -> int:
     """Set the activation steps from the observed training frames (all, or `only` these), then, with
-    `bias_correction`, the biases; returns the frames seen."""
+    `bias_correction`, the biases: towards the float model's channel means, or `reference`'s (qat.bias_correction.
+    own_moments, taken before bits moved in the middle of a run); returns the frames seen."""
     seen = initialise_steps(model, observe(), qcfg.activation_percentile, qcfg.activation_init, only=only)
     if qcfg.bias_correction:
-        correct_biases(model, list(observe()))
+        correct_biases(model, list(observe()), reference)
     return seen
 
 

@@ -372,3 +372,73 @@ def test_each_stage_of_a_bit_schedule_restarts_the_cosine():
     assert [cosine_phase(plain, e) for e in range(6)] == [(e, 6) for e in range(6)]  # one cosine, as before
     staged = build_qat_config("quick", bits="3", epochs=6, bit_schedule="4@2,3@4")
     assert [cosine_phase(staged, e) for e in range(6)] == [(0, 1), (0, 2), (1, 2), (0, 3), (1, 3), (2, 3)]
+
+
+def _bias_corrected_toy(learn: bool):
+    """A small ReLU chain at 4-bit weights and 2-bit activations (learned or not), steps from data, biases corrected
+    towards the float model; and its frames."""
+    torch.manual_seed(0)
+    float_model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 1), nn.ReLU(),
+                                nn.Conv2d(3, 1, 1)).eval()
+    model = prepare_qat(float_model, weight_bits=4, activation_bits=2, learn_weight_bits=learn,
+                        learn_activation_bits=learn)
+    frames = [torch.rand(8, 1, 16, 16) for _ in range(2)]
+    initialise_steps(model, frames, 99.99)
+    from qat.bias_correction import correct_biases
+    correct_biases(model, frames)
+    return model, frames
+
+
+def _fine_tuned_(model) -> None:
+    """What fine-tuning does to the biases: moves them away from the float model's means, on purpose."""
+    with torch.no_grad():
+        for _, conv in quant_convs(model):
+            conv.bias += 0.3 * torch.randn_like(conv.bias)
+
+
+def test_bias_correction_towards_the_models_own_means_keeps_fine_tuned_biases():
+    """Towards its own channel means (own_moments) a correction moves no bias off its int32 grid point: what
+    fine-tuning learned stays; towards the float model's (the default) it is undone."""
+    from qat.bias_correction import correct_biases, own_moments
+
+    model, frames = _bias_corrected_toy(learn=False)
+    _fine_tuned_(model)
+    tuned = {name: conv.quantized_bias().detach().clone() for name, conv in quant_convs(model)}
+    correct_biases(model, frames, own_moments(model, frames))
+    for name, conv in quant_convs(model):
+        assert torch.equal(conv.quantized_bias().detach(), tuned[name]), name
+    correct_biases(model, frames)
+    assert any(not torch.allclose(conv.quantized_bias().detach(), tuned[name]) for name, conv in quant_convs(model))
+
+
+def test_the_freeze_restores_the_fine_tuned_means_not_the_float_ones():
+    """A learned run with bias correction: the freeze caps the activation mean at its budget (some tensors lose
+    bits), then corrects the biases towards the channel means the fine-tuned model had just before, not towards the
+    float model's (which would throw away what the bit-learning epochs trained: 0.702 -> 0.586 validation Dice on
+    usgra-seg fold 2's learned W4A4 run)."""
+    from qat.bias_correction import conv_output_moments, own_moments
+    from qat.bits import activation_elements
+    from qat.schedule import BitPlan
+    from qat.sensitivity import only_quantizers
+
+    model, frames = _bias_corrected_toy(learn=True)
+    _fine_tuned_(model)
+    with torch.no_grad():  # the bits rose while learning: 3-bit activations, over the budget of 2
+        for q in activation_quantizers(model):
+            if q.learns_bits:
+                q.b_max = 3
+                q._set_range_for_bits(3)
+    qcfg = build_qat_config("quick", run_dir="unused", bits="learned", epochs=2, bit_epochs=1, target_bits=4.0,
+                            target_activation_bits=2.0, bias_correction=True, device="cpu")
+    before = own_moments(model, frames)
+    with only_quantizers(model):
+        floats = conv_output_moments(model, frames)
+    said = []
+    BitPlan(model, qcfg).begin_epoch(1, None, activation_elements(model, (16, 16)), lambda: iter(frames), said.append)
+    assert any("capped at the budget 2" in line for line in said), said
+    after = own_moments(model, frames)
+    for name, conv in quant_convs(model):  # each mean where it was, to within a step of the int32 bias grid
+        gap = (after[name][0] - before[name][0]).abs().float()
+        assert (gap <= conv.bias_scale().detach() + 1e-5).all(), name
+    assert any(((after[n][0] - floats[n][0]).abs().float() > 3 * conv.bias_scale().detach()).any()
+               for n, conv in quant_convs(model)), "the fine-tuned means are not the float model's"
