@@ -2,7 +2,7 @@
 run's trajectories (issue 33; docs/QUANTIZATION.md, "Low-bit activations").
 
     PYTHONPATH=. python scripts/diag_lowbit.py --run-dir RUN [--qat NAME] [--tables sensitivity ranges drift
-        trajectory] [--variants 4:pct 3:pct 3:mse-tight] [--val-frames N] [--observe-frames 32] [--top 25]
+        trajectory bias-reference] [--variants 4:pct 3:pct 3:mse-tight] [--val-frames N] [--observe-frames 32] [--top 25]
         [--json OUT]
 
 RUN is a tuned float run (checkpoints/best.pt). Everything is measured on its validation split, best-threshold Dice
@@ -19,6 +19,8 @@ RUN is a tuned float run (checkpoints/best.pt). Everything is measured on its va
   the Dice, and per convolution the shift of its output channels' means in units of their float standard
   deviation (folded BatchNorm cannot re-normalise a shifted channel) and the ratio of standard deviations.
 - trajectory: RUN/qat/NAME/metrics.jsonl per epoch: losses, Dice, mean bits, and how far the steps moved.
+- bias-reference: RUN/qat/NAME's best checkpoint as trained, after a bias correction towards the float model's channel
+  means (what a learned run's freeze did before 2026-12-06), and after one towards its own means (what it does now).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ import numpy as np
 import torch
 
 from device_runtime.core.errors import InputError
-from qat.bias_correction import conv_output_moments, correct_biases
+from qat.bias_correction import conv_output_moments, correct_biases, own_moments
+from qat.checkpoint import load_qat_model
 from qat.prepare import initialise_steps, prepare_qat
 from qat.quantizers import integer_range
 from device_runtime.core.fileio import write_json
@@ -46,7 +49,8 @@ from training.checkpoint import load_model
 from training.stages import split_arrays
 from training.train import validate
 
-TABLES = ("sensitivity", "ranges", "drift", "trajectory")
+TABLES = ("sensitivity", "ranges", "drift", "trajectory", "bias-reference")
+WITH_QAT = {"trajectory", "bias-reference"}  # the tables of one QAT run (--qat)
 
 
 def parse_variant(text: str) -> tuple[int, str, bool]:
@@ -204,6 +208,31 @@ def table_trajectory(qat_dir: Path) -> list:
     return records
 
 
+def table_bias_reference(run_dir: Path, qat_name: str, val_frames: int, observe_frames: int) -> dict:
+    path = run_dir / "qat" / qat_name / "checkpoints" / "best.pt"
+    if not path.is_file():
+        raise InputError(f"{path}: not found (give --qat NAME of a finished run under RUN/qat/)")
+    model, _, cfg, _ = load_qat_model(path)
+    model.eval()
+    cfg = cfg.replace(amp=False)
+    train, _, _ = split_arrays(run_dir, "train", cfg)
+    val, val_masks, _ = split_arrays(run_dir, "val", cfg)
+    val, val_masks = val[:val_frames or None], val_masks[:val_frames or None]
+    frames = list(_batches(train, observe_frames))
+    score = lambda m: validate(m, val, val_masks, torch.device("cpu"), cfg)["val_best_dice"]  # noqa: E731
+    towards_float, towards_own = copy.deepcopy(model), copy.deepcopy(model)
+    found = {"as trained": score(model)}
+    correct_biases(towards_float, frames)
+    found["corrected towards the float model's means"] = score(towards_float)
+    correct_biases(towards_own, frames, own_moments(towards_own, frames))
+    found["corrected towards its own means"] = score(towards_own)
+    print(f"\nBias correction of a fine-tuned model: {path} (best-T Dice on {len(val)} validation frames, biases "
+          f"corrected on {observe_frames} training frames)")
+    for label, dice in found.items():
+        print(f"  {label:<45} {dice:.4f}")
+    return found
+
+
 class Context:
     """The float model, its diagnosis copy (every quantizer at 8 bits, BN folded), the frames and the score."""
 
@@ -232,7 +261,7 @@ def main() -> None:
     parser.add_argument("--run-dir", required=True, help="a tuned float run")
     parser.add_argument("--qat", metavar="NAME", help="a QAT run RUN/qat/NAME whose metrics.jsonl to read")
     parser.add_argument("--tables", nargs="+", choices=TABLES, default=list(TABLES),
-                        help="default: all (trajectory only with --qat)")
+                        help="default: all (trajectory and bias-reference only with --qat)")
     parser.add_argument("--variants", nargs="+", default=["4:pct", "3:pct", "3:mse-tight"])
     parser.add_argument("--drift-bits", nargs="+", type=int, default=[4, 3])
     parser.add_argument("--val-frames", type=int, default=0, help="validation frames scored (0: all)")
@@ -250,7 +279,9 @@ def main() -> None:
         found = {}
         if "trajectory" in args.tables and args.qat:
             found["trajectory"] = table_trajectory(run_dir / "qat" / args.qat)
-        if set(args.tables) - {"trajectory"}:
+        if "bias-reference" in args.tables and args.qat:
+            found["bias_reference"] = table_bias_reference(run_dir, args.qat, args.val_frames, args.observe_frames)
+        if set(args.tables) - WITH_QAT:
             ctx = Context(run_dir, args.val_frames, args.observe_frames, args.percentile)
             with only_quantizers(ctx.model):
                 folded = ctx.score(ctx.model)

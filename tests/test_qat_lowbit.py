@@ -337,7 +337,9 @@ def test_diagnosis_script_prints_its_tables(scheduled_run, tiny_run, capsys, mon
         assert heading in text
     assert "W3A3 mse-tight+bias-corr" in text and "hswish out" in text
     found = json.loads(out.read_text())
-    assert set(found) == {"sensitivity", "ranges", "drift", "trajectory"} and len(found["trajectory"]) == 4
+    assert set(found) == {"sensitivity", "ranges", "drift", "trajectory", "bias_reference"}
+    assert len(found["trajectory"]) == 4 and "Bias correction of a fine-tuned model" in text
+    assert len(found["bias_reference"]) == 3 and all(0 <= d <= 1 for d in found["bias_reference"].values())
     drops = found["sensitivity"]["drops"]["3:pct"]
     assert len(drops) > 200 and all(math.isfinite(d) for d in drops.values())
 
