@@ -203,7 +203,7 @@ PIPELINE = """Every stage on one run folder, in order:
   2. tune T* and the morphology on the validation split                         RUN/threshold.json
   3. evaluate the test split (PyTorch)                                          RUN/test_metrics.json, examples.png
   4. export the FP32 bundle, checked against PyTorch, test split through ONNX   RUN/bundle/
-  5. QAT with learned weight bits (from 4 bits, mean held at 4, activations 8)  RUN/qat/learned-a8-i4-t4/
+  5. QAT with learned weight bits (from 4, mean <= 4, 4 fragile tensors at 8)   RUN/qat/learned-a8-i4-t4/
   6. its INT8 bundle, where ONNX Runtime reproduces the fake-quant model        RUN/qat/learned-a8-i4-t4/bundle/
   7. W8A8 and W4A8 QAT beside it, each exported to INT8 the same way            RUN/qat/w8a8/, RUN/qat/w4a8/
   8. ONNX Runtime's own post-training quantization of the FP32 graph            RUN/ptq/
