@@ -2,8 +2,8 @@
 run's trajectories (issue 33; docs/QUANTIZATION.md, "Low-bit activations").
 
     PYTHONPATH=. python scripts/diag_lowbit.py --run-dir RUN [--qat NAME] [--tables sensitivity ranges drift
-        trajectory bias-reference] [--variants 4:pct 3:pct 3:mse-tight] [--val-frames N] [--observe-frames 32] [--top 25]
-        [--json OUT]
+        trajectory bias-reference] [--variants 4:pct 3:pct 3:mse-tight] [--val-frames N] [--observe-frames 32]
+        [--top 25] [--json OUT]
 
 RUN is a tuned float run (checkpoints/best.pt). Everything is measured on its validation split, best-threshold Dice
 (the QAT log's val_best_dice), the model in eval mode with BatchNorm folded as QAT folds it.
