@@ -298,13 +298,7 @@ def test_bias_correction_gives_each_convolution_the_float_channel_means():
     from qat.bias_correction import conv_output_moments, correct_biases
     from qat.sensitivity import only_quantizers
 
-    torch.manual_seed(0)
-    float_model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 1), nn.ReLU(),
-                                nn.Conv2d(3, 1, 1)).eval()
-    model = prepare_qat(float_model, weight_bits=8, activation_bits=2, learn_weight_bits=False,
-                        learn_activation_bits=False)
-    frames = [torch.rand(8, 1, 16, 16) for _ in range(2)]
-    initialise_steps(model, frames, 99.99)
+    model, frames = _toy_chain(weight_bits=8, learn=False)
     with only_quantizers(model):
         reference = conv_output_moments(model, frames)
 
@@ -317,7 +311,24 @@ def test_bias_correction_gives_each_convolution_the_float_channel_means():
     assert before > 0.5 and remaining == pytest.approx(largest_shift()) and remaining < 0.1
     # what is left is the int32 bias grid's rounding (its step is input step x weight step, coarse at 2 bits), and
     # what that rounding moves through the 2-bit grid above it
-    now = conv_output_moments(model, frames)
+    _assert_means_within_a_bias_step(model, conv_output_moments(model, frames), reference)
+
+
+def _toy_chain(weight_bits: int, learn: bool):
+    """A small ReLU chain at `weight_bits` weights and 2-bit activations (learned or not), its steps set from data;
+    and its frames."""
+    torch.manual_seed(0)
+    float_model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 1), nn.ReLU(),
+                                nn.Conv2d(3, 1, 1)).eval()
+    model = prepare_qat(float_model, weight_bits=weight_bits, activation_bits=2, learn_weight_bits=learn,
+                        learn_activation_bits=learn)
+    frames = [torch.rand(8, 1, 16, 16) for _ in range(2)]
+    initialise_steps(model, frames, 99.99)
+    return model, frames
+
+
+def _assert_means_within_a_bias_step(model, now: dict, reference: dict) -> None:
+    """Each convolution's channel means in `now` lie within one step of its int32 bias grid of `reference`'s."""
     for name, conv in quant_convs(model):
         gap = (now[name][0] - reference[name][0]).abs().float()
         assert (gap <= conv.bias_scale().detach() + 1e-5).all(), name
@@ -377,15 +388,8 @@ def test_each_stage_of_a_bit_schedule_restarts_the_cosine():
 
 
 def _bias_corrected_toy(learn: bool):
-    """A small ReLU chain at 4-bit weights and 2-bit activations (learned or not), steps from data, biases corrected
-    towards the float model; and its frames."""
-    torch.manual_seed(0)
-    float_model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 1), nn.ReLU(),
-                                nn.Conv2d(3, 1, 1)).eval()
-    model = prepare_qat(float_model, weight_bits=4, activation_bits=2, learn_weight_bits=learn,
-                        learn_activation_bits=learn)
-    frames = [torch.rand(8, 1, 16, 16) for _ in range(2)]
-    initialise_steps(model, frames, 99.99)
+    """_toy_chain at 4-bit weights, its biases corrected towards the float model; and its frames."""
+    model, frames = _toy_chain(weight_bits=4, learn=learn)
     from qat.bias_correction import correct_biases
     correct_biases(model, frames)
     return model, frames
@@ -439,8 +443,6 @@ def test_the_freeze_restores_the_fine_tuned_means_not_the_float_ones():
     BitPlan(model, qcfg).begin_epoch(1, None, activation_elements(model, (16, 16)), lambda: iter(frames), said.append)
     assert any("capped at the budget 2" in line for line in said), said
     after = own_moments(model, frames)
-    for name, conv in quant_convs(model):  # each mean where it was, to within a step of the int32 bias grid
-        gap = (after[name][0] - before[name][0]).abs().float()
-        assert (gap <= conv.bias_scale().detach() + 1e-5).all(), name
+    _assert_means_within_a_bias_step(model, after, before)  # each mean where it was
     assert any(((after[n][0] - floats[n][0]).abs().float() > 3 * conv.bias_scale().detach()).any()
                for n, conv in quant_convs(model)), "the fine-tuned means are not the float model's"
