@@ -4,6 +4,7 @@ row by kind), differences paired on the same frames; a tiny end-to-end run over 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,12 +12,13 @@ import pytest
 from conftest import load_script
 from device_runtime.core.errors import InputError
 from export.cli import main as cli_main
-from export.workflows.cv_quant import PTQ_KEY, pool
+from export.workflows.cv_quant import PTQ_KEY, format_markdown, pool, read_results_file
 
 
-def _row(name, kind, per_image, bits=None, latency=None):
+def _row(name, kind, per_image, bits=None, latency=None, fake_quant=None, scored_by="ONNX Runtime CPU"):
     return {"name": name, "kind": kind, "dice": float(np.mean(per_image)), "per_image_dice": list(per_image),
-            "mean_weight_bits": bits, "latency_ms": latency, "scored_by": "ONNX Runtime CPU"}
+            "mean_weight_bits": bits, "latency_ms": latency, "scored_by": scored_by,
+            "fake_quant_per_image_dice": fake_quant}
 
 
 def test_pool_concatenates_folds_pairs_frames_and_matches_ptq_by_kind():
@@ -41,6 +43,34 @@ def test_pool_concatenates_folds_pairs_frames_and_matches_ptq_by_kind():
     assert learned["folds"] == 1 and learned["vs_float"]["frames"] == 2
     assert learned["vs_float"]["delta"] == pytest.approx(-0.45)
     assert records["float"]["vs_float"] is None
+
+
+def test_pool_pairs_each_int8_file_with_its_fake_quant_model_where_it_was_scored_through_onnx():
+    """Issue 32: the INT8 file's Dice against its own fake-quant model, frame by frame, pooled over the folds where
+    the file was deployed; a fold whose export was refused (scored as the model itself) or whose report predates the
+    kept figures is left out of that pairing, not counted as a zero difference."""
+    fold1 = {"test_names": ["a", "b"], "rows": [
+        _row("float", "float", [0.5, 0.7]), _row("w8a8-x86", "uniform", [0.6, 0.6], fake_quant=[0.6, 0.8])]}
+    fold2 = {"test_names": ["c"], "rows": [
+        _row("float", "float", [0.9]),
+        _row("w8a8-x86", "uniform", [0.3], fake_quant=[0.3], scored_by="fake-quant (PyTorch)")]}
+    fold3 = {"test_names": ["d"], "rows": [_row("float", "float", [0.4]), _row("w8a8-x86", "uniform", [0.5])]}
+    records = {r["model"]: r for r in pool([fold1, fold2, fold3])}
+    quant = records["w8a8-x86"]
+    assert quant["frames"] == 4 and quant["vs_fake_quant"]["frames"] == 2  # fold 1 only
+    assert quant["vs_fake_quant"]["delta"] == pytest.approx(-0.1)
+    assert quant["vs_fake_quant"]["ci"][0] <= -0.1 <= quant["vs_fake_quant"]["ci"][1]
+    assert records["float"]["vs_fake_quant"] is None
+    table = format_markdown(Path("cv"), list(records.values()), 3, threads=None)
+    assert "INT8 file vs its fake-quant model" in table and "| -0.1000 [" in table and "(2) |" in table
+
+
+def test_a_kept_file_whose_fake_quant_figures_miss_frames_is_refused(tmp_path):
+    path = tmp_path / "fold-1.results.json"
+    path.write_text(json.dumps({"test_names": ["a", "b"], "rows": [
+        _row("float", "float", [0.5, 0.7]), _row("w8a8-x86", "uniform", [0.6, 0.6], fake_quant=[0.6])]}))
+    with pytest.raises(InputError, match="do not match its 2 test frames"):
+        read_results_file(path)
 
 
 def test_pool_without_a_float_row_is_refused():

@@ -192,6 +192,14 @@ def test_tiny_sweep_report_has_every_row_column_and_figure(swept):
         if row["status"] == "complete":
             assert len(row["per_image_dice"]) == len(results["test_names"])
             assert np.mean(row["per_image_dice"]) == pytest.approx(row["dice"])
+        # the fake-quant model's own per-frame Dice beside the INT8 file's: the file's departure, pooled later
+        fake_quant = row["fake_quant_per_image_dice"]
+        if row["name"] in ("w8a8", "learned-0.25"):
+            assert len(fake_quant) == len(results["test_names"])
+            if row["scored_by"] == "fake-quant (PyTorch)":
+                assert fake_quant == row["per_image_dice"]
+        else:
+            assert fake_quant is None
 
 
 @pytest.mark.slow

@@ -40,6 +40,9 @@ class Row:
     mean_activation_bits: float | None = None
     metrics: dict = field(default_factory=dict)  # dice, iou, pixel_accuracy, pooled_dice, images
     per_image: np.ndarray | None = None  # per-frame test Dice, in the split's frame order
+    # QAT rows: the fake-quant model's per-frame test Dice, kept when the row is scored through ONNX Runtime (the
+    # INT8 file's departure from the model it was exported from, frame by frame)
+    fake_quant_per_image: np.ndarray | None = None
     dice_ci: tuple[float, float] | None = None
     delta_vs_float: float | None = None
     delta_ci: tuple[float, float] | None = None
@@ -187,6 +190,7 @@ def qat_row(run_dir: Path, qat_dir: Path, names: list[str] | None, sweep_state: 
         row.note = f"no test_metrics.json ({done}, {row.epochs} epochs)"
         return row
     row.metrics, row.per_image = summary_of(test), per_image_array(test, names)
+    row.fake_quant_per_image = row.per_image
     row.scored_by = "fake-quant (PyTorch)"
     bundle_dir = qat_dir / "bundle"
     manifest = load_bundle(bundle_dir)

@@ -301,6 +301,10 @@ def make_figures(rows: list[Row], threads: int) -> list[tuple[str, str, bytes]]:
     return [(name, caption, png) for name, caption, png in made if png is not None]
 
 
+def _listed(per_image: np.ndarray | None) -> list[float] | None:
+    return None if per_image is None else per_image.tolist()
+
+
 def write_report(run_dir: str | Path, threads: int = 2, latency_runs: int = 50, make_ptq: bool = True) -> Path:
     """Collect, score, time, and write RUN/report/ (replacing an old one whole); returns the folder."""
     run_dir = Path(run_dir)
@@ -324,7 +328,8 @@ def write_report(run_dir: str | Path, threads: int = 2, latency_runs: int = 50, 
     markdown = render_markdown(title, shown, figs, check_lines, notes, commands, env, data)
     results = {"run_dir": str(run_dir), "machine": env, "dataset": data, "notes": notes, "checks": check_lines,
                "test_names": context["test_names"],
-               "rows": [dict(record, per_image_dice=None if row.per_image is None else row.per_image.tolist())
+               "rows": [dict(record, per_image_dice=_listed(row.per_image),
+                             fake_quant_per_image_dice=_listed(row.fake_quant_per_image))
                         for row, record in zip(rows, records)]}
     out = run_dir / REPORT_DIR
     with atomic_dir(out, replace=True) as staging:

@@ -58,11 +58,14 @@ def read_results_file(path: Path) -> dict:
         raise InputError(f"{path}: not readable JSON ({err})") from None
     if not isinstance(results, dict) or "rows" not in results or "test_names" not in results:
         raise InputError(f"{path}: no per-frame Dice (a report older than cv-quant); run `nerveseg report` again")
+    def matches(per_frame) -> bool:
+        return per_frame is None or (isinstance(per_frame, list) and len(per_frame) == len(results["test_names"])
+                                     and all(isinstance(v, (int, float)) for v in per_frame))
+
     for row in results["rows"]:
-        scored = row.get("per_image_dice") if isinstance(row, dict) else None
+        # reports before the fake-quant figures were kept have no such key: those rows pool without them
         if not isinstance(row, dict) or not isinstance(row.get("name"), str) or not (
-                scored is None or (isinstance(scored, list) and len(scored) == len(results["test_names"])
-                                   and all(isinstance(v, (int, float)) for v in scored))):
+                matches(row.get("per_image_dice")) and matches(row.get("fake_quant_per_image_dice"))):
             raise InputError(f"{path}: a row without a name or with per-frame Dice that do not match its "
                              f"{len(results['test_names'])} test frames")
     return results
@@ -85,16 +88,23 @@ def pool(fold_results: list[dict]) -> list[dict]:
     if "float" not in by_model:
         raise InputError("no fold report has a scored float row: nothing to compare against")
 
-    def frames(rows: dict[int, dict], folds: list[int]) -> np.ndarray:
-        return np.concatenate([np.asarray(rows[i]["per_image_dice"], dtype=np.float64) for i in folds])
+    def frames(rows: dict[int, dict], folds: list[int], key: str = "per_image_dice") -> np.ndarray:
+        return np.concatenate([np.asarray(rows[i][key], dtype=np.float64) for i in folds])
+
+    def difference(x: np.ndarray, y: np.ndarray) -> dict:
+        low, high = paired_diff_ci(x, y)
+        return {"delta": float(x.mean() - y.mean()), "ci": [low, high], "frames": int(x.size)}
 
     def paired(a: dict[int, dict], b: dict[int, dict]) -> dict | None:
         common = sorted(set(a) & set(b))
-        if not common:
-            return None
-        x, y = frames(a, common), frames(b, common)
-        low, high = paired_diff_ci(x, y)
-        return {"delta": float(x.mean() - y.mean()), "ci": [low, high], "frames": int(x.size)}
+        return difference(frames(a, common), frames(b, common)) if common else None
+
+    def onnx_vs_fake_quant(rows: dict[int, dict]) -> dict | None:
+        """The INT8 files against the fake-quant models they were exported from, on the folds where the row was
+        scored through ONNX Runtime and its report kept the model's own per-frame Dice."""
+        folds = [i for i in sorted(rows) if (rows[i].get("scored_by") or "").startswith("ONNX")
+                 and rows[i].get("fake_quant_per_image_dice")]
+        return difference(frames(rows, folds), frames(rows, folds, "fake_quant_per_image_dice")) if folds else None
 
     records = []
     for key, rows in by_model.items():
@@ -109,6 +119,7 @@ def pool(fold_results: list[dict]) -> list[dict]:
             "per_fold_dice": {str(i + 1): rows[i]["dice"] for i in folds},
             "vs_float": None if key == "float" else paired(rows, by_model["float"]),
             "vs_ptq": None if key in (PTQ_KEY, "float") or PTQ_KEY not in by_model else paired(rows, by_model[PTQ_KEY]),
+            "vs_fake_quant": onnx_vs_fake_quant(rows),
             "latency_ms": float(np.mean(latency)) if all(v is not None for v in latency) else None,
             "mean_weight_bits": float(np.mean([rows[i]["mean_weight_bits"] for i in folds]))
             if all(rows[i].get("mean_weight_bits") is not None for i in folds) else None,
@@ -126,6 +137,10 @@ def _diff(entry: dict | None) -> str:
     return f"{entry['delta']:+.4f} [{entry['ci'][0]:+.3f}, {entry['ci'][1]:+.3f}]"
 
 
+def _frames(entry: dict | None) -> str:
+    return "" if entry is None else f" ({entry['frames']})"
+
+
 def format_markdown(cv_dir: Path, records: list[dict], folds: int, threads: int | None) -> str:
     """cv_quant.md's table; `threads` None where the timings' thread count is not known (pooled kept files)."""
     timing = (f" Latency: mean over folds of the median batch-1 time in each fold's interleaved timing, {threads} "
@@ -135,14 +150,15 @@ def format_markdown(cv_dir: Path, records: list[dict], folds: int, threads: int 
              f"CPU as deployed, or the fake-quant model where an export was refused); per-frame Dice pooled over the "
              f"folds; 95 % percentile bootstrap over frames (paired for differences).{timing}", "",
              "| model | folds | frames | W bits | Dice | 95 % CI | vs float [95 % CI] | vs ORT PTQ [95 % CI] | "
-             "latency ms | per-fold Dice | scored by |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "INT8 file vs its fake-quant model [95 % CI] (frames) | latency ms | per-fold Dice | scored by |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         bits = f"{r['mean_weight_bits']:.2f}" if r["mean_weight_bits"] is not None else "–"
         latency = f"{r['latency_ms']:.2f}" if r["latency_ms"] is not None else "–"
         per_fold = " / ".join(f"{v:.4f}" for v in r["per_fold_dice"].values())
         lines.append(f"| {r['model']} | {r['folds']} | {r['frames']} | {bits} | {r['dice']:.4f} | "
                      f"[{r['dice_ci'][0]:.3f}, {r['dice_ci'][1]:.3f}] | {_diff(r['vs_float'])} | {_diff(r['vs_ptq'])} | "
+                     f"{_diff(r['vs_fake_quant'])}{_frames(r['vs_fake_quant'])} | "
                      f"{latency} | {per_fold} | {'; '.join(r['scored_by'])} |")
     return "\n".join(lines) + "\n"
 
