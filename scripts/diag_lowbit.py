@@ -2,8 +2,8 @@
 run's trajectories (issue 33; docs/QUANTIZATION.md, "Low-bit activations").
 
     PYTHONPATH=. python scripts/diag_lowbit.py --run-dir RUN [--qat NAME] [--tables sensitivity ranges drift
-        trajectory bias-reference] [--variants 4:pct 3:pct 3:mse-tight] [--val-frames N] [--observe-frames 32]
-        [--top 25] [--json OUT]
+        trajectory bias-reference cliff] [--variants 4:pct 3:pct 3:mse-tight] [--cliff-bits 3] [--val-frames N]
+        [--observe-frames 32] [--top 25] [--json OUT]
 
 RUN is a tuned float run (checkpoints/best.pt). Everything is measured on its validation split, best-threshold Dice
 (the QAT log's val_best_dice), the model in eval mode with BatchNorm folded as QAT folds it.
@@ -21,6 +21,10 @@ RUN is a tuned float run (checkpoints/best.pt). Everything is measured on its va
 - trajectory: RUN/qat/NAME/metrics.jsonl per epoch: losses, Dice, mean bits, and how far the steps moved.
 - bias-reference: RUN/qat/NAME's best checkpoint as trained, after a bias correction towards the float model's channel
   means (what a learned run's freeze did before 2026-12-06), and after one towards its own means (what it does now).
+- cliff: RUN/qat/NAME's best checkpoint (a fine-tuned low-bit run, e.g. W4A4) with its sub-8-bit quantizers lowered
+  to --cliff-bits as a bit schedule's next stage lowers them (steps re-chosen, biases corrected towards the model's
+  own means): all of them, each kind alone, and all but each kind; validation Dice before any training at the new
+  bits. Which kind's last bit the model cannot lose (fold 2's W3A3 died in one epoch after the 4 -> 3 stage).
 """
 
 from __future__ import annotations
@@ -49,8 +53,8 @@ from training.checkpoint import load_model
 from training.stages import split_arrays
 from training.train import validate
 
-TABLES = ("sensitivity", "ranges", "drift", "trajectory", "bias-reference")
-WITH_QAT = {"trajectory", "bias-reference"}  # the tables of one QAT run (--qat)
+TABLES = ("sensitivity", "ranges", "drift", "trajectory", "bias-reference", "cliff")
+WITH_QAT = {"trajectory", "bias-reference", "cliff"}  # the tables of one QAT run (--qat)
 
 
 def parse_variant(text: str) -> tuple[int, str, bool]:
@@ -233,6 +237,60 @@ def table_bias_reference(run_dir: Path, qat_name: str, val_frames: int, observe_
     return found
 
 
+def lowered_kinds(model, infos, kinds: set[str], bits: int, qcfg, frames, reference) -> torch.nn.Module:
+    """A copy of the QAT model with every quantizer of `infos` whose kind is in `kinds` frozen at `bits`, as a bit
+    schedule's stage lowers it (qat.schedule.BitPlan): weight steps re-chosen from the weights, activation steps from
+    `frames` (the run's rule), then with the run's bias correction the biases towards `reference`."""
+    lowered = copy.deepcopy(model)
+    moved = []
+    for info in infos:
+        if info.kind in kinds:
+            q = lowered.get_submodule(info.name)
+            q.freeze_bits(bits)
+            if q.per_channel:
+                q.init_from_tensor(lowered.get_submodule(info.name.rpartition(".")[0]).weight)
+            else:
+                moved.append(q)
+    if moved:
+        initialise_steps(lowered, frames, qcfg.activation_percentile, qcfg.activation_init, only=moved)
+    if qcfg.bias_correction:
+        correct_biases(lowered, frames, reference)
+    return lowered.eval()
+
+
+def table_cliff(run_dir: Path, qat_name: str, bits: int, val_frames: int, observe_frames: int) -> dict:
+    path = run_dir / "qat" / qat_name / "checkpoints" / "best.pt"
+    if not path.is_file():
+        raise InputError(f"{path}: not found (give --qat NAME of a finished run under RUN/qat/)")
+    model, _, cfg, qcfg = load_qat_model(path)
+    cfg = cfg.replace(amp=False)
+    train, _, _ = split_arrays(run_dir, "train", cfg)
+    val, val_masks, _ = split_arrays(run_dir, "val", cfg)
+    val, val_masks = val[:val_frames or None], val_masks[:val_frames or None]
+    frames = list(_batches(train, observe_frames))
+    score = lambda m: validate(m, val, val_masks, torch.device("cpu"), cfg)["val_best_dice"]  # noqa: E731
+    # the quantizers a schedule would lower: those the run keeps below 8 bits and above the new bits
+    infos = [i for i in describe(model) if bits < i.quantizer.bits() < 8]
+    if not infos:
+        raise InputError(f"{path}: no quantizer between {bits} and 8 bits to lower (--cliff-bits)")
+    kinds = list(dict.fromkeys(i.kind for i in infos))
+    reference = own_moments(model, frames) if qcfg.bias_correction else None
+    found = {"as trained": score(model)}
+    print(f"\nCliff: {path} lowered to {bits} bits (best-T Dice on {len(val)} validation frames, no training at the "
+          f"new bits; steps and biases re-chosen on {observe_frames} training frames)")
+    print(f"  {'as trained':<44} {found['as trained']:.4f}")
+    found["all lowered"] = score(lowered_kinds(model, infos, set(kinds), bits, qcfg, frames, reference))
+    print(f"  {'all ' + str(len(infos)) + ' lowered':<44} {found['all lowered']:.4f}")
+    print(f"  {'kind (quantizers)':<32} {'alone lowered':>13} {'all but it lowered':>19}")
+    for kind in kinds:
+        count = sum(i.kind == kind for i in infos)
+        alone = score(lowered_kinds(model, infos, {kind}, bits, qcfg, frames, reference))
+        others = score(lowered_kinds(model, infos, set(kinds) - {kind}, bits, qcfg, frames, reference))
+        found[kind] = {"quantizers": count, "alone": alone, "all_but": others}
+        print(f"  {f'{kind} ({count})':<32} {alone:>13.4f} {others:>19.4f}", flush=True)
+    return found
+
+
 class Context:
     """The float model, its diagnosis copy (every quantizer at 8 bits, BN folded), the frames and the score."""
 
@@ -264,6 +322,7 @@ def main() -> None:
                         help="default: all (trajectory and bias-reference only with --qat)")
     parser.add_argument("--variants", nargs="+", default=["4:pct", "3:pct", "3:mse-tight"])
     parser.add_argument("--drift-bits", nargs="+", type=int, default=[4, 3])
+    parser.add_argument("--cliff-bits", type=int, default=3, help="the cliff table lowers the --qat run to these")
     parser.add_argument("--val-frames", type=int, default=0, help="validation frames scored (0: all)")
     parser.add_argument("--observe-frames", type=int, default=32, help="training frames the steps are set from")
     parser.add_argument("--percentile", type=float, default=99.99, help="as QAT's activation_percentile")
@@ -281,6 +340,8 @@ def main() -> None:
             found["trajectory"] = table_trajectory(run_dir / "qat" / args.qat)
         if "bias-reference" in args.tables and args.qat:
             found["bias_reference"] = table_bias_reference(run_dir, args.qat, args.val_frames, args.observe_frames)
+        if "cliff" in args.tables and args.qat:
+            found["cliff"] = table_cliff(run_dir, args.qat, args.cliff_bits, args.val_frames, args.observe_frames)
         if set(args.tables) - WITH_QAT:
             ctx = Context(run_dir, args.val_frames, args.observe_frames, args.percentile)
             with only_quantizers(ctx.model):

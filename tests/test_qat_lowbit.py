@@ -340,7 +340,8 @@ def test_diagnosis_script_prints_its_tables(scheduled_run, tiny_run, capsys, mon
     diag = load_script("diag_lowbit")
     out = tmp_path / "diag.json"
     monkeypatch.setattr("sys.argv", ["diag_lowbit.py", "--run-dir", str(tiny_run), "--qat", scheduled_run.name,
-                                     "--variants", "3:pct", "3:mse-tight", "--drift-bits", "3", "--val-frames", "4",
+                                     "--variants", "3:pct", "3:mse-tight", "--drift-bits", "3", "--cliff-bits", "2",
+                                     "--val-frames", "4",
                                      "--observe-frames", "4", "--top", "3", "--json", str(out)])
     diag.main()
     text = capsys.readouterr().out
@@ -348,11 +349,47 @@ def test_diagnosis_script_prints_its_tables(scheduled_run, tiny_run, capsys, mon
         assert heading in text
     assert "W3A3 mse-tight+bias-corr" in text and "hswish out" in text
     found = json.loads(out.read_text())
-    assert set(found) == {"sensitivity", "ranges", "drift", "trajectory", "bias_reference"}
+    assert set(found) == {"sensitivity", "ranges", "drift", "trajectory", "bias_reference", "cliff"}
+    assert "Cliff:" in text and "all but it lowered" in text
+    kinds = {k: v for k, v in found["cliff"].items() if isinstance(v, dict)}
+    assert "hswish out" in kinds and all(0 <= v["alone"] <= 1 and 0 <= v["all_but"] <= 1 for v in kinds.values())
     assert len(found["trajectory"]) == 4 and "Bias correction of a fine-tuned model" in text
     assert len(found["bias_reference"]) == 3 and all(0 <= d <= 1 for d in found["bias_reference"].values())
     drops = found["sensitivity"]["drops"]["3:pct"]
     assert len(drops) > 200 and all(math.isfinite(d) for d in drops.values())
+
+
+def test_the_cliff_table_lowers_exactly_the_chosen_kinds_as_a_schedule_stage_does(scheduled_run, tiny_run):
+    """diag_lowbit's cliff rows: the chosen kinds' quantizers at the new bits with steps re-chosen for them, every other
+    quantizer and the run's own model untouched, and the biases corrected towards the model's own means."""
+    from conftest import load_script
+    from qat.bias_correction import conv_output_moments, own_moments
+    from qat.checkpoint import load_qat_model
+    from qat.sensitivity import describe
+
+    diag = load_script("diag_lowbit")
+    model, _, _, qcfg = load_qat_model(scheduled_run / "checkpoints" / "best.pt")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    infos = [i for i in describe(model) if 2 < i.quantizer.bits() < 8]
+    frames = [torch.rand(4, 1, *model_input(tiny_run))]
+    reference = own_moments(model, frames)
+    chosen = {"weight dw", "hswish out"}
+    lowered = diag.lowered_kinds(model, infos, chosen, 2, qcfg, frames, reference)
+    steps = {}
+    for info in describe(model):
+        q = lowered.get_submodule(info.name)
+        picked = info in infos and info.kind in chosen
+        assert q.bits() == (2 if picked else info.quantizer.bits()), info.name
+        steps[picked] = steps.get(picked, []) + [bool(torch.equal(q.log2_step, info.quantizer.log2_step))]
+    assert not all(steps[True]) and all(steps[False])  # the lowered ones' steps were re-chosen, the rest kept
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the run's model untouched
+    _assert_means_within_a_bias_step(lowered, conv_output_moments(lowered, frames), reference)
+
+
+def model_input(run_dir):
+    from training.config import load_run_config
+
+    return tuple(load_run_config(run_dir).input_size)
 
 
 def test_diagnosis_script_refuses_a_missing_run_in_one_line(tmp_path, monkeypatch):
