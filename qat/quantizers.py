@@ -278,7 +278,13 @@ class FakeQuant(nn.Module):
     # -- initialisation from data -------------------------------------------------------------------------
     def _observe(self, x: torch.Tensor) -> None:
         if self.observation is None:
-            self.observation = Observation(self.observe_percentile, self.unsigned or self.relu_read, sides=self.tight)
+            if self.observe_init == "mse" and self.bits() < 8:
+                # the squared-error search reads only the kept sample: no per-batch percentiles to compute (each
+                # a sort of up to 2M values, most of the time of a stage change in a bit schedule)
+                self.observation = Observation(0.0, self.unsigned or self.relu_read)
+            else:
+                self.observation = Observation(self.observe_percentile, self.unsigned or self.relu_read,
+                                               sides=self.tight)
         self.observation.add(x)
 
     @torch.no_grad()

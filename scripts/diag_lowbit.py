@@ -237,22 +237,40 @@ def table_bias_reference(run_dir: Path, qat_name: str, val_frames: int, observe_
     return found
 
 
-def lowered_kinds(model, infos, kinds: set[str], bits: int, qcfg, frames, reference) -> torch.nn.Module:
+@torch.no_grad()
+def observed(model, frames, qcfg) -> dict:
+    """{activation quantizer name: what it saw} on `frames`, as qat.prepare.initialise_steps observes (the run's
+    rule). The observing pass runs the float model (QuantConv2d takes float weights then), so what each quantizer
+    sees does not depend on any bits, and one pass serves every row of the cliff table."""
+    infos = [i for i in describe(model) if not i.is_weight]
+    for info in infos:
+        info.quantizer.observing = True
+        info.quantizer.observe_percentile, info.quantizer.observe_init = qcfg.activation_percentile, qcfg.activation_init
+    try:
+        for batch in frames:
+            model(batch)
+        return {info.name: info.quantizer.observation for info in infos}
+    finally:
+        for info in infos:
+            info.quantizer.observing, info.quantizer.observation = False, None
+
+
+def lowered_kinds(model, infos, kinds: set[str], bits: int, qcfg, frames, reference, seen: dict) -> torch.nn.Module:
     """A copy of the QAT model with every quantizer of `infos` whose kind is in `kinds` frozen at `bits`, as a bit
     schedule's stage lowers it (qat.schedule.BitPlan): weight steps re-chosen from the weights, activation steps from
-    `frames` (the run's rule), then with the run's bias correction the biases towards `reference`."""
+    what they saw (`seen`, from `observed`: the run's rule), then with the run's bias correction the biases towards
+    `reference`."""
     lowered = copy.deepcopy(model)
-    moved = []
-    for info in infos:
-        if info.kind in kinds:
-            q = lowered.get_submodule(info.name)
-            q.freeze_bits(bits)
-            if q.per_channel:
-                q.init_from_tensor(lowered.get_submodule(info.name.rpartition(".")[0]).weight)
-            else:
-                moved.append(q)
-    if moved:
-        initialise_steps(lowered, frames, qcfg.activation_percentile, qcfg.activation_init, only=moved)
+    with torch.no_grad():
+        for info in infos:
+            if info.kind in kinds:
+                q = lowered.get_submodule(info.name)
+                q.freeze_bits(bits)
+                if q.per_channel:
+                    q.init_from_tensor(lowered.get_submodule(info.name.rpartition(".")[0]).weight)
+                else:
+                    q.observation = seen[info.name]
+                    q.init_from_samples()
     if qcfg.bias_correction:
         correct_biases(lowered, frames, reference)
     return lowered.eval()
@@ -275,17 +293,18 @@ def table_cliff(run_dir: Path, qat_name: str, bits: int, val_frames: int, observ
         raise InputError(f"{path}: no quantizer between {bits} and 8 bits to lower (--cliff-bits)")
     kinds = list(dict.fromkeys(i.kind for i in infos))
     reference = own_moments(model, frames) if qcfg.bias_correction else None
+    seen = observed(model, frames, qcfg)
+    lower = lambda chosen: lowered_kinds(model, infos, chosen, bits, qcfg, frames, reference, seen)  # noqa: E731
     found = {"as trained": score(model)}
     print(f"\nCliff: {path} lowered to {bits} bits (best-T Dice on {len(val)} validation frames, no training at the "
           f"new bits; steps and biases re-chosen on {observe_frames} training frames)")
     print(f"  {'as trained':<44} {found['as trained']:.4f}")
-    found["all lowered"] = score(lowered_kinds(model, infos, set(kinds), bits, qcfg, frames, reference))
+    found["all lowered"] = score(lower(set(kinds)))
     print(f"  {'all ' + str(len(infos)) + ' lowered':<44} {found['all lowered']:.4f}")
     print(f"  {'kind (quantizers)':<32} {'alone lowered':>13} {'all but it lowered':>19}")
     for kind in kinds:
         count = sum(i.kind == kind for i in infos)
-        alone = score(lowered_kinds(model, infos, {kind}, bits, qcfg, frames, reference))
-        others = score(lowered_kinds(model, infos, set(kinds) - {kind}, bits, qcfg, frames, reference))
+        alone, others = score(lower({kind})), score(lower(set(kinds) - {kind}))
         found[kind] = {"quantizers": count, "alone": alone, "all_but": others}
         print(f"  {f'{kind} ({count})':<32} {alone:>13.4f} {others:>19.4f}", flush=True)
     return found

@@ -314,6 +314,35 @@ def test_bias_correction_gives_each_convolution_the_float_channel_means():
     _assert_means_within_a_bias_step(model, conv_output_moments(model, frames), reference)
 
 
+@pytest.mark.parametrize("init", ["percentile", "mse"])
+def test_initialising_some_steps_gives_them_what_a_full_initialisation_gives(init):
+    """initialise_steps(only=...) (a schedule's stage, a learned run's cap): the observing pass runs the float model,
+    so the chosen quantizers get exactly the steps a full initialisation gives them and the others keep theirs; with
+    the MSE search below 8 bits the observation keeps no percentiles (that search reads only the kept sample)."""
+    import copy
+
+    model, frames = _toy_chain(weight_bits=4, learn=False)
+    with torch.no_grad():
+        for q in activation_quantizers(model):
+            q.log2_step.fill_(0.0)  # steps no initialisation picks: the chosen ones must move
+    full, part = copy.deepcopy(model), copy.deepcopy(model)
+    initialise_steps(full, frames, 99.99, init)
+    quantizers = activation_quantizers(part)
+    chosen = quantizers[1::2]
+    before = [q.log2_step.clone() for q in quantizers]
+    initialise_steps(part, frames, 99.99, init, only=chosen)
+    for index, (q, reference) in enumerate(zip(quantizers, activation_quantizers(full))):
+        expected = reference.log2_step if q in chosen else before[index]
+        assert torch.equal(q.log2_step, expected), index
+        assert not q.observing and q.observation is None
+    assert any(not torch.equal(a, b.log2_step) for a, b in zip(before, activation_quantizers(full)))
+    q = next(q for q in quantizers if q.bits() < 8)  # what an observing pass records below 8 bits, by rule
+    q.observing, q.observe_percentile, q.observe_init = True, 99.99, init
+    q(torch.randn(4096))
+    assert bool(q.observation.percentiles) == (init == "percentile") and len(q.observation.values()) == 4096
+    q.observing, q.observation = False, None
+
+
 def _toy_chain(weight_bits: int, learn: bool):
     """A small ReLU chain at `weight_bits` weights and 2-bit activations (learned or not), its steps set from data;
     and its frames."""
@@ -362,6 +391,8 @@ def test_diagnosis_script_prints_its_tables(scheduled_run, tiny_run, capsys, mon
 def test_the_cliff_table_lowers_exactly_the_chosen_kinds_as_a_schedule_stage_does(scheduled_run, tiny_run):
     """diag_lowbit's cliff rows: the chosen kinds' quantizers at the new bits with steps re-chosen for them, every other
     quantizer and the run's own model untouched, and the biases corrected towards the model's own means."""
+    import copy
+
     from conftest import load_script
     from qat.bias_correction import conv_output_moments, own_moments
     from qat.checkpoint import load_qat_model
@@ -374,7 +405,7 @@ def test_the_cliff_table_lowers_exactly_the_chosen_kinds_as_a_schedule_stage_doe
     frames = [torch.rand(4, 1, *model_input(tiny_run))]
     reference = own_moments(model, frames)
     chosen = {"weight dw", "hswish out"}
-    lowered = diag.lowered_kinds(model, infos, chosen, 2, qcfg, frames, reference)
+    lowered = diag.lowered_kinds(model, infos, chosen, 2, qcfg, frames, reference, diag.observed(model, frames, qcfg))
     steps = {}
     for info in describe(model):
         q = lowered.get_submodule(info.name)
@@ -382,6 +413,14 @@ def test_the_cliff_table_lowers_exactly_the_chosen_kinds_as_a_schedule_stage_doe
         assert q.bits() == (2 if picked else info.quantizer.bits()), info.name
         steps[picked] = steps.get(picked, []) + [bool(torch.equal(q.log2_step, info.quantizer.log2_step))]
     assert not all(steps[True]) and all(steps[False])  # the lowered ones' steps were re-chosen, the rest kept
+    # one observing pass reused for every row gives the steps a stage's own initialise_steps(only=...) gives
+    staged = copy.deepcopy(model)
+    moved = [staged.get_submodule(i.name) for i in infos if i.kind == "hswish out"]
+    for q in moved:
+        q.freeze_bits(2)
+    initialise_steps(staged, frames, qcfg.activation_percentile, qcfg.activation_init, only=moved)
+    assert moved and all(torch.equal(q.log2_step, lowered.get_submodule(i.name).log2_step)
+                         for q, i in zip(moved, [i for i in infos if i.kind == "hswish out"]))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the run's model untouched
     _assert_means_within_a_bias_step(lowered, conv_output_moments(lowered, frames), reference)
 
