@@ -23,8 +23,9 @@ RUN is a tuned float run (checkpoints/best.pt). Everything is measured on its va
   means (what a learned run's freeze did before 2026-12-06), and after one towards its own means (what it does now).
 - cliff: RUN/qat/NAME's best checkpoint (a fine-tuned low-bit run, e.g. W4A4) with its sub-8-bit quantizers lowered
   to --cliff-bits as a bit schedule's next stage lowers them (steps re-chosen, biases corrected towards the model's
-  own means): all of them, each kind alone, and all but each kind; validation Dice before any training at the new
-  bits. Which kind's last bit the model cannot lose (fold 2's W3A3 died in one epoch after the 4 -> 3 stage).
+  own means): all of them, each kind alone, all but each kind, then kinds kept at the run's bits one by one (the most
+  harmful alone first) until within 0.05 of the run; validation Dice before any training at the new bits. Which
+  kinds' last bit the model cannot lose (fold 2's W3A3 died in one epoch after the 4 -> 3 stage).
 """
 
 from __future__ import annotations
@@ -307,6 +308,17 @@ def table_cliff(run_dir: Path, qat_name: str, bits: int, val_frames: int, observ
         alone, others = score(lower({kind})), score(lower(set(kinds) - {kind}))
         found[kind] = {"quantizers": count, "alone": alone, "all_but": others}
         print(f"  {f'{kind} ({count})':<32} {alone:>13.4f} {others:>19.4f}", flush=True)
+    # how much must stay at the run's bits: kinds kept, the most harmful alone first, until within 0.05 of as trained
+    print("  kept at the run's bits, cumulatively (the most harmful alone first), the rest lowered:")
+    kept, found["kept cumulatively"] = [], []
+    for kind in sorted(kinds, key=lambda k: found[k]["alone"])[:-1]:
+        kept.append(kind)
+        dice = score(lower(set(kinds) - set(kept)))
+        count = sum(i.kind in kept for i in infos)
+        found["kept cumulatively"].append({"kept": list(kept), "quantizers_kept": count, "dice": dice})
+        print(f"    + {kind:<30} {dice:.4f}  ({count} of {len(infos)} quantizers kept)", flush=True)
+        if dice >= found["as trained"] - 0.05:
+            break
     return found
 
 

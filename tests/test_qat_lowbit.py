@@ -382,6 +382,9 @@ def test_diagnosis_script_prints_its_tables(scheduled_run, tiny_run, capsys, mon
     assert "Cliff:" in text and "all but it lowered" in text
     kinds = {k: v for k, v in found["cliff"].items() if isinstance(v, dict)}
     assert "hswish out" in kinds and all(0 <= v["alone"] <= 1 and 0 <= v["all_but"] <= 1 for v in kinds.values())
+    path = found["cliff"]["kept cumulatively"]
+    assert path and [len(step["kept"]) for step in path] == list(range(1, len(path) + 1))
+    assert path[0]["kept"] == [min(kinds, key=lambda k: kinds[k]["alone"])]
     assert len(found["trajectory"]) == 4 and "Bias correction of a fine-tuned model" in text
     assert len(found["bias_reference"]) == 3 and all(0 <= d <= 1 for d in found["bias_reference"].values())
     drops = found["sensitivity"]["drops"]["3:pct"]
