@@ -213,18 +213,28 @@ def table_trajectory(qat_dir: Path) -> list:
     return records
 
 
+class QatRun:
+    """RUN/qat/NAME's best checkpoint (eval mode), its QAT config, `observe_frames` training frames in batches and a
+    score: best-T Dice on the first `val_frames` validation frames (0: all)."""
+
+    def __init__(self, run_dir: Path, qat_name: str, val_frames: int, observe_frames: int):
+        self.path = run_dir / "qat" / qat_name / "checkpoints" / "best.pt"
+        if not self.path.is_file():
+            raise InputError(f"{self.path}: not found (give --qat NAME of a finished run under RUN/qat/)")
+        self.model, _, cfg, self.qcfg = load_qat_model(self.path)
+        self.cfg = cfg.replace(amp=False)
+        train, _, _ = split_arrays(run_dir, "train", cfg)
+        val, val_masks, _ = split_arrays(run_dir, "val", cfg)
+        self.val, self.val_masks = val[:val_frames or None], val_masks[:val_frames or None]
+        self.frames = list(_batches(train, observe_frames))
+
+    def score(self, model) -> float:
+        return validate(model, self.val, self.val_masks, torch.device("cpu"), self.cfg)["val_best_dice"]
+
+
 def table_bias_reference(run_dir: Path, qat_name: str, val_frames: int, observe_frames: int) -> dict:
-    path = run_dir / "qat" / qat_name / "checkpoints" / "best.pt"
-    if not path.is_file():
-        raise InputError(f"{path}: not found (give --qat NAME of a finished run under RUN/qat/)")
-    model, _, cfg, _ = load_qat_model(path)
-    model.eval()
-    cfg = cfg.replace(amp=False)
-    train, _, _ = split_arrays(run_dir, "train", cfg)
-    val, val_masks, _ = split_arrays(run_dir, "val", cfg)
-    val, val_masks = val[:val_frames or None], val_masks[:val_frames or None]
-    frames = list(_batches(train, observe_frames))
-    score = lambda m: validate(m, val, val_masks, torch.device("cpu"), cfg)["val_best_dice"]  # noqa: E731
+    run = QatRun(run_dir, qat_name, val_frames, observe_frames)
+    path, model, frames, score, val = run.path, run.model, run.frames, run.score, run.val
     towards_float, towards_own = copy.deepcopy(model), copy.deepcopy(model)
     found = {"as trained": score(model)}
     correct_biases(towards_float, frames)
@@ -278,16 +288,11 @@ def lowered_kinds(model, infos, kinds: set[str], bits: int, qcfg, frames, refere
 
 
 def table_cliff(run_dir: Path, qat_name: str, bits: int, val_frames: int, observe_frames: int) -> dict:
-    path = run_dir / "qat" / qat_name / "checkpoints" / "best.pt"
-    if not path.is_file():
-        raise InputError(f"{path}: not found (give --qat NAME of a finished run under RUN/qat/)")
-    model, _, cfg, qcfg = load_qat_model(path)
-    cfg = cfg.replace(amp=False)
-    train, _, _ = split_arrays(run_dir, "train", cfg)
-    val, val_masks, _ = split_arrays(run_dir, "val", cfg)
-    val, val_masks = val[:val_frames or None], val_masks[:val_frames or None]
-    frames = list(_batches(train, observe_frames))
-    score = lambda m: validate(m, val, val_masks, torch.device("cpu"), cfg)["val_best_dice"]  # noqa: E731
+    """The cliff table (module doc): RUN/qat/NAME lowered to `bits`, all, by kind, and kinds kept cumulatively."""
+    if not 2 <= bits <= 7:
+        raise InputError(f"--cliff-bits: 2 to 7 bits, got {bits}")
+    run = QatRun(run_dir, qat_name, val_frames, observe_frames)
+    path, model, qcfg, frames, score, val = run.path, run.model, run.qcfg, run.frames, run.score, run.val
     # the quantizers a schedule would lower: those the run keeps below 8 bits and above the new bits
     infos = [i for i in describe(model) if bits < i.quantizer.bits() < 8]
     if not infos:
@@ -350,7 +355,7 @@ def main() -> None:
     parser.add_argument("--run-dir", required=True, help="a tuned float run")
     parser.add_argument("--qat", metavar="NAME", help="a QAT run RUN/qat/NAME whose metrics.jsonl to read")
     parser.add_argument("--tables", nargs="+", choices=TABLES, default=list(TABLES),
-                        help="default: all (trajectory and bias-reference only with --qat)")
+                        help="default: all (trajectory, bias-reference and cliff only with --qat)")
     parser.add_argument("--variants", nargs="+", default=["4:pct", "3:pct", "3:mse-tight"])
     parser.add_argument("--drift-bits", nargs="+", type=int, default=[4, 3])
     parser.add_argument("--cliff-bits", type=int, default=3, help="the cliff table lowers the --qat run to these")

@@ -58,6 +58,7 @@ def read_results_file(path: Path) -> dict:
         raise InputError(f"{path}: not readable JSON ({err})") from None
     if not isinstance(results, dict) or "rows" not in results or "test_names" not in results:
         raise InputError(f"{path}: no per-frame Dice (a report older than cv-quant); run `nerveseg report` again")
+
     def matches(per_frame) -> bool:
         return per_frame is None or (isinstance(per_frame, list) and len(per_frame) == len(results["test_names"])
                                      and all(isinstance(v, (int, float)) for v in per_frame))
