@@ -29,6 +29,7 @@ from torchvision.ops.misc import SqueezeExcitation
 from .config import ACTIVATION_RANGES, GRIDS
 from .modules import QuantConv2d, QuantGate, QuantHardswish, QuantResidual, activation_quantizer
 from .quantizers import FakeQuant
+from .step_init import Observation
 
 FIRST_INPUT_BITS = 8  # the grey frame in [0, 1]: an 8-bit picture stays an 8-bit picture
 OUTPUT_BITS = 8  # every output quantizer: what ONNX Runtime's QLinearConv produces
@@ -293,19 +294,17 @@ def activation_quantizers(model: nn.Module) -> list[FakeQuant]:
 
 
 @torch.no_grad()
-def initialise_steps(model: nn.Module, batches: Iterable[torch.Tensor], percentile: float = 0.0,
-                     init: str = "percentile", only: Iterable[FakeQuant] | None = None) -> int:
-    """Observe the float activations of `batches` (eval mode) and set every activation quantizer's step so
-    that its grid reaches the largest magnitude seen (FakeQuant.init_from_samples says why not an MSE search).
-    `percentile` P > 0: the grid reaches the mean per-batch P-th percentile of |x| instead of the maximum.
-    `init` "mse": below 8 bits the squared-error search instead. `only`: set these quantizers' steps, leave the
-    others' (a schedule that lowers some bits re-initialises those). Returns the number of frames seen.
+def observe_activations(model: nn.Module, batches: Iterable[torch.Tensor], percentile: float = 0.0,
+                        init: str = "percentile") -> tuple[dict[int, Observation], int]:
+    """What every activation quantizer sees on `batches` (eval mode), recorded for the rule `init` / `percentile`
+    asks (FakeQuant.init_from_samples): ({id(quantizer): its Observation}, frames seen). While a convolution's input
+    observes it takes float weights, so this is the float model's pass whatever the bits: one pass serves any
+    bitwidths the steps are then set for.
 
     Shape:
         each batch: (N, 1, H, W) float in [0, 1], on the model's device.
     """
     activation_quants = activation_quantizers(model)
-    chosen = {id(q) for q in (only if only is not None else activation_quants)}
     was_training = model.training
     model.eval()
     for q in activation_quants:
@@ -315,16 +314,33 @@ def initialise_steps(model: nn.Module, batches: Iterable[torch.Tensor], percenti
         for batch in batches:
             model(batch)
             seen += len(batch)
+        return {id(q): q.observation for q in activation_quants}, seen
     finally:
         for q in activation_quants:
-            q.observing = False
+            q.observing, q.observation = False, None
+        model.train(was_training)
+
+
+@torch.no_grad()
+def initialise_steps(model: nn.Module, batches: Iterable[torch.Tensor], percentile: float = 0.0,
+                     init: str = "percentile", only: Iterable[FakeQuant] | None = None) -> int:
+    """Observe the float activations of `batches` (observe_activations) and set every activation quantizer's step so
+    that its grid reaches the largest magnitude seen (FakeQuant.init_from_samples says why not an MSE search).
+    `percentile` P > 0: the grid reaches the mean per-batch P-th percentile of |x| instead of the maximum.
+    `init` "mse": below 8 bits the squared-error search instead. `only`: set these quantizers' steps, leave the
+    others' (a schedule that lowers some bits re-initialises those). Returns the number of frames seen.
+
+    Shape:
+        each batch: (N, 1, H, W) float in [0, 1], on the model's device.
+    """
+    observations, seen = observe_activations(model, batches, percentile, init)
     if seen == 0:
         raise ValueError("initialise_steps: no frames given")
-    for q in activation_quants:
+    chosen = {id(q) for q in only} if only is not None else observations.keys()
+    for q in activation_quantizers(model):
         if id(q) in chosen:
+            q.observation = observations[id(q)]
             q.init_from_samples()
-        q.observation = None
-    model.train(was_training)
     return seen
 
 

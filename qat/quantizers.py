@@ -276,9 +276,13 @@ class FakeQuant(nn.Module):
         return torch.clamp(torch.round(x / self._shaped(p.scale, x)), p.qmin, p.qmax)
 
     # -- initialisation from data -------------------------------------------------------------------------
+    def _searches_mse(self, bits: int) -> bool:
+        """Whether init_from_samples searches the step by squared error at `bits` (reading only the kept sample)."""
+        return self.observe_init == "mse" and bits < 8
+
     def _observe(self, x: torch.Tensor) -> None:
         if self.observation is None:
-            if self.observe_init == "mse" and self.bits() < 8:
+            if self._searches_mse(self.bits()):
                 # the squared-error search reads only the kept sample: no per-batch percentiles to compute (each
                 # a sort of up to 2M values, most of the time of a stage change in a bit schedule)
                 self.observation = Observation(0.0, self.unsigned or self.relu_read)
@@ -305,7 +309,7 @@ class FakeQuant(nn.Module):
         if seen is None:
             raise RuntimeError("init_from_samples: nothing observed; run frames through the model while observing")
         bits = self.bits()  # before the step moves: a per-tensor range is in value units
-        search = self.observe_init == "mse" and bits < 8
+        search = self._searches_mse(bits)
         if self.tight and self.relu_read:  # [0, 2^b - 1]: the readers see ReLU's output
             qmax = self.integer_range(bits)[1]
             step = (mse_activation_grid(seen.values().clamp_min(0), [(0, qmax)])[2] if search

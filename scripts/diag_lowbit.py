@@ -45,10 +45,10 @@ import torch
 from device_runtime.core.errors import InputError
 from qat.bias_correction import conv_output_moments, correct_biases, own_moments
 from qat.checkpoint import load_qat_model
-from qat.prepare import initialise_steps, prepare_qat
+from qat.prepare import initialise_steps, observe_activations, prepare_qat
 from qat.quantizers import integer_range
 from device_runtime.core.fileio import write_json
-from qat.sensitivity import describe, observe, only_quantizers, relu_read_ids, sensitivity
+from qat.sensitivity import describe, observe, only_quantizers, relu_read_ids, sensitivity, weight_of
 from qat.step_init import mse_activation_grid
 from training.checkpoint import load_model
 from training.stages import split_arrays
@@ -213,28 +213,36 @@ def table_trajectory(qat_dir: Path) -> list:
     return records
 
 
-class QatRun:
-    """RUN/qat/NAME's best checkpoint (eval mode), its QAT config, `observe_frames` training frames in batches and a
-    score: best-T Dice on the first `val_frames` validation frames (0: all)."""
+class RunFrames:
+    """A run's frames for the tables: `observe_frames` training frames in batches (`observe_batches`, what steps and
+    biases are set from) and the first `val_frames` validation frames (0: all), with the score on them."""
+
+    def __init__(self, run_dir: Path, cfg, val_frames: int, observe_frames: int):
+        self.cfg = cfg.replace(amp=False)
+        train, _, _ = split_arrays(run_dir, "train", cfg)
+        val, val_masks, _ = split_arrays(run_dir, "val", cfg)
+        self.val, self.val_masks = val[:val_frames or None], val_masks[:val_frames or None]
+        self.observe_batches = _batches(train, observe_frames)
+
+    def score(self, model) -> float:
+        """Best-threshold Dice on the validation frames."""
+        return validate(model, self.val, self.val_masks, torch.device("cpu"), self.cfg)["val_best_dice"]
+
+
+class QatRun(RunFrames):
+    """RUN/qat/NAME's best checkpoint (eval mode) and its QAT config, with the run's frames."""
 
     def __init__(self, run_dir: Path, qat_name: str, val_frames: int, observe_frames: int):
         self.path = run_dir / "qat" / qat_name / "checkpoints" / "best.pt"
         if not self.path.is_file():
             raise InputError(f"{self.path}: not found (give --qat NAME of a finished run under RUN/qat/)")
         self.model, _, cfg, self.qcfg = load_qat_model(self.path)
-        self.cfg = cfg.replace(amp=False)
-        train, _, _ = split_arrays(run_dir, "train", cfg)
-        val, val_masks, _ = split_arrays(run_dir, "val", cfg)
-        self.val, self.val_masks = val[:val_frames or None], val_masks[:val_frames or None]
-        self.frames = list(_batches(train, observe_frames))
-
-    def score(self, model) -> float:
-        return validate(model, self.val, self.val_masks, torch.device("cpu"), self.cfg)["val_best_dice"]
+        super().__init__(run_dir, cfg, val_frames, observe_frames)
 
 
 def table_bias_reference(run_dir: Path, qat_name: str, val_frames: int, observe_frames: int) -> dict:
     run = QatRun(run_dir, qat_name, val_frames, observe_frames)
-    path, model, frames, score, val = run.path, run.model, run.frames, run.score, run.val
+    path, model, frames, score, val = run.path, run.model, run.observe_batches, run.score, run.val
     towards_float, towards_own = copy.deepcopy(model), copy.deepcopy(model)
     found = {"as trained": score(model)}
     correct_biases(towards_float, frames)
@@ -248,22 +256,12 @@ def table_bias_reference(run_dir: Path, qat_name: str, val_frames: int, observe_
     return found
 
 
-@torch.no_grad()
 def observed(model, frames, qcfg) -> dict:
-    """{activation quantizer name: what it saw} on `frames`, as qat.prepare.initialise_steps observes (the run's
-    rule). The observing pass runs the float model (QuantConv2d takes float weights then), so what each quantizer
-    sees does not depend on any bits, and one pass serves every row of the cliff table."""
-    infos = [i for i in describe(model) if not i.is_weight]
-    for info in infos:
-        info.quantizer.observing = True
-        info.quantizer.observe_percentile, info.quantizer.observe_init = qcfg.activation_percentile, qcfg.activation_init
-    try:
-        for batch in frames:
-            model(batch)
-        return {info.name: info.quantizer.observation for info in infos}
-    finally:
-        for info in infos:
-            info.quantizer.observing, info.quantizer.observation = False, None
+    """{activation quantizer name: what it saw} on `frames`, by the run's rule (qat.prepare.observe_activations: the
+    float model's pass, whatever the bits, so one pass serves every row of the cliff table); by name, as the rows
+    lower copies of the model."""
+    seen, _ = observe_activations(model, frames, qcfg.activation_percentile, qcfg.activation_init)
+    return {info.name: seen[id(info.quantizer)] for info in describe(model) if not info.is_weight}
 
 
 def lowered_kinds(model, infos, kinds: set[str], bits: int, qcfg, frames, reference, seen: dict) -> torch.nn.Module:
@@ -278,7 +276,7 @@ def lowered_kinds(model, infos, kinds: set[str], bits: int, qcfg, frames, refere
                 q = lowered.get_submodule(info.name)
                 q.freeze_bits(bits)
                 if q.per_channel:
-                    q.init_from_tensor(lowered.get_submodule(info.name.rpartition(".")[0]).weight)
+                    q.init_from_tensor(weight_of(lowered, info))
                 else:
                     q.observation = seen[info.name]
                     q.init_from_samples()
@@ -292,7 +290,7 @@ def table_cliff(run_dir: Path, qat_name: str, bits: int, val_frames: int, observ
     if not 2 <= bits <= 7:
         raise InputError(f"--cliff-bits: 2 to 7 bits, got {bits}")
     run = QatRun(run_dir, qat_name, val_frames, observe_frames)
-    path, model, qcfg, frames, score, val = run.path, run.model, run.qcfg, run.frames, run.score, run.val
+    path, model, qcfg, frames, score, val = run.path, run.model, run.qcfg, run.observe_batches, run.score, run.val
     # the quantizers a schedule would lower: those the run keeps below 8 bits and above the new bits
     infos = [i for i in describe(model) if bits < i.quantizer.bits() < 8]
     if not infos:
@@ -327,27 +325,20 @@ def table_cliff(run_dir: Path, qat_name: str, bits: int, val_frames: int, observ
     return found
 
 
-class Context:
+class Context(RunFrames):
     """The float model, its diagnosis copy (every quantizer at 8 bits, BN folded), the frames and the score."""
 
     def __init__(self, run_dir: Path, val_frames: int, observe_frames: int, percentile: float):
         self.start = time.perf_counter()
         self.float_model, _, cfg = load_model(run_dir / "checkpoints" / "best.pt")
-        self.cfg = cfg.replace(amp=False)
-        train, _, _ = split_arrays(run_dir, "train", cfg)
-        val, val_masks, _ = split_arrays(run_dir, "val", cfg)
-        self.val, self.val_masks = val[:val_frames or None], val_masks[:val_frames or None]
+        super().__init__(run_dir, cfg, val_frames, observe_frames)
         self.percentile = percentile
-        self.observe_batches = _batches(train, observe_frames)
         self.model = prepare_qat(copy.deepcopy(self.float_model), weight_bits=8, activation_bits=8,
                                  learn_weight_bits=False, learn_activation_bits=False).eval()
         self.infos = describe(self.model)
         self.seen = observe(self.model, self.observe_batches, percentile)
         initialise_steps(self.model, self.observe_batches, percentile)  # 8-bit steps: the int32 bias grids of s_in s_w
         self.float_dice = self.score(self.float_model)
-
-    def score(self, model) -> float:
-        return validate(model, self.val, self.val_masks, torch.device("cpu"), self.cfg)["val_best_dice"]
 
 
 def main() -> None:

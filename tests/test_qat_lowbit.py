@@ -418,12 +418,13 @@ def test_the_cliff_table_lowers_exactly_the_chosen_kinds_as_a_schedule_stage_doe
     assert not all(steps[True]) and all(steps[False])  # the lowered ones' steps were re-chosen, the rest kept
     # one observing pass reused for every row gives the steps a stage's own initialise_steps(only=...) gives
     staged = copy.deepcopy(model)
-    moved = [staged.get_submodule(i.name) for i in infos if i.kind == "hswish out"]
+    hswish = [i.name for i in infos if i.kind == "hswish out"]
+    moved = [staged.get_submodule(name) for name in hswish]
     for q in moved:
         q.freeze_bits(2)
     initialise_steps(staged, frames, qcfg.activation_percentile, qcfg.activation_init, only=moved)
-    assert moved and all(torch.equal(q.log2_step, lowered.get_submodule(i.name).log2_step)
-                         for q, i in zip(moved, [i for i in infos if i.kind == "hswish out"]))
+    assert moved and all(torch.equal(q.log2_step, lowered.get_submodule(name).log2_step)
+                         for q, name in zip(moved, hswish))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the run's model untouched
     _assert_means_within_a_bias_step(lowered, conv_output_moments(lowered, frames), reference)
 
