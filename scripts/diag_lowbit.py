@@ -2,8 +2,8 @@
 run's trajectories (issue 33; docs/QUANTIZATION.md, "Low-bit activations").
 
     PYTHONPATH=. python scripts/diag_lowbit.py --run-dir RUN [--qat NAME] [--tables sensitivity ranges drift
-        trajectory bias-reference cliff] [--variants 4:pct 3:pct 3:mse-tight] [--cliff-bits 3] [--val-frames N]
-        [--observe-frames 32] [--top 25] [--json OUT]
+        trajectory bias-reference cliff allocation] [--variants 4:pct 3:pct 3:mse-tight] [--cliff-bits 3]
+        [--val-frames N] [--observe-frames 32] [--top 25] [--json OUT]
 
 RUN is a tuned float run (checkpoints/best.pt). Everything is measured on its validation split, best-threshold Dice
 (the QAT log's val_best_dice), the model in eval mode with BatchNorm folded as QAT folds it.
@@ -21,6 +21,9 @@ RUN is a tuned float run (checkpoints/best.pt). Everything is measured on its va
 - trajectory: RUN/qat/NAME/metrics.jsonl per epoch: losses, Dice, mean bits, and how far the steps moved.
 - bias-reference: RUN/qat/NAME's best checkpoint as trained, after a bias correction towards the float model's channel
   means (what a learned run's freeze did before 2026-12-06), and after one towards its own means (what it does now).
+- allocation: where RUN/qat/NAME (a learned-bits run) spends its bits, by kind: each kind's share of the live weights
+  and of the convolution inputs' elements (the weights of the run's means, qat.bits), its mean bits and their range;
+  set beside the sensitivity or cliff table, whether the bits went where the damage is. No frame is scored.
 - cliff: RUN/qat/NAME's best checkpoint (a fine-tuned low-bit run, e.g. W4A4) with its sub-8-bit quantizers lowered
   to --cliff-bits as a bit schedule's next stage lowers them (steps re-chosen, biases corrected towards the model's
   own means): all of them, each kind alone, all but each kind, then kinds kept at the run's bits one by one (the most
@@ -43,9 +46,10 @@ import numpy as np
 import torch
 
 from device_runtime.core.errors import InputError
+from qat.bits import activation_elements, live_weights
 from qat.bias_correction import conv_output_moments, correct_biases, own_moments
 from qat.checkpoint import load_qat_model
-from qat.prepare import initialise_steps, observe_activations, prepare_qat
+from qat.prepare import initialise_steps, observe_activations, prepare_qat, quant_convs
 from qat.quantizers import integer_range
 from device_runtime.core.fileio import write_json
 from qat.sensitivity import describe, observe, only_quantizers, relu_read_ids, sensitivity, weight_of
@@ -54,8 +58,8 @@ from training.checkpoint import load_model
 from training.stages import split_arrays
 from training.train import validate
 
-TABLES = ("sensitivity", "ranges", "drift", "trajectory", "bias-reference", "cliff")
-WITH_QAT = {"trajectory", "bias-reference", "cliff"}  # the tables of one QAT run (--qat)
+TABLES = ("sensitivity", "ranges", "drift", "trajectory", "bias-reference", "cliff", "allocation")
+WITH_QAT = {"trajectory", "bias-reference", "cliff", "allocation"}  # the tables of one QAT run (--qat)
 
 
 def parse_variant(text: str) -> tuple[int, str, bool]:
@@ -233,11 +237,49 @@ class QatRun(RunFrames):
     """RUN/qat/NAME's best checkpoint (eval mode) and its QAT config, with the run's frames."""
 
     def __init__(self, run_dir: Path, qat_name: str, val_frames: int, observe_frames: int):
-        self.path = run_dir / "qat" / qat_name / "checkpoints" / "best.pt"
-        if not self.path.is_file():
-            raise InputError(f"{self.path}: not found (give --qat NAME of a finished run under RUN/qat/)")
+        self.path = qat_checkpoint(run_dir, qat_name)
         self.model, _, cfg, self.qcfg = load_qat_model(self.path)
         super().__init__(run_dir, cfg, val_frames, observe_frames)
+
+
+def qat_checkpoint(run_dir: Path, qat_name: str) -> Path:
+    """RUN/qat/NAME's best checkpoint, or a one-line error."""
+    path = run_dir / "qat" / qat_name / "checkpoints" / "best.pt"
+    if not path.is_file():
+        raise InputError(f"{path}: not found (give --qat NAME of a finished run under RUN/qat/)")
+    return path
+
+
+def table_allocation(run_dir: Path, qat_name: str) -> dict:
+    """Where RUN/qat/NAME spends its bits, by kind (module doc): {"weights" | "activations": {kind: {"count",
+    "share", "mean_bits", "min_bits", "max_bits"}}, "mean_weight_bits", "mean_activation_bits"}. Weighted as the run's
+    means are (qat.bits: weights by live weights, activations by each convolution's input elements), so the kinds'
+    shares times their means add up to bits.json's means."""
+    path = qat_checkpoint(run_dir, qat_name)
+    model, _, cfg, _ = load_qat_model(path)
+    kind_of = {id(info.quantizer): info.kind for info in describe(model)}
+    size = tuple(cfg.input_size)
+    counts = {"weights": live_weights(model, size), "activations": activation_elements(model, size)}
+    rows = {"weights": defaultdict(list), "activations": defaultdict(list)}  # kind: [(bits, count), ...]
+    for name, conv in quant_convs(model):
+        for side, quantizer in (("weights", conv.weight_quant), ("activations", conv.input_quant)):
+            rows[side][kind_of[id(quantizer)]].append((quantizer.bits(), counts[side][name]))
+    found = {}
+    print(f"\nBit allocation: {path} (weights weighted by live weights, activations by convolution input elements)")
+    for side, by_kind in rows.items():
+        total = sum(n for pairs in by_kind.values() for _, n in pairs)
+        table = {kind: {"count": len(pairs), "share": sum(n for _, n in pairs) / total,
+                        "mean_bits": sum(b * n for b, n in pairs) / sum(n for _, n in pairs),
+                        "min_bits": min(b for b, _ in pairs), "max_bits": max(b for b, _ in pairs)}
+                 for kind, pairs in by_kind.items()}
+        found[side] = table
+        found[f"mean_{side[:-1]}_bits"] = sum(r["share"] * r["mean_bits"] for r in table.values())
+        print(f"  {side:<28} {'convs':>5} {'share':>7} {'mean bits':>9} {'range':>7}")
+        for kind, r in sorted(table.items(), key=lambda kv: -kv[1]["mean_bits"]):
+            print(f"  {kind:<28} {r['count']:>5} {r['share']:>7.1%} {r['mean_bits']:>9.2f} "
+                  f"{r['min_bits']:>3}-{r['max_bits']:<3}")
+        print(f"  {'all':<28} {'':>5} {'':>7} {found[f'mean_{side[:-1]}_bits']:>9.2f}")
+    return found
 
 
 def table_bias_reference(run_dir: Path, qat_name: str, val_frames: int, observe_frames: int) -> dict:
@@ -346,7 +388,7 @@ def main() -> None:
     parser.add_argument("--run-dir", required=True, help="a tuned float run")
     parser.add_argument("--qat", metavar="NAME", help="a QAT run RUN/qat/NAME whose metrics.jsonl to read")
     parser.add_argument("--tables", nargs="+", choices=TABLES, default=list(TABLES),
-                        help="default: all (trajectory, bias-reference and cliff only with --qat)")
+                        help="default: all (trajectory, bias-reference, cliff and allocation only with --qat)")
     parser.add_argument("--variants", nargs="+", default=["4:pct", "3:pct", "3:mse-tight"])
     parser.add_argument("--drift-bits", nargs="+", type=int, default=[4, 3])
     parser.add_argument("--cliff-bits", type=int, default=3, help="the cliff table lowers the --qat run to these")
@@ -369,6 +411,8 @@ def main() -> None:
             found["bias_reference"] = table_bias_reference(run_dir, args.qat, args.val_frames, args.observe_frames)
         if "cliff" in args.tables and args.qat:
             found["cliff"] = table_cliff(run_dir, args.qat, args.cliff_bits, args.val_frames, args.observe_frames)
+        if "allocation" in args.tables and args.qat:
+            found["allocation"] = table_allocation(run_dir, args.qat)
         if set(args.tables) - WITH_QAT:
             ctx = Context(run_dir, args.val_frames, args.observe_frames, args.percentile)
             with only_quantizers(ctx.model):

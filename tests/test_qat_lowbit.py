@@ -278,15 +278,20 @@ def test_a_run_holds_its_fragile_tensors_at_8_bits_and_says_which(tiny_run):
     assert all(steps[row["name"]][0] == 8 for row in fragile["held"])
 
 
-def test_learned_bits_land_within_both_budgets(tiny_run):
-    """--target-bits 4 --target-activation-bits 4: when the bits freeze, the weight and the activation means are
-    both capped at their budget, and the run is trained and deployed at them."""
+@pytest.fixture(scope="module")
+def budget_run(tiny_run):
+    """A learned-bits run with both budgets: --target-bits 4 --target-activation-bits 4, 2 epochs (1 learning)."""
     from qat.run import run_qat
 
     qcfg = build_qat_config("quick", run_dir=str(tiny_run), bits="learned", name="budget", epochs=2, bit_epochs=1,
                             target_bits=4.0, target_activation_bits=4.0, observe_frames=4, device="cpu")
-    qat_dir = run_qat(qcfg)
-    metrics = json.loads((qat_dir / "test_metrics.json").read_text())
+    return run_qat(qcfg)
+
+
+def test_learned_bits_land_within_both_budgets(budget_run):
+    """--target-bits 4 --target-activation-bits 4: when the bits freeze, the weight and the activation means are
+    both capped at their budget, and the run is trained and deployed at them."""
+    metrics = json.loads((budget_run / "test_metrics.json").read_text())
     assert metrics["mean_weight_bits"] <= 4.0 + 1e-9 and metrics["mean_activation_bits"] <= 4.0 + 1e-9
     assert metrics["mean_activation_bits"] > 3.0, "capped at the budget, not far below it"
 
@@ -378,7 +383,7 @@ def test_diagnosis_script_prints_its_tables(scheduled_run, tiny_run, capsys, mon
         assert heading in text
     assert "W3A3 mse-tight+bias-corr" in text and "hswish out" in text
     found = json.loads(out.read_text())
-    assert set(found) == {"sensitivity", "ranges", "drift", "trajectory", "bias_reference", "cliff"}
+    assert set(found) == {"sensitivity", "ranges", "drift", "trajectory", "bias_reference", "cliff", "allocation"}
     assert "Cliff:" in text and "all but it lowered" in text
     kinds = {k: v for k, v in found["cliff"].items() if isinstance(v, dict)}
     assert "hswish out" in kinds and all(0 <= v["alone"] <= 1 and 0 <= v["all_but"] <= 1 for v in kinds.values())
@@ -433,6 +438,27 @@ def model_input(run_dir):
     from training.config import load_run_config
 
     return tuple(load_run_config(run_dir).input_size)
+
+
+def test_the_allocation_table_splits_the_runs_means_by_kind(budget_run, tiny_run, capsys):
+    """diag_lowbit's allocation: every quantized convolution counted once per side, the kinds' shares adding up to
+    1 and their share-weighted bits to the run's own means (bits.json), each kind's mean inside its range."""
+    from conftest import load_script
+
+    diag = load_script("diag_lowbit")
+    found = diag.table_allocation(tiny_run, budget_run.name)
+    bits = json.loads((budget_run / "bits.json").read_text())
+    for side, mean in (("weights", "mean_weight_bits"), ("activations", "mean_activation_bits")):
+        table = found[side]
+        assert sum(r["count"] for r in table.values()) == len(bits["layers"])
+        assert sum(r["share"] for r in table.values()) == pytest.approx(1.0)
+        assert found[mean] == pytest.approx(bits[mean])
+        assert all(r["min_bits"] <= r["mean_bits"] <= r["max_bits"] for r in table.values())
+    assert found["activations"]["frame"]["mean_bits"] == 8  # the frame stays at 8 bits in every run
+    assert "weight dw" in found["weights"] and "hswish out" in found["activations"]
+    assert "Bit allocation:" in capsys.readouterr().out
+    with pytest.raises(InputError, match="not found"):
+        diag.table_allocation(tiny_run, "no-such-run")
 
 
 def test_diagnosis_script_refuses_a_missing_run_in_one_line(tmp_path, monkeypatch):
