@@ -7,6 +7,7 @@ cv-quant does (export.workflows.cv_quant.pool: models matched by name, ORT PTQ b
 intervals) and prints cv-quant's table, with one line saying which file is which fold column.
 
     PYTHONPATH=. python scripts/pool_folds.py docs/results/cv5-small/fold-*.json [--out pooled.md]
+        [--versus w4a4-low-x86:w4a4-x86 ...]
 
 Each argument is a results.json or a fold folder holding report/results.json.
 """
@@ -19,24 +20,43 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from device_runtime.core.errors import exit_code_of  # noqa: E402
+from device_runtime.core.errors import InputError, exit_code_of  # noqa: E402
 from device_runtime.core.fileio import write_text  # noqa: E402
-from export.workflows.cv_quant import format_markdown, pool, read_fold_results, read_results_file  # noqa: E402
+from export.workflows.cv_quant import (format_markdown, paired_between, pool, read_fold_results,  # noqa: E402
+                                       read_results_file)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+", metavar="RESULTS", help="results.json files or fold folders")
     parser.add_argument("--out", type=Path, metavar="FILE", help="also write the table here (Markdown)")
+    parser.add_argument("--versus", nargs="+", default=[], metavar="A:B",
+                        help="also two rows against each other, A - B paired on the frames both were scored on "
+                             "(a protocol's comparisons other than against float and PTQ)")
     args = parser.parse_args(argv)
     return exit_code_of(lambda: run(args), "pool_folds")
 
 
+def _pair(text: str) -> tuple[str, str]:
+    first, colon, second = text.partition(":")
+    if not (colon and first and second):
+        raise InputError(f"--versus: each is A:B, two row names, e.g. w4a4-low-x86:w4a4-x86; got {text!r}")
+    return first, second
+
+
 def run(args) -> None:
     paths = [Path(a) for a in args.results]
-    records = pool([read_fold_results(p) if p.is_dir() else read_results_file(p) for p in paths])
-    markdown = format_markdown(Path("pooled"), records, len(paths), threads=None)
+    pairs = [_pair(text) for text in args.versus]  # checked before any file is read
+    folds = [read_fold_results(p) if p.is_dir() else read_results_file(p) for p in paths]
+    markdown = format_markdown(Path("pooled"), pool(folds), len(paths), threads=None)
     markdown += "\nFold columns, in order: " + ", ".join(str(p) for p in paths) + "\n"
+    if pairs:
+        markdown += "\n| A | B | A - B [95 % CI] (frames) |\n|---|---|---|\n"
+        for first, second in pairs:
+            found = paired_between(folds, first, second)
+            cells = "no fold scored both" if found is None else (
+                f"{found['delta']:+.4f} [{found['ci'][0]:+.3f}, {found['ci'][1]:+.3f}] ({found['frames']})")
+            markdown += f"| {first} | {second} | {cells} |\n"
     print(markdown)
     if args.out:
         write_text(args.out, markdown)

@@ -122,6 +122,14 @@ def test_tiny_cv_quant_sweeps_every_fold_and_pools(tmp_path, capsys):
     assert capsys.readouterr().out.count("w8a8-x86 finished earlier; skipped") == 2
 
 
+def _kept_files(tmp_path, folds: list[dict]) -> list:
+    """Each fold's results written as fold-N.json, as docs/results keeps them."""
+    paths = [tmp_path / f"fold-{index}.json" for index in range(1, len(folds) + 1)]
+    for path, results in zip(paths, folds):
+        path.write_text(json.dumps(results))
+    return paths
+
+
 def test_pool_folds_script_pools_kept_results_files_as_cv_quant_does(tmp_path, capsys):
     """scripts/pool_folds.py: folds' results.json kept after their folders are gone pool to cv-quant's records."""
     pool_folds = load_script("pool_folds")
@@ -131,10 +139,7 @@ def test_pool_folds_script_pools_kept_results_files_as_cv_quant_does(tmp_path, c
                                                    "per_image_dice": None}]},  # not scored: left out
              {"test_names": ["c"], "rows": [_row("float", "float", [0.9], 32.0),
                                             _row("w4a4-low-x86", "uniform", [0.6], 4.0)]}]
-    paths = []
-    for index, results in enumerate(folds, start=1):
-        paths.append(tmp_path / f"fold-{index}.json")
-        paths[-1].write_text(json.dumps(results))
+    paths = _kept_files(tmp_path, folds)
     out = tmp_path / "pooled.md"
     assert pool_folds.main([*map(str, paths), "--out", str(out)]) == 0
     table = out.read_text()
@@ -149,6 +154,27 @@ def test_pool_folds_script_pools_kept_results_files_as_cv_quant_does(tmp_path, c
     assert pool_folds.main(list(map(str, paths))) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(paths[1]) in err[0] and "do not match its 1 test frames" in err[0]
+
+
+def test_pool_folds_versus_pairs_two_rows_on_the_folds_both_were_scored_in(tmp_path, capsys):
+    """--versus A:B: A - B pooled over the folds holding both, paired frame by frame; a fold where one of them is
+    missing is left out of the pair; a malformed pair or an unknown row is one line, exit 2."""
+    pool_folds = load_script("pool_folds")
+    folds = [{"test_names": ["a", "b"], "rows": [_row("float", "float", [0.5, 0.7], 32.0),
+                                                  _row("w4a4-low-x86", "uniform", [0.4, 0.7], 4.0),
+                                                  _row("w4a4-x86", "uniform", [0.1, 0.3], 4.0)]},
+             {"test_names": ["c"], "rows": [_row("float", "float", [0.9], 32.0),
+                                            _row("w4a4-low-x86", "uniform", [0.6], 4.0)]}]
+    paths = _kept_files(tmp_path, folds)
+    assert pool_folds.main([*map(str, paths), "--versus", "w4a4-low-x86:w4a4-x86", "w4a4-x86:float"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    row = next(line for line in lines if line.startswith("| w4a4-low-x86 | w4a4-x86 |"))
+    assert "+0.3500 [+0.300, +0.400] (2)" in row  # fold 1 only: (0.3 + 0.4) / 2, its two frames
+    assert any(line.startswith("| w4a4-x86 | float | -0.4000") for line in lines)
+    for bad, problem in (("w4a4-x86", "each is A:B"), ("w4a4-x86:w2a2", "no fold has a scored row 'w2a2'")):
+        assert pool_folds.main([*map(str, paths), "--versus", bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and problem in err[0]
 
 
 def test_gate_table_lists_every_int8_file_of_every_fold_beside_its_models_floor(tmp_path, capsys):

@@ -76,41 +76,63 @@ def model_key(row: dict) -> str:
     return PTQ_KEY if row.get("kind") == "ptq" else row["name"]
 
 
-def pool(fold_results: list[dict]) -> list[dict]:
-    """One record per model over the folds it was scored in (through ONNX or as fake-quant, as its report says).
-
-    Differences are paired on the frames both models were scored on; a model missing in a fold (a run not
-    finished there) is pooled over the folds it has, and says so (`folds`)."""
+def rows_by_model(fold_results: list[dict]) -> dict[str, dict[int, dict]]:
+    """{model: {fold index: its report row}} over the rows with per-frame Dice."""
     by_model: dict[str, dict[int, dict]] = {}
     for index, results in enumerate(fold_results):
         for row in results["rows"]:
             if row.get("per_image_dice"):
                 by_model.setdefault(model_key(row), {})[index] = row
+    return by_model
+
+
+def _per_frame(rows: dict[int, dict], folds: list[int], key: str = "per_image_dice") -> np.ndarray:
+    return np.concatenate([np.asarray(rows[i][key], dtype=np.float64) for i in folds])
+
+
+def _difference(x: np.ndarray, y: np.ndarray) -> dict:
+    low, high = paired_diff_ci(x, y)
+    return {"delta": float(x.mean() - y.mean()), "ci": [low, high], "frames": int(x.size)}
+
+
+def _paired(a: dict[int, dict], b: dict[int, dict]) -> dict | None:
+    """a - b on the folds both were scored in, paired frame by frame; None when they share no fold."""
+    common = sorted(set(a) & set(b))
+    return _difference(_per_frame(a, common), _per_frame(b, common)) if common else None
+
+
+def paired_between(fold_results: list[dict], first: str, second: str) -> dict | None:
+    """`first` - `second` (model names as the table's rows, e.g. "w4a4-low-x86"), pooled and paired as `pool`'s
+    columns against float are; None when no fold scored both."""
+    by_model = rows_by_model(fold_results)
+    for name in (first, second):
+        if name not in by_model:
+            raise InputError(f"no fold has a scored row {name!r} (rows: {', '.join(sorted(by_model))})")
+    return _paired(by_model[first], by_model[second])
+
+
+def pool(fold_results: list[dict]) -> list[dict]:
+    """One record per model over the folds it was scored in (through ONNX or as fake-quant, as its report says).
+
+    Differences are paired on the frames both models were scored on; a model missing in a fold (a run not
+    finished there) is pooled over the folds it has, and says so (`folds`)."""
+    by_model = rows_by_model(fold_results)
     if "float" not in by_model:
         raise InputError("no fold report has a scored float row: nothing to compare against")
-
-    def frames(rows: dict[int, dict], folds: list[int], key: str = "per_image_dice") -> np.ndarray:
-        return np.concatenate([np.asarray(rows[i][key], dtype=np.float64) for i in folds])
-
-    def difference(x: np.ndarray, y: np.ndarray) -> dict:
-        low, high = paired_diff_ci(x, y)
-        return {"delta": float(x.mean() - y.mean()), "ci": [low, high], "frames": int(x.size)}
-
-    def paired(a: dict[int, dict], b: dict[int, dict]) -> dict | None:
-        common = sorted(set(a) & set(b))
-        return difference(frames(a, common), frames(b, common)) if common else None
 
     def onnx_vs_fake_quant(rows: dict[int, dict]) -> dict | None:
         """The INT8 files against the fake-quant models they were exported from, on the folds where the row was
         scored through ONNX Runtime and its report kept the model's own per-frame Dice."""
         folds = [i for i in sorted(rows) if (rows[i].get("scored_by") or "").startswith("ONNX")
                  and rows[i].get("fake_quant_per_image_dice")]
-        return difference(frames(rows, folds), frames(rows, folds, "fake_quant_per_image_dice")) if folds else None
+        if not folds:
+            return None
+        return _difference(_per_frame(rows, folds), _per_frame(rows, folds, "fake_quant_per_image_dice"))
 
     records = []
     for key, rows in by_model.items():
         folds = sorted(rows)
-        dice = frames(rows, folds)
+        dice = _per_frame(rows, folds)
         low, high = mean_ci(dice)
         latency = [rows[i].get("latency_ms") for i in folds]
         first = rows[folds[0]]
@@ -118,8 +140,8 @@ def pool(fold_results: list[dict]) -> list[dict]:
             "model": key, "kind": first.get("kind"), "folds": len(folds), "frames": int(dice.size),
             "dice": float(dice.mean()), "dice_ci": [low, high],
             "per_fold_dice": {str(i + 1): rows[i]["dice"] for i in folds},
-            "vs_float": None if key == "float" else paired(rows, by_model["float"]),
-            "vs_ptq": None if key in (PTQ_KEY, "float") or PTQ_KEY not in by_model else paired(rows, by_model[PTQ_KEY]),
+            "vs_float": None if key == "float" else _paired(rows, by_model["float"]),
+            "vs_ptq": None if key in (PTQ_KEY, "float") or PTQ_KEY not in by_model else _paired(rows, by_model[PTQ_KEY]),
             "vs_fake_quant": onnx_vs_fake_quant(rows),
             "latency_ms": float(np.mean(latency)) if all(v is not None for v in latency) else None,
             "mean_weight_bits": float(np.mean([rows[i]["mean_weight_bits"] for i in folds]))
