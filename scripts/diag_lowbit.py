@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from device_runtime.core.errors import InputError
-from qat.bits import activation_elements, live_weights
+from qat.bits import bits_table
 from qat.bias_correction import conv_output_moments, correct_biases, own_moments
 from qat.checkpoint import load_qat_model
 from qat.prepare import initialise_steps, observe_activations, prepare_qat, quant_convs
@@ -258,12 +258,12 @@ def table_allocation(run_dir: Path, qat_name: str) -> dict:
     path = qat_checkpoint(run_dir, qat_name)
     model, _, cfg, _ = load_qat_model(path)
     kind_of = {id(info.quantizer): info.kind for info in describe(model)}
-    size = tuple(cfg.input_size)
-    counts = {"weights": live_weights(model, size), "activations": activation_elements(model, size)}
     rows = {"weights": defaultdict(list), "activations": defaultdict(list)}  # kind: [(bits, count), ...]
-    for name, conv in quant_convs(model):
-        for side, quantizer in (("weights", conv.weight_quant), ("activations", conv.input_quant)):
-            rows[side][kind_of[id(quantizer)]].append((quantizer.bits(), counts[side][name]))
+    # bits.json's own rows (qat.bits.bits_table, one per quantized convolution, in quant_convs' order)
+    for (_, conv), layer in zip(quant_convs(model), bits_table(model, tuple(cfg.input_size))["layers"]):
+        rows["weights"][kind_of[id(conv.weight_quant)]].append((layer["weight_bits"], layer["live_params"]))
+        rows["activations"][kind_of[id(conv.input_quant)]].append((layer["activation_bits"],
+                                                                    layer["activation_elements"]))
     found = {}
     print(f"\nBit allocation: {path} (weights weighted by live weights, activations by convolution input elements)")
     for side, by_kind in rows.items():
