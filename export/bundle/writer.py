@@ -23,6 +23,7 @@ from training.model import as_deployed
 from training.evaluation.predict import predict_probabilities, resolve_device
 from training.stages import flip_tta_of, split_arrays
 
+from .heap import kept_freed_memory
 from .onnx_export import export_onnx, tensorrt_problems
 from .out_guard import check_bundle_out
 from .parity import compare, onnx_probabilities, parity_failures
@@ -101,7 +102,8 @@ def write_bundle(source: BundleSource, out_dir: Path, device: str = "auto", repl
     if check_bundle_out(out_dir, source.protected, replace):
         print(f"replacing the bundle {out_dir} (atomically, once the new one is complete)", flush=True)
     cfg = source.cfg
-    with atomic_dir(out_dir, replace=True) as staging:
+    # the checks evaluate the model many times over: its freed tensors stay in the heap (export/bundle/heap.py)
+    with kept_freed_memory(), atomic_dir(out_dir, replace=True) as staging:
         fp32_path = export_onnx(source.model, staging / FP32_NAME, cfg.input_size)
         val_images, _, _ = split_arrays(source.run_dir, "val", cfg)
         torch_device = resolve_device(device)
