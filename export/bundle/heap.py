@@ -51,12 +51,14 @@ def _glibc():
 def kept_freed_memory():
     """Within the block, freed memory stays in the heap for the next tensor (see the module's docstring)."""
     libc = _glibc()
-    if libc is None or not (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, KEPT_FREE_BYTES)):
+    if libc is None:
         yield
         return
     try:
+        libc.mallopt(M_MMAP_MAX, 0)
+        libc.mallopt(M_TRIM_THRESHOLD, KEPT_FREE_BYTES)
         yield
-    finally:
+    finally:  # restored whether or not both settings took
         libc.mallopt(M_MMAP_MAX, MMAP_MAX_DEFAULT)
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_ABOVE_BYTES)
         libc.mallopt(M_TRIM_THRESHOLD, TRIM_ABOVE_BYTES)
