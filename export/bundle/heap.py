@@ -41,8 +41,8 @@ def _glibc():
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
         return None
-    gnu_get_libc_version = getattr(libc, "gnu_get_libc_version", None)  # glibc only: musl has mallopt as a stub
-    if gnu_get_libc_version is None or not hasattr(libc, "mallopt") or not hasattr(libc, "malloc_trim"):
+    # gnu_get_libc_version exists in glibc only (musl has mallopt, as a stub)
+    if not all(hasattr(libc, name) for name in ("gnu_get_libc_version", "mallopt", "malloc_trim")):
         return None
     return libc
 
