@@ -197,6 +197,7 @@ def _add_sweep_settings(parser: argparse.ArgumentParser, bits: str, learned: str
 GRIDS = ("tensorrt", "x86")  # qat.config.GRIDS, written here so that --help needs no torch (a test keeps them equal)
 ACTIVATION_RANGES = ("signed", "tight")  # qat.config.ACTIVATION_RANGES, likewise
 ACTIVATION_INITS = ("percentile", "mse")  # qat.config.ACTIVATION_INITS, likewise
+ALLOCATIONS = ("", "sensitivity")  # qat.config.ALLOCATIONS, likewise
 DEVICE_HELP = "where PyTorch runs: auto (a GPU when there is one), cpu, cuda, cuda:N"
 PIPELINE = """Every stage on one run folder, in order:
   1. train the recipe (default quick, on the synthetic phantom without --data)   RUN/checkpoints/
@@ -307,6 +308,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                           "as a penalty only)")
     qat.add_argument("--initial-activation-bits", type=int, metavar="B",
                      help="learned runs: every learned activation's bits start at B (default 8; 7 on a tight grid)")
+    qat.add_argument("--activation-allocation", choices=[a for a in ALLOCATIONS if a],
+                     help="uniform runs below 8 activation bits: sensitivity = each activation B-1 to B+2 bits by its "
+                          "measured sensitivity, mean at most B (default: all at B)")
     qat.add_argument("--bias-correction", action="store_true", default=None,
                      help="after the steps are set, give each convolution the float model's channel means (bias) "
                           "(default: off)")

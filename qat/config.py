@@ -18,13 +18,14 @@ from training.config import load_toml, recipe_path
 GRIDS = ("tensorrt", "x86")  # what prepare_qat(grid=...) builds; see QatConfig.grid
 ACTIVATION_RANGES = ("signed", "tight")  # prepare_qat(activation_range=...); see QatConfig.activation_range
 ACTIVATION_INITS = ("percentile", "mse")  # FakeQuant.init_from_samples; see QatConfig.activation_init
+ALLOCATIONS = ("", "sensitivity")  # qat/allocation.py; see QatConfig.activation_allocation
 
 # keys a recipe's [qat] table may set (the rest come from the command line: run, name, bits, device)
 RECIPE_KEYS = ("grid", "epochs", "bit_epochs", "observe_frames", "activation_percentile", "batch_size", "lr_weights",
                "lr_steps", "lr_bits", "bit_weight", "activation_bit_weight", "target_bits", "b_min", "b_max", "distill",
                "initial_bits", "activation_range", "activation_init", "bit_schedule", "hold_fragile",
                "fragile_min_drop", "fragile_frames", "target_activation_bits", "bias_correction",
-               "initial_activation_bits")
+               "initial_activation_bits", "activation_allocation")
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,9 @@ class QatConfig:
     # after the steps are (re)initialised: move each convolution's bias so that its channels' means on the observed
     # training frames are the float model's (qat/bias_correction.py)
     bias_correction: bool = False
+    # uniform runs below 8 activation bits: "sensitivity" gives each activation B - 1 .. B + 2 bits by its measured
+    # sensitivity, the mean (weighted by elements) at most B (qat/allocation.py); "": every activation at B
+    activation_allocation: str = ""
     device: str = "auto"
     seed: int = 0
 
@@ -209,6 +213,11 @@ class QatConfig:
         if self.target_activation_bits and not self.b_min <= self.target_activation_bits <= self.b_max:
             raise InputError(f"--target-activation-bits must lie in [{self.b_min}, {self.b_max}], got "
                              f"{self.target_activation_bits}")
+        if self.activation_allocation not in ALLOCATIONS:
+            raise InputError(f"--activation-allocation must be sensitivity (or unset), got {self.activation_allocation!r}")
+        if self.activation_allocation and (setting.learned or setting.activation_bits >= 8):
+            raise InputError(f"--activation-allocation is for fixed activation bits below 8 (e.g. --bits 4); --bits "
+                             f"{self.bits} {'learns them' if setting.learned else 'keeps them at 8'}")
         if self.bit_schedule:
             parse_bit_schedule(self.bit_schedule, setting, self.epochs)
 

@@ -88,6 +88,13 @@ class BitPlan:
             self._frozen_at(q, 8)
             self.held.add(id(q))
 
+    def allocate(self, bits: dict[int, int]) -> None:
+        """Give these planned quantizers (by id) these bits for good (qat.allocation); before the steps are set."""
+        for key, target in bits.items():
+            q, _ = self.targets[key]
+            self.targets[key] = (q, target)
+            self._frozen_at(q, target)
+
     def lowered(self) -> list[tuple[FakeQuant, int]]:
         return [(q, bits) for key, (q, bits) in self.targets.items() if key not in self.held]
 
@@ -175,11 +182,15 @@ def initialise(model: nn.Module, qcfg: QatConfig, observe: Callable[[], Iterable
 
 
 def make_plan(model: nn.Module, qcfg: QatConfig, resume: bool, observe: Callable[[], Iterable[torch.Tensor]],
-              score: Callable[[nn.Module], float], say: Callable[[str], None]) -> BitPlan:
+              score: Callable[[nn.Module], float], say: Callable[[str], None],
+              elements: dict[str, int] | None = None) -> BitPlan:
     """The run's BitPlan, right after prepare. `hold_fragile` N: a new run ranks its planned quantizers by their
     one-at-a-time drop of `score` (Dice on `fragile_frames` training frames) at the bits the run gives them (learned
     runs: the budget, or 4) and holds the N largest drops above `fragile_min_drop` at 8 bits, writing fragile.json;
-    a resumed run reads that file back. Then a new run starts its schedule."""
+    a resumed run reads that file back. `activation_allocation` "sensitivity": a new run chooses its activation bits
+    by measured sensitivity under the budget of its activation bits (qat.allocation; `elements` from
+    qat.bits.activation_elements), writing allocation.json, which a resumed run reads back. Then a new run starts its
+    schedule."""
     from device_runtime.core.fileio import write_json
 
     from .sensitivity import describe, observe as observe_float, rank_fragile
@@ -188,7 +199,7 @@ def make_plan(model: nn.Module, qcfg: QatConfig, resume: bool, observe: Callable
     path = qcfg.qat_dir / "fragile.json"
     if qcfg.hold_fragile and resume:
         names = {id(info.quantizer): info.name for info in describe(model)}
-        held = {row["name"] for row in _read_held(path)}
+        held = {row["name"] for row in _read_rows(path, "held", "the tensors held at 8 bits")}
         plan.hold(q for q, _ in plan.lowered() if names[id(q)] in held)
     elif qcfg.hold_fragile:
         learned_bits = round(qcfg.target_activation_bits or qcfg.target_bits or 4)
@@ -202,18 +213,69 @@ def make_plan(model: nn.Module, qcfg: QatConfig, resume: bool, observe: Callable
         qcfg.qat_dir.mkdir(parents=True, exist_ok=True)
         write_json(path, {"held": rows[:len(held)], "ranked": rows})
         say(f"held at 8 bits as fragile ({len(held)}): " + ", ".join(f"{i.name} ({i.kind}, -{d:.3f})" for i, _, d in held))
+    if qcfg.activation_allocation:
+        _allocate(plan, model, qcfg, resume, observe, elements, say)
     if not resume:
         plan.start()
     return plan
 
 
-def _read_held(path) -> list[dict]:
-    """The rows of fragile.json's "held" list; a missing or unreadable file is one line."""
+def _allocate(plan: BitPlan, model: nn.Module, qcfg: QatConfig, resume: bool,
+              observe: Callable[[], Iterable[torch.Tensor]], elements: dict[str, int] | None,
+              say: Callable[[str], None]) -> None:
+    """`--activation-allocation sensitivity` (make_plan): choose, or on resume read back, the activation bits."""
+    from device_runtime.core.fileio import write_json
+
+    from .allocation import allocate
+    from .bits import mean_bits
+    from .sensitivity import describe
+
+    path = qcfg.qat_dir / "allocation.json"
+    planned = [q for q, _ in plan.lowered() if not q.per_channel]
+    if resume:
+        by_name = {row["name"]: row["bits"] for row in _read_rows(path, "tensors", "the activation bits allocated")}
+        names = {id(info.quantizer): info.name for info in describe(model)}
+        plan.allocate({id(q): int(by_name[names[id(q)]]) for q in planned if names[id(q)] in by_name})
+        return
+    if elements is None:
+        raise ValueError("make_plan: an activation allocation needs the convolution inputs' elements")
+    frames = _first_frames(observe(), qcfg.fragile_frames)
+    budget = qcfg.bit_setting.activation_bits
+    chosen, rows = allocate(model, planned, budget, elements, frames, qcfg.activation_percentile,
+                            qcfg.activation_init, say)
+    plan.allocate(chosen)
+    total = sum(row["elements"] for row in rows)
+    mean = float(mean_bits(model, elements)[1])  # bits.json's: every convolution input, the frame included
+    qcfg.qat_dir.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"budget": budget, "mean_bits": round(mean, 4), "frames": sum(len(f) for f in frames),
+                      "tensors": rows})
+    spread = {}
+    for row in rows:
+        spread[row["bits"]] = spread.get(row["bits"], 0) + row["elements"]
+    say(f"activation bits allocated by sensitivity on {sum(len(f) for f in frames)} training frames: mean "
+        f"{mean:.2f} (budget {budget}); " + ", ".join(f"{b} bits {100 * e / total:.0f} %" for b, e in sorted(spread.items()))
+        + " of the elements (allocation.json)")
+
+
+def _first_frames(batches: Iterable[torch.Tensor], count: int) -> list[torch.Tensor]:
+    """The first `count` frames of `batches`, as batches."""
+    taken, left = [], count
+    for batch in batches:
+        if left <= 0:
+            break
+        taken.append(batch[:left])
+        left -= len(taken[-1])
+    return taken
+
+
+def _read_rows(path, key: str, what: str) -> list[dict]:
+    """The rows of a JSON file's `key` list (fragile.json's "held", allocation.json's "tensors"); a missing or
+    unreadable file is one line naming `what` it should hold."""
     import json
 
     from device_runtime.core.errors import InputError
 
     try:
-        return json.loads(path.read_text(encoding="utf-8"))["held"]
+        return json.loads(path.read_text(encoding="utf-8"))[key]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise InputError(f"{path}: cannot read the tensors held at 8 bits ({type(err).__name__}: {err})") from None
+        raise InputError(f"{path}: cannot read {what} ({type(err).__name__}: {err})") from None

@@ -215,10 +215,10 @@ def test_bit_schedule_lowers_the_bits_at_the_stated_epochs(scheduled_run):
     assert bits["mean_weight_bits"] == 3.0
 
 
-def _toy_float_model():
-    """frame (binary) -> 4 copies -> ReLU -> channel 0 x 50, the others x 1 -> ReLU -> the sum of channels 1..3.
-    Every tensor is exact on a 2-bit grid except the middle one: one per-tensor step for 0/50 and 0/1 values
-    rounds the channels the output reads to zero."""
+def _toy_float_model(scale: float = 50.0):
+    """frame (binary) -> 4 copies -> ReLU -> channel 0 x `scale`, the others x 1 -> ReLU -> the sum of channels
+    1..3. Every tensor is exact on a 2-bit grid except the middle one: one per-tensor step for 0/50 and 0/1 values
+    rounds the channels the output reads to zero (at scale 4, to 1 + an error that halves with each bit)."""
     model = nn.Sequential(nn.Conv2d(1, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.ReLU(), nn.Conv2d(4, 1, 1)).eval()
     with torch.no_grad():
         for conv in (model[0], model[2], model[4]):
@@ -226,7 +226,7 @@ def _toy_float_model():
             conv.bias.zero_()
         model[0].weight.fill_(1.0)
         for c in range(4):
-            model[2].weight[c, c] = 50.0 if c == 0 else 1.0
+            model[2].weight[c, c] = scale if c == 0 else 1.0
         model[4].weight.copy_(torch.tensor([0.0, 1.0, 1.0, 1.0]).reshape(1, 4, 1, 1))
     return model
 
@@ -552,3 +552,98 @@ def test_the_freeze_restores_the_fine_tuned_means_not_the_float_ones():
     _assert_means_within_a_bias_step(model, after, before)  # each mean where it was
     assert any(((after[n][0] - floats[n][0]).abs().float() > 3 * conv.bias_scale().detach()).any()
                for n, conv in quant_convs(model)), "the fine-tuned means are not the float model's"
+
+
+def test_the_allocation_spends_the_budget_where_the_sensitivity_falls_most():
+    """Two tensors of equal size at a 4-bit budget: the one whose sensitivity falls with each bit gets 5, the flat
+    one 3 (mean 4); a measured cost that rises with bits (noise) is read as the lower one; a budget below the
+    fewest bits is refused."""
+    from qat.allocation import choose_bits
+
+    costs = {"steep": {3: 1.0, 4: 0.5, 5: 0.1, 6: 0.05}, "flat": {3: 0.01, 4: 0.011, 5: 0.009, 6: 0.009}}
+    assert choose_bits(costs, {"steep": 10, "flat": 10}, 4.0) == {"steep": 5, "flat": 3}
+    # the steep tensor ten times larger: its fifth bit does not fit; the flat one's fourth gains nothing (0.011 is
+    # read as 3 bits' 0.010), so that bit of the budget is left unspent
+    assert choose_bits(costs, {"steep": 100, "flat": 10}, 4.0) == {"steep": 4, "flat": 3}
+    assert choose_bits({"a": {3: 0.2, 4: 0.3, 5: 0.1}}, {"a": 1}, 4.0) == {"a": 3}, "4 bits no better than 3"
+    with pytest.raises(ValueError, match="budget"):
+        choose_bits(costs, {"steep": 1, "flat": 1}, 2.5)
+
+
+def test_the_allocation_gives_the_fragile_tensor_the_most_bits_counted_in_the_mean():
+    """The toy whose middle tensor alone is inexact (above, scale 4: its error halves with each bit, the first
+    tensor is exact at any bits): measured by the output's KL divergence, the middle tensor gets the budget's bits
+    above the others', the first one fewer, and the element-weighted mean (bits.json's, the frame's 8 bits in it) stays
+    within the budget."""
+    from qat.allocation import allocate
+    from qat.bits import activation_elements, bits_table
+    from qat.config import QatConfig
+    from qat.schedule import BitPlan
+
+    torch.manual_seed(0)
+    frames = [(torch.rand(8, 1, 16, 16) > 0.5).float() for _ in range(2)]
+    model = prepare_qat(_toy_float_model(scale=4.0), weight_bits=8, activation_bits=4, learn_weight_bits=False,
+                        learn_activation_bits=False)
+    plan = BitPlan(model, QatConfig(bits="W8A4"))
+    planned = [q for q, _ in plan.lowered() if not q.per_channel]
+    fragile = model[4].input_quant
+    elements = activation_elements(model, (16, 16))
+    chosen, rows = allocate(model, planned, 4, elements, frames, 0.0, "percentile")
+    plan.allocate(chosen)
+    initialise_steps(model, frames)
+    # the frame's 8 bits (256 elements) take their share of the 4-bit mean first: 1024 x (4 + 3) + 256 x 8 = 2304 x 4
+    assert len(chosen) == 2 and chosen[id(fragile)] == 4 and min(chosen.values()) == 3
+    sensitivity = next(row["sensitivity"] for row in rows if row["bits"] == 4)
+    assert sensitivity["3"] > sensitivity["4"] > sensitivity["5"] > sensitivity["6"] > 0
+    # the model's own table (what bits.json reports) counts the allocated bits; the frame stays at 8, outside it
+    table = bits_table(model, (16, 16))
+    layers = {row["name"]: row for row in table["layers"]}
+    assert layers["4"]["activation_bits"] == 4 and layers["2"]["activation_bits"] == 3 and fragile.bits() == 4
+    assert table["mean_activation_bits"] <= 4.0 + 1e-9
+
+
+def test_a_run_allocates_its_activation_bits_and_a_resumed_run_keeps_them(tiny_run, monkeypatch, capsys):
+    """`--bits 4 --activation-allocation sensitivity` on the tiny run (tight grids, MSE steps, as the low-bit
+    switches run), stopped in its second epoch: allocation.json holds every activation a convolution reads, the run
+    trains at those bits, their mean is at most 4, and the resumed run reads the file back instead of measuring."""
+    from qat import train as qat_train
+    from qat.run import run_qat
+
+    qcfg = build_qat_config("quick", run_dir=str(tiny_run), bits="4", name="allocated", epochs=2, observe_frames=4,
+                            fragile_frames=4, activation_range="tight", activation_init="mse",
+                            activation_allocation="sensitivity", device="cpu")
+    real_epoch, calls = qat_train.train_one_epoch, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(qat_train, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_qat(qcfg)
+    monkeypatch.setattr(qat_train, "train_one_epoch", real_epoch)
+    qat_dir = qcfg.qat_dir
+    allocation = json.loads((qat_dir / "allocation.json").read_text())
+    rows = allocation["tensors"]
+    assert allocation["budget"] == 4 and allocation["mean_bits"] <= 4.0 + 1e-9 and len(rows) > 10
+    assert len({row["bits"] for row in rows}) > 1 and all(3 <= row["bits"] <= 6 for row in rows)
+    steps = json.loads((qat_dir / "metrics.jsonl").read_text().splitlines()[0])["steps"]
+    assert all(steps[row["name"]][0] == row["bits"] for row in rows)
+    assert "activation bits allocated" in capsys.readouterr().out
+    run_qat(qcfg, resume=True)
+    assert "activation sensitivity" not in capsys.readouterr().out, "measured again on resume"
+    steps = json.loads((qat_dir / "metrics.jsonl").read_text().splitlines()[-1])["steps"]
+    assert all(steps[row["name"]][0] == row["bits"] for row in rows)
+
+
+
+def test_an_allocation_needs_fixed_activation_bits_below_8():
+    from qat.config import QatConfig
+
+    for bits in ("learned", "8", "w4a8"):
+        with pytest.raises(InputError, match="--activation-allocation"):
+            QatConfig(bits=bits, activation_allocation="sensitivity")
+    with pytest.raises(InputError, match="--activation-allocation must be"):
+        QatConfig(bits="4", activation_allocation="hessian")

@@ -1,0 +1,147 @@
+"""Activation bits allocated by measured sensitivity under the run's budget (`--activation-allocation
+sensitivity`, issue 33, point 3).
+
+A learned run's bit cost weighs a tensor's bits by its elements, and the task loss's pull on a bitwidth (straight
+through its rounding) is weak: at a 4-bit activation budget the learned bits went to small tensors and starved the
+hardswish outputs and squeeze-excitation products, the kinds whose last bit the model cannot lose, while the ReLU'd
+convolution outputs, a quarter of the elements, lose nothing at 3 bits (docs/QUANTIZATION.md, the allocation and
+cliff tables). So the bits are chosen here from measurement instead, once, before the fine-tuning:
+
+1. Sensitivity (ZeroQ: Cai et al., "ZeroQ: A Novel Zero Shot Quantization Framework", CVPR 2020): for each
+   activation quantizer the run lowers and each bitwidth it may take, the mean per-pixel Bernoulli KL divergence
+   between the float model's output probabilities and the output with that tensor alone quantized at those bits
+   (its step chosen as the run chooses it, every other tensor float), on a few training frames.
+2. Allocation (the additive-sensitivity model of ZeroQ and HAWQ-V2: Dong et al., NeurIPS 2020): minimise the
+   summed sensitivity subject to the element-weighted mean activation bits (qat.bits, as the run reports it) being
+   at most the run's activation bits. Greedily: every tensor starts at its fewest bits, then the move with the
+   largest drop in sensitivity per element-bit that still fits is taken, until none fits or none helps.
+
+The bits are then fixed for the whole run (a uniform run with mixed activation bits): the integers trained are the
+ones exported, and the mean in bits.json counts them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable
+
+import torch
+from torch import nn
+
+from .prepare import quant_convs
+from .quantizers import TIGHT_MAX_BITS, FakeQuant
+from .sensitivity import describe, lowered, observe, only_quantizers, relu_read_ids
+
+BITS_BELOW, BITS_ABOVE = 1, 2  # a tensor may take the run's activation bits B from B - 1 to B + 2
+
+
+def bit_choices(quantizer: FakeQuant, budget: int) -> list[int]:
+    """The bitwidths one quantizer may be given: B - 1 .. B + 2, inside its [b_min, b_max] (tight grids <= 7)."""
+    top = min(quantizer.b_max, TIGHT_MAX_BITS if quantizer.tight else 8)
+    return [b for b in range(budget - BITS_BELOW, budget + BITS_ABOVE + 1) if quantizer.b_min <= b <= top]
+
+
+def choose_bits(costs: dict[Hashable, dict[int, float]], elements: dict[Hashable, int],
+                budget: float) -> dict[Hashable, int]:
+    """{key: bits} minimising the summed cost with sum(elements x bits) <= budget x sum(elements) (module doc, 2).
+
+    `costs[key]` maps each bitwidth the key may take to its sensitivity. More bits never cost more in expectation,
+    so a measured cost above that of fewer bits (noise) is read as the lower one. Raises ValueError when even the
+    fewest bits exceed the budget."""
+    cost = {}
+    for key, by_bits in costs.items():
+        running, cost[key] = float("inf"), {}
+        for bits in sorted(by_bits):
+            running = min(running, by_bits[bits])
+            cost[key][bits] = running
+    chosen = {key: min(by_bits) for key, by_bits in cost.items()}
+    room = budget * sum(elements[key] for key in cost) - sum(elements[key] * chosen[key] for key in cost)
+    if room < -1e-9 * sum(elements.values()):
+        raise ValueError(f"even the fewest bits exceed the budget of {budget:g} mean bits")
+    while True:
+        best = None  # (drop per element-bit, key, bits)
+        for key, by_bits in cost.items():
+            now = chosen[key]
+            for bits in (b for b in by_bits if b > now):
+                price = elements[key] * (bits - now)
+                drop = by_bits[now] - by_bits[bits]
+                if price <= room + 1e-9 and drop > 0 and (best is None or drop / price > best[0]):
+                    best = (drop / price, key, bits)
+        if best is None:
+            return chosen
+        _, key, bits = best
+        room -= elements[key] * (bits - chosen[key])
+        chosen[key] = bits
+
+
+def reader_elements(model: nn.Module, elements: dict[str, int]) -> dict[int, int]:
+    """{id(activation quantizer): elements of every convolution input it quantizes}: its weight in the mean
+    activation bits (qat.bits.mean_bits counts a tensor once per reading convolution)."""
+    found: dict[int, int] = {}
+    for name, conv in quant_convs(model):
+        found[id(conv.input_quant)] = found.get(id(conv.input_quant), 0) + elements[name]
+    return found
+
+
+def bernoulli_kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean per-pixel KL(Bernoulli(reference) || Bernoulli(sigmoid(logits))); `reference` in [0, 1]."""
+    eps = 1e-6
+    p = reference.clamp(eps, 1 - eps)
+    q = torch.sigmoid(logits.double()).clamp(eps, 1 - eps)
+    return float((p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))).mean())
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, frames: list[torch.Tensor]) -> torch.Tensor:
+    """(N, classes, H, W) logits; a segmentation model's output is its "out" entry (torchvision's dict)."""
+    outputs = [model(batch) for batch in frames]
+    return torch.cat([(out["out"] if isinstance(out, dict) else out).double() for out in outputs])
+
+
+@torch.no_grad()
+def measure(model: nn.Module, choices: dict[int, tuple[FakeQuant, list[int]]], frames: list[torch.Tensor],
+            percentile: float, init: str, progress: Callable[[str], None] | None = None) -> dict[int, dict[int, float]]:
+    """{id(quantizer): {bits: sensitivity}} (module doc, 1) for each quantizer at each of its bit choices; the model
+    in eval mode, its steps chosen by `init` from what the float model shows on `frames`."""
+    was_training = model.training
+    model.eval()
+    try:
+        seen = observe(model, frames, percentile)
+        tight = any(q.tight for q, _ in choices.values())
+        relu = relu_read_ids(model) if tight else set()
+        with only_quantizers(model):
+            reference = torch.sigmoid(_logits(model, frames))
+        found: dict[int, dict[int, float]] = {}
+        for index, (key, (quantizer, bits_list)) in enumerate(choices.items()):
+            found[key] = {}
+            for bits in bits_list:
+                with lowered(quantizer, bits, None, seen[key], init, quantizer.tight, key in relu), \
+                        only_quantizers(model, [quantizer]):
+                    found[key][bits] = bernoulli_kl(reference, _logits(model, frames))
+            if progress is not None and (index + 1) % 10 == 0:
+                progress(f"activation sensitivity: {index + 1}/{len(choices)} tensors measured")
+        return found
+    finally:
+        model.train(was_training)
+
+
+def allocate(model: nn.Module, quantizers: Iterable[FakeQuant], budget: int, elements: dict[str, int],
+             frames: list[torch.Tensor], percentile: float, init: str,
+             progress: Callable[[str], None] | None = None) -> tuple[dict[int, int], list[dict]]:
+    """({id(quantizer): bits}, rows for allocation.json) for those of these activation quantizers that a
+    convolution reads, under a mean of `budget` bits. The rows: name, kind, elements, the bits chosen and the
+    sensitivity at each choice. The budget is bits.json's mean over every convolution input, the frame's 8 bits
+    included, as a learned run's activation budget counts it."""
+    weights = reader_elements(model, elements)
+    # a tensor no convolution reads (the squeeze-excitation scale before its product) is outside the mean bits.json
+    # reports: given bits here it would get them for nothing, so it keeps the run's bits
+    choices = {id(q): (q, bit_choices(q, budget)) for q in quantizers if id(q) in weights}
+    # the mean is bits.json's, over every convolution input: the frame (held at 8 bits) and any tensor held as
+    # fragile keep their bits and take their share of the budget first
+    fixed = {id(conv.input_quant): conv.input_quant for _, conv in quant_convs(model) if id(conv.input_quant) not in choices}
+    room = budget * sum(weights.values()) - sum(weights[key] * q.bits() for key, q in fixed.items())
+    costs = measure(model, choices, frames, percentile, init, progress)
+    chosen = choose_bits(costs, {key: weights[key] for key in choices}, room / sum(weights[key] for key in choices))
+    names = {id(info.quantizer): info for info in describe(model)}
+    rows = [{"name": names[key].name, "kind": names[key].kind, "elements": weights[key], "bits": chosen[key],
+             "sensitivity": {str(b): round(c, 8) for b, c in costs[key].items()}} for key in choices]
+    return chosen, rows
