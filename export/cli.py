@@ -309,8 +309,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     qat.add_argument("--initial-activation-bits", type=int, metavar="B",
                      help="learned runs: every learned activation's bits start at B (default 8; 7 on a tight grid)")
     qat.add_argument("--activation-allocation", choices=[a for a in ALLOCATIONS if a],
-                     help="uniform runs below 8 activation bits: sensitivity = each activation B-1 to B+2 bits by its "
-                          "measured sensitivity, mean at most B (default: all at B)")
+                     help="fixed activation bits B below 8 (--bits 4, learned-a4): sensitivity = each activation "
+                          "B-1 to B+2 bits by its measured sensitivity, mean at most B (default: all at B)")
     qat.add_argument("--bias-correction", action="store_true", default=None,
                      help="after the steps are set, give each convolution the float model's channel means (bias) "
                           "(default: off)")

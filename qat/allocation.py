@@ -137,7 +137,8 @@ def allocate(model: nn.Module, quantizers: Iterable[FakeQuant], budget: int, ele
     choices = {id(q): (q, bit_choices(q, budget)) for q in quantizers if id(q) in weights}
     # the mean is bits.json's, over every convolution input: the frame (held at 8 bits) and any tensor held as
     # fragile keep their bits and take their share of the budget first
-    fixed = {id(conv.input_quant): conv.input_quant for _, conv in quant_convs(model) if id(conv.input_quant) not in choices}
+    fixed = {id(conv.input_quant): conv.input_quant for _, conv in quant_convs(model)
+             if id(conv.input_quant) not in choices}
     room = budget * sum(weights.values()) - sum(weights[key] * q.bits() for key, q in fixed.items())
     costs = measure(model, choices, frames, percentile, init, progress)
     chosen = choose_bits(costs, {key: weights[key] for key in choices}, room / sum(weights[key] for key in choices))

@@ -157,7 +157,7 @@ class QatConfig:
     # after the steps are (re)initialised: move each convolution's bias so that its channels' means on the observed
     # training frames are the float model's (qat/bias_correction.py)
     bias_correction: bool = False
-    # uniform runs below 8 activation bits: "sensitivity" gives each activation B - 1 .. B + 2 bits by its measured
+    # fixed activation bits B below 8 (--bits 4, W4A4, learned-a4): "sensitivity" gives each activation B - 1 .. B + 2 bits by its measured
     # sensitivity, the mean (weighted by elements) at most B (qat/allocation.py); "": every activation at B
     activation_allocation: str = ""
     device: str = "auto"
@@ -214,10 +214,13 @@ class QatConfig:
             raise InputError(f"--target-activation-bits must lie in [{self.b_min}, {self.b_max}], got "
                              f"{self.target_activation_bits}")
         if self.activation_allocation not in ALLOCATIONS:
-            raise InputError(f"--activation-allocation must be sensitivity (or unset), got {self.activation_allocation!r}")
-        if self.activation_allocation and (setting.learned or setting.activation_bits >= 8):
-            raise InputError(f"--activation-allocation is for fixed activation bits below 8 (e.g. --bits 4); --bits "
-                             f"{self.bits} {'learns them' if setting.learned else 'keeps them at 8'}")
+            raise InputError(f"--activation-allocation must be sensitivity (or unset), got "
+                             f"{self.activation_allocation!r}")
+        learned_activations = setting.learned and setting.learned_activations
+        if self.activation_allocation and (learned_activations or setting.activation_bits >= 8):
+            raise InputError(f"--activation-allocation is for fixed activation bits below 8 (e.g. --bits 4 or "
+                             f"learned-a4); --bits {self.bits} "
+                             f"{'learns them' if learned_activations else 'keeps them at 8'}")
         if self.bit_schedule:
             parse_bit_schedule(self.bit_schedule, setting, self.epochs)
 

@@ -253,7 +253,8 @@ def _allocate(plan: BitPlan, model: nn.Module, qcfg: QatConfig, resume: bool,
     for row in rows:
         spread[row["bits"]] = spread.get(row["bits"], 0) + row["elements"]
     say(f"activation bits allocated by sensitivity on {sum(len(f) for f in frames)} training frames: mean "
-        f"{mean:.2f} (budget {budget}); " + ", ".join(f"{b} bits {100 * e / total:.0f} %" for b, e in sorted(spread.items()))
+        f"{mean:.2f} (budget {budget}); "
+        + ", ".join(f"{b} bits {100 * e / total:.0f} %" for b, e in sorted(spread.items()))
         + " of the elements (allocation.json)")
 
 

@@ -642,8 +642,10 @@ def test_a_run_allocates_its_activation_bits_and_a_resumed_run_keeps_them(tiny_r
 def test_an_allocation_needs_fixed_activation_bits_below_8():
     from qat.config import QatConfig
 
-    for bits in ("learned", "8", "w4a8"):
+    for bits in ("learned", "8", "w4a8", "learned-a8"):
         with pytest.raises(InputError, match="--activation-allocation"):
             QatConfig(bits=bits, activation_allocation="sensitivity")
+    for bits in ("4", "w8a4", "learned-a4"):  # learned weight bits with fixed activations allocate too
+        assert QatConfig(bits=bits, activation_allocation="sensitivity").activation_allocation == "sensitivity"
     with pytest.raises(InputError, match="--activation-allocation must be"):
         QatConfig(bits="4", activation_allocation="hessian")
