@@ -649,3 +649,20 @@ def test_an_allocation_needs_fixed_activation_bits_below_8():
         assert QatConfig(bits=bits, activation_allocation="sensitivity").activation_allocation == "sensitivity"
     with pytest.raises(InputError, match="--activation-allocation must be"):
         QatConfig(bits="4", activation_allocation="hessian")
+
+
+def test_learned_weight_bits_with_allocated_activations_keep_both_means_at_4(tiny_run):
+    """`--bits learned-a4 --target-bits 4 --activation-allocation sensitivity`: the weight bits learn and are capped
+    at 4 when they freeze; the activations keep their allocated bits through the freeze, mean at most 4."""
+    from qat.run import run_qat
+
+    qcfg = build_qat_config("quick", run_dir=str(tiny_run), bits="learned-a4", name="learned-alloc", epochs=2,
+                            bit_epochs=1, target_bits=4.0, initial_bits=4, observe_frames=4, fragile_frames=4,
+                            activation_range="tight", activation_init="mse", activation_allocation="sensitivity",
+                            device="cpu")
+    qat_dir = run_qat(qcfg)
+    rows = json.loads((qat_dir / "allocation.json").read_text())["tensors"]
+    last = json.loads((qat_dir / "metrics.jsonl").read_text().splitlines()[-1])["steps"]
+    assert all(last[row["name"]][0] == row["bits"] for row in rows) and len({row["bits"] for row in rows}) > 1
+    metrics = json.loads((qat_dir / "test_metrics.json").read_text())
+    assert metrics["mean_weight_bits"] <= 4.0 + 1e-9 and metrics["mean_activation_bits"] <= 4.0 + 1e-9
