@@ -157,8 +157,8 @@ class QatConfig:
     # after the steps are (re)initialised: move each convolution's bias so that its channels' means on the observed
     # training frames are the float model's (qat/bias_correction.py)
     bias_correction: bool = False
-    # fixed activation bits B below 8 (--bits 4, W4A4, learned-a4): "sensitivity" gives each activation B - 1 .. B + 2 bits by its measured
-    # sensitivity, the mean (weighted by elements) at most B (qat/allocation.py); "": every activation at B
+    # fixed activation bits B below 8 (--bits 4, W4A4, learned-a4): "sensitivity" gives each activation B - 1 .. B + 2
+    # bits by its measured sensitivity, the mean (weighted by elements) at most B (qat/allocation.py); "": all at B
     activation_allocation: str = ""
     device: str = "auto"
     seed: int = 0

@@ -247,12 +247,12 @@ def _allocate(plan: BitPlan, model: nn.Module, qcfg: QatConfig, resume: bool,
     total = sum(row["elements"] for row in rows)
     mean = float(mean_bits(model, elements)[1])  # bits.json's: every convolution input, the frame included
     qcfg.qat_dir.mkdir(parents=True, exist_ok=True)
-    write_json(path, {"budget": budget, "mean_bits": round(mean, 4), "frames": sum(len(f) for f in frames),
-                      "tensors": rows})
+    seen = sum(len(batch) for batch in frames)
+    write_json(path, {"budget": budget, "mean_bits": round(mean, 4), "frames": seen, "tensors": rows})
     spread = {}
     for row in rows:
         spread[row["bits"]] = spread.get(row["bits"], 0) + row["elements"]
-    say(f"activation bits allocated by sensitivity on {sum(len(f) for f in frames)} training frames: mean "
+    say(f"activation bits allocated by sensitivity on {seen} training frames: mean "
         f"{mean:.2f} (budget {budget}); "
         + ", ".join(f"{b} bits {100 * e / total:.0f} %" for b, e in sorted(spread.items()))
         + " of the elements (allocation.json)")
