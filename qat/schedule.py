@@ -182,8 +182,7 @@ def initialise(model: nn.Module, qcfg: QatConfig, observe: Callable[[], Iterable
 
 
 def make_plan(model: nn.Module, qcfg: QatConfig, resume: bool, observe: Callable[[], Iterable[torch.Tensor]],
-              score: Callable[[nn.Module], float], say: Callable[[str], None],
-              elements: dict[str, int] | None = None) -> BitPlan:
+              score: Callable[[nn.Module], float], say: Callable[[str], None], elements: dict[str, int]) -> BitPlan:
     """The run's BitPlan, right after prepare. `hold_fragile` N: a new run ranks its planned quantizers by their
     one-at-a-time drop of `score` (Dice on `fragile_frames` training frames) at the bits the run gives them (learned
     runs: the budget, or 4) and holds the N largest drops above `fragile_min_drop` at 8 bits, writing fragile.json;
@@ -221,7 +220,7 @@ def make_plan(model: nn.Module, qcfg: QatConfig, resume: bool, observe: Callable
 
 
 def _allocate(plan: BitPlan, model: nn.Module, qcfg: QatConfig, resume: bool,
-              observe: Callable[[], Iterable[torch.Tensor]], elements: dict[str, int] | None,
+              observe: Callable[[], Iterable[torch.Tensor]], elements: dict[str, int],
               say: Callable[[str], None]) -> None:
     """`--activation-allocation sensitivity` (make_plan): choose, or on resume read back, the activation bits."""
     from device_runtime.core.fileio import write_json
@@ -237,8 +236,6 @@ def _allocate(plan: BitPlan, model: nn.Module, qcfg: QatConfig, resume: bool,
         names = {id(info.quantizer): info.name for info in describe(model)}
         plan.allocate({id(q): int(by_name[names[id(q)]]) for q in planned if names[id(q)] in by_name})
         return
-    if elements is None:
-        raise ValueError("make_plan: an activation allocation needs the convolution inputs' elements")
     frames = _first_frames(observe(), qcfg.fragile_frames)
     budget = qcfg.bit_setting.activation_bits
     chosen, rows = allocate(model, planned, budget, elements, frames, qcfg.activation_percentile,

@@ -13,6 +13,25 @@ REAL_DATA = REPO.parent / "shared" / "data" / "usgra-seg"
 SCRIPTS = REPO / "scripts"
 
 
+def run_qat_interrupted_in_epoch(monkeypatch, run_qat, qcfg, epoch: int = 2) -> None:
+    """Run `run_qat(qcfg)` and stop it with KeyboardInterrupt as its `epoch`-th training epoch starts (the epochs
+    before it are checkpointed), then put the real epoch back so that a resume trains normally."""
+    from qat import train as qat_train
+
+    real_epoch, calls = qat_train.train_one_epoch, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == epoch:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(qat_train, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_qat(qcfg)
+    monkeypatch.setattr(qat_train, "train_one_epoch", real_epoch)
+
+
 def load_script(name: str):
     """A script of scripts/ as a module (they are run as files, not installed)."""
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")

@@ -606,24 +606,13 @@ def test_a_run_allocates_its_activation_bits_and_a_resumed_run_keeps_them(tiny_r
     """`--bits 4 --activation-allocation sensitivity` on the tiny run (tight grids, MSE steps, as the low-bit
     switches run), stopped in its second epoch: allocation.json holds every activation a convolution reads, the run
     trains at those bits, their mean is at most 4, and the resumed run reads the file back instead of measuring."""
-    from qat import train as qat_train
+    from conftest import run_qat_interrupted_in_epoch
     from qat.run import run_qat
 
     qcfg = build_qat_config("quick", run_dir=str(tiny_run), bits="4", name="allocated", epochs=2, observe_frames=4,
                             fragile_frames=4, activation_range="tight", activation_init="mse",
                             activation_allocation="sensitivity", device="cpu")
-    real_epoch, calls = qat_train.train_one_epoch, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(qat_train, "train_one_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run_qat(qcfg)
-    monkeypatch.setattr(qat_train, "train_one_epoch", real_epoch)
+    run_qat_interrupted_in_epoch(monkeypatch, run_qat, qcfg)
     qat_dir = qcfg.qat_dir
     allocation = json.loads((qat_dir / "allocation.json").read_text())
     rows = allocation["tensors"]

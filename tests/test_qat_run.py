@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import run_qat_interrupted_in_epoch
 from device_runtime.core.errors import InputError
 from export.cli import main as cli
 from qat import train as qat_train
@@ -71,18 +72,7 @@ def test_checkpoint_loads_weights_only_and_keeps_the_export_contract(qat_run):
 
 def test_resume_continues_exactly(tiny_run, qat_run, monkeypatch):
     cfg = QatConfig(run_dir=str(tiny_run), name="resumed", **SMALL)
-    real_epoch, calls = qat_train.train_one_epoch, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(qat_train, "train_one_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run_qat(cfg)
-    monkeypatch.setattr(qat_train, "train_one_epoch", real_epoch)
+    run_qat_interrupted_in_epoch(monkeypatch, run_qat, cfg)
     with pytest.raises(InputError, match="already exists"):
         run_qat(cfg)
     run_qat(cfg, resume=True)
