@@ -15,7 +15,6 @@ from torch import nn
 from conftest import run_qat_interrupted_in_epoch
 from device_runtime.core.errors import InputError
 from export.cli import main as cli
-from qat import train as qat_train
 from qat.checkpoint import load_qat_model, read_qat_checkpoint
 from qat.config import QatConfig, build_qat_config, parse_bits
 from qat.loss import QatLoss
