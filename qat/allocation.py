@@ -1,5 +1,5 @@
-"""Activation bits allocated by measured sensitivity under the run's budget (`--activation-allocation
-sensitivity`, issue 33, point 3).
+"""Bits allocated by measured sensitivity under the run's budget: activations (`--activation-allocation
+sensitivity`) and weights (`--weight-allocation sensitivity`), issue 33, point 3.
 
 A learned run's bit cost weighs a tensor's bits by its elements, and the task loss's pull on a bitwidth (straight
 through its rounding) is weak: at a 4-bit activation budget the learned bits went to small tensors and starved the
@@ -8,19 +8,21 @@ convolution outputs, a quarter of the elements, lose nothing at 3 bits (docs/QUA
 cliff tables). So the bits are chosen here from measurement instead, once, before the fine-tuning:
 
 1. Sensitivity (ZeroQ: Cai et al., "ZeroQ: A Novel Zero Shot Quantization Framework", CVPR 2020): for each
-   activation quantizer the run lowers and each bitwidth it may take, the mean per-pixel Bernoulli KL divergence
-   between the float model's output probabilities and the output with that tensor alone quantized at those bits
-   (its step chosen as the run chooses it, every other tensor float), on a few training frames.
+   quantizer the run lowers and each bitwidth it may take, the mean per-pixel Bernoulli KL divergence between the
+   float model's output probabilities and the output with that tensor alone quantized at those bits (its step
+   chosen as the run chooses it: a weight's from the weight, an activation's from what it sees; every other tensor
+   float), on a few training frames.
 2. Allocation (the additive-sensitivity model of ZeroQ and HAWQ-V2: Dong et al., NeurIPS 2020): minimise the
-   summed sensitivity subject to the element-weighted mean activation bits (qat.bits, as the run reports it) being
-   at most the run's activation bits. Greedily: every tensor starts at its fewest bits, then the move with the
-   largest drop in sensitivity per element-bit that still fits is taken, until none fits or none helps.
+   summed sensitivity subject to the weighted mean bits (qat.bits, as the run reports them: activations by the
+   elements of the convolution inputs, weights by live weights) being at most the run's bits. Greedily: every
+   tensor starts at its fewest bits, then the move with the largest drop in sensitivity per element-bit that still
+   fits is taken, until none fits or none helps. Weights and activations are two budgets, allocated apart.
 
-The bits are then fixed for the whole run (a uniform run with mixed activation bits): the integers trained are the
-ones exported, and the mean in bits.json counts them. Measured on usgra-seg's five folds (docs/QUANTIZATION.md):
-the measurement took bits from the ReLU'd convolution outputs and gave them to the residual stream (residual sums,
-the linear projections feeding them, depthwise outputs), not to the hardswish outputs, and W4A4 went from 0.049 to
-0.025 below float.
+The bits are then fixed for the whole run (a uniform run with mixed bits): the integers trained are the ones
+exported, and the means in bits.json count them. Measured on usgra-seg's five folds (docs/QUANTIZATION.md): the
+activation measurement took bits from the ReLU'd convolution outputs and gave them to the residual stream (residual
+sums, the linear projections feeding them, depthwise outputs), not to the hardswish outputs, and W4A4 went from
+0.049 to 0.025 below float.
 """
 
 from __future__ import annotations
@@ -76,13 +78,20 @@ def choose_bits(costs: dict[Hashable, dict[int, float]], elements: dict[Hashable
         chosen[key] = bits
 
 
-def reader_elements(model: nn.Module, elements: dict[str, int]) -> dict[int, int]:
-    """{id(activation quantizer): elements of every convolution input it quantizes}: its weight in the mean
+def reader_elements(model: nn.Module, elements: dict[str, int]) -> dict[int, tuple[FakeQuant, int]]:
+    """{id(activation quantizer): (it, elements of every convolution input it quantizes)}: its weight in the mean
     activation bits (qat.bits.mean_bits counts a tensor once per reading convolution)."""
-    found: dict[int, int] = {}
+    found: dict[int, tuple[FakeQuant, int]] = {}
     for name, conv in quant_convs(model):
-        found[id(conv.input_quant)] = found.get(id(conv.input_quant), 0) + elements[name]
+        q = conv.input_quant
+        found[id(q)] = (q, found.get(id(q), (q, 0))[1] + elements[name])
     return found
+
+
+def weight_counts(model: nn.Module, live: dict[str, int]) -> dict[int, tuple[FakeQuant, int]]:
+    """{id(weight quantizer): (it, its convolution's live weights)}: its weight in the mean weight bits
+    (qat.bits.mean_weight_bits; `live` from qat.bits.live_weights)."""
+    return {id(conv.weight_quant): (conv.weight_quant, live[name]) for name, conv in quant_convs(model)}
 
 
 def bernoulli_kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
@@ -104,47 +113,50 @@ def _logits(model: nn.Module, frames: list[torch.Tensor]) -> torch.Tensor:
 def measure(model: nn.Module, choices: dict[int, tuple[FakeQuant, list[int]]], frames: list[torch.Tensor],
             percentile: float, init: str, progress: Callable[[str], None] | None = None) -> dict[int, dict[int, float]]:
     """{id(quantizer): {bits: sensitivity}} (module doc, 1) for each quantizer at each of its bit choices; the model
-    in eval mode, its steps chosen by `init` from what the float model shows on `frames`."""
+    in eval mode. An activation's step is chosen by `init` from what the float model shows on `frames`, a weight's
+    from its weight, as the run chooses them."""
     was_training = model.training
     model.eval()
     try:
         seen = observe(model, frames, percentile)
         tight = any(q.tight for q, _ in choices.values())
         relu = relu_read_ids(model) if tight else set()
+        weights = {id(conv.weight_quant): conv.weight for _, conv in quant_convs(model)}
         with only_quantizers(model):
             reference = torch.sigmoid(_logits(model, frames))
         found: dict[int, dict[int, float]] = {}
         for index, (key, (quantizer, bits_list)) in enumerate(choices.items()):
             found[key] = {}
             for bits in bits_list:
-                with lowered(quantizer, bits, None, seen[key], init, quantizer.tight, key in relu), \
+                with lowered(quantizer, bits, weights.get(key), seen.get(key), init, quantizer.tight, key in relu), \
                         only_quantizers(model, [quantizer]):
                     found[key][bits] = bernoulli_kl(reference, _logits(model, frames))
             if progress is not None and (index + 1) % 10 == 0:
-                progress(f"activation sensitivity: {index + 1}/{len(choices)} tensors measured")
+                side = "weight" if quantizer.per_channel else "activation"
+                progress(f"{side} sensitivity: {index + 1}/{len(choices)} tensors measured")
         return found
     finally:
         model.train(was_training)
 
 
-def allocate(model: nn.Module, quantizers: Iterable[FakeQuant], budget: int, elements: dict[str, int],
+def allocate(model: nn.Module, quantizers: Iterable[FakeQuant], budget: int, counts: dict[int, tuple[FakeQuant, int]],
              frames: list[torch.Tensor], percentile: float, init: str,
              progress: Callable[[str], None] | None = None) -> tuple[dict[int, int], list[dict]]:
-    """({id(quantizer): bits}, rows for allocation.json) for those of these activation quantizers that a
-    convolution reads, under a mean of `budget` bits. The rows: name, kind, elements, the bits chosen and the
-    sensitivity at each choice. The budget is bits.json's mean over every convolution input, the frame's 8 bits
-    included, as a learned run's activation budget counts it."""
-    weights = reader_elements(model, elements)
-    # a tensor no convolution reads (the squeeze-excitation scale before its product) is outside the mean bits.json
-    # reports: given bits here it would get them for nothing, so it keeps the run's bits
-    choices = {id(q): (q, bit_choices(q, budget)) for q in quantizers if id(q) in weights}
-    # the mean is bits.json's, over every convolution input: the frame (held at 8 bits) and any tensor held as
-    # fragile keep their bits and take their share of the budget first
-    fixed = {id(conv.input_quant): conv.input_quant for _, conv in quant_convs(model)
-             if id(conv.input_quant) not in choices}
-    room = budget * sum(weights.values()) - sum(weights[key] * q.bits() for key, q in fixed.items())
+    """({id(quantizer): bits}, rows for the allocation file) for these quantizers of one side under a mean of
+    `budget` bits over that side. `counts`: every quantizer of the side with its weight in the mean
+    (`reader_elements` for activations: bits.json's mean over every convolution input, the frame's 8 bits included;
+    `weight_counts` for weights). The rows: name, kind, elements (its weight in the mean),
+    the bits chosen and the sensitivity at each choice."""
+    # a tensor outside the side's mean (the squeeze-excitation scale, which no convolution reads) keeps the run's
+    # bits: given bits here it would get them for nothing
+    choices = {id(q): (q, bit_choices(q, budget)) for q in quantizers if id(q) in counts}
+    # the tensors of the side not allocated here (the frame held at 8 bits, those held as fragile) keep their bits
+    # and take their share of the budget first
+    room = budget * sum(n for _, n in counts.values()) - sum(q.bits() * n for key, (q, n) in counts.items()
+                                                             if key not in choices)
+    weights = {key: counts[key][1] for key in choices}
     costs = measure(model, choices, frames, percentile, init, progress)
-    chosen = choose_bits(costs, {key: weights[key] for key in choices}, room / sum(weights[key] for key in choices))
+    chosen = choose_bits(costs, weights, room / sum(weights.values()))
     names = {id(info.quantizer): info for info in describe(model)}
     rows = [{"name": names[key].name, "kind": names[key].kind, "elements": weights[key], "bits": chosen[key],
              "sensitivity": {str(b): round(c, 8) for b, c in costs[key].items()}} for key in choices]

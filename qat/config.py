@@ -18,14 +18,14 @@ from training.config import load_toml, recipe_path
 GRIDS = ("tensorrt", "x86")  # what prepare_qat(grid=...) builds; see QatConfig.grid
 ACTIVATION_RANGES = ("signed", "tight")  # prepare_qat(activation_range=...); see QatConfig.activation_range
 ACTIVATION_INITS = ("percentile", "mse")  # FakeQuant.init_from_samples; see QatConfig.activation_init
-ALLOCATIONS = ("", "sensitivity")  # qat/allocation.py; see QatConfig.activation_allocation
+ALLOCATIONS = ("", "sensitivity")  # qat/allocation.py; see QatConfig.activation_allocation, weight_allocation
 
 # keys a recipe's [qat] table may set (the rest come from the command line: run, name, bits, device)
 RECIPE_KEYS = ("grid", "epochs", "bit_epochs", "observe_frames", "activation_percentile", "batch_size", "lr_weights",
                "lr_steps", "lr_bits", "bit_weight", "activation_bit_weight", "target_bits", "b_min", "b_max", "distill",
                "initial_bits", "activation_range", "activation_init", "bit_schedule", "hold_fragile",
                "fragile_min_drop", "fragile_frames", "target_activation_bits", "bias_correction",
-               "initial_activation_bits", "activation_allocation")
+               "initial_activation_bits", "activation_allocation", "weight_allocation")
 
 
 @dataclass(frozen=True)
@@ -160,6 +160,9 @@ class QatConfig:
     # fixed activation bits B below 8 (--bits 4, W4A4, learned-a4): "sensitivity" gives each activation B - 1 .. B + 2
     # bits by its measured sensitivity, the mean (weighted by elements) at most B (qat/allocation.py); "": all at B
     activation_allocation: str = ""
+    # fixed weight bits B below 8 (--bits 3, W4A8): the same, each weight tensor B - 1 .. B + 2 bits, the mean
+    # (weighted by live weights, as bits.json's) at most B
+    weight_allocation: str = ""
     device: str = "auto"
     seed: int = 0
 
@@ -221,6 +224,11 @@ class QatConfig:
             raise InputError(f"--activation-allocation is for fixed activation bits below 8 (e.g. --bits 4 or "
                              f"learned-a4); --bits {self.bits} "
                              f"{'learns them' if learned_activations else 'keeps them at 8'}")
+        if self.weight_allocation not in ALLOCATIONS:
+            raise InputError(f"--weight-allocation must be sensitivity (or unset), got {self.weight_allocation!r}")
+        if self.weight_allocation and (setting.learned or setting.weight_bits >= 8):
+            raise InputError(f"--weight-allocation is for fixed weight bits below 8 (e.g. --bits 4 or W4A8); --bits "
+                             f"{self.bits} {'learns them' if setting.learned else 'keeps them at 8'}")
         if self.bit_schedule:
             parse_bit_schedule(self.bit_schedule, setting, self.epochs)
 

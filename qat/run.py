@@ -100,12 +100,12 @@ def _run_qat(qcfg: QatConfig, float_path: Path, from_last: bool) -> Path:
     teacher = copy.deepcopy(float_model).to(device).eval().requires_grad_(False) if qcfg.distill > 0 else None
     model = build_qat_model(cfg.arch, qcfg, float_model.to(device), init_steps=not from_last).to(device)
     observe = lambda: _observation_batches(train_images, qcfg.observe_frames, batch_size, device)  # noqa: E731
-    elements = activation_elements(model, cfg.input_size)
+    elements, live = activation_elements(model, cfg.input_size), live_weights(model, cfg.input_size)
     plan = make_plan(model, qcfg, from_last, observe, lambda m: validate(
         m, train_images[:qcfg.fragile_frames], train_masks[:qcfg.fragile_frames], device, cfg.replace(amp=False))[
-        "val_best_dice"], lambda text: print(f"qat {qat_dir.name}: {text}", flush=True), elements)
+        "val_best_dice"], lambda text: print(f"qat {qat_dir.name}: {text}", flush=True), elements, live)
     criterion = QatLoss(elements, cfg.bce_weight, cfg.dice_weight, qcfg.bit_weight, qcfg.activation_bit_weight,
-                        qcfg.target_bits, live_weights(model, cfg.input_size), qcfg.distill)
+                        qcfg.target_bits, live, qcfg.distill)
     state = QatState(model, build_optimizer(model, qcfg), criterion, teacher=teacher, plan=plan, observe=observe)
     if from_last:
         restore(state, last)

@@ -182,14 +182,16 @@ def initialise(model: nn.Module, qcfg: QatConfig, observe: Callable[[], Iterable
 
 
 def make_plan(model: nn.Module, qcfg: QatConfig, resume: bool, observe: Callable[[], Iterable[torch.Tensor]],
-              score: Callable[[nn.Module], float], say: Callable[[str], None], elements: dict[str, int]) -> BitPlan:
+              score: Callable[[nn.Module], float], say: Callable[[str], None], elements: dict[str, int],
+              live: dict[str, int]) -> BitPlan:
     """The run's BitPlan, right after prepare. `hold_fragile` N: a new run ranks its planned quantizers by their
     one-at-a-time drop of `score` (Dice on `fragile_frames` training frames) at the bits the run gives them (learned
     runs: the budget, or 4) and holds the N largest drops above `fragile_min_drop` at 8 bits, writing fragile.json;
     a resumed run reads that file back. `activation_allocation` "sensitivity": a new run chooses its activation bits
     by measured sensitivity under the budget of its activation bits (qat.allocation; `elements` from
-    qat.bits.activation_elements), writing allocation.json, which a resumed run reads back. Then a new run starts its
-    schedule."""
+    qat.bits.activation_elements), writing allocation.json, which a resumed run reads back; `weight_allocation`
+    likewise its weight bits (`live` from qat.bits.live_weights), writing weight_allocation.json. Then a new run
+    starts its schedule."""
     from device_runtime.core.fileio import write_json
 
     from .sensitivity import describe, observe as observe_float, rank_fragile
@@ -212,47 +214,56 @@ def make_plan(model: nn.Module, qcfg: QatConfig, resume: bool, observe: Callable
         qcfg.qat_dir.mkdir(parents=True, exist_ok=True)
         write_json(path, {"held": rows[:len(held)], "ranked": rows})
         say(f"held at 8 bits as fragile ({len(held)}): " + ", ".join(f"{i.name} ({i.kind}, -{d:.3f})" for i, _, d in held))
+    from .allocation import reader_elements, weight_counts
+
+    if qcfg.weight_allocation:
+        _allocate(plan, model, qcfg, resume, observe, weight_counts(model, live), say)
     if qcfg.activation_allocation:
-        _allocate(plan, model, qcfg, resume, observe, elements, say)
+        _allocate(plan, model, qcfg, resume, observe, reader_elements(model, elements), say)
     if not resume:
         plan.start()
     return plan
 
 
+ALLOCATION_FILES = {"weight": "weight_allocation.json", "activation": "allocation.json"}
+
+
 def _allocate(plan: BitPlan, model: nn.Module, qcfg: QatConfig, resume: bool,
-              observe: Callable[[], Iterable[torch.Tensor]], elements: dict[str, int],
+              observe: Callable[[], Iterable[torch.Tensor]], counts: dict[int, tuple[FakeQuant, int]],
               say: Callable[[str], None]) -> None:
-    """`--activation-allocation sensitivity` (make_plan): choose, or on resume read back, the activation bits."""
+    """`--weight-allocation` / `--activation-allocation sensitivity` (make_plan): choose, or on resume read back,
+    the bits of the side `counts` weighs (qat.allocation.weight_counts or reader_elements)."""
     from device_runtime.core.fileio import write_json
 
     from .allocation import allocate
-    from .bits import mean_bits
     from .sensitivity import describe
 
-    path = qcfg.qat_dir / "allocation.json"
-    planned = [q for q, _ in plan.lowered() if not q.per_channel]
+    side = "weight" if next(iter(counts.values()))[0].per_channel else "activation"
+    path = qcfg.qat_dir / ALLOCATION_FILES[side]
+    planned = [q for q, _ in plan.lowered() if q.per_channel == (side == "weight")]
     if resume:
-        by_name = {row["name"]: row["bits"] for row in _read_rows(path, "tensors", "the activation bits allocated")}
+        by_name = {row["name"]: row["bits"] for row in _read_rows(path, "tensors", f"the {side} bits allocated")}
         names = {id(info.quantizer): info.name for info in describe(model)}
         plan.allocate({id(q): int(by_name[names[id(q)]]) for q in planned if names[id(q)] in by_name})
         return
     frames = _first_frames(observe(), qcfg.fragile_frames)
-    budget = qcfg.bit_setting.activation_bits
-    chosen, rows = allocate(model, planned, budget, elements, frames, qcfg.activation_percentile,
+    setting = qcfg.bit_setting
+    budget = setting.weight_bits if side == "weight" else setting.activation_bits
+    chosen, rows = allocate(model, planned, budget, counts, frames, qcfg.activation_percentile,
                             qcfg.activation_init, say)
     plan.allocate(chosen)
-    total = sum(row["elements"] for row in rows)
-    mean = float(mean_bits(model, elements)[1])  # bits.json's: every convolution input, the frame included
+    # bits.json's mean: every tensor of the side, the frame and any held tensor included
+    mean = sum(q.bits() * n for q, n in counts.values()) / sum(n for _, n in counts.values())
     qcfg.qat_dir.mkdir(parents=True, exist_ok=True)
     seen = sum(len(batch) for batch in frames)
     write_json(path, {"budget": budget, "mean_bits": round(mean, 4), "frames": seen, "tensors": rows})
+    total = sum(row["elements"] for row in rows)
     spread = {}
     for row in rows:
         spread[row["bits"]] = spread.get(row["bits"], 0) + row["elements"]
-    say(f"activation bits allocated by sensitivity on {seen} training frames: mean "
-        f"{mean:.2f} (budget {budget}); "
+    say(f"{side} bits allocated by sensitivity on {seen} training frames: mean {mean:.2f} (budget {budget}); "
         + ", ".join(f"{b} bits {100 * e / total:.0f} %" for b, e in sorted(spread.items()))
-        + " of the elements (allocation.json)")
+        + f" of the {'live weights' if side == 'weight' else 'elements'} ({path.name})")
 
 
 def _first_frames(batches: Iterable[torch.Tensor], count: int) -> list[torch.Tensor]:

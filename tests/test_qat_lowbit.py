@@ -575,7 +575,7 @@ def test_the_allocation_gives_the_fragile_tensor_the_most_bits_counted_in_the_me
     tensor is exact at any bits): measured by the output's KL divergence, the middle tensor gets the budget's bits
     above the others', the first one fewer, and the element-weighted mean (bits.json's, the frame's 8 bits in it) stays
     within the budget."""
-    from qat.allocation import allocate
+    from qat.allocation import allocate, reader_elements
     from qat.bits import activation_elements, bits_table
     from qat.config import QatConfig
     from qat.schedule import BitPlan
@@ -588,7 +588,7 @@ def test_the_allocation_gives_the_fragile_tensor_the_most_bits_counted_in_the_me
     planned = [q for q, _ in plan.lowered() if not q.per_channel]
     fragile = model[4].input_quant
     elements = activation_elements(model, (16, 16))
-    chosen, rows = allocate(model, planned, 4, elements, frames, 0.0, "percentile")
+    chosen, rows = allocate(model, planned, 4, reader_elements(model, elements), frames, 0.0, "percentile")
     plan.allocate(chosen)
     initialise_steps(model, frames)
     # the frame's 8 bits (256 elements) take their share of the 4-bit mean first: 1024 x (4 + 3) + 256 x 8 = 2304 x 4
@@ -602,29 +602,77 @@ def test_the_allocation_gives_the_fragile_tensor_the_most_bits_counted_in_the_me
     assert table["mean_activation_bits"] <= 4.0 + 1e-9
 
 
+def test_the_weight_allocation_gives_the_inexact_weights_the_bits_counted_over_live_weights():
+    """Four 1x1 convolutions whose weights are exact on any grid (one non-zero weight per output channel) but for
+    one, of random weights, whose error halves with each bit: at a 4-bit weight budget it gets 5 bits (6 does not
+    fit: 64 x 6 + 80 x 3 > 144 x 4), the exact 64 the fewest (3; a fourth bit buys them nothing, their KL is 0 at
+    every bitwidth), and bits.json's
+    mean over live weights stays within the budget (what is left, 16 bits, may go to the small exact layers: their
+    drops are rounding noise)."""
+    from qat.allocation import allocate, weight_counts
+    from qat.bits import bits_table, live_weights
+    from qat.config import QatConfig
+    from qat.schedule import BitPlan
+
+    torch.manual_seed(0)
+    float_model = nn.Sequential(nn.Conv2d(1, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 1),
+                                nn.ReLU(), nn.Conv2d(8, 1, 1)).eval()
+    with torch.no_grad():
+        for conv in float_model[0::2]:
+            conv.bias.zero_()
+        float_model[0].weight.copy_(torch.rand(8, 1, 1, 1) + 0.5)
+        float_model[2].weight.copy_(torch.randn(8, 8, 1, 1))
+        float_model[4].weight.copy_(torch.eye(8).reshape(8, 8, 1, 1))
+        float_model[6].weight.fill_(0.25)
+    frames = [torch.rand(8, 1, 16, 16) for _ in range(2)]
+    model = prepare_qat(float_model, weight_bits=4, activation_bits=8, learn_weight_bits=False,
+                        learn_activation_bits=False)
+    plan = BitPlan(model, QatConfig(bits="W4A8"))
+    planned = [q for q, _ in plan.lowered() if q.per_channel]
+    live = live_weights(model, (16, 16))
+    chosen, rows = allocate(model, planned, 4, weight_counts(model, live), frames, 0.0, "percentile")
+    plan.allocate(chosen)
+    got = [chosen[id(model[i].weight_quant)] for i in (0, 2, 4, 6)]
+    assert got[1] == 5 and got[2] == 3 and max(got) == 5, rows
+    costs = {row["name"]: row["sensitivity"] for row in rows}
+    assert all(c < 1e-6 for name in ("0.weight_quant", "4.weight_quant") for c in costs[name].values())
+    assert min(costs["2.weight_quant"]["3"], costs["2.weight_quant"]["4"]) > costs["2.weight_quant"]["6"] > 0
+    table = bits_table(model, (16, 16))
+    assert [row["weight_bits"] for row in table["layers"]] == got
+    assert table["mean_weight_bits"] <= 4.0 + 1e-9
+
+
 def test_a_run_allocates_its_activation_bits_and_a_resumed_run_keeps_them(tiny_run, monkeypatch, capsys):
-    """`--bits 4 --activation-allocation sensitivity` on the tiny run (tight grids, MSE steps, as the low-bit
-    switches run), stopped in its second epoch: allocation.json holds every activation a convolution reads, the run
-    trains at those bits, their mean is at most 4, and the resumed run reads the file back instead of measuring."""
+    """`--bits 4 --activation-allocation sensitivity --weight-allocation sensitivity` on the tiny run (tight grids,
+    MSE steps, as the low-bit switches run), stopped in its second epoch: allocation.json holds every activation a
+    convolution reads and weight_allocation.json every weight, the run trains at those bits, both means are at most
+    4, and the resumed run reads the files back instead of measuring."""
     from conftest import run_qat_interrupted_in_epoch
     from qat.run import run_qat
 
     qcfg = build_qat_config("quick", run_dir=str(tiny_run), bits="4", name="allocated", epochs=2, observe_frames=4,
                             fragile_frames=4, activation_range="tight", activation_init="mse",
-                            activation_allocation="sensitivity", device="cpu")
+                            activation_allocation="sensitivity", weight_allocation="sensitivity", device="cpu")
     run_qat_interrupted_in_epoch(monkeypatch, run_qat, qcfg)
     qat_dir = qcfg.qat_dir
     allocation = json.loads((qat_dir / "allocation.json").read_text())
     rows = allocation["tensors"]
     assert allocation["budget"] == 4 and allocation["mean_bits"] <= 4.0 + 1e-9 and len(rows) > 10
     assert len({row["bits"] for row in rows}) > 1 and all(3 <= row["bits"] <= 6 for row in rows)
+    weights = json.loads((qat_dir / "weight_allocation.json").read_text())
+    assert weights["budget"] == 4 and weights["mean_bits"] <= 4.0 + 1e-9
+    assert len({row["bits"] for row in weights["tensors"]}) > 1 and all(3 <= row["bits"] <= 6 for row in weights["tensors"])
+    rows += weights["tensors"]
     steps = json.loads((qat_dir / "metrics.jsonl").read_text().splitlines()[0])["steps"]
     assert all(steps[row["name"]][0] == row["bits"] for row in rows)
-    assert "activation bits allocated" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "activation bits allocated" in out and "weight bits allocated" in out
     run_qat(qcfg, resume=True)
-    assert "activation sensitivity" not in capsys.readouterr().out, "measured again on resume"
+    assert "sensitivity:" not in capsys.readouterr().out, "measured again on resume"
     steps = json.loads((qat_dir / "metrics.jsonl").read_text().splitlines()[-1])["steps"]
     assert all(steps[row["name"]][0] == row["bits"] for row in rows)
+    bits = json.loads((qat_dir / "bits.json").read_text())
+    assert bits["mean_weight_bits"] <= 4.0 + 1e-9 and bits["mean_activation_bits"] <= 4.0 + 1e-9
 
 
 
@@ -638,6 +686,11 @@ def test_an_allocation_needs_fixed_activation_bits_below_8():
         assert QatConfig(bits=bits, activation_allocation="sensitivity").activation_allocation == "sensitivity"
     with pytest.raises(InputError, match="--activation-allocation must be"):
         QatConfig(bits="4", activation_allocation="hessian")
+    for bits in ("learned", "learned-a4", "8", "w8a4"):
+        with pytest.raises(InputError, match="--weight-allocation"):
+            QatConfig(bits=bits, weight_allocation="sensitivity")
+    for bits in ("3", "w4a8", "w4a4"):
+        assert QatConfig(bits=bits, weight_allocation="sensitivity").weight_allocation == "sensitivity"
 
 
 def test_learned_weight_bits_with_allocated_activations_keep_both_means_at_4(tiny_run):
