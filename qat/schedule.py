@@ -194,6 +194,7 @@ def make_plan(model: nn.Module, qcfg: QatConfig, resume: bool, observe: Callable
     starts its schedule."""
     from device_runtime.core.fileio import write_json
 
+    from .allocation import reader_elements, weight_counts
     from .sensitivity import describe, observe as observe_float, rank_fragile
 
     plan = BitPlan(model, qcfg)
@@ -214,8 +215,6 @@ def make_plan(model: nn.Module, qcfg: QatConfig, resume: bool, observe: Callable
         qcfg.qat_dir.mkdir(parents=True, exist_ok=True)
         write_json(path, {"held": rows[:len(held)], "ranked": rows})
         say(f"held at 8 bits as fragile ({len(held)}): " + ", ".join(f"{i.name} ({i.kind}, -{d:.3f})" for i, _, d in held))
-    from .allocation import reader_elements, weight_counts
-
     if qcfg.weight_allocation:
         _allocate(plan, model, qcfg, resume, observe, weight_counts(model, live), say)
     if qcfg.activation_allocation:
