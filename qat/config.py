@@ -224,6 +224,15 @@ class QatConfig:
             raise InputError(f"--activation-allocation is for fixed activation bits below 8 (e.g. --bits 4 or "
                              f"learned-a4); --bits {self.bits} "
                              f"{'learns them' if learned_activations else 'keeps them at 8'}")
+        # at b_min every tensor is already at the floor: nothing to move (and the frame's 8 bits put the activation
+        # mean above the budget)
+        floor = [flag for flag, on, bits in (("--activation-allocation", self.activation_allocation,
+                                              setting.activation_bits),
+                                             ("--weight-allocation", self.weight_allocation, setting.weight_bits))
+                 if on and bits <= self.b_min]
+        if floor:
+            raise InputError(f"{floor[0]} needs bits above b_min ({self.b_min}) to move any; --bits {self.bits} puts "
+                             f"every tensor at the floor")
         if self.weight_allocation not in ALLOCATIONS:
             raise InputError(f"--weight-allocation must be sensitivity (or unset), got {self.weight_allocation!r}")
         if self.weight_allocation and (setting.learned or setting.weight_bits >= 8):

@@ -676,7 +676,7 @@ def test_a_run_allocates_its_activation_bits_and_a_resumed_run_keeps_them(tiny_r
 
 
 
-def test_an_allocation_needs_fixed_activation_bits_below_8():
+def test_an_allocation_needs_fixed_bits_below_8_and_above_the_floor():
     from qat.config import QatConfig
 
     for bits in ("learned", "8", "w4a8", "learned-a8"):
@@ -691,6 +691,9 @@ def test_an_allocation_needs_fixed_activation_bits_below_8():
             QatConfig(bits=bits, weight_allocation="sensitivity")
     for bits in ("3", "w4a8", "w4a4"):
         assert QatConfig(bits=bits, weight_allocation="sensitivity").weight_allocation == "sensitivity"
+    for flag in ("activation_allocation", "weight_allocation"):  # 2 bits: every tensor already at the floor
+        with pytest.raises(InputError, match="above b_min"):
+            QatConfig(bits="2", **{flag: "sensitivity"})
 
 
 def test_learned_weight_bits_with_allocated_activations_keep_both_means_at_4(tiny_run):
