@@ -224,6 +224,11 @@ class QatConfig:
             raise InputError(f"--activation-allocation is for fixed activation bits below 8 (e.g. --bits 4 or "
                              f"learned-a4); --bits {self.bits} "
                              f"{'learns them' if learned_activations else 'keeps them at 8'}")
+        if self.weight_allocation not in ALLOCATIONS:
+            raise InputError(f"--weight-allocation must be sensitivity (or unset), got {self.weight_allocation!r}")
+        if self.weight_allocation and (setting.learned or setting.weight_bits >= 8):
+            raise InputError(f"--weight-allocation is for fixed weight bits below 8 (e.g. --bits 4 or W4A8); --bits "
+                             f"{self.bits} {'learns them' if setting.learned else 'keeps them at 8'}")
         # at b_min every tensor is already at the floor: nothing to move (and the frame's 8 bits put the activation
         # mean above the budget)
         floor = [flag for flag, on, bits in (("--activation-allocation", self.activation_allocation,
@@ -233,11 +238,6 @@ class QatConfig:
         if floor:
             raise InputError(f"{floor[0]} needs bits above b_min ({self.b_min}) to move any; --bits {self.bits} puts "
                              f"every tensor at the floor")
-        if self.weight_allocation not in ALLOCATIONS:
-            raise InputError(f"--weight-allocation must be sensitivity (or unset), got {self.weight_allocation!r}")
-        if self.weight_allocation and (setting.learned or setting.weight_bits >= 8):
-            raise InputError(f"--weight-allocation is for fixed weight bits below 8 (e.g. --bits 4 or W4A8); --bits "
-                             f"{self.bits} {'learns them' if setting.learned else 'keeps them at 8'}")
         if self.bit_schedule:
             parse_bit_schedule(self.bit_schedule, setting, self.epochs)
 

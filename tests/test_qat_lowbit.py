@@ -606,9 +606,8 @@ def test_the_weight_allocation_gives_the_inexact_weights_the_bits_counted_over_l
     """Four 1x1 convolutions whose weights are exact on any grid (one non-zero weight per output channel) but for
     one, of random weights, whose error halves with each bit: at a 4-bit weight budget it gets 5 bits (6 does not
     fit: 64 x 6 + 80 x 3 > 144 x 4), the exact 64 the fewest (3; a fourth bit buys them nothing, their KL is 0 at
-    every bitwidth), and bits.json's
-    mean over live weights stays within the budget (what is left, 16 bits, may go to the small exact layers: their
-    drops are rounding noise)."""
+    every bitwidth), and bits.json's mean over live weights stays within the budget (what is left, 16 bits, may go
+    to the small exact layers: their drops are rounding noise)."""
     from qat.allocation import allocate, weight_counts
     from qat.bits import bits_table, live_weights
     from qat.config import QatConfig
