@@ -45,18 +45,18 @@ def test_unknown_recipe_and_unknown_keys(tmp_path):
         build_config(str(bad))
 
 
-def test_the_quick_phantom_holds_out_ten_subjects_and_trains_on_as_many_frames_as_before(tmp_path):
-    """quick's 320 phantom frames at 0.6 / 0.1 / 0.3: 190 / 30 / 100 by subject (10 test subjects, not 2), the
-    same training and validation sizes as 240 frames at 0.8 / 0.1 / 0.1; the phantom stage of a `small` run keeps
-    the default shares; --split reaches the config."""
+def test_the_quick_phantom_validates_on_ten_subjects_tests_on_31_and_trains_on_190_frames(tmp_path):
+    """quick's 600 phantom frames: 190 / 100 / 310 by subject (10 validation subjects, not 3; 31 test subjects, not
+    10), training the same size as before; the phantom stage of a `small` run keeps the default shares; --split
+    reaches the config."""
     from training.flags import config_from_args, get_args_parser
     from training.pretrain import phantom_config
     from training.train import prepare_split
 
     cfg = build_config("quick", run_dir=str(tmp_path / "run"))
     splits = prepare_split(cfg, tmp_path / "run", resume=False)
-    assert [len(splits[side]) for side in ("train", "val", "test")] == [190, 30, 100]
-    assert len({s.subject for s in splits["test"]}) == 10
+    assert [len(splits[side]) for side in ("train", "val", "test")] == [190, 100, 310]
+    assert [len({s.subject for s in splits[side]}) for side in ("train", "val", "test")] == [19, 10, 31]
     assert phantom_config(build_config("small", split=(0.6, 0.1, 0.3), run_dir="r")).split == (0.8, 0.1, 0.1)
     args = get_args_parser().parse_args(["--recipe", "quick", "--split", "0.7", "0.1", "0.2"])
     assert config_from_args(args).split == (0.7, 0.1, 0.2)
