@@ -301,12 +301,21 @@ def test_a_learned_run_is_judged_against_the_fixed_run_with_its_activations_and_
     line = next(text for text in checks(rows) if text.startswith("learned-a8-i4-t4:"))
     # 3.94 bits lie below the uniform (W = A) curve's range; W4A4 quantizes the activations too, W4A8 is like for like
     assert "outside the uniform runs' range" in line
-    assert "AT LEAST AS GOOD AS the fixed-bits run with the nearest mean weight bits, w4a8 (4.00 bits" in line
+    # the verdict is the paired interval's: above it only where every resample is (+0.09 and +0.01 per frame)
+    assert "ABOVE the fixed-bits run with the nearest mean weight bits, w4a8 (4.00 bits" in line
     assert "paired difference +0.0500" in line
     verdict = next(text for text in checks(rows) if text.startswith("Learned run(s) with mean weight bits <= 4.0"))
     assert "YES" in verdict
-    worse = rows[:4] + [row("learned-a8-i4-t4", "learned", 3.94, 8.0, 0.75, [0.7, 0.8])]
+    eight = next(text for text in checks(rows) if text.startswith("w8a8:"))  # 0.0 and -0.008 per frame
+    assert eight == "w8a8: -0.0040 Dice vs float, paired 95 % CI [-0.0080, +0.0000] (above, or within 0.005)."
+    worse = rows[:4] + [row("learned-a8-i4-t4", "learned", 3.94, 8.0, 0.75, [0.65, 0.8])]
     assert "BELOW the fixed-bits run" in next(t for t in checks(worse) if t.startswith("learned-a8-i4-t4:"))
+    mixed = rows[:4] + [row("learned-a8-i4-t4", "learned", 3.94, 8.0, 0.785, [0.75, 0.82])]  # +0.05 and -0.04
+    assert "LEVEL WITH the fixed-bits run" in next(t for t in checks(mixed) if t.startswith("learned-a8-i4-t4:"))
+    unpaired = rows[:4] + [Row(name="learned-a8-i4-t4", kind="learned", mean_weight_bits=3.94, mean_activation_bits=8.0,
+                               metrics={"dice": 0.79})]  # no per-frame Dice: the point estimates decide
+    line = next(t for t in checks(unpaired) if t.startswith("learned-a8-i4-t4:"))
+    assert "AT LEAST AS GOOD AS the fixed-bits run" in line and "paired" not in line
     # equally near: the W4A8 run with the learned run's schedule and grid, not the first listed
     schedule = {"grid": "x86", "epochs": 12, "lr_weights": 1e-4}
     rows[3].settings = {**schedule, "epochs": 6, "bits": "W4A8"}

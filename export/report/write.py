@@ -184,6 +184,13 @@ def settings_apart(a: Row, b: Row) -> int:
     return sum(a.settings.get(key) != b.settings.get(key) for key in keys)
 
 
+def paired_interval(row: Row, other: Row) -> tuple[float, float] | None:
+    """The 95 % interval of row's Dice minus other's, paired by frame; None where either has no per-frame Dice."""
+    if row.per_image is None or other.per_image is None or row.per_image.shape != other.per_image.shape:
+        return None
+    return paired_diff_ci(row.per_image, other.per_image)
+
+
 def checks(rows: list[Row]) -> list[str]:
     """The issue's claims, tested on these rows; each line says yes or no with its numbers."""
     lines = []
@@ -206,13 +213,17 @@ def checks(rows: list[Row]) -> list[str]:
                     f"the uniform curve there ({curve:.4f}, {row.metrics['dice'] - curve:+.4f})")
         nearest = min(same_activations, key=lambda r: (abs(r.mean_weight_bits - row.mean_weight_bits),
                                                        settings_apart(r, row)))
-        verdict = "AT LEAST AS GOOD AS" if row.metrics["dice"] >= nearest.metrics["dice"] else "BELOW"
+        paired, interval = "", paired_interval(row, nearest)
+        if interval is not None:
+            # the verdict is the paired interval's: a point estimate inside it would flip with the test frames drawn
+            low, high = interval
+            verdict = "ABOVE" if low > 0 else "BELOW" if high < 0 else "LEVEL WITH"
+            paired = (f", paired difference {row.per_image.mean() - nearest.per_image.mean():+.4f} "
+                      f"(95 % CI [{low:+.4f}, {high:+.4f}])")
+        else:  # no frames to pair: the point estimates alone
+            verdict = "AT LEAST AS GOOD AS" if row.metrics["dice"] >= nearest.metrics["dice"] else "BELOW"
         text += (f"; {verdict} the fixed-bits run with the nearest mean weight bits, {nearest.name} "
-                 f"({nearest.mean_weight_bits:.2f} bits, Dice {nearest.metrics['dice']:.4f})")
-        if row.per_image is not None and nearest.per_image is not None and row.per_image.shape == nearest.per_image.shape:
-            low, high = paired_diff_ci(row.per_image, nearest.per_image)
-            text += (f", paired difference {row.per_image.mean() - nearest.per_image.mean():+.4f} "
-                     f"(95 % CI [{low:+.4f}, {high:+.4f}])")
+                 f"({nearest.mean_weight_bits:.2f} bits, Dice {nearest.metrics['dice']:.4f}){paired}")
         lines.append(text + ".")
     if reference is not None and any(r.kind == "learned" for r in rows):
         small = [r for r in complete if r.kind == "learned" and r.mean_weight_bits is not None
@@ -234,7 +245,9 @@ def checks(rows: list[Row]) -> list[str]:
                      and r.mean_activation_bits == 8.0)  # w8a8 and its variants (e.g. another initialisation)
         for row in eight_bit:
             delta = row.metrics["dice"] - reference.metrics["dice"]
-            lines.append(f"{row.name}: {delta:+.4f} Dice vs float "
+            interval = paired_interval(row, reference)
+            paired = "" if interval is None else f", paired 95 % CI [{interval[0]:+.4f}, {interval[1]:+.4f}]"
+            lines.append(f"{row.name}: {delta:+.4f} Dice vs float{paired} "
                          f"({'above, or within 0.005' if delta >= -0.005 else 'NOT within 0.005'}).")
     return lines
 
