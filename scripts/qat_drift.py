@@ -52,6 +52,7 @@ def start_model(float_model, cfg, qcfg, train_images: np.ndarray):
 
 
 def has_start(qcfg) -> bool:
+    """Whether the run's start is the grid alone: uniform bits from the first step, nothing allocated or held."""
     return (not qcfg.bit_setting.learned and not qcfg.hold_fragile and not qcfg.bit_schedule
             and not qcfg.activation_allocation and not qcfg.weight_allocation)
 
@@ -92,8 +93,8 @@ def drift_table(run_dir: Path, names: list[str], frames_dir: Path | None):
         if has_start(qcfg):
             yield row(f"{name}: start (grid only)", start_model(float_model, cfg, qcfg, train_images), None)
         tuned = json.loads((qat_dir / "threshold.json").read_text())
-        yield row(f"{name}: trained", load_qat_model(qat_dir / "checkpoints" / "best.pt")[0],
-            (tuned["threshold"], tuned["morphology"]))
+        trained = load_qat_model(qat_dir / "checkpoints" / "best.pt")[0]
+        yield row(f"{name}: trained", trained, (tuned["threshold"], tuned["morphology"]))
 
 
 def main(argv: list[str] | None = None) -> int:
