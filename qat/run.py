@@ -62,7 +62,8 @@ def resolve_config(qcfg: QatConfig, resume: bool) -> QatConfig:
     return saved.replace(run_dir=qcfg.run_dir, epochs=qcfg.epochs, device=qcfg.device)
 
 
-def _observation_batches(images: np.ndarray, count: int, batch_size: int, device: torch.device):
+def observation_batches(images: np.ndarray, count: int, batch_size: int, device: torch.device):
+    """The first `count` training frames in batches: what the steps are initialised from (also scripts/qat_drift.py)."""
     frames = images[:count]
     for start in range(0, len(frames), batch_size):
         yield torch.from_numpy(np.ascontiguousarray(frames[start:start + batch_size]))[:, None].to(device)
@@ -99,7 +100,7 @@ def _run_qat(qcfg: QatConfig, float_path: Path, from_last: bool) -> Path:
     # preparing folds BatchNorm into float_model's own convolutions: the teacher is a copy taken before
     teacher = copy.deepcopy(float_model).to(device).eval().requires_grad_(False) if qcfg.distill > 0 else None
     model = build_qat_model(cfg.arch, qcfg, float_model.to(device), init_steps=not from_last).to(device)
-    observe = lambda: _observation_batches(train_images, qcfg.observe_frames, batch_size, device)  # noqa: E731
+    observe = lambda: observation_batches(train_images, qcfg.observe_frames, batch_size, device)  # noqa: E731
     elements, live = activation_elements(model, cfg.input_size), live_weights(model, cfg.input_size)
     plan = make_plan(model, qcfg, from_last, observe, lambda m: validate(
         m, train_images[:qcfg.fragile_frames], train_masks[:qcfg.fragile_frames], device, cfg.replace(amp=False))[

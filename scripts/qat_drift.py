@@ -31,6 +31,7 @@ from device_runtime.core.errors import exit_code_of  # noqa: E402
 from device_runtime.core.postprocess import Morphology  # noqa: E402
 from qat.checkpoint import build_qat_model, load_qat_model  # noqa: E402
 from qat.config import load_qat_config  # noqa: E402
+from qat.run import observation_batches  # noqa: E402
 from qat.schedule import initialise  # noqa: E402
 from training.checkpoint import load_model  # noqa: E402
 from training.data.dataset import discover, load_pairs  # noqa: E402
@@ -44,10 +45,9 @@ from training.stages import flip_tta_of, split_arrays  # noqa: E402
 def start_model(float_model, cfg, qcfg, train_images: np.ndarray):
     """The QAT model as `nerveseg qat` builds it before epoch 1: the grid alone, steps from observed frames."""
     model = build_qat_model(cfg.arch, qcfg, copy.deepcopy(float_model))
-    frames = train_images[:qcfg.observe_frames]
-    batch = qcfg.batch_size or cfg.batch_size
-    initialise(model, qcfg, lambda: (torch.from_numpy(np.ascontiguousarray(frames[i:i + batch]))[:, None]
-                                     for i in range(0, len(frames), batch)))
+    batch_size = qcfg.batch_size or cfg.batch_size
+    initialise(model, qcfg, lambda: observation_batches(train_images, qcfg.observe_frames, batch_size,
+                                                        torch.device("cpu")))
     return model
 
 
