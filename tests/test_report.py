@@ -286,7 +286,7 @@ def test_uniform_curve_takes_one_run_per_bitwidth_the_plain_name_first():
 
 
 def test_a_learned_run_is_judged_against_the_fixed_run_with_its_activations_and_the_nearest_weight_bits():
-    from export.report.write import checks
+    from export.report.write import add_intervals, checks
     from export.report.rows import Row
 
     def row(name, kind, w, a, dice, frames):
@@ -306,6 +306,7 @@ def test_a_learned_run_is_judged_against_the_fixed_run_with_its_activations_and_
     assert "paired difference +0.0500" in line
     verdict = next(text for text in checks(rows) if text.startswith("Learned run(s) with mean weight bits <= 4.0"))
     assert "YES" in verdict
+    add_intervals(rows)  # as collect() does before the checks: the W8A8 line quotes the row's interval vs float
     eight = next(text for text in checks(rows) if text.startswith("w8a8:"))  # 0.0 and -0.008 per frame
     assert eight == "w8a8: -0.0040 Dice vs float, paired 95 % CI [-0.0080, +0.0000] (above, or within 0.005)."
     worse = rows[:4] + [row("learned-a8-i4-t4", "learned", 3.94, 8.0, 0.75, [0.65, 0.8])]

@@ -245,7 +245,8 @@ def checks(rows: list[Row]) -> list[str]:
                      and r.mean_activation_bits == 8.0)  # w8a8 and its variants (e.g. another initialisation)
         for row in eight_bit:
             delta = row.metrics["dice"] - reference.metrics["dice"]
-            interval = paired_interval(row, reference)
+            # the paired interval against float that add_intervals put on the row (None where frames do not pair)
+            interval = row.delta_ci
             paired = "" if interval is None else f", paired 95 % CI [{interval[0]:+.4f}, {interval[1]:+.4f}]"
             lines.append(f"{row.name}: {delta:+.4f} Dice vs float{paired} "
                          f"({'above, or within 0.005' if delta >= -0.005 else 'NOT within 0.005'}).")
