@@ -4,17 +4,34 @@
 Besides the model state (folded weights, log2 steps, bit ranges, frozen integer bits) they carry the float
 run's config, the QAT config, the per-layer bits and, after tuning, threshold, morphology and validation,
 like a tuned float checkpoint, so that the exporter needs nothing else.
+
+Which model a fixed-bit run deploys, its start (the grid alone) or its trained best, is chosen here on
+validation (`choose`). At 8 bits the grid alone costs 0.000-0.004 Dice, while a few epochs of fine-tuning move the model by as much as the
+float model's seed spread, in either direction, and 20 to 100 validation frames do not tell which way
+(docs/accuracy.md, "Where does a QAT row leave float"). So a run whose bits at its first epoch are the bits it
+deploys (fixed bits, no schedule: `has_start`) keeps its start as a second candidate, RUN/qat/NAME/checkpoints/start.pt,
+written before epoch 1. The start is deployed as the float model is, at the float run's T* and morphology: it
+computes what the float model computes, on the integer grid. The trained best.pt, at its own re-tuned T*, replaces
+it only when the paired bootstrap 95 % interval of per-frame validation Dice (trained minus start) lies above zero
+(`QatConfig.keep_start`; off: the trained model, as before).
+
+best.pt is what tuning, export and the report read; when the start wins, best.pt becomes the start and the loop's
+best is kept as checkpoints/trained.pt, so that choosing again gives the same answer.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
+import numpy as np
 from torch import nn
 
 from device_runtime.core.errors import InputError
 from training.checkpoint import NORMALIZATION, save_checkpoint
 from training.config import TrainConfig, config_from_dict
+from training.evaluation.bootstrap import paired_bootstrap_ci
 from training.model import build_model, build_model_of
 from training.trust import safe_load
 
@@ -84,3 +101,53 @@ def load_qat_model(path: str | Path) -> tuple[nn.Module, dict, TrainConfig, QatC
     model = build_qat_model(checkpoint["arch"], qcfg, build_model_of(cfg), init_steps=False)
     model.load_state_dict(checkpoint["model"])
     return model.eval(), checkpoint, cfg, qcfg
+
+
+# -- which model a run deploys (the module docstring) --
+
+START_NAME = "start.pt"
+TRAINED_NAME = "trained.pt"
+
+
+def has_start(qcfg: QatConfig) -> bool:
+    """Whether the model before epoch 1 is at the bits the run deploys: fixed bits without a schedule (learned bits
+    freeze later, a schedule lowers them later). Allocated and held bits are set before epoch 1 and count."""
+    return not qcfg.bit_setting.learned and not qcfg.bit_schedule_steps
+
+
+def trained_checkpoint(checkpoint_dir: Path) -> Path:
+    """The trained model of a finished run: trained.pt where the run kept one, else best.pt."""
+    trained = Path(checkpoint_dir) / TRAINED_NAME
+    return trained if trained.is_file() else Path(checkpoint_dir) / "best.pt"
+
+
+def loop_best(checkpoint_dir: Path) -> Path:
+    """The training loop's best checkpoint as trained.pt, refreshed from best.pt unless best.pt holds the start
+    (chosen by an earlier finish: then trained.pt is the loop's best). A temporary name, then a rename."""
+    best, trained = Path(checkpoint_dir) / "best.pt", Path(checkpoint_dir) / TRAINED_NAME
+    if read_qat_checkpoint(best).get("selected") != "start":
+        partial = trained.with_name(trained.name + ".partial")
+        shutil.copyfile(best, partial)
+        os.replace(partial, trained)
+    return trained
+
+
+def save_start(checkpoint_dir: Path, checkpoint: dict) -> None:
+    """checkpoints/start.pt: the model before epoch 1 (no optimiser or RNG state: it is never resumed)."""
+    save_qat_checkpoint(checkpoint, Path(checkpoint_dir) / START_NAME)
+
+
+def choose(trained_val: np.ndarray, start_val: np.ndarray, keep_start: bool) -> dict:
+    """The decision between the two candidates from their per-frame validation Dice (same frames, same order).
+
+    Returns {"chosen": "trained" | "start", "val_trained", "val_start", "val_difference", "val_difference_ci95",
+    "rule"}."""
+    trained_val, start_val = np.asarray(trained_val, dtype=float), np.asarray(start_val, dtype=float)
+    low, high = paired_bootstrap_ci(trained_val, start_val)
+    beyond_noise = low > 0.0
+    chosen = "trained" if beyond_noise or not keep_start else "start"
+    rule = ("the start, unless the paired 95 % interval of validation Dice (trained - start) lies above zero"
+            if keep_start else "the trained model (keep_start off)")
+    return {"chosen": chosen, "val_trained": float(trained_val.mean()), "val_start": float(start_val.mean()),
+            "val_difference": float((trained_val - start_val).mean()), "val_difference_ci95": [low, high],
+            "rule": rule}

@@ -25,7 +25,7 @@ RECIPE_KEYS = ("grid", "epochs", "bit_epochs", "observe_frames", "activation_per
                "lr_steps", "lr_bits", "bit_weight", "activation_bit_weight", "target_bits", "b_min", "b_max", "distill",
                "initial_bits", "activation_range", "activation_init", "bit_schedule", "hold_fragile",
                "fragile_min_drop", "fragile_frames", "target_activation_bits", "bias_correction",
-               "initial_activation_bits", "activation_allocation", "weight_allocation")
+               "initial_activation_bits", "activation_allocation", "weight_allocation", "keep_start")
 
 
 @dataclass(frozen=True)
@@ -163,6 +163,9 @@ class QatConfig:
     # fixed weight bits B below 8 (--bits 3, W4A8): the same, each weight tensor B - 1 .. B + 2 bits, the mean
     # (weighted by live weights, as bits.json's) at most B
     weight_allocation: str = ""
+    # fixed-bit runs: deploy the start (the grid alone, at the float run's T*) unless validation prefers the trained
+    # model beyond noise (qat/checkpoint.py, `choose`); False: the trained model, as before
+    keep_start: bool = True
     device: str = "auto"
     seed: int = 0
 

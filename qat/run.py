@@ -3,12 +3,15 @@
 RUN/qat/NAME/ gets config.toml, metrics.jsonl, checkpoints/{last,best}.pt, bits.json, threshold.json,
 threshold_curve.png, test_metrics.json and examples.png. T* and morphology are re-tuned on the validation
 split and the test split is scored with the quantized model (integer bits), by the same code as the float
-run (training.evaluation.tune.tune, training.evaluation.evaluate.evaluate_arrays).
+run (training.evaluation.tune.tune, training.evaluation.evaluate.evaluate_arrays). A fixed-bit run also keeps
+checkpoints/start.pt (and trained.pt) and deploys its start unless validation prefers the trained model beyond
+noise (qat/checkpoint.py, `choose`).
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +32,8 @@ from training.stages import flip_tta_of, split_arrays
 from training.train import augmented_train_set, validate
 
 from .bits import activation_elements, bits_table, live_weights
-from .checkpoint import build_qat_model, read_qat_checkpoint, save_qat_checkpoint
+from .checkpoint import (START_NAME, build_qat_model, choose, has_start, loop_best, make_qat_checkpoint,
+                         read_qat_checkpoint, save_qat_checkpoint, save_start)
 from .config import QatConfig, load_qat_config, to_toml
 from .loss import QatLoss
 from .schedule import initialise, make_plan
@@ -87,7 +91,7 @@ def _run_qat(qcfg: QatConfig, float_path: Path, from_last: bool) -> Path:
     if from_last and finished_on_resume(last, qcfg.epochs, last_path):
         print(f"qat {qat_dir.name}: training finished earlier ({qcfg.epochs} epochs); tuning and scoring its best "
               "checkpoint again", flush=True)
-        return finish(qat_dir, cfg, device, flip_tta_of(float_checkpoint))
+        return finish(qat_dir, cfg, device, float_checkpoint)
     batch_size = qcfg.batch_size or cfg.batch_size
     loader_cfg = cfg.replace(batch_size=batch_size, seed=cfg.seed + qcfg.seed)
 
@@ -115,46 +119,104 @@ def _run_qat(qcfg: QatConfig, float_path: Path, from_last: bool) -> Path:
         seen = initialise(model, qcfg, observe)
         print(f"qat {qat_dir.name}: {cfg.arch}, bits {qcfg.bits}, steps initialised on {seen} training frames",
               flush=True)
+        if has_start(qcfg):  # a candidate for deployment (qat.checkpoint.choose), at the bits the run deploys
+            save_start(qat_dir / "checkpoints", make_qat_checkpoint(cfg, qcfg, model, epoch=0))
     rewrite_log(qat_dir / LOG_NAME, state.start_epoch)  # lines of epochs after the checkpoint are trained again
 
     epochs = QatEpochs(state, cfg, qcfg, qat_dir.name,
                        lambda epoch: build_loader(train_set, loader_cfg, Dist(), epoch, 0), val_images, val_masks,
                        device, lambda m: bits_table(m, cfg.input_size))
     state.best_dice = run_epochs(epochs, qat_dir, state.start_epoch, qcfg.epochs, state.best_dice)
-    return finish(qat_dir, cfg, device, flip_tta_of(float_checkpoint))
+    return finish(qat_dir, cfg, device, float_checkpoint)
 
 
-def finish(qat_dir: Path, cfg, device: torch.device, flip_tta: bool) -> Path:
-    """Best checkpoint -> bits.json, T* + morphology on validation, test metrics; all at integer bits, and with
-    test-time flip averaging where the float run was tuned with it, `flip_tta` (so the INT8 bundle deploys as the
-    float one)."""
+@dataclass
+class Candidate:
+    """A model finish() may deploy: loaded from its checkpoint, with its rule (threshold.json's content) once set."""
+
+    name: str  # "trained" or "start"
+    model: torch.nn.Module
+    checkpoint: dict
+    deployed: torch.nn.Module  # as the bundle runs it (flip averaging where the float run has it)
+    rule: dict | None = None
+
+
+def load_candidate(name: str, path: Path, device: torch.device, flip_tta: bool) -> Candidate:
     from .checkpoint import load_qat_model
 
-    best_path = qat_dir / "checkpoints" / "best.pt"
-    model, checkpoint, cfg, _ = load_qat_model(best_path)
+    model, checkpoint, _, _ = load_qat_model(path)
     model.to(device)
-    table = bits_table(model, cfg.input_size)
-    write_json(qat_dir / "bits.json", table)
+    return Candidate(name, model, checkpoint, as_deployed(model, flip_tta))
 
-    deployed = as_deployed(model, flip_tta)
-    val_images, val_masks, _ = split_arrays(qat_dir.parents[1], "val", cfg)
-    prob = predict_probabilities(deployed, val_images, device, cfg.val_batch_size)
-    result = {**tune(prob, val_masks, cfg.objective_weights), "flip_tta": flip_tta}
-    write_json(qat_dir / "threshold.json", result)
-    plot_threshold_curve(result["sweep"], qat_dir / "threshold_curve.png", title=f"QAT {qat_dir.name}: validation")
-    checkpoint.update(threshold=result["threshold"], morphology=result["morphology"],
-                      validation=result["validation"], bits=table, flip_tta=flip_tta)
+
+def finish(qat_dir: Path, cfg, device: torch.device, float_checkpoint: dict) -> Path:
+    """Best checkpoint -> bits.json, T* + morphology on validation, test metrics; all at integer bits, and with
+    test-time flip averaging where the float run was tuned with it (so the INT8 bundle deploys as the float one).
+    A run with a start (qat.checkpoint.has_start) deploys it, at the float run's T* and morphology, unless validation prefers
+    the trained model beyond noise; both are scored on test and recorded under test_metrics.json's "selection"."""
+    run_dir, checkpoints = qat_dir.parents[1], qat_dir / "checkpoints"
+    best_path, start_path = checkpoints / "best.pt", checkpoints / START_NAME
+    flip_tta = flip_tta_of(float_checkpoint)
+    val_images, val_masks, _ = split_arrays(run_dir, "val", cfg)
+    images, masks, names = split_arrays(run_dir, "test", cfg)
+    predict = lambda c, x: predict_probabilities(c.deployed, x, device, cfg.val_batch_size)  # noqa: E731
+
+    trained_path = loop_best(checkpoints) if start_path.is_file() else best_path
+    trained = load_candidate("trained", trained_path, device, flip_tta)
+    val_prob = predict(trained, val_images)
+    trained.rule = {**tune(val_prob, val_masks, cfg.objective_weights), "flip_tta": flip_tta}
+    plot_threshold_curve(trained.rule["sweep"], qat_dir / "threshold_curve.png",
+                         title=f"QAT {qat_dir.name}: validation (the trained model)")
+    chosen, selection = trained, None
+    if start_path.is_file():
+        start = load_candidate("start", start_path, device, flip_tta)
+        start.rule = float_rule(float_checkpoint, predict(start, val_images), val_masks, flip_tta)
+        selection = choose(per_frame_dice(val_prob, val_masks, trained.rule),
+                           per_frame_dice(predict(start, val_images), val_masks, start.rule),
+                           load_qat_config(qat_dir / "config.toml").keep_start)
+        for candidate in (trained, start):  # both on test, for the record: the row before and after the choice
+            summary, per_image, _ = score(predict(candidate, images), masks, candidate.rule)
+            selection[f"test_{candidate.name}"] = {"dice": summary["dice"], "threshold": candidate.rule["threshold"],
+                                                   "morphology": candidate.rule["morphology"],
+                                                   "per_image": dict(zip(names, map(float, per_image)))}
+        chosen = start if selection["chosen"] == "start" else trained
+        print(f"qat {qat_dir.name}: deploys its {chosen.name} model (validation Dice trained {selection['val_trained']:.4f}"
+              f", start {selection['val_start']:.4f}, paired 95 % interval {selection['val_difference_ci95'][0]:+.4f}"
+              f" .. {selection['val_difference_ci95'][1]:+.4f})", flush=True)
+
+    table = bits_table(chosen.model, cfg.input_size)
+    write_json(qat_dir / "bits.json", table)
+    write_json(qat_dir / "threshold.json", chosen.rule)
+    checkpoint = {**chosen.checkpoint, "threshold": chosen.rule["threshold"], "morphology": chosen.rule["morphology"],
+                  "validation": chosen.rule["validation"], "bits": table, "flip_tta": flip_tta, "selected": chosen.name}
     save_qat_checkpoint(checkpoint, best_path)
 
-    images, masks, names = split_arrays(qat_dir.parents[1], "test", cfg)
-    prob = predict_probabilities(deployed, images, device, cfg.val_batch_size)
-    summary, per_image, preds = evaluate_arrays(prob, masks, result["threshold"], Morphology.from_dict(result["morphology"]))
+    summary, per_image, preds = score(predict(chosen, images), masks, chosen.rule)
     summary["per_image"] = {name: float(d) for name, d in zip(names, per_image)}
     summary.update(mean_weight_bits=table["mean_weight_bits"], mean_activation_bits=table["mean_activation_bits"])
-    summary.update(compare_with_float(qat_dir.parents[1], summary["per_image"]))
+    summary.update(compare_with_float(run_dir, summary["per_image"]))
+    if selection is not None:
+        summary["selection"] = selection
     write_json(qat_dir / "test_metrics.json", summary)
     plot_examples(images, masks, preds, per_image, qat_dir / "examples.png", names)
     return qat_dir
+
+
+def float_rule(float_checkpoint: dict, prob: np.ndarray, masks: np.ndarray, flip_tta: bool) -> dict:
+    """threshold.json's content for a model deployed at the float run's T* and morphology (not re-tuned)."""
+    threshold, morphology = float_checkpoint["threshold"], float_checkpoint["morphology"]
+    validation = evaluate_arrays(prob, masks, threshold, Morphology.from_dict(morphology))[0]
+    return {"threshold": threshold, "morphology": morphology, "validation": validation, "flip_tta": flip_tta,
+            "source": "the float run's (the start is deployed as the float model is)"}
+
+
+def score(prob: np.ndarray, masks: np.ndarray, rule: dict):
+    """evaluate_arrays at a threshold.json's T* and morphology."""
+    return evaluate_arrays(prob, masks, rule["threshold"], Morphology.from_dict(rule["morphology"]))
+
+
+def per_frame_dice(prob: np.ndarray, masks: np.ndarray, rule: dict) -> np.ndarray:
+    return score(prob, masks, rule)[1]
 
 
 def compare_with_float(run_dir: Path, per_image: dict[str, float]) -> dict:
@@ -181,11 +243,16 @@ def format_summary(qat_dir: Path) -> str:
     import json
 
     m = json.loads((qat_dir / "test_metrics.json").read_text())
+    rule = "the float run's T*" if m.get("selection", {}).get("chosen") == "start" else "re-tuned T*"
     line = (f"QAT {qat_dir.name} (mean bits W {m['mean_weight_bits']:.2f}, A {m['mean_activation_bits']:.2f}), test "
-            f"at re-tuned T* {m['threshold']:.2f}: Dice {m['dice']:.4f} IoU {m['iou']:.4f} "
+            f"at {rule} {m['threshold']:.2f}: Dice {m['dice']:.4f} IoU {m['iou']:.4f} "
             f"PA {m['pixel_accuracy']:.4f} pooled {m['pooled_dice']:.4f}")
     if "dice_minus_float" in m:
         low, high = m["dice_minus_float_ci95"]
         line += (f"\n  float test Dice {m['float_dice']:.4f}; QAT - float {m['dice_minus_float']:+.4f} "
                  f"(paired bootstrap 95 % CI {low:+.4f} .. {high:+.4f})")
+    if "selection" in m:
+        s = m["selection"]
+        line += (f"\n  deployed: the {s['chosen']} model (validation Dice trained {s['val_trained']:.4f}, start "
+                 f"{s['val_start']:.4f}; test trained {s['test_trained']['dice']:.4f}, start {s['test_start']['dice']:.4f})")
     return line + f"\n  qat:    {qat_dir}"

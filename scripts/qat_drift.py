@@ -7,9 +7,11 @@ model's mean per-frame Dice (PyTorch, as deployed: flip averaging where the floa
 T* and morphology and at the model's own, on the validation split, the test split and, with `--frames DIR`, a
 larger independent set (e.g. `nerveseg synth --out DIR --count 400 --seed 1000`: phantom subjects no split has).
 
-The start row is built for uniform-bit runs without an allocation or held tensors (the grid alone); a learned
-or allocated run shows its trained row only. The model's own T* for the start row is tuned here on validation,
-as `nerveseg qat` would; the trained row's is its run's threshold.json.
+The start row is the run's checkpoints/start.pt where it kept one (every fixed-bit run since qat.checkpoint.choose);
+for an older run it is rebuilt for uniform bits without an allocation or held tensors (the grid alone); a learned
+run shows its trained row only. The model's own T* for the start row is tuned here on validation, as `nerveseg
+qat` would; the trained row (checkpoints/trained.pt where kept, else best.pt) has its run's own: test_metrics.json's
+"selection" where the run chose between the two, else threshold.json.
 
     PYTHONPATH=. python scripts/qat_drift.py --run-dir runs/demo-s2 --qat w8a8 w4a8 [--frames data/screen]
 """
@@ -29,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from device_runtime.core.errors import exit_code_of  # noqa: E402
 from device_runtime.core.postprocess import Morphology  # noqa: E402
-from qat.checkpoint import build_qat_model, load_qat_model  # noqa: E402
+from qat.checkpoint import START_NAME, build_qat_model, load_qat_model, trained_checkpoint  # noqa: E402
 from qat.config import load_qat_config  # noqa: E402
 from qat.run import observation_batches  # noqa: E402
 from qat.schedule import initialise  # noqa: E402
@@ -51,8 +53,9 @@ def start_model(float_model, cfg, qcfg, train_images: np.ndarray):
     return model
 
 
-def has_start(qcfg) -> bool:
-    """Whether the run's start is the grid alone: uniform bits from the first step, nothing allocated or held."""
+def can_rebuild_start(qcfg) -> bool:
+    """Whether the start of a run that kept no start.pt can be rebuilt here: uniform bits from the first step,
+    nothing allocated or held (those depend on the run's own measurements)."""
     return (not qcfg.bit_setting.learned and not qcfg.hold_fragile and not qcfg.bit_schedule
             and not qcfg.activation_allocation and not qcfg.weight_allocation)
 
@@ -90,10 +93,15 @@ def drift_table(run_dir: Path, names: list[str], frames_dir: Path | None):
     for name in names:
         qat_dir = run_dir / "qat" / name
         qcfg = load_qat_config(qat_dir / "config.toml")
-        if has_start(qcfg):
+        kept = qat_dir / "checkpoints" / START_NAME
+        if kept.is_file():
+            yield row(f"{name}: start (grid only)", load_qat_model(kept)[0], None)
+        elif can_rebuild_start(qcfg):
             yield row(f"{name}: start (grid only)", start_model(float_model, cfg, qcfg, train_images), None)
-        tuned = json.loads((qat_dir / "threshold.json").read_text())
-        trained = load_qat_model(qat_dir / "checkpoints" / "best.pt")[0]
+        metrics = json.loads((qat_dir / "test_metrics.json").read_text())
+        tuned = metrics["selection"]["test_trained"] if "selection" in metrics else json.loads(
+            (qat_dir / "threshold.json").read_text())
+        trained = load_qat_model(trained_checkpoint(qat_dir / "checkpoints"))[0]
         yield row(f"{name}: trained", trained, (tuned["threshold"], tuned["morphology"]))
 
 

@@ -102,7 +102,7 @@ def test_the_graph_holds_one_network_tensorrt_accepts_and_matches_pytorch_at_any
 def flip_run(tiny_run, tmp_path_factory):
     """The shared tiny run, copied, tuned with --flip-tta, evaluated and exported."""
     run = tmp_path_factory.mktemp("flip") / "run"
-    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("bundle"))
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("bundle", "qat"))  # its own QAT runs, not the shared
     assert cli_main(["tune", "--run-dir", str(run), "--device", "cpu", "--flip-tta"]) == 0
     stages.evaluate_run(run, "cpu")
     export_bundle(run / "checkpoints" / "best.pt", device="cpu")

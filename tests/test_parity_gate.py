@@ -75,8 +75,11 @@ def w4a4(tiny_run, tmp_path_factory):
     from qat.config import QatConfig
     from qat.run import run_qat
 
+    # trained, as conftest's tiny_qat_run: in a start (steps as initialised, untrained) the 1-ulp scale edits below
+    # flipped 1.8 % of one quantizer's integers (backbone.0.2.gate_quant: many values on exact rounding ties of its
+    # initial step), above the layer check's 0.1 %; its faithful files passed
     qat_dir = run_qat(QatConfig(run_dir=str(tiny_run), name="w4a4", bits="w4a4", epochs=1, observe_frames=8,
-                                device="cpu"))
+                                keep_start=False, device="cpu"))
     return _case(tiny_run, qat_dir.name, tmp_path_factory.mktemp("w4a4"))
 
 

@@ -166,7 +166,9 @@ def test_tiny_sweep_report_has_every_row_column_and_figure(swept):
     assert len(table) == len(rows) and set(COLUMNS) <= set(table[0])
     for name in ("w8a8", "learned-0.25"):
         row = rows[name]
-        assert row["status"] == "complete" and row["epochs"] == f"{EPOCHS}/{EPOCHS}"
+        deployed = json.loads((run_dir / "qat" / name / "test_metrics.json").read_text()).get("selection", {})
+        started = ", its start deployed" if deployed.get("chosen") == "start" else ""  # a fixed-bit run's choice
+        assert row["status"] == "complete" and row["epochs"] == f"{EPOCHS}/{EPOCHS}{started}"
         assert 2 <= row["mean_weight_bits"] <= 8 and 2 <= row["mean_activation_bits"] <= 8
         assert row["dice_ci_low"] <= row["dice"] <= row["dice_ci_high"]
         assert row["delta_ci_low"] <= row["delta_dice_vs_float"] <= row["delta_ci_high"]
@@ -338,6 +340,18 @@ def test_the_report_command_of_a_learned_run_reproduces_its_schedule():
     for flag in ("--bits learned-a8", "--target-bits 4", "--initial-bits 4", "--epochs 6", "--bit-epochs 2",
                  "--grid x86", "--name i4-b2"):
         assert flag in command, (flag, command)
+    assert "keep-start" not in command  # learned bits have no start to keep
+
+
+def test_the_report_command_of_a_fixed_bit_run_says_which_model_it_deploys():
+    from pathlib import Path
+
+    from export.report.rows import qat_command
+
+    kept = qat_command(Path("runs/edge"), "w8a8", {"bits": "8", "keep_start": True, "epochs": 6})
+    assert "--no-keep-start" not in kept
+    for config in ({"bits": "8", "keep_start": False}, {"bits": "W4A8"}):  # switched off, or from before the setting
+        assert "--no-keep-start" in qat_command(Path("runs/edge"), "w8a8", config)
 
 
 # ------------------------------------------------------------------------------------------------ the page and figures

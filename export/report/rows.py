@@ -162,6 +162,10 @@ def qat_command(run_dir: Path, name: str, config: dict | None) -> str:
         parts.append(f"--grid {config['grid']}")
     if config.get("epochs"):
         parts.append(f"--epochs {config['epochs']}")
+    # a fixed-bit run that deployed its trained model whatever validation said: switched off, or from before the
+    # setting existed
+    if not bits.startswith("learned") and not config.get("keep_start", False):
+        parts.append("--no-keep-start")
     parts.append(f"--name {name}")
     return " ".join(parts) + f" && nerveseg export --run-dir {run_dir} --qat {name}"
 
@@ -191,6 +195,8 @@ def qat_row(run_dir: Path, qat_dir: Path, names: list[str] | None, sweep_state: 
         return row
     row.metrics, row.per_image = summary_of(test), per_image_array(test, names)
     row.fake_quant_per_image = row.per_image
+    if test.get("selection", {}).get("chosen") == "start":  # qat.checkpoint.choose: validation kept the grid alone
+        row.epochs += ", its start deployed"
     row.scored_by = "fake-quant (PyTorch)"
     bundle_dir = qat_dir / "bundle"
     manifest = load_bundle(bundle_dir)

@@ -1,0 +1,82 @@
+"""Pool a fixed-bit QAT run's two candidates over the folds of a cross-validation: start, trained, deployed.
+
+A fixed-bit run deploys its start (the grid alone, at the float run's T*) unless validation prefers its trained
+model beyond noise (qat.checkpoint.choose), and scores both on its test split (test_metrics.json, "selection").
+This prints, pooled over the folds' test frames (each frame held out once), each candidate's mean Dice and its
+paired difference against the float model (the fold's test_metrics.json, PyTorch) and the deployed row against
+the trained one, with paired bootstrap 95 % intervals, and which candidate each fold deployed. Everything here is
+the fake-quant model in PyTorch; the INT8 files are scored by `nerveseg sweep` / `cv-quant`.
+
+    PYTHONPATH=. python scripts/pool_selection.py CV --qat w8a8-x86
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from device_runtime.core.errors import InputError, exit_code_of  # noqa: E402
+from training.evaluation.bootstrap import paired_bootstrap_ci  # noqa: E402
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: missing (a fold or QAT run not finished)") from None
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: not readable JSON ({err})") from None
+
+
+def fold_rows(fold_dir: Path, name: str) -> dict:
+    """{"float", "start", "trained", "deployed"}: per-frame test Dice keyed by frame, and "chosen"."""
+    metrics = read_json(fold_dir / "qat" / name / "test_metrics.json")
+    if "selection" not in metrics:
+        raise InputError(f"{fold_dir / 'qat' / name / 'test_metrics.json'}: no selection (a learned run, or one "
+                         "finished before runs kept their start)")
+    selection = metrics["selection"]
+    return {"float": read_json(fold_dir / "test_metrics.json")["per_image"],
+            "start": selection["test_start"]["per_image"], "trained": selection["test_trained"]["per_image"],
+            "deployed": metrics["per_image"], "chosen": selection["chosen"]}
+
+
+def pooled_table(cv_dir: Path, name: str) -> str:
+    folds = sorted(p for p in cv_dir.glob("fold-*") if (p / "qat" / name / "test_metrics.json").is_file())
+    if not folds:
+        raise InputError(f"{cv_dir}: no fold-*/qat/{name}/test_metrics.json")
+    rows = [fold_rows(f, name) for f in folds]
+    pooled = {key: np.concatenate([[r[key][n] for n in sorted(r["float"])] for r in rows])
+              for key in ("float", "start", "trained", "deployed")}
+
+    def paired(a: str, b: str) -> str:
+        low, high = paired_bootstrap_ci(pooled[a], pooled[b])
+        return f"{(pooled[a] - pooled[b]).mean():+.4f} [{low:+.3f}, {high:+.3f}]"
+
+    lines = [f"{name}, {len(folds)} folds ({', '.join(f.name for f in folds)}), {pooled['float'].size} test frames "
+             "(fake-quant, PyTorch)", "", "| model | pooled Dice | vs float [95 % CI] | vs trained [95 % CI] |",
+             "|---|---|---|---|"]
+    for key in ("float", "start", "trained", "deployed"):
+        against_float = paired(key, "float") if key != "float" else ""
+        against_trained = paired(key, "trained") if key in ("start", "deployed") else ""
+        lines.append(f"| {key} | {pooled[key].mean():.4f} | {against_float} | {against_trained} |")
+    lines.append("")
+    lines.append("deployed per fold: " + ", ".join(f"{f.name} {r['chosen']}" for f, r in zip(folds, rows)))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("cv_dir", type=Path, metavar="CV", help="a cross-validation folder (fold-1, fold-2, ...)")
+    parser.add_argument("--qat", required=True, metavar="NAME", help="the QAT run under each fold's qat/")
+    args = parser.parse_args(argv)
+    return exit_code_of(lambda: print(pooled_table(args.cv_dir, args.qat)), "pool_selection")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

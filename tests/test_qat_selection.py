@@ -1,0 +1,141 @@
+"""A fixed-bit QAT run deploys its start (the grid alone, at float's T*) unless validation prefers the trained model
+beyond noise: the rule on known inputs, which runs have a start, and the files of a tiny W8A8 run either way."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import qat.run
+from export.report.rows import qat_row
+from qat.checkpoint import choose, has_start, read_qat_checkpoint
+from qat.config import QatConfig
+from qat.run import format_summary, run_qat
+from training.checkpoint import read_checkpoint
+
+UNIFORM = dict(bits="8", epochs=2, observe_frames=8, batch_size=12, device="cpu")
+
+
+def test_the_trained_model_wins_only_beyond_noise():
+    rng = np.random.default_rng(0)
+    start = rng.uniform(0.5, 0.9, 40)
+    assert choose(start + 0.05, start, keep_start=True)["chosen"] == "trained"  # every frame better
+    noisy = start + rng.normal(0.0, 0.1, 40)  # as often worse as better
+    decision = choose(noisy, start, keep_start=True)
+    low, high = decision["val_difference_ci95"]
+    assert low < 0 < high and decision["chosen"] == "start"
+    assert choose(noisy, start, keep_start=False)["chosen"] == "trained"  # the rule off: as before
+    assert choose(start - 0.05, start, keep_start=True)["chosen"] == "start"
+
+
+@pytest.mark.parametrize("settings, expected", [
+    (dict(bits="8"), True), (dict(bits="W4A8"), True), (dict(bits="W4A8", weight_allocation="sensitivity"), True),
+    (dict(bits="4", hold_fragile=2), True), (dict(bits="learned-a8"), False), (dict(bits="learned"), False),
+    (dict(bits="4", bit_schedule="6@2,4@3", epochs=3), False)])
+def test_a_start_exists_where_the_first_epoch_trains_at_the_deployed_bits(settings, expected):
+    assert has_start(QatConfig(**settings)) is expected
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return all(torch.equal(value, b["model"][key]) for key, value in a["model"].items())
+
+
+@pytest.fixture(scope="module")
+def start_run(tiny_run):
+    """A W8A8 run whose validation found no gain beyond noise (forced, whatever the tiny data say): it keeps its start."""
+    real = qat.run.choose
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(qat.run, "choose", lambda *a: {**real(*a), "chosen": "start"})
+        return run_qat(QatConfig(run_dir=str(tiny_run), name="w8-start", **UNIFORM))
+
+
+def test_a_run_that_keeps_its_start_deploys_it_at_floats_threshold(tiny_run, start_run, capsys):
+    qat_dir = start_run
+    checkpoints = qat_dir / "checkpoints"
+    best, start, trained = (read_qat_checkpoint(checkpoints / n) for n in ("best.pt", "start.pt", "trained.pt"))
+    assert best["selected"] == "start" and _same_weights(best, start) and not _same_weights(best, trained)
+    float_checkpoint = read_checkpoint(tiny_run / "checkpoints" / "best.pt")
+    assert best["threshold"] == float_checkpoint["threshold"] and best["morphology"] == float_checkpoint["morphology"]
+    assert json.loads((qat_dir / "threshold.json").read_text())["threshold"] == float_checkpoint["threshold"]
+    metrics = json.loads((qat_dir / "test_metrics.json").read_text())
+    selection = metrics["selection"]
+    assert selection["chosen"] == "start" and metrics["dice"] == pytest.approx(selection["test_start"]["dice"])
+    assert set(selection["test_trained"]["per_image"]) == set(metrics["per_image"])
+    assert "deployed: the start model" in format_summary(qat_dir) and "the float run's T*" in format_summary(qat_dir)
+    assert qat_row(tiny_run, qat_dir, None, {}).epochs == "2/2, its start deployed"  # the report says so
+
+    # scored again (a resume of the finished run): best.pt holds the start, trained.pt the loop's best, unchanged
+    trained_bytes = (checkpoints / "trained.pt").read_bytes()
+    run_qat(QatConfig(run_dir=str(tiny_run), name="w8-start", **UNIFORM), resume=True)
+    assert (checkpoints / "trained.pt").read_bytes() == trained_bytes
+    assert _same_weights(read_qat_checkpoint(checkpoints / "best.pt"), start)
+    capsys.readouterr()
+
+
+def test_a_kept_start_exports_to_int8_files_that_pass_the_gate_at_floats_threshold(tiny_run, start_run):
+    pytest.importorskip("onnxruntime")
+    from export.bundle.int8 import export_int8_bundle
+
+    bundle, manifest = export_int8_bundle(tiny_run, start_run.name, device="cpu")
+    parity = manifest.metrics["parity"]
+    passed = {name: result["gate"]["passed"] for name, result in parity.items() if "gate" in result}
+    assert len(passed) == 2 and all(passed.values()), passed  # the TensorRT form and the x86 file
+    float_checkpoint = read_checkpoint(tiny_run / "checkpoints" / "best.pt")
+    assert manifest.threshold == pytest.approx(float_checkpoint["threshold"])
+
+
+def test_without_keep_start_the_trained_model_is_deployed_at_its_own_threshold(tiny_run):
+    qat_dir = run_qat(QatConfig(run_dir=str(tiny_run), name="w8-trained", keep_start=False, **UNIFORM))
+    checkpoints = qat_dir / "checkpoints"
+    best, trained = read_qat_checkpoint(checkpoints / "best.pt"), read_qat_checkpoint(checkpoints / "trained.pt")
+    assert best["selected"] == "trained" and _same_weights(best, trained)
+    assert best["threshold"] == json.loads((qat_dir / "threshold.json").read_text())["threshold"]
+    selection = json.loads((qat_dir / "test_metrics.json").read_text())["selection"]
+    assert selection["chosen"] == "trained" and "keep_start off" in selection["rule"]
+
+
+def test_a_learned_run_has_no_start_and_no_selection(qat_learned_run):
+    assert not (qat_learned_run / "checkpoints" / "start.pt").exists()
+    assert "selection" not in json.loads((qat_learned_run / "test_metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def qat_learned_run(tiny_run):
+    return run_qat(QatConfig(run_dir=str(tiny_run), name="learned-nostart", epochs=2, bit_epochs=1, observe_frames=8,
+                             batch_size=12, device="cpu"))
+
+
+def test_the_keep_start_flag_reaches_the_config(tiny_run, capsys):
+    from export.cli import main as cli
+
+    assert cli(["qat", "--run-dir", str(tiny_run), "--bits", "8", "--epochs", "1", "--no-keep-start",
+                "--name", "w8-flag", "--device", "cpu"]) in (0, None)
+    config = (tiny_run / "qat" / "w8-flag" / "config.toml").read_text()
+    assert "keep_start = false" in config
+    capsys.readouterr()
+
+
+def test_pool_selection_pools_the_candidates_over_folds(tmp_path, capsys):
+    from conftest import load_script
+
+    pool = load_script("pool_selection")
+    for fold, chosen in ((1, "start"), (2, "trained")):
+        names = [f"f{fold}-{i}" for i in range(4)]
+        qat_dir = tmp_path / f"fold-{fold}" / "qat" / "w8"
+        qat_dir.mkdir(parents=True)
+        floats = dict(zip(names, [0.6, 0.7, 0.8, 0.5]))
+        start = {n: d - 0.01 for n, d in floats.items()}
+        trained = {n: d - 0.05 for n, d in floats.items()}
+        (tmp_path / f"fold-{fold}" / "test_metrics.json").write_text(json.dumps({"per_image": floats}))
+        (qat_dir / "test_metrics.json").write_text(json.dumps({
+            "per_image": start if chosen == "start" else trained,
+            "selection": {"chosen": chosen, "test_start": {"per_image": start}, "test_trained": {"per_image": trained}}}))
+    assert pool.main([str(tmp_path), "--qat", "w8"]) == 0
+    rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    assert "| 0.6500 |" in rows["float"] and "-0.0100 [-0.010, -0.010]" in rows["start"]
+    assert "-0.0500 [-0.050, -0.050]" in rows["trained"]
+    assert "| 0.6200 | -0.0300 [" in rows["deployed"] and "| +0.0200 [" in rows["deployed"]  # half the folds start
+    assert pool.main([str(tmp_path), "--qat", "other"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no fold-*/qat/other/test_metrics.json" in err[0]
