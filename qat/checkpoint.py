@@ -6,14 +6,14 @@ run's config, the QAT config, the per-layer bits and, after tuning, threshold, m
 like a tuned float checkpoint, so that the exporter needs nothing else.
 
 Which model a fixed-bit run deploys, its start (the grid alone) or its trained best, is chosen here on
-validation (`choose`). At 8 bits the grid alone costs 0.000-0.004 Dice, while a few epochs of fine-tuning move the model by as much as the
-float model's seed spread, in either direction, and 20 to 100 validation frames do not tell which way
-(docs/accuracy.md, "Where does a QAT row leave float"). So a run whose bits at its first epoch are the bits it
-deploys (fixed bits, no schedule: `has_start`) keeps its start as a second candidate, RUN/qat/NAME/checkpoints/start.pt,
-written before epoch 1. The start is deployed as the float model is, at the float run's T* and morphology: it
-computes what the float model computes, on the integer grid. The trained best.pt, at its own re-tuned T*, replaces
-it only when the paired bootstrap 95 % interval of per-frame validation Dice (trained minus start) lies above zero
-(`QatConfig.keep_start`; off: the trained model, as before).
+validation (`choose`). At 8 bits the grid alone costs 0.000-0.004 Dice, while a few epochs of fine-tuning move
+the model by as much as the float model's seed spread, in either direction, and 20 to 100 validation frames do
+not tell which way (docs/accuracy.md, "Where does a QAT row leave float"). So a run whose bits at its first epoch
+are the bits it deploys (fixed bits, no schedule: `has_start`) keeps its start as a second candidate,
+RUN/qat/NAME/checkpoints/start.pt, written before epoch 1. The start is deployed as the float model is, at the
+float run's T* and morphology: it computes what the float model computes, on the integer grid. The trained
+best.pt, at its own re-tuned T*, replaces it only when the paired bootstrap 95 % interval of per-frame validation
+Dice (trained minus start) lies above zero (`QatConfig.keep_start`; off: the trained model, as before).
 
 best.pt is what tuning, export and the report read; when the start wins, best.pt becomes the start and the loop's
 best is kept as checkpoints/trained.pt, so that choosing again gives the same answer.

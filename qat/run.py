@@ -152,8 +152,9 @@ def load_candidate(name: str, path: Path, device: torch.device, flip_tta: bool) 
 def finish(qat_dir: Path, cfg, device: torch.device, float_checkpoint: dict) -> Path:
     """Best checkpoint -> bits.json, T* + morphology on validation, test metrics; all at integer bits, and with
     test-time flip averaging where the float run was tuned with it (so the INT8 bundle deploys as the float one).
-    A run with a start (qat.checkpoint.has_start) deploys it, at the float run's T* and morphology, unless validation prefers
-    the trained model beyond noise; both are scored on test and recorded under test_metrics.json's "selection"."""
+    A run with a start (qat.checkpoint.has_start) deploys it, at the float run's T* and morphology, unless
+    validation prefers the trained model beyond noise; both are scored on test, under test_metrics.json's
+    "selection"."""
     run_dir, checkpoints = qat_dir.parents[1], qat_dir / "checkpoints"
     best_path, start_path = checkpoints / "best.pt", checkpoints / START_NAME
     flip_tta = flip_tta_of(float_checkpoint)
@@ -163,26 +164,25 @@ def finish(qat_dir: Path, cfg, device: torch.device, float_checkpoint: dict) -> 
 
     trained_path = loop_best(checkpoints) if start_path.is_file() else best_path
     trained = load_candidate("trained", trained_path, device, flip_tta)
-    val_prob = predict(trained, val_images)
-    trained.rule = {**tune(val_prob, val_masks, cfg.objective_weights), "flip_tta": flip_tta}
+    trained.rule = {**tune(predict(trained, val_images), val_masks, cfg.objective_weights), "flip_tta": flip_tta}
     plot_threshold_curve(trained.rule["sweep"], qat_dir / "threshold_curve.png",
                          title=f"QAT {qat_dir.name}: validation (the trained model)")
     chosen, selection = trained, None
     if start_path.is_file():
         start = load_candidate("start", start_path, device, flip_tta)
         start.rule = float_rule(float_checkpoint, predict(start, val_images), val_masks, flip_tta)
-        selection = choose(per_frame_dice(val_prob, val_masks, trained.rule),
-                           per_frame_dice(predict(start, val_images), val_masks, start.rule),
+        selection = choose(*(score(predict(c, val_images), val_masks, c.rule)[1] for c in (trained, start)),
                            load_qat_config(qat_dir / "config.toml").keep_start)
         for candidate in (trained, start):  # both on test, for the record: the row before and after the choice
             summary, per_image, _ = score(predict(candidate, images), masks, candidate.rule)
-            selection[f"test_{candidate.name}"] = {"dice": summary["dice"], "threshold": candidate.rule["threshold"],
-                                                   "morphology": candidate.rule["morphology"],
-                                                   "per_image": dict(zip(names, map(float, per_image)))}
+            selection[f"test_{candidate.name}"] = {
+                "dice": summary["dice"], "threshold": candidate.rule["threshold"],
+                "morphology": candidate.rule["morphology"], "per_image": dict(zip(names, map(float, per_image)))}
         chosen = start if selection["chosen"] == "start" else trained
-        print(f"qat {qat_dir.name}: deploys its {chosen.name} model (validation Dice trained {selection['val_trained']:.4f}"
-              f", start {selection['val_start']:.4f}, paired 95 % interval {selection['val_difference_ci95'][0]:+.4f}"
-              f" .. {selection['val_difference_ci95'][1]:+.4f})", flush=True)
+        low, high = selection["val_difference_ci95"]
+        print(f"qat {qat_dir.name}: deploys its {chosen.name} model (validation Dice trained "
+              f"{selection['val_trained']:.4f}, start {selection['val_start']:.4f}, paired 95 % interval "
+              f"{low:+.4f} .. {high:+.4f})", flush=True)
 
     table = bits_table(chosen.model, cfg.input_size)
     write_json(qat_dir / "bits.json", table)
@@ -213,10 +213,6 @@ def float_rule(float_checkpoint: dict, prob: np.ndarray, masks: np.ndarray, flip
 def score(prob: np.ndarray, masks: np.ndarray, rule: dict):
     """evaluate_arrays at a threshold.json's T* and morphology."""
     return evaluate_arrays(prob, masks, rule["threshold"], Morphology.from_dict(rule["morphology"]))
-
-
-def per_frame_dice(prob: np.ndarray, masks: np.ndarray, rule: dict) -> np.ndarray:
-    return score(prob, masks, rule)[1]
 
 
 def compare_with_float(run_dir: Path, per_image: dict[str, float]) -> dict:
@@ -254,5 +250,6 @@ def format_summary(qat_dir: Path) -> str:
     if "selection" in m:
         s = m["selection"]
         line += (f"\n  deployed: the {s['chosen']} model (validation Dice trained {s['val_trained']:.4f}, start "
-                 f"{s['val_start']:.4f}; test trained {s['test_trained']['dice']:.4f}, start {s['test_start']['dice']:.4f})")
+                 f"{s['val_start']:.4f}; test trained {s['test_trained']['dice']:.4f}, start "
+                 f"{s['test_start']['dice']:.4f})")
     return line + f"\n  qat:    {qat_dir}"

@@ -43,7 +43,8 @@ def _same_weights(a: dict, b: dict) -> bool:
 
 @pytest.fixture(scope="module")
 def start_run(tiny_run):
-    """A W8A8 run whose validation found no gain beyond noise (forced, whatever the tiny data say): it keeps its start."""
+    """A W8A8 run whose validation found no gain beyond noise (forced, whatever the tiny data say): it keeps its
+    start."""
     real = qat.run.choose
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(qat.run, "choose", lambda *a: {**real(*a), "chosen": "start"})
@@ -130,9 +131,11 @@ def test_pool_selection_pools_the_candidates_over_folds(tmp_path, capsys):
         (tmp_path / f"fold-{fold}" / "test_metrics.json").write_text(json.dumps({"per_image": floats}))
         (qat_dir / "test_metrics.json").write_text(json.dumps({
             "per_image": start if chosen == "start" else trained,
-            "selection": {"chosen": chosen, "test_start": {"per_image": start}, "test_trained": {"per_image": trained}}}))
+            "selection": {"chosen": chosen, "test_start": {"per_image": start},
+                          "test_trained": {"per_image": trained}}}))
     assert pool.main([str(tmp_path), "--qat", "w8"]) == 0
-    rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ")}
     assert "| 0.6500 |" in rows["float"] and "-0.0100 [-0.010, -0.010]" in rows["start"]
     assert "-0.0500 [-0.050, -0.050]" in rows["trained"]
     assert "| 0.6200 | -0.0300 [" in rows["deployed"] and "| +0.0200 [" in rows["deployed"]  # half the folds start
