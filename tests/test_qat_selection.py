@@ -48,7 +48,7 @@ def start_run(tiny_run):
     real = qat.run.choose
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(qat.run, "choose", lambda *a: {**real(*a), "chosen": "start"})
-        return run_qat(QatConfig(run_dir=str(tiny_run), name="w8-start", **UNIFORM))
+        return run_qat(QatConfig(run_dir=str(tiny_run), name="w8-start", keep_start=True, **UNIFORM))
 
 
 def test_a_run_that_keeps_its_start_deploys_it_at_floats_threshold(tiny_run, start_run, capsys):
@@ -68,7 +68,7 @@ def test_a_run_that_keeps_its_start_deploys_it_at_floats_threshold(tiny_run, sta
 
     # scored again (a resume of the finished run): best.pt holds the start, trained.pt the loop's best, unchanged
     trained_bytes = (checkpoints / "trained.pt").read_bytes()
-    run_qat(QatConfig(run_dir=str(tiny_run), name="w8-start", **UNIFORM), resume=True)
+    run_qat(QatConfig(run_dir=str(tiny_run), name="w8-start", keep_start=True, **UNIFORM), resume=True)
     assert (checkpoints / "trained.pt").read_bytes() == trained_bytes
     assert _same_weights(read_qat_checkpoint(checkpoints / "best.pt"), start)
     capsys.readouterr()
@@ -86,14 +86,15 @@ def test_a_kept_start_exports_to_int8_files_that_pass_the_gate_at_floats_thresho
     assert manifest.threshold == pytest.approx(float_checkpoint["threshold"])
 
 
-def test_without_keep_start_the_trained_model_is_deployed_at_its_own_threshold(tiny_run):
-    qat_dir = run_qat(QatConfig(run_dir=str(tiny_run), name="w8-trained", keep_start=False, **UNIFORM))
+def test_by_default_the_trained_model_is_deployed_at_its_own_threshold_and_both_are_scored(tiny_run):
+    qat_dir = run_qat(QatConfig(run_dir=str(tiny_run), name="w8-trained", **UNIFORM))  # keep_start off
     checkpoints = qat_dir / "checkpoints"
     best, trained = read_qat_checkpoint(checkpoints / "best.pt"), read_qat_checkpoint(checkpoints / "trained.pt")
     assert best["selected"] == "trained" and _same_weights(best, trained)
     assert best["threshold"] == json.loads((qat_dir / "threshold.json").read_text())["threshold"]
     selection = json.loads((qat_dir / "test_metrics.json").read_text())["selection"]
     assert selection["chosen"] == "trained" and "keep_start off" in selection["rule"]
+    assert set(selection["test_start"]["per_image"]) == set(selection["test_trained"]["per_image"])  # both scored
 
 
 def test_a_learned_run_has_no_start_and_no_selection(qat_learned_run):
@@ -110,10 +111,10 @@ def qat_learned_run(tiny_run):
 def test_the_keep_start_flag_reaches_the_config(tiny_run, capsys):
     from export.cli import main as cli
 
-    assert cli(["qat", "--run-dir", str(tiny_run), "--bits", "8", "--epochs", "1", "--no-keep-start",
+    assert cli(["qat", "--run-dir", str(tiny_run), "--bits", "8", "--epochs", "1", "--keep-start",
                 "--name", "w8-flag", "--device", "cpu"]) in (0, None)
     config = (tiny_run / "qat" / "w8-flag" / "config.toml").read_text()
-    assert "keep_start = false" in config
+    assert "keep_start = true" in config
     capsys.readouterr()
 
 

@@ -162,10 +162,8 @@ def qat_command(run_dir: Path, name: str, config: dict | None) -> str:
         parts.append(f"--grid {config['grid']}")
     if config.get("epochs"):
         parts.append(f"--epochs {config['epochs']}")
-    # a fixed-bit run that deployed its trained model whatever validation said: switched off, or from before the
-    # setting existed
-    if not bits.startswith("learned") and not config.get("keep_start", False):
-        parts.append("--no-keep-start")
+    if config.get("keep_start"):  # a fixed-bit run that deployed its start unless validation preferred otherwise
+        parts.append("--keep-start")
     parts.append(f"--name {name}")
     return " ".join(parts) + f" && nerveseg export --run-dir {run_dir} --qat {name}"
 
