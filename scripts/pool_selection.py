@@ -58,8 +58,9 @@ def pooled_table(cv_dir: Path, name: str) -> str:
         low, high = paired_bootstrap_ci(pooled[a], pooled[b])
         return f"{(pooled[a] - pooled[b]).mean():+.4f} [{low:+.3f}, {high:+.3f}]"
 
-    lines = [f"{name}, {len(folds)} folds ({', '.join(f.name for f in folds)}), {pooled['float'].size} test frames "
-             "(fake-quant, PyTorch)", "", "| model | pooled Dice | vs float [95 % CI] | vs trained [95 % CI] |",
+    plural = "s" if len(folds) > 1 else ""
+    lines = [f"{name}, {len(folds)} fold{plural} ({', '.join(f.name for f in folds)}), {pooled['float'].size} "
+             "test frames (fake-quant, PyTorch)", "", "| model | pooled Dice | vs float [95 % CI] | vs trained [95 % CI] |",
              "|---|---|---|---|"]
     for key in ("float", "start", "trained", "deployed"):
         against_float = paired(key, "float") if key != "float" else ""
