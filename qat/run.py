@@ -132,21 +132,25 @@ def _run_qat(qcfg: QatConfig, float_path: Path, from_last: bool) -> Path:
 
 @dataclass
 class Candidate:
-    """A model finish() may deploy: loaded from its checkpoint, with its rule (threshold.json's content) once set."""
+    """A model finish() may deploy: its checkpoint, its probabilities on validation and test (each predicted once,
+    as the bundle runs it: flip averaging where the float run has it), and its rule (threshold.json's content)."""
 
     name: str  # "trained" or "start"
     model: torch.nn.Module
     checkpoint: dict
-    deployed: torch.nn.Module  # as the bundle runs it (flip averaging where the float run has it)
+    val_prob: np.ndarray
+    test_prob: np.ndarray
     rule: dict | None = None
 
 
-def load_candidate(name: str, path: Path, device: torch.device, flip_tta: bool) -> Candidate:
+def load_candidate(name: str, path: Path, device: torch.device, flip_tta: bool, val_images: np.ndarray,
+                   test_images: np.ndarray, batch_size: int) -> Candidate:
     from .checkpoint import load_qat_model
 
     model, checkpoint, _, _ = load_qat_model(path)
-    model.to(device)
-    return Candidate(name, model, checkpoint, as_deployed(model, flip_tta))
+    deployed = as_deployed(model.to(device), flip_tta)
+    return Candidate(name, model, checkpoint, *(predict_probabilities(deployed, images, device, batch_size)
+                                                for images in (val_images, test_images)))
 
 
 def finish(qat_dir: Path, cfg, device: torch.device, float_checkpoint: dict) -> Path:
@@ -160,21 +164,21 @@ def finish(qat_dir: Path, cfg, device: torch.device, float_checkpoint: dict) -> 
     flip_tta = flip_tta_of(float_checkpoint)
     val_images, val_masks, _ = split_arrays(run_dir, "val", cfg)
     images, masks, names = split_arrays(run_dir, "test", cfg)
-    predict = lambda c, x: predict_probabilities(c.deployed, x, device, cfg.val_batch_size)  # noqa: E731
+    load = lambda name, path: load_candidate(name, path, device, flip_tta, val_images, images,  # noqa: E731
+                                             cfg.val_batch_size)
 
-    trained_path = loop_best(checkpoints) if start_path.is_file() else best_path
-    trained = load_candidate("trained", trained_path, device, flip_tta)
-    trained.rule = {**tune(predict(trained, val_images), val_masks, cfg.objective_weights), "flip_tta": flip_tta}
+    trained = load("trained", loop_best(checkpoints) if start_path.is_file() else best_path)
+    trained.rule = {**tune(trained.val_prob, val_masks, cfg.objective_weights), "flip_tta": flip_tta}
     plot_threshold_curve(trained.rule["sweep"], qat_dir / "threshold_curve.png",
                          title=f"QAT {qat_dir.name}: validation (the trained model)")
     chosen, selection = trained, None
     if start_path.is_file():
-        start = load_candidate("start", start_path, device, flip_tta)
-        start.rule = float_rule(float_checkpoint, predict(start, val_images), val_masks, flip_tta)
-        selection = choose(*(score(predict(c, val_images), val_masks, c.rule)[1] for c in (trained, start)),
+        start = load("start", start_path)
+        start.rule = float_rule(float_checkpoint, start.val_prob, val_masks, flip_tta)
+        selection = choose(*(score(c.val_prob, val_masks, c.rule)[1] for c in (trained, start)),
                            load_qat_config(qat_dir / "config.toml").keep_start)
         for candidate in (trained, start):  # both on test, for the record: the row before and after the choice
-            summary, per_image, _ = score(predict(candidate, images), masks, candidate.rule)
+            summary, per_image, _ = score(candidate.test_prob, masks, candidate.rule)
             selection[f"test_{candidate.name}"] = {
                 "dice": summary["dice"], "threshold": candidate.rule["threshold"],
                 "morphology": candidate.rule["morphology"], "per_image": dict(zip(names, map(float, per_image)))}
@@ -191,7 +195,7 @@ def finish(qat_dir: Path, cfg, device: torch.device, float_checkpoint: dict) -> 
                   "validation": chosen.rule["validation"], "bits": table, "flip_tta": flip_tta, "selected": chosen.name}
     save_qat_checkpoint(checkpoint, best_path)
 
-    summary, per_image, preds = score(predict(chosen, images), masks, chosen.rule)
+    summary, per_image, preds = score(chosen.test_prob, masks, chosen.rule)
     summary["per_image"] = {name: float(d) for name, d in zip(names, per_image)}
     summary.update(mean_weight_bits=table["mean_weight_bits"], mean_activation_bits=table["mean_activation_bits"])
     summary.update(compare_with_float(run_dir, summary["per_image"]))

@@ -13,7 +13,6 @@ the fake-quant model in PyTorch; the INT8 files are scored by `nerveseg sweep` /
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,26 +21,18 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from device_runtime.core.errors import InputError, exit_code_of  # noqa: E402
+from device_runtime.core.fileio import read_json_object  # noqa: E402
 from training.evaluation.bootstrap import paired_bootstrap_ci  # noqa: E402
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: missing (a fold or QAT run not finished)") from None
-    except (OSError, ValueError) as err:
-        raise InputError(f"{path}: not readable JSON ({err})") from None
 
 
 def fold_rows(fold_dir: Path, name: str) -> dict:
     """{"float", "start", "trained", "deployed"}: per-frame test Dice keyed by frame, and "chosen"."""
-    metrics = read_json(fold_dir / "qat" / name / "test_metrics.json")
+    metrics = read_json_object(fold_dir / "qat" / name / "test_metrics.json", "QAT test metrics")
     if "selection" not in metrics:
         raise InputError(f"{fold_dir / 'qat' / name / 'test_metrics.json'}: no selection (a learned run, or one "
                          "finished before runs kept their start)")
     selection = metrics["selection"]
-    return {"float": read_json(fold_dir / "test_metrics.json")["per_image"],
+    return {"float": read_json_object(fold_dir / "test_metrics.json", "the float run's test metrics")["per_image"],
             "start": selection["test_start"]["per_image"], "trained": selection["test_trained"]["per_image"],
             "deployed": metrics["per_image"], "chosen": selection["chosen"]}
 
@@ -60,8 +51,8 @@ def pooled_table(cv_dir: Path, name: str) -> str:
 
     plural = "s" if len(folds) > 1 else ""
     lines = [f"{name}, {len(folds)} fold{plural} ({', '.join(f.name for f in folds)}), {pooled['float'].size} "
-             "test frames (fake-quant, PyTorch)", "", "| model | pooled Dice | vs float [95 % CI] | vs trained [95 % CI] |",
-             "|---|---|---|---|"]
+             "test frames (fake-quant, PyTorch)", "",
+             "| model | pooled Dice | vs float [95 % CI] | vs trained [95 % CI] |", "|---|---|---|---|"]
     for key in ("float", "start", "trained", "deployed"):
         against_float = paired(key, "float") if key != "float" else ""
         against_trained = paired(key, "trained") if key in ("start", "deployed") else ""
