@@ -270,10 +270,14 @@ class FakeQuant(nn.Module):
         grad_factor = 1.0 / math.sqrt(per_step * qmax)
         return FakeQuantFunction.apply(x, scale, bits, qmin, qmax, grad_factor, self._share())
 
+    def in_steps(self, x: torch.Tensor) -> torch.Tensor:
+        """x / scale: x in steps of the grid, before rounding and clamping."""
+        return x / self._shaped(self.export_params().scale, x)
+
     def quantize_integers(self, x: torch.Tensor) -> torch.Tensor:
         """round(x / scale) clamped to the grid, as float (exact small integers)."""
         p = self.export_params()
-        return torch.clamp(torch.round(x / self._shaped(p.scale, x)), p.qmin, p.qmax)
+        return torch.clamp(torch.round(self.in_steps(x)), p.qmin, p.qmax)
 
     # -- initialisation from data -------------------------------------------------------------------------
     def _searches_mse(self, bits: int) -> bool:

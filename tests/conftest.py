@@ -73,7 +73,8 @@ def tiny_run(tiny_config) -> Path:
 def tiny_qat_run(tiny_run) -> Path:
     """A W8A8 QAT run (1 epoch) of the tiny run, finished and tuned: RUN/qat/w8a8; shared by the INT8 tests. It
     deploys its trained model (keep_start off): the parity tests need a model whose steps training has moved off
-    the values their initialisation gives (tests/test_qat_selection.py exports a start)."""
+    the values their initialisation gives; its start (checkpoints/start.pt) is checked apart (tests/test_parity_gate.py,
+    tests/test_qat_selection.py)."""
     pytest.importorskip("qat.run", reason="the qat training loop is not installed")
     from qat.config import QatConfig
     from qat.run import run_qat

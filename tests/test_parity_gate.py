@@ -26,7 +26,7 @@ W8A8_FAULTS = ["weight scale x2 (every layer)", "weight scale x2 (one layer)", "
 W4A4_FAULTS = list(PLANT.FAULTS)
 
 
-def _case(run_dir, qat_name, work):
+def _case(run_dir, qat_name, work, checkpoint_path=None):
     import torch
 
     from device_runtime.core.postprocess import Morphology
@@ -39,7 +39,7 @@ def _case(run_dir, qat_name, work):
     from training.stages import flip_tta_of
 
     _, _, float_cfg = load_model(run_dir / "checkpoints" / "best.pt")
-    model, checkpoint, cfg, _ = load_qat(qat_paths(run_dir, qat_name)[1], float_cfg.arch)
+    model, checkpoint, cfg, _ = load_qat(checkpoint_path or qat_paths(run_dir, qat_name)[1], float_cfg.arch)
     flip = flip_tta_of(checkpoint)
     graph = build_int8_model(model, tuple(cfg.input_size), work / "twin.onnx", flip)
     images, _ = parity_frames(run_dir, cfg)
@@ -68,6 +68,22 @@ def _case(run_dir, qat_name, work):
 @pytest.fixture(scope="module")
 def w8a8(tiny_qat_run, tmp_path_factory):
     return _case(tiny_qat_run.parents[1], tiny_qat_run.name, tmp_path_factory.mktemp("w8a8"))
+
+
+@pytest.fixture(scope="module")
+def w8a8_start(tiny_qat_run, tmp_path_factory):
+    """The same run's start (checkpoints/start.pt: the grid alone, its steps as initialised) as a fixed-bit run
+    deploys it when validation does not prefer the trained model: at the float run's T* and morphology."""
+    from qat.checkpoint import read_qat_checkpoint, save_qat_checkpoint
+    from training.checkpoint import read_checkpoint
+
+    run_dir, work = tiny_qat_run.parents[1], tmp_path_factory.mktemp("w8a8-start")
+    tuned = read_checkpoint(run_dir / "checkpoints" / "best.pt")
+    start = read_qat_checkpoint(tiny_qat_run / "checkpoints" / "start.pt")
+    deployed = {**start, "threshold": tuned["threshold"], "morphology": tuned["morphology"],
+                "flip_tta": tuned.get("flip_tta", False), "selected": "start"}
+    save_qat_checkpoint(deployed, work / "start.pt")
+    return _case(run_dir, tiny_qat_run.name, work, work / "start.pt")
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +170,34 @@ def test_the_layer_check_passes_the_faithful_files_and_one_ulp_nudges(w8a8, grap
     assert result["passed"] and result["unchecked"] == [] and result["failure"] is None, result["worst"]
     assert result["worst"]["mismatch_fraction"] <= result["bound"] and result["worst"]["max_abs_diff"] <= 1
     assert len(result["quantizers"]) == len(activation_quantizers(w8a8.qat_model))  # every one checked
+
+
+def test_a_value_on_a_rounding_tie_is_told_apart_from_one_off_it():
+    import torch
+
+    from export.bundle.layer_parity import at_rounding_tie
+
+    in_steps = torch.tensor([63.5, 63.5 * (1 + 2e-7), -0.5, 63.5 * (1 + 1e-4), 63.4, 63.0, 0.49], dtype=torch.float64)
+    assert at_rounding_tie(in_steps).tolist() == [True, True, True, False, False, False, False]
+
+
+@pytest.mark.parametrize("graph", ["x86 file", *PLANT.TIES])
+def test_the_layer_check_passes_a_start_whose_integers_sit_on_rounding_ties(w8a8_start, graph):
+    """A start keeps its initial steps, and simple steps put values exactly on rounding ties (a gate's step is 1/127
+    to float32 precision: every gate of a zero input, 0.5, is 63.5 steps). float32 and float64 round those apart by
+    one: ties, excused; the check refused such a faithful file of a usgra-seg fold's start before (1.15 % of one
+    gate's integers)."""
+    from export.bundle.qdq import cpu_form
+
+    edits = {"x86 file": cpu_form, **PLANT.TIES}
+    result = w8a8_start.layers(edits[graph](w8a8_start.graph))
+    assert result["passed"], result["failure"]
+    assert sum(row["ties"] for row in result["quantizers"]) > 0  # the case is exercised: ties were met and excused
+
+
+def test_the_layer_check_still_refuses_a_fault_in_a_start(w8a8_start):
+    result = w8a8_start.layers(PLANT.FAULTS["bias on the s_w grid (one layer)"](w8a8_start.graph))
+    assert not result["passed"] and result["worst"]["mismatch_fraction"] > 10 * result["bound"]
 
 
 def test_the_gate_refuses_a_file_the_layer_check_refuses_and_says_where(w8a8):

@@ -86,8 +86,8 @@ def test_a_kept_start_exports_to_int8_files_that_pass_the_gate_at_floats_thresho
     assert manifest.threshold == pytest.approx(float_checkpoint["threshold"])
 
 
-def test_by_default_the_trained_model_is_deployed_at_its_own_threshold_and_both_are_scored(tiny_run):
-    qat_dir = run_qat(QatConfig(run_dir=str(tiny_run), name="w8-trained", **UNIFORM))  # keep_start off
+def test_with_keep_start_off_the_trained_model_is_deployed_at_its_own_threshold_and_both_are_scored(tiny_run):
+    qat_dir = run_qat(QatConfig(run_dir=str(tiny_run), name="w8-trained", keep_start=False, **UNIFORM))
     checkpoints = qat_dir / "checkpoints"
     best, trained = read_qat_checkpoint(checkpoints / "best.pt"), read_qat_checkpoint(checkpoints / "trained.pt")
     assert best["selected"] == "trained" and _same_weights(best, trained)
@@ -108,13 +108,15 @@ def qat_learned_run(tiny_run):
                              batch_size=12, device="cpu"))
 
 
-def test_the_keep_start_flag_reaches_the_config(tiny_run, capsys):
+@pytest.mark.parametrize("flags, expected", [([], "keep_start = true"), (["--no-keep-start"], "keep_start = false")],
+                         ids=["default-on", "no-keep-start"])
+def test_the_keep_start_setting_reaches_the_config(tiny_run, capsys, flags, expected):
     from export.cli import main as cli
 
-    assert cli(["qat", "--run-dir", str(tiny_run), "--bits", "8", "--epochs", "1", "--keep-start",
-                "--name", "w8-flag", "--device", "cpu"]) in (0, None)
-    config = (tiny_run / "qat" / "w8-flag" / "config.toml").read_text()
-    assert "keep_start = true" in config
+    name = f"w8-flag-{len(flags)}"
+    assert cli(["qat", "--run-dir", str(tiny_run), "--bits", "8", "--epochs", "1", *flags,
+                "--name", name, "--device", "cpu"]) in (0, None)
+    assert expected in (tiny_run / "qat" / name / "config.toml").read_text()
     capsys.readouterr()
 
 

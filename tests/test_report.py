@@ -348,9 +348,9 @@ def test_the_report_command_of_a_fixed_bit_run_says_which_model_it_deploys():
 
     from export.report.rows import qat_command
 
-    assert "--keep-start" in qat_command(Path("runs/edge"), "w8a8", {"bits": "8", "keep_start": True, "epochs": 6})
+    assert "keep-start" not in qat_command(Path("runs/edge"), "w8a8", {"bits": "8", "keep_start": True, "epochs": 6})
     for config in ({"bits": "8", "keep_start": False}, {"bits": "W4A8"}):  # off, or from before the setting
-        assert "keep-start" not in qat_command(Path("runs/edge"), "w8a8", config)
+        assert "--no-keep-start" in qat_command(Path("runs/edge"), "w8a8", config)
 
 
 # ------------------------------------------------------------------------------------------------ the page and figures

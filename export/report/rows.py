@@ -162,8 +162,9 @@ def qat_command(run_dir: Path, name: str, config: dict | None) -> str:
         parts.append(f"--grid {config['grid']}")
     if config.get("epochs"):
         parts.append(f"--epochs {config['epochs']}")
-    if config.get("keep_start"):  # a fixed-bit run that deployed its start unless validation preferred otherwise
-        parts.append("--keep-start")
+    # a fixed-bit run that deployed its trained model whatever validation said: off, or from before the setting
+    if not config.get("keep_start") and qat_kind(name, config) != "learned":
+        parts.append("--no-keep-start")
     parts.append(f"--name {name}")
     return " ".join(parts) + f" && nerveseg export --run-dir {run_dir} --qat {name}"
 
