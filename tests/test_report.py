@@ -243,7 +243,7 @@ def test_a_parity_refusal_is_remembered_until_the_checkpoint_or_the_rule_changes
     import export.bundle.int8
     from device_runtime.core.errors import InputError
     from export.bundle.writer import ParityError
-    from export.workflows.sweep import GATE_RULE, SweepState, export_finished
+    from export.workflows.sweep import SweepState, export_finished, gate_rule
 
     qat_dir = tmp_path / "qat" / "w4a8"
     (qat_dir / "checkpoints").mkdir(parents=True)
@@ -260,16 +260,17 @@ def test_a_parity_refusal_is_remembered_until_the_checkpoint_or_the_rule_changes
     for _ in range(2):  # the second sweep remembers: same checkpoint, same rule
         export_finished(tmp_path, "cpu", SweepState(tmp_path, "sweep"))
     assert calls == ["w4a8"] and "refused earlier" in capsys.readouterr().err
-    state = SweepState(tmp_path, "sweep")  # a refusal by the former rule (sweep.json of an older nerveseg)
-    state.update("w4a8", export_refused_for=state.data["runs"]["w4a8"]["export_refused_for"].replace(
-        GATE_RULE, "fixed bound"))
-    export_finished(tmp_path, "cpu", SweepState(tmp_path, "sweep"))
-    assert calls == ["w4a8"] * 2
+    for former in ("fixed bound", "noise-floor gate"):  # refusals by former rules (sweep.json of an older nerveseg)
+        state = SweepState(tmp_path, "sweep")
+        state.update("w4a8", export_refused_for=state.data["runs"]["w4a8"]["export_refused_for"].replace(
+            gate_rule(), former))
+        export_finished(tmp_path, "cpu", SweepState(tmp_path, "sweep"))
+    assert calls == ["w4a8"] * 3
     os.utime(checkpoint, ns=(1, 1))  # a retrained checkpoint
     refusal[0] = InputError("best.pt: not found")  # not a parity verdict: tried again every time
     export_finished(tmp_path, "cpu", SweepState(tmp_path, "sweep"))
     export_finished(tmp_path, "cpu", SweepState(tmp_path, "sweep"))
-    assert calls == ["w4a8"] * 4
+    assert calls == ["w4a8"] * 5
     assert strict_json(tmp_path / "sweep.json")["runs"]["w4a8"]["export_error"] == "not exported: best.pt: not found"
 
 
