@@ -181,7 +181,8 @@ def test_a_value_on_a_rounding_tie_is_told_apart_from_one_off_it():
     assert at_rounding_tie(in_steps).tolist() == [True, True, True, False, False, False, False]
 
 
-@pytest.mark.parametrize("graph", ["x86 file", *PLANT.TIES])
+# the activation nudges move the gates' ties (the weight nudges are checked on the trained model above)
+@pytest.mark.parametrize("graph", ["x86 file", "activation scales +1 ulp", "activation scales -1 ulp"])
 def test_the_layer_check_passes_a_start_whose_integers_sit_on_rounding_ties(w8a8_start, graph):
     """A start keeps its initial steps, and simple steps put values exactly on rounding ties (a gate's step is 1/127
     to float32 precision: every gate of a zero input, 0.5, is 63.5 steps). float32 and float64 round those apart by

@@ -108,15 +108,15 @@ def qat_learned_run(tiny_run):
                              batch_size=12, device="cpu"))
 
 
-@pytest.mark.parametrize("flags, expected", [([], "keep_start = true"), (["--no-keep-start"], "keep_start = false")],
-                         ids=["default-on", "no-keep-start"])
-def test_the_keep_start_setting_reaches_the_config(tiny_run, capsys, flags, expected):
+def test_keep_start_is_on_by_default_and_the_flag_turns_it_off(tiny_run, capsys):
     from export.cli import main as cli
+    from qat.config import build_qat_config
 
-    name = f"w8-flag-{len(flags)}"
-    assert cli(["qat", "--run-dir", str(tiny_run), "--bits", "8", "--epochs", "1", *flags,
-                "--name", name, "--device", "cpu"]) in (0, None)
-    assert expected in (tiny_run / "qat" / name / "config.toml").read_text()
+    for recipe in ("quick", "small"):  # the command line's path: no flag given (None) keeps the default
+        assert build_qat_config(recipe, run_dir=str(tiny_run), bits="8", keep_start=None).keep_start
+    assert cli(["qat", "--run-dir", str(tiny_run), "--bits", "8", "--epochs", "1", "--no-keep-start",
+                "--name", "w8-flag", "--device", "cpu"]) in (0, None)
+    assert "keep_start = false" in (tiny_run / "qat" / "w8-flag" / "config.toml").read_text()
     capsys.readouterr()
 
 
