@@ -274,10 +274,14 @@ class FakeQuant(nn.Module):
         """x / scale: x in steps of the grid, before rounding and clamping."""
         return x / self._shaped(self.export_params().scale, x)
 
+    def to_grid(self, steps: torch.Tensor) -> torch.Tensor:
+        """in_steps' values rounded and clamped to the grid, as float (exact small integers)."""
+        p = self.export_params()
+        return torch.clamp(torch.round(steps), p.qmin, p.qmax)
+
     def quantize_integers(self, x: torch.Tensor) -> torch.Tensor:
         """round(x / scale) clamped to the grid, as float (exact small integers)."""
-        p = self.export_params()
-        return torch.clamp(torch.round(self.in_steps(x)), p.qmin, p.qmax)
+        return self.to_grid(self.in_steps(x))
 
     # -- initialisation from data -------------------------------------------------------------------------
     def _searches_mse(self, bits: int) -> bool:

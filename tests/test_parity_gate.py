@@ -160,13 +160,18 @@ def test_the_layer_check_refuses_a_fault_in_one_layer_and_names_its_quantizer(w8
     assert row["mismatch_fraction"] > 10 * result["bound"], row  # measured: 2e-2 or more
 
 
+def _faithful(name, graph):
+    """`graph` as the named faithful file (the TensorRT form, the x86 file) or one-ulp nudge (PLANT.TIES) holds it."""
+    from export.bundle.qdq import cpu_form
+
+    return {"TensorRT form": lambda g: g, "x86 file": cpu_form, **PLANT.TIES}[name](graph)
+
+
 @pytest.mark.parametrize("graph", ["TensorRT form", "x86 file", *PLANT.TIES])
 def test_the_layer_check_passes_the_faithful_files_and_one_ulp_nudges(w8a8, graph):
-    from export.bundle.qdq import cpu_form
     from qat.prepare import activation_quantizers
 
-    edits = {"TensorRT form": lambda g: g, "x86 file": cpu_form, **PLANT.TIES}
-    result = w8a8.layers(edits[graph](w8a8.graph))
+    result = w8a8.layers(_faithful(graph, w8a8.graph))
     assert result["passed"] and result["unchecked"] == [] and result["failure"] is None, result["worst"]
     assert result["worst"]["mismatch_fraction"] <= result["bound"] and result["worst"]["max_abs_diff"] <= 1
     assert len(result["quantizers"]) == len(activation_quantizers(w8a8.qat_model))  # every one checked
@@ -188,10 +193,7 @@ def test_the_layer_check_passes_a_start_whose_integers_sit_on_rounding_ties(w8a8
     to float32 precision: every gate of a zero input, 0.5, is 63.5 steps). float32 and float64 round those apart by
     one: ties, excused; the check refused such a faithful file of a usgra-seg fold's start before (1.15 % of one
     gate's integers)."""
-    from export.bundle.qdq import cpu_form
-
-    edits = {"x86 file": cpu_form, **PLANT.TIES}
-    result = w8a8_start.layers(edits[graph](w8a8_start.graph))
+    result = w8a8_start.layers(_faithful(graph, w8a8_start.graph))
     assert result["passed"], result["failure"]
     assert sum(row["ties"] for row in result["quantizers"]) > 0  # the case is exercised: ties were met and excused
 

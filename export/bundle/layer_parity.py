@@ -115,8 +115,9 @@ class _TeacherForcing:
             if graph.shape != x.shape:
                 raise ValueError(f"quantizer {name}: the graph's integers have shape {tuple(graph.shape)}, the "
                                  f"model's tensor {tuple(x.shape)}: the file is not this model's graph")
-            diff = (module.quantize_integers(x) - graph).abs()
-            tie = (diff == 1) & at_rounding_tie(module.in_steps(x))
+            steps = module.in_steps(x)  # x / s once: its integers and its distance from a tie both read it
+            diff = (module.to_grid(steps) - graph).abs()
+            tie = (diff == 1) & at_rounding_tie(steps)
             row = self.stats.setdefault(name, {"name": name, "elements": 0, "mismatched": 0, "ties": 0,
                                                "max_abs_diff": 0})
             row["elements"] += diff.numel()
