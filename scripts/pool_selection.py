@@ -5,7 +5,8 @@ model beyond noise (qat.checkpoint.choose), and scores both on its test split (t
 This prints, pooled over the folds' test frames (each frame held out once), each candidate's mean Dice and its
 paired difference against the float model (the fold's test_metrics.json, PyTorch) and the deployed row against
 the trained one, with paired bootstrap 95 % intervals, and which candidate each fold deployed. Everything here is
-the fake-quant model in PyTorch; the INT8 files are scored by `nerveseg sweep` / `cv-quant`.
+the fake-quant model in PyTorch; the INT8 files are scored by `nerveseg sweep` / `cv-quant`. A run with no start
+(learned bits) pools the deployed model against float alone, with each fold's mean weight and activation bits.
 
     PYTHONPATH=. python scripts/pool_selection.py CV --qat w8a8-x86
 """
@@ -26,15 +27,18 @@ from training.evaluation.bootstrap import paired_bootstrap_ci  # noqa: E402
 
 
 def fold_rows(fold_dir: Path, name: str) -> dict:
-    """{"float", "start", "trained", "deployed"}: per-frame test Dice keyed by frame, and "chosen"."""
+    """{"float", "deployed"} and, where the run kept a start, {"start", "trained"}: per-frame test Dice keyed by
+    frame; "chosen" (the deployed candidate, or "trained" for a run without a start) and "bits" (weight,
+    activation means)."""
     metrics = read_json_object(fold_dir / "qat" / name / "test_metrics.json", "QAT test metrics")
-    if "selection" not in metrics:
-        raise InputError(f"{fold_dir / 'qat' / name / 'test_metrics.json'}: no selection (a learned run, or one "
-                         "finished before runs kept their start)")
-    selection = metrics["selection"]
-    return {"float": read_json_object(fold_dir / "test_metrics.json", "the float run's test metrics")["per_image"],
-            "start": selection["test_start"]["per_image"], "trained": selection["test_trained"]["per_image"],
-            "deployed": metrics["per_image"], "chosen": selection["chosen"]}
+    rows = {"float": read_json_object(fold_dir / "test_metrics.json", "the float run's test metrics")["per_image"],
+            "deployed": metrics["per_image"], "chosen": "trained",
+            "bits": (metrics.get("mean_weight_bits"), metrics.get("mean_activation_bits"))}
+    if "selection" in metrics:
+        selection = metrics["selection"]
+        rows.update(start=selection["test_start"]["per_image"], trained=selection["test_trained"]["per_image"],
+                    chosen=selection["chosen"])
+    return rows
 
 
 def pooled_table(cv_dir: Path, name: str) -> str:
@@ -42,8 +46,11 @@ def pooled_table(cv_dir: Path, name: str) -> str:
     if not folds:
         raise InputError(f"{cv_dir}: no fold-*/qat/{name}/test_metrics.json")
     rows = [fold_rows(f, name) for f in folds]
-    pooled = {key: np.concatenate([[r[key][n] for n in sorted(r["float"])] for r in rows])
-              for key in ("float", "start", "trained", "deployed")}
+    with_start = [f.name for f, r in zip(folds, rows) if "start" in r]
+    if with_start and len(with_start) < len(rows):
+        raise InputError(f"{cv_dir}: {name} kept a start on {', '.join(with_start)} only; pool runs made alike")
+    keys = ("float", "start", "trained", "deployed") if with_start else ("float", "deployed")
+    pooled = {key: np.concatenate([[r[key][n] for n in sorted(r["float"])] for r in rows]) for key in keys}
 
     def paired(a: str, b: str) -> str:
         low, high = paired_bootstrap_ci(pooled[a], pooled[b])
@@ -53,13 +60,19 @@ def pooled_table(cv_dir: Path, name: str) -> str:
     lines = [f"{name}, {len(folds)} fold{plural} ({', '.join(f.name for f in folds)}), {pooled['float'].size} "
              "test frames (fake-quant, PyTorch)", "",
              "| model | pooled Dice | vs float [95 % CI] | vs trained [95 % CI] |", "|---|---|---|---|"]
-    for key in ("float", "start", "trained", "deployed"):
+    for key in keys:
         against_float = paired(key, "float") if key != "float" else ""
-        against_trained = paired(key, "trained") if key in ("start", "deployed") else ""
+        against_trained = paired(key, "trained") if with_start and key in ("start", "deployed") else ""
         lines.append(f"| {key} | {pooled[key].mean():.4f} | {against_float} | {against_trained} |")
     lines.append("")
     lines.append("deployed per fold: " + ", ".join(f"{f.name} {r['chosen']}" for f, r in zip(folds, rows)))
+    lines.append("mean bits per fold (weights / activations): " + ", ".join(
+        f"{f.name} {_bits(r['bits'])}" for f, r in zip(folds, rows)))
     return "\n".join(lines)
+
+
+def _bits(pair: tuple) -> str:
+    return " / ".join("?" if b is None else f"{b:.2f}" for b in pair)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -145,3 +145,20 @@ def test_pool_selection_pools_the_candidates_over_folds(tmp_path, capsys):
     assert pool.main([str(tmp_path), "--qat", "other"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no fold-*/qat/other/test_metrics.json" in err[0]
+
+    # a learned run keeps no start: deployed against float alone, with its bits; mixed with a start it is refused
+    for fold in (1, 2):
+        floats = json.loads((tmp_path / f"fold-{fold}" / "test_metrics.json").read_text())["per_image"]
+        learned = tmp_path / f"fold-{fold}" / "qat" / "learned"
+        learned.mkdir()
+        (learned / "test_metrics.json").write_text(json.dumps({
+            "per_image": {n: d + 0.02 for n, d in floats.items()}, "mean_weight_bits": 3.9 + fold / 100,
+            "mean_activation_bits": 7.3}))
+    assert pool.main([str(tmp_path), "--qat", "learned"]) == 0
+    out = capsys.readouterr().out
+    assert "| deployed | 0.6700 | +0.0200 [+0.020, +0.020] |  |" in out and "| start |" not in out
+    assert "fold-1 3.91 / 7.30, fold-2 3.92 / 7.30" in out
+    (tmp_path / "fold-2" / "qat" / "learned" / "test_metrics.json").write_text(
+        (tmp_path / "fold-2" / "qat" / "w8" / "test_metrics.json").read_text())
+    assert pool.main([str(tmp_path), "--qat", "learned"]) == 2
+    assert "kept a start on fold-2 only" in capsys.readouterr().err
