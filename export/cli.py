@@ -321,8 +321,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                           "(default: off)")
     qat.add_argument("--keep-start", action=argparse.BooleanOptionalAction, default=None,
                      help="fixed-bit runs: deploy the start (the grid alone, at the float run's T*) unless validation "
-                          "prefers the trained model beyond noise (default: on; --no-keep-start deploys the trained "
-                          "model; both are scored on test either way)")
+                          "prefers the trained model beyond noise (default: on with 8-bit weights, off below; "
+                          "--no-keep-start deploys the trained model; both are scored on test either way)")
     qat.add_argument("--name",
                      help="RUN/qat/NAME (default from --bits: learned, w8a8, w4a4, w4a8; -x86 for --grid x86)")
     qat.add_argument("--resume", action="store_true", help="continue RUN/qat/NAME from its last checkpoint")

@@ -13,8 +13,10 @@ are the bits it deploys (fixed bits, no schedule: `has_start`) keeps its start a
 RUN/qat/NAME/checkpoints/start.pt, written before epoch 1. The start is deployed as the float model is, at the
 float run's T* and morphology: it computes what the float model computes, on the integer grid. The trained
 best.pt, at its own re-tuned T*, replaces it only when the paired bootstrap 95 % interval of per-frame validation
-Dice (trained minus start) lies above zero (`QatConfig.keep_start`, on by default since its pre-registered
-five-fold screen; `--no-keep-start` deploys the trained model; both are scored on test either way).
+Dice (trained minus start) lies above zero (`QatConfig.keep_start`). By default that rule holds for 8-bit weights
+only (`qat.config.default_keep_start`, each by a pre-registered five-fold screen): below 8 bits the grid alone costs
+too much and validation's noise still picks the start now and then. `--keep-start` / `--no-keep-start` choose;
+both candidates are scored on test either way.
 
 best.pt is what tuning, export and the report read; when the start wins, best.pt becomes the start and the loop's
 best is kept as checkpoints/trained.pt, so that choosing again gives the same answer.

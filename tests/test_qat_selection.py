@@ -108,12 +108,17 @@ def qat_learned_run(tiny_run):
                              batch_size=12, device="cpu"))
 
 
-def test_keep_start_is_on_by_default_and_the_flag_turns_it_off(tiny_run, capsys):
+def test_keep_start_is_on_by_default_with_8_bit_weights_off_below_and_the_flag_chooses(tiny_run, capsys):
     from export.cli import main as cli
-    from qat.config import build_qat_config
+    from qat.config import QatConfig, build_qat_config, load_qat_config, to_toml
 
     for recipe in ("quick", "small"):  # the command line's path: no flag given (None) keeps the default
-        assert build_qat_config(recipe, run_dir=str(tiny_run), bits="8", keep_start=None).keep_start
+        for bits, default in (("8", True), ("W8A4", True), ("W4A8", False), ("3", False)):
+            assert build_qat_config(recipe, run_dir=str(tiny_run), bits=bits, keep_start=None).keep_start is default
+        assert build_qat_config(recipe, run_dir=str(tiny_run), bits="W4A8", keep_start=True).keep_start is True
+    written = tiny_run / "w4a8-config.toml"  # resolved when made: the saved config says which, and reads back so
+    written.write_text(to_toml(QatConfig(run_dir=str(tiny_run), bits="W4A8")))
+    assert "keep_start = false" in written.read_text() and load_qat_config(written).keep_start is False
     assert cli(["qat", "--run-dir", str(tiny_run), "--bits", "8", "--epochs", "1", "--no-keep-start",
                 "--name", "w8-flag", "--device", "cpu"]) in (0, None)
     assert "keep_start = false" in (tiny_run / "qat" / "w8-flag" / "config.toml").read_text()

@@ -349,9 +349,16 @@ def test_the_report_command_of_a_fixed_bit_run_says_which_model_it_deploys():
 
     from export.report.rows import qat_command
 
-    assert "keep-start" not in qat_command(Path("runs/edge"), "w8a8", {"bits": "8", "keep_start": True, "epochs": 6})
-    for config in ({"bits": "8", "keep_start": False}, {"bits": "W4A8"}):  # off, or from before the setting
-        assert "--no-keep-start" in qat_command(Path("runs/edge"), "w8a8", config)
+    def command(config):
+        return qat_command(Path("runs/edge"), "run", config)
+
+    # the default for the bits (on with 8-bit weights, off below) names no flag; the other value does
+    for config in ({"bits": "8", "keep_start": True, "epochs": 6}, {"bits": "W4A8", "keep_start": False},
+                   {"bits": "W4A8"}):  # the last: from before the setting, which deployed the trained model
+        assert "keep-start" not in command(config), config
+    for config in ({"bits": "8", "keep_start": False}, {"bits": "W8A4"}):
+        assert "--no-keep-start" in command(config), config
+    assert "--keep-start" in command({"bits": "3", "keep_start": True})
 
 
 # ------------------------------------------------------------------------------------------------ the page and figures

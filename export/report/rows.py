@@ -17,6 +17,7 @@ import numpy as np
 from device_runtime.core.errors import InputError
 from device_runtime.core.fileio import read_json_object
 from device_runtime.core.manifest import MANIFEST_NAME, Manifest, load_manifest
+from qat.config import default_keep_start, parse_bits
 
 KINDS = ("float", "ptq", "uniform", "mixed", "learned")  # the report's row order
 UNIFORM_NAME = re.compile(r"^w(\d)a(\d)$")
@@ -162,9 +163,11 @@ def qat_command(run_dir: Path, name: str, config: dict | None) -> str:
         parts.append(f"--grid {config['grid']}")
     if config.get("epochs"):
         parts.append(f"--epochs {config['epochs']}")
-    # a fixed-bit run that deployed its trained model whatever validation said: off, or from before the setting
-    if not config.get("keep_start") and qat_kind(name, config) != "learned":
-        parts.append("--no-keep-start")
+    # a fixed-bit run whose keep_start is not its bits' default (a run from before the setting had it off)
+    if qat_kind(name, config) != "learned" and "bits" in config:
+        keep_start = bool(config.get("keep_start", False))
+        if keep_start != default_keep_start(parse_bits(bits)):
+            parts.append("--keep-start" if keep_start else "--no-keep-start")
     parts.append(f"--name {name}")
     return " ".join(parts) + f" && nerveseg export --run-dir {run_dir} --qat {name}"
 
