@@ -139,7 +139,7 @@ def qat_config_from_args(args):
 def _qat(args) -> None:
     from qat.run import format_summary, run_qat
 
-    qat_dir = run_qat(qat_config_from_args(args), args.resume)
+    qat_dir = run_qat(qat_config_from_args(args), args.resume, keep_start=args.keep_start)
     print(format_summary(qat_dir))
 
 
@@ -322,7 +322,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     qat.add_argument("--keep-start", action=argparse.BooleanOptionalAction, default=None,
                      help="fixed-bit runs: deploy the start (the grid alone, at the float run's T*) unless validation "
                           "prefers the trained model beyond noise (default: on with 8-bit weights, off below; "
-                          "--no-keep-start deploys the trained model; both are scored on test either way)")
+                          "--no-keep-start deploys the trained model; both are scored on test either way; with --resume "
+                          "a finished run chooses again, without training)")
     qat.add_argument("--name",
                      help="RUN/qat/NAME (default from --bits: learned, w8a8, w4a4, w4a8; -x86 for --grid x86)")
     qat.add_argument("--resume", action="store_true", help="continue RUN/qat/NAME from its last checkpoint")

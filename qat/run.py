@@ -58,11 +58,17 @@ def check_qat_dir(qat_dir: Path, resume: bool) -> bool:
     return resume_from_last(qat_dir, resume)
 
 
-def resolve_config(qcfg: QatConfig, resume: bool) -> QatConfig:
-    """On resume the run's own config.toml, with only epochs and device taken from qcfg."""
+def resolve_config(qcfg: QatConfig, resume: bool, keep_start: bool | None = None) -> QatConfig:
+    """On resume the run's own config.toml, with only epochs and device taken from qcfg, and keep_start where one
+    is given (`--keep-start` / `--no-keep-start`): written back to config.toml, so that the run's choice is made
+    again under it (a finished run is re-scored from its checkpoints, not trained again)."""
     if not resume:
         return qcfg
-    saved = load_qat_config(qcfg.qat_dir / "config.toml")
+    path = qcfg.qat_dir / "config.toml"
+    saved = load_qat_config(path)
+    if keep_start is not None and keep_start != saved.keep_start:
+        saved = saved.replace(keep_start=keep_start)
+        write_text(path, to_toml(saved))
     return saved.replace(run_dir=qcfg.run_dir, epochs=qcfg.epochs, device=qcfg.device)
 
 
@@ -73,11 +79,12 @@ def observation_batches(images: np.ndarray, count: int, batch_size: int, device:
         yield torch.from_numpy(np.ascontiguousarray(frames[start:start + batch_size]))[:, None].to(device)
 
 
-def run_qat(qcfg: QatConfig, resume: bool = False) -> Path:
-    """Fine-tune RUN's best checkpoint with fake quantization; returns RUN/qat/NAME."""
+def run_qat(qcfg: QatConfig, resume: bool = False, keep_start: bool | None = None) -> Path:
+    """Fine-tune RUN's best checkpoint with fake quantization; returns RUN/qat/NAME. On resume, `keep_start` (when
+    not None) replaces the run's own (resolve_config)."""
     float_path = tuned_float_checkpoint(Path(qcfg.run_dir))
     from_last = check_qat_dir(qcfg.qat_dir, resume)  # False after a kill before the first checkpoint: start again
-    qcfg = resolve_config(qcfg, resume)
+    qcfg = resolve_config(qcfg, resume, keep_start)
     with exclusive_run(qcfg.qat_dir):
         return _run_qat(qcfg, float_path, from_last)
 

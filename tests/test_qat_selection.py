@@ -74,6 +74,25 @@ def test_a_run_that_keeps_its_start_deploys_it_at_floats_threshold(tiny_run, sta
     capsys.readouterr()
 
 
+def test_a_finished_run_is_chosen_again_under_the_keep_start_given_on_resume(tiny_run, start_run, capsys):
+    from export.cli import main as cli
+
+    checkpoints, config = start_run / "checkpoints", start_run / "config.toml"
+    trained = read_qat_checkpoint(checkpoints / "trained.pt")
+    resume = ["qat", "--run-dir", str(tiny_run), "--bits", "8", "--name", "w8-start", "--resume", "--device", "cpu"]
+    assert cli(resume + ["--no-keep-start"]) in (0, None)
+    assert "keep_start = false" in config.read_text()  # the run's config says what it deployed
+    assert json.loads((start_run / "test_metrics.json").read_text())["selection"]["chosen"] == "trained"
+    assert _same_weights(read_qat_checkpoint(checkpoints / "best.pt"), trained)
+    assert cli(resume) in (0, None)  # no flag: the run's own setting stands
+    assert "keep_start = false" in config.read_text()
+    assert cli(resume + ["--keep-start"]) in (0, None)  # and back: the start again, the trained model kept
+    assert "keep_start = true" in config.read_text()
+    assert _same_weights(read_qat_checkpoint(checkpoints / "best.pt"), read_qat_checkpoint(checkpoints / "start.pt"))
+    assert _same_weights(read_qat_checkpoint(checkpoints / "trained.pt"), trained)
+    capsys.readouterr()
+
+
 def test_a_kept_start_exports_to_int8_files_that_pass_the_gate_at_floats_threshold(tiny_run, start_run):
     pytest.importorskip("onnxruntime")
     from export.bundle.int8 import export_int8_bundle
