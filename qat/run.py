@@ -84,9 +84,8 @@ def run_qat(qcfg: QatConfig, resume: bool = False, keep_start: bool | None = Non
     not None) replaces the run's own (resolve_config)."""
     float_path = tuned_float_checkpoint(Path(qcfg.run_dir))
     from_last = check_qat_dir(qcfg.qat_dir, resume)  # False after a kill before the first checkpoint: start again
-    qcfg = resolve_config(qcfg, resume, keep_start)
-    with exclusive_run(qcfg.qat_dir):
-        return _run_qat(qcfg, float_path, from_last)
+    with exclusive_run(qcfg.qat_dir):  # resolve_config may rewrite config.toml: not while another process runs it
+        return _run_qat(resolve_config(qcfg, resume, keep_start), float_path, from_last)
 
 
 def _run_qat(qcfg: QatConfig, float_path: Path, from_last: bool) -> Path:

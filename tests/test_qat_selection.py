@@ -76,10 +76,14 @@ def test_a_run_that_keeps_its_start_deploys_it_at_floats_threshold(tiny_run, sta
 
 def test_a_finished_run_is_chosen_again_under_the_keep_start_given_on_resume(tiny_run, start_run, capsys):
     from export.cli import main as cli
+    from training.loop import exclusive_run
 
     checkpoints, config = start_run / "checkpoints", start_run / "config.toml"
     trained = read_qat_checkpoint(checkpoints / "trained.pt")
     resume = ["qat", "--run-dir", str(tiny_run), "--bits", "8", "--name", "w8-start", "--resume", "--device", "cpu"]
+    with exclusive_run(start_run):  # another process holds the run: refused, and its config is left as it was
+        assert cli(resume + ["--no-keep-start"]) == 2
+    assert "keep_start = true" in config.read_text()
     assert cli(resume + ["--no-keep-start"]) in (0, None)
     assert "keep_start = false" in config.read_text()  # the run's config says what it deployed
     assert json.loads((start_run / "test_metrics.json").read_text())["selection"]["chosen"] == "trained"
