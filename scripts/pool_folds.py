@@ -7,9 +7,12 @@ cv-quant does (export.workflows.cv_quant.pool: models matched by name, ORT PTQ b
 intervals) and prints cv-quant's table, with one line saying which file is which fold column.
 
     PYTHONPATH=. python scripts/pool_folds.py docs/results/cv5-small/fold-*.json [--out pooled.md]
-        [--versus w4a4-low-x86:w4a4-x86 ...]
+        [--versus w4a4-low-x86:w4a4-x86 ...] [--other-set OTHER/fold-* --versus NAME:NAME@other]
 
-Each argument is a results.json or a fold folder holding report/results.json.
+Each argument is a results.json or a fold folder holding report/results.json. `--other-set` takes a second fold set
+on the same test frames, fold for fold (the same splits, other fold models: the rebuilt folds and the first ones);
+its rows are named NAME@other in --versus only. Such a pair compares two whole pipelines (float training included)
+on the same frames, and the table says which set each row came from.
 """
 
 from __future__ import annotations
@@ -33,8 +36,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--versus", nargs="+", default=[], metavar="A:B",
                         help="also two rows against each other, A - B paired on the frames both were scored on "
                              "(a protocol's comparisons other than against float and PTQ)")
+    parser.add_argument("--other-set", nargs="+", default=[], metavar="RESULTS",
+                        help="a second fold set on the same test frames, in the same fold order: its rows are "
+                             "NAME@other in --versus")
     args = parser.parse_args(argv)
     return exit_code_of(lambda: run(args), "pool_folds")
+
+
+OTHER = "@other"
+
+
+def with_other_set(folds: list[dict], paths: list[Path], others: list[dict], other_paths: list[Path]) -> list[dict]:
+    """Each fold's rows plus the other set's fold's, renamed NAME@other (kind too: its PTQ row is not this set's);
+    refused unless the sets hold the same folds on the same frames, since the pairs are frame by frame."""
+    if len(others) != len(folds):
+        raise InputError(f"--other-set: {len(others)} fold files for {len(folds)} folds; give them fold for fold")
+    merged = []
+    for fold, path, other, other_path in zip(folds, paths, others, other_paths):
+        if other["test_names"] != fold["test_names"]:
+            raise InputError(f"{other_path}: its test frames are not those of {path}; two fold sets pair only on "
+                             "the same frames")
+        renamed = [{**row, "name": row["name"] + OTHER, "kind": "other set"} for row in other["rows"]]
+        merged.append({**fold, "rows": fold["rows"] + renamed})
+    return merged
+
+
+def _read(path: Path) -> dict:
+    return read_fold_results(path) if path.is_dir() else read_results_file(path)
 
 
 def _pair(text: str) -> tuple[str, str]:
@@ -47,9 +75,13 @@ def _pair(text: str) -> tuple[str, str]:
 def run(args) -> None:
     paths = [Path(a) for a in args.results]
     pairs = [_pair(text) for text in args.versus]  # checked before any file is read
-    folds = [read_fold_results(p) if p.is_dir() else read_results_file(p) for p in paths]
+    folds = [_read(p) for p in paths]
     markdown = format_markdown(Path("pooled"), pool(folds), len(paths), threads=None)
     markdown += "\nFold columns, in order: " + ", ".join(str(p) for p in paths) + "\n"
+    if args.other_set:
+        other_paths = [Path(a) for a in args.other_set]
+        folds = with_other_set(folds, paths, [_read(p) for p in other_paths], other_paths)
+        markdown += "Rows NAME@other: " + ", ".join(str(p) for p in other_paths) + "\n"
     if pairs:
         markdown += "\n| A | B | A - B [95 % CI] (frames) |\n|---|---|---|\n"
         for first, second in pairs:

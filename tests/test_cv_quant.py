@@ -239,3 +239,36 @@ def test_seed_spread_prints_each_rows_spread_and_the_verdicts_that_differ(tmp_pa
     capsys.readouterr()
     assert seed_spread.main(list(map(str, runs))) == 2
     assert "every run needs a scored float row" in capsys.readouterr().err
+
+
+def test_pool_folds_pairs_a_row_with_another_fold_sets_row_on_the_same_frames(tmp_path, capsys):
+    """--other-set: a second fold set (the same splits, other fold models) whose rows are NAME@other in --versus,
+    paired frame by frame; its PTQ row stays apart from this set's; other frames or fold counts are one line, exit 2."""
+    pool_folds = load_script("pool_folds")
+    rebuilt = _kept_files(tmp_path, [
+        {"test_names": ["a", "b"], "rows": [_row("float", "float", [0.5, 0.7], 32.0),
+                                            _row("w5a5", "uniform", [0.5, 0.6], 5.0),
+                                            _row("ORT PTQ (MinMax)", "ptq", [0.5, 0.7], 8.0)]},
+        {"test_names": ["c"], "rows": [_row("float", "float", [0.9], 32.0), _row("w5a5", "uniform", [0.8], 5.0)]}])
+    first = tmp_path / "first"
+    first.mkdir()
+    first_paths = _kept_files(first, [
+        {"test_names": ["a", "b"], "rows": [_row("float", "float", [0.6, 0.6], 32.0),
+                                            _row("w4a4", "uniform", [0.3, 0.5], 4.0),
+                                            _row("ORT PTQ (Percentile)", "ptq", [0.1, 0.1], 8.0)]},
+        {"test_names": ["c"], "rows": [_row("float", "float", [0.8], 32.0), _row("w4a4", "uniform", [0.9], 4.0)]}])
+    assert pool_folds.main([*map(str, rebuilt), "--other-set", *map(str, first_paths),
+                            "--versus", "w5a5:w4a4@other", "float:float@other"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    pair = next(line for line in lines if line.startswith("| w5a5 | w4a4@other |"))
+    assert pair.startswith(f"| w5a5 | w4a4@other | {0.2 / 3:+.4f} [") and pair.endswith(" (3) |")  # a, b, c paired
+    assert "| float | float@other | +0.0333 [" in out
+    assert "w4a4" not in out.split("Fold columns")[0]  # the pooled table is this set's alone
+    assert f"Rows NAME@other: {first_paths[0]}, {first_paths[1]}" in out
+    first_paths[1].write_text(json.dumps({"test_names": ["d"], "rows": [_row("float", "float", [0.8], 32.0)]}))
+    for other, problem in (([first_paths[0]], "1 fold files for 2 folds"),
+                           (first_paths, f"{first_paths[1]}: its test frames are not those of {rebuilt[1]}")):
+        assert pool_folds.main([*map(str, rebuilt), "--other-set", *map(str, other), "--versus", "w5a5:float"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and problem in err[0]
