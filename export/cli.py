@@ -311,11 +311,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     qat.add_argument("--activation-allocation", choices=[a for a in ALLOCATIONS if a],
                      help="fixed activation bits B below 8 (--bits 4, learned-a4): sensitivity = each activation "
                           "B-1 to B+2 bits by its measured sensitivity, mean at most B; recommended below 8 bits "
-                          "(default: all at B)")
+                          "(default: all at B). Learned activation bits with --target-activation-bits B: where they "
+                          "start")
     qat.add_argument("--weight-allocation", choices=[a for a in ALLOCATIONS if a],
                      help="fixed weight bits B below 8 (--bits 4, W4A8): sensitivity = each weight tensor B-1 to B+2 "
                           "bits by its measured sensitivity, mean over live weights at most B; needed at 3 bits "
-                          "(default: all at B)")
+                          "(default: all at B). Learned weight bits with --target-bits B: where they start")
     qat.add_argument("--bias-correction", action="store_true", default=None,
                      help="after the steps are set, give each convolution the float model's channel means (bias) "
                           "(default: off)")

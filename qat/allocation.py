@@ -18,8 +18,11 @@ cliff tables). So the bits are chosen here from measurement instead, once, befor
    tensor starts at its fewest bits, then the move with the largest drop in sensitivity per element-bit that still
    fits is taken, until none fits or none helps. Weights and activations are two budgets, allocated apart.
 
-The bits are then fixed for the whole run (a uniform run with mixed bits): the integers trained are the ones
-exported, and the means in bits.json count them. Measured on usgra-seg's five folds (docs/QUANTIZATION.md): the
+In a fixed-bits run the bits are then fixed for the whole run (a uniform run with mixed bits): the integers trained
+are the ones exported, and the means in bits.json count them. Where the bits learn (`--bits learned` with a whole
+`--target-bits` / `--target-activation-bits`), the allocation under that budget is where they start, instead of
+every tensor at --initial-bits: the gradient and the bit cost move them from there, and the freeze caps the means
+(Uhlich et al.'s learned bitwidths, started from ZeroQ's measurement rather than from a uniform guess). Measured on usgra-seg's five folds (docs/QUANTIZATION.md): the
 activation measurement took bits from the ReLU'd convolution outputs and gave them to the residual stream (residual
 sums, the linear projections feeding them, depthwise outputs), not to the hardswish outputs, and W4A4 went from
 0.049 to 0.025 below float.

@@ -167,10 +167,11 @@ class QatConfig:
     # training frames are the float model's (qat/bias_correction.py)
     bias_correction: bool = False
     # fixed activation bits B below 8 (--bits 4, W4A4, learned-a4): "sensitivity" gives each activation B - 1 .. B + 2
-    # bits by its measured sensitivity, the mean (weighted by elements) at most B (qat/allocation.py); "": all at B
+    # bits by its measured sensitivity, the mean (weighted by elements) at most B (qat/allocation.py); "": all at B.
+    # Learned activation bits with a budget B (target_activation_bits): the same allocation is where they start
     activation_allocation: str = ""
     # fixed weight bits B below 8 (--bits 3, W4A8): the same, each weight tensor B - 1 .. B + 2 bits, the mean
-    # (weighted by live weights, as bits.json's) at most B
+    # (weighted by live weights, as bits.json's) at most B. Learned weight bits with a target B: where they start
     weight_allocation: str = ""
     # fixed-bit runs: deploy the start (the grid alone, at the float run's T*) unless validation prefers the trained
     # model beyond noise (qat/checkpoint.py, `choose`); False: the trained model; None: `default_keep_start`. Both are
@@ -235,26 +236,43 @@ class QatConfig:
             raise InputError(f"--activation-allocation must be sensitivity (or unset), got "
                              f"{self.activation_allocation!r}")
         learned_activations = setting.learned and setting.learned_activations
-        if self.activation_allocation and (learned_activations or setting.activation_bits >= 8):
-            raise InputError(f"--activation-allocation is for fixed activation bits below 8 (e.g. --bits 4 or "
-                             f"learned-a4); --bits {self.bits} "
-                             f"{'learns them' if learned_activations else 'keeps them at 8'}")
+        # learned bits take the allocation as their start, under their budget: one is needed, in whole bits
+        for flag, on, learned, budget, budget_flag in (
+                ("--activation-allocation", self.activation_allocation, learned_activations,
+                 self.target_activation_bits, "--target-activation-bits"),
+                ("--weight-allocation", self.weight_allocation, setting.learned, self.target_bits, "--target-bits")):
+            if on and learned and not (budget > 0 and float(budget).is_integer()):
+                raise InputError(f"{flag} with learned bits starts them from an allocation under their budget: give "
+                                 f"{budget_flag} in whole bits (e.g. 4), got {budget:g}")
+        if self.activation_allocation and not learned_activations and setting.activation_bits >= 8:
+            raise InputError(f"--activation-allocation is for activation bits below 8 (e.g. --bits 4, learned-a4, or "
+                             f"learned bits with --target-activation-bits); --bits {self.bits} keeps them at 8")
         if self.weight_allocation not in ALLOCATIONS:
             raise InputError(f"--weight-allocation must be sensitivity (or unset), got {self.weight_allocation!r}")
-        if self.weight_allocation and (setting.learned or setting.weight_bits >= 8):
-            raise InputError(f"--weight-allocation is for fixed weight bits below 8 (e.g. --bits 4 or W4A8); --bits "
-                             f"{self.bits} {'learns them' if setting.learned else 'keeps them at 8'}")
+        if self.weight_allocation and not setting.learned and setting.weight_bits >= 8:
+            raise InputError(f"--weight-allocation is for weight bits below 8 (e.g. --bits 4, W4A8, or learned bits "
+                             f"with --target-bits); --bits {self.bits} keeps them at 8")
         # at b_min every tensor is already at the floor: nothing to move (and the frame's 8 bits put the activation
         # mean above the budget)
         floor = [flag for flag, on, bits in (("--activation-allocation", self.activation_allocation,
-                                              setting.activation_bits),
-                                             ("--weight-allocation", self.weight_allocation, setting.weight_bits))
+                                              self.allocation_budget("activation")),
+                                             ("--weight-allocation", self.weight_allocation,
+                                              self.allocation_budget("weight")))
                  if on and bits <= self.b_min]
         if floor:
             raise InputError(f"{floor[0]} needs bits above b_min ({self.b_min}) to move any; --bits {self.bits} puts "
                              f"every tensor at the floor")
         if self.bit_schedule:
             parse_bit_schedule(self.bit_schedule, setting, self.epochs)
+
+    def allocation_budget(self, side: str) -> int:
+        """The mean bits an allocation of `side` ("weight" or "activation") may spend: the fixed bits, or a learned
+        side's budget (target_bits, target_activation_bits), where its learned bits then start."""
+        setting = self.bit_setting
+        if side == "weight":
+            return round(self.target_bits) if setting.learned else setting.weight_bits
+        learned = setting.learned and setting.learned_activations
+        return round(self.target_activation_bits) if learned else setting.activation_bits
 
     @property
     def bit_schedule_steps(self) -> list[tuple[int, int]]:

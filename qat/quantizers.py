@@ -241,6 +241,13 @@ class FakeQuant(nn.Module):
             self.log2_range.clamp_(float(torch.log2(n_low * step)), float(torch.log2(n_high * step)))
 
     @torch.no_grad()
+    def start_bits_at(self, bits: int) -> None:
+        """A learning bitwidth starts again from `bits` (inside [b_min, b_max]), at the top of its interval."""
+        if not self.learns_bits or not self.b_min <= bits <= self.b_max:
+            raise ValueError(f"start_bits_at({bits}): needs a learning bitwidth and bits in [{self.b_min}, {self.b_max}]")
+        self._set_range_for_bits(bits)
+
+    @torch.no_grad()
     def freeze_bits(self, bits: int | None = None) -> None:
         """Fix the integer bitwidth (the current one by default); the range parameter stops mattering."""
         bits = self.bits() if bits is None else int(bits)

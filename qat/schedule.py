@@ -89,11 +89,17 @@ class BitPlan:
             self.held.add(id(q))
 
     def allocate(self, bits: dict[int, int]) -> None:
-        """Give these planned quantizers (by id) these bits for good (qat.allocation); before the steps are set."""
+        """Give these planned quantizers (by id) these bits (qat.allocation): for good, or, where the bits learn, as
+        their start (the top of that bitwidth's interval, as --initial-bits starts them); before the steps are set."""
         for key, target in bits.items():
             q, _ = self.targets[key]
             self.targets[key] = (q, target)
-            self._frozen_at(q, target)
+            if not q.learns_bits:
+                self._frozen_at(q, target)
+                continue
+            q.start_bits_at(target)
+            if q.per_channel:
+                q.init_from_tensor(self.weight_owner[id(q)].weight)
 
     def lowered(self) -> list[tuple[FakeQuant, int]]:
         return [(q, bits) for key, (q, bits) in self.targets.items() if key not in self.held]
@@ -246,8 +252,7 @@ def _allocate(plan: BitPlan, model: nn.Module, qcfg: QatConfig, resume: bool,
         plan.allocate({id(q): int(by_name[names[id(q)]]) for q in planned if names[id(q)] in by_name})
         return
     frames = _first_frames(observe(), qcfg.fragile_frames)
-    setting = qcfg.bit_setting
-    budget = setting.weight_bits if side == "weight" else setting.activation_bits
+    budget = qcfg.allocation_budget(side)
     chosen, rows = allocate(model, planned, budget, counts, frames, qcfg.activation_percentile,
                             qcfg.activation_init, say)
     plan.allocate(chosen)

@@ -675,24 +675,69 @@ def test_a_run_allocates_its_activation_bits_and_a_resumed_run_keeps_them(tiny_r
 
 
 
-def test_an_allocation_needs_fixed_bits_below_8_and_above_the_floor():
+def test_an_allocation_needs_bits_below_8_above_the_floor_and_a_whole_budget_where_they_learn():
     from qat.config import QatConfig
 
-    for bits in ("learned", "8", "w4a8", "learned-a8"):
-        with pytest.raises(InputError, match="--activation-allocation"):
+    for bits in ("8", "w4a8", "learned-a8"):
+        with pytest.raises(InputError, match="--activation-allocation is for activation bits below 8"):
             QatConfig(bits=bits, activation_allocation="sensitivity")
     for bits in ("4", "w8a4", "learned-a4"):  # learned weight bits with fixed activations allocate too
         assert QatConfig(bits=bits, activation_allocation="sensitivity").activation_allocation == "sensitivity"
     with pytest.raises(InputError, match="--activation-allocation must be"):
         QatConfig(bits="4", activation_allocation="hessian")
-    for bits in ("learned", "learned-a4", "8", "w8a4"):
-        with pytest.raises(InputError, match="--weight-allocation"):
+    for bits in ("8", "w8a4"):
+        with pytest.raises(InputError, match="--weight-allocation is for weight bits below 8"):
             QatConfig(bits=bits, weight_allocation="sensitivity")
     for bits in ("3", "w4a8", "w4a4"):
         assert QatConfig(bits=bits, weight_allocation="sensitivity").weight_allocation == "sensitivity"
     for flag in ("activation_allocation", "weight_allocation"):  # 2 bits: every tensor already at the floor
         with pytest.raises(InputError, match="above b_min"):
             QatConfig(bits="2", **{flag: "sensitivity"})
+    # learned bits start from the allocation under their budget: it must be given, in whole bits
+    for bits, flag, budget in (("learned", "activation_allocation", "--target-activation-bits"),
+                               ("learned", "weight_allocation", "--target-bits"),
+                               ("learned-a4", "weight_allocation", "--target-bits")):
+        with pytest.raises(InputError, match=f"give {budget} in whole bits"):
+            QatConfig(bits=bits, **{flag: "sensitivity"})
+    with pytest.raises(InputError, match="got 3.5"):
+        QatConfig(bits="learned", target_bits=3.5, weight_allocation="sensitivity")
+    both = QatConfig(bits="learned", target_bits=4.0, target_activation_bits=4.0, weight_allocation="sensitivity",
+                     activation_allocation="sensitivity")
+    assert both.allocation_budget("weight") == both.allocation_budget("activation") == 4
+    assert QatConfig(bits="learned-a3", target_bits=4.0).allocation_budget("activation") == 3
+    with pytest.raises(InputError, match="above b_min"):
+        QatConfig(bits="learned", target_bits=2.0, weight_allocation="sensitivity")
+
+
+def test_learned_bits_start_from_the_allocation_and_learn_from_there(tiny_run, monkeypatch):
+    """`--bits learned --target-bits 4 --target-activation-bits 4` with both allocations: as the first epoch starts,
+    every allocated quantizer is at its allocated bits and still learning (not frozen there, as a fixed-bits run
+    would be); at the freeze both means are capped at 4 and every bitwidth stops learning."""
+    from qat import train as qat_train
+    from qat.run import run_qat
+    from qat.sensitivity import describe
+
+    qcfg = build_qat_config("quick", run_dir=str(tiny_run), bits="learned", name="learned-from-alloc", epochs=2,
+                            bit_epochs=1, target_bits=4.0, target_activation_bits=4.0, observe_frames=4,
+                            fragile_frames=4, activation_range="tight", activation_init="mse",
+                            activation_allocation="sensitivity", weight_allocation="sensitivity", device="cpu")
+    real_epoch, seen = qat_train.train_one_epoch, {}
+
+    def first_epoch(model, *args, **kwargs):
+        if not seen:
+            seen.update({info.name: (info.quantizer.bits(), info.quantizer.learns_bits, info.quantizer)
+                         for info in describe(model)})
+        return real_epoch(model, *args, **kwargs)
+
+    monkeypatch.setattr(qat_train, "train_one_epoch", first_epoch)
+    qat_dir = run_qat(qcfg)
+    rows = json.loads((qat_dir / "allocation.json").read_text())["tensors"]
+    rows += json.loads((qat_dir / "weight_allocation.json").read_text())["tensors"]
+    assert len(rows) > 20 and len({row["bits"] for row in rows}) > 1
+    assert all(seen[row["name"]][:2] == (row["bits"], True) for row in rows)
+    metrics = json.loads((qat_dir / "test_metrics.json").read_text())
+    assert metrics["mean_weight_bits"] <= 4.0 + 1e-9 and metrics["mean_activation_bits"] <= 4.0 + 1e-9
+    assert all(not q.learns_bits for _, _, q in seen.values())  # frozen at the end (the same modules)
 
 
 def test_learned_weight_bits_with_allocated_activations_keep_both_means_at_4(tiny_run):
