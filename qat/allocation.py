@@ -22,10 +22,11 @@ In a fixed-bits run the bits are then fixed for the whole run (a uniform run wit
 are the ones exported, and the means in bits.json count them. Where the bits learn (`--bits learned` with a whole
 `--target-bits` / `--target-activation-bits`), the allocation under that budget is where they start, instead of
 every tensor at --initial-bits: the gradient and the bit cost move them from there, and the freeze caps the means
-(Uhlich et al.'s learned bitwidths, started from ZeroQ's measurement rather than from a uniform guess). Measured on usgra-seg's five folds (docs/QUANTIZATION.md): the
-activation measurement took bits from the ReLU'd convolution outputs and gave them to the residual stream (residual
-sums, the linear projections feeding them, depthwise outputs), not to the hardswish outputs, and W4A4 went from
-0.049 to 0.025 below float.
+(Uhlich et al.'s learned bitwidths, started from ZeroQ's measurement rather than from a uniform guess).
+
+Measured on usgra-seg's five folds (docs/QUANTIZATION.md): the activation measurement took bits from the ReLU'd
+convolution outputs and gave them to the residual stream (residual sums, the linear projections feeding them,
+depthwise outputs), not to the hardswish outputs, and W4A4 went from 0.049 to 0.025 below float.
 """
 
 from __future__ import annotations
