@@ -244,7 +244,8 @@ class FakeQuant(nn.Module):
     def start_bits_at(self, bits: int) -> None:
         """A learning bitwidth starts again from `bits` (inside [b_min, b_max]), at the top of its interval."""
         if not self.learns_bits or not self.b_min <= bits <= self.b_max:
-            raise ValueError(f"start_bits_at({bits}): needs a learning bitwidth and bits in [{self.b_min}, {self.b_max}]")
+            raise ValueError(f"start_bits_at({bits}): needs a learning bitwidth and bits in "
+                             f"[{self.b_min}, {self.b_max}]")
         self._set_range_for_bits(bits)
 
     @torch.no_grad()
