@@ -75,6 +75,9 @@ class BitPlan:
     def _frozen_at(self, q: FakeQuant, bits: int) -> None:
         """Freeze q at `bits`; a weight quantizer's steps are re-chosen for them at once (an activation's need data)."""
         q.freeze_bits(bits)
+        self._weight_steps_for_bits(q)
+
+    def _weight_steps_for_bits(self, q: FakeQuant) -> None:
         if q.per_channel:
             q.init_from_tensor(self.weight_owner[id(q)].weight)
 
@@ -98,8 +101,7 @@ class BitPlan:
                 self._frozen_at(q, target)
                 continue
             q.start_bits_at(target)
-            if q.per_channel:
-                q.init_from_tensor(self.weight_owner[id(q)].weight)
+            self._weight_steps_for_bits(q)
 
     def lowered(self) -> list[tuple[FakeQuant, int]]:
         return [(q, bits) for key, (q, bits) in self.targets.items() if key not in self.held]

@@ -194,7 +194,7 @@ def paired_interval(row: Row, other: Row) -> tuple[float, float] | None:
 def within_margin(delta: float, interval: tuple[float, float] | None, margin: float) -> str:
     """Is a row within `margin` Dice of float? The paired interval's answer, in three states, as the learned run's
     line against its neighbour reads it: a point estimate near the margin would say yes on one seed and no on the
-    next (the demo's W8A8 at -0.0049 and -0.0051) where the frames cannot tell either. Point estimates decide only
+    next (the demo's W8A8 at -0.0048 and -0.0051) where the frames cannot tell either. Point estimates decide only
     where the frames do not pair, and the words say so."""
     edge = -margin - 1e-9  # a difference of means that is the margin to the last printed digit counts as within
     if interval is None:
