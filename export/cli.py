@@ -315,7 +315,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                           "start")
     qat.add_argument("--weight-allocation", choices=[a for a in ALLOCATIONS if a],
                      help="fixed weight bits B below 8 (--bits 4, W4A8): sensitivity = each weight tensor B-1 to B+2 "
-                          "bits by its measured sensitivity, mean over live weights at most B; needed at 3 bits "
+                          "bits by its measured sensitivity, mean over live weights at most B; needed at 3 bits; at "
+                          "--bits 2 both allocations may give one bit (binary weights, [0, 1] ReLU'd activations) "
                           "(default: all at B). Learned weight bits with --target-bits B: where they start")
     qat.add_argument("--bias-correction", action="store_true", default=None,
                      help="after the steps are set, give each convolution the float model's channel means (bias) "

@@ -24,6 +24,10 @@ are the ones exported, and the means in bits.json count them. Where the bits lea
 every tensor at --initial-bits: the gradient and the bit cost move them from there, and the freeze caps the means
 (Uhlich et al.'s learned bitwidths, started from ZeroQ's measurement rather than from a uniform guess).
 
+At a 2-bit budget the fixed bits may go down to one (binary weights, [0, 1] activations read through ReLU;
+qat/quantizers.py): every grid has at least 2 bits otherwise, the frame's 8 bits put the activation mean above 2, and
+nothing could move.
+
 Measured on usgra-seg's five folds (docs/QUANTIZATION.md): the activation measurement took bits from the ReLU'd
 convolution outputs and gave them to the residual stream (residual sums, the linear projections feeding them,
 depthwise outputs), not to the hardswish outputs, and W4A4 went from 0.049 to 0.025 below float.
@@ -44,9 +48,12 @@ BITS_BELOW, BITS_ABOVE = 1, 2  # a tensor may take the run's activation bits B f
 
 
 def bit_choices(quantizer: FakeQuant, budget: int) -> list[int]:
-    """The bitwidths one quantizer may be given: B - 1 .. B + 2, inside its [b_min, b_max] (tight grids <= 7)."""
+    """The bitwidths one quantizer may be given: B - 1 .. B + 2, inside its [b_min, b_max] (tight grids <= 7). A
+    fixed bitwidth goes down to 1 where one bit has a grid (FakeQuant.takes_one_bit: binary weights, [0, 1] for a
+    ReLU'd activation), so that a 2-bit budget has bits to move; learned bits stay at b_min or above."""
     top = min(quantizer.b_max, TIGHT_MAX_BITS if quantizer.tight else 8)
-    return [b for b in range(budget - BITS_BELOW, budget + BITS_ABOVE + 1) if quantizer.b_min <= b <= top]
+    floor = 1 if not quantizer.learns_bits and quantizer.takes_one_bit and quantizer.b_min <= 2 else quantizer.b_min
+    return [b for b in range(budget - BITS_BELOW, budget + BITS_ABOVE + 1) if floor <= b <= top]
 
 
 def choose_bits(costs: dict[Hashable, dict[int, float]], elements: dict[Hashable, int],

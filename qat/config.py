@@ -171,7 +171,9 @@ class QatConfig:
     # Learned activation bits with a budget B (target_activation_bits): the same allocation is where they start
     activation_allocation: str = ""
     # fixed weight bits B below 8 (--bits 3, W4A8): the same, each weight tensor B - 1 .. B + 2 bits, the mean
-    # (weighted by live weights, as bits.json's) at most B. Learned weight bits with a target B: where they start
+    # (weighted by live weights, as bits.json's) at most B. Learned weight bits with a target B: where they start.
+    # At a fixed B = 2 both allocations may give one bit where a grid exists (binary weights, [0, 1] activations
+    # read through ReLU: qat.allocation.bit_choices)
     weight_allocation: str = ""
     # fixed-bit runs: deploy the start (the grid alone, at the float run's T*) unless validation prefers the trained
     # model beyond noise (qat/checkpoint.py, `choose`); False: the trained model; None: `default_keep_start`. Both are
@@ -252,15 +254,18 @@ class QatConfig:
         if self.weight_allocation and not setting.learned and setting.weight_bits >= 8:
             raise InputError(f"--weight-allocation is for weight bits below 8 (e.g. --bits 4, W4A8, or learned bits "
                              f"with --target-bits); --bits {self.bits} keeps them at 8")
-        # at b_min every tensor is already at the floor: nothing to move (and the frame's 8 bits put the activation
-        # mean above the budget)
-        floor = [flag for flag, on, bits in (("--activation-allocation", self.activation_allocation,
-                                              self.allocation_budget("activation")),
-                                             ("--weight-allocation", self.weight_allocation,
-                                              self.allocation_budget("weight")))
-                 if on and bits <= self.b_min]
+        # at the floor every tensor is already there: nothing to move (and the frame's 8 bits put the activation mean
+        # above the budget). Learned bits stop at b_min; fixed ones go down to 1 where one bit has a grid
+        # (qat.allocation.bit_choices), so a 2-bit budget can move them
+        fixed_floor = 1 if self.b_min <= 2 else self.b_min
+        floor = [(flag, lowest) for flag, on, bits, lowest in (
+                     ("--activation-allocation", self.activation_allocation, self.allocation_budget("activation"),
+                      self.b_min if learned_activations else fixed_floor),
+                     ("--weight-allocation", self.weight_allocation, self.allocation_budget("weight"),
+                      self.b_min if setting.learned else fixed_floor))
+                 if on and bits <= lowest]
         if floor:
-            raise InputError(f"{floor[0]} needs bits above b_min ({self.b_min}) to move any; --bits {self.bits} puts "
+            raise InputError(f"{floor[0][0]} needs bits above {floor[0][1]} to move any; --bits {self.bits} puts "
                              f"every tensor at the floor")
         if self.bit_schedule:
             parse_bit_schedule(self.bit_schedule, setting, self.epochs)

@@ -55,6 +55,15 @@ bits of magnitude (3 bits: 4 levels instead of 8). Below 8 bits the range lies i
 exporter's Clip keeps the b-bit range), so TensorRT and ONNX Runtime run it exactly; at most 7 bits. With the
 share r of the levels below zero, b_c = log2(q_max / d + 1) - log2(1 - r) (signed r = 1/2, unsigned 0).
 
+One-bit grids (a fixed bitwidth of 1, given only by the allocation at a 2-bit budget, qat/allocation.py): a
+weight's is binary, scale x {-1, +1} by the sign (BinaryConnect, Courbariaux et al. 2015; per-channel scale as in
+XNOR-Net, Rastegari et al. 2016, initialised to mean |w| and learned by LSQ): a signed 1-bit grid
+[-(2^0 - 1), 2^0 - 1] would be {0} alone, and the narrow 2-bit grid is ternary. An activation's is [0, 1], only
+where the grid is unsigned or tight with every reader applying ReLU (`takes_one_bit`): the ReLU'd tensor is either
+zero or one step. Both are int8 integers with zero point 0 (the weights stored as computed, the activation by
+QuantizeLinear after the Clip to [0, s]), so TensorRT and ONNX Runtime run them as the model does. Learned bits
+stay in [b_min, b_max], b_min >= 2.
+
 Ceil (not round) follows Uhlich et al.: the integer grid always covers the learned range. When the bits are
 frozen (`freeze_bits`, or a uniform `--bits` run) the integer b is stored in the buffer `frozen_bits` and the
 range parameter is no longer used; the step goes on learning by LSQ.
@@ -71,8 +80,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .ste import FakeQuantFunction
-from .step_init import Observation, covering_grid, mse_activation_grid, mse_steps
+from .ste import BinaryFakeQuantFunction, FakeQuantFunction
+from .step_init import Observation, binary_steps, covering_grid, mse_activation_grid, mse_steps
 
 # ceil(b_c - CEIL_MARGIN): a range exactly at the top of a bitwidth's interval (e.g. q_max = 127 d) gives that
 # bitwidth even when log2 rounds a hair above the integer.
@@ -81,7 +90,8 @@ TIGHT_MAX_BITS = 7  # [-z, 2^b - 1 - z] fits int8 with zero point 0 up to 7 bits
 
 
 class QuantParams(NamedTuple):
-    """Everything an exporter needs: fq(x) == clamp(round(x / scale), qmin, qmax) * scale in eval mode."""
+    """Everything an exporter needs: fq(x) == clamp(round(x / scale), qmin, qmax) * scale in eval mode (binary
+    weights, bits 1: sign(x) * scale, qmin -1, qmax 1; their integers come from quantize_integers)."""
 
     scale: torch.Tensor  # 0-d (per tensor) or [C] (per output channel, axis 0), float32
     qmin: int
@@ -180,8 +190,20 @@ class FakeQuant(nn.Module):
         """The integer bitwidth used by the forward pass now."""
         return int(self.bits_ste().detach().round())
 
+    @property
+    def takes_one_bit(self) -> bool:
+        """Whether a fixed bitwidth of 1 has a grid here (module doc): weights (binary), unsigned activations, and
+        tight ones every reader takes through ReLU ([0, 1])."""
+        return self.per_channel or self.unsigned or self.relu_read
+
+    def binary(self, bits: int) -> bool:
+        """Whether `bits` puts this quantizer on the binary weight grid {-1, +1} (no zero: the sign, not round)."""
+        return self.per_channel and bits == 1
+
     def integer_range(self, bits: int) -> tuple[int, int]:
-        """(qmin, qmax) of this quantizer's grid at `bits`."""
+        """(qmin, qmax) of this quantizer's grid at `bits` (binary weights: (-1, 1), without the 0)."""
+        if self.binary(bits):
+            return -1, 1
         if not self.tight:
             return integer_range(bits, self.narrow, self.unsigned)
         below = min(max(round(float(self.negative_share) * 2 ** bits), 0), 2 ** (bits - 1))
@@ -252,6 +274,9 @@ class FakeQuant(nn.Module):
     def freeze_bits(self, bits: int | None = None) -> None:
         """Fix the integer bitwidth (the current one by default); the range parameter stops mattering."""
         bits = self.bits() if bits is None else int(bits)
+        if not (2 <= bits <= 8 or (bits == 1 and self.takes_one_bit)):
+            raise ValueError(f"freeze_bits({bits}): this quantizer's grids have 2-8 bits"
+                             + ("" if self.takes_one_bit else " (one bit: weights, or activations read through ReLU)"))
         self.frozen_bits.fill_(bits)
         self.log2_range.requires_grad_(False)
 
@@ -276,6 +301,8 @@ class FakeQuant(nn.Module):
         scale = self._shaped(self.step(), x)
         per_step = x.numel() // max(1, scale.numel())
         grad_factor = 1.0 / math.sqrt(per_step * qmax)
+        if self.binary(b):
+            return BinaryFakeQuantFunction.apply(x, scale, grad_factor)
         return FakeQuantFunction.apply(x, scale, bits, qmin, qmax, grad_factor, self._share())
 
     def in_steps(self, x: torch.Tensor) -> torch.Tensor:
@@ -285,6 +312,8 @@ class FakeQuant(nn.Module):
     def to_grid(self, steps: torch.Tensor) -> torch.Tensor:
         """in_steps' values rounded and clamped to the grid, as float (exact small integers)."""
         p = self.export_params()
+        if self.binary(p.bits):
+            return torch.where(steps >= 0, 1.0, -1.0).to(steps.dtype)
         return torch.clamp(torch.round(steps), p.qmin, p.qmax)
 
     def quantize_integers(self, x: torch.Tensor) -> torch.Tensor:
@@ -349,10 +378,11 @@ class FakeQuant(nn.Module):
 
     @torch.no_grad()
     def init_from_tensor(self, w: torch.Tensor) -> None:
-        """Set the step from a weight tensor (per channel when per_channel), MSE-best clip at the current bits."""
+        """Set the step from a weight tensor (per channel when per_channel), MSE-best clip at the current bits (at one
+        bit the closed form, mean |w|)."""
         rows = (w.detach().reshape(w.shape[0], -1) if self.per_channel else w.detach().reshape(1, -1)).float().cpu()
         bits = self.bits()
-        best_step = mse_steps(rows, *self.integer_range(bits))
+        best_step = binary_steps(rows) if self.binary(bits) else mse_steps(rows, *self.integer_range(bits))
         target = best_step if self.per_channel else best_step[0]
         self.log2_step.copy_(torch.log2(target).to(self.log2_step.device).reshape(self.log2_step.shape))
         if self.learns_bits:
@@ -360,7 +390,7 @@ class FakeQuant(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "per-channel" if self.per_channel else "per-tensor"
-        grid = ("unsigned" if self.unsigned else "tight" if self.tight else "narrow signed" if self.narrow
-                else "full signed")
+        grid = ("binary" if self.binary(self.bits()) else "unsigned" if self.unsigned else "tight" if self.tight
+                else "narrow signed" if self.narrow else "full signed")
         state = "learned" if self.learns_bits else "frozen"
         return f"{kind}, {grid}, bits={self.bits()} ({state}, range [{self.b_min}, {self.b_max}])"

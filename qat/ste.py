@@ -1,5 +1,6 @@
 """The autograd functions of fake quantization: the LSQ step gradient (Esser et al. 2020), the straight-through
-input gradient, the bitwidth gradient through the clipping levels (Uhlich et al. 2020), and a straight-through round.
+input gradient, the bitwidth gradient through the clipping levels (Uhlich et al. 2020), one-bit (binary) weights,
+and a straight-through round.
 FakeQuant (qat/quantizers.py) says what is learned and why.
 """
 
@@ -51,6 +52,31 @@ class FakeQuantFunction(torch.autograd.Function):
                 grad_bits = (grad * scale * sides).sum() * slope
             grad_bits = grad_bits.reshape(bits.shape)
         return grad_x, grad_scale, grad_bits, None, None, None, None
+
+
+class BinaryFakeQuantFunction(torch.autograd.Function):
+    """A one-bit weight grid: scale x (+1 where x >= 0, else -1), per output channel (BinaryConnect, Courbariaux et
+    al. 2015; the per-channel scale as in XNOR-Net, Rastegari et al. 2016, but learned by LSQ). The two levels have
+    no zero, so it is not clamp(round(x / scale)): the integers are the sign. Gradients: x straight through where
+    |x / scale| <= 1 (the grid's range, as LSQ's clip; BNN's hardtanh estimator, Hubara et al. 2016), the scale's by
+    LSQ's rule for a clipped element (d(scale x q) / d scale = q, times grad_factor)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, grad_factor: float):
+        ctx.save_for_backward(x, scale)
+        ctx.grad_factor = grad_factor
+        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale = ctx.saved_tensors
+        grad_x = grad * ((x / scale).abs() <= 1) if ctx.needs_input_grad[0] else None
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            signs = torch.where(x >= 0, 1.0, -1.0).to(grad.dtype)
+            dims = [d for d in range(x.dim()) if scale.dim() == 0 or scale.shape[d] == 1]
+            grad_scale = (grad * signs * ctx.grad_factor).sum(dim=dims, keepdim=True).reshape(scale.shape)
+        return grad_x, grad_scale, None
 
 
 class _RoundSTE(torch.autograd.Function):

@@ -59,6 +59,12 @@ def mse_steps(rows: torch.Tensor, qmin: int, qmax: int, fractions: torch.Tensor 
     return best_step
 
 
+def binary_steps(rows: torch.Tensor) -> torch.Tensor:
+    """(R,) steps of the rows (R, M) on the one-bit grid {-1, +1}: mean |row|, the least squared error of
+    step x sign(x) against x (XNOR-Net's scale, Rastegari et al. 2016), in closed form."""
+    return rows.abs().mean(dim=1).clamp_min(1e-8)
+
+
 def quantization_mse(values: torch.Tensor, step: float, qmin: int, qmax: int) -> float:
     """mean((clamp(round(x / step), qmin, qmax) x step - x)^2)."""
     return float(((torch.clamp(torch.round(values / step), qmin, qmax) * step - values) ** 2).mean())

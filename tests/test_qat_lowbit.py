@@ -690,9 +690,10 @@ def test_an_allocation_needs_bits_below_8_above_the_floor_and_a_whole_budget_whe
             QatConfig(bits=bits, weight_allocation="sensitivity")
     for bits in ("3", "w4a8", "w4a4"):
         assert QatConfig(bits=bits, weight_allocation="sensitivity").weight_allocation == "sensitivity"
-    for flag in ("activation_allocation", "weight_allocation"):  # 2 bits: every tensor already at the floor
-        with pytest.raises(InputError, match="above b_min"):
-            QatConfig(bits="2", **{flag: "sensitivity"})
+    for flag in ("activation_allocation", "weight_allocation"):  # fixed 2 bits may move down to one bit
+        assert QatConfig(bits="2", **{flag: "sensitivity"}).allocation_budget("weight") == 2
+        with pytest.raises(InputError, match="above 3"):  # a floor of 3 asked for: nothing below to move
+            QatConfig(bits="3", b_min=3, **{flag: "sensitivity"})
     # learned bits start from the allocation under their budget: it must be given, in whole bits
     for bits, flag, budget in (("learned", "activation_allocation", "--target-activation-bits"),
                                ("learned", "weight_allocation", "--target-bits"),
@@ -705,7 +706,7 @@ def test_an_allocation_needs_bits_below_8_above_the_floor_and_a_whole_budget_whe
                      activation_allocation="sensitivity")
     assert both.allocation_budget("weight") == both.allocation_budget("activation") == 4
     assert QatConfig(bits="learned-a3", target_bits=4.0).allocation_budget("activation") == 3
-    with pytest.raises(InputError, match="above b_min"):
+    with pytest.raises(InputError, match="above 2"):  # learned bits stop at b_min: no one-bit grid
         QatConfig(bits="learned", target_bits=2.0, weight_allocation="sensitivity")
 
 
