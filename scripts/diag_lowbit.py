@@ -23,7 +23,8 @@ RUN is a tuned float run (checkpoints/best.pt). Everything is measured on its va
   means (what a learned run's freeze did before 2026-12-06), and after one towards its own means (what it does now).
 - allocation: where RUN/qat/NAME (a learned-bits run) spends its bits, by kind: each kind's share of the live weights
   and of the convolution inputs' elements (the weights of the run's means, qat.bits), its mean bits and their range;
-  set beside the sensitivity or cliff table, whether the bits went where the damage is. No frame is scored.
+  set beside the sensitivity or cliff table, whether the bits went where the damage is. Where the run's bits were
+  allocated (allocation.json, weight_allocation.json), how many moved from there, by kind. No frame is scored.
 - cliff: RUN/qat/NAME's best checkpoint (a fine-tuned low-bit run, e.g. W4A4) with its sub-8-bit quantizers lowered
   to --cliff-bits as a bit schedule's next stage lowers them (steps re-chosen, biases corrected towards the model's
   own means): all of them, each kind alone, all but each kind, then kinds kept at the run's bits one by one (the most
@@ -279,6 +280,34 @@ def table_allocation(run_dir: Path, qat_name: str) -> dict:
             print(f"  {kind:<28} {r['count']:>5} {r['share']:>7.1%} {r['mean_bits']:>9.2f} "
                   f"{r['min_bits']:>3}-{r['max_bits']:<3}")
         print(f"  {'all':<28} {'':>5} {'':>7} {found[f'mean_{side[:-1]}_bits']:>9.2f}")
+    found["moved"] = moved_from_allocation(path.parents[1], model)
+    return found
+
+
+def moved_from_allocation(qat_dir: Path, model) -> dict:
+    """How far the bits moved from the allocation they started at (allocation.json, weight_allocation.json; absent:
+    {}): {"weights" | "activations": {kind: {"tensors", "changed", "mean_change"}}}, by quantizer, the model's bits
+    now against the allocated ones. Zero for fixed bits; where the bits learned, what the gradient and the freeze did."""
+    from qat.schedule import ALLOCATION_FILES
+
+    now = {info.name: info.quantizer.bits() for info in describe(model)}
+    found = {}
+    for side, name in ALLOCATION_FILES.items():
+        path = qat_dir / name
+        if not path.is_file():
+            continue
+        by_kind = defaultdict(list)
+        for row in json.loads(path.read_text(encoding="utf-8"))["tensors"]:
+            by_kind[row["kind"]].append(now[row["name"]] - row["bits"])
+        table = {kind: {"tensors": len(changes), "changed": sum(c != 0 for c in changes),
+                        "mean_change": sum(changes) / len(changes)} for kind, changes in by_kind.items()}
+        found[f"{side}s"] = table
+        changed = sum(r["changed"] for r in table.values())
+        print(f"  {side} bits moved from the allocation ({name}): {changed} of "
+              f"{sum(r['tensors'] for r in table.values())} tensors")
+        for kind, r in sorted(table.items()):
+            if r["changed"]:
+                print(f"    {kind:<26} {r['changed']:>3} of {r['tensors']:<3} mean change {r['mean_change']:+.2f} bits")
     return found
 
 

@@ -2,6 +2,7 @@
 at a 2-bit budget; the exported graph holds the integers the fake-quant model computes."""
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -146,6 +147,7 @@ def test_a_2_bit_run_allocates_one_bit_tensors_within_both_budgets(tiny_run):
     """`--bits 2 --grid x86` with both allocations (refused before one-bit grids: every tensor was at its floor):
     the allocation gives some weights and some ReLU'd activations one bit, never an activation without a one-bit
     grid, and bits.json's means (the frame's 8 bits in the activations') are at most 2."""
+    from conftest import load_script
     from qat.checkpoint import load_qat_model, trained_checkpoint
     from qat.run import run_qat
     from qat.sensitivity import describe
@@ -164,3 +166,18 @@ def test_a_2_bit_run_allocates_one_bit_tensors_within_both_budgets(tiny_run):
     assert all(q.takes_one_bit for q in one_bit.values())
     bits = json.loads((qcfg.qat_dir / "bits.json").read_text())
     assert bits["mean_weight_bits"] <= 2.0 + 1e-9 and bits["mean_activation_bits"] <= 2.0 + 1e-9
+    # diag_lowbit's allocation table: the one-bit share by kind, and no bit moved from the allocation (fixed bits)
+    diag = load_script("diag_lowbit")
+    found = diag.table_allocation(tiny_run, qcfg.name)
+    assert min(r["min_bits"] for r in found["weights"].values()) == 1
+    assert set(found["moved"]) == {"weights", "activations"}
+    assert all(r["changed"] == 0 for side in found["moved"].values() for r in side.values())
+    # a start that differs from the model's bits in one tensor (as learned bits move) is counted there
+    moved = qcfg.qat_dir.parent / "w2a2-alloc-moved"
+    shutil.copytree(qcfg.qat_dir, moved)
+    allocation = json.loads((moved / "allocation.json").read_text())
+    row = next(r for r in allocation["tensors"] if r["bits"] == 1)
+    row["bits"] = 3
+    (moved / "allocation.json").write_text(json.dumps(allocation))
+    table = diag.table_allocation(tiny_run, moved.name)["moved"]["activations"][row["kind"]]
+    assert table["changed"] == 1 and table["mean_change"] == pytest.approx(-2 / table["tensors"])
