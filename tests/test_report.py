@@ -487,3 +487,18 @@ def test_the_page_fits_a_laptop_says_how_each_row_was_scored_and_tables_the_mach
     assert html.escape(sentence) in page
     assert "w8a8" in sentence.split(";")[0] and "w5a5" in sentence.split(";")[1] and "fake-quant" in sentence
     assert "| 1 | float |" in render_markdown("t", records, [], [], [], [], env, data)
+
+
+def test_the_console_table_keeps_its_columns_under_a_long_run_name(capsys):
+    from export.report.rows import Row
+    from export.report.write import print_table
+
+    rows = [Row(name="float", kind="float", mean_weight_bits=32.0, mean_activation_bits=32.0, metrics={"dice": 0.64},
+                scored_by="ONNX Runtime CPU, model.fp32.onnx"),
+            Row(name="learned-44-from-alloc-x86-long", kind="learned", mean_weight_bits=3.97, mean_activation_bits=3.99,
+                metrics={"dice": 0.645}, scored_by="ONNX Runtime CPU, model.int8.cpu.onnx")]
+    print_table(rows, 1)
+    lines = capsys.readouterr().out.splitlines()
+    assert len({lines[0].index("scored by")} | {line.index("ONNX") for line in lines[1:]}) == 1
+    weight_bits_ends = [lines[0].index("W bits") + 6, lines[1].index("32.00") + 5, lines[2].index("3.97") + 4]
+    assert len(set(weight_bits_ends)) == 1

@@ -376,7 +376,8 @@ def write_report(run_dir: str | Path, threads: int = 2, latency_runs: int = 50, 
 
 def print_table(rows: list[Row], threads: int) -> None:
     """The short console table: the columns a reader compares first."""
-    print(f"{'model':<22}{'W bits':>7}{'A bits':>7}{'Dice':>8}{'95% CI':>17}{'dDice':>9}{'T*':>6}{'INT8 MB':>9}"
+    width = max([22] + [len(row.name) + 1 for row in rows])  # a long run name keeps the columns aligned
+    print(f"{'model':<{width}}{'W bits':>7}{'A bits':>7}{'Dice':>8}{'95% CI':>17}{'dDice':>9}{'T*':>6}{'INT8 MB':>9}"
           f"{'packed MB':>10}{f'ms ({threads}t)':>9}  scored by")
     for row in rows:
         r = row_record(row, threads)
@@ -387,7 +388,7 @@ def print_table(rows: list[Row], threads: int) -> None:
         ci = f"[{row.dice_ci[0]:.3f},{row.dice_ci[1]:.3f}]" if row.dice_ci else "–"
         int8 = f"{r['int8_bytes'] / 1e6:.2f}" if r["int8_bytes"] else "–"
         packed = f"{r['packed_bytes'] / 1e6:.2f}" if r["packed_bytes"] else "–"
-        print(f"{row.name:<22}{f('mean_weight_bits', '{:.2f}'):>7}{f('mean_activation_bits', '{:.2f}'):>7}"
+        print(f"{row.name:<{width}}{f('mean_weight_bits', '{:.2f}'):>7}{f('mean_activation_bits', '{:.2f}'):>7}"
               f"{f('dice', '{:.4f}'):>8}{ci:>17}{f('delta_dice_vs_float', '{:+.4f}'):>9}{f('threshold', '{:.2f}'):>6}"
               f"{int8:>9}{packed:>10}"
               f"{f('latency_ms', '{:.1f}'):>9}  {row.scored_by or row.status + ': ' + row.note}")
