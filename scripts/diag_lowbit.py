@@ -2,7 +2,7 @@
 run's trajectories (issue 33; docs/QUANTIZATION.md, "Low-bit activations").
 
     PYTHONPATH=. python scripts/diag_lowbit.py --run-dir RUN [--qat NAME] [--tables sensitivity ranges drift
-        trajectory bias-reference cliff allocation] [--variants 4:pct 3:pct 3:mse-tight] [--cliff-bits 3]
+        trajectory bias-reference cliff allocation start-kinds] [--variants 4:pct 3:pct 3:mse-tight] [--cliff-bits 3]
         [--val-frames N] [--observe-frames 32] [--top 25] [--json OUT]
 
 RUN is a tuned float run (checkpoints/best.pt). Everything is measured on its validation split, best-threshold Dice
@@ -30,6 +30,9 @@ RUN is a tuned float run (checkpoints/best.pt). Everything is measured on its va
   own means): all of them, each kind alone, all but each kind, then kinds kept at the run's bits one by one (the most
   harmful alone first) until within 0.05 of the run; validation Dice before any training at the new bits. Which
   kinds' last bit the model cannot lose (fold 2's W3A3 died in one epoch after the 4 -> 3 stage).
+- start-kinds: RUN/qat/NAME's start (a fixed-bits run's model before epoch 1, e.g. an allocated W2A2) as started,
+  and with the float model's biases (its bias correction undone): weights alone, activations alone, each activation
+  kind below 8 bits alone and all but it. Which side and which kinds kill it before any training.
 """
 
 from __future__ import annotations
@@ -59,8 +62,9 @@ from training.checkpoint import load_model
 from training.stages import split_arrays
 from training.train import validate
 
-TABLES = ("sensitivity", "ranges", "drift", "trajectory", "bias-reference", "cliff", "allocation")
-WITH_QAT = {"trajectory", "bias-reference", "cliff", "allocation"}  # the tables of one QAT run (--qat)
+TABLES = ("sensitivity", "ranges", "drift", "trajectory", "bias-reference", "cliff", "allocation", "start-kinds")
+# the tables of one QAT run (--qat)
+WITH_QAT = {"trajectory", "bias-reference", "cliff", "allocation", "start-kinds"}
 
 
 def parse_variant(text: str) -> tuple[int, str, bool]:
@@ -311,6 +315,55 @@ def moved_from_allocation(qat_dir: Path, model) -> dict:
     return found
 
 
+def table_start_kinds(run_dir: Path, qat_name: str, val_frames: int, observe_frames: int) -> dict:
+    """The start-kinds table (module doc): RUN/qat/NAME's start (checkpoints/start.pt, a fixed-bits run's model before
+    epoch 1), scored as it is, with the float model's biases (the bias correction undone), then with those biases:
+    weights alone, activations alone, and each activation kind below 8 bits alone and all but it. Which side and
+    which kinds the model cannot hold together, before any training."""
+    from qat.checkpoint import START_NAME, build_qat_model
+
+    path = run_dir / "qat" / qat_name / "checkpoints" / START_NAME
+    if not path.is_file():
+        raise InputError(f"{path}: not found (start-kinds needs a fixed-bits run's start)")
+    model, checkpoint, cfg, qcfg = load_qat_model(path)
+    frames = RunFrames(run_dir, cfg, val_frames, observe_frames)
+    found = {"as started": frames.score(model)}
+    float_model = load_model(run_dir / "checkpoints" / "best.pt")[0]
+    folded = dict(quant_convs(build_qat_model(checkpoint["arch"], qcfg, float_model, init_steps=False)))
+    with torch.no_grad():
+        for name, conv in quant_convs(model):
+            conv.bias.copy_(folded[name].bias)
+    infos = describe(model)
+    weights = [i.quantizer for i in infos if i.is_weight]
+    kinds = defaultdict(list)
+    for info in infos:
+        if not info.is_weight and info.quantizer.bits() < 8:
+            kinds[info.kind].append(info.quantizer)
+    lowered = [q for qs in kinds.values() for q in qs]
+
+    def score(active) -> float:
+        with only_quantizers(model, active):
+            return frames.score(model)
+
+    found["float biases: all quantized"] = frames.score(model)
+    found["float biases: none (the float model)"] = score([])
+    found["float biases: weights alone"] = score(weights)
+    found["float biases: activations alone"] = score(lowered)
+    by_kind = {}
+    for kind, qs in kinds.items():
+        rest = [q for q in lowered if all(q is not k for k in qs)]
+        by_kind[kind] = {"bits": sorted(q.bits() for q in qs), "alone": score(qs), "all but it": score(rest)}
+    found["activation kinds"] = by_kind
+    print(f"\nStart by kind: {path} ({len(frames.val)} validation frames, best-threshold Dice)")
+    for key, value in found.items():
+        if key != "activation kinds":
+            print(f"  {key:<44} {value:.3f}")
+    print(f"  {'activation kind (float biases, weights float)':<44} {'alone':>6} {'all but it':>10}  bits")
+    for kind, r in by_kind.items():
+        print(f"  {kind:<44} {r['alone']:>6.3f} {r['all but it']:>10.3f}  {r['bits']}")
+    return found
+
+
 def table_bias_reference(run_dir: Path, qat_name: str, val_frames: int, observe_frames: int) -> dict:
     run = QatRun(run_dir, qat_name, val_frames, observe_frames)
     path, model, frames, score, val = run.path, run.model, run.observe_batches, run.score, run.val
@@ -442,6 +495,8 @@ def main() -> None:
             found["cliff"] = table_cliff(run_dir, args.qat, args.cliff_bits, args.val_frames, args.observe_frames)
         if "allocation" in args.tables and args.qat:
             found["allocation"] = table_allocation(run_dir, args.qat)
+        if "start-kinds" in args.tables and args.qat:
+            found["start_kinds"] = table_start_kinds(run_dir, args.qat, args.val_frames, args.observe_frames)
         if set(args.tables) - WITH_QAT:
             ctx = Context(run_dir, args.val_frames, args.observe_frames, args.percentile)
             with only_quantizers(ctx.model):

@@ -14,6 +14,7 @@ from qat.allocation import bit_choices
 from qat.config import build_qat_config
 from qat.prepare import activation_quantizers, initialise_steps, prepare_qat, quant_convs
 from qat.quantizers import FakeQuant
+from device_runtime.core.errors import InputError
 
 
 def _binary(w: torch.Tensor) -> FakeQuant:
@@ -149,12 +150,14 @@ def test_a_2_bit_run_allocates_one_bit_tensors_within_both_budgets(tiny_run):
     grid, and bits.json's means (the frame's 8 bits in the activations') are at most 2."""
     from conftest import load_script
     from qat.checkpoint import load_qat_model, trained_checkpoint
+    from training.checkpoint import load_model
     from qat.run import run_qat
     from qat.sensitivity import describe
 
     qcfg = build_qat_config("quick", run_dir=str(tiny_run), bits="2", name="w2a2-alloc", epochs=1, observe_frames=4,
                             fragile_frames=4, grid="x86", activation_range="tight", activation_init="mse",
-                            activation_allocation="sensitivity", weight_allocation="sensitivity", device="cpu")
+                            activation_allocation="sensitivity", weight_allocation="sensitivity", bias_correction=True,
+                            device="cpu")
     run_qat(qcfg)
     weights = json.loads((qcfg.qat_dir / "weight_allocation.json").read_text())["tensors"]
     activations = json.loads((qcfg.qat_dir / "allocation.json").read_text())["tensors"]
@@ -181,3 +184,13 @@ def test_a_2_bit_run_allocates_one_bit_tensors_within_both_budgets(tiny_run):
     (moved / "allocation.json").write_text(json.dumps(allocation))
     table = diag.table_allocation(tiny_run, moved.name)["moved"]["activations"][row["kind"]]
     assert table["changed"] == 1 and table["mean_change"] == pytest.approx(-2 / table["tensors"])
+    # diag_lowbit's start-kinds: with the float model's biases and every quantizer bypassed, the start is the float
+    # model (its best-threshold validation Dice, as the float run's validation computes it); every kind is scored
+    start = diag.table_start_kinds(tiny_run, qcfg.name, 0, 4)
+    float_cfg = load_qat_model(qcfg.qat_dir / "checkpoints" / "start.pt")[2]
+    frames = diag.RunFrames(tiny_run, float_cfg, 0, 4)
+    assert start["float biases: none (the float model)"] == pytest.approx(
+        frames.score(load_model(tiny_run / "checkpoints" / "best.pt")[0]), abs=1e-3)
+    assert set(start["activation kinds"]) and all(0 <= r["alone"] <= 1 for r in start["activation kinds"].values())
+    with pytest.raises(InputError, match="start-kinds needs a fixed-bits run's start"):
+        diag.table_start_kinds(tiny_run, "no-such-run", 0, 4)
