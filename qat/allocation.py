@@ -40,6 +40,7 @@ from collections.abc import Callable, Hashable, Iterable
 import torch
 from torch import nn
 
+from .config import lowest_fixed_bits
 from .prepare import quant_convs
 from .quantizers import TIGHT_MAX_BITS, FakeQuant
 from .sensitivity import describe, lowered, observe, only_quantizers, relu_read_ids
@@ -52,7 +53,8 @@ def bit_choices(quantizer: FakeQuant, budget: int) -> list[int]:
     fixed bitwidth goes down to 1 where one bit has a grid (FakeQuant.takes_one_bit: binary weights, [0, 1] for a
     ReLU'd activation), so that a 2-bit budget has bits to move; learned bits stay at b_min or above."""
     top = min(quantizer.b_max, TIGHT_MAX_BITS if quantizer.tight else 8)
-    floor = 1 if not quantizer.learns_bits and quantizer.takes_one_bit and quantizer.b_min <= 2 else quantizer.b_min
+    one_bit = not quantizer.learns_bits and quantizer.takes_one_bit
+    floor = lowest_fixed_bits(quantizer.b_min) if one_bit else quantizer.b_min
     return [b for b in range(budget - BITS_BELOW, budget + BITS_ABOVE + 1) if floor <= b <= top]
 
 

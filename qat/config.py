@@ -45,6 +45,13 @@ class BitSetting:
         return f"w{self.weight_bits}a{self.activation_bits}"
 
 
+def lowest_fixed_bits(b_min: int) -> int:
+    """The fewest bits an allocation may give a fixed bitwidth: 1 (where a one-bit grid exists: binary weights, [0, 1]
+    for an activation read through ReLU; qat.allocation.bit_choices) unless b_min asks for more than 2; learned bits
+    stop at b_min."""
+    return 1 if b_min <= 2 else b_min
+
+
 def default_keep_start(setting: BitSetting) -> bool:
     """Whether a fixed-bit run keeps its start unless validation prefers the trained model: with 8-bit weights, yes;
     below, no. Each by its pre-registered five-fold screen (docs/accuracy.md, "A QAT run keeps its start" and "Does
@@ -257,7 +264,7 @@ class QatConfig:
         # at the floor every tensor is already there: nothing to move (and the frame's 8 bits put the activation mean
         # above the budget). Learned bits stop at b_min; fixed ones go down to 1 where one bit has a grid
         # (qat.allocation.bit_choices), so a 2-bit budget can move them
-        fixed_floor = 1 if self.b_min <= 2 else self.b_min
+        fixed_floor = lowest_fixed_bits(self.b_min)
         floor = [(flag, lowest) for flag, on, bits, lowest in (
                      ("--activation-allocation", self.activation_allocation, self.allocation_budget("activation"),
                       self.b_min if learned_activations else fixed_floor),

@@ -32,6 +32,27 @@ def run_qat_interrupted_in_epoch(monkeypatch, run_qat, qcfg, epoch: int = 2) -> 
     monkeypatch.setattr(qat_train, "train_one_epoch", real_epoch)
 
 
+def conv_input_integers(graph, conv_names: list[str], frames):
+    """Run an exported QDQ graph as written (ONNX Runtime CPU, no optimisation) on `frames` and return (its output,
+    the int8 integers each named convolution's QuantizeLinear gives its input, the float values it quantized), the
+    last two in the order of `conv_names`."""
+    import onnx
+    import onnxruntime as ort
+
+    producer = {o: n for n in graph.graph.node for o in n.output}
+    by_name = {n.name: n for n in graph.graph.node if n.op_type == "Conv"}
+    quantizes = [producer[producer[by_name[name].input[0]].input[0]] for name in conv_names]
+    probe = onnx.ModelProto.FromString(graph.SerializeToString())
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in
+                              [q.output[0] for q in quantizes] + [q.input[0] for q in quantizes])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    outputs = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
+        None, {"input": frames})
+    count = len(conv_names)
+    return outputs[0], outputs[1:1 + count], outputs[1 + count:]
+
+
 def load_script(name: str):
     """A script of scripts/ as a module (they are run as files, not installed)."""
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")

@@ -126,6 +126,7 @@ def test_tight_graph_holds_the_fake_quant_integers(tight_model, grid, tmp_path):
     exactly the integers the fake-quant model computes from the values it receives; the TensorRT form passes the
     TensorRT lint, and the x86 file (u8 with zero point 128; on the x86 grid the ReLU'd tensors uint8 with zero
     point 0 beside the tight ones) computes the same outputs."""
+    from conftest import conv_input_integers
     from export.bundle.int8_graph import build_int8_model, quantizer_constants, quantizer_names
     from export.bundle.onnx_export import tensorrt_problems
     from export.bundle.qdq import cpu_form
@@ -134,24 +135,9 @@ def test_tight_graph_holds_the_fake_quant_integers(tight_model, grid, tmp_path):
     graph = build_int8_model(model, (64, 64), tmp_path / "twin.onnx")
     onnx.save(graph, str(tmp_path / "s8.onnx"))
     assert (tensorrt_problems(tmp_path / "s8.onnx") == []) == (grid == "tensorrt")
-    producer = {o: n for n in graph.graph.node for o in n.output}
     convs = quant_convs(model)
-    by_name = {n.name: n for n in graph.graph.node if n.op_type == "Conv"}
-    wanted, feeds = [], []
-    for name, _ in convs:
-        node = by_name[name]
-        dq = producer[node.input[0]]
-        quantize = producer[dq.input[0]]
-        wanted.append(quantize.output[0])
-        feeds.append(quantize.input[0])
-    probe = onnx.ModelProto.FromString(graph.SerializeToString())
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in wanted + feeds)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     frames = np.random.default_rng(7).random((2, 1, 64, 64), dtype=np.float32)
-    outputs = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
-        None, {"input": frames})
-    integers, received = outputs[1:1 + len(convs)], outputs[1 + len(convs):]
+    _, integers, received = conv_input_integers(graph, [name for name, _ in convs], frames)
     shifted = 0
     for (name, conv), q, x in zip(convs, integers, received):
         p = conv.input_quant.export_params()
@@ -170,6 +156,8 @@ def test_tight_graph_holds_the_fake_quant_integers(tight_model, grid, tmp_path):
     assert inits[clip.input[1]] == np.float32(p.qmin) * inits[scale_name]
     assert inits[clip.input[2]] == np.float32(p.qmax) * inits[scale_name]
     assert hardswish.tight and not hardswish.unsigned
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     plain = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
     cpu = ort.InferenceSession(cpu_form(graph).SerializeToString(), options, providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(plain.run(None, {"input": frames})[0], cpu.run(None, {"input": frames})[0])

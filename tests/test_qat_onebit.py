@@ -6,7 +6,6 @@ import shutil
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
@@ -111,6 +110,7 @@ def _one_bit_model():
 def test_the_one_bit_graph_holds_the_fake_quant_integers(tmp_path):
     """The exported QDQ graph stores each binary kernel as int8 {-1, +1} (the model's integers) and gives each
     one-bit activation's reader exactly the model's integers {0, 1}; its output is the fake-quant model's."""
+    from conftest import conv_input_integers
     from export.bundle.int8_graph import WEIGHT_SUFFIX, build_int8_model
 
     model = _one_bit_model()
@@ -118,30 +118,17 @@ def test_the_one_bit_graph_holds_the_fake_quant_integers(tmp_path):
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.graph.initializer}
     kernels = [a for name, a in inits.items() if name.endswith(WEIGHT_SUFFIX)]
     assert kernels and all(set(np.unique(k).tolist()) <= {-1, 1} for k in kernels)
-    producer = {o: n for n in graph.graph.node for o in n.output}
-    by_name = {n.name: n for n in graph.graph.node if n.op_type == "Conv"}
     one_bit = [(name, conv) for name, conv in quant_convs(model) if conv.input_quant.bits() == 1]
     assert len(one_bit) > 10
-    wanted, feeds = [], []
-    for name, _ in one_bit:
-        quantize = producer[producer[by_name[name].input[0]].input[0]]
-        wanted.append(quantize.output[0])
-        feeds.append(quantize.input[0])
-    probe = onnx.ModelProto.FromString(graph.SerializeToString())
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in wanted + feeds)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     frames = np.random.default_rng(7).random((2, 1, 64, 64), dtype=np.float32)
-    outputs = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
-        None, {"input": frames})
-    integers, received = outputs[1:1 + len(one_bit)], outputs[1 + len(one_bit):]
+    output, integers, received = conv_input_integers(graph, [name for name, _ in one_bit], frames)
     for (name, conv), q, x in zip(one_bit, integers, received):
         expected = conv.input_quant.quantize_integers(torch.from_numpy(x)).numpy()
         assert set(np.unique(expected).tolist()) <= {0.0, 1.0}
         np.testing.assert_array_equal(q.astype(np.int32), expected, err_msg=name)
     with torch.no_grad():
         out = model(torch.from_numpy(frames))["out"].numpy()
-    np.testing.assert_allclose(outputs[0], out, atol=1e-3 * max(1.0, float(np.abs(out).max())))
+    np.testing.assert_allclose(output, out, atol=1e-3 * max(1.0, float(np.abs(out).max())))
 
 
 def test_a_2_bit_run_allocates_one_bit_tensors_within_both_budgets(tiny_run):
