@@ -198,6 +198,7 @@ GRIDS = ("tensorrt", "x86")  # qat.config.GRIDS, written here so that --help nee
 ACTIVATION_RANGES = ("signed", "tight")  # qat.config.ACTIVATION_RANGES, likewise
 ACTIVATION_INITS = ("percentile", "mse")  # qat.config.ACTIVATION_INITS, likewise
 ALLOCATIONS = ("", "sensitivity")  # qat.config.ALLOCATIONS, likewise
+SCHEDULE_SIDES = ("both", "activations")  # qat.config.SCHEDULE_SIDES, likewise
 DEVICE_HELP = "where PyTorch runs: auto (a GPU when there is one), cpu, cuda, cuda:N"
 PIPELINE = """Every stage on one run folder, in order:
   1. train the recipe (default quick, on the synthetic phantom without --data)   RUN/checkpoints/
@@ -300,6 +301,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     qat.add_argument("--bit-schedule", metavar="B@E,...",
                      help="uniform runs: lower the bits in stages, e.g. 6@2,4@3,3@4 (8 bits before the first entry; "
                           "default: none)")
+    qat.add_argument("--bit-schedule-side", choices=SCHEDULE_SIDES,
+                     help="what --bit-schedule lowers: both (weights and activations, the default) or activations "
+                          "(the weights train at their bits from the first epoch)")
     qat.add_argument("--hold-fragile", type=int, metavar="N",
                      help="hold the N tensors whose one-at-a-time Dice drop is largest at 8 bits (counted in the mean; "
                           "default 0)")

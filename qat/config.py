@@ -19,11 +19,13 @@ GRIDS = ("tensorrt", "x86")  # what prepare_qat(grid=...) builds; see QatConfig.
 ACTIVATION_RANGES = ("signed", "tight")  # prepare_qat(activation_range=...); see QatConfig.activation_range
 ACTIVATION_INITS = ("percentile", "mse")  # FakeQuant.init_from_samples; see QatConfig.activation_init
 ALLOCATIONS = ("", "sensitivity")  # qat/allocation.py; see QatConfig.activation_allocation, weight_allocation
+SCHEDULE_SIDES = ("both", "activations")  # what a bit schedule lowers; see QatConfig.bit_schedule_side
 
 # keys a recipe's [qat] table may set (the rest come from the command line: run, name, bits, device)
 RECIPE_KEYS = ("grid", "epochs", "bit_epochs", "observe_frames", "activation_percentile", "batch_size", "lr_weights",
                "lr_steps", "lr_bits", "bit_weight", "activation_bit_weight", "target_bits", "b_min", "b_max", "distill",
-               "initial_bits", "activation_range", "activation_init", "bit_schedule", "hold_fragile",
+               "initial_bits", "activation_range", "activation_init", "bit_schedule", "bit_schedule_side",
+               "hold_fragile",
                "fragile_min_drop", "fragile_frames", "target_activation_bits", "bias_correction",
                "initial_activation_bits", "activation_allocation", "weight_allocation", "keep_start")
 
@@ -85,9 +87,10 @@ def parse_bits(text: str) -> BitSetting:
     return BitSetting(False, numbers[0], numbers[-1])
 
 
-def parse_bit_schedule(text: str, setting: BitSetting, epochs: int) -> list[tuple[int, int]]:
+def parse_bit_schedule(text: str, setting: BitSetting, epochs: int, side: str = "both") -> list[tuple[int, int]]:
     """"B@E,B@E,..." -> [(E, B)], checked: a uniform run, bits falling in 2..8, epochs rising in 2..epochs, the last
-    entry at or below the run's bits (so the run reaches them) and at least one epoch left at them."""
+    entry at or below the run's bits (the activation bits where `side` is "activations"; so the run reaches them)
+    and at least one epoch left at them."""
     where = f"--bit-schedule {text!r}"
     if setting.learned:
         raise InputError(f"{where}: a schedule lowers the bits of a uniform run (--bits N or WxAy); learned bits "
@@ -104,10 +107,11 @@ def parse_bit_schedule(text: str, setting: BitSetting, epochs: int) -> list[tupl
         steps.append((epoch, bits))
     if any(b <= a for (a, _), (b, _) in zip(steps, steps[1:])) or any(b >= a for (_, a), (_, b) in zip(steps, steps[1:])):
         raise InputError(f"{where}: epochs must rise and bits fall from one entry to the next")
-    lowest = min(setting.weight_bits, setting.activation_bits)
-    if steps[-1][1] > lowest or steps[-1][0] > epochs:
-        raise InputError(f"{where}: the last entry must reach the run's bits ({lowest} for --bits "
-                         f"W{setting.weight_bits}A{setting.activation_bits}), got {steps[-1][1]}")
+    lowered = [setting.activation_bits] if side == "activations" else [setting.weight_bits, setting.activation_bits]
+    if steps[-1][1] > min(lowered) or steps[-1][0] > epochs:
+        raise InputError(f"{where}: the last entry must reach the run's bits ({min(lowered)} for --bits "
+                         f"W{setting.weight_bits}A{setting.activation_bits}"
+                         f"{', the activations' if side == 'activations' else ''}), got {steps[-1][1]}")
     return steps
 
 
@@ -155,8 +159,13 @@ class QatConfig:
     # "mse": activation steps below 8 bits by the squared-error search (8 bits keep the percentile)
     activation_init: str = "percentile"
     # uniform runs: "B@E,..." lowers the bits on the way to --bits: from epoch E (1-based) max(B, target) bits, 8
-    # before the first entry; the steps are re-initialised at each change; only epochs at the target become best
+    # before the first entry, and from the last entry on each tensor's target (its allocated bits, which may lie
+    # below B); the steps are re-initialised at each change; only epochs at the targets become best
     bit_schedule: str = ""
+    # "both": the schedule lowers weights and activations; "activations": the weights train at their targets from
+    # the first epoch and only the activations are lowered in stages (at 2 bits the weights alone hold, the
+    # activations do not: docs/QUANTIZATION.md, the W2A2 diagnosis)
+    bit_schedule_side: str = "both"
     # hold the N quantizers whose one-at-a-time Dice drop (on training frames, at the run's bits) is largest, and
     # above fragile_min_drop, at 8 bits; counted at 8 in the mean bits
     hold_fragile: int = 0
@@ -274,8 +283,13 @@ class QatConfig:
         if floor:
             raise InputError(f"{floor[0][0]} needs bits above {floor[0][1]} to move any; --bits {self.bits} puts "
                              f"every tensor at the floor")
+        if self.bit_schedule_side not in SCHEDULE_SIDES:
+            raise InputError(f"--bit-schedule-side must be one of {', '.join(SCHEDULE_SIDES)}, got "
+                             f"{self.bit_schedule_side!r}")
+        if self.bit_schedule_side != "both" and not self.bit_schedule:
+            raise InputError(f"--bit-schedule-side {self.bit_schedule_side} needs a --bit-schedule to apply to")
         if self.bit_schedule:
-            parse_bit_schedule(self.bit_schedule, setting, self.epochs)
+            self.bit_schedule_steps  # noqa: B018 -- parsed here so that a bad schedule fails before any work
 
     def allocation_budget(self, side: str) -> int:
         """The mean bits an allocation of `side` ("weight" or "activation") may spend: the fixed bits, or a learned
@@ -289,7 +303,9 @@ class QatConfig:
     @property
     def bit_schedule_steps(self) -> list[tuple[int, int]]:
         """[(epoch, bits)] of `bit_schedule` (1-based epochs), [] without one."""
-        return parse_bit_schedule(self.bit_schedule, self.bit_setting, self.epochs) if self.bit_schedule else []
+        if not self.bit_schedule:
+            return []
+        return parse_bit_schedule(self.bit_schedule, self.bit_setting, self.epochs, self.bit_schedule_side)
 
     @property
     def bit_setting(self) -> BitSetting:

@@ -6,7 +6,10 @@ bits in stages (8 -> 6 -> 4 -> 3), each stage starting from the one before, keep
 ("Towards Effective Low-bitwidth Convolutional Neural Networks", CVPR: progressive quantization), and the
 incremental precision schedules of Fromm et al. 2018 / Jung et al. 2019 ("Learning to quantize deep networks by
 optimizing quantization intervals with task loss", CVPR). At each stage the steps are re-chosen for the new bits
-from the current model, as at the start.
+from the current model, as at the start. The last stage trains at each tensor's own bits (an allocation's may lie
+below the last floor). `bit_schedule_side` "activations" lowers the activations alone, the weights at their bits
+from the first epoch: at a 2-bit budget the weights alone keep the model and the activations do not (the W2A2
+diagnosis in docs/QUANTIZATION.md), so the weights settle first.
 """
 
 from __future__ import annotations
@@ -107,10 +110,13 @@ class BitPlan:
         return [(q, bits) for key, (q, bits) in self.targets.items() if key not in self.held]
 
     def _set_floor(self, floor: int) -> list[FakeQuant]:
-        """Freeze every planned quantizer at max(floor, target) (tight ones at most 7); returns those that moved."""
+        """Freeze every planned quantizer at max(floor, target) (tight ones at most 7; floor 0: the targets, the
+        deployed bits); with the schedule on the activations alone the weights stay at their targets. Returns those
+        that moved."""
         moved = []
+        weights_at_target = self.qcfg.bit_schedule_side == "activations"
         for q, target in self.lowered():
-            bits = max(floor, target)
+            bits = target if weights_at_target and q.per_channel else max(floor, target)
             if q.tight:
                 bits = min(bits, TIGHT_MAX_BITS)
             if q.bits() != bits:
@@ -139,9 +145,13 @@ class BitPlan:
         if freeze:
             moved = self._freeze(weights, elements, say)
         elif next_stage:
-            moved, stage = self._set_floor(bits_at(qcfg, epoch)), True
-            say(f"bit schedule: epoch {epoch + 1} at {bits_at(qcfg, epoch)} bits (floor), {len(moved)} quantizers "
-                f"lowered, their steps re-initialised, the optimiser's moments restarted")
+            # the last stage trains at the targets themselves: an allocation's tensors below the last entry's bits
+            # (B - 1, or one bit at B = 2) reach them there, and the means reach their budgets
+            last = at_final_bits(qcfg, epoch)
+            moved, stage = self._set_floor(0 if last else bits_at(qcfg, epoch)), True
+            where = "the run's bits (each tensor's own)" if last else f"{bits_at(qcfg, epoch)} bits (floor)"
+            say(f"bit schedule: epoch {epoch + 1} at {where}, {len(moved)} quantizers lowered, their steps "
+                f"re-initialised, the optimiser's moments restarted")
         else:
             moved = []
         activations = list({id(q): q for q in moved if not q.per_channel}.values())

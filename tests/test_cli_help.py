@@ -95,6 +95,7 @@ def test_the_grids_offered_are_the_quantizers_grids():
     assert tuple(cli.ACTIVATION_RANGES) == tuple(config.ACTIVATION_RANGES)
     assert tuple(cli.ACTIVATION_INITS) == tuple(config.ACTIVATION_INITS)
     assert tuple(cli.ALLOCATIONS) == tuple(config.ALLOCATIONS)
+    assert tuple(cli.SCHEDULE_SIDES) == tuple(config.SCHEDULE_SIDES)
 
 
 # ------------------------------------------------------------------------------------------------ exit codes

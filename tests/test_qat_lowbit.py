@@ -481,6 +481,52 @@ def test_each_stage_of_a_bit_schedule_restarts_the_cosine():
     assert [cosine_phase(staged, e) for e in range(6)] == [(0, 1), (0, 2), (1, 2), (0, 3), (1, 3), (2, 3)]
 
 
+@pytest.mark.parametrize("side", ["both", "activations"])
+def test_a_schedule_ends_at_each_tensors_own_bits_and_may_lower_the_activations_alone(side):
+    """`--bits 3 --bit-schedule 4@2,3@3` over an allocation that gave one weight and one activation 2 bits (below the
+    last entry's 3): epoch 1 at 8 bits, epoch 2 at max(4, target), epoch 3 at the targets themselves, 2 bits included
+    (a floor of 3 there would have lifted them over the budget). With `--bit-schedule-side activations` the weights
+    are at their targets from the first epoch and only the activations follow the schedule."""
+    from qat.bits import activation_elements
+    from qat.schedule import BitPlan
+
+    torch.manual_seed(0)
+    frames = [(torch.rand(8, 1, 16, 16) > 0.5).float() for _ in range(2)]
+    model = prepare_qat(_toy_float_model(scale=4.0), weight_bits=3, activation_bits=3, learn_weight_bits=False,
+                        learn_activation_bits=False)
+    qcfg = build_qat_config("quick", run_dir="unused", bits="3", epochs=3, bit_schedule="4@2,3@3",
+                            bit_schedule_side=side, device="cpu")
+    plan = BitPlan(model, qcfg)
+    weights = [model[i].weight_quant for i in (0, 2, 4)]
+    activations = [model[i].input_quant for i in (2, 4)]  # the frame, model[0]'s input, stays at 8
+    plan.allocate({id(weights[0]): 2, id(weights[1]): 4, id(activations[0]): 2, id(activations[1]): 4})
+    targets = ([2, 4, 3], [2, 4])
+    plan.start()
+    initialise_steps(model, frames)
+    expected = {0: ([8, 8, 8], [8, 8]), 1: ([4, 4, 4], [4, 4]), 2: targets}
+    if side == "activations":
+        expected = {epoch: (targets[0], acts) for epoch, (_, acts) in expected.items()}
+    elements = activation_elements(model, (16, 16))
+    said = []
+    for epoch in range(3):
+        if epoch:
+            plan.begin_epoch(epoch, None, elements, lambda: iter(frames), said.append)
+        assert ([q.bits() for q in weights], [q.bits() for q in activations]) == expected[epoch], epoch
+    assert model[0].input_quant.bits() == 8
+    assert "at the run's bits (each tensor's own)" in said[-1]
+
+
+def test_a_schedule_on_the_activations_alone_must_reach_their_bits():
+    assert build_qat_config("quick", bits="W2A4", epochs=4, bit_schedule="6@2,4@3",
+                            bit_schedule_side="activations").bit_schedule_steps == [(2, 6), (3, 4)]
+    with pytest.raises(InputError, match="must reach the run's bits .4 for --bits W2A4, the activations"):
+        build_qat_config("quick", bits="W2A4", epochs=4, bit_schedule="6@2,5@3", bit_schedule_side="activations")
+    with pytest.raises(InputError, match="needs a --bit-schedule"):
+        build_qat_config("quick", bits="4", bit_schedule_side="activations")
+    with pytest.raises(InputError, match="--bit-schedule-side must be one of both, activations"):
+        build_qat_config("quick", bits="4", epochs=4, bit_schedule="6@2", bit_schedule_side="weights")
+
+
 def _bias_corrected_toy(learn: bool):
     """_toy_chain at 4-bit weights, its biases corrected towards the float model; and its frames."""
     model, frames = _toy_chain(weight_bits=4, learn=learn)

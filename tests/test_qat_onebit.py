@@ -181,3 +181,38 @@ def test_a_2_bit_run_allocates_one_bit_tensors_within_both_budgets(tiny_run):
     assert set(start["activation kinds"]) and all(0 <= r["alone"] <= 1 for r in start["activation kinds"].values())
     with pytest.raises(InputError, match="start-kinds needs a fixed-bits run's start"):
         diag.table_start_kinds(tiny_run, "no-such-run", 0, 4)
+
+
+def test_a_2_bit_run_may_lower_its_activations_last(tiny_run):
+    """`--bits 2` with both allocations and `--bit-schedule 3@2,2@3 --bit-schedule-side activations` (the weights
+    first, then the activations: at 2 bits the weights alone hold and the activations do not): the allocated weights,
+    binary ones among them, train from the first epoch; the activations are at 8 bits (7 on a tight grid) in epoch
+    1, at least 3 in epoch 2, and at their allocated bits in epoch 3, one-bit ones among them; only epoch 3 may
+    become best.pt, and both means end at most 2."""
+    from qat.run import run_qat
+
+    qcfg = build_qat_config("quick", run_dir=str(tiny_run), bits="2", name="w2a2-act-last", epochs=3,
+                            observe_frames=4, fragile_frames=4, grid="x86", activation_range="tight",
+                            activation_init="mse", activation_allocation="sensitivity",
+                            weight_allocation="sensitivity", bias_correction=True, bit_schedule="3@2,2@3",
+                            bit_schedule_side="activations", device="cpu")
+    run_qat(qcfg)
+    weights = {row["name"]: row["bits"] for row in
+               json.loads((qcfg.qat_dir / "weight_allocation.json").read_text())["tensors"]}
+    activations = {row["name"]: row["bits"] for row in
+                   json.loads((qcfg.qat_dir / "allocation.json").read_text())["tensors"]}
+    assert 1 in weights.values() and 1 in activations.values()
+    records = [json.loads(line) for line in (qcfg.qat_dir / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        steps = record["steps"]
+        assert {name: steps[name][0] for name in weights} == weights, record["epoch"]
+        bits = [steps[name][0] for name in activations]
+        if record["epoch"] == 1:
+            assert set(bits) <= {7, 8}
+        elif record["epoch"] == 2:
+            assert min(bits) == 3 and all(b == max(3, activations[n]) for n, b in zip(activations, bits))
+        else:
+            assert bits == list(activations.values())
+    assert torch.load(qcfg.qat_dir / "checkpoints" / "best.pt", weights_only=True)["epoch"] == 3
+    means = json.loads((qcfg.qat_dir / "bits.json").read_text())
+    assert means["mean_weight_bits"] <= 2.0 + 1e-9 and means["mean_activation_bits"] <= 2.0 + 1e-9
