@@ -25,8 +25,7 @@ SCHEDULE_SIDES = ("both", "activations")  # what a bit schedule lowers; see QatC
 RECIPE_KEYS = ("grid", "epochs", "bit_epochs", "observe_frames", "activation_percentile", "batch_size", "lr_weights",
                "lr_steps", "lr_bits", "bit_weight", "activation_bit_weight", "target_bits", "b_min", "b_max", "distill",
                "initial_bits", "activation_range", "activation_init", "bit_schedule", "bit_schedule_side",
-               "hold_fragile",
-               "fragile_min_drop", "fragile_frames", "target_activation_bits", "bias_correction",
+               "hold_fragile", "fragile_min_drop", "fragile_frames", "target_activation_bits", "bias_correction",
                "initial_activation_bits", "activation_allocation", "weight_allocation", "keep_start")
 
 
@@ -289,7 +288,7 @@ class QatConfig:
         if self.bit_schedule_side != "both" and not self.bit_schedule:
             raise InputError(f"--bit-schedule-side {self.bit_schedule_side} needs a --bit-schedule to apply to")
         if self.bit_schedule:
-            self.bit_schedule_steps  # noqa: B018 -- parsed here so that a bad schedule fails before any work
+            parse_bit_schedule(self.bit_schedule, setting, self.epochs, self.bit_schedule_side)
 
     def allocation_budget(self, side: str) -> int:
         """The mean bits an allocation of `side` ("weight" or "activation") may spend: the fixed bits, or a learned
