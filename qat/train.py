@@ -184,4 +184,9 @@ class QatEpochs:
         return (f"qat epoch {epoch + 1:>2}/{self.qcfg.epochs}  loss {stats['train_loss']:.4f} (task {stats['task']:.4f})  "
                 f"val Dice@0.5 {stats['val_dice']:.4f}  best-T Dice {stats['val_best_dice']:.4f}  bits W "
                 f"{stats['mean_weight_bits']:.2f} A {stats['mean_activation_bits']:.2f}"
-                f"{'' if judged else ' (learning)'}  {stats['train_images_per_s']:.1f} img/s")
+                f"{'' if judged else self._not_judged}  {stats['train_images_per_s']:.1f} img/s")
+
+    @property
+    def _not_judged(self) -> str:
+        """Why an epoch cannot become best.pt: its bits still learn, or a bit schedule has not reached its last stage."""
+        return " (learning)" if self.qcfg.bit_setting.learned else " (schedule stage)"
