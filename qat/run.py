@@ -207,6 +207,7 @@ def finish(qat_dir: Path, cfg, device: torch.device, float_checkpoint: dict) -> 
     summary.update(compare_with_float(run_dir, summary["per_image"]))
     if selection is not None:
         summary["selection"] = selection
+    summary["postprocessing"] = postprocessing_record(chosen, float_checkpoint, val_masks, masks, names)
     write_json(qat_dir / "test_metrics.json", summary)
     plot_examples(images, masks, preds, per_image, qat_dir / "examples.png", names)
     return qat_dir
@@ -218,6 +219,28 @@ def float_rule(float_checkpoint: dict, prob: np.ndarray, masks: np.ndarray, flip
     validation = evaluate_arrays(prob, masks, threshold, Morphology.from_dict(morphology))[0]
     return {"threshold": threshold, "morphology": morphology, "validation": validation, "flip_tta": flip_tta,
             "source": "the float run's (the start is deployed as the float model is)"}
+
+
+def postprocessing_record(chosen: Candidate, float_checkpoint: dict, val_masks: np.ndarray, masks: np.ndarray,
+                          names: list[str]) -> dict:
+    """The deployed model under three post-processing rules, for the record (nothing here changes what is deployed):
+    "deployed" (its own rule: T* and morphology re-tuned on validation, or float's for a kept start), "float
+    morphology" (its T* with the float run's morphology: the clean-up is about anatomy, and 96 candidates on a fold's
+    20 validation frames can fit noise) and "float rule" (the float run's T* and morphology). Each with its
+    validation and test mean Dice and per-frame test Dice, so a cross-validation pools the three
+    (scripts/pool_selection.py); the question and its rule: docs/QUANTIZATION.md, "Does re-tuning the morphology
+    cost the low-bit runs?"."""
+    rules = {"deployed": chosen.rule,
+             "float morphology": {"threshold": chosen.rule["threshold"], "morphology": float_checkpoint["morphology"]},
+             "float rule": {"threshold": float_checkpoint["threshold"], "morphology": float_checkpoint["morphology"]}}
+    record = {}
+    for name, rule in rules.items():
+        validation = score(chosen.val_prob, val_masks, rule)[0]
+        test, per_image, _ = score(chosen.test_prob, masks, rule)
+        record[name] = {"threshold": rule["threshold"], "morphology": rule["morphology"],
+                        "validation_dice": validation["dice"], "dice": test["dice"],
+                        "per_image": dict(zip(names, map(float, per_image)))}
+    return record
 
 
 def score(prob: np.ndarray, masks: np.ndarray, rule: dict):

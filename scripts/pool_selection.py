@@ -7,6 +7,8 @@ paired difference against the float model (the fold's test_metrics.json, PyTorch
 the trained one, with paired bootstrap 95 % intervals, and which candidate each fold deployed. Everything here is
 the fake-quant model in PyTorch; the INT8 files are scored by `nerveseg sweep` / `cv-quant`. A run with no start
 (learned bits) pools the deployed model against float alone, with each fold's mean weight and activation bits.
+Where every fold recorded them (qat.run.postprocessing_record), a second table pools the deployed model under the
+three post-processing rules: its own re-tuned T* and morphology, its T* with float's morphology, float's rule.
 
     PYTHONPATH=. python scripts/pool_selection.py CV --qat w8a8-x86
 """
@@ -34,6 +36,8 @@ def fold_rows(fold_dir: Path, name: str) -> dict:
     rows = {"float": read_json_object(fold_dir / "test_metrics.json", "the float run's test metrics")["per_image"],
             "deployed": metrics["per_image"], "chosen": "trained",
             "bits": (metrics.get("mean_weight_bits"), metrics.get("mean_activation_bits"))}
+    if "postprocessing" in metrics:  # the deployed model under three post-processing rules (qat.run)
+        rows["postprocessing"] = metrics["postprocessing"]
     if "selection" in metrics:
         selection = metrics["selection"]
         rows.update(start=selection["test_start"]["per_image"], trained=selection["test_trained"]["per_image"],
@@ -68,7 +72,33 @@ def pooled_table(cv_dir: Path, name: str) -> str:
     lines.append("deployed per fold: " + ", ".join(f"{f.name} {r['chosen']}" for f, r in zip(folds, rows)))
     lines.append("mean bits per fold (weights / activations): " + ", ".join(
         f"{f.name} {_bits(r['bits'])}" for f, r in zip(folds, rows)))
+    recorded = [f.name for f, r in zip(folds, rows) if "postprocessing" in r]
+    if recorded and len(recorded) < len(rows):
+        lines += ["", f"post-processing rules recorded on {', '.join(recorded)} only: not pooled"]
+    elif recorded:
+        lines += ["", *postprocessing_table(rows, pooled["float"])]
     return "\n".join(lines)
+
+
+def postprocessing_table(rows: list[dict], floats: np.ndarray) -> list[str]:
+    """The deployed model under each recorded post-processing rule: its validation Dice (mean of the folds'),
+    pooled test Dice, against float and against the rule deployed (paired bootstrap 95 %)."""
+    rules = list(rows[0]["postprocessing"])
+    pooled = {rule: np.concatenate([[r["postprocessing"][rule]["per_image"][n] for n in sorted(r["float"])]
+                                    for r in rows]) for rule in rules}
+
+    def paired(a: np.ndarray, b: np.ndarray) -> str:
+        low, high = paired_bootstrap_ci(a, b)
+        return f"{(a - b).mean():+.4f} [{low:+.3f}, {high:+.3f}]"
+
+    lines = ["| post-processing of the deployed model | validation Dice (mean of folds) | pooled test Dice | vs float "
+             "[95 % CI] | vs as deployed [95 % CI] |", "|---|---|---|---|---|"]
+    for rule in rules:
+        validation = np.mean([r["postprocessing"][rule]["validation_dice"] for r in rows])
+        against_deployed = paired(pooled[rule], pooled["deployed"]) if rule != "deployed" else ""
+        lines.append(f"| {rule} | {validation:.4f} | {pooled[rule].mean():.4f} | {paired(pooled[rule], floats)} | "
+                     f"{against_deployed} |")
+    return lines
 
 
 def _bits(pair: tuple) -> str:

@@ -63,6 +63,9 @@ def test_a_run_that_keeps_its_start_deploys_it_at_floats_threshold(tiny_run, sta
     selection = metrics["selection"]
     assert selection["chosen"] == "start" and metrics["dice"] == pytest.approx(selection["test_start"]["dice"])
     assert set(selection["test_trained"]["per_image"]) == set(metrics["per_image"])
+    record = metrics["postprocessing"]  # a kept start is deployed at float's rule: the three rules are one
+    assert record["deployed"]["per_image"] == record["float rule"]["per_image"] == metrics["per_image"]
+    assert record["float morphology"]["threshold"] == float_checkpoint["threshold"]
     assert "deployed: the start model" in format_summary(qat_dir) and "the float run's T*" in format_summary(qat_dir)
     assert qat_row(tiny_run, qat_dir, None, {}).epochs == "2/2, its start deployed"  # the report says so
 
@@ -120,6 +123,30 @@ def test_with_keep_start_off_the_trained_model_is_deployed_at_its_own_threshold_
     assert set(selection["test_start"]["per_image"]) == set(selection["test_trained"]["per_image"])  # both scored
 
 
+def test_the_deployed_model_is_recorded_under_three_post_processing_rules(tiny_run):
+    """The trained model at its own rule (as deployed), at its T* with float's morphology, and at float's rule; the
+    tiny float run's morphology is replaced by one that empties every mask, so a rule that ignored it cannot pass."""
+    emptying = {"open_radius": 0, "close_radius": 0, "min_area": 10 ** 6, "fill_holes": False}
+    float_checkpoint = {**read_checkpoint(tiny_run / "checkpoints" / "best.pt"), "morphology": emptying,
+                        "threshold": 0.37}
+    qat_dir = tiny_run / "qat" / "w8-trained"  # made by the test above; finish() scores it again
+    cfg = QatConfig(run_dir=str(tiny_run), name="w8-trained", keep_start=False, **UNIFORM)
+    qat.run.finish(qat_dir, cfg, torch.device("cpu"), float_checkpoint)
+    metrics = json.loads((qat_dir / "test_metrics.json").read_text())
+    record, rule = metrics["postprocessing"], json.loads((qat_dir / "threshold.json").read_text())
+    assert list(record) == ["deployed", "float morphology", "float rule"]
+    assert record["deployed"]["per_image"] == metrics["per_image"]
+    assert (record["deployed"]["threshold"], record["deployed"]["morphology"]) == (rule["threshold"], rule["morphology"])
+    assert record["deployed"]["validation_dice"] == pytest.approx(rule["validation"]["dice"])
+    assert (record["float morphology"]["threshold"], record["float morphology"]["morphology"]) == (rule["threshold"],
+                                                                                                  emptying)
+    assert (record["float rule"]["threshold"], record["float rule"]["morphology"]) == (0.37, emptying)
+    for name in ("float morphology", "float rule"):  # every predicted mask emptied: Dice 1 only on empty truths
+        frames = record[name]["per_image"]
+        assert set(frames) == set(metrics["per_image"]) and set(frames.values()) <= {0.0, 1.0}
+    assert record["deployed"]["dice"] > record["float rule"]["dice"]
+
+
 def test_a_learned_run_has_no_start_and_no_selection(qat_learned_run):
     assert not (qat_learned_run / "checkpoints" / "start.pt").exists()
     assert "selection" not in json.loads((qat_learned_run / "test_metrics.json").read_text())
@@ -170,6 +197,24 @@ def test_pool_selection_pools_the_candidates_over_folds(tmp_path, capsys):
     assert "| 0.6500 |" in rows["float"] and "-0.0100 [-0.010, -0.010]" in rows["start"]
     assert "-0.0500 [-0.050, -0.050]" in rows["trained"]
     assert "| 0.6200 | -0.0300 [" in rows["deployed"] and "| +0.0200 [" in rows["deployed"]  # half the folds start
+    assert "post-processing" not in capsys.readouterr().out  # not recorded: no second table
+    for fold in (1, 2):  # the post-processing rules recorded on one fold: not pooled; on both: a table
+        path = tmp_path / f"fold-{fold}" / "qat" / "w8" / "test_metrics.json"
+        metrics = json.loads(path.read_text())
+        shifted = lambda step: {n: d + step for n, d in metrics["per_image"].items()}  # noqa: E731
+        metrics["postprocessing"] = {name: {"validation_dice": 0.5 + step, "per_image": shifted(step)} for name, step
+                                     in (("deployed", 0.0), ("float morphology", 0.01), ("float rule", -0.02))}
+        path.write_text(json.dumps(metrics))
+        assert pool.main([str(tmp_path), "--qat", "w8"]) == 0
+        out = capsys.readouterr().out
+        if fold == 1:
+            assert "post-processing rules recorded on fold-1 only: not pooled" in out
+    rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    assert rows["deployed"].startswith("| deployed | 0.5000 | 0.6200 | -0.0300 [") and rows["deployed"].endswith("|  |")
+    assert rows["float rule"].startswith("| float rule | 0.4800 | 0.6000 | -0.0500 [")
+    assert "| 0.5100 | 0.6300 | -0.0200 [" in rows["float morphology"] and rows["float morphology"].endswith(
+        "| +0.0100 [+0.010, +0.010] |")
+    assert rows["float rule"].endswith("| -0.0200 [-0.020, -0.020] |")
     assert pool.main([str(tmp_path), "--qat", "other"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no fold-*/qat/other/test_metrics.json" in err[0]
