@@ -12,7 +12,7 @@ from export.report.rows import qat_row
 from qat.checkpoint import choose, has_start, read_qat_checkpoint
 from qat.config import QatConfig
 from qat.run import format_summary, run_qat
-from training.checkpoint import read_checkpoint
+from training.checkpoint import load_model, read_checkpoint
 
 UNIFORM = dict(bits="8", epochs=2, observe_frames=8, batch_size=12, device="cpu")
 
@@ -112,8 +112,14 @@ def test_a_kept_start_exports_to_int8_files_that_pass_the_gate_at_floats_thresho
     assert manifest.threshold == pytest.approx(float_checkpoint["threshold"])
 
 
-def test_with_keep_start_off_the_trained_model_is_deployed_at_its_own_threshold_and_both_are_scored(tiny_run):
-    qat_dir = run_qat(QatConfig(run_dir=str(tiny_run), name="w8-trained", keep_start=False, **UNIFORM))
+@pytest.fixture(scope="module")
+def trained_run(tiny_run):
+    """A W8A8 run with the start rule off: it deploys its trained model at its own re-tuned rule."""
+    return run_qat(QatConfig(run_dir=str(tiny_run), name="w8-trained", keep_start=False, **UNIFORM))
+
+
+def test_with_keep_start_off_the_trained_model_is_deployed_at_its_own_threshold_and_both_are_scored(trained_run):
+    qat_dir = trained_run
     checkpoints = qat_dir / "checkpoints"
     best, trained = read_qat_checkpoint(checkpoints / "best.pt"), read_qat_checkpoint(checkpoints / "trained.pt")
     assert best["selected"] == "trained" and _same_weights(best, trained)
@@ -123,28 +129,36 @@ def test_with_keep_start_off_the_trained_model_is_deployed_at_its_own_threshold_
     assert set(selection["test_start"]["per_image"]) == set(selection["test_trained"]["per_image"])  # both scored
 
 
-def test_the_deployed_model_is_recorded_under_three_post_processing_rules(tiny_run):
-    """The trained model at its own rule (as deployed), at its T* with float's morphology, and at float's rule; the
-    tiny float run's morphology is replaced by one that empties every mask, so a rule that ignored it cannot pass."""
-    emptying = {"open_radius": 0, "close_radius": 0, "min_area": 10 ** 6, "fill_holes": False}
-    float_checkpoint = {**read_checkpoint(tiny_run / "checkpoints" / "best.pt"), "morphology": emptying,
-                        "threshold": 0.37}
-    qat_dir = tiny_run / "qat" / "w8-trained"  # made by the test above; finish() scores it again
-    cfg = QatConfig(run_dir=str(tiny_run), name="w8-trained", keep_start=False, **UNIFORM)
-    qat.run.finish(qat_dir, cfg, torch.device("cpu"), float_checkpoint)
-    metrics = json.loads((qat_dir / "test_metrics.json").read_text())
-    record, rule = metrics["postprocessing"], json.loads((qat_dir / "threshold.json").read_text())
-    assert list(record) == ["deployed", "float morphology", "float rule"]
-    assert record["deployed"]["per_image"] == metrics["per_image"]
-    assert (record["deployed"]["threshold"], record["deployed"]["morphology"]) == (rule["threshold"], rule["morphology"])
-    assert record["deployed"]["validation_dice"] == pytest.approx(rule["validation"]["dice"])
-    assert (record["float morphology"]["threshold"], record["float morphology"]["morphology"]) == (rule["threshold"],
-                                                                                                  emptying)
-    assert (record["float rule"]["threshold"], record["float rule"]["morphology"]) == (0.37, emptying)
-    for name in ("float morphology", "float rule"):  # every predicted mask emptied: Dice 1 only on empty truths
-        frames = record[name]["per_image"]
-        assert set(frames) == set(metrics["per_image"]) and set(frames.values()) <= {0.0, 1.0}
-    assert record["deployed"]["dice"] > record["float rule"]["dice"]
+def test_the_deployed_model_is_recorded_under_three_post_processing_rules(tiny_run, trained_run):
+    """The trained model at its own rule (as deployed), at its T* with float's morphology, and at float's rule. The
+    float run's rule is replaced by ones whose masks are known without the model: T 0 and no clean-up marks every
+    pixel (Dice 2g / (g + N) for g nerve pixels of N), a smallest component larger than the frame marks none."""
+    from training.stages import split_arrays
+
+    _, float_checkpoint, float_cfg = load_model(tiny_run / "checkpoints" / "best.pt")
+    _, masks, names = split_arrays(tiny_run, "test", float_cfg)
+    nerve = dict(zip(names, masks.reshape(len(masks), -1).sum(axis=1)))
+    pixels = masks[0].size
+    everything = {n: 2 * g / (g + pixels) for n, g in nerve.items()}
+    nothing = {n: float(g == 0) for n, g in nerve.items()}
+    plain = {"open_radius": 0, "close_radius": 0, "min_area": 0, "fill_holes": False}
+    emptying = {**plain, "min_area": 10 ** 6}
+    for morphology in (plain, emptying):
+        qat.run.finish(trained_run, float_cfg, torch.device("cpu"),  # finish() scores the finished run again
+                       {**float_checkpoint, "morphology": morphology, "threshold": 0.0})
+        metrics = json.loads((trained_run / "test_metrics.json").read_text())
+        record, rule = metrics["postprocessing"], json.loads((trained_run / "threshold.json").read_text())
+        assert list(record) == ["deployed", "float morphology", "float rule"]
+        deployed, float_morphology, float_rule = record.values()
+        assert deployed["per_image"] == metrics["per_image"] and deployed["dice"] == pytest.approx(metrics["dice"])
+        assert (deployed["threshold"], deployed["morphology"]) == (rule["threshold"], rule["morphology"])
+        assert deployed["validation_dice"] == pytest.approx(rule["validation"]["dice"])
+        assert (float_morphology["threshold"], float_morphology["morphology"]) == (rule["threshold"], morphology)
+        assert (float_rule["threshold"], float_rule["morphology"]) == (0.0, morphology)
+        expected = everything if morphology == plain else nothing
+        assert float_rule["per_image"] == pytest.approx(expected, rel=1e-3)
+        assert float_rule["dice"] == pytest.approx(np.mean(list(expected.values())), rel=1e-3)
+    assert float_morphology["per_image"] == nothing  # the last one: float's emptying clean-up at the model's own T*
 
 
 def test_a_learned_run_has_no_start_and_no_selection(qat_learned_run):
