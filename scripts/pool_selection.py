@@ -56,17 +56,13 @@ def pooled_table(cv_dir: Path, name: str) -> str:
     keys = ("float", "start", "trained", "deployed") if with_start else ("float", "deployed")
     pooled = {key: np.concatenate([[r[key][n] for n in sorted(r["float"])] for r in rows]) for key in keys}
 
-    def paired(a: str, b: str) -> str:
-        low, high = paired_bootstrap_ci(pooled[a], pooled[b])
-        return f"{(pooled[a] - pooled[b]).mean():+.4f} [{low:+.3f}, {high:+.3f}]"
-
     plural = "s" if len(folds) > 1 else ""
     lines = [f"{name}, {len(folds)} fold{plural} ({', '.join(f.name for f in folds)}), {pooled['float'].size} "
              "test frames (fake-quant, PyTorch)", "",
              "| model | pooled Dice | vs float [95 % CI] | vs trained [95 % CI] |", "|---|---|---|---|"]
     for key in keys:
-        against_float = paired(key, "float") if key != "float" else ""
-        against_trained = paired(key, "trained") if with_start and key in ("start", "deployed") else ""
+        against_float = paired(pooled[key], pooled["float"]) if key != "float" else ""
+        against_trained = paired(pooled[key], pooled["trained"]) if with_start and key in ("start", "deployed") else ""
         lines.append(f"| {key} | {pooled[key].mean():.4f} | {against_float} | {against_trained} |")
     lines.append("")
     lines.append("deployed per fold: " + ", ".join(f"{f.name} {r['chosen']}" for f, r in zip(folds, rows)))
@@ -86,11 +82,6 @@ def postprocessing_table(rows: list[dict], floats: np.ndarray) -> list[str]:
     rules = list(rows[0]["postprocessing"])
     pooled = {rule: np.concatenate([[r["postprocessing"][rule]["per_image"][n] for n in sorted(r["float"])]
                                     for r in rows]) for rule in rules}
-
-    def paired(a: np.ndarray, b: np.ndarray) -> str:
-        low, high = paired_bootstrap_ci(a, b)
-        return f"{(a - b).mean():+.4f} [{low:+.3f}, {high:+.3f}]"
-
     lines = ["| post-processing of the deployed model | validation Dice (mean of folds) | pooled test Dice | vs float "
              "[95 % CI] | vs as deployed [95 % CI] |", "|---|---|---|---|---|"]
     for rule in rules:
@@ -99,6 +90,12 @@ def postprocessing_table(rows: list[dict], floats: np.ndarray) -> list[str]:
         lines.append(f"| {rule} | {validation:.4f} | {pooled[rule].mean():.4f} | {paired(pooled[rule], floats)} | "
                      f"{against_deployed} |")
     return lines
+
+
+def paired(a: np.ndarray, b: np.ndarray) -> str:
+    """Mean per-frame difference a - b with its paired bootstrap 95 % interval."""
+    low, high = paired_bootstrap_ci(a, b)
+    return f"{(a - b).mean():+.4f} [{low:+.3f}, {high:+.3f}]"
 
 
 def _bits(pair: tuple) -> str:
