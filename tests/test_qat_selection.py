@@ -249,3 +249,24 @@ def test_pool_selection_pools_the_candidates_over_folds(tmp_path, capsys):
         (tmp_path / "fold-2" / "qat" / "w8" / "test_metrics.json").read_text())
     assert pool.main([str(tmp_path), "--qat", "learned"]) == 2
     assert "kept a start on fold-2 only" in capsys.readouterr().err
+
+
+def test_vanished_frames_counts_the_loss_from_nerves_the_run_lost(tmp_path, capsys):
+    from conftest import load_script
+
+    vanished = load_script("vanished_frames")
+    plain = {"open_radius": 0, "close_radius": 0, "min_area": 0, "fill_holes": False}
+    floats = {"a": 0.8, "b": 0.5, "c": 0.2, "d": 0.6}
+    run = {"a": 0.0, "b": 0.4, "c": 0.0, "d": 0.7}  # a vanishes; c is empty too, but float scored only 0.2 there
+    for fold, morphology in ((1, plain), (2, {**plain, "min_area": 100})):
+        (tmp_path / f"fold-{fold}" / "qat" / "w4").mkdir(parents=True)
+        (tmp_path / f"fold-{fold}" / "test_metrics.json").write_text(json.dumps({"per_image": floats,
+                                                                                  "morphology": plain}))
+        (tmp_path / f"fold-{fold}" / "qat" / "w4" / "test_metrics.json").write_text(json.dumps(
+            {"per_image": run, "morphology": morphology}))
+    folds = [str(tmp_path / "fold-1"), str(tmp_path / "fold-2")]
+    assert vanished.main([*folds, "--qat", "w4"]) == 0
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row == "| w4 | 2 | 8 | -0.2500 | -0.2000 | 1 / 2 |"  # (-0.8 - 0.1 - 0.2 + 0.1) / 4; -0.8 / 4
+    assert vanished.main([*folds, "--qat", "other"]) == 2
+    assert "no other/test_metrics.json" in capsys.readouterr().err
