@@ -262,11 +262,18 @@ def test_vanished_frames_counts_the_loss_from_nerves_the_run_lost(tmp_path, caps
         (tmp_path / f"fold-{fold}" / "qat" / "w4").mkdir(parents=True)
         (tmp_path / f"fold-{fold}" / "test_metrics.json").write_text(json.dumps({"per_image": floats,
                                                                                   "morphology": plain}))
+        # under float's morphology the run keeps frame a's nerve (0.6) on both folds
+        record = {"float morphology": {"per_image": {**run, "a": 0.6}, "morphology": plain}}
         (tmp_path / f"fold-{fold}" / "qat" / "w4" / "test_metrics.json").write_text(json.dumps(
-            {"per_image": run, "morphology": morphology}))
+            {"per_image": run, "morphology": morphology, "postprocessing": record}))
     folds = [str(tmp_path / "fold-1"), str(tmp_path / "fold-2")]
     assert vanished.main([*folds, "--qat", "w4"]) == 0
     row = capsys.readouterr().out.splitlines()[-1]
-    assert row == "| w4 | 2 | 8 | -0.2500 | -0.2000 | 1 / 2 |"  # (-0.8 - 0.1 - 0.2 + 0.1) / 4; -0.8 / 4
+    assert row == "| w4 | deployed | 2 | 8 | -0.2500 | -0.2000 | 1 / 2 |"  # (-0.8 - 0.1 - 0.2 + 0.1) / 4; -0.8 / 4
+    assert vanished.main([*folds, "--qat", "w4", "--rules", "deployed", "float morphology"]) == 0
+    rows = capsys.readouterr().out.splitlines()[-2:]
+    assert rows[1] == "| w4 | float morphology | 2 | 8 | -0.1000 | +0.0000 | 2 / 2 |"  # (-0.2 - 0.1 - 0.2 + 0.1) / 4
+    assert vanished.main([*folds, "--qat", "w4", "--rules", "float rule"]) == 2
+    assert "no post-processing record of the rule 'float rule'" in capsys.readouterr().err
     assert vanished.main([*folds, "--qat", "other"]) == 2
     assert "no other/test_metrics.json" in capsys.readouterr().err
