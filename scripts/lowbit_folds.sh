@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The runs of docs/QUANTIZATION.md, "Does re-tuning the morphology cost the low-bit runs?", per fold: the `small`
+# fold model of usgra-seg (2 threads), then W4A4 with both allocations and learned 4 / 4 bits from the allocation
+# side by side (one thread each: two cores, two jobs). Resumable: run it again with the same arguments and every
+# finished step is skipped, an interrupted QAT run continues from its last checkpoint.
+#
+#   scripts/lowbit_folds.sh CV PHANTOM_DIR FOLD...     e.g. scripts/lowbit_folds.sh /work/runs/CV "" 3 5 1 4 2
+#
+# PHANTOM_DIR: a finished phantom stage to reuse (a pipeline run's RUN/phantom), or "" for the fold run's own.
+set -euo pipefail
+
+cv=$1 phantom=$2
+shift 2
+data=${DATA:-../shared/data/usgra-seg}
+low_bit="--epochs 12 --grid x86 --activation-range tight --activation-init mse --bias-correction
+         --activation-allocation sensitivity --weight-allocation sensitivity"
+declare -A runs=(
+  [w4a4-low-walloc-x86]="--bits 4"
+  [learned-44-from-alloc-x86]="--bit-epochs 4 --bits learned --target-bits 4 --target-activation-bits 4"
+)
+
+qat_run() {  # FOLD NAME: train (or continue, or skip) one QAT run on one thread
+  local fold_dir=$1 name=$2 resume=""
+  [[ -f $fold_dir/qat/$name/test_metrics.json ]] && { echo "$fold_dir/qat/$name: finished"; return; }
+  [[ -d $fold_dir/qat/$name/checkpoints ]] && resume="--resume"
+  # shellcheck disable=SC2086  # the option strings split into words on purpose
+  if OMP_NUM_THREADS=1 nerveseg qat --run-dir "$fold_dir" $low_bit ${runs[$name]} --name "$name" $resume \
+      > "$fold_dir/qat-$name.log" 2>&1; then
+    echo "$fold_dir/qat/$name: finished"
+  else
+    echo "$fold_dir/qat/$name: stopped with exit $? (its log: $fold_dir/qat-$name.log; run again to resume)"
+  fi
+}
+
+for fold in "$@"; do
+  OMP_NUM_THREADS=2 nerveseg cv --data "$data" --mask-label 1 --folds 5 --recipe small --run-dir "$cv" \
+    --only-folds "$fold" ${phantom:+--phantom-dir "$phantom"}
+  for name in "${!runs[@]}"; do
+    qat_run "$cv/fold-$fold" "$name" &
+  done
+  wait
+done
