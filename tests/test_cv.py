@@ -155,10 +155,14 @@ def test_cv_pretrains_on_the_phantom_once_for_all_folds(tmp_path, capsys):
 
     # another cv naming that stage reuses it and says so, instead of claiming it cost nothing
     other = tmp_path / "other"
-    assert cli_main([*args[:args.index("--run-dir") + 1], str(other), *args[args.index("--run-dir") + 2:],
-                     "--phantom-dir", str(stage)]) == 0
+    other_args = [*args[:args.index("--run-dir") + 1], str(other), *args[args.index("--run-dir") + 2:],
+                  "--phantom-dir", str(stage)]
+    assert cli_main(other_args) == 0
     assert json.loads((other / "cv.json").read_text())["pretraining"] == {"reused": str(stage)}
     assert f"trained before this run, in {stage}" in (other / "cv.md").read_text()
+    # and a second call of it (a cross-validation resumed) still does
+    assert cli_main(other_args) == 0
+    assert json.loads((other / "cv.json").read_text())["pretraining"] == {"reused": str(stage)}
     assert (stage / "checkpoints" / "best.pt").stat().st_mtime_ns == stamp
 
 

@@ -292,9 +292,12 @@ def pretrain_once(cfg: TrainConfig) -> None:
     path = Path(cfg.run_dir) / "pretraining.json"
     timing = json.loads(path.read_text()) if path.is_file() else {}
     stage = pretrain.phantom_config(cfg)
-    if "phantom" not in timing and pretrain.check_stage(stage):
+    trained_here = "cpu_s" in timing.get("phantom", {})
+    if not trained_here and pretrain.check_stage(stage):
         timing["phantom"] = {"reused": stage.run_dir}
     else:
+        if not trained_here:
+            timing.pop("phantom", None)  # a stage once reused, gone since: this run trains it and owns its cost
         _timed(timing, "phantom", lambda: train.pretrain_on_phantom(cfg))
     write_json(path, timing)
 
