@@ -60,6 +60,7 @@ def test_each_fold_trains_its_model_on_two_threads_then_both_runs_on_one_each(qu
     assert len(learned) == 2
     assert all("--bit-epochs 4 --bits learned --target-bits 4 --target-activation-bits 4" in c for c in learned)
     fixed = [c for c in qat_calls if "--name w4a4-low-walloc-x86" in c]
+    assert len(fixed) == 2
     assert all("--bits 4 " in c and "--weight-allocation sensitivity" in c and "--epochs 12" in c for c in fixed)
     assert (tmp_path / "CV" / "fold-5" / "qat" / "w4a4-low-walloc-x86" / "test_metrics.json").is_file()
 
