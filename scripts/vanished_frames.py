@@ -27,31 +27,36 @@ from device_runtime.core.fileio import read_json_object  # noqa: E402
 
 VANISHED_FLOAT_DICE = 0.3  # float found this nerve (above this Dice); the run's mask is empty
 
-
 DEPLOYED = "deployed"
 RULES = (DEPLOYED, "float morphology", "float rule")
 
 
-def run_row(folds: list[Path], name: str, rule: str = DEPLOYED) -> str:
-    """One table row of run NAME over the folds that have it, its frames post-processed by RULE."""
-    differences, vanished, same_morphology, found = [], [], 0, 0
+def read_run(folds: list[Path], name: str) -> list[tuple[dict, dict, Path]]:
+    """(float's test metrics, run NAME's test metrics, the latter's path) for each fold that has the run."""
+    found = []
     for fold in folds:
         path = fold / "qat" / name / "test_metrics.json"
-        if not path.is_file():
-            continue
-        found += 1
-        reference = read_json_object(fold / "test_metrics.json", "the float run's test metrics")
-        metrics = scored_under(read_json_object(path, "QAT test metrics"), rule, path)
-        same_morphology += metrics["morphology"] == reference["morphology"]
-        for frame, float_dice in reference["per_image"].items():
-            difference = metrics["per_image"][frame] - float_dice
-            differences.append(difference)
-            vanished.append(difference if metrics["per_image"][frame] == 0 and float_dice > VANISHED_FLOAT_DICE else 0.0)
+        if path.is_file():
+            found.append((read_json_object(fold / "test_metrics.json", "the float run's test metrics"),
+                          read_json_object(path, "QAT test metrics"), path))
     if not found:
         raise InputError(f"no {name}/test_metrics.json under the folds' qat/")
+    return found
+
+
+def run_row(runs: list[tuple[dict, dict, Path]], name: str, rule: str = DEPLOYED) -> str:
+    """One table row of run NAME over the folds read by read_run, its frames post-processed by RULE."""
+    differences, vanished, same_morphology = [], [], 0
+    for reference, run_metrics, path in runs:
+        metrics = scored_under(run_metrics, rule, path)
+        same_morphology += metrics["morphology"] == reference["morphology"]
+        for frame, float_dice in reference["per_image"].items():
+            dice = metrics["per_image"][frame]
+            differences.append(dice - float_dice)
+            vanished.append(dice - float_dice if dice == 0 and float_dice > VANISHED_FLOAT_DICE else 0.0)
     frames = len(differences)
-    return (f"| {name} | {rule} | {found} | {frames} | {sum(differences) / frames:+.4f} | "
-            f"{sum(vanished) / frames:+.4f} | {same_morphology} / {found} |")
+    return (f"| {name} | {rule} | {len(runs)} | {frames} | {sum(differences) / frames:+.4f} | "
+            f"{sum(vanished) / frames:+.4f} | {same_morphology} / {len(runs)} |")
 
 
 def scored_under(metrics: dict, rule: str, path: Path) -> dict:
@@ -68,7 +73,10 @@ def scored_under(metrics: dict, rule: str, path: Path) -> dict:
 def table(folds: list[Path], names: list[str], rules: list[str] | tuple[str, ...] = (DEPLOYED,)) -> str:
     lines = ["| run | rule | folds | frames | mean Dice - float | of it, from vanished frames | runs whose morphology "
              "is float's |", "|---|---|---|---|---|---|---|"]
-    return "\n".join(lines + [run_row(folds, name, rule) for name in names for rule in rules])
+    for name in names:
+        runs = read_run(folds, name)  # each file read once, every rule scored from it
+        lines += [run_row(runs, name, rule) for rule in rules]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
