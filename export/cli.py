@@ -312,6 +312,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                           "as a penalty only)")
     qat.add_argument("--initial-activation-bits", type=int, metavar="B",
                      help="learned runs: every learned activation's bits start at B (default 8; 7 on a tight grid)")
+    qat.add_argument("--b-min", type=int, metavar="B",
+                     help="the fewest bits a learned bitwidth may take, and an allocation's floor when above 2 (2: "
+                          "an allocation may give one bit where a one-bit grid exists) (default: the recipe's [qat] "
+                          "table, 2)")
     qat.add_argument("--activation-allocation", choices=[a for a in ALLOCATIONS if a],
                      help="fixed activation bits B below 8 (--bits 4, learned-a4): sensitivity = each activation "
                           "B-1 to B+2 bits by its measured sensitivity, mean at most B; recommended below 8 bits "

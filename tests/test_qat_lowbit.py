@@ -747,14 +747,16 @@ def test_an_allocation_needs_bits_below_8_above_the_floor_and_a_whole_budget_whe
 def test_learned_bits_start_from_the_allocation_and_learn_from_there(tiny_run, monkeypatch):
     """`--bits learned --target-bits 4 --target-activation-bits 4` with both allocations: as the first epoch starts,
     every allocated quantizer is at its allocated bits and still learning (not frozen there, as a fixed-bits run
-    would be); at the freeze both means are capped at 4 and every bitwidth stops learning."""
+    would be); at the freeze both means are capped at 4 and every bitwidth stops learning. With `--b-min 3` (one run
+    for both: the default floor differs only in its number) the allocation gives no tensor fewer than 3 bits and no
+    learned bitwidth goes below them."""
     from qat import train as qat_train
     from qat.run import run_qat
     from qat.sensitivity import describe
 
     qcfg = build_qat_config("quick", run_dir=str(tiny_run), bits="learned", name="learned-from-alloc", epochs=2,
                             bit_epochs=1, target_bits=4.0, target_activation_bits=4.0, observe_frames=4,
-                            fragile_frames=4, activation_range="tight", activation_init="mse",
+                            fragile_frames=4, activation_range="tight", activation_init="mse", b_min=3,
                             activation_allocation="sensitivity", weight_allocation="sensitivity", device="cpu")
     real_epoch, seen = qat_train.train_one_epoch, {}
 
@@ -770,9 +772,13 @@ def test_learned_bits_start_from_the_allocation_and_learn_from_there(tiny_run, m
     rows += json.loads((qat_dir / "weight_allocation.json").read_text())["tensors"]
     assert len(rows) > 20 and len({row["bits"] for row in rows}) > 1
     assert all(seen[row["name"]][:2] == (row["bits"], True) for row in rows)
+    # every learning quantizer's clamp is at 3 (the clamp itself: tests/test_qat_quantizers.py)
+    assert {q.b_min for _, learns, q in seen.values() if learns} == {3}
     metrics = json.loads((qat_dir / "test_metrics.json").read_text())
     assert metrics["mean_weight_bits"] <= 4.0 + 1e-9 and metrics["mean_activation_bits"] <= 4.0 + 1e-9
     assert all(not q.learns_bits for _, _, q in seen.values())  # frozen at the end (the same modules)
+    layers = json.loads((qat_dir / "bits.json").read_text())["layers"]
+    assert min(layer[kind] for layer in layers for kind in ("weight_bits", "activation_bits")) >= 3
 
 
 def test_learned_weight_bits_with_allocated_activations_keep_both_means_at_4(tiny_run):

@@ -380,6 +380,16 @@ def test_schedule_flags_reach_the_config_and_bad_values_are_one_line(tiny_run, c
     assert "initial-bits" in _error(capsys, ["qat", "--run-dir", str(tiny_run), "--bits", "8", "--initial-bits", "4"])
 
 
+def test_b_min_flag_reaches_the_config_and_a_floor_outside_2_to_b_max_is_one_line(tiny_run, capsys):
+    from export.cli import get_args_parser, qat_config_from_args
+
+    argv = ["qat", "--run-dir", str(tiny_run), "--bits", "learned", "--b-min", "3"]
+    assert qat_config_from_args(get_args_parser().parse_args(argv)).b_min == 3
+    assert qat_config_from_args(get_args_parser().parse_args(argv[:-2])).b_min == 2  # the recipe's
+    for floor in ("1", "9"):
+        assert "b_min and b_max must satisfy" in _error(capsys, argv[:-1] + [floor])
+
+
 def test_a_qat_checkpoint_rebuilds_the_float_runs_aspp_rates(tmp_path, tiny_config):
     from qat.checkpoint import build_qat_model, load_qat_model, make_qat_checkpoint, save_qat_checkpoint
     from training.model import build_model
