@@ -9,8 +9,11 @@ the fake-quant model in PyTorch; the INT8 files are scored by `nerveseg sweep` /
 (learned bits) pools the deployed model against float alone, with each fold's mean weight and activation bits.
 Where every fold recorded them (qat.run.postprocessing_record), a second table pools the deployed model under the
 three post-processing rules: its own re-tuned T* and morphology, its T* with float's morphology, float's rule.
+`--versus OTHER...` adds the deployed model against each other run's deployed model, paired on the test frames of
+the folds that ran both (a protocol's comparison of two QAT runs on the same fold models).
 
     PYTHONPATH=. python scripts/pool_selection.py CV --qat w8a8-x86
+    PYTHONPATH=. python scripts/pool_selection.py CV --qat learned-44-b3-from-alloc-x86 --versus w4a4-low-walloc-x86
 """
 
 from __future__ import annotations
@@ -92,6 +95,28 @@ def postprocessing_table(rows: list[dict], floats: np.ndarray) -> list[str]:
     return lines
 
 
+def versus_lines(cv_dir: Path, name: str, others: list[str]) -> list[str]:
+    """Run NAME's deployed model minus each OTHER's, per-frame test Dice paired on the folds that ran both."""
+    lines = ["", "| pair, deployed models | folds | pooled test Dice, A / B | A - B [95 % CI] |", "|---|---|---|---|"]
+    for other in others:
+        folds = [f for f in sorted(cv_dir.glob("fold-*"))
+                 if all((f / "qat" / n / "test_metrics.json").is_file() for n in (name, other))]
+        if not folds:
+            raise InputError(f"{cv_dir}: no fold has both qat/{name} and qat/{other}")
+        a, b = [], []
+        for fold in folds:
+            mine, theirs = (read_json_object(fold / "qat" / n / "test_metrics.json", "QAT test metrics")["per_image"]
+                            for n in (name, other))
+            if set(mine) != set(theirs):
+                raise InputError(f"{fold}: qat/{name} and qat/{other} were scored on different test frames")
+            a += [mine[frame] for frame in sorted(mine)]
+            b += [theirs[frame] for frame in sorted(mine)]
+        a, b = np.array(a), np.array(b)
+        lines.append(f"| {name} - {other} | {', '.join(f.name for f in folds)} ({a.size} frames) | "
+                     f"{a.mean():.4f} / {b.mean():.4f} | {paired(a, b)} |")
+    return lines
+
+
 def paired(a: np.ndarray, b: np.ndarray) -> str:
     """Mean per-frame difference a - b with its paired bootstrap 95 % interval."""
     low, high = paired_bootstrap_ci(a, b)
@@ -106,8 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("cv_dir", type=Path, metavar="CV", help="a cross-validation folder (fold-1, fold-2, ...)")
     parser.add_argument("--qat", required=True, metavar="NAME", help="the QAT run under each fold's qat/")
+    parser.add_argument("--versus", nargs="+", default=[], metavar="OTHER",
+                        help="also NAME's deployed model minus each OTHER run's, paired on the folds that ran both")
     args = parser.parse_args(argv)
-    return exit_code_of(lambda: print(pooled_table(args.cv_dir, args.qat)), "pool_selection")
+    return exit_code_of(lambda: print("\n".join([pooled_table(args.cv_dir, args.qat),
+                                                  *versus_lines(args.cv_dir, args.qat, args.versus)])),
+                        "pool_selection")
 
 
 if __name__ == "__main__":

@@ -245,6 +245,18 @@ def test_pool_selection_pools_the_candidates_over_folds(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| deployed | 0.6700 | +0.0200 [+0.020, +0.020] |  |" in out and "| start |" not in out
     assert "fold-1 3.91 / 7.30, fold-2 3.92 / 7.30" in out
+    # against another run on the same folds: learned (float + 0.02) minus w8 (fold 1 start: float - 0.01, fold 2
+    # trained: float - 0.05), paired frame by frame
+    assert pool.main([str(tmp_path), "--qat", "learned", "--versus", "w8"]) == 0
+    assert "| learned - w8 | fold-1, fold-2 (8 frames) | 0.6700 / 0.6200 | +0.0500 [" in capsys.readouterr().out
+    assert pool.main([str(tmp_path), "--qat", "learned", "--versus", "other"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no fold has both qat/learned and qat/other" in err[0]
+    renamed = tmp_path / "fold-1" / "qat" / "renamed"
+    renamed.mkdir()
+    (renamed / "test_metrics.json").write_text(json.dumps({"per_image": {"elsewhere": 0.5}}))
+    assert pool.main([str(tmp_path), "--qat", "learned", "--versus", "renamed"]) == 2
+    assert "fold-1: qat/learned and qat/renamed were scored on different test frames" in capsys.readouterr().err
     (tmp_path / "fold-2" / "qat" / "learned" / "test_metrics.json").write_text(
         (tmp_path / "fold-2" / "qat" / "w8" / "test_metrics.json").read_text())
     assert pool.main([str(tmp_path), "--qat", "learned"]) == 2
