@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The runs of docs/QUANTIZATION.md, "Does re-tuning the morphology cost the low-bit runs?", per fold: the `small`
-# fold model of usgra-seg (2 threads), then W4A4 with both allocations and learned 4 / 4 bits from the allocation
-# side by side (one thread each: two cores, two jobs). Resumable: run it again with the same arguments and every
-# finished step is skipped, an interrupted QAT run continues from its last checkpoint.
+# The runs of docs/QUANTIZATION.md, "Does re-tuning the morphology cost the low-bit runs?" and "Does a floor of 3
+# bits bring the learned 4 / 4 run within 0.02 of float?", per fold: the `small` fold model of usgra-seg (2 threads),
+# then the QAT runs RUNS names (default: W4A4 with both allocations and learned 4 / 4 bits from the allocation) side
+# by side, one thread each. Resumable: run it again with the same arguments and every finished step is skipped, an
+# interrupted QAT run continues from its last checkpoint.
 #
 #   scripts/lowbit_folds.sh CV PHANTOM_DIR FOLD...     e.g. scripts/lowbit_folds.sh /work/runs/CV "" 3 5 1 4 2
+#   RUNS="learned-44-b3-from-alloc-x86" scripts/lowbit_folds.sh CV PHANTOM_DIR 1 4 2
 #
 # PHANTOM_DIR: a finished phantom stage to reuse (a pipeline run's RUN/phantom), or "" for the fold run's own.
 set -euo pipefail
@@ -17,7 +19,12 @@ low_bit="--epochs 12 --grid x86 --activation-range tight --activation-init mse -
 declare -A runs=(
   [w4a4-low-walloc-x86]="--bits 4"
   [learned-44-from-alloc-x86]="--bit-epochs 4 --bits learned --target-bits 4 --target-activation-bits 4"
+  [learned-44-b3-from-alloc-x86]="--bit-epochs 4 --bits learned --target-bits 4 --target-activation-bits 4 --b-min 3"
 )
+chosen=${RUNS:-w4a4-low-walloc-x86 learned-44-from-alloc-x86}
+for name in $chosen; do
+  [[ -v "runs[$name]" ]] || { echo "lowbit_folds.sh: RUNS: unknown run $name (known: ${!runs[*]})" >&2; exit 2; }
+done
 
 qat_run() {  # FOLD NAME: train (or continue, or skip) one QAT run on one thread
   local fold_dir=$1 name=$2 resume=""
@@ -35,7 +42,7 @@ qat_run() {  # FOLD NAME: train (or continue, or skip) one QAT run on one thread
 for fold in "$@"; do
   OMP_NUM_THREADS=2 nerveseg cv --data "$data" --mask-label 1 --folds 5 --recipe small --run-dir "$cv" \
     --only-folds "$fold" ${phantom:+--phantom-dir "$phantom"}
-  for name in "${!runs[@]}"; do
+  for name in $chosen; do
     qat_run "$cv/fold-$fold" "$name" &
   done
   wait

@@ -38,8 +38,11 @@ def queue(tmp_path):
     (bin_dir / "nerveseg").chmod(0o755)
     calls = tmp_path / "calls.txt"
 
-    def run(*args, fail_qat=""):
+    def run(*args, fail_qat="", runs=None):
         env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls), "FAIL_QAT": fail_qat}
+        env.pop("RUNS", None)
+        if runs is not None:
+            env["RUNS"] = runs
         subprocess.run(["bash", str(SCRIPT), str(tmp_path / "CV"), *args], env=env, check=True, capture_output=True)
         lines = calls.read_text().splitlines() if calls.exists() else []
         calls.unlink(missing_ok=True)
@@ -73,3 +76,17 @@ def test_a_second_call_skips_finished_runs_and_resumes_an_interrupted_one(queue)
     qat_calls = [c for c in calls if " qat " in f" {c} "]
     assert len(qat_calls) == 1  # W4A4 finished the first time
     assert "--name learned-44-from-alloc-x86" in qat_calls[0] and qat_calls[0].endswith("--resume")
+
+
+def test_runs_chooses_the_qat_runs_and_the_floor_of_3_run_is_the_learned_one_with_b_min_3(queue, tmp_path):
+    queue("", "3")  # the default pair first, as the queue of the morphology question made it
+    calls = queue("", "3", runs="learned-44-b3-from-alloc-x86 learned-44-from-alloc-x86")
+    qat_calls = [c for c in calls if " qat " in f" {c} "]
+    assert len(qat_calls) == 1 and "--name learned-44-b3-from-alloc-x86" in qat_calls[0]  # the other one finished
+    assert qat_calls[0].startswith("1 qat ") and qat_calls[0].endswith(
+        "--bit-epochs 4 --bits learned --target-bits 4 --target-activation-bits 4 --b-min 3 "
+        "--name learned-44-b3-from-alloc-x86")
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        queue("", "3", runs="learned-44-b4")
+    assert failed.value.returncode == 2
+    assert b"RUNS: unknown run learned-44-b4" in failed.value.stderr
