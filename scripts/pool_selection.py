@@ -96,7 +96,10 @@ def postprocessing_table(rows: list[dict], floats: np.ndarray) -> list[str]:
 
 
 def versus_lines(cv_dir: Path, name: str, others: list[str]) -> list[str]:
-    """Run NAME's deployed model minus each OTHER's, per-frame test Dice paired on the folds that ran both."""
+    """Run NAME's deployed model minus each OTHER's, per-frame test Dice paired on the folds that ran both (no
+    OTHER: no table)."""
+    if not others:
+        return []
     lines = ["", "| pair, deployed models | folds | pooled test Dice, A / B | A - B [95 % CI] |", "|---|---|---|---|"]
     for other in others:
         folds = [f for f in sorted(cv_dir.glob("fold-*"))

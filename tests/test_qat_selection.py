@@ -244,6 +244,7 @@ def test_pool_selection_pools_the_candidates_over_folds(tmp_path, capsys):
     assert pool.main([str(tmp_path), "--qat", "learned"]) == 0
     out = capsys.readouterr().out
     assert "| deployed | 0.6700 | +0.0200 [+0.020, +0.020] |  |" in out and "| start |" not in out
+    assert "| pair, deployed models |" not in out  # no --versus, no pair table
     assert "fold-1 3.91 / 7.30, fold-2 3.92 / 7.30" in out
     # against another run on the same folds: learned (float + 0.02) minus w8 (fold 1 start: float - 0.01, fold 2
     # trained: float - 0.05), paired frame by frame
