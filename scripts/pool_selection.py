@@ -49,7 +49,7 @@ def fold_rows(fold_dir: Path, name: str) -> dict:
 
 
 def pooled_table(cv_dir: Path, name: str) -> str:
-    folds = sorted(p for p in cv_dir.glob("fold-*") if (p / "qat" / name / "test_metrics.json").is_file())
+    folds = _folds_with(cv_dir, name)
     if not folds:
         raise InputError(f"{cv_dir}: no fold-*/qat/{name}/test_metrics.json")
     rows = [fold_rows(f, name) for f in folds]
@@ -97,19 +97,18 @@ def postprocessing_table(rows: list[dict], floats: np.ndarray) -> list[str]:
 
 def versus_lines(cv_dir: Path, name: str, others: list[str]) -> list[str]:
     """Run NAME's deployed model minus each OTHER's, per-frame test Dice paired on the folds that ran both (no
-    OTHER: no table)."""
+    OTHER: no table). NAME's files are read once for all OTHERs."""
     if not others:
         return []
+    mine_by_fold = {fold: _deployed_frames(fold, name) for fold in _folds_with(cv_dir, name)}
     lines = ["", "| pair, deployed models | folds | pooled test Dice, A / B | A - B [95 % CI] |", "|---|---|---|---|"]
     for other in others:
-        folds = [f for f in sorted(cv_dir.glob("fold-*"))
-                 if all((f / "qat" / n / "test_metrics.json").is_file() for n in (name, other))]
+        folds = [fold for fold in _folds_with(cv_dir, other) if fold in mine_by_fold]
         if not folds:
             raise InputError(f"{cv_dir}: no fold has both qat/{name} and qat/{other}")
         a, b = [], []
         for fold in folds:
-            mine, theirs = (read_json_object(fold / "qat" / n / "test_metrics.json", "QAT test metrics")["per_image"]
-                            for n in (name, other))
+            mine, theirs = mine_by_fold[fold], _deployed_frames(fold, other)
             if set(mine) != set(theirs):
                 raise InputError(f"{fold}: qat/{name} and qat/{other} were scored on different test frames")
             a += [mine[frame] for frame in sorted(mine)]
@@ -118,6 +117,15 @@ def versus_lines(cv_dir: Path, name: str, others: list[str]) -> list[str]:
         lines.append(f"| {name} - {other} | {', '.join(f.name for f in folds)} ({a.size} frames) | "
                      f"{a.mean():.4f} / {b.mean():.4f} | {paired(a, b)} |")
     return lines
+
+
+def _folds_with(cv_dir: Path, name: str) -> list[Path]:
+    """The fold folders of CV that hold a finished run NAME, in order."""
+    return sorted(p for p in cv_dir.glob("fold-*") if (p / "qat" / name / "test_metrics.json").is_file())
+
+
+def _deployed_frames(fold: Path, name: str) -> dict:
+    return read_json_object(fold / "qat" / name / "test_metrics.json", "QAT test metrics")["per_image"]
 
 
 def paired(a: np.ndarray, b: np.ndarray) -> str:
