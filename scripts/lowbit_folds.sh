@@ -16,10 +16,11 @@ shift 2
 data=${DATA:-../shared/data/usgra-seg}
 low_bit="--epochs 12 --grid x86 --activation-range tight --activation-init mse --bias-correction
          --activation-allocation sensitivity --weight-allocation sensitivity"
+learned_44="--bit-epochs 4 --bits learned --target-bits 4 --target-activation-bits 4"
 declare -A runs=(
   [w4a4-low-walloc-x86]="--bits 4"
-  [learned-44-from-alloc-x86]="--bit-epochs 4 --bits learned --target-bits 4 --target-activation-bits 4"
-  [learned-44-b3-from-alloc-x86]="--bit-epochs 4 --bits learned --target-bits 4 --target-activation-bits 4 --b-min 3"
+  [learned-44-from-alloc-x86]="$learned_44"
+  [learned-44-b3-from-alloc-x86]="$learned_44 --b-min 3"  # the same run, its learned bits floored at 3
 )
 chosen=${RUNS:-w4a4-low-walloc-x86 learned-44-from-alloc-x86}
 for name in $chosen; do
