@@ -38,11 +38,12 @@ def queue(tmp_path):
     (bin_dir / "nerveseg").chmod(0o755)
     calls = tmp_path / "calls.txt"
 
-    def run(*args, fail_qat="", runs=None):
+    def run(*args, fail_qat="", runs=None, cv_flags=None):
         env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls), "FAIL_QAT": fail_qat}
-        env.pop("RUNS", None)
-        if runs is not None:
-            env["RUNS"] = runs
+        for name, value in (("RUNS", runs), ("CV_FLAGS", cv_flags)):
+            env.pop(name, None)
+            if value is not None:
+                env[name] = value
         subprocess.run(["bash", str(SCRIPT), str(tmp_path / "CV"), *args], env=env, check=True, capture_output=True)
         lines = calls.read_text().splitlines() if calls.exists() else []
         calls.unlink(missing_ok=True)
@@ -90,3 +91,14 @@ def test_runs_chooses_the_qat_runs_and_the_floor_of_3_run_is_the_learned_one_wit
         queue("", "3", runs="learned-44-b4")
     assert failed.value.returncode == 2
     assert b"RUNS: unknown run learned-44-b4" in failed.value.stderr
+
+
+def test_cv_flags_reach_the_fold_models_and_w2a2_is_the_w4a4_run_at_2_bits(queue):
+    calls = queue("", "3", runs="w4a4-low-walloc-x86 w2a2-low-walloc-x86", cv_flags="--relu-backbone")
+    cv_calls = [c for c in calls if " cv " in f" {c} "]
+    assert len(cv_calls) == 1 and cv_calls[0].endswith("--only-folds 3 --relu-backbone")
+    qat_calls = {c.split("--name ")[1]: c for c in calls if " qat " in f" {c} "}
+    assert set(qat_calls) == {"w4a4-low-walloc-x86", "w2a2-low-walloc-x86"}
+    assert qat_calls["w2a2-low-walloc-x86"] == qat_calls["w4a4-low-walloc-x86"].replace("--bits 4", "--bits 2").replace(
+        "w4a4", "w2a2")
+    assert not any("--relu-backbone" in c for c in qat_calls.values())  # QAT reads the network from the fold's run

@@ -150,3 +150,39 @@ def test_decoder_flag_reaches_the_config(tmp_path):
     assert cfg("--decoder", "skip").decoder == "skip"
     with pytest.raises(InputError, match="decoder"):
         cfg().replace(decoder="unet")
+
+
+def test_relu_backbone_swaps_every_hardswish_and_checkpoints_keep_it(tmp_path, tiny_config):
+    """relu_backbone: the same parameters (a plain state dict loads), ReLU where the hardswish was, so the output
+    features differ; the config says so, and a checkpoint of it loads back as the ReLU network."""
+    from training.checkpoint import load_model, make_checkpoint, save_checkpoint
+
+    plain = build_model("mobilenet_v3_large").eval()
+    model = build_model("mobilenet_v3_large", relu_backbone=True).eval()
+    assert not any(isinstance(m, torch.nn.Hardswish) for m in model.modules())
+    relus = sum(isinstance(m, torch.nn.ReLU) for m in model.modules())
+    assert relus == sum(isinstance(m, torch.nn.ReLU) for m in plain.modules()) + 20
+    model.load_state_dict(plain.state_dict())
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        out = model(x)["out"]  # an untrained head's logits are all but constant: the features tell the two apart
+        assert not torch.allclose(model.backbone(x)["out"], plain.backbone(x)["out"])
+    save_checkpoint(make_checkpoint(tiny_config.replace(relu_backbone=True), model), tmp_path / "c.pt")
+    loaded, _, loaded_cfg = load_model(tmp_path / "c.pt")
+    assert loaded_cfg.relu_backbone and not any(isinstance(m, torch.nn.Hardswish) for m in loaded.modules())
+    with torch.no_grad():
+        assert torch.equal(loaded(x)["out"], out)
+    with pytest.raises(InputError, match="resnet50 has none"):
+        build_model("resnet50", relu_backbone=True)
+
+
+def test_relu_backbone_flag_reaches_the_config(tmp_path):
+    from training.train import config_from_args, get_args_parser
+
+    def cfg(*flags):
+        return config_from_args(get_args_parser().parse_args(["--recipe", "small", "--run-dir", str(tmp_path), *flags]))
+
+    assert not cfg().relu_backbone
+    assert cfg("--relu-backbone").relu_backbone and not cfg("--no-relu-backbone").relu_backbone
+    with pytest.raises(InputError, match="relu_backbone replaces MobileNetV3's hardswish; resnet50 has none"):
+        cfg("--relu-backbone", "--arch", "resnet50")

@@ -125,6 +125,10 @@ def test_a_run_starts_from_the_phantom_backbone_and_reuses_a_finished_stage(phan
     with pytest.raises(InputError, match=r"phantom pre-training made with other settings \(phantom_frames, synth_count\)"):
         train.main(phantom_config.replace(run_dir=str(tmp_path / "third"), phantom_dir=str(stage), phantom_frames=50))
     assert not (tmp_path / "third").exists()
+    # the network's activation too: a ReLU backbone does not start from a hardswish stage
+    with pytest.raises(InputError, match=r"made with other settings \(relu_backbone\)"):
+        train.main(phantom_config.replace(run_dir=str(tmp_path / "third"), phantom_dir=str(stage), relu_backbone=True))
+    assert not (tmp_path / "third").exists()
 
     # a resumed run restores its own weights: the stage may be gone
     shutil.rmtree(stage)

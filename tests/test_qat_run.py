@@ -405,6 +405,25 @@ def test_a_qat_checkpoint_rebuilds_the_float_runs_aspp_rates(tmp_path, tiny_conf
         assert torch.equal(loaded(x)["out"], model.eval()(x)["out"])
 
 
+def test_a_qat_checkpoint_rebuilds_the_float_runs_relu_backbone(tmp_path, tiny_config):
+    """A QAT model is rebuilt from its float config: a ReLU backbone's checkpoint loads as the ReLU network (no
+    hardswish quantizers), its outputs unchanged, and the x86 grid puts the former hardswish outputs on u8."""
+    from qat.checkpoint import build_qat_model, load_qat_model, make_qat_checkpoint, save_qat_checkpoint
+    from qat.modules import QuantHardswish
+    from training.model import build_model_of
+
+    cfg = tiny_config.replace(relu_backbone=True)
+    qcfg = QatConfig(bits="4", grid="x86")
+    model = build_qat_model(cfg.arch, qcfg, build_model_of(cfg).eval())
+    save_qat_checkpoint(make_qat_checkpoint(cfg, qcfg, model), tmp_path / "q.pt")
+    loaded = load_qat_model(tmp_path / "q.pt")[0]
+    assert not any(isinstance(m, QuantHardswish) for m in loaded.modules())
+    assert loaded.get_submodule("backbone.16.0").output_quant.unsigned
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x)["out"], model.eval()(x)["out"])
+
+
 def test_qat_fine_tunes_under_the_float_runs_own_augmentation(tiny_run, monkeypatch):
     import training.train
     from training.config import load_run_config

@@ -42,12 +42,13 @@ def test_unsigned_quantizer_sits_on_0_to_2_power_b_minus_1_and_its_bits_learn():
         FakeQuant(narrow=True, channels=3).set_unsigned()
 
 
-def _edge_model(grid="x86"):
+def _edge_model(grid="x86", relu_backbone=False):
     from qat.prepare import prepare_qat
     from training.model import build_model
 
     torch.manual_seed(0)
-    return prepare_qat(build_model("mobilenet_v3_large").eval(), "mobilenet_v3_large", grid=grid)
+    return prepare_qat(build_model("mobilenet_v3_large", relu_backbone=relu_backbone).eval(), "mobilenet_v3_large",
+                       grid=grid)
 
 
 def test_only_tensors_every_reader_takes_through_relu_become_unsigned():
@@ -63,6 +64,36 @@ def test_only_tensors_every_reader_takes_through_relu_become_unsigned():
     assert not any("block.3" in n or n.endswith("gate_quant") for n in unsigned)
     signed = _edge_model(grid="tensorrt")
     assert not any(q.unsigned for q in activation_quantizers(signed))
+
+
+def test_a_relu_backbone_puts_the_20_former_hardswish_outputs_on_the_unsigned_grid(tmp_path):
+    """relu_backbone: each hardswish became a ReLU, so the convolution before it has an output quantizer read only
+    through ReLU (unsigned on the x86 grid) where a QuantHardswish was; ONNX Runtime folds all 46 ReLUs into its
+    integer convolutions, and the one HardSigmoid left per squeeze-excitation block is its gate."""
+    from qat.modules import QuantHardswish
+    from qat.prepare import activation_quantizers, initialise_steps
+
+    model = _edge_model(relu_backbone=True)
+    assert not any(isinstance(m, QuantHardswish) for m in model.modules())
+    names = quantizer_names(model)
+    unsigned = {names[id(q)] for q in activation_quantizers(model) if q.unsigned}
+    assert len(unsigned) == 26 + 20
+    former = ["backbone.0.0", "backbone.16.0"] + [f"backbone.{b}.block.{i}.0" for b in range(7, 16) for i in (0, 1)]
+    assert {f"{conv}.output_quant" for conv in former} <= unsigned
+    frames = np.random.default_rng(1).random((2, 1, *SIZE), dtype=np.float32)
+    initialise_steps(model, [torch.from_numpy(frames)])
+    graph = build_int8_model(model.eval(), SIZE, tmp_path / "twin.onnx")
+    path = tmp_path / "x86.onnx"
+    onnx.save(cpu_form(graph), str(path))
+    options, _ = _session(path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    kinds = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert not {"Relu", "LeakyRelu", "QLinearLeakyRelu"} & set(kinds)
+    assert kinds.count("QLinearConv") == sum(n.op_type == "Conv" for n in graph.graph.node) - 1
+    squeeze_excitations = sum(1 for name in names.values() if name.endswith("scale_activation.gate_quant"))
+    assert sum(n.op_type == "HardSigmoid" for n in graph.graph.node) == squeeze_excitations == 8
+    assert np.isfinite(session.run(None, {"input": frames})[0]).all()
 
 
 def test_a_tensor_also_read_by_a_residual_sum_stays_signed():

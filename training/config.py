@@ -53,6 +53,8 @@ class TrainConfig:
     phantom_steps: int = 0  # pretrained = "phantom": the stage's optimiser steps; 0 = the run's own budget
     aspp_rates: tuple[int, ...] = TORCHVISION_ASPP_RATES  # see training.model.build_model for 3/6/9
     decoder: str = "none"  # "skip": DeepLabV3+'s decoder, narrowed (training.model.SkipDecoder)
+    relu_backbone: bool = False  # mobilenet_v3_large: ReLU in place of its hardswish layers, for activations
+    # below 8 bits (training.model.relu_hardswish_); a phantom stage is made and reused with the same choice
     # optimisation
     epochs: int = 20
     steps: int = 0  # optimiser steps; when > 0 it sets the budget instead of epochs (the last epoch may stop early)
@@ -110,6 +112,8 @@ class TrainConfig:
             raise InputError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.decoder not in DECODERS:
             raise InputError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
+        if self.relu_backbone and self.arch != "mobilenet_v3_large":
+            raise InputError(f"relu_backbone replaces MobileNetV3's hardswish; {self.arch} has none")
         if self.group_by not in GROUPINGS:
             raise InputError(f"group_by must be one of {GROUPINGS}, got {self.group_by!r}")
         for name in ("steps", "warmup_steps", "phantom_batch_size", "phantom_steps"):

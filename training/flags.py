@@ -71,6 +71,9 @@ def get_args_parser(parser=None, resumable: bool = True):
                         help="dilation rates of the ASPP's 3x3 branches (torchvision's 12 24 36; 3 6 9 fit a 256x256 frame)")
     parser.add_argument("--decoder", choices=["none", "skip"],
                         help="skip: a light DeepLabV3+ decoder, logits from a map twice as fine (default: the recipe's)")
+    parser.add_argument("--relu-backbone", action=argparse.BooleanOptionalAction,
+                        help="mobilenet_v3_large: ReLU in place of its hardswish layers, for activations below 8 bits "
+                             "(every ReLU'd tensor unsigned on the x86 grid) (default: the recipe's; none uses it)")
     parser.add_argument("--weight-ema", type=float, metavar="DECAY",
                         help="validate, keep and deploy a moving average of the weights, this decay per step (0.99; "
                              f"0 = off) {recipe}")

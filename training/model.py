@@ -167,7 +167,7 @@ class DeepLabV3Skip(nn.Module):
 
 def build_model(arch: str, *, pretrained: str = "none", num_classes: int = 1,
                 aspp_rates: tuple[int, ...] = TORCHVISION_ASPP_RATES, decoder: str = "none",
-                with_head: bool = False) -> nn.Module:
+                relu_backbone: bool = False, with_head: bool = False) -> nn.Module:
     """DeepLabV3 for one grey input channel.
 
     Args:
@@ -179,6 +179,7 @@ def build_model(arch: str, *, pretrained: str = "none", num_classes: int = 1,
             padding (each branch is a 1x1 convolution). Scaling the paper's 6/12/18 (output stride 16, 33x33
             map) to a 16x16 map gives 3/6/9.
         decoder: "none" (torchvision's DeepLabV3) or "skip" (DeepLabV3Skip: logits from a map twice as fine).
+        relu_backbone: mobilenet_v3_large only: its hardswish layers become ReLU (relu_hardswish_).
         with_head: `pretrained` is a checkpoint of this same network: load its ASPP head and classifier too.
 
     Shape:
@@ -194,6 +195,10 @@ def build_model(arch: str, *, pretrained: str = "none", num_classes: int = 1,
     if tuple(aspp_rates) != TORCHVISION_ASPP_RATES:
         aspp = model.classifier[0]
         model.classifier[0] = ASPP(aspp.convs[0][0].in_channels, tuple(aspp_rates), aspp.project[0].out_channels)
+    if relu_backbone:
+        if arch != "mobilenet_v3_large":
+            raise InputError(f"relu_backbone replaces MobileNetV3's hardswish; {arch} has none (it uses ReLU already)")
+        relu_hardswish_(model)
     if decoder == "skip":
         model = DeepLabV3Skip(model, arch, num_classes)
     skip_dead_taps(model)  # e.g. ASPP's rate-24/36 kernels at 256x256 read only padding: same output, less work
@@ -209,9 +214,26 @@ def build_model(arch: str, *, pretrained: str = "none", num_classes: int = 1,
 
 
 def build_model_of(cfg: TrainConfig, **kwargs) -> nn.Module:
-    """The network `cfg` describes (arch, ASPP rates, decoder): the one place a config becomes a model, so a new
-    architecture setting reaches training, checkpoints, QAT and the benches alike. `kwargs` go to build_model."""
-    return build_model(cfg.arch, aspp_rates=cfg.aspp_rates, decoder=cfg.decoder, **kwargs)
+    """The network `cfg` describes (arch, ASPP rates, decoder, activation): the one place a config becomes a model, so
+    a new architecture setting reaches training, checkpoints, QAT and the benches alike. `kwargs` go to build_model."""
+    return build_model(cfg.arch, aspp_rates=cfg.aspp_rates, decoder=cfg.decoder, relu_backbone=cfg.relu_backbone,
+                       **kwargs)
+
+
+def relu_hardswish_(model: nn.Module) -> int:
+    """Replace every nn.Hardswish of `model` by ReLU, in place; returns how many (20 in DeepLabV3-MobileNetV3-Large).
+
+    Why: below 8 bits the hardswish outputs are the tensors the model cannot lose a bit of (docs/QUANTIZATION.md,
+    the allocation and W2A2 sections): their minimum of -0.375 puts a few levels of a low-bit grid below zero, and
+    at 2 bits the tight grid keeps one level for them. A ReLU output is never negative, so on the x86 grid every
+    such tensor takes the unsigned [0, 2^b - 1] and ONNX Runtime folds the ReLU into its integer convolution. The
+    squeeze-excitation gates stay hardsigmoid (in [0, 1], already unsigned). A model trained with hardswish does not
+    become a ReLU model by this swap: the weights must be trained with it (the `small` recipe trains from scratch)."""
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Hardswish)]
+    for name in names:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, nn.ReLU(inplace=True))
+    return len(names)
 
 
 class LogitsOnly(nn.Module):
