@@ -10,15 +10,20 @@ the fake-quant model in PyTorch; the INT8 files are scored by `nerveseg sweep` /
 Where every fold recorded them (qat.run.postprocessing_record), a second table pools the deployed model under the
 three post-processing rules: its own re-tuned T* and morphology, its T* with float's morphology, float's rule.
 `--versus OTHER...` adds the deployed model against each other run's deployed model, paired on the test frames of
-the folds that ran both (a protocol's comparison of two QAT runs on the same fold models).
+the folds that ran both (a protocol's comparison of two QAT runs on the same fold models); with `--other-set SET`, an
+OTHER ending in @other is read from SET's fold of the same name (other fold models of the same splits: the ReLU
+backbone's set against the hardswish one), and the table starts with the two sets' float runs.
 
     PYTHONPATH=. python scripts/pool_selection.py CV --qat w8a8-x86
     PYTHONPATH=. python scripts/pool_selection.py CV --qat learned-44-b3-from-alloc-x86 --versus w4a4-low-walloc-x86
+    PYTHONPATH=. python scripts/pool_selection.py CV-relu --qat w4a4-low-walloc-x86 --other-set CV \
+        --versus float@other w4a4-low-walloc-x86@other
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -95,28 +100,55 @@ def postprocessing_table(rows: list[dict], floats: np.ndarray) -> list[str]:
     return lines
 
 
-def versus_lines(cv_dir: Path, name: str, others: list[str]) -> list[str]:
+def versus_lines(cv_dir: Path, name: str, others: list[str], other_set: Path | None = None) -> list[str]:
     """Run NAME's deployed model minus each OTHER's, per-frame test Dice paired on the folds that ran both (no
-    OTHER: no table). NAME's files are read once for all OTHERs."""
+    OTHER: no table). An OTHER ending in @other is a run of OTHER_SET's fold of the same name (`float@other`: that
+    fold's float run); with OTHER_SET the table starts with this set's float run minus OTHER_SET's, on NAME's folds."""
     if not others:
         return []
-    mine_by_fold = {fold: _deployed_frames(fold, name) for fold in _folds_with(cv_dir, name)}
+    pairs = [("float", f"float{OTHER}")] if other_set is not None else []
+    pairs += [(name, other) for other in others]
+    folds_of_name = [fold.name for fold in _folds_with(cv_dir, name)]
+    per_image = functools.cache(_per_image)  # NAME's files are read once for every OTHER
     lines = ["", "| pair, deployed models | folds | pooled test Dice, A / B | A - B [95 % CI] |", "|---|---|---|---|"]
-    for other in others:
-        folds = [fold for fold in _folds_with(cv_dir, other) if fold in mine_by_fold]
+    for first, second in pairs:
+        paths = {fold: (_metrics_path(cv_dir, other_set, fold, first), _metrics_path(cv_dir, other_set, fold, second))
+                 for fold in folds_of_name}
+        folds = [fold for fold, (_, path) in paths.items() if path.is_file()]
         if not folds:
-            raise InputError(f"{cv_dir}: no fold has both qat/{name} and qat/{other}")
+            raise InputError(f"{cv_dir}: no fold has both qat/{name} and {_describe(second, other_set)}")
         a, b = [], []
         for fold in folds:
-            mine, theirs = mine_by_fold[fold], _deployed_frames(fold, other)
+            mine, theirs = (per_image(path) for path in paths[fold])
             if set(mine) != set(theirs):
-                raise InputError(f"{fold}: qat/{name} and qat/{other} were scored on different test frames")
+                raise InputError(f"{cv_dir / fold}: {_describe(first, None)} and {_describe(second, other_set)} were "
+                                 "scored on different test frames")
             a += [mine[frame] for frame in sorted(mine)]
             b += [theirs[frame] for frame in sorted(mine)]
         a, b = np.array(a), np.array(b)
-        lines.append(f"| {name} - {other} | {', '.join(f.name for f in folds)} ({a.size} frames) | "
+        lines.append(f"| {first} - {second} | {', '.join(folds)} ({a.size} frames) | "
                      f"{a.mean():.4f} / {b.mean():.4f} | {paired(a, b)} |")
     return lines
+
+
+OTHER = "@other"  # the suffix of a --versus run read from --other-set
+
+
+def _metrics_path(cv_dir: Path, other_set: Path | None, fold: str, spec: str) -> Path:
+    """test_metrics.json of SPEC in the fold named FOLD: a QAT run, or "float" (the fold's float run); of OTHER_SET
+    where SPEC ends in @other."""
+    if spec.endswith(OTHER):
+        if other_set is None:
+            raise InputError(f"--versus {spec}: a run of another set needs --other-set, that set's folder")
+        cv_dir, spec = other_set, spec[:-len(OTHER)]
+    folder = cv_dir / fold if spec == "float" else cv_dir / fold / "qat" / spec
+    return folder / "test_metrics.json"
+
+
+def _describe(spec: str, other_set: Path | None) -> str:
+    run = spec.removesuffix(OTHER)
+    what = "the float run" if run == "float" else f"qat/{run}"
+    return f"{what} of {other_set}" if spec.endswith(OTHER) else what
 
 
 def _folds_with(cv_dir: Path, name: str) -> list[Path]:
@@ -124,8 +156,9 @@ def _folds_with(cv_dir: Path, name: str) -> list[Path]:
     return sorted(p for p in cv_dir.glob("fold-*") if (p / "qat" / name / "test_metrics.json").is_file())
 
 
-def _deployed_frames(fold: Path, name: str) -> dict:
-    return read_json_object(fold / "qat" / name / "test_metrics.json", "QAT test metrics")["per_image"]
+def _per_image(path: Path) -> dict:
+    """A test_metrics.json's per-frame Dice."""
+    return read_json_object(path, "test metrics")["per_image"]
 
 
 def paired(a: np.ndarray, b: np.ndarray) -> str:
@@ -143,10 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("cv_dir", type=Path, metavar="CV", help="a cross-validation folder (fold-1, fold-2, ...)")
     parser.add_argument("--qat", required=True, metavar="NAME", help="the QAT run under each fold's qat/")
     parser.add_argument("--versus", nargs="+", default=[], metavar="OTHER",
-                        help="also NAME's deployed model minus each OTHER run's, paired on the folds that ran both")
+                        help="also NAME's deployed model minus each OTHER run's, paired on the folds that ran both; "
+                             "OTHER@other: a run of --other-set (float@other: its float run)")
+    parser.add_argument("--other-set", type=Path, metavar="SET",
+                        help="another cross-validation of the same folds (other fold models, the same test frames): "
+                             "the set of the @other runs, and a first pair, this set's float run minus SET's")
     args = parser.parse_args(argv)
     return exit_code_of(lambda: print("\n".join([pooled_table(args.cv_dir, args.qat),
-                                                  *versus_lines(args.cv_dir, args.qat, args.versus)])),
+                                                  *versus_lines(args.cv_dir, args.qat, args.versus, args.other_set)])),
                         "pool_selection")
 
 

@@ -258,6 +258,25 @@ def test_pool_selection_pools_the_candidates_over_folds(tmp_path, capsys):
     (renamed / "test_metrics.json").write_text(json.dumps({"per_image": {"elsewhere": 0.5}}))
     assert pool.main([str(tmp_path), "--qat", "learned", "--versus", "renamed"]) == 2
     assert "fold-1: qat/learned and qat/renamed were scored on different test frames" in capsys.readouterr().err
+    # another set of fold models on the same frames (fold 1 only): its float run and its runs, with @other
+    other = tmp_path / "other-set"
+    other_qat = other / "fold-1" / "qat" / "w8"
+    other_qat.mkdir(parents=True)
+    floats = json.loads((tmp_path / "fold-1" / "test_metrics.json").read_text())["per_image"]
+    for folder, step in ((other / "fold-1", -0.1), (other_qat, -0.2)):
+        (folder / "test_metrics.json").write_text(json.dumps({"per_image": {n: d + step for n, d in floats.items()}}))
+    assert pool.main([str(tmp_path), "--qat", "learned", "--other-set", str(other), "--versus", "float@other",
+                      "w8@other", "w8"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| float - ")
+            or line.startswith("| learned - ")]
+    assert rows[0].startswith("| float - float@other | fold-1 (4 frames) | 0.6500 / 0.5500 | +0.1000 [")
+    assert rows[1].startswith("| learned - float@other | fold-1 (4 frames) | 0.6700 / 0.5500 | +0.1200 [")
+    assert rows[2].startswith("| learned - w8@other | fold-1 (4 frames) | 0.6700 / 0.4500 | +0.2200 [")
+    assert rows[3].startswith("| learned - w8 | fold-1, fold-2 (8 frames) |")  # this set's run: both folds
+    assert pool.main([str(tmp_path), "--qat", "learned", "--versus", "w8@other"]) == 2
+    assert "--versus w8@other: a run of another set needs --other-set" in capsys.readouterr().err
+    assert pool.main([str(tmp_path), "--qat", "learned", "--other-set", str(other), "--versus", "w4@other"]) == 2
+    assert f"no fold has both qat/learned and qat/w4 of {other}" in capsys.readouterr().err
     (tmp_path / "fold-2" / "qat" / "learned" / "test_metrics.json").write_text(
         (tmp_path / "fold-2" / "qat" / "w8" / "test_metrics.json").read_text())
     assert pool.main([str(tmp_path), "--qat", "learned"]) == 2
