@@ -224,11 +224,12 @@ def relu_hardswish_(model: nn.Module) -> int:
     """Replace every nn.Hardswish of `model` by ReLU, in place; returns how many (20 in DeepLabV3-MobileNetV3-Large).
 
     Why: below 8 bits the hardswish outputs are the tensors the model cannot lose a bit of (docs/QUANTIZATION.md,
-    the allocation and W2A2 sections): their minimum of -0.375 puts a few levels of a low-bit grid below zero, and
-    at 2 bits the tight grid keeps one level for them. A ReLU output is never negative, so on the x86 grid every
+    the allocation and W2A2 sections): their negative tail (down to -0.375) takes levels of a low-bit grid or is
+    clipped, and they can take no unsigned or one-bit grid. A ReLU output is never negative, so on the x86 grid each
     such tensor takes the unsigned [0, 2^b - 1] and ONNX Runtime folds the ReLU into its integer convolution. The
     squeeze-excitation gates stay hardsigmoid (in [0, 1], already unsigned). A model trained with hardswish does not
-    become a ReLU model by this swap: the weights must be trained with it (the `small` recipe trains from scratch)."""
+    become a ReLU model by this swap: the weights must be trained with it (the `small` recipe's phantom stage trains
+    the network from scratch, so it is trained with ReLU throughout)."""
     names = [name for name, module in model.named_modules() if isinstance(module, nn.Hardswish)]
     for name in names:
         parent, _, attr = name.rpartition(".")
