@@ -85,8 +85,10 @@ def test_a_relu_backbone_puts_the_20_former_hardswish_outputs_on_the_unsigned_gr
     graph = build_int8_model(model.eval(), SIZE, tmp_path / "twin.onnx")
     path = tmp_path / "x86.onnx"
     onnx.save(cpu_form(graph), str(path))
-    options, _ = _session(path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     kinds = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
     assert not {"Relu", "LeakyRelu", "QLinearLeakyRelu"} & set(kinds)

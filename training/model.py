@@ -195,10 +195,8 @@ def build_model(arch: str, *, pretrained: str = "none", num_classes: int = 1,
     if tuple(aspp_rates) != TORCHVISION_ASPP_RATES:
         aspp = model.classifier[0]
         model.classifier[0] = ASPP(aspp.convs[0][0].in_channels, tuple(aspp_rates), aspp.project[0].out_channels)
-    if relu_backbone:
-        if arch != "mobilenet_v3_large":
-            raise InputError(f"relu_backbone replaces MobileNetV3's hardswish; {arch} has none (it uses ReLU already)")
-        relu_hardswish_(model)
+    if relu_backbone and not relu_hardswish_(model):
+        raise InputError(f"relu_backbone replaces MobileNetV3's hardswish; {arch} has none (it uses ReLU already)")
     if decoder == "skip":
         model = DeepLabV3Skip(model, arch, num_classes)
     skip_dead_taps(model)  # e.g. ASPP's rate-24/36 kernels at 256x256 read only padding: same output, less work
@@ -232,8 +230,7 @@ def relu_hardswish_(model: nn.Module) -> int:
     the network from scratch, so it is trained with ReLU throughout)."""
     names = [name for name, module in model.named_modules() if isinstance(module, nn.Hardswish)]
     for name in names:
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, nn.ReLU(inplace=True))
+        _set(model, tuple(name.split(".")), nn.ReLU(inplace=True))
     return len(names)
 
 
